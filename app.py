@@ -1,0 +1,1522 @@
+#!/usr/bin/env python3
+"""Order lookup service.
+
+Turns a shop's nightly orders export (CSV or XLSX) into the order-tracking
+endpoint that a chat agent calls with an order number and an email address.
+The wording of every answer lives in contexts.toml.
+
+The file reads top to bottom in the order data flows: configuration, reading
+exports, building the index, rendering answers, serving state, HTTP,
+watching, command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import sys
+import threading
+import time
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from string import Formatter
+from urllib.parse import quote
+
+import bottle
+
+__version__ = "1.0.0"
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("orders")
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message is exactly what they read."""
+
+
+class ConfigError(UserError):
+    """contexts.toml cannot be used."""
+
+
+class ExportError(UserError):
+    """The orders export cannot be used."""
+
+
+class SettingsError(UserError):
+    """A command-line option or environment variable is wrong."""
+
+
+def config_error(path, where, problem, fix=""):
+    """Raise a ConfigError shaped like every other one: file, key, problem, fix."""
+    raise ConfigError(f"{Path(path).name}: {where}: {problem}" + (f" {fix}" if fix else ""))
+
+
+###############################################################################
+# Settings (command line and environment) #####################################
+###############################################################################
+
+# Placeholders that people copy from documentation instead of making a key.
+WEAK_KEYS = {"changeme", "secret", "password", "apikey", "api_key", "test", "example", "your-api-key"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things are and how to serve; from options, then env, then defaults."""
+
+    data: Path
+    contexts: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[str, ...] = ()
+    state_dir: Path | None = None
+    threads: int = 8
+    connection_limit: int = 1000
+    channel_timeout: int = 10
+    settle_seconds: float = 1.0
+    poll_seconds: float = 30.0
+    trusted_proxy: str | None = None
+    trusted_proxy_headers: str = "x-forwarded-for"
+    log_format: str = "text"
+
+    @property
+    def state(self):
+        """Folder for the copy of the last accepted export."""
+        if self.state_dir:
+            return self.state_dir
+        base = self.data if self.data.is_dir() else self.data.parent
+        return base / ".last-good"
+
+
+def env_int(env, name, default):
+    """An integer environment variable, or a SettingsError that names it."""
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not a whole number; set it to e.g. {default}.") from None
+
+
+def env_float(env, name, default):
+    """A decimal environment variable, or a SettingsError that names it."""
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not a number; set it to e.g. {default}.") from None
+
+
+def parse_keys(raw):
+    """API_KEY may hold several comma-separated keys so that one can be rotated."""
+    return tuple(k.strip() for k in (raw or "").split(",") if k.strip())
+
+
+def settings_from(options=None, env=None):
+    """Settings from command-line options (a dict) over environment variables."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    port = options.get("port") or env_int(env, "PORT", 8080)
+    if not 0 < port < 65536:
+        raise SettingsError(f"port {port} is out of range; use a number from 1 to 65535.")
+    state = options.get("state_dir") or env.get("STATE_DIR")
+    log_format = env.get("LOG_FORMAT", "text").strip().lower() or "text"
+    if log_format not in ("text", "json"):
+        raise SettingsError(f"LOG_FORMAT={log_format!r}: use text or json.")
+    return Settings(
+        data=Path(options.get("data") or env.get("ORDERS_FILE") or HERE / "data").absolute(),
+        contexts=Path(options.get("contexts") or env.get("CONTEXTS_FILE") or HERE / "contexts.toml").absolute(),
+        host=options.get("host") or env.get("HOST") or "127.0.0.1",
+        port=port,
+        api_keys=parse_keys(env.get("API_KEY")),
+        state_dir=Path(state).absolute() if state else None,
+        threads=env_int(env, "THREADS", 8),
+        connection_limit=env_int(env, "CONNECTION_LIMIT", 1000),
+        channel_timeout=env_int(env, "CHANNEL_TIMEOUT", 10),
+        settle_seconds=env_float(env, "SETTLE_SECONDS", 1.0),
+        poll_seconds=env_float(env, "POLL_SECONDS", 30.0),
+        trusted_proxy=env.get("TRUSTED_PROXY") or None,
+        trusted_proxy_headers=env.get("TRUSTED_PROXY_HEADERS") or "x-forwarded-for",
+        log_format=log_format,
+    )
+
+
+def weak_key_warnings(keys):
+    """Why each configured key is too easy to guess (never the key itself)."""
+    for number, key in enumerate(keys, 1):
+        if len(key) < 16:
+            yield f"API key {number} of {len(keys)} is shorter than 16 characters"
+        elif key.lower().replace("-", "_") in WEAK_KEYS:
+            yield f"API key {number} of {len(keys)} is a well-known placeholder"
+
+
+###############################################################################
+# Configuration (contexts.toml) ###############################################
+###############################################################################
+
+# Placeholders computed from an order rather than read from one column.
+DERIVED = {
+    "order_id": "the order number as written in the export, e.g. #1001",
+    "items": "the line items, e.g. 1 x Hat, 2 x Socks",
+    "item_count": "how many items in all",
+    "shipped_items": "the items whose own status says they shipped",
+    "unshipped_items": "the items not shipped yet",
+    "tracking_number": "the first tracking number",
+    "tracking_numbers": "every tracking number, comma-separated",
+    "tracking_url": "the tracking link (from a column, or built from [carriers])",
+}
+# Templates the service answers with before or without finding an order.
+MESSAGES = {
+    "not_found": {"order_id"},
+    "missing": {"missing"},
+    "invalid": set(),
+    "unavailable": set(),
+}
+REQUIRED_FIELDS = ("order_id", "email")
+# Fields read per line item; every other field is per order.
+ITEM_FIELDS = ("item_name", "item_quantity", "item_status")
+# Fields that derived placeholders are made from: always read when present.
+SOURCE_FIELDS = ("tracking_number", "carrier", "tracking_url")
+SECTIONS = ("settings", "columns", "items", "rules", "templates", "carriers")
+
+
+@dataclass(frozen=True)
+class Template:
+    """One answer text and the placeholders it names."""
+
+    name: str
+    text: str
+    fields: tuple[str, ...]
+
+    def render(self, values):
+        """The text with each placeholder filled, dates made readable."""
+        return self.text.format_map({f: readable(values.get(f, "")) for f in self.fields})
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`when` conditions that, when all hold for an order, pick `template`."""
+
+    number: int
+    conditions: tuple[tuple[str, frozenset | None], ...]
+    template: str
+
+    def matches(self, values):
+        """True when every condition holds; None as wanted means any non-empty value."""
+        for name, wanted in self.conditions:
+            value = values.get(name, "")
+            if wanted is None:
+                if not value:
+                    return False
+            elif status_word(value) not in wanted:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Config:
+    """contexts.toml, checked: everything the service needs to word answers."""
+
+    path: Path
+    columns: dict
+    rules: tuple
+    templates: dict
+    carriers: tuple
+    default_template: str
+    item_format: str
+    item_separator: str
+    no_items: str
+    shipped_item_statuses: frozenset
+    max_age_hours: float
+    min_orders_ratio: float
+    sheet: str
+
+    @property
+    def fields_used(self):
+        """Every placeholder or rule field that some order answer needs."""
+        used = set(REQUIRED_FIELDS) | set(SOURCE_FIELDS) | set(ITEM_FIELDS)
+        for name, template in self.templates.items():
+            if name not in MESSAGES:
+                used.update(template.fields)
+        for rule in self.rules:
+            used.update(name for name, _ in rule.conditions)
+        return used
+
+
+def status_word(value):
+    """Status words compare loosely: 'On-Hold', 'on hold' and 'ON_HOLD' are one."""
+    return " ".join(re.split(r"[\s_\-]+", value.strip().casefold())).strip()
+
+
+def snake_case(header):
+    """The placeholder name of a column: 'Financial Status' -> financial_status."""
+    return re.sub(r"[^0-9a-z]+", "_", header.casefold()).strip("_")
+
+
+def header_key(header):
+    """Headers compare without case and stray spaces."""
+    return " ".join(str(header).split()).casefold()
+
+
+def load_config(path):
+    """Read and check contexts.toml; raise ConfigError naming file, key and fix."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found. Copy contexts.toml from the project or set CONTEXTS_FILE.") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror}).") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name}: is not UTF-8 text. Save it as UTF-8.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(
+            f"{path.name}: {e}. Fix the TOML syntax there; text values need quotes, "
+            'e.g. processing = "Order {order_id} was found."'
+        ) from None
+    return parse_config(path, doc)
+
+
+def parse_config(path, doc):
+    """Turn a parsed TOML document into a Config, checking every key."""
+    for key in doc:
+        if key not in SECTIONS:
+            config_error(path, f"[{key}]", "is not a known section.", f"Known sections: {', '.join(SECTIONS)}.")
+    settings = parse_settings(path, doc.get("settings", {}))
+    columns = parse_columns(path, doc.get("columns", {}))
+    items = parse_items(path, doc.get("items", {}))
+    templates = parse_templates(path, doc.get("templates", {}))
+    rules = parse_rules(path, doc.get("rules", []), templates)
+    default = settings["default_template"]
+    if default not in templates:
+        config_error(path, "[settings] default_template", f"names the template {default!r}, which does not exist.",
+                     f"Templates: {', '.join(templates)}.")
+    return Config(
+        path=path, columns=columns, rules=rules, templates=templates,
+        carriers=parse_carriers(path, doc.get("carriers", {})), default_template=default,
+        item_format=items["format"], item_separator=items["separator"], no_items=items["none"],
+        shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
+        max_age_hours=settings["max_age_hours"], min_orders_ratio=settings["min_orders_ratio"],
+        sheet=settings["sheet"],
+    )
+
+
+def expect(path, where, value, kind, example):
+    """Check a value's TOML type; the error shows a correct example."""
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        config_error(path, where, f"should be {example}, not {value!r}.")
+    return value
+
+
+def table(path, name, value):
+    """A section must be a table, e.g. [columns]."""
+    return expect(path, f"[{name}]", value, dict, f"a table such as [{name}]")
+
+
+SETTING_DEFAULTS = {
+    "default_template": "processing",
+    "max_age_hours": 26.0,
+    "min_orders_ratio": 0.5,
+    "sheet": "",
+}
+
+
+def parse_settings(path, raw):
+    """[settings]: default template, freshness, shrink guard, XLSX sheet."""
+    raw = table(path, "settings", raw)
+    out = dict(SETTING_DEFAULTS)
+    for key, value in raw.items():
+        if key not in SETTING_DEFAULTS:
+            config_error(path, f"[settings] {key}", "is not a known setting.", f"Known: {', '.join(SETTING_DEFAULTS)}.")
+        default = SETTING_DEFAULTS[key]
+        kind = (int, float) if isinstance(default, float) else str
+        out[key] = expect(path, f"[settings] {key}", value, kind, f"like {default!r}")
+    if out["max_age_hours"] <= 0:
+        config_error(path, "[settings] max_age_hours", "must be more than 0.", "A nightly export wants 26.")
+    if not 0 <= out["min_orders_ratio"] <= 1:
+        config_error(path, "[settings] min_orders_ratio", "must be between 0 and 1.", "0.5 refuses an export half the size.")
+    return out
+
+
+def parse_columns(path, raw):
+    """[columns]: field -> the headers to look for, the first present wins."""
+    columns = {}
+    for name, headers in table(path, "columns", raw).items():
+        where = f"[columns] {name}"
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            config_error(path, where, "field names are lower case letters, digits and _.", "e.g. tracking_number.")
+        if isinstance(headers, str):
+            headers = [headers]
+        expect(path, where, headers, list, 'a list of headers such as ["Order Number", "Name"]')
+        for header in headers:
+            expect(path, where, header, str, 'a list of headers such as ["Order Number", "Name"]')
+        columns[name] = tuple(headers)
+    for name in REQUIRED_FIELDS:
+        if not columns.get(name):
+            config_error(path, f"[columns] {name}", "is missing; the service cannot match orders without it.",
+                         f'Add e.g. {name} = ["Order Number"].' if name == "order_id" else f'Add e.g. {name} = ["Email"].')
+    return columns
+
+
+ITEM_DEFAULTS = {
+    "format": "{quantity} x {name}",
+    "separator": ", ",
+    "none": "the items ordered",
+    "shipped": ["fulfilled", "shipped", "delivered"],
+}
+
+
+def parse_items(path, raw):
+    """[items]: how line items are listed and which item statuses mean shipped."""
+    out = dict(ITEM_DEFAULTS)
+    for key, value in table(path, "items", raw).items():
+        if key not in ITEM_DEFAULTS:
+            config_error(path, f"[items] {key}", "is not a known setting.", f"Known: {', '.join(ITEM_DEFAULTS)}.")
+        kind = list if key == "shipped" else str
+        out[key] = expect(path, f"[items] {key}", value, kind, f"like {ITEM_DEFAULTS[key]!r}")
+    placeholders(path, "[items] format", out["format"], {"quantity", "name"})
+    return out
+
+
+def placeholders(path, where, text, allowed=None):
+    """The {names} in a template; only plain names, only allowed ones if given."""
+    try:
+        parsed = list(Formatter().parse(text))
+    except ValueError as e:
+        config_error(path, where, f"has a stray brace ({e}).", "Write {{ or }} for a literal brace.")
+    names = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or spec or conversion:
+            config_error(path, where, f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} "
+                         "is not a placeholder.", "Placeholders are plain names such as {order_id}.")
+        if allowed is not None and name not in allowed:
+            config_error(path, where, f"uses the unknown placeholder {{{name}}}.",
+                         f"Available here: {', '.join('{%s}' % a for a in sorted(allowed)) or 'none'}.")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+def parse_templates(path, raw):
+    """[templates]: name -> text; the message templates must be present."""
+    templates = {}
+    for name, text in table(path, "templates", raw).items():
+        where = f"[templates] {name}"
+        expect(path, where, text, str, 'a text in quotes, e.g. "Order {order_id} was found."')
+        allowed = MESSAGES.get(name)
+        templates[name] = Template(name, text, placeholders(path, where, text, allowed))
+    for name, allowed in MESSAGES.items():
+        if name not in templates:
+            shown = f" It may use {', '.join('{%s}' % a for a in sorted(allowed))}." if allowed else ""
+            config_error(path, f"[templates] {name}", "is missing; the service needs it to answer.",
+                         f"Add {name} = \"...\".{shown}")
+    return templates
+
+
+def parse_rules(path, raw, templates):
+    """[[rules]]: in order; each names a template and the conditions for it."""
+    expect(path, "[[rules]]", raw, list, "a list of [[rules]] tables")
+    rules = []
+    for number, rule in enumerate(raw, 1):
+        where = f"[[rules]] number {number}"
+        expect(path, where, rule, dict, "a table with when and template")
+        unknown = set(rule) - {"when", "template"}
+        if unknown:
+            config_error(path, where, f"has the unknown key {sorted(unknown)[0]!r}.", "A rule has only when and template.")
+        name = expect(path, f"{where} template", rule.get("template"), str, 'a template name, e.g. "shipped"')
+        if name not in templates or name in MESSAGES:
+            config_error(path, f"{where} template", f"names the template {name!r}, which does not exist.",
+                         f"Templates: {', '.join(t for t in templates if t not in MESSAGES)}.")
+        conditions = []
+        for field_name, wanted in expect(path, f"{where} when", rule.get("when", {}), dict, "a table, e.g. { status = \"shipped\" }").items():
+            conditions.append((field_name, condition(path, f"{where} when.{field_name}", wanted)))
+        rules.append(Rule(number, tuple(conditions), name))
+    return tuple(rules)
+
+
+def condition(path, where, wanted):
+    """'*' means any non-empty value; a text or a list means one of those words."""
+    if wanted == "*":
+        return None
+    if isinstance(wanted, str):
+        wanted = [wanted]
+    expect(path, where, wanted, list, 'a word, a list of words, or "*" for any value')
+    for word in wanted:
+        expect(path, where, word, str, 'a word, a list of words, or "*" for any value')
+    return frozenset(status_word(w) for w in wanted)
+
+
+def parse_carriers(path, raw):
+    """[carriers]: carrier name -> tracking page with {tracking_number}; longest name first."""
+    carriers = []
+    for name, url in table(path, "carriers", raw).items():
+        where = f"[carriers] {name}"
+        expect(path, where, url, str, 'a URL such as "https://www.ups.com/track?tracknum={tracking_number}"')
+        if not url.startswith("https://"):
+            config_error(path, where, "must start with https://.", "The chat agent only shows secure links.")
+        placeholders(path, where, url, {"tracking_number"})
+        carriers.append((carrier_key(name), url))
+    return tuple(sorted(carriers, key=lambda c: -len(c[0])))
+
+
+def carrier_key(name):
+    """Carrier names compare on letters and digits only: 'DHL Express' -> dhlexpress."""
+    return re.sub(r"[\W_]+", "", name.casefold())
+
+
+###############################################################################
+# Reading exports #############################################################
+###############################################################################
+
+EXPORT_SUFFIXES = (".csv", ".xlsx")
+DELIMITERS = ",;\t|"
+
+
+def find_export(location):
+    """The file to serve: the location itself, or the newest export in a folder."""
+    location = Path(location)
+    if location.is_dir():
+        candidates = [p for p in location.iterdir() if is_export_name(p.name) and p.is_file()]
+        if not candidates:
+            raise ExportError(f"{location}: no .csv or .xlsx export in this folder. "
+                              "Drop the export there, or point ORDERS_FILE / --data at the file.")
+        return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    if not location.exists():
+        raise ExportError(f"{location}: no such file or folder. Check ORDERS_FILE / --data.")
+    if location.suffix.lower() not in EXPORT_SUFFIXES:
+        raise ExportError(f"{location.name}: not a .csv or .xlsx file. Export the orders as CSV or XLSX.")
+    return location
+
+
+def is_export_name(name):
+    """Exports end in .csv/.xlsx; hidden files and Excel's ~$ lock files are not exports."""
+    return name.lower().endswith(EXPORT_SUFFIXES) and not name.startswith((".", "~$"))
+
+
+def read_table(path, sheet="", is_header=None):
+    """Yield (line number, list of cell texts) for every row, header first."""
+    if path.suffix.lower() == ".xlsx":
+        return read_xlsx(path, sheet, is_header)
+    return read_csv(path)
+
+
+def detect_encoding(path):
+    """UTF-8 (with or without BOM) when the bytes decode as such, else Windows-1252."""
+    import codecs
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head.startswith(codecs.BOM_UTF8):
+            return "utf-8-sig"
+        f.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return "utf-8"
+        except UnicodeDecodeError:
+            pass
+    # Windows-1252 leaves five bytes undefined; Latin-1 decodes anything.
+    try:
+        with open(path, encoding="cp1252") as f:
+            while f.read(1 << 20):
+                pass
+        return "cp1252"
+    except UnicodeDecodeError:
+        return "latin-1"
+
+
+def read_csv(path):
+    """Yield the rows of a CSV, whatever its encoding, delimiter and line ends."""
+    with open(path, "rb") as f:
+        if b"\0" in f.read(4096):
+            raise ExportError(f"{path.name}: is a binary file, not a CSV. Export the orders as CSV or XLSX.")
+    encoding = detect_encoding(path)
+    with open(path, newline="", encoding=encoding) as f:
+        first = f.readline()
+        offset = 0
+        match = re.fullmatch(r"sep=(.)\r?\n?", first.strip("\r\n") + "\n", re.S) if first.lower().startswith("sep=") else None
+        if match:  # Excel's own hint for the delimiter, a line of its own
+            delimiter, offset = match.group(1), 1
+        else:
+            f.seek(0)
+            delimiter = sniff_delimiter(first, f.read(65536))
+            f.seek(0)
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            for row in reader:
+                yield reader.line_num + offset, row
+        except csv.Error as e:
+            raise ExportError(f"{path.name}: line {reader.line_num + offset}: not a readable CSV ({e}). "
+                              "Re-export the file; it may have been cut off while being written.") from None
+
+
+def sniff_delimiter(header_line, sample):
+    """The delimiter csv.Sniffer finds, if the header uses it; else the one the header uses most."""
+    try:
+        found = csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
+        if found in header_line:
+            return found
+    except csv.Error:
+        pass
+    counts = {d: header_line.count(d) for d in DELIMITERS}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def read_xlsx(path, sheet, is_header):
+    """Yield the rows of the orders sheet of a workbook, streamed, then close it."""
+    import openpyxl
+
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:  # openpyxl raises many kinds on a damaged file; all mean the same here
+        raise ExportError(f"{path.name}: not a readable XLSX workbook ({type(e).__name__}). "
+                          "Re-export it; it may have been cut off while being written.") from None
+    try:
+        worksheet = pick_sheet(path, book, sheet, is_header)
+        for number, row in enumerate(worksheet.iter_rows(values_only=True), 1):
+            yield number, [cell_text(v) for v in row]
+    finally:
+        book.close()
+
+
+def pick_sheet(path, book, sheet, is_header):
+    """The sheet named in [settings] sheet, or the first whose header has the order columns."""
+    if sheet:
+        if sheet not in book.sheetnames:
+            raise ExportError(f"{path.name}: has no sheet {sheet!r}. Sheets: {', '.join(book.sheetnames)}. "
+                              "Fix [settings] sheet in contexts.toml.")
+        return book[sheet]
+    for worksheet in book.worksheets:
+        for row in worksheet.iter_rows(values_only=True, max_row=20):
+            cells = [cell_text(v) for v in row]
+            if any(cells):
+                if is_header is None or is_header(cells):
+                    return worksheet
+                break
+    return book.worksheets[0]
+
+
+def cell_text(value):
+    """A spreadsheet cell as text: 1001.0 -> '1001', dates as ISO so they render readably."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, datetime):
+        return value.date().isoformat() if value.time() == datetime.min.time() else value.isoformat(" ", "minutes")
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+###############################################################################
+# Building the index ##########################################################
+###############################################################################
+
+LAYOUTS = (  # (name, headers that identify it), most specific first
+    ("Shopify orders export", {"name", "lineitem name", "financial status"}),
+    ("WooCommerce orders export", {"order number", "order status"}),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which column feeds which field, worked out once from the header row."""
+
+    header: tuple[str, ...]
+    chosen: dict  # field -> header text
+    order_fields: tuple[str, ...]  # per-order fields, in the order kept in a draft
+    order_columns: tuple[int, ...]
+    item_columns: tuple  # (name, quantity, status) column index or None each
+    tracking_column: int | None
+    layout: str
+
+
+def normalise_order_id(value):
+    """'#1001', ' # 1001 ', '1001' and the spreadsheet's '1001.0' are all '1001'."""
+    value = value.strip()
+    value = re.sub(r"^(#?\s*\d+)\.0+$", r"\1", value)
+    return re.sub(r"[\W_]+", "", value).casefold()
+
+
+def normalise_email(value):
+    """Emails compare trimmed and without case."""
+    return value.strip().casefold()
+
+
+def index_key(order_id, email):
+    """One composite key, so a lookup is one probe whether the number exists or not."""
+    return f"{normalise_order_id(order_id)}\x1f{normalise_email(email)}"
+
+
+def make_plan(config, header, name):
+    """Match the mapping's headers to the file's; ConfigError/ExportError name what is missing."""
+    positions = {}
+    for index, text in enumerate(header):
+        positions.setdefault(header_key(text), index)
+    chosen, taken = {}, set()
+    for field_name, candidates in config.columns.items():
+        for candidate in candidates:
+            index = positions.get(header_key(candidate))
+            if index is not None and index not in taken:  # one column feeds one field
+                chosen[field_name] = index
+                taken.add(index)
+                break
+    for field_name in REQUIRED_FIELDS:
+        if field_name not in chosen:
+            looked = ", ".join(f'"{c}"' for c in config.columns[field_name])
+            raise ExportError(
+                f"{name}: no column for {field_name} (looked for {looked}). "
+                f"The file's columns are: {shown_headers(header)}. "
+                f"Add the right header to [columns] {field_name} in contexts.toml."
+            )
+    by_snake = {}
+    for index, text in enumerate(header):
+        by_snake.setdefault(snake_case(text), index)
+    check_placeholders(config, chosen, by_snake, header)
+    order_fields = [f for f in sorted(config.fields_used) if f not in DERIVED or f in chosen]
+    order_fields = [f for f in order_fields if f not in ITEM_FIELDS and f != "tracking_number"
+                    and (f in chosen or f in by_snake) and f != "order_id"]
+    return Plan(
+        header=tuple(header),
+        chosen={f: header[i].strip() for f, i in chosen.items()},
+        order_fields=("order_id", *order_fields),
+        order_columns=(chosen["order_id"], *(chosen.get(f, by_snake.get(f)) for f in order_fields)),
+        item_columns=tuple(chosen.get(f) for f in ITEM_FIELDS),
+        tracking_column=chosen.get("tracking_number"),
+        layout=detect_layout(positions),
+    )
+
+
+def shown_headers(header, limit=40):
+    """The file's headers for an error message, shortened; headers are not customer data."""
+    texts = [h.strip()[:40] for h in header if h and h.strip()]
+    more = f" and {len(texts) - limit} more" if len(texts) > limit else ""
+    return ", ".join(f'"{t}"' for t in texts[:limit]) + more if texts else "(none: the first row is empty)"
+
+
+def check_placeholders(config, chosen, by_snake, header):
+    """Every placeholder and rule field must be derived, mapped, or a column of this file."""
+    known = set(DERIVED) | set(config.columns) | set(by_snake)
+    available = sorted(set(DERIVED) | set(config.columns)) + sorted(set(by_snake) - set(config.columns))
+    for name, template in config.templates.items():
+        for placeholder in template.fields:
+            if name not in MESSAGES and placeholder not in known:
+                config_error(config.path, f"[templates] {name}", f"uses {{{placeholder}}}, which is neither a field "
+                             "in [columns] nor a column of the export.",
+                             f"Available: {', '.join('{%s}' % a for a in available)}.")
+    for rule in config.rules:
+        for field_name, _ in rule.conditions:
+            if field_name not in known:
+                config_error(config.path, f"[[rules]] number {rule.number} when.{field_name}",
+                             "is neither a field in [columns] nor a column of the export.",
+                             f"Available: {', '.join(available)}.")
+
+
+def detect_layout(positions):
+    """Name the kind of export by its telltale headers, for `check`."""
+    for name, headers in LAYOUTS:
+        if headers <= positions.keys():
+            return name
+    return "generic export"
+
+
+def cell(row, index):
+    """A stripped cell; rows may be shorter than the header."""
+    return row[index].strip() if index is not None and index < len(row) else ""
+
+
+def read_orders(config, path):
+    """Read an export into drafts: per order the first non-empty value of each field, all items."""
+    plan = None
+    drafts = {}
+    rows = skipped = 0
+    is_header = lambda cells: {header_key(c) for c in cells} & {header_key(h) for h in config.columns["order_id"]}
+    for number, row in read_table(path, config.sheet, is_header):
+        if plan is None:
+            if any(c.strip() for c in row):
+                plan = make_plan(config, row, path.name)
+            continue
+        if not any(row):
+            continue
+        rows += 1
+        raw_id = cell(row, plan.order_columns[0])
+        key = normalise_order_id(raw_id)
+        if not key:
+            skipped += 1
+            continue
+        draft = drafts.get(key)
+        if draft is None:
+            draft = drafts[key] = [[cell(row, i) for i in plan.order_columns], [], []]
+        else:
+            values = draft[0]
+            for position, index in enumerate(plan.order_columns):
+                if not values[position]:
+                    values[position] = cell(row, index)
+        add_line(plan, draft, row)
+    if plan is None:
+        raise ExportError(f"{path.name}: is empty. Re-export the orders; the last good data stays served.")
+    return plan, drafts, rows, skipped
+
+
+def add_line(plan, draft, row):
+    """Keep the row's line item and any tracking numbers on it."""
+    name_col, qty_col, status_col = plan.item_columns
+    name = cell(row, name_col)
+    if name:
+        draft[1].append((quantity_text(cell(row, qty_col)), name, cell(row, status_col)))
+    for number in re.split(r"[,;\n]+", cell(row, plan.tracking_column)):
+        number = number.strip()
+        if number and number not in draft[2]:
+            draft[2].append(number)
+
+
+def quantity_text(value):
+    """Quantities read '2', never '2.0'."""
+    return re.sub(r"\.0+$", "", value)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one export and one config produce; never changed once built."""
+
+    config: Config
+    index: dict  # index_key -> JSON body (bytes) of the 200 answer
+    source: Path
+    file_mtime: float
+    rows: int
+    orders: int
+    orders_without_email: int
+    rows_without_order: int
+    loaded_at: float
+    seconds: float
+    layout: str
+    columns: dict
+    template_counts: dict
+    example_order_id: str
+    survey: dict = field(default_factory=dict)  # rule field -> Counter of values, for `check`
+
+    def describe(self):
+        """What was loaded, for logs and for `check`; no customer data."""
+        return (f"{self.source.name}: {self.rows} rows, {self.orders} orders "
+                f"({self.layout}) in {self.seconds:.2f}s")
+
+
+def build_snapshot(config, path, survey=False):
+    """Read the export at path and render every order's answer, ready to serve."""
+    started = time.perf_counter()
+    mtime = path.stat().st_mtime
+    try:
+        plan, drafts, rows, skipped = read_orders(config, path)
+    except UserError:
+        raise
+    except (OSError, UnicodeError, ValueError, KeyError, EOFError) as e:
+        raise ExportError(f"{path.name}: could not be read ({type(e).__name__}). "
+                          "Re-export it; it may have been cut off while being written.") from None
+    index, counts, without_email, example = {}, {}, 0, ""
+    renderer = Renderer(config, plan)
+    surveyed = {f: Counter() for f in survey_fields(config, plan)} if survey else {}
+    for values, items, tracking in drafts.values():
+        order = dict(zip(plan.order_fields, values))
+        for field_name, counter in surveyed.items():
+            counter[status_word(order.get(field_name, ""))] += 1
+        email = normalise_email(order.get("email", ""))
+        example = example or order["order_id"]
+        if not email:
+            without_email += 1  # such an order can never be matched, so is never rendered
+            continue
+        template, body = renderer.answer(order, items, tracking)
+        counts[template] = counts.get(template, 0) + 1
+        index[f"{normalise_order_id(order['order_id'])}\x1f{email}"] = body
+    return Snapshot(
+        config=config, index=index, source=path, file_mtime=mtime, rows=rows, orders=len(drafts),
+        orders_without_email=without_email, rows_without_order=skipped, loaded_at=time.time(),
+        seconds=time.perf_counter() - started, layout=plan.layout, columns=plan.chosen,
+        template_counts=counts, example_order_id=example, survey=surveyed,
+    )
+
+
+def survey_fields(config, plan):
+    """The fields that rules compare with words (statuses), as `check` reports them."""
+    fields = [name for rule in config.rules for name, wanted in rule.conditions if wanted is not None]
+    return [f for f in dict.fromkeys(fields) if f in plan.order_fields]
+
+
+###############################################################################
+# Rendering answers ###########################################################
+###############################################################################
+
+ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?\s*(?:Z|[+-]\d{2}:?\d{2}|UTC)?")
+
+
+def readable(value):
+    """Dates read as people write them: '2026-11-28 10:00 -0400' -> '28 Nov 2026'."""
+    match = ISO_DATE.fullmatch(value) if value[:1].isdigit() else None
+    if not match:
+        return value
+    try:
+        return date(*map(int, match.groups())).strftime("%-d %b %Y")
+    except ValueError:
+        return value
+
+
+def safe_url(value):
+    """Only http(s) links go to the agent; anything else in a cell is dropped."""
+    return value if re.match(r"https?://[^\s<>\"']+$", value) else None
+
+
+class Renderer:
+    """Words the answer of one order: derived values, the rule, the template."""
+
+    def __init__(self, config, plan):
+        self.config = config
+        self.plan = plan
+        self.default = config.templates[config.default_template]
+
+    def answer(self, order, items, tracking):
+        """(template name, JSON body) for an order."""
+        values = self.values(order, items, tracking)
+        template = self.pick(values)
+        context = template.render(values)
+        body = json.dumps({"context": context, "tracking_url": values["tracking_url"] or None}, ensure_ascii=False)
+        return template.name, body.encode()
+
+    def pick(self, values):
+        """The first rule that matches picks the template; else the default."""
+        for rule in self.config.rules:
+            if rule.matches(values):
+                return self.config.templates[rule.template]
+        return self.default
+
+    def values(self, order, items, tracking):
+        """Every placeholder's value for this order."""
+        config = self.config
+        shipped = config.shipped_item_statuses
+        values = dict(order)
+        values["items"] = self.listing(items) or config.no_items
+        values["shipped_items"] = self.listing([i for i in items if status_word(i[2]) in shipped])
+        values["unshipped_items"] = self.listing([i for i in items if status_word(i[2]) not in shipped])
+        values["item_count"] = str(sum(int(q) if q.isdigit() else 1 for q, _, _ in items))
+        values["tracking_number"] = tracking[0] if tracking else ""
+        values["tracking_numbers"] = ", ".join(tracking)
+        values["tracking_url"] = self.tracking_url(order, tracking) or ""
+        return values
+
+    def listing(self, items):
+        """'1 x Hat, 2 x Socks' as [items] format and separator say."""
+        fmt = self.config.item_format
+        return self.config.item_separator.join(
+            fmt.format(quantity=q or "1", name=n) for q, n, _ in items
+        )
+
+    def tracking_url(self, order, tracking):
+        """The export's own link, else one built from the carrier's page in [carriers]."""
+        own = safe_url(order.get("tracking_url", ""))
+        if own or not tracking:
+            return own
+        return carrier_url(self.config.carriers, order.get("carrier", ""), tracking[0])
+
+
+def carrier_url(carriers, carrier, number):
+    """The tracking page of the carrier whose name matches loosely, number URL-encoded."""
+    key = carrier_key(carrier)
+    if not key:
+        return None
+    for name, url in carriers:
+        if key.startswith(name) or name in key:
+            return url.format(tracking_number=quote(number, safe=""))
+    return None
+
+
+def message(config, name, **values):
+    """A JSON body from one of the message templates (not found, missing, ...)."""
+    return json.dumps({"context": config.templates[name].render(values)}, ensure_ascii=False).encode()
+
+
+MAX_ORDER_ID = 64
+MAX_EMAIL = 254
+NOT_FOUND_ID_LENGTH = 20
+
+
+def answer(snapshot, order_id, email):
+    """(HTTP status, JSON body) for a lookup; the same function serves HTTP and the CLI."""
+    config = snapshot.config
+    order_id, email = (order_id or "").strip(), (email or "").strip()
+    if len(order_id) > MAX_ORDER_ID or len(email) > MAX_EMAIL or "\x00" in order_id + email:
+        return 400, message(config, "invalid")
+    wanted = normalise_order_id(order_id)
+    missing = [what for what, given in (("the order number", wanted), ("the email address used for the order", email))
+               if not given]
+    if missing:
+        return 400, message(config, "missing", missing=" and ".join(missing))
+    body = snapshot.index.get(f"{wanted}\x1f{normalise_email(email)}")
+    if body is not None:
+        return 200, body
+    # Never the caller's raw text: an AI reads this, and the caller may be hostile.
+    return 404, message(config, "not_found", order_id=wanted[:NOT_FOUND_ID_LENGTH])
+
+
+def mask_email(email):
+    """'jane@example.com' -> 'j***@example.com' for logs."""
+    local, _, domain = email.strip().partition("@")
+    domain = re.sub(r"[^\w.-]", "", domain)[:64]
+    return f"{local[:1]}***@{domain}" if local and domain else "***"
+
+
+###############################################################################
+# Serving state: loads, refusals, freshness ###################################
+###############################################################################
+
+
+class Service:
+    """Holds the Snapshot being served and replaces it only with a good one."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.snapshot = None  # replaced by one assignment; readers never see a mix
+        self.refused = None  # (when, file, reason) of the last refused load
+        self.config_error = None
+        self.from_last_good = False
+        self._lock = threading.Lock()  # one load at a time
+
+    def build(self):
+        """A new Snapshot from the configured files; raises UserError."""
+        config = load_config(self.settings.contexts)
+        return build_snapshot(config, find_export(self.settings.data))
+
+    def start(self):
+        """First load: the export, else the last good copy, else a UserError."""
+        try:
+            snapshot = self.build()
+            self.guard(snapshot)
+            self.install(snapshot)
+        except UserError as error:
+            fallback = self.last_good_copy()
+            if fallback is None:
+                raise
+            log.error("refused: %s", error)
+            config = load_config(self.settings.contexts)
+            self.install(build_snapshot(config, fallback), keep_copy=False)
+            self.from_last_good = True
+            self.refused = (time.time(), None, str(error))
+            log.error("SERVING THE LAST GOOD COPY %s: the export could not be used (see above)", fallback.name)
+        return self.snapshot
+
+    def reload(self):
+        """Rebuild from the files; keep serving the old Snapshot if the new one is bad."""
+        with self._lock:
+            try:
+                snapshot = self.build()
+                self.guard(snapshot)
+            except UserError as error:
+                self.refuse(error)
+                return False
+            self.install(snapshot)
+            return True
+
+    def guard(self, snapshot):
+        """Refuse an export with no orders, or far fewer than the one being served."""
+        if not snapshot.orders:
+            raise ExportError(f"{snapshot.source.name}: holds no orders (only a header?). "
+                              "Re-export the orders; the last good data stays served.")
+        current = self.snapshot
+        ratio = snapshot.config.min_orders_ratio
+        if current and snapshot.orders < current.orders * ratio:
+            raise ExportError(
+                f"{snapshot.source.name}: holds {snapshot.orders} orders, fewer than {ratio:.0%} of the "
+                f"{current.orders} being served, so it looks cut off. If the shrink is real, lower "
+                "[settings] min_orders_ratio in contexts.toml or restart the service."
+            )
+
+    def refuse(self, error):
+        """Keep what is served; remember and log why the new files were refused."""
+        is_config = isinstance(error, ConfigError)
+        self.config_error = str(error) if is_config else None
+        if not is_config:
+            self.refused = (time.time(), None, str(error))
+        log.error("refused, still serving %s: %s",
+                  self.snapshot.source.name if self.snapshot else "nothing", error)
+
+    def install(self, snapshot, keep_copy=True):
+        """Serve snapshot from now on (one assignment) and keep a copy of its file."""
+        self.snapshot = snapshot
+        self.refused = None
+        self.config_error = None
+        self.from_last_good = False
+        log.info("loaded %s", snapshot.describe())
+        if keep_copy:
+            self.keep_copy(snapshot.source)
+
+    def keep_copy(self, source):
+        """Copy an accepted export to the state folder, for a restart after a bad night."""
+        state = self.settings.state
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            target = state / ("last-good" + source.suffix.lower())
+            partial = state / (".partial" + source.suffix.lower())
+            shutil.copyfile(source, partial)
+            os.replace(partial, target)
+            for other in state.glob("last-good.*"):
+                if other != target:
+                    other.unlink()
+        except OSError as e:
+            log.warning("could not keep a copy of %s in %s (%s); a restart after a bad export "
+                        "will have no fallback", source.name, state, e.strerror)
+
+    def last_good_copy(self):
+        """The copy of the last accepted export, if there is one."""
+        copies = sorted(self.settings.state.glob("last-good.*")) if self.settings.state.is_dir() else []
+        return copies[0] if copies else None
+
+    def health(self, now=None):
+        """(healthy, reasons, age in seconds) of the data being served."""
+        now = time.time() if now is None else now
+        snapshot = self.snapshot
+        if snapshot is None:
+            return False, ["no data loaded"], None
+        age = max(0.0, now - snapshot.file_mtime)
+        reasons = []
+        if age > snapshot.config.max_age_hours * 3600:
+            reasons.append(f"data is older than {snapshot.config.max_age_hours:g} hours")
+        if self.from_last_good:
+            reasons.append("serving the last good copy after a refused export")
+        elif self.refused:
+            reasons.append("the last export was refused")
+        if self.config_error:
+            reasons.append("the last contexts.toml edit was refused")
+        return not reasons, reasons, age
+
+    def status(self, now=None):
+        """The details shown to a key holder: files, counts, timings, refusals; no customer data."""
+        healthy, reasons, age = self.health(now)
+        out = {"status": "ok" if healthy else "degraded", "reasons": reasons,
+               "data_age_seconds": None if age is None else round(age)}
+        snapshot = self.snapshot
+        if snapshot:
+            out.update(
+                file=snapshot.source.name, file_modified=iso_time(snapshot.file_mtime),
+                from_last_good_copy=self.from_last_good, layout=snapshot.layout,
+                orders=snapshot.orders, rows=snapshot.rows, loaded_at=iso_time(snapshot.loaded_at),
+                load_seconds=round(snapshot.seconds, 3), max_age_hours=snapshot.config.max_age_hours,
+            )
+        out["last_refused"] = None if not self.refused else {
+            "at": iso_time(self.refused[0]), "reason": self.refused[2]}
+        out["config"] = "ok" if not self.config_error else self.config_error
+        return out
+
+
+def iso_time(timestamp):
+    """A UTC timestamp as ISO 8601."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+###############################################################################
+# HTTP ########################################################################
+###############################################################################
+
+JSON = "application/json"
+COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+
+
+def key_ok(keys, given):
+    """Constant-time check of the x-api-key header against every configured key."""
+    if not given or not keys:
+        return False
+    given = given.encode("utf-8", "surrogateescape")
+    ok = False
+    for key in keys:  # no early exit: the time taken does not tell which key matched
+        ok |= hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
+    return ok
+
+
+def create_app(service):
+    """The WSGI application: Bottle routes wrapped in the request log."""
+    app = bottle.Bottle()
+    app.config["catchall"] = True
+    keys = service.settings.api_keys
+
+    def authorised():
+        return key_ok(keys, bottle.request.headers.get("x-api-key"))
+
+    @app.get("/lookup")
+    def lookup():
+        bottle.response.content_type = JSON
+        if not authorised():
+            bottle.response.status = 401
+            return b""
+        query = bottle.request.query
+        order_id = query.getunicode("order_id", "")
+        email = query.getunicode("customer_email", "")
+        bottle.request.environ["orders.log"] = f"order={normalise_order_id(order_id)[:NOT_FOUND_ID_LENGTH] or '-'} " \
+                                               f"email={mask_email(email) if email else '-'}"
+        snapshot = service.snapshot
+        if snapshot is None:
+            bottle.response.status = 503
+            return UNAVAILABLE
+        status, body = answer(snapshot, order_id, email)
+        bottle.response.status = status
+        return body
+
+    @app.get("/healthz")
+    def healthz():
+        bottle.response.content_type = JSON
+        healthy, _, age = service.health()
+        bottle.response.status = 200 if healthy else 503
+        if authorised():
+            return json.dumps(service.status())
+        return json.dumps({"status": "ok" if healthy else "degraded",
+                           "data_age_seconds": None if age is None else round(age)})
+
+    @app.get("/livez")
+    def livez():
+        bottle.response.content_type = JSON
+        bottle.response.status = 200 if service.snapshot else 503
+        return json.dumps({"serving": service.snapshot is not None})
+
+    app.default_error_handler = json_error
+    return RequestLog(app)
+
+
+UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. Please try again later "
+                                     "or contact support."}).encode()
+
+ERROR_TEXTS = {
+    404: "There is nothing at this address. Orders are looked up at /lookup.",
+    405: "This address only answers GET requests.",
+}
+
+
+def json_error(error):
+    """Bottle's errors (404, 405, 500, ...) as JSON, never an HTML page or a traceback."""
+    bottle.response.content_type = JSON
+    if error.status_code >= 500:
+        return UNAVAILABLE
+    text = ERROR_TEXTS.get(error.status_code, "The request could not be handled.")
+    return json.dumps({"context": text})
+
+
+class RequestLog:
+    """WSGI middleware: common headers, one log line per request, a JSON 500 whatever happens."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        started = time.perf_counter()
+        seen = []
+
+        def respond(status, headers, exc_info=None):
+            seen.append(status)
+            return start_response(status, headers + COMMON_HEADERS, exc_info)
+
+        try:
+            body = self.app(environ, respond)
+        except Exception:
+            log.exception("request failed")
+            seen.append("500 Internal Server Error")
+            start_response(seen[-1], [("Content-Type", JSON), ("Content-Length", str(len(UNAVAILABLE)))]
+                           + COMMON_HEADERS, sys.exc_info())
+            body = [UNAVAILABLE]
+        status = seen[-1].split(" ", 1)[0] if seen else "-"
+        log.info("%s %s %s %s %.1fms %s", environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", "-"),
+                 sanitise_path(environ.get("PATH_INFO", "")), status, (time.perf_counter() - started) * 1000,
+                 environ.get("orders.log", ""))
+        return body
+
+
+def sanitise_path(path):
+    """The path for a log line: printable, short, never the query."""
+    return re.sub(r"[^\x21-\x7e]", "?", path)[:100] or "/"
+
+
+###############################################################################
+# Watching files ##############################################################
+###############################################################################
+
+
+class Watcher:
+    """Reloads when the export or contexts.toml changes and has stopped changing."""
+
+    def __init__(self, service):
+        self.service = service
+        self.settings = service.settings
+        self.changed = threading.Event()
+        self.stopping = threading.Event()
+        self.observer = None
+        self.thread = None
+
+    def paths(self):
+        """The folders to watch: the export's folder (or itself) and the config's."""
+        data = self.settings.data
+        folders = {data if data.is_dir() else data.parent, self.settings.contexts.parent}
+        return sorted(f for f in folders if f.is_dir())
+
+    def fingerprint(self):
+        """What is on disk now: the export chosen and the config, with sizes and times."""
+        found = []
+        for path in (self.settings.contexts, self.export_path()):
+            try:
+                stat = path.stat() if path else None
+                found.append((str(path), stat.st_size, stat.st_mtime_ns) if stat else None)
+            except OSError:
+                found.append((str(path), None, None))
+        return tuple(found)
+
+    def export_path(self):
+        """The export that a reload would read now, or None."""
+        try:
+            return find_export(self.settings.data)
+        except (UserError, OSError):
+            return None
+
+    def start(self):
+        """Start the observer and the thread that debounces and reloads."""
+        from watchdog.observers import Observer
+
+        handler = event_handler(self)
+        self.observer = Observer()
+        for folder in self.paths():
+            self.observer.schedule(handler, str(folder), recursive=False)
+        self.observer.daemon = True
+        self.observer.start()
+        self.thread = threading.Thread(target=self.run, name="reloader", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        """Stop watching."""
+        self.stopping.set()
+        self.changed.set()
+        if self.observer:
+            self.observer.stop()
+            self.observer.join(5)
+        if self.thread:
+            self.thread.join(5)
+
+    def relevant(self, path):
+        """Events about exports and contexts.toml matter; the state folder's do not."""
+        path = Path(path).absolute()
+        data = self.settings.data
+        if path == self.settings.contexts or path == data:
+            return True
+        return data.is_dir() and path.parent == data and is_export_name(path.name)
+
+    def run(self):
+        """Wait for a change (or poll), let the files settle, reload once."""
+        last = self.fingerprint()
+        while not self.stopping.is_set():
+            self.changed.wait(self.settings.poll_seconds)
+            self.changed.clear()
+            if self.stopping.is_set():
+                return
+            current = self.settle()
+            if current != last:
+                last = current
+                self.service.reload()
+
+    def settle(self):
+        """The fingerprint once size and mtime have held still for settle_seconds."""
+        current = self.fingerprint()
+        while not self.stopping.is_set():
+            time.sleep(self.settings.settle_seconds)
+            self.changed.clear()
+            again = self.fingerprint()
+            if again == current:
+                return current
+            current = again
+        return current
+
+
+
+def event_handler(watcher):
+    """A watchdog handler that wakes the watcher for changes to the files it serves."""
+    from watchdog.events import FileSystemEventHandler
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event):
+            # Our own reads open and close the export: those events are not changes.
+            if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+                return
+            paths = (event.src_path, getattr(event, "dest_path", "") or "")
+            if any(p and watcher.relevant(os.fsdecode(p)) for p in paths):
+                watcher.changed.set()
+
+    return Handler()
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def build_parser():
+    """python app.py [serve|check|lookup] with the options each takes."""
+    files = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option not given must not hide the environment variable.
+    files.add_argument("--data", default=argparse.SUPPRESS, metavar="PATH",
+                       help="export file, or folder whose newest .csv/.xlsx is served (env ORDERS_FILE; default data/)")
+    files.add_argument("--contexts", default=argparse.SUPPRESS, metavar="FILE",
+                       help="answers and column mapping (env CONTEXTS_FILE; default contexts.toml beside app.py)")
+    listen = argparse.ArgumentParser(add_help=False)
+    listen.add_argument("--host", default=argparse.SUPPRESS, help="address to listen on (env HOST; default 127.0.0.1)")
+    listen.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (env PORT; default 8080)")
+    parser = argparse.ArgumentParser(
+        prog="app.py", parents=[files, listen],
+        description="Answer a chat agent's order lookups from a shop's orders export.")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", parents=[files, listen], help="serve the lookup endpoint (the default)")
+    commands.add_parser("check", parents=[files], help="check contexts.toml and the export, print a summary")
+    lookup = commands.add_parser("lookup", parents=[files], help="print the status and JSON the platform would get")
+    lookup.add_argument("order_id")
+    lookup.add_argument("email")
+    return parser
+
+
+def main(argv=None):
+    """Run one command; user errors print one clear line and exit 1, never a traceback."""
+    args = build_parser().parse_args(argv)
+    command = args.command or "serve"
+    try:
+        settings = settings_from(vars(args))
+        setup_logging(settings.log_format, quiet=command != "serve")
+        return COMMANDS[command](settings, args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_check(settings, args):
+    """Load config and export as serving would; print what was found and what to fix."""
+    config = load_config(settings.contexts)
+    print(f"config   {settings.contexts}: ok ({len(config.templates)} templates, {len(config.rules)} rules)")
+    path = find_export(settings.data)
+    snapshot = build_snapshot(config, path, survey=True)
+    print(f"export   {path} ({snapshot.layout}, modified {iso_time(snapshot.file_mtime)})")
+    for field_name, header in snapshot.columns.items():
+        print(f"column   {field_name:<18} <- \"{header}\"")
+    missing = [f for f in config.columns if f not in snapshot.columns]
+    if missing:
+        print(f"no column for {', '.join(missing)} (their placeholders stay empty)")
+    print(f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s")
+    print(f"format   order numbers look like {snapshot.example_order_id!r}: give this format to the chat platform")
+    for field_name, counts in snapshot.survey.items():
+        print(f"values   {field_name}: " + ", ".join(f"{v or '(empty)'} {n}" for v, n in counts.most_common(12)))
+    print("answers  " + ", ".join(f"{t} {n}" for t, n in sorted(snapshot.template_counts.items(), key=lambda i: -i[1])))
+    problems = []
+    if snapshot.orders_without_email:
+        print(f"warning  {snapshot.orders_without_email} orders have no email and can never be found")
+    if snapshot.rows_without_order:
+        print(f"warning  {snapshot.rows_without_order} rows have no order number and were skipped")
+    if not snapshot.index:
+        problems.append("no order can be found: none has both an order number and an email")
+    for problem in problems:
+        print(f"error    {problem}", file=sys.stderr)
+    print("FAILED" if problems else "OK")
+    return 1 if problems else 0
+
+
+def run_lookup(settings, args):
+    """Print the status line and the exact JSON body the chat platform would get."""
+    from http import HTTPStatus
+
+    config = load_config(settings.contexts)
+    snapshot = build_snapshot(config, find_export(settings.data))
+    status, body = answer(snapshot, args.order_id, args.email)
+    print(f"{status} {HTTPStatus(status).phrase}")
+    print(body.decode())
+    return 0
+
+
+def run_serve(settings, args):
+    """Load, then serve with waitress and reload on changes until stopped."""
+    import dataclasses
+
+    import waitress
+
+    service = Service(settings)
+    service.start()
+    if settings.api_keys:
+        for warning in weak_key_warnings(settings.api_keys):
+            log.warning("WEAK KEY: %s; make one with: python -c \"import secrets; print(secrets.token_urlsafe(32))\"",
+                        warning)
+        key_status = f"{len(settings.api_keys)} key(s) from API_KEY"
+    else:
+        key = secrets.token_urlsafe(24)
+        settings = service.settings = dataclasses.replace(settings, api_keys=(key,))
+        print(f"\nWARNING: API_KEY is not set. For trying out only, this run accepts the key:\n\n    {key}\n\n"
+              "Set API_KEY before serving real traffic.\n", file=sys.stderr, flush=True)
+        key_status = "generated for this run"
+    watcher = Watcher(service).start()
+    log.info("serving %s on http://%s:%d/lookup (key: %s)", service.snapshot.source,
+             settings.host, settings.port, key_status)
+    try:
+        waitress.serve(create_app(service), **waitress_options(settings))
+    finally:
+        watcher.stop()
+    return 0
+
+
+def waitress_options(settings):
+    """The server's settings, chosen so stalled clients cannot lock the platform out."""
+    options = dict(
+        host=settings.host, port=settings.port, threads=settings.threads, ident="orders",
+        connection_limit=settings.connection_limit, channel_timeout=settings.channel_timeout,
+        cleanup_interval=min(10, settings.channel_timeout), asyncore_use_poll=True,
+        max_request_header_size=16384, max_request_body_size=65536, clear_untrusted_proxy_headers=True,
+    )
+    if settings.trusted_proxy:
+        options.update(trusted_proxy=settings.trusted_proxy, trusted_proxy_headers=settings.trusted_proxy_headers)
+    return options
+
+
+class JsonLines(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, for log collectors."""
+
+    def format(self, record):
+        return json.dumps({"time": iso_time(record.created), "level": record.levelname.lower(),
+                           "logger": record.name, "message": record.getMessage()})
+
+
+def setup_logging(log_format, quiet=False):
+    """Log to stderr; keep waitress's per-request queue warnings out of the log."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLines() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    # Under load waitress warns "Task queue depth is N" for every request: not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+COMMANDS = {"serve": run_serve, "check": run_check, "lookup": run_lookup}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Fixtures shared by the tests: exports written on the fly, services, clients."""
+
+import io
+import json
+import logging
+import shutil
+import socket
+import sys
+import threading
+from pathlib import Path
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import app  # noqa: E402
+
+KEY = "test-key-0123456789abcdef"
+OTHER_KEY = "rotated-key-abcdef0123456789"
+
+SHOPIFY_HEADER = ("Name,Email,Financial Status,Fulfillment Status,Created at,Lineitem quantity,"
+                  "Lineitem name,Lineitem fulfillment status,Cancelled at,Tracking Number,Tracking Company")
+
+# A small Shopify-shaped export: order-level fields on the first row only.
+SHOPIFY_CSV = f"""{SHOPIFY_HEADER}
+#1001,jane@example.com,paid,unfulfilled,2026-11-27 09:12:40 +0000,2,Wool Socks,pending,,,
+#1001,,,,,1,Beanie,pending,,,
+#1002,Sam@Example.com,paid,fulfilled,2026-11-24 14:03:11 +0000,1,Down Jacket,fulfilled,,1Z999AA10123456784,UPS
+#1003,alex@example.com,paid,partial,2026-11-25 18:44:02 +0000,1,Trail Runners,fulfilled,,00340434161094042557,DHL Express
+#1003,alex@example.com,,,,3,Running Socks,pending,,,
+#1004,maria@example.com,refunded,unfulfilled,2026-11-20 11:00:00 +0000,1,Rain Shell,pending,2026-11-21 09:00:00 +0000,,
+#1005,li@example.com,refunded,fulfilled,2026-11-10 16:20:00 +0000,1,Fleece,fulfilled,,,
+#1006,,paid,fulfilled,2026-11-10 16:20:00 +0000,1,Gift Card,fulfilled,,,
+"""
+
+
+def write(path, text, encoding="utf-8"):
+    """Write an export or config file and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding=encoding, newline="")
+    return path
+
+
+def write_xlsx(path, sheets):
+    """Write a workbook; sheets maps each sheet name to its rows (lists of values)."""
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.remove(book.active)
+    for name, rows in sheets.items():
+        sheet = book.create_sheet(name)
+        for row in rows:
+            sheet.append(row)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    book.save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The CLI sets up logging for the process; put it back after each test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def contexts_file(tmp_path):
+    """A copy of the shipped contexts.toml that a test may edit."""
+    return Path(shutil.copy(ROOT / "contexts.toml", tmp_path / "contexts.toml"))
+
+
+@pytest.fixture
+def export(tmp_path):
+    """The small Shopify-shaped export, in its own data folder."""
+    return write(tmp_path / "data" / "orders.csv", SHOPIFY_CSV)
+
+
+def make_settings(data, contexts, **overrides):
+    """Settings as the environment would give them, for tests."""
+    env = {"API_KEY": f"{KEY},{OTHER_KEY}", "SETTLE_SECONDS": "0.05", "POLL_SECONDS": "0.5", **overrides}
+    return app.settings_from({"data": str(data), "contexts": str(contexts)}, env=env)
+
+
+@pytest.fixture
+def service(export, contexts_file):
+    """A started Service on the small export."""
+    s = app.Service(make_settings(export.parent, contexts_file))
+    s.start()
+    return s
+
+
+class Client:
+    """Calls a WSGI app in-process and returns (status, headers, body)."""
+
+    def __init__(self, wsgi):
+        self.wsgi = wsgi
+
+    def request(self, method, path, query="", headers=None):
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+                   "wsgi.input": io.BytesIO(b""), "REMOTE_ADDR": "127.0.0.1"}
+        setup_testing_defaults(environ)
+        environ["wsgi.errors"] = io.StringIO()
+        for name, value in (headers or {}).items():
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+        seen = {}
+
+        def start_response(status, response_headers, exc_info=None):
+            seen["status"] = int(status.split()[0])
+            seen["headers"] = response_headers
+
+        body = b"".join(self.wsgi(environ, start_response))
+        return Response(seen["status"], dict(seen["headers"]), body)
+
+    def get(self, path, query="", key=KEY, headers=None):
+        headers = dict(headers or {})
+        if key is not None:
+            headers["x-api-key"] = key
+        return self.request("GET", path, query, headers)
+
+    def lookup(self, order_id, email, key=KEY):
+        from urllib.parse import urlencode
+
+        return self.get("/lookup", urlencode({"order_id": order_id, "customer_email": email}), key=key)
+
+
+class Response:
+    """What a client got back."""
+
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def context(self):
+        return self.json["context"]
+
+
+@pytest.fixture
+def client(service):
+    """A WSGI client of the app serving the small export."""
+    return Client(app.create_app(service))
+
+
+def free_port():
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(service):
+    """The app on a real waitress server on a loopback port; yields its base URL."""
+    import waitress.server
+
+    settings = service.settings
+    options = app.waitress_options(settings)
+    options.update(host="127.0.0.1", port=0)
+    server = waitress.server.create_server(app.create_app(service), **options)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.effective_port}"
+    server.close()
+    thread.join(5)
+
+
+@pytest.fixture
+def logs(caplog):
+    """Captured log records of the service, INFO and up."""
+    caplog.set_level(logging.INFO, logger="orders")
+    return caplog

@@ -1,0 +1,112 @@
+"""The command line: serve, check, lookup; errors as one clear line."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import app
+from conftest import ROOT, free_port
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "shopify_orders_export.csv"
+
+
+def run(capsys, *argv):
+    """Run app.main and return (exit code, stdout, stderr)."""
+    code = app.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(autouse=True)
+def no_env(monkeypatch):
+    """The CLI reads the environment: start each test from a clean one."""
+    for name in ("API_KEY", "ORDERS_FILE", "CONTEXTS_FILE", "HOST", "PORT", "STATE_DIR", "LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_lookup_prints_the_status_and_the_exact_json(capsys, export, contexts_file):
+    code, out, _ = run(capsys, "lookup", "#1001", "jane@example.com", "--data", str(export), "--contexts", str(contexts_file))
+    status, body = out.splitlines()
+    assert code == 0 and status == "200 OK"
+    assert json.loads(body)["context"].startswith("Order #1001 was found")
+
+
+def test_lookup_of_an_unknown_order_prints_404(capsys, export, contexts_file):
+    code, out, _ = run(capsys, "lookup", "42", "x@example.com", "--data", str(export), "--contexts", str(contexts_file))
+    assert out.splitlines()[0] == "404 Not Found"
+
+
+def test_environment_variables_choose_the_files(capsys, monkeypatch, export, contexts_file):
+    monkeypatch.setenv("ORDERS_FILE", str(export))
+    monkeypatch.setenv("CONTEXTS_FILE", str(contexts_file))
+    code, out, _ = run(capsys, "check")
+    assert code == 0 and str(export) in out
+
+
+def test_check_summarises_the_export(capsys, export, contexts_file):
+    code, out, _ = run(capsys, "check", "--data", str(export.parent), "--contexts", str(contexts_file))
+    assert code == 0
+    assert "Shopify orders export" in out
+    assert 'order_id           <- "Name"' in out
+    assert "rows     8; orders 6" in out
+    assert "'#1001'" in out
+    assert "1 orders have no email" in out
+    assert "status: " in out and "fulfilled 3" in out
+    assert out.rstrip().endswith("OK")
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason="the shared Shopify fixture is not beside this checkout")
+def test_check_on_the_real_shopify_export(capsys):
+    code, out, _ = run(capsys, "check", "--data", str(FIXTURE))
+    assert code == 0
+    assert "rows     40; orders 19" in out and "'#1001'" in out
+    assert "orders have no email" in out
+
+
+@pytest.mark.parametrize("setup, says", [
+    (lambda d, c: c.write_text("[settings\n"), "contexts.toml: "),
+    (lambda d, c: d.write_text("Order Number,Status\n1,x\n"), "no column for email"),
+    (lambda d, c: d.unlink(), "no .csv or .xlsx export"),
+])
+def test_check_reports_problems_in_one_line_without_traceback(capsys, export, contexts_file, setup, says):
+    setup(export, contexts_file)
+    code, out, err = run(capsys, "check", "--data", str(export.parent), "--contexts", str(contexts_file))
+    assert code == 1
+    assert says in err and err.startswith("error: ")
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("env, says", [({"PORT": "eighty"}, "PORT='eighty'"), ({"PORT": "70000"}, "out of range")])
+def test_bad_settings_are_one_clear_line(capsys, monkeypatch, env, says):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run(capsys, "check")
+    assert code == 1 and says in err
+
+
+def test_serve_without_a_key_makes_one_and_prints_it(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "ORDERS_FILE", "CONTEXTS_FILE")}
+    env.update(PORT=str(port), STATE_DIR=str(tmp_path / "state"))
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, cwd=tmp_path,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        lines, deadline = [], time.monotonic() + 20
+        while time.monotonic() < deadline and not any("Serving on" in l for l in lines):
+            lines.append(process.stderr.readline())
+        output = "".join(lines)
+        key = re.search(r"accepts the key:\s+(\S+)", output).group(1)
+        assert "For trying out only" in output
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/lookup?order_id=1001&customer_email=jane@example.com",
+                                         headers={"x-api-key": key})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.load(response)["context"].startswith("Order #1001 was found")
+    finally:
+        process.terminate()
+        process.wait(10)

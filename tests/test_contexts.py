@@ -1,0 +1,148 @@
+"""contexts.toml: the default answers, and clear errors for every kind of mistake."""
+
+import json
+
+import pytest
+
+import app
+from conftest import ROOT, write
+
+
+def edit(contexts_file, old, new):
+    """Replace text in the test's copy of contexts.toml."""
+    text = contexts_file.read_text()
+    assert old in text, old
+    contexts_file.write_text(text.replace(old, new, 1))
+    return contexts_file
+
+
+@pytest.mark.parametrize("order_id, email, wanted", [
+    ("1001", "jane@example.com",
+     "Order #1001 was found. It contains 2 x Wool Socks, 1 x Beanie. It has not shipped yet; "
+     "orders normally ship within two business days."),
+    ("1002", "sam@example.com", "Order #1002 was found and has shipped with UPS (tracking number 1Z999AA10123456784)."),
+    ("1003", "alex@example.com",
+     "Order #1003 was found. Part of it has shipped: 1 x Trail Runners. Still to ship: 3 x Running Socks."),
+    ("1004", "maria@example.com", "Order #1004 was found, but it was cancelled"),
+    ("1005", "li@example.com", "Order #1005 was found. It has been refunded"),
+])
+def test_default_templates_read_like_the_platforms_examples(client, order_id, email, wanted):
+    assert client.lookup(order_id, email).context.startswith(wanted)
+
+
+def test_the_shipped_sample_data_shows_every_state(tmp_path):
+    config = app.load_config(ROOT / "contexts.toml")
+    snap = app.build_snapshot(config, app.find_export(ROOT / "data"))
+    assert {"processing", "shipped_carrier", "partial_items", "cancelled", "refunded", "shipped",
+            "awaiting_payment"} <= set(snap.template_counts)
+    status, body = app.answer(snap, "#1001", "jane@example.com")
+    assert status == 200 and json.loads(body)["context"].startswith("Order #1001 was found")
+
+
+def test_any_column_is_a_placeholder_by_its_snake_case_header(tmp_path, contexts_file):
+    edit(contexts_file, 'processing = "Order {order_id} was found.',
+         'processing = "Order {order_id} goes by {ship_via_service}.')
+    path = write(tmp_path / "o.csv", "Order ID,Email,Ship Via (Service)\n5,a@example.com,Bike courier\n")
+    snap = app.build_snapshot(app.load_config(contexts_file), path)
+    assert json.loads(app.answer(snap, "5", "a@example.com")[1])["context"].startswith("Order 5 goes by Bike courier.")
+
+
+def test_dates_in_templates_are_readable(tmp_path, contexts_file):
+    edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {order_id} of {order_date}.')
+    path = write(tmp_path / "o.csv", "Order ID,Email,Created at\n5,a@example.com,2025-05-11 09:55:16 -0400\n")
+    snap = app.build_snapshot(app.load_config(contexts_file), path)
+    assert "Order 5 of 11 May 2025." in json.loads(app.answer(snap, "5", "a@example.com")[1])["context"]
+
+
+def test_a_rule_on_any_column_picks_its_template(tmp_path, contexts_file):
+    text = contexts_file.read_text().replace("[[rules]]", '[[rules]]\nwhen = { tags = "vip" }\ntemplate = "vip"\n\n[[rules]]', 1)
+    contexts_file.write_text(text.replace("[templates]\n", '[templates]\nvip = "Order {order_id} was found; VIPs get it first."\n'))
+    path = write(tmp_path / "o.csv", "Order ID,Email,Tags\n5,a@example.com,VIP\n6,b@example.com,\n")
+    snap = app.build_snapshot(app.load_config(contexts_file), path)
+    assert snap.template_counts == {"vip": 1, "processing": 1}
+
+
+@pytest.mark.parametrize("old, new, says", [
+    ('processing = "Order {order_id} was found.', 'processing = "Order {order_id was found.', "stray brace"),
+    ('processing = "Order {order_id} was found.', 'processing = "Order {order_id.__class__} was found.', "is not a placeholder"),
+    ('processing = "Order {order_id} was found.', 'processing = "Order {order_id!r} was found.', "is not a placeholder"),
+    ('template = "cancelled"', 'template = "canceled"', "names the template 'canceled', which does not exist"),
+    ('default_template = "processing"', 'default_template = "procesing"', "default_template"),
+    ('not_found = "No order was found with the number {order_id}', 'not_found = "No order {email}', "{email}"),
+    ('[settings]', '[setting]', "[setting]: is not a known section"),
+    ('max_age_hours = 26', 'max_age_hours = "26"', "max_age_hours"),
+    ('max_age_hours = 26', 'max_age_hours = -1', "must be more than 0"),
+    ('min_orders_ratio = 0.5', 'min_orders_ratio = 5', "between 0 and 1"),
+    ('order_id = ["Order Number"', 'order_id = [1, "Order Number"', "[columns] order_id"),
+    ('email = [', 'e_mail = [', "[columns] email: is missing"),
+    ('UPS = "https://', 'UPS = "http://', "[carriers] UPS: must start with https://"),
+    ('UPS = "https://www.ups.com/track?tracknum={tracking_number}"',
+     'UPS = "https://www.ups.com/track?tracknum={number}"', "{number}"),
+    ('[[rules]]\nwhen = { cancelled_at = "*" }\ntemplate = "cancelled"',
+     '[[rules]]\nwhen = { cancelled_at = "*" }\ntemplate = "cancelled"\ntempalte = "x"', "unknown key 'tempalte'"),
+])
+def test_config_mistakes_name_the_file_the_key_and_the_fix(contexts_file, old, new, says):
+    edit(contexts_file, old, new)
+    with pytest.raises(app.ConfigError) as caught:
+        app.load_config(contexts_file)
+    assert says in str(caught.value)
+    assert str(caught.value).startswith("contexts.toml:")
+
+
+def test_a_toml_syntax_error_names_the_line(contexts_file):
+    lines = contexts_file.read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if line.startswith("processing ="))
+    edit(contexts_file, 'processing = "Order', "processing = Order")
+    with pytest.raises(app.ConfigError) as caught:
+        app.load_config(contexts_file)
+    assert f"line {number}" in str(caught.value)
+    assert "quotes" in str(caught.value)
+
+
+def test_an_unknown_placeholder_is_reported_with_what_is_available(tmp_path, contexts_file):
+    edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {order_number} was found.')
+    path = write(tmp_path / "o.csv", "Order ID,Email,Ship Date\n5,a@example.com,\n")
+    with pytest.raises(app.ConfigError) as caught:
+        app.build_snapshot(app.load_config(contexts_file), path)
+    message = str(caught.value)
+    assert "[templates] processing" in message and "{order_number}" in message
+    assert "{order_id}" in message and "{items}" in message and "{ship_date}" in message
+
+
+def test_a_rule_on_an_unknown_field_is_reported(tmp_path, contexts_file):
+    edit(contexts_file, 'when = { cancelled_at = "*" }', 'when = { canceled = "*" }')
+    path = write(tmp_path / "o.csv", "Order ID,Email\n5,a@example.com\n")
+    with pytest.raises(app.ConfigError, match=r"\[\[rules\]\] number 1 when.canceled"):
+        app.build_snapshot(app.load_config(contexts_file), path)
+
+
+@pytest.mark.parametrize("name", ["not_found", "missing", "invalid", "unavailable"])
+def test_message_templates_are_required(contexts_file, name):
+    text = contexts_file.read_text()
+    contexts_file.write_text("\n".join(l for l in text.splitlines() if not l.startswith(f"{name} =")))
+    with pytest.raises(app.ConfigError, match=f"\\[templates\\] {name}: is missing"):
+        app.load_config(contexts_file)
+
+
+@pytest.mark.parametrize("carrier, number, url", [
+    ("UPS", "1Z 999", "https://www.ups.com/track?tracknum=1Z%20999"),
+    ("DHL Express", "123", "https://www.dhl.com/global-en/home/tracking/tracking-express.html?submit=1&tracking-id=123"),
+    ("usps", "9400", "https://tools.usps.com/go/TrackConfirmAction?tLabels=9400"),
+    ("Royal Mail Tracked 24", "AB1GB", "https://www.royalmail.com/track-your-item#/tracking-results/AB1GB"),
+    ("Pigeon Post", "1", None),
+    ("", "1", None),
+])
+def test_tracking_links_are_built_from_loosely_matched_carriers(carrier, number, url):
+    config = app.load_config(ROOT / "contexts.toml")
+    assert app.carrier_url(config.carriers, carrier, number) == url
+
+
+@pytest.mark.parametrize("cell, url", [
+    ("https://track.example.com/abc", "https://track.example.com/abc"),
+    ("javascript:alert(1)", None),
+    ("track.example.com/abc", None),
+])
+def test_only_http_links_from_the_export_reach_the_agent(tmp_path, contexts_file, cell, url):
+    path = write(tmp_path / "o.csv", f"Order ID,Email,Status,Tracking URL\n5,a@example.com,shipped,{cell}\n")
+    snap = app.build_snapshot(app.load_config(contexts_file), path)
+    assert json.loads(app.answer(snap, "5", "a@example.com")[1])["tracking_url"] == url

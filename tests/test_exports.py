@@ -1,0 +1,118 @@
+"""Reading exports: CSV and XLSX, line items grouped into orders, the newest file of a folder."""
+
+import datetime
+import os
+
+import pytest
+
+import app
+from conftest import SHOPIFY_CSV, write, write_xlsx
+
+
+def snapshot_of(path, contexts):
+    """The Snapshot a service would serve for path."""
+    return app.build_snapshot(app.load_config(contexts), app.find_export(path))
+
+
+def context(snapshot, order_id, email):
+    """The context text answered for a lookup, with its status."""
+    import json
+
+    status, body = app.answer(snapshot, order_id, email)
+    return status, json.loads(body)["context"]
+
+
+def test_line_items_are_grouped_into_one_order(export, contexts_file):
+    snap = snapshot_of(export, contexts_file)
+    assert (snap.rows, snap.orders) == (8, 6)
+    status, text = context(snap, "1001", "jane@example.com")
+    assert status == 200
+    assert "2 x Wool Socks, 1 x Beanie" in text
+
+
+def test_order_fields_come_from_the_first_row_that_has_them(tmp_path, contexts_file):
+    # The first row has no status; the second has it: the order is shipped, not processing.
+    csv_text = ("Order Number,Email,Status,Item,Qty\n"
+                "A-1,a@example.com,,Hat,1\n"
+                "A-1,,shipped,Scarf,2\n"
+                "A-1,,processing,Gloves,1\n")
+    snap = snapshot_of(write(tmp_path / "o.csv", csv_text), contexts_file)
+    status, text = context(snap, "a1", "a@example.com")
+    assert "has shipped" in text and "1 x Hat, 2 x Scarf, 1 x Gloves" in text
+
+
+def test_rows_of_one_order_need_not_be_adjacent(tmp_path, contexts_file):
+    csv_text = "Order ID,Email,Item\n1,a@example.com,Hat\n2,b@example.com,Cap\n1,a@example.com,Scarf\n"
+    snap = snapshot_of(write(tmp_path / "o.csv", csv_text), contexts_file)
+    assert snap.orders == 2
+    assert "1 x Hat, 1 x Scarf" in context(snap, "1", "a@example.com")[1]
+
+
+def test_xlsx_numeric_order_numbers_read_as_integers(tmp_path, contexts_file):
+    path = write_xlsx(tmp_path / "orders.xlsx", {"Orders": [
+        ["Order Number", "Email", "Status", "Product", "Quantity"],
+        [1001, "jane@example.com", "processing", "Hat", 2.0],
+        [1002.0, "sam@example.com", "shipped", "Cap", 1],
+    ]})
+    snap = snapshot_of(path, contexts_file)
+    status, text = context(snap, "#1002", "sam@example.com")
+    assert status == 200 and text.startswith("Order 1002 was found")
+    assert "2 x Hat" in context(snap, "1001", "jane@example.com")[1]
+
+
+def test_xlsx_dates_read_as_dates(tmp_path, contexts_file):
+    contexts_file.write_text(contexts_file.read_text().replace(
+        'processing = "Order {order_id} was found.', 'processing = "Order {order_id} of {order_date} was found.'))
+    path = write_xlsx(tmp_path / "orders.xlsx", {"Sheet1": [
+        ["Order ID", "Email", "Order Date"],
+        ["7", "a@example.com", datetime.datetime(2026, 11, 28, 0, 0)],
+    ]})
+    assert "Order 7 of 28 Nov 2026 was found" in context(snapshot_of(path, contexts_file), "7", "a@example.com")[1]
+
+
+def test_a_folder_serves_its_newest_export(tmp_path, contexts_file):
+    old = write(tmp_path / "data" / "orders_2026-11-27.csv", "Order ID,Email\n1,a@example.com\n")
+    new = write(tmp_path / "data" / "orders_2026-11-28.csv", "Order ID,Email\n2,b@example.com\n")
+    write(tmp_path / "data" / "notes.txt", "not an export")
+    write(tmp_path / "data" / "~$orders.xlsx", b"lock file")
+    os.utime(old, (1_000_000, 1_000_000))
+    assert app.find_export(tmp_path / "data") == new
+    snap = snapshot_of(tmp_path / "data", contexts_file)
+    assert snap.source == new and context(snap, "2", "b@example.com")[0] == 200
+
+
+def test_only_the_columns_used_are_kept(export, contexts_file):
+    config = app.load_config(contexts_file)
+    header = ["Name", "Email", "Billing Street", "Phone", "Fulfillment Status", "Notes"]
+    plan = app.make_plan(config, header, "orders.csv")
+    assert "billing_street" not in plan.order_fields and "phone" not in plan.order_fields
+    assert {"order_id", "email", "status"} <= set(plan.order_fields)
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("orders.csv", "Order Number,Status\n1,shipped\n", "no column for email"),
+    ("orders.csv", "Customer,Email\nJane,jane@example.com\n", "no column for order_id"),
+    ("orders.csv", "", "is empty"),
+    ("orders.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file"),
+    ("orders.xlsx", b"PK\x03\x04 this is not really a workbook", "not a readable XLSX"),
+])
+def test_unusable_exports_are_refused_with_a_clear_message(tmp_path, contexts_file, name, content, says):
+    path = write(tmp_path / name, content)
+    with pytest.raises(app.ExportError) as caught:
+        snapshot_of(path, contexts_file)
+    message = str(caught.value)
+    assert says in message and name in message
+
+
+def test_a_missing_column_message_lists_what_the_file_has_and_the_fix(tmp_path, contexts_file):
+    path = write(tmp_path / "o.csv", "Order Number,Mail Address\n1,a@example.com\n")
+    with pytest.raises(app.ExportError) as caught:
+        snapshot_of(path, contexts_file)
+    assert '"Mail Address"' in str(caught.value)
+    assert "[columns] email" in str(caught.value)
+
+
+def test_an_empty_folder_says_where_to_drop_the_export(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(app.ExportError, match="Drop the export there"):
+        app.find_export(tmp_path / "data")
