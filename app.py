@@ -247,6 +247,7 @@ class Config:
     max_age_hours: float
     min_orders_ratio: float
     sheet: str
+    stamp: tuple = (None, None)  # (size, mtime_ns) of the file read, so a watcher knows what is loaded
 
     @property
     def fields_used(self):
@@ -280,6 +281,7 @@ def load_config(path):
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
             doc = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found. Copy contexts.toml from the project or set CONTEXTS_FILE.") from None
@@ -292,10 +294,10 @@ def load_config(path):
             f"{path.name}: {e}. Fix the TOML syntax there; text values need quotes, "
             'e.g. processing = "Order {order_id} was found."'
         ) from None
-    return parse_config(path, doc)
+    return parse_config(path, doc, (stat.st_size, stat.st_mtime_ns))
 
 
-def parse_config(path, doc):
+def parse_config(path, doc, stamp=(None, None)):
     """Turn a parsed TOML document into a Config, checking every key."""
     for key in doc:
         if key not in SECTIONS:
@@ -315,7 +317,7 @@ def parse_config(path, doc):
         item_format=items["format"], item_separator=items["separator"], no_items=items["none"],
         shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
         max_age_hours=settings["max_age_hours"], min_orders_ratio=settings["min_orders_ratio"],
-        sheet=settings["sheet"],
+        sheet=settings["sheet"], stamp=stamp,
     )
 
 
@@ -715,6 +717,8 @@ def make_plan(config, header, name):
 def shown_headers(header, limit=40):
     """The file's headers for an error message, shortened; headers are not customer data."""
     texts = [h.strip()[:40] for h in header if h and h.strip()]
+    if any("@" in t for t in texts):  # a file without a header row: its first row is a customer's
+        return "none: the first row holds data (an email address), not headers; export with a header row"
     more = f" and {len(texts) - limit} more" if len(texts) > limit else ""
     return ", ".join(f'"{t}"' for t in texts[:limit]) + more if texts else "(none: the first row is empty)"
 
@@ -755,6 +759,7 @@ def read_orders(config, path):
     plan = None
     drafts = {}
     rows = skipped = 0
+    progress = Progress(path.name)
     is_header = lambda cells: {header_key(c) for c in cells} & {header_key(h) for h in config.columns["order_id"]}
     for number, row in read_table(path, config.sheet, is_header):
         if plan is None:
@@ -764,6 +769,8 @@ def read_orders(config, path):
         if not any(row):
             continue
         rows += 1
+        if not rows % PROGRESS_ROWS:
+            progress.tick(rows)
         raw_id = cell(row, plan.order_columns[0])
         key = normalise_order_id(raw_id)
         if not key:
@@ -781,6 +788,25 @@ def read_orders(config, path):
     if plan is None:
         raise ExportError(f"{path.name}: is empty. Re-export the orders; the last good data stays served.")
     return plan, drafts, rows, skipped
+
+
+PROGRESS_ROWS = 50_000
+PROGRESS_SECONDS = 5.0
+
+
+class Progress:
+    """Logs rows read so far every few seconds, so a long load is seen to be alive."""
+
+    def __init__(self, name):
+        self.name, self.every = name, PROGRESS_SECONDS
+        self.started = self.last = time.monotonic()
+
+    def tick(self, rows):
+        """Called every PROGRESS_ROWS rows; logs when `every` seconds have passed."""
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info("reading %s: %d rows so far (%.0fs)", self.name, rows, now - self.started)
 
 
 def add_line(plan, draft, row):
@@ -808,6 +834,8 @@ class Snapshot:
     index: dict  # index_key -> JSON body (bytes) of the 200 answer
     source: Path
     file_mtime: float
+    file_mtime_ns: int
+    file_size: int
     rows: int
     orders: int
     orders_without_email: int
@@ -829,7 +857,10 @@ class Snapshot:
 def build_snapshot(config, path, survey=False):
     """Read the export at path and render every order's answer, ready to serve."""
     started = time.perf_counter()
-    mtime = path.stat().st_mtime
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise ExportError(f"{path.name}: cannot be read ({e.strerror}).") from None
     try:
         plan, drafts, rows, skipped = read_orders(config, path)
     except UserError:
@@ -853,7 +884,8 @@ def build_snapshot(config, path, survey=False):
         counts[template] = counts.get(template, 0) + 1
         index[f"{normalise_order_id(order['order_id'])}\x1f{email}"] = body
     return Snapshot(
-        config=config, index=index, source=path, file_mtime=mtime, rows=rows, orders=len(drafts),
+        config=config, index=index, source=path, file_mtime=stat.st_mtime, file_mtime_ns=stat.st_mtime_ns,
+        file_size=stat.st_size, rows=rows, orders=len(drafts),
         orders_without_email=without_email, rows_without_order=skipped, loaded_at=time.time(),
         seconds=time.perf_counter() - started, layout=plan.layout, columns=plan.chosen,
         template_counts=counts, example_order_id=example, survey=surveyed,
@@ -998,40 +1030,38 @@ class Service:
     def __init__(self, settings):
         self.settings = settings
         self.snapshot = None  # replaced by one assignment; readers never see a mix
-        self.refused = None  # (when, file, reason) of the last refused load
-        self.config_error = None
+        self.refused = None  # {"at", "file", "reason"} of the last refused load
+        self.config_error = None  # why the last contexts.toml edit was refused
         self.from_last_good = False
         self._lock = threading.Lock()  # one load at a time
 
     def build(self):
-        """A new Snapshot from the configured files; raises UserError."""
+        """A new Snapshot from the configured files, checked by guard(); raises UserError."""
         config = load_config(self.settings.contexts)
-        return build_snapshot(config, find_export(self.settings.data))
+        snapshot = build_snapshot(config, find_export(self.settings.data))
+        self.guard(snapshot)
+        return snapshot
 
     def start(self):
-        """First load: the export, else the last good copy, else a UserError."""
+        """First load: the export, else the last good copy, else the export's error."""
         try:
-            snapshot = self.build()
-            self.guard(snapshot)
-            self.install(snapshot)
-        except UserError as error:
+            self.install(self.build())
+        except ExportError as error:
             fallback = self.last_good_copy()
             if fallback is None:
                 raise
-            log.error("refused: %s", error)
-            config = load_config(self.settings.contexts)
-            self.install(build_snapshot(config, fallback), keep_copy=False)
+            self.install(build_snapshot(load_config(self.settings.contexts), fallback), keep_copy=False)
             self.from_last_good = True
-            self.refused = (time.time(), None, str(error))
-            log.error("SERVING THE LAST GOOD COPY %s: the export could not be used (see above)", fallback.name)
+            self.note_refusal(error)
+            log.error("SERVING THE LAST GOOD COPY of the export (%s, modified %s): %s",
+                      fallback, iso_time(self.snapshot.file_mtime), error)
         return self.snapshot
 
     def reload(self):
-        """Rebuild from the files; keep serving the old Snapshot if the new one is bad."""
+        """Rebuild from the files; keep serving the current Snapshot if the new one is bad."""
         with self._lock:
             try:
                 snapshot = self.build()
-                self.guard(snapshot)
             except UserError as error:
                 self.refuse(error)
                 return False
@@ -1054,12 +1084,18 @@ class Service:
 
     def refuse(self, error):
         """Keep what is served; remember and log why the new files were refused."""
-        is_config = isinstance(error, ConfigError)
-        self.config_error = str(error) if is_config else None
-        if not is_config:
-            self.refused = (time.time(), None, str(error))
+        if isinstance(error, ConfigError):
+            self.config_error = str(error)
+        else:  # the config loaded before the export failed, so it is fine now
+            self.config_error = None
+            self.note_refusal(error)
         log.error("refused, still serving %s: %s",
                   self.snapshot.source.name if self.snapshot else "nothing", error)
+
+    def note_refusal(self, error):
+        """Remember a refused export for /healthz: when, which file, why."""
+        name = str(error).split(":", 1)[0]
+        self.refused = {"at": iso_time(time.time()), "file": Path(name).name, "reason": str(error)}
 
     def install(self, snapshot, keep_copy=True):
         """Serve snapshot from now on (one assignment) and keep a copy of its file."""
@@ -1069,27 +1105,33 @@ class Service:
         self.from_last_good = False
         log.info("loaded %s", snapshot.describe())
         if keep_copy:
-            self.keep_copy(snapshot.source)
+            self.keep_copy(snapshot)
 
-    def keep_copy(self, source):
+    def keep_copy(self, snapshot):
         """Copy an accepted export to the state folder, for a restart after a bad night."""
-        state = self.settings.state
+        source, state = snapshot.source, self.settings.state
+        target = state / ("last-good" + source.suffix.lower())
         try:
+            if same_file_state(target, snapshot):
+                return  # only contexts.toml changed
             state.mkdir(parents=True, exist_ok=True)
-            target = state / ("last-good" + source.suffix.lower())
             partial = state / (".partial" + source.suffix.lower())
-            shutil.copyfile(source, partial)
+            shutil.copy2(source, partial)  # copy2 keeps the mtime: the data's age stays honest
+            if not same_file_state(partial, snapshot):
+                partial.unlink()  # the export changed while it was read; the next reload copies it
+                return
             os.replace(partial, target)
             for other in state.glob("last-good.*"):
                 if other != target:
                     other.unlink()
         except OSError as e:
             log.warning("could not keep a copy of %s in %s (%s); a restart after a bad export "
-                        "will have no fallback", source.name, state, e.strerror)
+                        "would have no fallback", source.name, state, e.strerror)
 
     def last_good_copy(self):
         """The copy of the last accepted export, if there is one."""
-        copies = sorted(self.settings.state.glob("last-good.*")) if self.settings.state.is_dir() else []
+        state = self.settings.state
+        copies = sorted(state.glob("last-good.*")) if state.is_dir() else []
         return copies[0] if copies else None
 
     def health(self, now=None):
@@ -1123,10 +1165,18 @@ class Service:
                 orders=snapshot.orders, rows=snapshot.rows, loaded_at=iso_time(snapshot.loaded_at),
                 load_seconds=round(snapshot.seconds, 3), max_age_hours=snapshot.config.max_age_hours,
             )
-        out["last_refused"] = None if not self.refused else {
-            "at": iso_time(self.refused[0]), "reason": self.refused[2]}
+        out["last_refused"] = self.refused
         out["config"] = "ok" if not self.config_error else self.config_error
         return out
+
+
+def same_file_state(path, snapshot):
+    """True when path has the size and mtime the snapshot was read from."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return stat.st_size == snapshot.file_size and stat.st_mtime_ns == snapshot.file_mtime_ns
 
 
 def iso_time(timestamp):
@@ -1276,7 +1326,7 @@ class Watcher:
         return sorted(f for f in folders if f.is_dir())
 
     def fingerprint(self):
-        """What is on disk now: the export chosen and the config, with sizes and times."""
+        """What is on disk now: the config and the export a reload would read, sizes and times."""
         found = []
         for path in (self.settings.contexts, self.export_path()):
             try:
@@ -1286,6 +1336,14 @@ class Watcher:
                 found.append((str(path), None, None))
         return tuple(found)
 
+    def served(self):
+        """The fingerprint of what the served Snapshot was built from."""
+        snapshot = self.service.snapshot
+        if snapshot is None:
+            return None
+        return ((str(self.settings.contexts), *snapshot.config.stamp),
+                (str(snapshot.source), snapshot.file_size, snapshot.file_mtime_ns))
+
     def export_path(self):
         """The export that a reload would read now, or None."""
         try:
@@ -1293,16 +1351,17 @@ class Watcher:
         except (UserError, OSError):
             return None
 
-    def start(self):
-        """Start the observer and the thread that debounces and reloads."""
-        from watchdog.observers import Observer
+    def start(self, events=True):
+        """Start the observer (unless only polling) and the thread that debounces and reloads."""
+        if events:
+            from watchdog.observers import Observer
 
-        handler = event_handler(self)
-        self.observer = Observer()
-        for folder in self.paths():
-            self.observer.schedule(handler, str(folder), recursive=False)
-        self.observer.daemon = True
-        self.observer.start()
+            handler = event_handler(self)
+            self.observer = Observer()
+            for folder in self.paths():
+                self.observer.schedule(handler, str(folder), recursive=False)
+            self.observer.daemon = True
+            self.observer.start()
         self.thread = threading.Thread(target=self.run, name="reloader", daemon=True)
         self.thread.start()
         return self
@@ -1327,7 +1386,9 @@ class Watcher:
 
     def run(self):
         """Wait for a change (or poll), let the files settle, reload once."""
-        last = self.fingerprint()
+        # What is served, not what is on disk now: a change made before watching began counts.
+        last = self.served()
+        self.changed.set()
         while not self.stopping.is_set():
             self.changed.wait(self.settings.poll_seconds)
             self.changed.clear()

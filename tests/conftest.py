@@ -7,6 +7,7 @@ import shutil
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -34,6 +35,52 @@ SHOPIFY_CSV = f"""{SHOPIFY_HEADER}
 #1005,li@example.com,refunded,fulfilled,2026-11-10 16:20:00 +0000,1,Fleece,fulfilled,,,
 #1006,,paid,fulfilled,2026-11-10 16:20:00 +0000,1,Gift Card,fulfilled,,,
 """
+
+
+def orders_csv(count, status="unfulfilled", first=1, item="Item"):
+    """A Shopify-shaped export of count orders, #first onwards, two rows each."""
+    lines = [SHOPIFY_HEADER]
+    for n in range(first, first + count):
+        lines.append(f"#{n},customer{n}@example.com,paid,{status},2026-11-27 09:00:00 +0000,1,{item} {n},pending,,,")
+        lines.append(f"#{n},,,,,2,Extra {n},pending,,,")
+    return "\n".join(lines) + "\n"
+
+
+def wait_for(predicate, timeout=10.0, what="the condition"):
+    """Poll predicate until it is true; fail with what when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class LookupLoop(threading.Thread):
+    """Looks an order up again and again while a test changes files; records failures."""
+
+    def __init__(self, wsgi, order_id, email):
+        super().__init__(daemon=True)
+        self.client, self.order_id, self.email = Client(wsgi), order_id, email
+        self.stopping, self.count, self.failures = threading.Event(), 0, []
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                r = self.client.lookup(self.order_id, self.email)
+                if r.status != 200:
+                    self.failures.append((r.status, r.body))
+            except Exception as e:  # any exception is a failure the test must report
+                self.failures.append(repr(e))
+            self.count += 1
+            time.sleep(0.001)  # steady traffic, not a busy loop that starves the reload
+
+    def finish(self):
+        """Stop and return the failures seen."""
+        self.stopping.set()
+        self.join(10)
+        assert self.count > 0
+        return self.failures
 
 
 def write(path, text, encoding="utf-8"):
