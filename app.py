@@ -70,8 +70,8 @@ def config_error(path, where, problem, fix=""):
 # Settings (command line and environment) #####################################
 ###############################################################################
 
-# Placeholders that people copy from documentation instead of making a key.
-WEAK_KEYS = {"changeme", "secret", "password", "apikey", "api_key", "test", "example", "your-api-key"}
+# Words of the placeholders that people copy from documentation instead of making a key.
+WEAK_KEY_WORDS = ("changeme", "yourapikey", "apikey", "example", "password", "placeholder", "secret", "replaceme")
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class Settings:
     trusted_proxy: str | None = None
     trusted_proxy_headers: str = "x-forwarded-for"
     log_format: str = "text"
+    key_failures_per_minute: int = 10
 
     @property
     def state(self):
@@ -155,16 +156,18 @@ def settings_from(options=None, env=None):
         trusted_proxy=env.get("TRUSTED_PROXY") or None,
         trusted_proxy_headers=env.get("TRUSTED_PROXY_HEADERS") or "x-forwarded-for",
         log_format=log_format,
+        key_failures_per_minute=env_int(env, "KEY_FAILURES_PER_MINUTE", 10),
     )
 
 
 def weak_key_warnings(keys):
     """Why each configured key is too easy to guess (never the key itself)."""
     for number, key in enumerate(keys, 1):
+        letters = re.sub(r"[\W_]+", "", key.casefold())
         if len(key) < 16:
             yield f"API key {number} of {len(keys)} is shorter than 16 characters"
-        elif key.lower().replace("-", "_") in WEAK_KEYS:
-            yield f"API key {number} of {len(keys)} is a well-known placeholder"
+        elif any(word in letters for word in WEAK_KEY_WORDS) or len(set(key)) < 5:
+            yield f"API key {number} of {len(keys)} is a well-known placeholder or repeats one character"
 
 
 ###############################################################################
@@ -991,14 +994,17 @@ def message(config, name, **values):
 
 MAX_ORDER_ID = 64
 MAX_EMAIL = 254
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 NOT_FOUND_ID_LENGTH = 20
 
 
 def answer(snapshot, order_id, email):
     """(HTTP status, JSON body) for a lookup; the same function serves HTTP and the CLI."""
     config = snapshot.config
-    order_id, email = (order_id or "").strip(), (email or "").strip()
-    if len(order_id) > MAX_ORDER_ID or len(email) > MAX_EMAIL or "\x00" in order_id + email:
+    if order_id is None or email is None:  # not valid UTF-8
+        return 400, message(config, "invalid")
+    order_id, email = order_id.strip(), email.strip()
+    if len(order_id) > MAX_ORDER_ID or len(email) > MAX_EMAIL or CONTROL.search(order_id + email):
         return 400, message(config, "invalid")
     wanted = normalise_order_id(order_id)
     missing = [what for what, given in (("the order number", wanted), ("the email address used for the order", email))
@@ -1193,14 +1199,134 @@ COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nos
 
 
 def key_ok(keys, given):
-    """Constant-time check of the x-api-key header against every configured key."""
+    """Constant-time check of a raw x-api-key header value against every configured key."""
     if not given or not keys:
         return False
-    given = given.encode("utf-8", "surrogateescape")
+    given = given.encode("latin-1", "replace")  # WSGI hands headers over as Latin-1 text
     ok = False
     for key in keys:  # no early exit: the time taken does not tell which key matched
-        ok |= hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
+        ok |= hmac.compare_digest(given, key.encode("utf-8"))
     return ok
+
+
+class Throttle:
+    """Counts wrong keys per client address; past the limit that address gets 429 for a while."""
+
+    def __init__(self, limit, window=60.0, max_clients=10_000):
+        self.limit, self.window, self.max_clients = limit, window, max_clients
+        self.failures = {}  # address -> [window start, count]
+        self.lock = threading.Lock()
+
+    def retry_after(self, address, now=None):
+        """Seconds until address may try a key again; 0 when it may now."""
+        now = time.monotonic() if now is None else now
+        start, count = self.failures.get(address, (now, 0))
+        if count < self.limit or now - start >= self.window:
+            return 0
+        return max(1, round(start + self.window - now))
+
+    def failed(self, address, now=None):
+        """Count one wrong key from address."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            entry = self.failures.get(address)
+            if entry is None or now - entry[0] >= self.window:
+                if len(self.failures) >= self.max_clients:  # bounded memory under a spray of addresses
+                    self.failures = {a: e for a, e in self.failures.items() if now - e[0] < self.window}
+                self.failures[address] = [now, 1]
+            else:
+                entry[1] += 1
+
+
+def query_param(name):
+    """A query parameter as text: the first if repeated, None when not valid UTF-8."""
+    values = bottle.request.query.getall(name)
+    if not values:
+        return ""
+    try:  # Bottle hands over query values as Latin-1 "native strings"
+        return values[0].encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
+
+
+CONTEXT_BODY = {
+    "type": "object", "required": ["context"], "additionalProperties": False,
+    "properties": {"context": {"type": "string", "description": "What the chat agent words its answer from; "
+                                                                "always says whether the order was found."}},
+}
+FOUND_BODY = {
+    "type": "object", "required": ["context", "tracking_url"], "additionalProperties": False,
+    "properties": {
+        "context": {"type": "string"},
+        "tracking_url": {"type": ["string", "null"], "pattern": "^https?://", "description": "A tracking link, or null."},
+    },
+}
+HEALTH_BODY = {
+    "type": "object", "required": ["status", "data_age_seconds"],
+    "properties": {
+        "status": {"enum": ["ok", "degraded"]},
+        "data_age_seconds": {"type": ["integer", "null"]},
+        "reasons": {"type": "array", "items": {"type": "string"}},
+        "file": {"type": "string"}, "file_modified": {"type": "string"},
+        "from_last_good_copy": {"type": "boolean"}, "layout": {"type": "string"},
+        "orders": {"type": "integer"}, "rows": {"type": "integer"},
+        "loaded_at": {"type": "string"}, "load_seconds": {"type": "number"},
+        "max_age_hours": {"type": "number"},
+        "last_refused": {"type": ["object", "null"]}, "config": {"type": "string"},
+    },
+}
+
+
+def json_response(description, schema, headers=None):
+    """One OpenAPI response object with a JSON body."""
+    response = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+OPENAPI = {
+    "openapi": "3.1.0",
+    "info": {"title": "Order lookup", "version": __version__,
+             "description": "Answers a chat agent's order-tracking lookups from a shop's orders export."},
+    "components": {"securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
+    "paths": {
+        "/lookup": {"get": {
+            "summary": "Look an order up by its number and the customer's email",
+            "security": [{"apiKey": []}],
+            "parameters": [
+                {"name": "order_id", "in": "query", "required": True,
+                 "schema": {"type": "string", "maxLength": MAX_ORDER_ID}, "example": "#1001",
+                 "description": "The order number; '#', spaces, punctuation and case are ignored."},
+                {"name": "customer_email", "in": "query", "required": True,
+                 "schema": {"type": "string", "maxLength": MAX_EMAIL}, "example": "jane@example.com",
+                 "description": "The email of the order; case and surrounding spaces are ignored."},
+            ],
+            "responses": {
+                "200": json_response("The order was found.", FOUND_BODY),
+                "400": json_response("A parameter is missing, blank or not valid; the context says what to ask for.",
+                                     CONTEXT_BODY),
+                "401": {"description": "The x-api-key header is missing or wrong. Empty body.",
+                        "content": {JSON: {"schema": {"type": "string", "maxLength": 0}}}},
+                "404": json_response("No order with that number and that email. The same whether or not the "
+                                     "number exists.", CONTEXT_BODY),
+                "429": json_response("Too many wrong keys from this address.", CONTEXT_BODY,
+                                     {"Retry-After": {"schema": {"type": "string"}}}),
+                "500": json_response("The service has a fault.", CONTEXT_BODY),
+                "503": json_response("No data is loaded yet.", CONTEXT_BODY),
+            },
+        }},
+        "/healthz": {"get": {
+            "summary": "Health and data age for uptime monitors; details with a valid key",
+            "security": [{}, {"apiKey": []}],
+            "responses": {
+                "200": json_response("Healthy: data loaded, fresh, nothing refused.", HEALTH_BODY),
+                "503": json_response("Degraded: stale data, a refused export or config, or no data.", HEALTH_BODY),
+                "429": json_response("Too many wrong keys from this address.", CONTEXT_BODY),
+            },
+        }},
+    },
+}
 
 
 def create_app(service):
@@ -1208,21 +1334,32 @@ def create_app(service):
     app = bottle.Bottle()
     app.config["catchall"] = True
     keys = service.settings.api_keys
+    throttle = Throttle(service.settings.key_failures_per_minute)
 
-    def authorised():
-        return key_ok(keys, bottle.request.headers.get("x-api-key"))
+    def check_key(required):
+        """True for a valid key; counts wrong ones and stops a guessing client with 429."""
+        # The raw value: Bottle's headers decode as UTF-8 and raise on any other byte.
+        given = bottle.request.environ.get("HTTP_X_API_KEY")
+        if key_ok(keys, given):
+            return True  # the right key is never throttled
+        if given:
+            # REMOTE_ADDR, not Bottle's remote_addr, which believes any X-Forwarded-For: waitress
+            # rewrites REMOTE_ADDR from the proxy's headers only for a TRUSTED_PROXY.
+            address = bottle.request.environ.get("REMOTE_ADDR") or "-"
+            wait = throttle.retry_after(address)
+            if wait:
+                raise bottle.HTTPError(429, retry_after=str(wait))
+            throttle.failed(address)
+        if required:
+            raise bottle.HTTPResponse(b"", 401, content_type=JSON)
+        return False
 
     @app.get("/lookup")
     def lookup():
         bottle.response.content_type = JSON
-        if not authorised():
-            bottle.response.status = 401
-            return b""
-        query = bottle.request.query
-        order_id = query.getunicode("order_id", "")
-        email = query.getunicode("customer_email", "")
-        bottle.request.environ["orders.log"] = f"order={normalise_order_id(order_id)[:NOT_FOUND_ID_LENGTH] or '-'} " \
-                                               f"email={mask_email(email) if email else '-'}"
+        check_key(required=True)
+        order_id, email = query_param("order_id"), query_param("customer_email")
+        bottle.request.environ["orders.log"] = lookup_log_text(order_id, email)
         snapshot = service.snapshot
         if snapshot is None:
             bottle.response.status = 503
@@ -1234,9 +1371,10 @@ def create_app(service):
     @app.get("/healthz")
     def healthz():
         bottle.response.content_type = JSON
+        detailed = check_key(required=False)
         healthy, _, age = service.health()
         bottle.response.status = 200 if healthy else 503
-        if authorised():
+        if detailed:
             return json.dumps(service.status())
         return json.dumps({"status": "ok" if healthy else "degraded",
                            "data_age_seconds": None if age is None else round(age)})
@@ -1247,8 +1385,19 @@ def create_app(service):
         bottle.response.status = 200 if service.snapshot else 503
         return json.dumps({"serving": service.snapshot is not None})
 
+    @app.get("/openapi.json")
+    def openapi():
+        bottle.response.content_type = JSON
+        return json.dumps(OPENAPI)
+
     app.default_error_handler = json_error
     return RequestLog(app)
+
+
+def lookup_log_text(order_id, email):
+    """The order number (normalised, so it cannot forge a log line) and the masked email."""
+    order = normalise_order_id(order_id or "")[:NOT_FOUND_ID_LENGTH] or "-"
+    return f"order={order} email={mask_email(email) if email else '-'}"
 
 
 UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. Please try again later "
@@ -1257,6 +1406,7 @@ UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. 
 ERROR_TEXTS = {
     404: "There is nothing at this address. Orders are looked up at /lookup.",
     405: "This address only answers GET requests.",
+    429: "Too many wrong API keys from this address. Try again later with the right key.",
 }
 
 
@@ -1519,8 +1669,6 @@ def run_serve(settings, args):
     """Load, then serve with waitress and reload on changes until stopped."""
     import dataclasses
 
-    import waitress
-
     service = Service(settings)
     service.start()
     if settings.api_keys:
@@ -1534,14 +1682,48 @@ def run_serve(settings, args):
         print(f"\nWARNING: API_KEY is not set. For trying out only, this run accepts the key:\n\n    {key}\n\n"
               "Set API_KEY before serving real traffic.\n", file=sys.stderr, flush=True)
         key_status = "generated for this run"
+    server = make_server(create_app(service), settings)
     watcher = Watcher(service).start()
-    log.info("serving %s on http://%s:%d/lookup (key: %s)", service.snapshot.source,
-             settings.host, settings.port, key_status)
+    log.info("serving %s on http://%s:%s/lookup (key: %s)", service.snapshot.source,
+             settings.host, server.effective_port, key_status)
     try:
-        waitress.serve(create_app(service), **waitress_options(settings))
+        server.run()
     finally:
         watcher.stop()
+        server.close()
     return 0
+
+
+def make_server(app, settings, **overrides):
+    """A waitress server for app, chosen so stalled clients cannot lock the platform out."""
+    import waitress.server
+
+    options = waitress_options(settings)
+    options.update(overrides)
+    server = waitress.server.create_server(app, **options)
+    server.channel_class = json_error_channel()
+    return server
+
+
+def json_error_channel():
+    """Waitress's channel, answering what it rejects itself (oversized headers, ...) in JSON."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class JsonErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            body = json.dumps({"context": f"The request was rejected: {error.reason}."}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.extend([("Content-Type", JSON), *COMMON_HEADERS])
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class JsonErrorChannel(HTTPChannel):
+        error_task_class = JsonErrorTask
+
+    return JsonErrorChannel
 
 
 def waitress_options(settings):

@@ -201,6 +201,38 @@ def client(service):
     return Client(app.create_app(service))
 
 
+class Served:
+    """python app.py as a user starts it, its stderr collected by a thread."""
+
+    def __init__(self, argv, env, cwd):
+        import subprocess
+
+        self.process = subprocess.Popen(argv, env=env, cwd=cwd, stderr=subprocess.PIPE, text=True)
+        self.lines = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stderr), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+    def wait_for(self, text, timeout=20):
+        """Wait until the process has printed text; fail with what it printed."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(f"app.py never printed {text!r}; it printed:\n{self.output}")
+            time.sleep(0.05)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(10)
+        self.reader.join(5)
+
+
 def free_port():
     """A free TCP port on loopback."""
     with socket.socket() as s:
@@ -211,12 +243,7 @@ def free_port():
 @pytest.fixture
 def live_server(service):
     """The app on a real waitress server on a loopback port; yields its base URL."""
-    import waitress.server
-
-    settings = service.settings
-    options = app.waitress_options(settings)
-    options.update(host="127.0.0.1", port=0)
-    server = waitress.server.create_server(app.create_app(service), **options)
+    server = app.make_server(app.create_app(service), service.settings, host="127.0.0.1", port=0)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.effective_port}"

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 import app
-from conftest import ROOT, free_port
+from conftest import ROOT, Served, free_port
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "shopify_orders_export.csv"
 
@@ -94,19 +94,12 @@ def test_serve_without_a_key_makes_one_and_prints_it(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "ORDERS_FILE", "CONTEXTS_FILE")}
     env.update(PORT=str(port), STATE_DIR=str(tmp_path / "state"))
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, cwd=tmp_path,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        lines, deadline = [], time.monotonic() + 20
-        while time.monotonic() < deadline and not any("Serving on" in l for l in lines):
-            lines.append(process.stderr.readline())
-        output = "".join(lines)
-        key = re.search(r"accepts the key:\s+(\S+)", output).group(1)
-        assert "For trying out only" in output
+    with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
+        served.wait_for("INFO serving ")
+        key = re.search(r"accepts the key:\s+(\S+)", served.output).group(1)
+        assert "For trying out only" in served.output
         request = urllib.request.Request(f"http://127.0.0.1:{port}/lookup?order_id=1001&customer_email=jane@example.com",
                                          headers={"x-api-key": key})
         with urllib.request.urlopen(request, timeout=5) as response:
             assert json.load(response)["context"].startswith("Order #1001 was found")
-    finally:
-        process.terminate()
-        process.wait(10)
+    assert "Traceback" not in served.output and "Logging error" not in served.output
