@@ -1,0 +1,494 @@
+#!/usr/bin/env python3
+"""Benchmark: the service against baselines measured in the same run, on the same machine.
+
+    python bench/run.py                    # 50,000 orders: about a minute
+    python bench/run.py --orders 500000    # the size the bars are set for
+
+Generates a Shopify-shaped export (CSV and XLSX, reproducible with --seed),
+measures each baseline and the service side by side, and prints a table of
+figures and ratios against the bars; the same goes to bench/out/results.json.
+Memory is read from /proc (VmRSS, VmHWM), load with wrk when installed, else
+with the bundled Python load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+KEY = "bench-key-0123456789abcdef"
+
+HEADER = ["Name", "Email", "Financial Status", "Paid at", "Fulfillment Status", "Fulfilled at", "Currency",
+          "Subtotal", "Shipping", "Taxes", "Total", "Created at", "Lineitem quantity", "Lineitem name",
+          "Lineitem price", "Lineitem sku", "Lineitem fulfillment status", "Billing Name", "Shipping City",
+          "Cancelled at", "Tracking Number", "Tracking Company"]
+PRODUCTS = [f"{a} {b}" for a in ("Wool", "Down", "Trail", "Rain", "Fleece", "Merino", "Canvas", "Leather")
+            for b in ("Socks", "Jacket", "Runners", "Shell", "Pullover", "Beanie", "Tote", "Boots", "Cap")]
+CITIES = ["Boston", "Austin", "Denver", "Ottawa", "Leeds", "Lyon", "Turin", "Graz", "Porto", "Ghent"]
+CARRIERS = ["UPS", "USPS", "FedEx", "DHL Express", "Canada Post"]
+
+
+# --- the export ------------------------------------------------------------------
+
+
+def export_rows(orders, seed):
+    """Shopify-shaped rows: about 1.67 line items per order, order fields on the first row only."""
+    rng = random.Random(seed)
+    for n in range(1001, 1001 + orders):
+        items = 1 + (rng.random() < 0.45) + (rng.random() < 0.2)
+        status = rng.choices(["fulfilled", "unfulfilled", "partial", "restocked"], [70, 22, 6, 2])[0]
+        financial = rng.choices(["paid", "pending", "refunded"], [90, 6, 4])[0]
+        day = f"2026-{rng.randint(8, 11):02d}-{rng.randint(1, 28):02d} {rng.randint(0, 23):02d}:14:05 -0400"
+        tracking = f"1Z{rng.randrange(10**15):015d}" if status in ("fulfilled", "partial") else ""
+        for i in range(items):
+            first = i == 0
+            qty = rng.choice((1, 1, 1, 2, 3))
+            price = rng.choice((12.5, 19.0, 45.0, 89.0, 129.0))
+            yield [f"#{n}", f"customer{n}@example.com" if first or rng.random() < 0.3 else "",
+                   financial if first else "", day if first else "", status if first else "",
+                   day if first and status == "fulfilled" else "", "USD" if first else "",
+                   f"{price * qty:.2f}" if first else "", "5.00" if first else "", "0.00" if first else "",
+                   f"{price * qty + 5:.2f}" if first else "", day, str(qty), rng.choice(PRODUCTS), f"{price:.2f}",
+                   f"SKU-{rng.randrange(9999):04d}", "fulfilled" if status == "fulfilled" else "pending",
+                   f"Customer {n}" if first else "", rng.choice(CITIES) if first else "",
+                   day if first and status == "restocked" else "", tracking if first else "",
+                   rng.choice(CARRIERS) if first and tracking else ""]
+
+
+def make_exports(out, orders, xlsx_orders, seed):
+    """Write orders.csv (and orders.xlsx) unless the same ones are already there."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / f"exports-{orders}-{xlsx_orders}-{seed}.ok"
+    csv_path, xlsx_path = out / "orders.csv", out / "orders.xlsx"
+    if stamp.exists() and csv_path.exists() and xlsx_path.exists():
+        return csv_path, xlsx_path
+    for old in out.glob("exports-*.ok"):
+        old.unlink()
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(HEADER)
+        writer.writerows(export_rows(orders, seed))
+    import openpyxl
+
+    book = openpyxl.Workbook(write_only=True)
+    sheet = book.create_sheet("Orders")
+    sheet.append(HEADER)
+    for row in export_rows(xlsx_orders, seed):
+        row[12] = int(row[12])  # quantities are numbers in a workbook
+        sheet.append(row)
+    book.save(xlsx_path)
+    stamp.touch()
+    return csv_path, xlsx_path
+
+
+# --- baselines, each run in a fresh process so its memory is its own --------------
+
+
+def baseline_csv_pass(path):
+    """The floor: one csv.reader pass over the file."""
+    with open(path, newline="", encoding="utf-8") as f:
+        for _ in csv.reader(f):
+            pass
+
+
+def baseline_naive(path):
+    """A naive load: DictReader, a dict of row dicts per order."""
+    orders = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            orders.setdefault(row["Name"], []).append(row)
+    return orders
+
+
+def baseline_tuples(path):
+    """A careful load: only the needed columns, as tuples, repeated strings interned."""
+    wanted = [HEADER.index(h) for h in ("Name", "Email", "Financial Status", "Fulfillment Status",
+                                        "Lineitem quantity", "Lineitem name", "Lineitem fulfillment status",
+                                        "Cancelled at", "Tracking Number", "Tracking Company")]
+    orders = {}
+    intern = sys.intern
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader)
+        for row in reader:
+            orders.setdefault(row[0], []).append(tuple(intern(row[i]) for i in wanted))
+    return orders
+
+
+def baseline_openpyxl(path):
+    """The floor for workbooks: openpyxl read_only iteration over every row."""
+    import openpyxl
+
+    book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    for _ in book.worksheets[0].iter_rows(values_only=True):
+        pass
+    book.close()
+
+
+BASELINES = {"csv_pass": baseline_csv_pass, "naive": baseline_naive, "tuples": baseline_tuples,
+             "openpyxl": baseline_openpyxl}
+
+
+def run_baseline(name, path):
+    """Time one baseline in a child process; (seconds, peak MB) as the OS saw it."""
+    out = subprocess.run([sys.executable, __file__, "--baseline", name, str(path)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def baseline_child(name, path):
+    """In the child: run the baseline, print seconds and peak memory."""
+    started = time.perf_counter()
+    kept = BASELINES[name](path)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "peak_mb": proc_mb(os.getpid(), "VmHWM"),
+                      "rss_mb": proc_mb(os.getpid(), "VmRSS")}))
+    del kept
+
+
+def proc_mb(pid, field):
+    """A memory figure of a process from /proc, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --- servers ------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bare_child(port):
+    """In the child: a bare Bottle app on waitress with the service's settings, constant JSON."""
+    sys.path.insert(0, str(ROOT))
+    import bottle
+
+    import app as service_app
+
+    bare = bottle.Bottle()
+    body = json.dumps({"context": "Order #1001 was found. It contains 1 x Wool Socks. It has not shipped yet; "
+                                  "orders normally ship within two business days.", "tracking_url": None}).encode()
+
+    @bare.get("/lookup")
+    def lookup():
+        bottle.response.content_type = "application/json"
+        return body
+
+    settings = service_app.settings_from({"port": port}, env={})
+    service_app.make_server(bare, settings).run()
+
+
+class Process:
+    """A server process started as a user would start it."""
+
+    def __init__(self, argv, env, port):
+        self.port = port
+        self.log = open(HERE / "out" / f"server-{port}.log", "w")
+        self.process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+                                        cwd=ROOT)
+        self.started = time.perf_counter()
+
+    def wait_ready(self, path="/healthz", timeout=600):
+        """Seconds from start until path answers (anything but a refused connection)."""
+        while time.perf_counter() - self.started < timeout:
+            if self.process.poll() is not None:
+                raise SystemExit(f"server exited; see {self.log.name}")
+            try:
+                status, _ = get(self.port, path)
+                if status < 500:
+                    return time.perf_counter() - self.started
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise SystemExit("server did not start in time")
+
+    def mb(self, field):
+        return proc_mb(self.process.pid, field)
+
+    def stop(self):
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def get(port, path, key=KEY):
+    """(status, body) of one GET."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path, headers={"x-api-key": key})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+# --- load ---------------------------------------------------------------------------
+
+def lookup_path(n):
+    """The lookup of order #n, as the chat platform sends it."""
+    return f"/lookup?order_id=%23{n}&customer_email=customer{n}%40example.com"
+
+
+# Lookups spread over the whole export, as customers would ask, not one hot order.
+WRK_SCRIPT = """
+local orders = tonumber(os.getenv("BENCH_ORDERS"))
+local counter = 0
+request = function()
+  counter = counter + 7919
+  local n = 1001 + (counter % orders)
+  return wrk.format("GET", "/lookup?order_id=%23" .. n .. "&customer_email=customer" .. n .. "%40example.com")
+end
+"""
+
+
+def wrk(port, seconds, connections, orders, threads=2):
+    """Throughput and latency with wrk."""
+    script = HERE / "out" / "lookups.lua"
+    script.write_text(WRK_SCRIPT)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+                          "-H", f"x-api-key: {KEY}", f"http://127.0.0.1:{port}/lookup"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "BENCH_ORDERS": str(orders)}).stdout
+    def latency(label):
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(match.group(1)), match.group(2)
+        return value * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"tool": "wrk", "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": latency("50"), "p99_ms": latency("99"),
+            "failures": (int(errors.group(1)) if errors else 0) + (sum(map(int, sockets.groups())) if sockets else 0)}
+
+
+def python_load(port, seconds, connections, orders, record=None):
+    """Throughput and latency with keep-alive connections from threads; timestamps kept if record."""
+    stop_at = time.perf_counter() + seconds
+    samples, failures, lock = [], [0], threading.Lock()
+
+    def worker(seed):
+        rng = random.Random(seed)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        mine, failed = [], 0
+        while (now := time.perf_counter()) < stop_at:
+            try:
+                connection.request("GET", lookup_path(1001 + rng.randrange(orders)), headers={"x-api-key": KEY})
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failed += 1
+            except (OSError, http.client.HTTPException):
+                failed += 1
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            mine.append((now, time.perf_counter() - now))
+        with lock:
+            samples.extend(mine)
+            failures[0] += failed
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(connections)]
+    started = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - started
+    latencies = sorted(s[1] * 1000 for s in samples)
+    if record is not None:
+        record.extend(samples)
+    return {"tool": "python", "rps": len(samples) / elapsed, "p50_ms": percentile(latencies, 50),
+            "p99_ms": percentile(latencies, 99), "failures": failures[0], "requests": len(samples)}
+
+
+def percentile(values, p):
+    """The p-th percentile of sorted values."""
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+def load(port, seconds, connections, orders):
+    """wrk when installed, else the Python generator."""
+    if shutil.which("wrk"):
+        return wrk(port, seconds, connections, orders)
+    return python_load(port, seconds, connections, orders)
+
+
+# --- the run ------------------------------------------------------------------------
+
+
+def measure_service(path, args, label):
+    """Start python app.py on path; load time, memory, and (for CSV) throughput and a reload under load."""
+    port = free_port()
+    env = {"ORDERS_FILE": str(path), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(HERE / "out" / "state"),
+           "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text"}
+    server = Process([sys.executable, str(ROOT / "app.py")], env, port)
+    try:
+        start_to_serving = server.wait_ready()
+        status = json.loads(get(port, "/healthz")[1])
+        result = {"start_to_serving_s": start_to_serving, "load_s": status["load_seconds"],
+                  "orders": status["orders"], "rows": status["rows"], "rss_mb": server.mb("VmRSS"),
+                  "peak_after_load_mb": server.mb("VmHWM")}
+        if label == "csv":
+            result["load"] = load(port, args.seconds, args.connections, args.orders)
+            result["reload"] = reload_under_load(server, path, args)
+            result["peak_mb"] = server.mb("VmHWM")
+        return result
+    finally:
+        server.stop()
+
+
+def reload_under_load(server, path, args):
+    """Replace the export while lookups run; failures, latency during the reload, reload time."""
+    before = json.loads(get(server.port, "/healthz")[1])["loaded_at"]
+    samples = []
+    seconds = max(args.seconds, 4 + args.orders / 60_000)
+    loader = threading.Thread(target=lambda: result.update(python_load(server.port, seconds, args.connections,
+                                                                       args.orders, samples)))
+    result = {}
+    loader.start()
+    time.sleep(1)
+    copy = path.with_name(".orders.csv.next")
+    shutil.copyfile(path, copy)
+    replaced = time.perf_counter()
+    os.replace(copy, path)  # the nightly job's rename into place
+    while json.loads(get(server.port, "/healthz")[1])["loaded_at"] == before:
+        if time.perf_counter() - replaced > 600:
+            raise SystemExit("the reload never finished")
+        time.sleep(0.05)
+    served = time.perf_counter()
+    loader.join()
+    status = json.loads(get(server.port, "/healthz")[1])
+    during = sorted(d * 1000 for t, d in samples if replaced <= t <= served)
+    return {"replace_to_served_s": served - replaced, "load_s": status["load_seconds"],
+            "failures": result["failures"], "requests_during": len(during),
+            "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99),
+            "max_during_ms": during[-1] if during else float("nan")}
+
+
+def measure_bare(args):
+    """The bare Bottle/waitress app, same settings, same load."""
+    port = free_port()
+    server = Process([sys.executable, __file__, "--bare", str(port)], {}, port)
+    try:
+        server.wait_ready("/lookup")
+        return load(port, args.seconds, args.connections, args.orders)
+    finally:
+        server.stop()
+
+
+def run(args):
+    out = HERE / "out"
+    print(f"generating {args.orders:,} orders (CSV) and {args.xlsx_orders:,} (XLSX), seed {args.seed} ...", flush=True)
+    csv_path, xlsx_path = make_exports(out, args.orders, args.xlsx_orders, args.seed)
+    results = {"orders": args.orders, "xlsx_orders": args.xlsx_orders, "csv_mb": csv_path.stat().st_size / 1e6,
+               "connections": args.connections, "seconds": args.seconds, "load_tool": "wrk" if shutil.which("wrk") else "python"}
+    for name, path in (("csv_pass", csv_path), ("naive", csv_path), ("tuples", csv_path), ("openpyxl", xlsx_path)):
+        print(f"baseline {name} ...", flush=True)
+        results[name] = run_baseline(name, path)
+    print("bare app under load ...", flush=True)
+    results["bare"] = measure_bare(args)
+    print("service on CSV: load, lookups, reload under load ...", flush=True)
+    results["service_csv"] = measure_service(csv_path, args, "csv")
+    print("service on XLSX ...", flush=True)
+    results["service_xlsx"] = measure_service(xlsx_path, args, "xlsx")
+    results["checks"] = checks(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print()
+    print(table(results))
+    print(f"\n(written to {out / 'results.json'})")
+    return 0 if all(c["bar_ok"] for c in results["checks"]) else 1
+
+
+def checks(r):
+    """Each bar and goal of the performance issue, with the figure measured."""
+    s, x = r["service_csv"], r["service_xlsx"]
+    rows = [
+        ("CSV load, start to serving, vs csv.reader pass", s["start_to_serving_s"] / r["csv_pass"]["seconds"], "x", 3.0, 2.0, "<="),
+        ("XLSX load vs openpyxl read_only pass", x["load_s"] / r["openpyxl"]["seconds"], "x", 1.3, 1.1, "<="),
+        ("resident memory with the orders loaded", s["rss_mb"], "MB", 300, 200, "<="),
+        ("peak resident memory across a full reload", s["peak_mb"], "MB", 600, 400, "<="),
+        ("lookup throughput vs bare Bottle/waitress", s["load"]["rps"] / r["bare"]["rps"], "x", 0.8, 0.95, ">="),
+        ("failed requests during a full reload", s["reload"]["failures"], "", 0, 0, "<="),
+        ("p99 lookup latency during the reload", s["reload"]["p99_during_ms"], "ms", 250, 50, "<="),
+    ]
+    ok = lambda v, limit, op: v <= limit if op == "<=" else v >= limit
+    return [{"what": w, "value": v, "unit": u, "bar": b, "goal": g, "op": op, "bar_ok": ok(v, b, op),
+             "goal_ok": ok(v, g, op)} for w, v, u, b, g, op in rows]
+
+
+def table(r):
+    """The figures and the bars, as the README shows them."""
+    s = r["service_csv"]
+    lines = [
+        f"{r['orders']:,} orders, {s['rows']:,} rows, {r['csv_mb']:.0f} MB CSV; XLSX {r['xlsx_orders']:,} orders; "
+        f"load by {r['load_tool']}, {r['connections']} connections, {r['seconds']} s",
+        "",
+        "| measured in this run | seconds | peak MB | req/s | p50 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| csv.reader pass | {r['csv_pass']['seconds']:.2f} | {r['csv_pass']['peak_mb']:.0f} | | | |",
+        f"| naive load (DictReader, dicts per order) | {r['naive']['seconds']:.2f} | {r['naive']['peak_mb']:.0f} | | | |",
+        f"| needed columns as interned tuples | {r['tuples']['seconds']:.2f} | {r['tuples']['peak_mb']:.0f} | | | |",
+        f"| openpyxl read_only pass (XLSX) | {r['openpyxl']['seconds']:.2f} | {r['openpyxl']['peak_mb']:.0f} | | | |",
+        f"| bare Bottle/waitress, constant JSON | | | {r['bare']['rps']:,.0f} | {r['bare']['p50_ms']:.1f} | {r['bare']['p99_ms']:.1f} |",
+        f"| service: CSV start to serving (load {s['load_s']:.2f} s) | {s['start_to_serving_s']:.2f} | "
+        f"{s['peak_after_load_mb']:.0f} | | | |",
+        f"| service: lookups | | | {s['load']['rps']:,.0f} | {s['load']['p50_ms']:.1f} | {s['load']['p99_ms']:.1f} |",
+        f"| service: reload under load (replace to served) | {s['reload']['replace_to_served_s']:.2f} | "
+        f"{s['peak_mb']:.0f} | | {s['reload']['p50_during_ms']:.1f} | {s['reload']['p99_during_ms']:.1f} |",
+        f"| service: XLSX load | {r['service_xlsx']['load_s']:.2f} | {r['service_xlsx']['peak_after_load_mb']:.0f} | | | |",
+        "",
+        "| bar | measured | bar | goal | |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for c in r["checks"]:
+        unit = c["unit"]
+        value = f"{c['value']:.2f}{unit}" if unit == "x" else f"{c['value']:,.0f}{(' ' + unit) if unit else ''}"
+        verdict = "goal met" if c["goal_ok"] else ("bar met" if c["bar_ok"] else "BAR MISSED")
+        lines.append(f"| {c['what']} | {value} | {c['op']} {c['bar']}{unit} | {c['op']} {c['goal']}{unit} | {verdict} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--orders", type=int, default=50_000, help="orders in the CSV export (default 50,000)")
+    parser.add_argument("--xlsx-orders", type=int, help="orders in the XLSX export (default: --orders, at most 20,000)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seconds", type=int, default=5, help="seconds of load per measurement")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--baseline", nargs=2, metavar=("NAME", "FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline:
+        return baseline_child(args.baseline[0], args.baseline[1])
+    if args.bare:
+        return bare_child(args.bare)
+    args.xlsx_orders = args.xlsx_orders or min(args.orders, 20_000)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
