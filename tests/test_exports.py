@@ -116,3 +116,14 @@ def test_an_empty_folder_says_where_to_drop_the_export(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(app.ExportError, match="Drop the export there"):
         app.find_export(tmp_path / "data")
+
+
+@pytest.mark.parametrize("csv_text", [
+    "Order ID,Email,Status,Item\n1,a@example.com,shipped\n2,b@example.com,processing,Hat\n",  # a short row
+    "Order ID,Email,Status,Item\n1,a@example.com\n2,b@example.com,processing,Hat,extra,cells\n",
+])
+def test_ragged_rows_are_read_without_shifting_cells(tmp_path, contexts_file, csv_text):
+    snap = snapshot_of(write(tmp_path / "o.csv", csv_text), contexts_file)
+    assert snap.orders == 2
+    assert context(snap, "2", "b@example.com")[1].startswith("Order 2 was found. It contains 1 x Hat.")
+    assert context(snap, "1", "a@example.com")[0] == 200

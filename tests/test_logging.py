@@ -57,3 +57,14 @@ def test_masking(email, masked):
 def test_waitress_queue_warnings_are_silenced():
     app.setup_logging("text")
     assert not logging.getLogger("waitress.queue").isEnabledFor(logging.WARNING)
+
+
+def test_text_lines_carry_the_time_of_each_record():
+    import time as clock
+
+    formatter = app.TextLines()
+    for created in (1_700_000_000.25, 1_700_000_000.75, 1_700_000_001.5):
+        record = logging.LogRecord("orders", logging.INFO, __file__, 1, "hello", None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        expected = clock.strftime("%Y-%m-%d %H:%M:%S", clock.localtime(created)) + f",{int(record.msecs):03d}"
+        assert formatter.format(record) == f"{expected} INFO hello"
