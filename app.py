@@ -1628,6 +1628,24 @@ def create_app(service):
         bottle.response.content_type = JSON
         return json.dumps(OPENAPI)
 
+    @app.route("/", method=["GET", "POST"])
+    def status_page():
+        for name, value in PAGE_HEADERS:
+            bottle.response.set_header(name, value)
+        password = (bottle.parse_auth(bottle.request.environ.get("HTTP_AUTHORIZATION", "")) or ("", ""))[1]
+        if password:  # the key is the password of HTTP Basic; the user name is ignored
+            bottle.request.environ["HTTP_X_API_KEY"] = password.encode("utf-8").decode("latin-1")
+        if not check_key(required=False):
+            if "login" in bottle.request.query or password:
+                bottle.response.status = 401
+                bottle.response.set_header("WWW-Authenticate", 'Basic realm="Order lookup status", charset="UTF-8"')
+            return PUBLIC_PAGE.render(public_view(service))
+        tried = None
+        if bottle.request.method == "POST":
+            form = bottle.request.forms
+            tried = try_lookup(service, form.getunicode("order_id", ""), form.getunicode("customer_email", ""))
+        return STATUS_PAGE.render(status_view(service, tried))
+
     app.default_error_handler = json_error
     return RequestLog(app)
 
@@ -1636,6 +1654,160 @@ def lookup_log_text(order_id, email):
     """The order number (normalised, so it cannot forge a log line) and the masked email."""
     order = normalise_order_id(order_id or "")[:NOT_FOUND_ID_LENGTH] or "-"
     return f"order={order} email={mask_email(email) if email else '-'}"
+
+
+###############################################################################
+# Status page #################################################################
+###############################################################################
+
+PAGE_HEADERS = [
+    ("Content-Type", "text/html; charset=utf-8"),
+    # One page, no external assets: nothing may load, frame it, or be sent elsewhere.
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+                                "frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+]
+
+# Made-up values to show each template the way the chat agent would read it.
+SAMPLE = {
+    "order_id": "#1001", "items": "2 x Merino Wool Socks, 1 x Beanie", "item_count": "3",
+    "shipped_items": "2 x Merino Wool Socks", "unshipped_items": "1 x Beanie",
+    "tracking_number": "1Z999AA10123456784", "tracking_numbers": "1Z999AA10123456784",
+    "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784", "carrier": "UPS",
+    "estimated_delivery": "2026-12-02", "order_date": "2026-11-27", "shipped_at": "2026-11-28",
+    "status": "fulfilled", "financial_status": "paid", "missing": "the email address used for the order",
+}
+
+
+FRESHNESS_WORDS = {"green": "healthy", "amber": "degraded", "red": "stale"}
+
+
+def freshness(service):
+    """green, amber or red, and why, for the page's badge."""
+    healthy, reasons, age = service.health()
+    snapshot = service.snapshot
+    if snapshot is None or any(r.startswith("data is older") for r in reasons):
+        return "red", reasons or ["no data loaded"]
+    if not healthy:
+        return "amber", reasons
+    if age > snapshot.config.max_age_hours * 3600 * 0.75:
+        return "amber", ["the data will be stale soon: is tonight's export on its way?"]
+    return "green", ["data loaded and fresh"]
+
+
+def public_view(service):
+    """What anyone may see: healthy or not, and the data's age."""
+    color, _ = freshness(service)
+    _, _, age = service.health()
+    return {"color": color, "word": FRESHNESS_WORDS[color], "age": describe_age(age)}
+
+
+def status_view(service, tried):
+    """Everything a key holder sees; customer data only in the lookup they asked for."""
+    snapshot, color_reasons = service.snapshot, freshness(service)
+    config = snapshot.config if snapshot else None
+    view = {"color": color_reasons[0], "word": FRESHNESS_WORDS[color_reasons[0]], "reasons": color_reasons[1],
+            "status": service.status(),
+            "age": describe_age(service.health()[2]), "tried": tried, "rules": [], "templates": []}
+    if config:
+        view["rules"] = [(rule.number, describe_when(rule), rule.template) for rule in config.rules]
+        view["rules"].append(("", "no rule matches", config.default_template))
+        view["templates"] = [(name, sample_text(template)) for name, template in config.templates.items()]
+    return view
+
+
+def describe_when(rule):
+    """A rule's conditions in words: status is shipped or delivered, tracking_url is filled."""
+    if not rule.conditions:
+        return "always"
+    parts = [f"{name} is filled" if wanted is None else f"{name} is {' or '.join(sorted(wanted))}"
+             for name, wanted in rule.conditions]
+    return ", and ".join(parts)
+
+
+def sample_text(template):
+    """A template rendered on made-up values (any other column shows as its name)."""
+    return template.render({f: SAMPLE.get(f, f"[{f}]") for f in template.fields})
+
+
+def describe_age(age):
+    """'3 h 12 min' for an age in seconds."""
+    if age is None:
+        return "no data"
+    minutes = int(age // 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+
+
+def try_lookup(service, order_id, email):
+    """The status and JSON the chat platform would get for this lookup."""
+    from http import HTTPStatus
+
+    if service.snapshot is None:
+        return {"status": "503 Service Unavailable", "body": UNAVAILABLE.decode()}
+    status, body = answer(service.snapshot, order_id, email)
+    return {"status": f"{status} {HTTPStatus(status).phrase}", "body": body.decode(),
+            "order_id": order_id, "email": email}
+
+
+PAGE_STYLE = """<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
+.badge{display:inline-block;padding:.2rem .7rem;border-radius:1rem;color:#fff;font-weight:600}
+.green{background:#1a7f37}.amber{background:#b35900}.red{background:#c62828}
+table{border-collapse:collapse;width:100%}td,th{text-align:left;vertical-align:top;padding:.35rem;border-bottom:1px solid #ddd}
+pre{background:#f4f4f4;padding:.7rem;white-space:pre-wrap;word-break:break-word}
+input{font:inherit;padding:.4rem;width:100%;box-sizing:border-box;margin:.2rem 0 .6rem}
+button{font:inherit;padding:.5rem 1rem}code{background:#f4f4f4;padding:0 .2rem}
+</style>"""
+
+PUBLIC_PAGE = bottle.SimpleTemplate(PAGE_STYLE + """<!doctype html><title>Order lookup</title>
+<h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
+<p>Data age: {{age}}.</p>
+<p>Details are for the shop's staff: <a href="/?login">sign in</a> with any user name and the
+API key as the password.</p>
+""")
+
+STATUS_PAGE = bottle.SimpleTemplate(PAGE_STYLE + """<!doctype html><title>Order lookup status</title>
+<h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
+<ul>
+% for reason in reasons:
+<li>{{reason}}</li>
+% end
+</ul>
+<h2>Data</h2>
+<table id="data">
+<tr><th>File served</th><td>{{status.get("file", "none")}}{{" (the last good copy)" if status.get("from_last_good_copy") else ""}}</td></tr>
+<tr><th>Kind of export</th><td>{{status.get("layout", "")}}</td></tr>
+<tr><th>Exported</th><td>{{status.get("file_modified", "")}} ({{age}} ago)</td></tr>
+<tr><th>Orders / rows</th><td>{{status.get("orders", 0)}} / {{status.get("rows", 0)}}</td></tr>
+<tr><th>Last load</th><td>{{status.get("loaded_at", "")}}, took {{status.get("load_seconds", "")}} s</td></tr>
+<tr><th>Last refused</th><td>{{(status["last_refused"]["file"] + ": " + status["last_refused"]["reason"]) if status["last_refused"] else "none"}}</td></tr>
+<tr><th>contexts.toml</th><td>{{status["config"]}}</td></tr>
+</table>
+<h2>Rules: the first that matches picks the answer</h2>
+<table id="rules"><tr><th>#</th><th>when</th><th>answer</th></tr>
+% for number, when, template in rules:
+<tr><td>{{number}}</td><td>{{when}}</td><td><code>{{template}}</code></td></tr>
+% end
+</table>
+<h2>Answers, shown on a made-up order</h2>
+<table id="templates">
+% for name, text in templates:
+<tr><th><code>{{name}}</code></th><td>{{text}}</td></tr>
+% end
+</table>
+<h2>Try a lookup</h2>
+<form method="post" action="/" autocomplete="off">
+<label>Order number <input name="order_id" value="{{tried["order_id"] if tried and "order_id" in tried else ""}}"></label>
+<label>Email <input name="customer_email" type="email" value="{{tried["email"] if tried and "email" in tried else ""}}"></label>
+<button>Look up</button></form>
+% if tried:
+<p>The chat platform would get <strong id="tried-status">{{tried["status"]}}</strong> and:</p>
+<pre id="tried-body">{{tried["body"]}}</pre>
+% end
+""")
 
 
 UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. Please try again later "
@@ -1845,6 +2017,11 @@ def build_parser():
     lookup = commands.add_parser("lookup", parents=[files], help="print the status and JSON the platform would get")
     lookup.add_argument("order_id")
     lookup.add_argument("email")
+    probe = commands.add_parser("probe", help="check a deployed endpoint the way the chat platform calls it")
+    probe.add_argument("url", help="the lookup endpoint, e.g. https://orders.example.com/lookup")
+    probe.add_argument("--key", required=True, help="the API key given to the chat platform")
+    probe.add_argument("--order", help="an order number that exists, to check a found answer")
+    probe.add_argument("--email", help="that order's email")
     return parser
 
 
@@ -1904,6 +2081,95 @@ def run_lookup(settings, args):
     print(f"{status} {HTTPStatus(status).phrase}")
     print(body.decode())
     return 0
+
+
+PROBE_SLOW = 2.0  # seconds; the platform gives up at 5
+
+
+def run_probe(settings, args):
+    """Call a deployed endpoint as the chat platform does; a PASS/FAIL line per check."""
+    from urllib.parse import urlencode, urlsplit
+
+    if bool(args.order) != bool(args.email):
+        raise SettingsError("give --order and --email together, for an order that exists.")
+    parts = urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{args.url!r} is not an http(s) URL; give the lookup endpoint, "
+                            "e.g. https://orders.example.com/lookup.")
+    base = args.url.split("?", 1)[0]
+    unknown = "PROBE" + secrets.token_hex(4).upper()
+    checks = [
+        ("no key is refused with 401", {"order_id": "1", "customer_email": "probe@example.invalid"}, None, 401, None),
+        ("missing parameters get 400 and a context", {}, args.key, 400, "context"),
+        ("an unknown order gets 404 and a context", {"order_id": unknown, "customer_email": "probe@example.invalid"},
+         args.key, 404, "context"),
+    ]
+    if args.order:
+        checks.append((f"order {args.order} is found: 200, context and tracking_url",
+                       {"order_id": args.order, "customer_email": args.email}, args.key, 200, "found"))
+    failures = 0
+    for what, query, key, wanted, shape in checks:
+        problem, seconds = probe_once(f"{base}?{urlencode(query)}" if query else base, key, wanted, shape)
+        failures += bool(problem)
+        print(f"{'FAIL' if problem else 'PASS'}  {what} ({seconds * 1000:.0f} ms){': ' + problem if problem else ''}")
+    failures += report_tls(parts)
+    print("all checks passed: give the platform this URL and key" if not failures else f"{failures} check(s) failed")
+    return 1 if failures else 0
+
+
+def probe_once(url, key, wanted, shape):
+    """(problem or "", seconds) for one GET: status, JSON content type, body shape, time."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"x-api-key": key} if key else {})
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=ssl.create_default_context()) as response:
+            status, headers, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as e:
+        status, headers, body = e.code, e.headers, e.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return f"no answer ({reason})", time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if status != wanted:
+        return f"got {status}, expected {wanted}", seconds
+    if headers.get_content_type() != JSON:
+        return f"Content-Type is {headers.get('Content-Type')!r}, not application/json", seconds
+    if seconds > PROBE_SLOW:
+        return f"took {seconds:.1f} s; the platform gives up at 5 s", seconds
+    return probe_shape(body, shape), seconds
+
+
+def probe_shape(body, shape):
+    """What is wrong with a body's JSON for the check, or ""."""
+    if shape is None:
+        return ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return "the body is not JSON"
+    if not isinstance(data, dict) or not isinstance(data.get("context"), str) or not data["context"]:
+        return "the body has no context text"
+    if shape == "found":
+        url = data.get("tracking_url")
+        if url is not None and not safe_url(url):
+            return f"tracking_url {url!r} is not an http(s) link"
+    return ""
+
+
+def report_tls(parts):
+    """Print the TLS check; 1 if it failed. Plain HTTP passes only on this machine."""
+    if parts.scheme == "https":
+        print("PASS  TLS certificate is valid for the host (checked on every request above)")
+        return 0
+    if parts.hostname in ("localhost", "127.0.0.1", "::1"):
+        print("SKIP  TLS: plain HTTP on this machine; the chat platform needs an https:// URL")
+        return 0
+    print("FAIL  TLS: the URL is plain HTTP; the API key would cross the internet readable. Use https://.")
+    return 1
 
 
 def run_serve(settings, args):
@@ -2073,7 +2339,7 @@ def setup_logging(log_format, quiet=False):
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
-COMMANDS = {"serve": run_serve, "check": run_check, "lookup": run_lookup}
+COMMANDS = {"serve": run_serve, "check": run_check, "lookup": run_lookup, "probe": run_probe}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,6 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+OUT = HERE / "out"  # --out changes it
 KEY = "bench-key-0123456789abcdef"
 
 HEADER = ["Name", "Email", "Financial Status", "Paid at", "Fulfillment Status", "Fulfilled at", "Currency",
@@ -147,7 +148,7 @@ BASELINES = {"csv_pass": baseline_csv_pass, "naive": baseline_naive, "tuples": b
 
 def run_baseline(name, path):
     """Time one baseline in a child process; (seconds, peak MB) as the OS saw it."""
-    out = subprocess.run([sys.executable, __file__, "--baseline", name, str(path)],
+    out = subprocess.run([sys.executable, __file__, "--baseline", name, str(path), "--out", str(OUT)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
@@ -205,7 +206,7 @@ class Process:
 
     def __init__(self, argv, env, port):
         self.port = port
-        self.log = open(HERE / "out" / f"server-{port}.log", "w")
+        self.log = open(OUT / f"server-{port}.log", "w")
         self.process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
                                         cwd=ROOT)
         self.started = time.perf_counter()
@@ -268,7 +269,7 @@ end
 
 def wrk(port, seconds, connections, orders, threads=2):
     """Throughput and latency with wrk."""
-    script = HERE / "out" / "lookups.lua"
+    script = OUT / "lookups.lua"
     script.write_text(WRK_SCRIPT)
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
                           "-H", f"x-api-key: {KEY}", f"http://127.0.0.1:{port}/lookup"],
@@ -343,7 +344,7 @@ def load(port, seconds, connections, orders):
 def measure_service(path, args, label):
     """Start python app.py on path; load time, memory, and (for CSV) throughput and a reload under load."""
     port = free_port()
-    env = {"ORDERS_FILE": str(path), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(HERE / "out" / "state"),
+    env = {"ORDERS_FILE": str(path), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(OUT / "state"),
            "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text"}
     server = Process([sys.executable, str(ROOT / "app.py")], env, port)
     try:
@@ -392,7 +393,7 @@ def reload_under_load(server, path, args):
 def measure_bare(args):
     """The bare Bottle/waitress app, same settings, same load."""
     port = free_port()
-    server = Process([sys.executable, __file__, "--bare", str(port)], {}, port)
+    server = Process([sys.executable, __file__, "--bare", str(port), "--out", str(OUT)], {}, port)
     try:
         server.wait_ready("/lookup")
         return load(port, args.seconds, args.connections, args.orders)
@@ -401,7 +402,7 @@ def measure_bare(args):
 
 
 def run(args):
-    out = HERE / "out"
+    out = OUT
     print(f"generating {args.orders:,} orders (CSV) and {args.xlsx_orders:,} (XLSX), seed {args.seed} ...", flush=True)
     csv_path, xlsx_path = make_exports(out, args.orders, args.xlsx_orders, args.seed)
     results = {"orders": args.orders, "xlsx_orders": args.xlsx_orders, "csv_mb": csv_path.stat().st_size / 1e6,
@@ -473,15 +474,19 @@ def table(r):
 
 
 def main():
+    global OUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orders", type=int, default=50_000, help="orders in the CSV export (default 50,000)")
     parser.add_argument("--xlsx-orders", type=int, help="orders in the XLSX export (default: --orders, at most 20,000)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--seconds", type=int, default=5, help="seconds of load per measurement")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for the exports and results (default bench/out)")
     parser.add_argument("--baseline", nargs=2, metavar=("NAME", "FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    OUT = args.out
+    OUT.mkdir(parents=True, exist_ok=True)
     if args.baseline:
         return baseline_child(args.baseline[0], args.baseline[1])
     if args.bare:

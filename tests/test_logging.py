@@ -68,3 +68,31 @@ def test_text_lines_carry_the_time_of_each_record():
         record.created, record.msecs = created, (created % 1) * 1000
         expected = clock.strftime("%Y-%m-%d %H:%M:%S", clock.localtime(created)) + f",{int(record.msecs):03d}"
         assert formatter.format(record) == f"{expected} INFO hello"
+
+
+def test_json_lines_for_log_collectors_and_start_up_facts(tmp_path, export, contexts_file):
+    import json
+    import os
+    import sys
+    import urllib.request
+
+    from conftest import ROOT, Served, free_port
+
+    port = free_port()
+    env = {**os.environ, "API_KEY": KEY, "LOG_FORMAT": "json", "PORT": str(port), "ORDERS_FILE": str(export),
+           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(tmp_path / "state")}
+    with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
+        served.wait_for('"message": "serving ')
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/lookup?order_id=1001&customer_email=jane@example.com",
+                                         headers={"x-api-key": KEY})
+        urllib.request.urlopen(request, timeout=5).read()
+        served.wait_for("GET /lookup 200")
+    lines = [json.loads(line) for line in served.output.splitlines() if line.strip()]
+    assert all(set(line) == {"time", "level", "logger", "message"} for line in lines)
+    start = next(line["message"] for line in lines if line["message"].startswith("serving "))
+    assert str(export) in start and f"http://127.0.0.1:{port}/lookup" in start
+    assert "key: 1 key(s) from API_KEY" in start
+    assert any(line["message"].startswith("loaded orders.csv: 8 rows, 6 orders") for line in lines)
+    lookup = next(line for line in lines if "GET /lookup 200" in line["message"])
+    assert lookup["logger"] == "orders.access" and "email=j***@example.com" in lookup["message"]
+    assert KEY not in served.output and "jane@" not in served.output

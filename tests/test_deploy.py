@@ -1,0 +1,144 @@
+"""The shipped nginx config in front of the service started as deployed: TLS, client addresses, reloads.
+
+Skipped where nginx or openssl is missing; .ci/run installs nginx.
+"""
+
+import http.client
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import KEY, ROOT, Served, free_port, orders_csv, wait_for, write
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+pytestmark = [
+    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light; .ci/run does)"),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate"),
+]
+
+SHIPPED = ROOT / "deploy" / "nginx" / "orders.conf"
+
+
+def swap(text, old, new):
+    """Replace a string the shipped config must contain; fail loudly if it drifted."""
+    assert old in text, f"deploy/nginx/orders.conf no longer contains {old!r}"
+    return text.replace(old, new)
+
+
+@pytest.fixture
+def deployed(tmp_path):
+    """The service as deployed (app.py, trusted proxy) behind nginx from the shipped config."""
+    data = tmp_path / "data"
+    write(data / "orders.csv", orders_csv(200))
+    app_port, http_port, https_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "API_KEY": KEY, "PORT": str(app_port), "ORDERS_FILE": str(data),
+           "CONTEXTS_FILE": str(ROOT / "contexts.toml"), "TRUSTED_PROXY": "127.0.0.1",
+           "TRUSTED_PROXY_HEADERS": "x-forwarded-for x-forwarded-proto", "SETTLE_SECONDS": "0.1"}
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    site = SHIPPED.read_text()
+    site = swap(site, "server 127.0.0.1:8080;", f"server 127.0.0.1:{app_port};")
+    site = swap(site, "listen 80;", f"listen 127.0.0.1:{http_port};")
+    site = swap(site, "listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;")
+    site = swap(site, "/etc/letsencrypt/live/orders.example.com/fullchain.pem", str(cert))
+    site = swap(site, "/etc/letsencrypt/live/orders.example.com/privkey.pem", str(key))
+    site = swap(site, "/var/log/nginx/orders.log", str(tmp_path / "access.log"))
+    site = swap(site, "root /var/www/html;", f"root {tmp_path};")
+    write(tmp_path / "orders.conf", site)
+    temp = {name: tmp_path / name for name in ("client", "proxy", "fastcgi", "uwsgi", "scgi")}
+    write(tmp_path / "nginx.conf", f"""
+user root;
+worker_processes 1;
+daemon off;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{ worker_connections 128; }}
+http {{
+    client_body_temp_path {temp['client']};
+    proxy_temp_path {temp['proxy']};
+    fastcgi_temp_path {temp['fastcgi']};
+    uwsgi_temp_path {temp['uwsgi']};
+    scgi_temp_path {temp['scgi']};
+    include {tmp_path}/orders.conf;
+}}
+""")
+    with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as service:
+        service.wait_for("INFO serving ")
+        nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: port_open(https_port) or nginx.poll() is not None, what="nginx to listen")
+            assert nginx.poll() is None, nginx.stdout.read() + (tmp_path / "error.log").read_text()
+            context = ssl.create_default_context(cafile=str(cert))
+            yield type("Deployed", (), {"https": https_port, "http": http_port, "context": context,
+                                        "service": service, "data": data, "tmp": tmp_path})
+        finally:
+            nginx.terminate()
+            nginx.wait(10)
+
+
+def port_open(port):
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def lookup(deployed, order=1, source="127.0.0.1"):
+    """(status, headers, body) of a lookup through nginx over TLS, from a chosen client address."""
+    connection = http.client.HTTPSConnection("127.0.0.1", deployed.https, context=deployed.context,
+                                             timeout=5, source_address=(source, 0))
+    try:
+        connection.request("GET", f"/lookup?order_id=%23{order}&customer_email=customer{order}%40example.com",
+                           headers={"x-api-key": KEY})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def test_lookups_through_nginx_over_tls(deployed):
+    status, headers, body = lookup(deployed, 7)
+    assert status == 200 and headers.get_content_type() == "application/json"
+    assert json.loads(body)["context"].startswith("Order #7 was found")
+
+
+def test_the_service_logs_the_real_client_address(deployed):
+    assert lookup(deployed, 8, source="127.0.0.2")[0] == 200
+    deployed.service.wait_for("127.0.0.2 GET /lookup 200")
+
+
+def test_nginx_logs_no_emails_or_keys(deployed):
+    lookup(deployed, 9)
+    wait_for(lambda: (deployed.tmp / "access.log").exists() and (deployed.tmp / "access.log").read_text(),
+             what="nginx's access log")
+    text = (deployed.tmp / "access.log").read_text()
+    assert '"GET /lookup" 200' in text
+    assert "customer9" not in text and "example.com" not in text and KEY not in text
+
+
+def test_plain_http_is_sent_to_https(deployed):
+    connection = http.client.HTTPConnection("127.0.0.1", deployed.http, timeout=5)
+    connection.request("GET", "/lookup")
+    response = connection.getresponse()
+    assert response.status == 301 and response.headers["Location"].startswith("https://")
+
+
+def test_lookups_answer_while_the_export_reloads(deployed):
+    write(deployed.data / ".next.csv", orders_csv(40_000, status="fulfilled"))
+    os.replace(deployed.data / ".next.csv", deployed.data / "orders.csv")
+    statuses = []
+    deadline = time.monotonic() + 60
+    while "40000 orders" not in deployed.service.output and time.monotonic() < deadline:
+        statuses.append(lookup(deployed, 5)[0])
+    assert "40000 orders" in deployed.service.output, deployed.service.output[-2000:]
+    assert statuses and set(statuses) == {200}
+    assert b"has shipped" in lookup(deployed, 5)[2]

@@ -1,0 +1,54 @@
+"""python app.py probe: the merchant's check of a deployed endpoint, against a running service."""
+
+import pytest
+
+import app
+from conftest import KEY
+
+
+def probe(capsys, *argv):
+    code = app.main(["probe", *argv])
+    return code, capsys.readouterr().out
+
+
+def test_a_working_endpoint_passes_every_check(capsys, live_server):
+    code, out = probe(capsys, live_server + "/lookup", "--key", KEY, "--order", "#1002", "--email", "sam@example.com")
+    assert code == 0
+    lines = out.splitlines()
+    assert [l.split()[0] for l in lines[:4]] == ["PASS"] * 4
+    assert "401" in lines[0] and "400" in lines[1] and "404" in lines[2] and "200" in lines[3]
+    assert lines[4].startswith("SKIP  TLS") and lines[-1].startswith("all checks passed")
+
+
+def test_a_wrong_key_fails_the_checks_and_exits_non_zero(capsys, live_server):
+    code, out = probe(capsys, live_server + "/lookup", "--key", "wrong-key-0123456789abcdef")
+    assert code == 1
+    assert "FAIL  missing parameters get 400 and a context" in out and "got 401, expected 400" in out
+    assert out.splitlines()[-1] == "2 check(s) failed"
+
+
+def test_an_order_that_is_not_there_fails(capsys, live_server):
+    code, out = probe(capsys, live_server + "/lookup", "--key", KEY, "--order", "9999", "--email", "sam@example.com")
+    assert code == 1 and "got 404, expected 200" in out
+
+
+def test_an_endpoint_that_does_not_answer_fails(capsys):
+    from conftest import free_port
+
+    code, out = probe(capsys, f"http://127.0.0.1:{free_port()}/lookup", "--key", KEY)
+    assert code == 1 and "no answer" in out
+
+
+@pytest.mark.parametrize("url, failed", [("https://orders.example.com/lookup", 0), ("http://127.0.0.1/lookup", 0),
+                                         ("http://orders.example.com/lookup", 1)])
+def test_plain_http_fails_except_on_this_machine(capsys, url, failed):
+    from urllib.parse import urlsplit
+
+    assert app.report_tls(urlsplit(url)) == failed
+
+
+@pytest.mark.parametrize("argv, says", [(["ftp://x/lookup", "--key", KEY], "not an http(s) URL"),
+                                        (["http://127.0.0.1/lookup", "--key", KEY, "--order", "1"], "together")])
+def test_bad_probe_arguments_are_one_clear_line(capsys, argv, says):
+    code = app.main(["probe", *argv])
+    assert code == 1 and says in capsys.readouterr().err
