@@ -17,12 +17,16 @@ import pytest
 from conftest import KEY, ROOT, Served, free_port, orders_csv, wait_for, write
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
-pytestmark = [
-    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light; .ci/run does)"),
-    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate"),
-]
-
 SHIPPED = ROOT / "deploy" / "nginx" / "orders.conf"
+
+
+def missing_tools():
+    """Why the nginx tests cannot run here, or None."""
+    if NGINX is None:
+        return "nginx is not installed (apt-get install nginx-light; .ci/run does)"
+    if shutil.which("openssl") is None:
+        return "openssl is needed to make a test certificate"
+    return None
 
 
 def swap(text, old, new):
@@ -34,6 +38,8 @@ def swap(text, old, new):
 @pytest.fixture
 def deployed(tmp_path):
     """The service as deployed (app.py, trusted proxy) behind nginx from the shipped config."""
+    if missing_tools():
+        pytest.skip(missing_tools())
     data = tmp_path / "data"
     write(data / "orders.csv", orders_csv(200))
     app_port, http_port, https_port = free_port(), free_port(), free_port()
@@ -142,3 +148,11 @@ def test_lookups_answer_while_the_export_reloads(deployed):
     assert "40000 orders" in deployed.service.output, deployed.service.output[-2000:]
     assert statuses and set(statuses) == {200}
     assert b"has shipped" in lookup(deployed, 5)[2]
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy is not installed (apt-get install caddy)")
+def test_the_shipped_caddyfile_is_valid():
+    result = subprocess.run(["caddy", "validate", "--config", str(ROOT / "deploy" / "Caddyfile"),
+                             "--adapter", "caddyfile"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Valid configuration" in result.stdout + result.stderr
