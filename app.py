@@ -161,7 +161,9 @@ def settings_from(options=None, env=None):
         settle_seconds=env_float(env, "SETTLE_SECONDS", 1.0),
         poll_seconds=env_float(env, "POLL_SECONDS", 30.0),
         trusted_proxy=env.get("TRUSTED_PROXY") or None,
-        trusted_proxy_headers=env.get("TRUSTED_PROXY_HEADERS") or "x-forwarded-for",
+        # Either "x-forwarded-for x-forwarded-proto" or with commas; waitress wants spaces.
+        trusted_proxy_headers=" ".join(re.split(r"[\s,]+", env.get("TRUSTED_PROXY_HEADERS", "").strip()))
+        or "x-forwarded-for",
         log_format=log_format,
         key_failures_per_minute=env_int(env, "KEY_FAILURES_PER_MINUTE", 10),
     )
@@ -1331,7 +1333,10 @@ class Service:
                 return  # only contexts.toml changed
             state.mkdir(parents=True, exist_ok=True)
             partial = state / (".partial" + source.suffix.lower())
-            shutil.copy2(source, partial)  # copy2 keeps the mtime: the data's age stays honest
+            shutil.copyfile(source, partial)
+            # The export's mtime, so the data's age stays honest after a restart from the copy;
+            # not its mode, which may be read-only and would block the next copy.
+            os.utime(partial, ns=(snapshot.file_mtime_ns, snapshot.file_mtime_ns))
             if not same_file_state(partial, snapshot):
                 partial.unlink()  # the export changed while it was read; the next reload copies it
                 return

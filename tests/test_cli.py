@@ -103,3 +103,11 @@ def test_serve_without_a_key_makes_one_and_prints_it(tmp_path):
         with urllib.request.urlopen(request, timeout=5) as response:
             assert json.load(response)["context"].startswith("Order #1001 was found")
     assert "Traceback" not in served.output and "Logging error" not in served.output
+
+
+@pytest.mark.parametrize("value, wanted", [("x-forwarded-for x-forwarded-proto", "x-forwarded-for x-forwarded-proto"),
+                                           ("x-forwarded-for, x-forwarded-proto", "x-forwarded-for x-forwarded-proto"),
+                                           ("", "x-forwarded-for")])
+def test_trusted_proxy_headers_take_spaces_or_commas(value, wanted):
+    settings = app.settings_from({}, env={"TRUSTED_PROXY": "127.0.0.1", "TRUSTED_PROXY_HEADERS": value})
+    assert settings.trusted_proxy_headers == wanted

@@ -217,3 +217,14 @@ def test_a_long_load_logs_progress(tmp_path, contexts_file, logs, monkeypatch):
     export = write(tmp_path / "o.csv", orders_csv(20))
     app.build_snapshot(app.load_config(contexts_file), export)
     assert any(r.getMessage().startswith("reading o.csv: 10 rows so far") for r in logs.records)
+
+
+def test_the_copy_of_a_read_only_export_can_be_replaced(tmp_path, contexts_file):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(5))
+    export.chmod(0o444)
+    service = app.Service(make_settings(export.parent, contexts_file))
+    service.start()
+    assert service.last_good_copy().stat().st_mode & 0o200  # writable by its owner
+    export.chmod(0o644)
+    write(export, orders_csv(6))
+    assert service.reload() and service.last_good_copy().read_text() == orders_csv(6)
