@@ -2112,12 +2112,13 @@ def run_probe(settings, args):
     if args.order:
         checks.append((f"order {args.order} is found: 200, context and tracking_url",
                        {"order_id": args.order, "customer_email": args.email}, args.key, 200, "found"))
-    failures = 0
+    failures = answered = 0
     for what, query, key, wanted, shape in checks:
         problem, seconds = probe_once(f"{base}?{urlencode(query)}" if query else base, key, wanted, shape)
         failures += bool(problem)
+        answered += not problem.startswith("no answer")
         print(f"{'FAIL' if problem else 'PASS'}  {what} ({seconds * 1000:.0f} ms){': ' + problem if problem else ''}")
-    failures += report_tls(parts)
+    failures += report_tls(parts, answered)
     print("all checks passed: give the platform this URL and key" if not failures else f"{failures} check(s) failed")
     return 1 if failures else 0
 
@@ -2165,9 +2166,13 @@ def probe_shape(body, shape):
     return ""
 
 
-def report_tls(parts):
+def report_tls(parts, answered):
     """Print the TLS check; 1 if it failed. Plain HTTP passes only on this machine."""
     if parts.scheme == "https":
+        if not answered:
+            print("FAIL  TLS: no request got an answer over TLS (see above: a certificate not valid for "
+                  "the host, or nothing listening)")
+            return 1
         print("PASS  TLS certificate is valid for the host (checked on every request above)")
         return 0
     if parts.hostname in ("localhost", "127.0.0.1", "::1"):

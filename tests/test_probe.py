@@ -1,5 +1,7 @@
 """python app.py probe: the merchant's check of a deployed endpoint, against a running service."""
 
+import shutil
+
 import pytest
 
 import app
@@ -39,12 +41,42 @@ def test_an_endpoint_that_does_not_answer_fails(capsys):
     assert code == 1 and "no answer" in out
 
 
-@pytest.mark.parametrize("url, failed", [("https://orders.example.com/lookup", 0), ("http://127.0.0.1/lookup", 0),
-                                         ("http://orders.example.com/lookup", 1)])
-def test_plain_http_fails_except_on_this_machine(capsys, url, failed):
+@pytest.mark.parametrize("url, answered, failed", [
+    ("https://orders.example.com/lookup", 3, 0), ("https://orders.example.com/lookup", 0, 1),
+    ("http://127.0.0.1/lookup", 3, 0), ("http://orders.example.com/lookup", 3, 1)])
+def test_tls_passes_only_when_answered_over_https_or_on_this_machine(capsys, url, answered, failed):
     from urllib.parse import urlsplit
 
-    assert app.report_tls(urlsplit(url)) == failed
+    assert app.report_tls(urlsplit(url), answered) == failed
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
+def test_a_certificate_that_is_not_trusted_fails_the_tls_check(capsys, tmp_path, live_server):
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    # A TLS server with a self-signed certificate: the probe must not call it valid.
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        for _ in range(3):
+            connection, _ = listener.accept()
+            try:
+                context.wrap_socket(connection, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    code, out = probe(capsys, f"https://localhost:{port}/lookup", "--key", KEY)
+    listener.close()
+    assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in out and "FAIL  TLS" in out
 
 
 @pytest.mark.parametrize("argv, says", [(["ftp://x/lookup", "--key", KEY], "not an http(s) URL"),
