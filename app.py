@@ -5,9 +5,9 @@ Turns a shop's nightly orders export (CSV or XLSX) into the order-tracking
 endpoint that a chat agent calls with an order number and an email address.
 The wording of every answer lives in contexts.toml.
 
-The file reads top to bottom in the order data flows: configuration, reading
-exports, building the index, rendering answers, serving state, HTTP,
-watching, command line.
+The file reads top to bottom in the order data flows: settings,
+configuration, reading exports, building the index, rendering answers,
+serving state, HTTP, status page, watching files, command line.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import time
 import tomllib
 from collections import Counter, deque
 from contextlib import contextmanager, suppress
-from itertools import groupby
-from operator import itemgetter
-from dataclasses import dataclass, field
-from json.encoder import encode_basestring
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
+from itertools import groupby
+from json.encoder import encode_basestring
+from operator import itemgetter
 from pathlib import Path
 from string import Formatter
 from urllib.parse import quote, unquote_plus, unquote_to_bytes
@@ -110,26 +110,19 @@ class Settings:
         return base / ".last-good"
 
 
-def env_int(env, name, default):
-    """An integer environment variable, or a SettingsError that names it."""
+def env_number(env, name, default):
+    """A numeric environment variable (of default's type), or a SettingsError that names it."""
     value = env.get(name, "").strip()
     if not value:
         return default
     try:
-        return int(value)
+        number = type(default)(value)
     except ValueError:
-        raise SettingsError(f"{name}={value!r} is not a whole number; set it to e.g. {default}.") from None
-
-
-def env_float(env, name, default):
-    """A decimal environment variable, or a SettingsError that names it."""
-    value = env.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise SettingsError(f"{name}={value!r} is not a number; set it to e.g. {default}.") from None
+        number = None
+    if number is None or number <= 0:
+        raise SettingsError(f"{name}={value!r} is not a {'whole ' if isinstance(default, int) else ''}number "
+                            f"above 0; set it to e.g. {default}.")
+    return number
 
 
 def parse_keys(raw):
@@ -141,7 +134,7 @@ def settings_from(options=None, env=None):
     """Settings from command-line options (a dict) over environment variables."""
     options = {k: v for k, v in (options or {}).items() if v is not None}
     env = os.environ if env is None else env
-    port = options.get("port") or env_int(env, "PORT", 8080)
+    port = options.get("port") or env_number(env, "PORT", 8080)
     if not 0 < port < 65536:
         raise SettingsError(f"port {port} is out of range; use a number from 1 to 65535.")
     state = options.get("state_dir") or env.get("STATE_DIR")
@@ -155,17 +148,17 @@ def settings_from(options=None, env=None):
         port=port,
         api_keys=parse_keys(env.get("API_KEY")),
         state_dir=Path(state).absolute() if state else None,
-        threads=env_int(env, "THREADS", 8),
-        connection_limit=env_int(env, "CONNECTION_LIMIT", 1000),
-        channel_timeout=env_int(env, "CHANNEL_TIMEOUT", 10),
-        settle_seconds=env_float(env, "SETTLE_SECONDS", 1.0),
-        poll_seconds=env_float(env, "POLL_SECONDS", 30.0),
+        threads=env_number(env, "THREADS", 8),
+        connection_limit=env_number(env, "CONNECTION_LIMIT", 1000),
+        channel_timeout=env_number(env, "CHANNEL_TIMEOUT", 10),
+        settle_seconds=env_number(env, "SETTLE_SECONDS", 1.0),
+        poll_seconds=env_number(env, "POLL_SECONDS", 30.0),
         trusted_proxy=env.get("TRUSTED_PROXY") or None,
         # Either "x-forwarded-for x-forwarded-proto" or with commas; waitress wants spaces.
         trusted_proxy_headers=" ".join(re.split(r"[\s,]+", env.get("TRUSTED_PROXY_HEADERS", "").strip()))
         or "x-forwarded-for",
         log_format=log_format,
-        key_failures_per_minute=env_int(env, "KEY_FAILURES_PER_MINUTE", 10),
+        key_failures_per_minute=env_number(env, "KEY_FAILURES_PER_MINUTE", 10),
     )
 
 
@@ -703,11 +696,6 @@ def normalise_email(value):
     return value.strip().casefold()
 
 
-def index_key(order_id, email):
-    """One composite key, so a lookup is one probe whether the number exists or not."""
-    return f"{normalise_order_id(order_id)}\x1f{normalise_email(email)}"
-
-
 def make_plan(config, header, name):
     """Match the mapping's headers to the file's; ConfigError/ExportError name what is missing."""
     positions = {}
@@ -733,9 +721,11 @@ def make_plan(config, header, name):
     for index, text in enumerate(header):
         by_snake.setdefault(snake_case(text), index)
     check_placeholders(config, chosen, by_snake, header)
-    order_fields = [f for f in sorted(config.fields_used) if f not in DERIVED or f in chosen]
-    order_fields = [f for f in order_fields if f not in ITEM_FIELDS and f != "tracking_number"
-                    and (f in chosen or f in by_snake) and f != "order_id"]
+    # Per order, beside its number: every field used that a column feeds. Derived names
+    # (items, tracking_url, ...) are computed, unless mapped to a column of their own.
+    per_row = {"order_id", *ROW_FIELDS}
+    order_fields = [f for f in sorted(config.fields_used - per_row)
+                    if f in chosen or (f not in DERIVED and f in by_snake)]
     return Plan(
         header=tuple(header),
         chosen={f: header[i].strip() for f, i in chosen.items()},
@@ -1141,7 +1131,7 @@ class Renderer:
             page = self.carrier_pages.get(values["carrier"])
             if page is None:
                 page = self.carrier_pages[values["carrier"]] = carrier_page(config.carriers, values["carrier"])
-            return page.format(tracking_number=quote(tracking[0], safe="")) if page else ""
+            return tracking_link(page, tracking[0]) if page else ""
         if name == "items":
             return self.listing(items) or config.no_items
         if name in ("shipped_items", "unshipped_items"):
@@ -1190,10 +1180,9 @@ def carrier_page(carriers, carrier):
     return ""
 
 
-def carrier_url(carriers, carrier, number):
-    """The carrier's tracking link for number (URL-encoded), or None."""
-    page = carrier_page(carriers, carrier)
-    return page.format(tracking_number=quote(number, safe="")) if page else None
+def tracking_link(page, number):
+    """A carrier's tracking page with the number in it, URL-encoded."""
+    return page.format(tracking_number=quote(number, safe=""))
 
 
 def message(config, name, **values):

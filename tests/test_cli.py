@@ -82,7 +82,9 @@ def test_check_reports_problems_in_one_line_without_traceback(capsys, export, co
     assert "Traceback" not in out + err
 
 
-@pytest.mark.parametrize("env, says", [({"PORT": "eighty"}, "PORT='eighty'"), ({"PORT": "70000"}, "out of range")])
+@pytest.mark.parametrize("env, says", [({"PORT": "eighty"}, "PORT='eighty'"), ({"PORT": "70000"}, "out of range"),
+                                       ({"THREADS": "0"}, "THREADS='0' is not a whole number above 0"),
+                                       ({"SETTLE_SECONDS": "soon"}, "SETTLE_SECONDS='soon'")])
 def test_bad_settings_are_one_clear_line(capsys, monkeypatch, env, says):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
