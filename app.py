@@ -523,32 +523,23 @@ def is_export_name(name):
 
 
 @contextmanager
-def open_table(path, sheet="", is_header=None):
+def open_table(path, sheet="", is_header=None, encoding=None):
     """(rows, line): rows iterates the export's rows as lists of cell texts, header first;
     line() tells where reading is, for error messages."""
-    opener = open_xlsx if path.suffix.lower() == ".xlsx" else open_csv
-    with opener(path, sheet, is_header) as table:
-        yield table
+    if path.suffix.lower() == ".xlsx":
+        with open_xlsx(path, sheet, is_header) as table:
+            yield table
+    else:
+        with open_csv(path, encoding=encoding) as table:
+            yield table
 
 
-def detect_encoding(path):
-    """UTF-8 (with or without BOM) when the bytes decode as such, else Windows-1252."""
-    import codecs
+class NotUTF8(Exception):
+    """The CSV is not UTF-8: read it again in a legacy encoding."""
 
-    with open(path, "rb") as f:
-        head = f.read(4)
-        if head.startswith(codecs.BOM_UTF8):
-            return "utf-8-sig"
-        f.seek(0)
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        try:
-            while chunk := f.read(1 << 20):
-                decoder.decode(chunk)
-            decoder.decode(b"", final=True)
-            return "utf-8"
-        except UnicodeDecodeError:
-            pass
-    # Windows-1252 leaves five bytes undefined; Latin-1 decodes anything.
+
+def legacy_encoding(path):
+    """Windows-1252 when the bytes decode as such (it leaves five undefined), else Latin-1."""
     try:
         with open(path, encoding="cp1252") as f:
             while f.read(1 << 20):
@@ -559,13 +550,18 @@ def detect_encoding(path):
 
 
 @contextmanager
-def open_csv(path, sheet=None, is_header=None):
-    """A CSV's rows, whatever its encoding, delimiter and line ends."""
+def open_csv(path, sheet=None, is_header=None, encoding=None):
+    """A CSV's rows, whatever its delimiter and line ends; UTF-8 unless encoding says otherwise.
+
+    UTF-8 is checked as the file is parsed, not in a pass of its own: a byte that is
+    not UTF-8 raises NotUTF8, and the caller reads again in legacy_encoding().
+    """
     with open(path, "rb") as f:
-        if b"\0" in f.read(4096):
-            raise ExportError(f"{path.name}: is a binary file, not a CSV. Export the orders as CSV or XLSX.")
-    encoding = detect_encoding(path)
-    with open(path, newline="", encoding=encoding, buffering=READ_BUFFER) as f:
+        head = f.read(4096)
+    if b"\0" in head:
+        raise ExportError(f"{path.name}: is a binary file, not a CSV. Export the orders as CSV or XLSX.")
+    encoding = encoding or ("utf-8-sig" if head.startswith(b"\xef\xbb\xbf") else "utf-8")
+    with open(path, newline="", encoding=encoding, buffering=READ_BUFFER) as f, utf8_or_retry(encoding):
         # Read 1 MB at a time, not 8 KB: each read releases the GIL for a moment, and when
         # that happens every few dozen rows the request threads' claim to the GIL is reset
         # before it is due, so they starve: 700 ms stalls during a reload of 500,000 orders.
@@ -582,6 +578,17 @@ def open_csv(path, sheet=None, is_header=None):
             f.seek(0)
         reader = csv.reader(f, delimiter=delimiter)
         yield reader, lambda: reader.line_num + offset
+
+
+@contextmanager
+def utf8_or_retry(encoding):
+    """Turn a decoding error while reading as UTF-8 into NotUTF8."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        if encoding.startswith("utf-8"):
+            raise NotUTF8() from None
+        raise
 
 
 def sniff_delimiter(header_line, sample):
@@ -791,8 +798,8 @@ def getter(columns):
 class OrderReader:
     """Reads an export into orders: per order, its rows; the plan says which cells matter."""
 
-    def __init__(self, config, path):
-        self.config, self.path = config, path
+    def __init__(self, config, path, encoding=None):
+        self.config, self.path, self.encoding = config, path, encoding
         self.plan = None
         self.rows = self.skipped = 0
         self.line = lambda: 0
@@ -810,7 +817,7 @@ class OrderReader:
         that does not hold, Irregular is raised: read again with careful=True, which
         pads short rows and holds every order until the end of the file.
         """
-        with open_table(self.path, self.config.sheet, self.is_header) as (rows, self.line):
+        with open_table(self.path, self.config.sheet, self.is_header, self.encoding) as (rows, self.line):
             rows = iter(rows)
             header = next((r for r in rows if any(c.strip() for c in r)), None)
             if header is None:
@@ -968,6 +975,7 @@ class Snapshot:
     example_order_id: str
     packer: Packer
     renderer: Renderer
+    encoding: str | None = None  # a CSV's, when it is not UTF-8
 
     def describe(self):
         """What was loaded, for logs and for `check`; no customer data."""
@@ -980,22 +988,32 @@ class Snapshot:
 
 
 def build_snapshot(config, path):
-    """Read the export at path into an index of packed orders, ready to serve."""
-    try:
-        return build(config, path, careful=False)
-    except Irregular as why:
-        log.info("%s: %s; reading it again, holding all orders", path.name, why)
-        return build(config, path, careful=True)
+    """Read the export at path into an index of packed orders, ready to serve.
+
+    The fast reading assumes what nearly every export is (UTF-8, an order's rows
+    together, rows as wide as the header); when the file says otherwise, it is
+    read again the way it needs.
+    """
+    careful, encoding = False, None
+    while True:
+        try:
+            return build(config, path, careful, encoding)
+        except Irregular as why:
+            log.info("%s: %s; reading it again, holding all orders", path.name, why)
+            careful = True
+        except NotUTF8:
+            encoding = legacy_encoding(path)
+            log.info("%s: not UTF-8; reading it again as %s", path.name, encoding)
 
 
-def build(config, path, careful):
+def build(config, path, careful, encoding):
     """One pass over the export: each order packed and indexed by (order number, email)."""
     started = time.perf_counter()
     try:
         stat = path.stat()
     except OSError as e:
         raise ExportError(f"{path.name}: cannot be read ({e.strerror}).") from None
-    reader = OrderReader(config, path)
+    reader = OrderReader(config, path, encoding)
     index, orders, without_email, example = {}, 0, 0, ""
     packer = None
     try:
@@ -1010,7 +1028,7 @@ def build(config, path, careful):
                 index[f"{key}\x1f{email}"] = packed
             else:
                 without_email += 1  # such an order can never be matched
-    except (UserError, Irregular):
+    except (UserError, Irregular, NotUTF8):
         raise
     except IndexError:  # a row too short for a needed cell
         raise Irregular("a row is shorter than the header") from None
@@ -1026,7 +1044,7 @@ def build(config, path, careful):
         file_size=stat.st_size, rows=reader.rows, orders=orders, orders_without_email=without_email,
         rows_without_order=reader.skipped, loaded_at=time.time(), seconds=time.perf_counter() - started,
         layout=plan.layout, columns=plan.chosen, example_order_id=example,
-        packer=packer or Packer(plan), renderer=Renderer(config, plan),
+        packer=packer or Packer(plan), renderer=Renderer(config, plan), encoding=encoding,
     )
 
 
@@ -1034,7 +1052,7 @@ def survey(snapshot):
     """For `check`: how many orders get each answer, and the status words seen per rule field."""
     templates = Counter()
     fields = {f: Counter() for f in survey_fields(snapshot.config, snapshot.packer.plan)}
-    reader = OrderReader(snapshot.config, snapshot.source)
+    reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding)
     try:
         orders = list(reader.orders(careful=False))
     except Irregular:

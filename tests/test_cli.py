@@ -113,3 +113,10 @@ def test_serve_without_a_key_makes_one_and_prints_it(tmp_path):
 def test_trusted_proxy_headers_take_spaces_or_commas(value, wanted):
     settings = app.settings_from({}, env={"TRUSTED_PROXY": "127.0.0.1", "TRUSTED_PROXY_HEADERS": value})
     assert settings.trusted_proxy_headers == wanted
+
+
+def test_check_reads_a_windows_1252_export(capsys, tmp_path, contexts_file):
+    path = tmp_path / "orders.csv"
+    path.write_bytes("Order Number,Email,Status,Item\n1,a@example.com,shipped,Café\n".encode("cp1252"))
+    code, out, _ = run(capsys, "check", "--data", str(path), "--contexts", str(contexts_file))
+    assert code == 0 and "values   status: shipped 1" in out
