@@ -120,3 +120,10 @@ def test_check_reads_a_windows_1252_export(capsys, tmp_path, contexts_file):
     path.write_bytes("Order Number,Email,Status,Item\n1,a@example.com,shipped,Café\n".encode("cp1252"))
     code, out, _ = run(capsys, "check", "--data", str(path), "--contexts", str(contexts_file))
     assert code == 0 and "values   status: shipped 1" in out
+
+
+def test_check_fails_when_no_order_can_be_found(capsys, tmp_path, contexts_file):
+    path = tmp_path / "orders.csv"
+    path.write_text("Order Number,Email,Status\n1,,shipped\n2,,processing\n")
+    code, out, err = run(capsys, "check", "--data", str(path), "--contexts", str(contexts_file))
+    assert code == 1 and out.rstrip().endswith("FAILED") and "none has both an order number and an email" in err
