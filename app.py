@@ -29,7 +29,7 @@ import time
 import tomllib
 from collections import Counter, deque
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
 from itertools import groupby
 from json.encoder import encode_basestring
@@ -550,7 +550,7 @@ def legacy_encoding(path):
 
 
 @contextmanager
-def open_csv(path, sheet=None, is_header=None, encoding=None):
+def open_csv(path, encoding=None):
     """A CSV's rows, whatever its delimiter and line ends; UTF-8 unless encoding says otherwise.
 
     UTF-8 is checked as the file is parsed, not in a pass of its own: a byte that is
@@ -616,18 +616,16 @@ def open_xlsx(path, sheet, is_header):
                           "Re-export it; it may have been cut off while being written.") from None
     try:
         worksheet = pick_sheet(path, book, sheet, is_header)
-        read = [0]
 
         def rows():
             width = 0
             for row in worksheet.iter_rows(values_only=True):
-                read[0] += 1
                 cells = [cell_text(v) for v in row]
                 width = width or len(cells)
                 # Read-only sheets may end a row early; every row is as wide as the header.
                 yield cells + [""] * (width - len(cells)) if len(cells) < width else cells
 
-        yield rows(), lambda: read[0]
+        yield rows(), lambda: None  # line numbers are for CSV parse errors only
     finally:
         book.close()
 
@@ -678,7 +676,6 @@ LAYOUTS = (  # (name, headers that identify it), most specific first
 class Plan:
     """Which column feeds which field, worked out once from the header row."""
 
-    header: tuple[str, ...]
     chosen: dict  # field -> header text
     order_fields: tuple[str, ...]  # per-order fields, in the order they are packed
     order_columns: tuple[int, ...]
@@ -701,6 +698,11 @@ def normalise_order_id(value):
 def normalise_email(value):
     """Emails compare trimmed and without case."""
     return value.strip().casefold()
+
+
+def index_key(order_key, email_key):
+    """The index's key from a normalised order number and email: one probe finds both or neither."""
+    return f"{order_key}\x1f{email_key}"
 
 
 def make_plan(config, header, name):
@@ -727,14 +729,13 @@ def make_plan(config, header, name):
     by_snake = {}
     for index, text in enumerate(header):
         by_snake.setdefault(snake_case(text), index)
-    check_placeholders(config, chosen, by_snake, header)
+    check_placeholders(config, by_snake)
     # Per order, beside its number: every field used that a column feeds. Derived names
     # (items, tracking_url, ...) are computed, unless mapped to a column of their own.
     per_row = {"order_id", *ROW_FIELDS}
     order_fields = [f for f in sorted(config.fields_used - per_row)
                     if f in chosen or (f not in DERIVED and f in by_snake)]
     return Plan(
-        header=tuple(header),
         chosen={f: header[i].strip() for f, i in chosen.items()},
         order_fields=("order_id", *order_fields),
         order_columns=(chosen["order_id"], *(chosen.get(f, by_snake.get(f)) for f in order_fields)),
@@ -753,7 +754,7 @@ def shown_headers(header, limit=40):
     return ", ".join(f'"{t}"' for t in texts[:limit]) + more if texts else "(none: the first row is empty)"
 
 
-def check_placeholders(config, chosen, by_snake, header):
+def check_placeholders(config, by_snake):
     """Every placeholder and rule field must be derived, mapped, or a column of this file."""
     known = set(DERIVED) | set(config.columns) | set(by_snake)
     available = sorted(set(DERIVED) | set(config.columns)) + sorted(set(by_snake) - set(config.columns))
@@ -777,11 +778,6 @@ def detect_layout(positions):
         if headers <= positions.keys():
             return name
     return "generic export"
-
-
-def cell(row, index):
-    """A stripped cell; rows may be shorter than the header."""
-    return row[index].strip() if index is not None and index < len(row) else ""
 
 
 class Irregular(Exception):
@@ -900,11 +896,10 @@ class Packer:
         self.plan = plan
         self.order_cells = getter(plan.order_columns)
         self.row_cells = getter(plan.row_columns)
-        self.email_at = plan.order_fields.index("email")
         fields = plan.row_fields
         self.row_positions = tuple(fields.index(f) if f in fields else None for f in ROW_FIELDS)
         # How many FIELD separators a packed order holds: its head, and each row.
-        self.head_fields, self.row_fields = len(plan.order_fields) - 1, max(0, len(fields) - 1)
+        self.fields_per_head, self.fields_per_row = len(plan.order_fields) - 1, max(0, len(fields) - 1)
 
     def pack(self, rows):
         """(order values, packed string); each order value from the first row that has it."""
@@ -918,7 +913,8 @@ class Packer:
         packed = RECORD.join(map(FIELD.join, records))
         # One count says whether a cell held a separator (never in real data, but a cell must not
         # be able to shift the others); only then is every cell cleaned.
-        if packed.count(FIELD) != self.head_fields + len(rows) * self.row_fields or packed.count(RECORD) != len(rows):
+        expected = self.fields_per_head + len(rows) * self.fields_per_row
+        if packed.count(FIELD) != expected or packed.count(RECORD) != len(rows):
             packed = RECORD.join(FIELD.join(clean_cell(c) for c in record) for record in records)
         return values, packed
 
@@ -934,14 +930,14 @@ class Packer:
                 items.append((quantity_text(cells[quantity_at].strip()) if quantity_at is not None else "", name,
                               cells[status_at].strip() if status_at is not None else ""))
             if tracking_at is not None and (numbers := cells[tracking_at].strip()):
-                for number in re.split(r"[,;\n]+", numbers) if SEVERAL.search(numbers) else (numbers,):
+                for number in SEVERAL.split(numbers):
                     number = number.strip()
                     if number and number not in tracking:
                         tracking.append(number)
         return order, items, tracking
 
 
-SEVERAL = re.compile(r"[,;\n]")
+SEVERAL = re.compile(r"[,;\n]+")  # several tracking numbers in one cell
 
 
 def clean_cell(text):
@@ -1014,18 +1010,17 @@ def build(config, path, careful, encoding):
     except OSError as e:
         raise ExportError(f"{path.name}: cannot be read ({e.strerror}).") from None
     reader = OrderReader(config, path, encoding)
-    index, orders, without_email, example = {}, 0, 0, ""
+    index, without_email, example = {}, 0, ""
     packer = None
     try:
         for key, rows in reader.orders(careful):
-            if packer is None:
+            if packer is None:  # the first order: the plan is known now
                 packer, email_at = Packer(reader.plan), reader.plan.order_fields.index("email")
+                example = packer.order_cells(rows[0])[0].strip()  # its number as written, for `check`
             values, packed = packer.pack(rows)
-            orders += 1
-            example = example or values[0].strip()
-            email = values[email_at].strip().casefold()
+            email = normalise_email(values[email_at])
             if email:
-                index[f"{key}\x1f{email}"] = packed
+                index[index_key(key, email)] = packed
             else:
                 without_email += 1  # such an order can never be matched
     except (UserError, Irregular, NotUTF8):
@@ -1041,7 +1036,8 @@ def build(config, path, careful, encoding):
     plan = reader.plan
     return Snapshot(
         config=config, index=index, source=path, file_mtime=stat.st_mtime, file_mtime_ns=stat.st_mtime_ns,
-        file_size=stat.st_size, rows=reader.rows, orders=orders, orders_without_email=without_email,
+        file_size=stat.st_size, rows=reader.rows, orders=len(index) + without_email,  # order numbers are unique: Irregular otherwise
+        orders_without_email=without_email,
         rows_without_order=reader.skipped, loaded_at=time.time(), seconds=time.perf_counter() - started,
         layout=plan.layout, columns=plan.chosen, example_order_id=example,
         packer=packer or Packer(plan), renderer=Renderer(config, plan), encoding=encoding,
@@ -1227,7 +1223,7 @@ def answer(snapshot, order_id, email):
                if not given]
     if missing:
         return 400, message(config, "missing", missing=" and ".join(missing))
-    packed = snapshot.index.get(f"{wanted}\x1f{normalise_email(email)}")
+    packed = snapshot.index.get(index_key(wanted, normalise_email(email)))
     if packed is not None:
         return 200, snapshot.render(packed)[1]
     # Never the caller's raw text: an AI reads this, and the caller may be hostile.
@@ -2190,8 +2186,6 @@ def report_tls(parts, answered):
 
 def run_serve(settings, args):
     """Load, then serve with waitress and reload on changes until stopped."""
-    import dataclasses
-
     service = Service(settings)
     service.start()
     if settings.api_keys:
@@ -2201,7 +2195,7 @@ def run_serve(settings, args):
         key_status = f"{len(settings.api_keys)} key(s) from API_KEY"
     else:
         key = secrets.token_urlsafe(24)
-        settings = service.settings = dataclasses.replace(settings, api_keys=(key,))
+        settings = service.settings = replace(settings, api_keys=(key,))
         print(f"\nWARNING: API_KEY is not set. For trying out only, this run accepts the key:\n\n    {key}\n\n"
               "Set API_KEY before serving real traffic.\n", file=sys.stderr, flush=True)
         key_status = "generated for this run"
