@@ -1046,20 +1046,20 @@ def build(config, path, careful, encoding):
 
 def survey(snapshot):
     """For `check`: how many orders get each answer, and the status words seen per rule field."""
-    templates = Counter()
-    fields = {f: Counter() for f in survey_fields(snapshot.config, snapshot.packer.plan)}
-    reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding)
-    try:
-        orders = list(reader.orders(careful=False))
-    except Irregular:
-        orders = reader.orders(careful=True)
-    for _, rows in orders:  # every order, those without an email too
-        order, items, tracking = snapshot.packer.unpack(snapshot.packer.pack(rows)[1])
-        for name, counter in fields.items():
-            counter[status_word(order.get(name, ""))] += 1
-        if order.get("email"):
-            templates[snapshot.renderer.answer(order, items, tracking)[0]] += 1
-    return templates, fields
+    for careful in (False, True):  # streamed like a load, so a big export fits in memory
+        templates = Counter()
+        fields = {f: Counter() for f in survey_fields(snapshot.config, snapshot.packer.plan)}
+        reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding)
+        try:
+            for _, rows in reader.orders(careful):  # every order, those without an email too
+                order, items, tracking = snapshot.packer.unpack(snapshot.packer.pack(rows)[1])
+                for name, counter in fields.items():
+                    counter[status_word(order.get(name, ""))] += 1
+                if order.get("email"):
+                    templates[snapshot.renderer.answer(order, items, tracking)[0]] += 1
+            return templates, fields
+        except (Irregular, IndexError):  # as in build(): read again, carefully
+            continue
 
 
 def survey_fields(config, plan):
@@ -1692,32 +1692,32 @@ FRESHNESS_WORDS = {"green": "healthy", "amber": "degraded", "red": "stale"}
 
 
 def freshness(service):
-    """green, amber or red, and why, for the page's badge."""
+    """(green, amber or red; why; the data's age) for the page's badge."""
     healthy, reasons, age = service.health()
-    snapshot = service.snapshot
-    if snapshot is None or any(r.startswith("data is older") for r in reasons):
-        return "red", reasons or ["no data loaded"]
+    if service.snapshot is None:
+        return "red", ["no data loaded"], age
+    limit = service.snapshot.config.max_age_hours * 3600
+    if age > limit:
+        return "red", reasons, age
     if not healthy:
-        return "amber", reasons
-    if age > snapshot.config.max_age_hours * 3600 * 0.75:
-        return "amber", ["the data will be stale soon: is tonight's export on its way?"]
-    return "green", ["data loaded and fresh"]
+        return "amber", reasons, age
+    if age > limit * 0.75:
+        return "amber", ["the data will be stale soon: is tonight's export on its way?"], age
+    return "green", ["data loaded and fresh"], age
 
 
 def public_view(service):
     """What anyone may see: healthy or not, and the data's age."""
-    color, _ = freshness(service)
-    _, _, age = service.health()
+    color, _, age = freshness(service)
     return {"color": color, "word": FRESHNESS_WORDS[color], "age": describe_age(age)}
 
 
 def status_view(service, tried):
     """Everything a key holder sees; customer data only in the lookup they asked for."""
-    snapshot, color_reasons = service.snapshot, freshness(service)
-    config = snapshot.config if snapshot else None
-    view = {"color": color_reasons[0], "word": FRESHNESS_WORDS[color_reasons[0]], "reasons": color_reasons[1],
-            "status": service.status(),
-            "age": describe_age(service.health()[2]), "tried": tried, "rules": [], "templates": []}
+    color, reasons, age = freshness(service)
+    config = service.snapshot.config if service.snapshot else None
+    view = {"color": color, "word": FRESHNESS_WORDS[color], "reasons": reasons, "status": service.status(),
+            "age": describe_age(age), "tried": tried, "rules": [], "templates": []}
     if config:
         view["rules"] = [(rule.number, describe_when(rule), rule.template) for rule in config.rules]
         view["rules"].append(("", "no rule matches", config.default_template))
@@ -1897,14 +1897,7 @@ class Watcher:
 
     def fingerprint(self):
         """What is on disk now: the config and the export a reload would read, sizes and times."""
-        found = []
-        for path in (self.settings.contexts, self.export_path()):
-            try:
-                stat = path.stat() if path else None
-                found.append((str(path), stat.st_size, stat.st_mtime_ns) if stat else None)
-            except OSError:
-                found.append((str(path), None, None))
-        return tuple(found)
+        return file_state(self.settings.contexts), file_state(self.export_path())
 
     def served(self):
         """The fingerprint of what the served Snapshot was built from."""
@@ -1981,6 +1974,15 @@ class Watcher:
             current = again
         return current
 
+
+
+def file_state(path):
+    """(path, size, mtime_ns), as the watcher compares files; the sizes are None if it is gone."""
+    try:
+        stat = path.stat()
+    except (OSError, AttributeError):  # gone, or no export at all (None)
+        return str(path), None, None
+    return str(path), stat.st_size, stat.st_mtime_ns
 
 
 def event_handler(watcher):

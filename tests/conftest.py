@@ -1,5 +1,6 @@
 """Fixtures shared by the tests: exports written on the fly, services, clients."""
 
+import contextlib
 import io
 import json
 import logging
@@ -240,15 +241,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def live_server(service):
-    """The app on a real waitress server on a loopback port; yields its base URL."""
+@contextlib.contextmanager
+def serving(service):
+    """The app of service on a real waitress server on a loopback port; yields its base URL."""
     server = app.make_server(app.create_app(service), service.settings, host="127.0.0.1", port=0)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.effective_port}"
-    server.close()
-    thread.join(5)
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.close()
+        thread.join(5)
+
+
+@pytest.fixture
+def live_server(service):
+    """The small export's service on a real waitress server; yields its base URL."""
+    with serving(service) as url:
+        yield url
 
 
 @pytest.fixture

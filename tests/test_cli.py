@@ -127,3 +127,12 @@ def test_check_fails_when_no_order_can_be_found(capsys, tmp_path, contexts_file)
     path.write_text("Order Number,Email,Status\n1,,shipped\n2,,processing\n")
     code, out, err = run(capsys, "check", "--data", str(path), "--contexts", str(contexts_file))
     assert code == 1 and out.rstrip().endswith("FAILED") and "none has both an order number and an email" in err
+
+
+def test_check_surveys_an_export_whose_rows_of_an_order_lie_apart(capsys, tmp_path, contexts_file):
+    path = tmp_path / "orders.csv"
+    path.write_text("Order ID,Email,Status,Item\n1,a@example.com,shipped,Hat\n2,b@example.com,processing,Cap\n"
+                    "1,a@example.com,,Scarf\n")
+    code, out, _ = run(capsys, "check", "--data", str(path), "--contexts", str(contexts_file))
+    assert code == 0
+    assert "values   status: shipped 1, processing 1" in out and "answers  shipped 1, processing 1" in out

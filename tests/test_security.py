@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 import app
-from conftest import KEY, Client, make_settings, write
+from conftest import KEY, Client, make_settings, serving, write
 
 WRONG = "wrong-key-0123456789abcdef"
 
@@ -162,21 +162,6 @@ def lookup_via(url, key, forwarded=None):
         return e.code
 
 
-def serve_in_thread(service):
-    """A real server for service in a thread; returns (url, stop)."""
-    import threading
-
-    server = app.make_server(app.create_app(service), service.settings, host="127.0.0.1", port=0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-
-    def stop():
-        server.close()
-        thread.join(5)
-
-    return f"http://127.0.0.1:{server.effective_port}", stop
-
-
 def test_a_forged_forwarded_for_does_not_escape_the_throttle(live_server):
     statuses = [lookup_via(live_server, WRONG, forwarded=f"203.0.113.{n}") for n in range(12)]
     assert statuses[-1] == 429
@@ -185,14 +170,11 @@ def test_a_forged_forwarded_for_does_not_escape_the_throttle(live_server):
 def test_behind_a_trusted_proxy_the_real_client_address_counts(export, contexts_file):
     service = app.Service(make_settings(export.parent, contexts_file, TRUSTED_PROXY="127.0.0.1"))
     service.start()
-    url, stop = serve_in_thread(service)
-    try:
+    with serving(service) as url:
         statuses = [lookup_via(url, WRONG, forwarded="198.51.100.7") for _ in range(11)]
         assert statuses[-1] == 429
         assert lookup_via(url, WRONG, forwarded="198.51.100.8") == 401  # another customer behind the proxy
         assert lookup_via(url, KEY, forwarded="198.51.100.7") == 200
-    finally:
-        stop()
 
 
 def test_a_refused_export_is_described_without_its_contents(tmp_path, contexts_file):
