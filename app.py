@@ -254,7 +254,6 @@ class Config:
     max_age_hours: float
     min_orders_ratio: float
     sheet: str
-    stamp: tuple = (None, None)  # (size, mtime_ns) of the file read, so a watcher knows what is loaded
 
     @property
     def fields_used(self):
@@ -288,7 +287,6 @@ def load_config(path):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            stat = os.fstat(f.fileno())
             doc = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found. Copy contexts.toml from the project or set CONTEXTS_FILE.") from None
@@ -301,10 +299,10 @@ def load_config(path):
             f"{path.name}: {e}. Fix the TOML syntax there; text values need quotes, "
             'e.g. processing = "Order {order_id} was found."'
         ) from None
-    return parse_config(path, doc, (stat.st_size, stat.st_mtime_ns))
+    return parse_config(path, doc)
 
 
-def parse_config(path, doc, stamp=(None, None)):
+def parse_config(path, doc):
     """Turn a parsed TOML document into a Config, checking every key."""
     for key in doc:
         if key not in SECTIONS:
@@ -324,7 +322,7 @@ def parse_config(path, doc, stamp=(None, None)):
         item_format=items["format"], item_separator=items["separator"], no_items=items["none"],
         shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
         max_age_hours=settings["max_age_hours"], min_orders_ratio=settings["min_orders_ratio"],
-        sheet=settings["sheet"], stamp=stamp,
+        sheet=settings["sheet"],
     )
 
 
@@ -1253,10 +1251,22 @@ class Service:
         self.refused = None  # {"at", "file", "reason"} of the last refused load
         self.config_error = None  # why the last contexts.toml edit was refused
         self.from_last_good = False
+        self.tried = None  # files_state() when a load last began, good or refused
         self._lock = threading.Lock()  # one load at a time
+
+    def files_state(self):
+        """The config and the export a load would read now, with sizes and times."""
+        try:
+            export = find_export(self.settings.data)
+        except (UserError, OSError):
+            export = None
+        return file_state(self.settings.contexts), file_state(export)
 
     def build(self):
         """A new Snapshot from the configured files, checked by guard(); raises UserError."""
+        # Taken before reading: a file that changes while it is read differs from this,
+        # so the watcher reads it again.
+        self.tried = self.files_state()
         config = load_config(self.settings.contexts)
         snapshot = build_snapshot(config, find_export(self.settings.data))
         self.guard(snapshot)
@@ -1895,25 +1905,6 @@ class Watcher:
         folders = {data if data.is_dir() else data.parent, self.settings.contexts.parent}
         return sorted(f for f in folders if f.is_dir())
 
-    def fingerprint(self):
-        """What is on disk now: the config and the export a reload would read, sizes and times."""
-        return file_state(self.settings.contexts), file_state(self.export_path())
-
-    def served(self):
-        """The fingerprint of what the served Snapshot was built from."""
-        snapshot = self.service.snapshot
-        if snapshot is None:
-            return None
-        return ((str(self.settings.contexts), *snapshot.config.stamp),
-                (str(snapshot.source), snapshot.file_size, snapshot.file_mtime_ns))
-
-    def export_path(self):
-        """The export that a reload would read now, or None."""
-        try:
-            return find_export(self.settings.data)
-        except (UserError, OSError):
-            return None
-
     def start(self, events=True):
         """Start the observer (unless only polling) and the thread that debounces and reloads."""
         if events:
@@ -1949,26 +1940,24 @@ class Watcher:
 
     def run(self):
         """Wait for a change (or poll), let the files settle, reload once."""
-        # What is served, not what is on disk now: a change made before watching began counts.
-        last = self.served()
-        self.changed.set()
+        self.changed.set()  # look once at the start: a change made before watching began counts
         while not self.stopping.is_set():
             self.changed.wait(self.settings.poll_seconds)
             self.changed.clear()
             if self.stopping.is_set():
                 return
-            current = self.settle()
-            if current != last:
-                last = current
+            # Against what the service last tried to load, not what it serves: a refused
+            # file is not read again until it changes.
+            if self.settle() != self.service.tried:
                 self.service.reload()
 
     def settle(self):
-        """The fingerprint once size and mtime have held still for settle_seconds."""
-        current = self.fingerprint()
+        """The files' state once size and mtime have held still for settle_seconds."""
+        current = self.service.files_state()
         while not self.stopping.is_set():
             time.sleep(self.settings.settle_seconds)
             self.changed.clear()
-            again = self.fingerprint()
+            again = self.service.files_state()
             if again == current:
                 return current
             current = again

@@ -228,3 +228,21 @@ def test_the_copy_of_a_read_only_export_can_be_replaced(tmp_path, contexts_file)
     export.chmod(0o644)
     write(export, orders_csv(6))
     assert service.reload() and service.last_good_copy().read_text() == orders_csv(6)
+
+
+def test_after_a_restart_on_the_last_good_copy_the_broken_export_is_not_read_again(tmp_path, contexts_file, logs):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(20))
+    app.Service(make_settings(export.parent, contexts_file)).start()
+    write(export, "not an export\n")
+    service = app.Service(make_settings(export.parent, contexts_file, POLL_SECONDS="0.1"))
+    service.start()
+    watcher = app.Watcher(service).start()
+    try:
+        time.sleep(0.5)  # several polls: none may retry the unchanged broken file
+        write(export, orders_csv(25))
+        wait_for(lambda: service.snapshot.orders == 25, what="the good export after the broken one")
+    finally:
+        watcher.stop()
+    refusals = [r for r in logs.records if r.getMessage().startswith("refused")]
+    assert refusals == []  # the start-up refusal is the SERVING THE LAST GOOD COPY line, said once
+    assert sum("SERVING THE LAST GOOD COPY" in r.getMessage() for r in logs.records) == 1
