@@ -17,6 +17,7 @@ import argparse
 import csv
 import http.client
 import json
+import logging
 import os
 import random
 import re
@@ -197,6 +198,9 @@ def bare_child(port):
         bottle.response.content_type = "application/json"
         return body
 
+    # As the service does: without this, waitress writes "Task queue depth is N" to stderr on
+    # nearly every request under load, and the baseline would pay for a write the service skips.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     settings = service_app.settings_from({"port": port}, env={})
     service_app.make_server(bare, settings).run()
 
