@@ -70,6 +70,23 @@ def test_text_lines_carry_the_time_of_each_record():
         assert formatter.format(record) == f"{expected} INFO hello"
 
 
+@pytest.mark.parametrize("formatter", [app.TextLines, app.JsonLines])
+def test_a_queued_request_line_reads_as_a_logged_one(formatter):
+    """serve queues request lines as bare tuples; what gets written is the line logging would write."""
+    import io
+
+    handler = app.LogHandler(interval=3600)
+    handler.setFormatter(formatter())
+    handler.stream = io.StringIO()
+    entry = (1_700_000_000.5, "127.0.0.1", "GET", "/lookup", "200", 0.42, "order=1001 email=j***@example.com")
+    handler.queue_request(entry)
+    handler.flush_now()
+    record = logging.LogRecord("orders.access", logging.INFO, __file__, 1, app.REQUEST_LINE, entry[1:], None)
+    record.created, record.msecs = entry[0], 500.0
+    assert handler.stream.getvalue() == formatter().format(record) + "\n"
+    assert "127.0.0.1 GET /lookup 200 0.4ms order=1001 email=j***@example.com" in handler.stream.getvalue()
+
+
 def test_json_lines_for_log_collectors_and_start_up_facts(tmp_path, export, contexts_file):
     import json
     import os
