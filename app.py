@@ -225,16 +225,14 @@ class Rule:
     conditions: tuple[tuple[str, frozenset | None], ...]
     template: str
 
-    def matches(self, values):
-        """True when every condition holds; None as wanted means any non-empty value."""
-        for name, wanted in self.conditions:
-            value = values.get(name, "")
-            if wanted is None:
-                if not value:
-                    return False
-            elif status_word(value) not in wanted:
-                return False
-        return True
+    def allows(self, words):
+        """True when every word condition holds for words (field -> status_word of its value)."""
+        return all(words.get(name, "") in wanted for name, wanted in self.conditions if wanted is not None)
+
+    @property
+    def needs_filled(self):
+        """The fields that the rule wants filled in ("*")."""
+        return tuple(name for name, wanted in self.conditions if wanted is None)
 
 
 @dataclass(frozen=True)
@@ -917,9 +915,8 @@ class Packer:
         return values, packed
 
     def unpack(self, packed):
-        """(order dict, items, tracking numbers) from a packed order."""
+        """(order cells in plan.order_fields' order, items, tracking numbers) from a packed order."""
         head, *lines = packed.split(RECORD)
-        order = dict(zip(self.plan.order_fields, head.split(FIELD)))
         items, tracking = [], []
         name_at, quantity_at, status_at, tracking_at = self.row_positions
         for line in lines:
@@ -932,7 +929,7 @@ class Packer:
                     number = number.strip()
                     if number and number not in tracking:
                         tracking.append(number)
-        return order, items, tracking
+        return head.split(FIELD), items, tracking
 
 
 SEVERAL = re.compile(r"[,;\n]+")  # several tracking numbers in one cell
@@ -1050,11 +1047,12 @@ def survey(snapshot):
         reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding)
         try:
             for _, rows in reader.orders(careful):  # every order, those without an email too
-                order, items, tracking = snapshot.packer.unpack(snapshot.packer.pack(rows)[1])
+                cells, items, tracking = snapshot.packer.unpack(snapshot.packer.pack(rows)[1])
+                order = dict(zip(snapshot.packer.plan.order_fields, cells))
                 for name, counter in fields.items():
                     counter[status_word(order.get(name, ""))] += 1
                 if order.get("email"):
-                    templates[snapshot.renderer.answer(order, items, tracking)[0]] += 1
+                    templates[snapshot.renderer.answer(cells, items, tracking)[0]] += 1
             return templates, fields
         except (Irregular, IndexError):  # as in build(): read again, carefully
             continue
@@ -1084,9 +1082,12 @@ def readable(value):
         return value
 
 
+SAFE_URL = re.compile(r"https?://[^\s<>\"']+$")
+
+
 def safe_url(value):
     """Only http(s) links go to the agent; anything else in a cell is dropped."""
-    return value if re.match(r"https?://[^\s<>\"']+$", value) else None
+    return value if SAFE_URL.match(value) else None
 
 
 class Renderer:
@@ -1094,19 +1095,19 @@ class Renderer:
 
     def __init__(self, config, plan):
         self.config = config
-        conditions = [c for rule in config.rules for c in rule.conditions]
-        by_word = {name for name, wanted in conditions if wanted is not None}
-        # Rules only look at these fields, and at words or mere presence: few combinations.
-        names = dict.fromkeys(n for n, _ in conditions)
-        self.word_fields = tuple(n for n in names if n in by_word)
-        self.presence_fields = tuple(n for n in names if n not in by_word)
-        self.choices = {}  # the rule fields' words as exported, and presence -> Template
+        self.order_fields = plan.order_fields
+        # Rules look at the words in a few fields, and an export has a handful of words per
+        # field: the words narrow the rules down once. Whether a field is filled is checked
+        # per order, only as far as the rules in order need it.
+        wanted = (c for rule in config.rules for c in rule.conditions)
+        self.word_fields = tuple(dict.fromkeys(name for name, words in wanted if words is not None))
+        self.choices = {}  # the word fields' values as exported -> ((fields to be filled, Template), ...)
         self.words = {}  # memo of status_word
         self.carrier_pages = {}  # carrier name as exported -> its tracking page ("" when none)
 
-    def answer(self, order, items, tracking):
-        """(template name, JSON body) for an order."""
-        values = OrderValues(self, order, items, tracking)
+    def answer(self, cells, items, tracking):
+        """(template name, JSON body) for an order's cells (as Packer.unpack gives them)."""
+        values = OrderValues(self, zip(self.order_fields, cells), items, tracking)
         template = self.pick(values)
         url = values["tracking_url"]
         body = f'{{"context": {json_text(template.render(values))}, "tracking_url": {json_text(url) if url else "null"}}}'
@@ -1114,17 +1115,29 @@ class Renderer:
 
     def pick(self, values):
         """The first rule that matches picks the template; else the default."""
-        # Remembered by the words as exported (an export has a handful) and by which
-        # "*" fields are filled; map() builds the key without a Python-level loop.
         words = tuple(map(values.__getitem__, self.word_fields))
-        filled = tuple(map(bool, map(str.strip, map(values.__getitem__, self.presence_fields))))
-        template = self.choices.get((words, filled))
-        if template is None:
-            seen = dict(zip(self.word_fields, map(self.word, words)))
-            seen.update(zip(self.presence_fields, filled))
-            name = next((r.template for r in self.config.rules if r.matches(seen)), self.config.default_template)
-            template = self.choices[words, filled] = self.config.templates[name]
-        return template
+        choices = self.choices.get(words)
+        if choices is None:
+            choices = self.choices[words] = self.narrow(words)
+        for needed, template in choices:
+            for name in needed:
+                if not values[name].strip():
+                    break
+            else:
+                return template
+        raise AssertionError("narrow() always ends with a choice that needs nothing")
+
+    def narrow(self, words):
+        """The rules that these words allow, in order, each with the fields it needs filled; the default last."""
+        seen = dict(zip(self.word_fields, map(self.word, words)))
+        choices = []
+        for rule in self.config.rules:
+            if rule.allows(seen):
+                choices.append((rule.needs_filled, self.config.templates[rule.template]))
+                if not rule.needs_filled:
+                    return tuple(choices)  # no rule after this one can be reached
+        choices.append(((), self.config.templates[self.config.default_template]))
+        return tuple(choices)
 
     def word(self, value):
         """status_word, remembered: an export repeats a handful of status words."""
@@ -1167,8 +1180,8 @@ class Renderer:
 class OrderValues(dict):
     """An order's placeholder values; derived ones are worked out when first asked for."""
 
-    def __init__(self, renderer, order, items, tracking):
-        super().__init__(order)
+    def __init__(self, renderer, pairs, items, tracking):
+        super().__init__(pairs)
         self.renderer, self.items_, self.tracking = renderer, items, tracking
         self.own_url = self.pop("tracking_url", "")  # the column's raw text; {tracking_url} is derived
 
@@ -1194,7 +1207,9 @@ def carrier_page(carriers, carrier):
 
 def tracking_link(page, number):
     """A carrier's tracking page with the number in it, URL-encoded."""
-    return page.format(tracking_number=quote(number, safe=""))
+    if not (number.isascii() and number.isalnum()):  # most numbers are letters and digits: nothing to encode
+        number = quote(number, safe="")
+    return page.format(tracking_number=number)
 
 
 def message(config, name, **values):
