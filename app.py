@@ -1073,7 +1073,8 @@ ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\
 
 def readable(value):
     """Dates read as people write them: '2026-11-28 10:00 -0400' -> '28 Nov 2026'."""
-    match = ISO_DATE.fullmatch(value) if value[:1].isdigit() else None
+    # The pattern only where a date can start: most values ('#1001', '1 x Hat') skip it.
+    match = ISO_DATE.fullmatch(value) if value[4:5] == "-" and value[:4].isdigit() else None
     if not match:
         return value
     try:
@@ -1104,10 +1105,12 @@ class Renderer:
         self.choices = {}  # the word fields' values as exported -> ((fields to be filled, Template), ...)
         self.words = {}  # memo of status_word
         self.carrier_pages = {}  # carrier name as exported -> its tracking page ("" when none)
+        # The derived placeholders (DERIVED but order_id, which is a column), each a method below.
+        self.makers = {name: getattr(self, name) for name in DERIVED if name != "order_id"}
 
     def answer(self, cells, items, tracking):
         """(template name, JSON body) for an order's cells (as Packer.unpack gives them)."""
-        values = OrderValues(self, zip(self.order_fields, cells), items, tracking)
+        values = OrderValues(self.makers, zip(self.order_fields, cells), items, tracking)
         template = self.pick(values)
         url = values["tracking_url"]
         body = f'{{"context": {json_text(template.render(values))}, "tracking_url": {json_text(url) if url else "null"}}}'
@@ -1146,30 +1149,42 @@ class Renderer:
             word = self.words[value] = status_word(value)
         return word
 
-    def derive(self, name, values):
-        """A derived placeholder's value for an order."""
-        items, tracking, config = values.items_, values.tracking, self.config
-        if name == "tracking_url":  # every answer needs it
-            own = safe_url(values.own_url.strip())
-            if own or not tracking:
-                return own or ""
-            page = self.carrier_pages.get(values["carrier"])
-            if page is None:
-                page = self.carrier_pages[values["carrier"]] = carrier_page(config.carriers, values["carrier"])
-            return tracking_link(page, tracking[0]) if page else ""
-        if name == "items":
-            return self.listing(items) or config.no_items
-        if name in ("shipped_items", "unshipped_items"):
-            shipped = config.shipped_item_statuses
-            wanted = name == "shipped_items"
-            return self.listing([i for i in items if (self.word(i[2]) in shipped) == wanted])
-        if name == "item_count":
-            return str(sum(int(q) if q.isdigit() else 1 for q, _, _ in items))
-        if name == "tracking_number":
-            return tracking[0] if tracking else ""
-        if name == "tracking_numbers":
-            return ", ".join(tracking)
-        return ""  # a mapped field whose column this export lacks
+    def tracking_url(self, values):
+        """The export's own tracking link when it is a safe one, else one built from [carriers], else ""."""
+        own = values.own_url
+        if own and (own := safe_url(own.strip())):
+            return own
+        if not values.tracking:
+            return ""
+        carrier = values["carrier"]
+        page = self.carrier_pages.get(carrier)
+        if page is None:
+            page = self.carrier_pages[carrier] = carrier_page(self.config.carriers, carrier)
+        return tracking_link(page, values.tracking[0]) if page else ""
+
+    def items(self, values):
+        """Every line item, or [items] none when the order lists none."""
+        return self.listing(values.items_) or self.config.no_items
+
+    def shipped_items(self, values):
+        """The items whose own status is one of [items] shipped."""
+        return self.listing([i for i in values.items_ if self.word(i[2]) in self.config.shipped_item_statuses])
+
+    def unshipped_items(self, values):
+        """The items not shipped yet."""
+        return self.listing([i for i in values.items_ if self.word(i[2]) not in self.config.shipped_item_statuses])
+
+    def item_count(self, values):
+        """How many items in all; an item with no number counts as one."""
+        return str(sum(int(q) if q.isdigit() else 1 for q, _, _ in values.items_))
+
+    def tracking_number(self, values):
+        """The first tracking number."""
+        return values.tracking[0] if values.tracking else ""
+
+    def tracking_numbers(self, values):
+        """Every tracking number, comma-separated."""
+        return ", ".join(values.tracking)
 
     def listing(self, items):
         """'1 x Hat, 2 x Socks' as [items] format and separator say."""
@@ -1180,13 +1195,16 @@ class Renderer:
 class OrderValues(dict):
     """An order's placeholder values; derived ones are worked out when first asked for."""
 
-    def __init__(self, renderer, pairs, items, tracking):
-        super().__init__(pairs)
-        self.renderer, self.items_, self.tracking = renderer, items, tracking
+    __slots__ = ("makers", "items_", "tracking", "own_url")
+
+    def __init__(self, makers, pairs, items, tracking):
+        dict.__init__(self, pairs)
+        self.makers, self.items_, self.tracking = makers, items, tracking
         self.own_url = self.pop("tracking_url", "")  # the column's raw text; {tracking_url} is derived
 
     def __missing__(self, name):
-        value = self[name] = self.renderer.derive(name, self)
+        make = self.makers.get(name)
+        value = self[name] = make(self) if make else ""  # "": a mapped field that this export lacks
         return value
 
 
