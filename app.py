@@ -31,7 +31,7 @@ from collections import Counter, deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
-from itertools import groupby
+from itertools import groupby, starmap
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
@@ -922,7 +922,7 @@ class Packer:
         for line in lines:
             cells = line.split(FIELD)
             if name_at is not None and (name := cells[name_at].strip()):
-                items.append((quantity_text(cells[quantity_at].strip()) if quantity_at is not None else "", name,
+                items.append((quantity_text(cells[quantity_at].strip()) if quantity_at is not None else "1", name,
                               cells[status_at].strip() if status_at is not None else ""))
             if tracking_at is not None and (numbers := cells[tracking_at].strip()):
                 for number in SEVERAL.split(numbers):
@@ -941,8 +941,8 @@ def clean_cell(text):
 
 
 def quantity_text(value):
-    """Quantities read '2', never '2.0'."""
-    return value[:-2] if value.endswith(".0") else value
+    """Quantities read '2', never '2.0'; no quantity reads 1."""
+    return (value[:-2] if value.endswith(".0") else value) or "1"
 
 
 @dataclass(frozen=True)
@@ -1091,26 +1091,35 @@ def safe_url(value):
     return value if SAFE_URL.match(value) else None
 
 
+OWN_URL = " tracking link column"  # no placeholder can be named so: placeholders are plain names
+
+
 class Renderer:
     """Words the answer of one order: derived values, the rule, the template."""
 
     def __init__(self, config, plan):
         self.config = config
-        self.order_fields = plan.order_fields
+        # The derived placeholders (DERIVED but order_id, which is a column), each a method below.
+        self.makers = {name: getattr(self, name) for name in DERIVED if name != "order_id"}
+        # An order's cells go by their field names, but for the export's own tracking link:
+        # {tracking_url} is derived from it.
+        self.names = tuple(OWN_URL if name == "tracking_url" else name for name in plan.order_fields)
+        self.filled_somewhere = set(self.names) | set(self.makers)
         # Rules look at the words in a few fields, and an export has a handful of words per
         # field: the words narrow the rules down once. Whether a field is filled is checked
         # per order, only as far as the rules in order need it.
         wanted = (c for rule in config.rules for c in rule.conditions)
         self.word_fields = tuple(dict.fromkeys(name for name, words in wanted if words is not None))
+        self.words_of = itemgetter(*self.word_fields) if self.word_fields else (lambda values: ())
         self.choices = {}  # the word fields' values as exported -> ((fields to be filled, Template), ...)
         self.words = {}  # memo of status_word
         self.carrier_pages = {}  # carrier name as exported -> its tracking page ("" when none)
-        # The derived placeholders (DERIVED but order_id, which is a column), each a method below.
-        self.makers = {name: getattr(self, name) for name in DERIVED if name != "order_id"}
+        # [items] format with numbered places, so an item tuple (quantity, name, status) fills it as is.
+        self.item_text = numbered(config.item_format, ("quantity", "name")).format
 
     def answer(self, cells, items, tracking):
         """(template name, JSON body) for an order's cells (as Packer.unpack gives them)."""
-        values = OrderValues(self.makers, zip(self.order_fields, cells), items, tracking)
+        values = OrderValues(self.makers, zip(self.names, cells), items, tracking)
         template = self.pick(values)
         url = values["tracking_url"]
         body = f'{{"context": {json_text(template.render(values))}, "tracking_url": {json_text(url) if url else "null"}}}'
@@ -1118,7 +1127,7 @@ class Renderer:
 
     def pick(self, values):
         """The first rule that matches picks the template; else the default."""
-        words = tuple(map(values.__getitem__, self.word_fields))
+        words = self.words_of(values)  # a tuple, or one word when rules look at one field
         choices = self.choices.get(words)
         if choices is None:
             choices = self.choices[words] = self.narrow(words)
@@ -1132,9 +1141,12 @@ class Renderer:
 
     def narrow(self, words):
         """The rules that these words allow, in order, each with the fields it needs filled; the default last."""
+        words = words if len(self.word_fields) > 1 else (words,)[:len(self.word_fields)]
         seen = dict(zip(self.word_fields, map(self.word, words)))
         choices = []
         for rule in self.config.rules:
+            if not self.filled_somewhere.issuperset(rule.needs_filled):
+                continue  # it needs a column this export lacks: it never matches
             if rule.allows(seen):
                 choices.append((rule.needs_filled, self.config.templates[rule.template]))
                 if not rule.needs_filled:
@@ -1151,7 +1163,7 @@ class Renderer:
 
     def tracking_url(self, values):
         """The export's own tracking link when it is a safe one, else one built from [carriers], else ""."""
-        own = values.own_url
+        own = values.get(OWN_URL)
         if own and (own := safe_url(own.strip())):
             return own
         if not values.tracking:
@@ -1188,19 +1200,23 @@ class Renderer:
 
     def listing(self, items):
         """'1 x Hat, 2 x Socks' as [items] format and separator say."""
-        fmt = self.config.item_format
-        return self.config.item_separator.join(fmt.format(quantity=q or "1", name=n) for q, n, _ in items)
+        return self.config.item_separator.join(starmap(self.item_text, items))
+
+
+def numbered(text, names):
+    """text with each {name} as {i}, i its place in names: str.format(*values) then fills it."""
+    return "".join(literal.replace("{", "{{").replace("}", "}}") + ("" if name is None else f"{{{names.index(name)}}}")
+                   for literal, name, _, _ in Formatter().parse(text))
 
 
 class OrderValues(dict):
     """An order's placeholder values; derived ones are worked out when first asked for."""
 
-    __slots__ = ("makers", "items_", "tracking", "own_url")
+    __slots__ = ("makers", "items_", "tracking")
 
     def __init__(self, makers, pairs, items, tracking):
         dict.__init__(self, pairs)
         self.makers, self.items_, self.tracking = makers, items, tracking
-        self.own_url = self.pop("tracking_url", "")  # the column's raw text; {tracking_url} is derived
 
     def __missing__(self, name):
         make = self.makers.get(name)
@@ -1250,9 +1266,9 @@ def answer(snapshot, order_id, email):
     if len(order_id) > MAX_ORDER_ID or len(email) > MAX_EMAIL or CONTROL.search(order_id + email):
         return 400, message(config, "invalid")
     wanted = normalise_order_id(order_id)
-    missing = [what for what, given in (("the order number", wanted), ("the email address used for the order", email))
-               if not given]
-    if missing:
+    if not wanted or not email:
+        missing = [what for what, given in (("the order number", wanted), ("the email address used for the order", email))
+                   if not given]
         return 400, message(config, "missing", missing=" and ".join(missing))
     packed = snapshot.index.get(index_key(wanted, normalise_email(email)))
     if packed is not None:

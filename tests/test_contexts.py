@@ -54,6 +54,20 @@ def test_dates_in_templates_are_readable(tmp_path, contexts_file):
     assert "Order 5 of 11 May 2025." in json.loads(app.answer(snap, "5", "a@example.com")[1])["context"]
 
 
+@pytest.mark.parametrize("item_format, separator, wanted", [
+    ("{quantity} x {name}", ", ", "It contains 2 x Hat, 1 x Scarf."),
+    ("{name} ({quantity})", " and ", "It contains Hat (2) and Scarf (1)."),
+    ("{{{name}}} x{quantity}", "; ", "It contains {Hat} x2; {Scarf} x1."),
+])
+def test_items_are_listed_as_the_items_format_says(tmp_path, contexts_file, item_format, separator, wanted):
+    edit(contexts_file, 'format = "{quantity} x {name}"', f'format = "{item_format}"')
+    edit(contexts_file, 'separator = ", "', f'separator = "{separator}"')
+    # A spreadsheet's 2.0 reads 2; an item without a quantity counts as one.
+    path = write(tmp_path / "o.csv", "Order ID,Email,Item Name,Quantity\n5,a@example.com,Hat,2.0\n5,,Scarf,\n")
+    snap = app.build_snapshot(app.load_config(contexts_file), path)
+    assert wanted in json.loads(app.answer(snap, "5", "a@example.com")[1])["context"]
+
+
 def test_a_rule_on_any_column_picks_its_template(tmp_path, contexts_file):
     text = contexts_file.read_text().replace("[[rules]]", '[[rules]]\nwhen = { tags = "vip" }\ntemplate = "vip"\n\n[[rules]]', 1)
     contexts_file.write_text(text.replace("[templates]\n", '[templates]\nvip = "Order {order_id} was found; VIPs get it first."\n'))
