@@ -1493,13 +1493,13 @@ COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nos
 
 
 def key_ok(keys, given):
-    """Constant-time check of a raw x-api-key header value against every configured key."""
+    """Constant-time check of a raw x-api-key header value against every configured key (as bytes)."""
     if not given or not keys:
         return False
     given = given.encode("latin-1", "replace")  # WSGI hands headers over as Latin-1 text
     ok = False
     for key in keys:  # no early exit: the time taken does not tell which key matched
-        ok |= hmac.compare_digest(given, key.encode("utf-8"))
+        ok |= hmac.compare_digest(given, key)
     return ok
 
 
@@ -1638,19 +1638,22 @@ def create_app(service, write_request=None):
     """The WSGI application: Bottle routes wrapped in the request log (see RequestLog for write_request)."""
     app = bottle.Bottle()
     app.config["catchall"] = True
-    keys = service.settings.api_keys
+    # Every route returns its body ready-made: the JSON and template plugins would only wrap
+    # each call in one more function.
+    app.uninstall(True)
+    keys = tuple(key.encode("utf-8") for key in service.settings.api_keys)
     throttle = Throttle(service.settings.key_failures_per_minute)
 
-    def check_key(required):
+    def check_key(environ, required):
         """True for a valid key; counts wrong ones and stops a guessing client with 429."""
         # The raw value: Bottle's headers decode as UTF-8 and raise on any other byte.
-        given = bottle.request.environ.get("HTTP_X_API_KEY")
+        given = environ.get("HTTP_X_API_KEY")
         if key_ok(keys, given):
             return True  # the right key is never throttled
         if given:
             # REMOTE_ADDR, not Bottle's remote_addr, which believes any X-Forwarded-For: waitress
             # rewrites REMOTE_ADDR from the proxy's headers only for a TRUSTED_PROXY.
-            address = bottle.request.environ.get("REMOTE_ADDR") or "-"
+            address = environ.get("REMOTE_ADDR") or "-"
             wait = throttle.retry_after(address)
             if wait:
                 raise bottle.HTTPError(429, retry_after=str(wait))
@@ -1661,22 +1664,24 @@ def create_app(service, write_request=None):
 
     @app.get("/lookup")
     def lookup():
+        environ = bottle.request.environ  # once: each bottle.request attribute goes through a thread-local
         bottle.response.content_type = JSON
-        check_key(required=True)
-        order_id, email = lookup_params(bottle.request.environ.get("QUERY_STRING", ""))
-        bottle.request.environ["orders.log"] = lookup_log_text(order_id, email)
+        check_key(environ, required=True)
+        order_id, email = lookup_params(environ.get("QUERY_STRING", ""))
+        environ["orders.lookup"] = (order_id, email)  # for the log line, worked out off the request's path
         snapshot = service.snapshot
         if snapshot is None:
             bottle.response.status = 503
             return UNAVAILABLE
         status, body = answer(snapshot, order_id, email)
-        bottle.response.status = status
+        if status != 200:  # a response starts as 200
+            bottle.response.status = status
         return body
 
     @app.get("/healthz")
     def healthz():
         bottle.response.content_type = JSON
-        detailed = check_key(required=False)
+        detailed = check_key(bottle.request.environ, required=False)
         healthy, _, age = service.health()
         bottle.response.status = 200 if healthy else 503
         if detailed:
@@ -1702,7 +1707,7 @@ def create_app(service, write_request=None):
         password = (bottle.parse_auth(bottle.request.environ.get("HTTP_AUTHORIZATION", "")) or ("", ""))[1]
         if password:  # the key is the password of HTTP Basic; the user name is ignored
             bottle.request.environ["HTTP_X_API_KEY"] = password.encode("utf-8").decode("latin-1")
-        if not check_key(required=False):
+        if not check_key(bottle.request.environ, required=False):
             if "login" in bottle.request.query or password:
                 bottle.response.status = 401
                 bottle.response.set_header("WWW-Authenticate", 'Basic realm="Order lookup status", charset="UTF-8"')
@@ -1715,12 +1720,6 @@ def create_app(service, write_request=None):
 
     app.default_error_handler = json_error
     return RequestLog(app, write_request)
-
-
-def lookup_log_text(order_id, email):
-    """The order number (normalised, so it cannot forge a log line) and the masked email."""
-    order = normalise_order_id(order_id or "")[:NOT_FOUND_ID_LENGTH] or "-"
-    return f"order={order} email={mask_email(email) if email else '-'}"
 
 
 ###############################################################################
@@ -1896,15 +1895,13 @@ def json_error(error):
     return json.dumps({"context": text})
 
 
-REQUEST_LINE = "%s %s %s %s %.1fms %s"  # address, method, path, status, time taken, order and masked email
-
-
 class RequestLog:
     """WSGI middleware: common headers, one log line per request, a JSON 500 whatever happens.
 
-    write_request takes (time, *REQUEST_LINE's fields); by default the line goes through
-    logging. `serve` hands LogHandler.queue_request instead, which skips building a
-    LogRecord on the request's path.
+    Each request leaves a bare tuple, (time, address, method, path, status, milliseconds,
+    (order number, email) or None), for write_request; request_line() makes the text.
+    By default the line goes through logging at once. `serve` hands LogHandler.queue_request
+    instead, whose flush thread makes the lines off the request's path.
     """
 
     def __init__(self, app, write_request=None):
@@ -1914,7 +1911,7 @@ class RequestLog:
     @staticmethod
     def log_request(entry):
         """A request line through logging."""
-        access_log.info(REQUEST_LINE, *entry[1:])
+        access_log.info("%s", request_line(entry))
 
     def __call__(self, environ, start_response):
         started = time.perf_counter()
@@ -1932,11 +1929,21 @@ class RequestLog:
             start_response(seen[-1], [("Content-Type", JSON), ("Content-Length", str(len(UNAVAILABLE)))]
                            + COMMON_HEADERS, sys.exc_info())
             body = [UNAVAILABLE]
-        status = seen[-1].split(" ", 1)[0] if seen else "-"
         self.write_request((time.time(), environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", "-"),
-                            sanitise_path(environ.get("PATH_INFO", "")), status,
-                            (time.perf_counter() - started) * 1000, environ.get("orders.log", "")))
+                            environ.get("PATH_INFO", ""), seen[-1] if seen else "-",
+                            (time.perf_counter() - started) * 1000, environ.get("orders.lookup")))
         return body
+
+
+def request_line(entry):
+    """A request's log line (without time and level): never a query, a full email or a control character."""
+    _, address, method, path, status, milliseconds, lookup = entry
+    line = f"{address} {method} {sanitise_path(path)} {status.split(' ', 1)[0]} {milliseconds:.1f}ms"
+    if lookup is None:
+        return line
+    order_id, email = lookup
+    order = normalise_order_id(order_id or "")[:NOT_FOUND_ID_LENGTH] or "-"  # normalised: it cannot forge a line
+    return f"{line} order={order} email={mask_email(email) if email else '-'}"
 
 
 def sanitise_path(path):
@@ -2362,7 +2369,7 @@ class LogHandler(logging.StreamHandler):
     def __init__(self, interval=0.5):
         super().__init__(sys.stderr)
         self.pending = deque()
-        self.queue_request = self.pending.append  # (time, *REQUEST_LINE's fields), from RequestLog
+        self.queue_request = self.pending.append  # RequestLog's tuples
         self.timer = threading.Thread(target=self.flush_every, args=(interval,), name="log-flush", daemon=True)
         self.timer.start()
 
@@ -2374,8 +2381,8 @@ class LogHandler(logging.StreamHandler):
         """Write the queued request lines in one go."""
         line, lines = self.formatter.line, []
         while self.pending:
-            created, *fields = self.pending.popleft()
-            lines.append(line(created, "INFO", access_log.name, REQUEST_LINE % tuple(fields)))
+            entry = self.pending.popleft()
+            lines.append(line(entry[0], "INFO", access_log.name, request_line(entry)))
         if lines:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()

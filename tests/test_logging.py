@@ -72,19 +72,22 @@ def test_text_lines_carry_the_time_of_each_record():
 
 @pytest.mark.parametrize("formatter", [app.TextLines, app.JsonLines])
 def test_a_queued_request_line_reads_as_a_logged_one(formatter):
-    """serve queues request lines as bare tuples; what gets written is the line logging would write."""
+    """serve queues raw request tuples; the flush thread writes the line logging would write, as safe."""
     import io
 
     handler = app.LogHandler(interval=3600)
     handler.setFormatter(formatter())
     handler.stream = io.StringIO()
-    entry = (1_700_000_000.5, "127.0.0.1", "GET", "/lookup", "200", 0.42, "order=1001 email=j***@example.com")
+    entry = (1_700_000_000.5, "127.0.0.1", "GET", "/lookup\x1b[2J", "200 OK", 0.42,
+             ("#1001\r\nINFO forged", "jane@example.com"))
     handler.queue_request(entry)
     handler.flush_now()
-    record = logging.LogRecord("orders.access", logging.INFO, __file__, 1, app.REQUEST_LINE, entry[1:], None)
+    record = logging.LogRecord("orders.access", logging.INFO, __file__, 1, "%s", (app.request_line(entry),), None)
     record.created, record.msecs = entry[0], 500.0
-    assert handler.stream.getvalue() == formatter().format(record) + "\n"
-    assert "127.0.0.1 GET /lookup 200 0.4ms order=1001 email=j***@example.com" in handler.stream.getvalue()
+    written = handler.stream.getvalue()
+    assert written == formatter().format(record) + "\n"
+    assert "127.0.0.1 GET /lookup?[2J 200 0.4ms order=1001infoforged email=j***@example.com" in written
+    assert "jane@" not in written and "\r" not in written and "\x1b" not in written
 
 
 def test_json_lines_for_log_collectors_and_start_up_facts(tmp_path, export, contexts_file):
