@@ -2382,7 +2382,11 @@ class LogHandler(logging.StreamHandler):
         line, lines = self.formatter.line, []
         while self.pending:
             entry = self.pending.popleft()
-            lines.append(line(entry[0], "INFO", access_log.name, request_line(entry)))
+            try:
+                text = request_line(entry)
+            except Exception:  # one odd request must not stop every later line: this thread writes them all
+                text = "a request whose log line could not be made"
+            lines.append(line(entry[0], "INFO", access_log.name, text))
         if lines:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()

@@ -90,6 +90,19 @@ def test_a_queued_request_line_reads_as_a_logged_one(formatter):
     assert "jane@" not in written and "\r" not in written and "\x1b" not in written
 
 
+def test_an_odd_request_tuple_costs_its_own_line_only():
+    import io
+
+    handler = app.LogHandler(interval=3600)
+    handler.setFormatter(app.TextLines())
+    handler.stream = io.StringIO()
+    handler.queue_request((1_700_000_000.0, "127.0.0.1", "GET", None, "200 OK", 0.1, None))  # no path at all
+    handler.queue_request((1_700_000_000.0, "127.0.0.1", "GET", "/lookup", "200 OK", 0.1, ("1001", "a@example.com")))
+    handler.flush_now()
+    first, second = handler.stream.getvalue().splitlines()
+    assert "could not be made" in first and "GET /lookup 200" in second
+
+
 def test_json_lines_for_log_collectors_and_start_up_facts(tmp_path, export, contexts_file):
     import json
     import os
