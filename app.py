@@ -1091,65 +1091,78 @@ def safe_url(value):
     return value if SAFE_URL.match(value) else None
 
 
-OWN_URL = " tracking link column"  # no placeholder can be named so: placeholders are plain names
-
-
 class Renderer:
-    """Words the answer of one order: derived values, the rule, the template."""
+    """Words the answer of one order: the tracking link, the rule, the template.
+
+    This runs on every lookup, so what depends only on contexts.toml and the export's
+    columns is worked out once, here: where each placeholder's value comes from (a
+    cell's position, or a method for a derived one), and which rules an order's
+    status words allow.
+    """
 
     def __init__(self, config, plan):
         self.config = config
-        # The derived placeholders (DERIVED but order_id, which is a column), each a method below.
-        self.makers = {name: getattr(self, name) for name in DERIVED if name != "order_id"}
-        # An order's cells go by their field names, but for the export's own tracking link:
-        # {tracking_url} is derived from it.
-        self.names = tuple(OWN_URL if name == "tracking_url" else name for name in plan.order_fields)
-        self.filled_somewhere = set(self.names) | set(self.makers)
+        at = {name: i for i, name in enumerate(plan.order_fields)}
+        self.own_url_at = at.pop("tracking_url", None)  # the column's text; {tracking_url} is derived from it
+        self.carrier_at = at.get("carrier")
+        derived = {name: getattr(self, name) for name in DERIVED if name != "order_id"}
+        self.source = {**at, **derived}  # a field -> its cell's position, or the method that derives it
         # Rules look at the words in a few fields, and an export has a handful of words per
         # field: the words narrow the rules down once. Whether a field is filled is checked
         # per order, only as far as the rules in order need it.
         wanted = (c for rule in config.rules for c in rule.conditions)
-        self.word_fields = tuple(dict.fromkeys(name for name, words in wanted if words is not None))
-        self.words_of = itemgetter(*self.word_fields) if self.word_fields else (lambda values: ())
-        self.choices = {}  # the word fields' values as exported -> ((fields to be filled, Template), ...)
+        names = [name for name in dict.fromkeys(n for n, words in wanted if words is not None)
+                 if name in self.source]  # a field the export lacks reads "" in every order
+        columns = [name for name in names if name in at]
+        self.words_of = getter(tuple(at[name] for name in columns))
+        # Words compared with a derived value (item_count = "1") are worked out per order.
+        self.derived_words = tuple(derived[name] for name in names if name not in at)
+        self.word_fields = (*columns, *(name for name in names if name not in at))
+        self.fills = {name: tuple((field, self.source.get(field, self.nothing)) for field in template.fields)
+                      for name, template in config.templates.items() if name not in MESSAGES}
+        self.choices = {}  # the word fields' values as exported -> ((sources to be filled, Template), ...)
         self.words = {}  # memo of status_word
         self.carrier_pages = {}  # carrier name as exported -> its tracking page ("" when none)
         # [items] format with numbered places, so an item tuple (quantity, name, status) fills it as is.
         self.item_text = numbered(config.item_format, ("quantity", "name")).format
 
     def answer(self, cells, items, tracking):
-        """(template name, JSON body) for an order's cells (as Packer.unpack gives them)."""
-        values = OrderValues(self.makers, zip(self.names, cells), items, tracking)
-        template = self.pick(values)
-        url = values["tracking_url"]
-        body = f'{{"context": {json_text(template.render(values))}, "tracking_url": {json_text(url) if url else "null"}}}'
-        return template.name, body.encode()
+        """(template name, JSON body) for an order's cells, items and tracking numbers (Packer.unpack's)."""
+        url = self.link(cells, tracking)
+        template = self.pick(cells, items, tracking, url)
+        # A source is a cell's position or a method: the one test that tells them apart, inline.
+        text = template.text.format_map({
+            field: readable(cells[source].strip()) if source.__class__ is int else source(cells, items, tracking, url)
+            for field, source in self.fills[template.name]})
+        return template.name, f'{{"context": {json_text(text)}, "tracking_url": {json_text(url) if url else "null"}}}'.encode()
 
-    def pick(self, values):
+    def pick(self, cells, items, tracking, url):
         """The first rule that matches picks the template; else the default."""
-        words = self.words_of(values)  # a tuple, or one word when rules look at one field
+        words = self.words_of(cells)
+        if self.derived_words:
+            words += tuple(make(cells, items, tracking, url) for make in self.derived_words)
         choices = self.choices.get(words)
         if choices is None:
             choices = self.choices[words] = self.narrow(words)
         for needed, template in choices:
-            for name in needed:
-                if not values[name].strip():
+            for source in needed:
+                if not (cells[source].strip() if source.__class__ is int else source(cells, items, tracking, url)):
                     break
             else:
                 return template
         raise AssertionError("narrow() always ends with a choice that needs nothing")
 
     def narrow(self, words):
-        """The rules that these words allow, in order, each with the fields it needs filled; the default last."""
-        words = words if len(self.word_fields) > 1 else (words,)[:len(self.word_fields)]
+        """The rules that these words allow, in order, each with the sources it needs filled; the default last."""
         seen = dict(zip(self.word_fields, map(self.word, words)))
         choices = []
         for rule in self.config.rules:
-            if not self.filled_somewhere.issuperset(rule.needs_filled):
+            needed = tuple(self.source.get(name) for name in rule.needs_filled)
+            if None in needed:
                 continue  # it needs a column this export lacks: it never matches
             if rule.allows(seen):
-                choices.append((rule.needs_filled, self.config.templates[rule.template]))
-                if not rule.needs_filled:
+                choices.append((needed, self.config.templates[rule.template]))
+                if not needed:
                     return tuple(choices)  # no rule after this one can be reached
         choices.append(((), self.config.templates[self.config.default_template]))
         return tuple(choices)
@@ -1161,42 +1174,51 @@ class Renderer:
             word = self.words[value] = status_word(value)
         return word
 
-    def tracking_url(self, values):
+    def link(self, cells, tracking):
         """The export's own tracking link when it is a safe one, else one built from [carriers], else ""."""
-        own = values.get(OWN_URL)
-        if own and (own := safe_url(own.strip())):
+        if self.own_url_at is not None and (own := safe_url(cells[self.own_url_at].strip())):
             return own
-        if not values.tracking:
+        if not tracking or self.carrier_at is None:
             return ""
-        carrier = values["carrier"]
+        carrier = cells[self.carrier_at]
         page = self.carrier_pages.get(carrier)
         if page is None:
             page = self.carrier_pages[carrier] = carrier_page(self.config.carriers, carrier)
-        return tracking_link(page, values.tracking[0]) if page else ""
+        return tracking_link(page, tracking[0]) if page else ""
 
-    def items(self, values):
+    # The derived placeholders, each (cells, items, tracking numbers, tracking link) -> text.
+
+    def tracking_url(self, cells, items, tracking, url):
+        """The tracking link."""
+        return url
+
+    def items(self, cells, items, tracking, url):
         """Every line item, or [items] none when the order lists none."""
-        return self.listing(values.items_) or self.config.no_items
+        return self.listing(items) or self.config.no_items
 
-    def shipped_items(self, values):
+    def shipped_items(self, cells, items, tracking, url):
         """The items whose own status is one of [items] shipped."""
-        return self.listing([i for i in values.items_ if self.word(i[2]) in self.config.shipped_item_statuses])
+        return self.listing([i for i in items if self.word(i[2]) in self.config.shipped_item_statuses])
 
-    def unshipped_items(self, values):
+    def unshipped_items(self, cells, items, tracking, url):
         """The items not shipped yet."""
-        return self.listing([i for i in values.items_ if self.word(i[2]) not in self.config.shipped_item_statuses])
+        return self.listing([i for i in items if self.word(i[2]) not in self.config.shipped_item_statuses])
 
-    def item_count(self, values):
+    def item_count(self, cells, items, tracking, url):
         """How many items in all; an item with no number counts as one."""
-        return str(sum(int(q) if q.isdigit() else 1 for q, _, _ in values.items_))
+        return str(sum(int(q) if q.isdigit() else 1 for q, _, _ in items))
 
-    def tracking_number(self, values):
+    def tracking_number(self, cells, items, tracking, url):
         """The first tracking number."""
-        return values.tracking[0] if values.tracking else ""
+        return tracking[0] if tracking else ""
 
-    def tracking_numbers(self, values):
+    def tracking_numbers(self, cells, items, tracking, url):
         """Every tracking number, comma-separated."""
-        return ", ".join(values.tracking)
+        return ", ".join(tracking)
+
+    def nothing(self, cells, items, tracking, url):
+        """A mapped field that this export lacks."""
+        return ""
 
     def listing(self, items):
         """'1 x Hat, 2 x Socks' as [items] format and separator say."""
@@ -1207,21 +1229,6 @@ def numbered(text, names):
     """text with each {name} as {i}, i its place in names: str.format(*values) then fills it."""
     return "".join(literal.replace("{", "{{").replace("}", "}}") + ("" if name is None else f"{{{names.index(name)}}}")
                    for literal, name, _, _ in Formatter().parse(text))
-
-
-class OrderValues(dict):
-    """An order's placeholder values; derived ones are worked out when first asked for."""
-
-    __slots__ = ("makers", "items_", "tracking")
-
-    def __init__(self, makers, pairs, items, tracking):
-        dict.__init__(self, pairs)
-        self.makers, self.items_, self.tracking = makers, items, tracking
-
-    def __missing__(self, name):
-        make = self.makers.get(name)
-        value = self[name] = make(self) if make else ""  # "": a mapped field that this export lacks
-        return value
 
 
 def json_text(text):

@@ -54,6 +54,15 @@ def test_dates_in_templates_are_readable(tmp_path, contexts_file):
     assert "Order 5 of 11 May 2025." in json.loads(app.answer(snap, "5", "a@example.com")[1])["context"]
 
 
+def test_a_rule_can_compare_words_with_a_derived_value(tmp_path, contexts_file):
+    text = contexts_file.read_text().replace("[[rules]]", '[[rules]]\nwhen = { item_count = "1" }\ntemplate = "single"\n\n[[rules]]', 1)
+    contexts_file.write_text(text.replace("[templates]\n", '[templates]\nsingle = "Order {order_id} holds one item."\n'))
+    path = write(tmp_path / "o.csv", "Order ID,Email,Item Name\n5,a@example.com,Hat\n6,b@example.com,Hat\n6,,Scarf\n")
+    snap = app.build_snapshot(app.load_config(contexts_file), path)
+    assert json.loads(app.answer(snap, "5", "a@example.com")[1])["context"] == "Order 5 holds one item."
+    assert json.loads(app.answer(snap, "6", "b@example.com")[1])["context"].startswith("Order 6 was found.")
+
+
 @pytest.mark.parametrize("item_format, separator, wanted", [
     ("{quantity} x {name}", ", ", "It contains 2 x Hat, 1 x Scarf."),
     ("{name} ({quantity})", " and ", "It contains Hat (2) and Scarf (1)."),
