@@ -3,6 +3,7 @@
 
     python bench/run.py                    # 50,000 orders: about a minute
     python bench/run.py --orders 500000    # the size the bars are set for
+    python bench/run.py --spin 20          # also: what 20 µs of Python per request costs here
 
 Generates a Shopify-shaped export (CSV and XLSX, reproducible with --seed),
 measures each baseline and the service side by side, and prints a table of
@@ -182,8 +183,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def bare_child(port):
-    """In the child: a bare Bottle app on waitress with the service's settings, constant JSON."""
+def bare_child(port, spin_us=0.0):
+    """In the child: a bare Bottle app on waitress with the service's settings, constant JSON.
+
+    spin_us adds that many microseconds of plain Python (an empty loop) to each request:
+    what a microsecond of Python costs in throughput on this machine.
+    """
     sys.path.insert(0, str(ROOT))
     import bottle
 
@@ -192,9 +197,15 @@ def bare_child(port):
     bare = bottle.Bottle()
     body = json.dumps({"context": "Order #1001 was found. It contains 1 x Wool Socks. It has not shipped yet; "
                                   "orders normally ship within two business days.", "tracking_url": None}).encode()
+    started = time.perf_counter()
+    for _ in range(1_000_000):
+        pass
+    loops = round(spin_us * 1e-6 * 1_000_000 / (time.perf_counter() - started))
 
     @bare.get("/lookup")
     def lookup():
+        for _ in range(loops):
+            pass
         bottle.response.content_type = "application/json"
         return body
 
@@ -394,10 +405,10 @@ def reload_under_load(server, path, args):
             "max_during_ms": during[-1] if during else float("nan")}
 
 
-def measure_bare(args):
+def measure_bare(args, spin_us=0.0):
     """The bare Bottle/waitress app, same settings, same load."""
     port = free_port()
-    server = Process([sys.executable, __file__, "--bare", str(port), "--out", str(OUT)], {}, port)
+    server = Process([sys.executable, __file__, "--bare", str(port), "--spin", str(spin_us), "--out", str(OUT)], {}, port)
     try:
         server.wait_ready("/lookup")
         return load(port, args.seconds, args.connections, args.orders)
@@ -416,6 +427,9 @@ def run(args):
         results[name] = run_baseline(name, path)
     print("bare app under load ...", flush=True)
     results["bare"] = measure_bare(args)
+    if args.spin:
+        print(f"bare app plus {args.spin:g} µs of Python per request ...", flush=True)
+        results["bare_spin"] = {"spin_us": args.spin, **measure_bare(args, args.spin)}
     print("service on CSV: load, lookups, reload under load ...", flush=True)
     results["service_csv"] = measure_service(csv_path, args, "csv")
     print("service on XLSX ...", flush=True)
@@ -459,6 +473,9 @@ def table(r):
         f"| needed columns as interned tuples | {r['tuples']['seconds']:.2f} | {r['tuples']['peak_mb']:.0f} | | | |",
         f"| openpyxl read_only pass (XLSX) | {r['openpyxl']['seconds']:.2f} | {r['openpyxl']['peak_mb']:.0f} | | | |",
         f"| bare Bottle/waitress, constant JSON | | | {r['bare']['rps']:,.0f} | {r['bare']['p50_ms']:.1f} | {r['bare']['p99_ms']:.1f} |",
+        *([f"| the same, plus {r['bare_spin']['spin_us']:g} µs of Python per request "
+           f"({r['bare_spin']['rps'] / r['bare']['rps']:.2f}x) | | | {r['bare_spin']['rps']:,.0f} | "
+           f"{r['bare_spin']['p50_ms']:.1f} | {r['bare_spin']['p99_ms']:.1f} |"] if "bare_spin" in r else []),
         f"| service: CSV start to serving (load {s['load_s']:.2f} s) | {s['start_to_serving_s']:.2f} | "
         f"{s['peak_after_load_mb']:.0f} | | | |",
         f"| service: lookups | | | {s['load']['rps']:,.0f} | {s['load']['p50_ms']:.1f} | {s['load']['p99_ms']:.1f} |",
@@ -487,6 +504,8 @@ def main():
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the exports and results (default bench/out)")
     parser.add_argument("--baseline", nargs=2, metavar=("NAME", "FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--spin", type=float, default=0.0, metavar="MICROSECONDS",
+                        help="also measure the bare app with this much plain Python added to each request")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT = args.out
@@ -494,7 +513,7 @@ def main():
     if args.baseline:
         return baseline_child(args.baseline[0], args.baseline[1])
     if args.bare:
-        return bare_child(args.bare)
+        return bare_child(args.bare, args.spin)
     args.xlsx_orders = args.xlsx_orders or min(args.orders, 20_000)
     return run(args)
 
