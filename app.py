@@ -1134,7 +1134,8 @@ class Renderer:
         text = template.text.format_map({
             field: readable(cells[source].strip()) if source.__class__ is int else source(cells, items, tracking, url)
             for field, source in self.fills[template.name]})
-        return template.name, f'{{"context": {json_text(text)}, "tracking_url": {json_text(url) if url else "null"}}}'.encode()
+        body = f'{{"context": {json_text(text)}, "tracking_url": {json_text(url) if url else "null"}}}'
+        return template.name, body.encode()
 
     def pick(self, cells, items, tracking, url):
         """The first rule that matches picks the template; else the default."""
