@@ -197,15 +197,19 @@ def bare_child(port, spin_us=0.0):
     bare = bottle.Bottle()
     body = json.dumps({"context": "Order #1001 was found. It contains 1 x Wool Socks. It has not shipped yet; "
                                   "orders normally ship within two business days.", "tracking_url": None}).encode()
-    started = time.perf_counter()
-    for _ in range(1_000_000):
-        pass
-    loops = round(spin_us * 1e-6 * 1_000_000 / (time.perf_counter() - started))
+    def spin(loops):
+        """An empty loop; its time per pass calibrates --spin."""
+        started = time.perf_counter()
+        for _ in range(loops):
+            pass
+        return time.perf_counter() - started
+
+    loops = round(spin_us * 1e-6 * 200_000 / min(spin(200_000) for _ in range(5)))
 
     @bare.get("/lookup")
     def lookup():
-        for _ in range(loops):
-            pass
+        if loops:
+            spin(loops)
         bottle.response.content_type = "application/json"
         return body
 
