@@ -183,20 +183,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def bare_child(port, spin_us=0.0):
-    """In the child: a bare Bottle app on waitress with the service's settings, constant JSON.
+def bare_app(spin_us=0.0):
+    """A bare Bottle app answering /lookup with a constant JSON body.
 
     spin_us adds that many microseconds of plain Python (an empty loop) to each request:
     what a microsecond of Python costs in throughput on this machine.
     """
-    sys.path.insert(0, str(ROOT))
     import bottle
 
-    import app as service_app
-
-    bare = bottle.Bottle()
+    app = bottle.Bottle()
     body = json.dumps({"context": "Order #1001 was found. It contains 1 x Wool Socks. It has not shipped yet; "
                                   "orders normally ship within two business days.", "tracking_url": None}).encode()
+
     def spin(loops):
         """An empty loop; its time per pass calibrates --spin."""
         started = time.perf_counter()
@@ -206,18 +204,68 @@ def bare_child(port, spin_us=0.0):
 
     loops = round(spin_us * 1e-6 * 200_000 / min(spin(200_000) for _ in range(5)))
 
-    @bare.get("/lookup")
+    @app.get("/lookup")
     def lookup():
         if loops:
             spin(loops)
         bottle.response.content_type = "application/json"
         return body
 
+    return app
+
+
+def bare_child(port, spin_us=0.0):
+    """In the child: the bare app on waitress with the service's settings."""
+    sys.path.insert(0, str(ROOT))
+    import app as service_app
+
     # As the service does: without this, waitress writes "Task queue depth is N" to stderr on
     # nearly every request under load, and the baseline would pay for a write the service skips.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     settings = service_app.settings_from({"port": port}, env={})
-    service_app.make_server(bare, settings).run()
+    service_app.make_server(bare_app(spin_us), settings).run()
+
+
+def in_process_child(path, orders):
+    """In the child: microseconds per lookup through each WSGI app, called directly, no server."""
+    import io
+    from collections import deque
+
+    sys.path.insert(0, str(ROOT))
+    import app as service_app
+
+    settings = service_app.settings_from({}, env={"ORDERS_FILE": str(path), "API_KEY": KEY,
+                                                  "STATE_DIR": str(OUT / "state")})
+    service = service_app.Service(settings)
+    service.start()
+    queued = deque()
+    service_wsgi = service_app.create_app(service, queued.append)  # as `serve` does: lines made off the path
+    rng = random.Random(1)
+    environs = [{"REQUEST_METHOD": "GET", "PATH_INFO": "/lookup", "QUERY_STRING": lookup_path(n).split("?", 1)[1],
+                 "HTTP_X_API_KEY": KEY, "REMOTE_ADDR": "127.0.0.1", "SERVER_NAME": "bench", "SERVER_PORT": "80",
+                 "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO()}
+                for n in (1001 + rng.randrange(orders) for _ in range(20_000))]
+
+    def per_request(wsgi):
+        """Best of three passes over the lookups, in µs per request."""
+        def start_response(status, headers, exc_info=None):
+            pass
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for environ in environs:
+                for _ in wsgi(dict(environ), start_response):
+                    pass
+            best = min(best, (time.perf_counter() - started) / len(environs) * 1e6)
+        return best
+
+    bare_us, service_us = per_request(bare_app()), per_request(service_wsgi)
+    formatter, entries = service_app.TextLines(), list(queued)[:len(environs)]
+    started = time.perf_counter()
+    for entry in entries:  # what the log's flush thread does for each
+        formatter.line(entry[0], "INFO", "orders.access", service_app.request_line(entry))
+    line_us = (time.perf_counter() - started) / len(entries) * 1e6
+    print(json.dumps({"bare_us": bare_us, "service_us": service_us, "log_line_us": line_us}))
 
 
 class Process:
@@ -434,6 +482,10 @@ def run(args):
     if args.spin:
         print(f"bare app plus {args.spin:g} µs of Python per request ...", flush=True)
         results["bare_spin"] = {"spin_us": args.spin, **measure_bare(args, args.spin)}
+    print("both apps in-process ...", flush=True)
+    child = subprocess.run([sys.executable, __file__, "--in-process", str(csv_path), "--orders", str(args.orders),
+                            "--out", str(OUT)], capture_output=True, text=True, check=True)
+    results["in_process"] = json.loads(child.stdout.splitlines()[-1])
     print("service on CSV: load, lookups, reload under load ...", flush=True)
     results["service_csv"] = measure_service(csv_path, args, "csv")
     print("service on XLSX ...", flush=True)
@@ -487,6 +539,10 @@ def table(r):
         f"{s['peak_mb']:.0f} | | {s['reload']['p50_during_ms']:.1f} | {s['reload']['p99_during_ms']:.1f} |",
         f"| service: XLSX load | {r['service_xlsx']['load_s']:.2f} | {r['service_xlsx']['peak_after_load_mb']:.0f} | | | |",
         "",
+        f"In-process, per lookup through the WSGI app (no server): bare {r['in_process']['bare_us']:.1f} µs, "
+        f"service {r['in_process']['service_us']:.1f} µs, plus {r['in_process']['log_line_us']:.1f} µs to make "
+        "its log line in the log's thread.",
+        "",
         "| bar | measured | bar | goal | |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
@@ -511,6 +567,7 @@ def main():
     parser.add_argument("--spin", type=float, default=0.0, metavar="MICROSECONDS",
                         help="also measure the bare app with this much plain Python added to each request")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--in-process", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
@@ -518,6 +575,8 @@ def main():
         return baseline_child(args.baseline[0], args.baseline[1])
     if args.bare:
         return bare_child(args.bare, args.spin)
+    if args.in_process:
+        return in_process_child(args.in_process, args.orders)
     args.xlsx_orders = args.xlsx_orders or min(args.orders, 20_000)
     return run(args)
 

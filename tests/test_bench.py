@@ -17,3 +17,4 @@ def test_the_benchmark_runs_and_reports_every_bar(tmp_path):
     assert len(results["checks"]) == 7
     assert "| lookup throughput vs bare Bottle/waitress |" in run.stdout
     assert results["bare_spin"]["spin_us"] == 5 and "plus 5 µs of Python per request" in run.stdout
+    assert results["in_process"]["service_us"] > 0 and "In-process, per lookup" in run.stdout
