@@ -484,7 +484,9 @@ def run(args):
         results["bare_spin"] = {"spin_us": args.spin, **measure_bare(args, args.spin)}
     print("both apps in-process ...", flush=True)
     child = subprocess.run([sys.executable, __file__, "--in-process", str(csv_path), "--orders", str(args.orders),
-                            "--out", str(OUT)], capture_output=True, text=True, check=True)
+                            "--out", str(OUT)], capture_output=True, text=True)
+    if child.returncode:
+        raise SystemExit(f"the in-process measurement failed:\n{child.stderr}")
     results["in_process"] = json.loads(child.stdout.splitlines()[-1])
     print("service on CSV: load, lookups, reload under load ...", flush=True)
     results["service_csv"] = measure_service(csv_path, args, "csv")
