@@ -1480,11 +1480,7 @@ def yielding():
 
 def same_file_state(path, snapshot):
     """True when path has the size and mtime the snapshot was read from."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return False
-    return stat.st_size == snapshot.file_size and stat.st_mtime_ns == snapshot.file_mtime_ns
+    return file_state(path)[1:] == (snapshot.file_size, snapshot.file_mtime_ns)
 
 
 def iso_time(timestamp):
@@ -2042,7 +2038,6 @@ class Watcher:
         return current
 
 
-
 def file_state(path):
     """(path, size, mtime_ns), as the watcher compares files; the sizes are None if it is gone."""
     try:
@@ -2074,7 +2069,7 @@ def event_handler(watcher):
 
 
 def build_parser():
-    """python app.py [serve|check|lookup] with the options each takes."""
+    """python app.py [serve|check|lookup|probe] with the options each takes."""
     files = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option not given must not hide the environment variable.
     files.add_argument("--data", default=argparse.SUPPRESS, metavar="PATH",

@@ -202,7 +202,7 @@ def bare_app(spin_us=0.0):
             pass
         return time.perf_counter() - started
 
-    loops = round(spin_us * 1e-6 * 200_000 / min(spin(200_000) for _ in range(5)))
+    loops = round(spin_us * 1e-6 * 200_000 / min(spin(200_000) for _ in range(5))) if spin_us else 0
 
     @app.get("/lookup")
     def lookup():
