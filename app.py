@@ -1424,6 +1424,11 @@ class Service:
         copies = sorted(state.glob("last-good.*")) if state.is_dir() else []
         return copies[0] if copies else None
 
+    def unavailable(self):
+        """The JSON body of a fault: contexts.toml's `unavailable`, or the shipped wording before any load."""
+        snapshot = self.snapshot
+        return UNAVAILABLE if snapshot is None else message(snapshot.config, "unavailable")
+
     def health(self, now=None):
         """(healthy, reasons, age in seconds) of the data being served."""
         now = time.time() if now is None else now
@@ -1676,7 +1681,7 @@ def create_app(service, write_request=None):
         snapshot = service.snapshot
         if snapshot is None:
             bottle.response.status = 503
-            return UNAVAILABLE
+            return service.unavailable()
         status, body = answer(snapshot, order_id, email)
         if status != 200:  # a response starts as 200
             bottle.response.status = status
@@ -1722,8 +1727,8 @@ def create_app(service, write_request=None):
             tried = try_lookup(service, form.getunicode("order_id", ""), form.getunicode("customer_email", ""))
         return STATUS_PAGE.render(status_view(service, tried))
 
-    app.default_error_handler = json_error
-    return RequestLog(app, write_request)
+    app.default_error_handler = lambda error: json_error(error, service)
+    return RequestLog(app, write_request, service.unavailable)
 
 
 ###############################################################################
@@ -1814,7 +1819,7 @@ def try_lookup(service, order_id, email):
     from http import HTTPStatus
 
     if service.snapshot is None:
-        return {"status": "503 Service Unavailable", "body": UNAVAILABLE.decode()}
+        return {"status": "503 Service Unavailable", "body": service.unavailable().decode()}
     status, body = answer(service.snapshot, order_id, email)
     return {"status": f"{status} {HTTPStatus(status).phrase}", "body": body.decode(),
             "order_id": order_id, "email": email}
@@ -1880,8 +1885,9 @@ STATUS_PAGE = bottle.SimpleTemplate(PAGE_STYLE + """<!doctype html><title>Order 
 """)
 
 
-UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. Please try again later "
-                                     "or contact support."}).encode()
+# Before any contexts.toml has loaded, a fault is worded as the shipped `unavailable` template.
+UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. Please try again in a few "
+                                     "minutes or contact support."}).encode()
 
 ERROR_TEXTS = {
     404: "There is nothing at this address. Orders are looked up at /lookup.",
@@ -1890,11 +1896,11 @@ ERROR_TEXTS = {
 }
 
 
-def json_error(error):
+def json_error(error, service):
     """Bottle's errors (404, 405, 500, ...) as JSON, never an HTML page or a traceback."""
     bottle.response.content_type = JSON
     if error.status_code >= 500:
-        return UNAVAILABLE
+        return service.unavailable()
     text = ERROR_TEXTS.get(error.status_code, "The request could not be handled.")
     return json.dumps({"context": text})
 
@@ -1902,15 +1908,18 @@ def json_error(error):
 class RequestLog:
     """WSGI middleware: common headers, one log line per request, a JSON 500 whatever happens.
 
+    The 500's body is unavailable(): contexts.toml's `unavailable` answer.
+
     Each request leaves a bare tuple, (time, address, method, path, status, milliseconds,
     (order number, email) or None), for write_request; request_line() makes the text.
     By default the line goes through logging at once. `serve` hands LogHandler.queue_request
     instead, whose flush thread makes the lines off the request's path.
     """
 
-    def __init__(self, app, write_request=None):
+    def __init__(self, app, write_request=None, unavailable=lambda: UNAVAILABLE):
         self.app = app
         self.write_request = write_request or self.log_request
+        self.unavailable = unavailable  # the body of a fault
 
     @staticmethod
     def log_request(entry):
@@ -1930,9 +1939,13 @@ class RequestLog:
         except Exception:
             log.exception("request failed")
             seen.append("500 Internal Server Error")
-            start_response(seen[-1], [("Content-Type", JSON), ("Content-Length", str(len(UNAVAILABLE)))]
+            try:
+                fault = self.unavailable()
+            except Exception:  # the fault's own wording must not be a second fault
+                fault = UNAVAILABLE
+            start_response(seen[-1], [("Content-Type", JSON), ("Content-Length", str(len(fault)))]
                            + COMMON_HEADERS, sys.exc_info())
-            body = [UNAVAILABLE]
+            body = [fault]
         self.write_request((time.time(), environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", "-"),
                             environ.get("PATH_INFO", ""), seen[-1] if seen else "-",
                             (time.perf_counter() - started) * 1000, environ.get("orders.lookup")))

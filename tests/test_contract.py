@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 import app
-from conftest import KEY, OTHER_KEY, SHOPIFY_CSV, Client, make_settings, write
+from conftest import KEY, OTHER_KEY, ROOT, SHOPIFY_CSV, Client, make_settings, write
 
 
 @pytest.mark.parametrize("headers, query", [
@@ -108,16 +108,50 @@ def test_head_answers_like_get_without_a_body(client):
     assert r.body == b""
 
 
-def test_an_unexpected_failure_is_a_json_500_without_traceback(service, monkeypatch):
-    def explode(*args):
-        raise RuntimeError("secret internals /srv/app.py line 42")
+def explode(*args):
+    raise RuntimeError("secret internals /srv/app.py line 42")
 
+
+def fail_in_route(monkeypatch, wsgi):
+    """A fault inside a route: Bottle catches it."""
     monkeypatch.setattr(app, "answer", explode)
-    r = Client(app.create_app(service)).lookup("1001", "jane@example.com")
+
+
+def fail_around_routes(monkeypatch, wsgi):
+    """A fault outside Bottle: the request log catches it."""
+    monkeypatch.setattr(wsgi, "app", explode)
+
+
+@pytest.mark.parametrize("fail", [fail_in_route, fail_around_routes])
+def test_an_unexpected_failure_is_a_json_500_without_traceback(service, monkeypatch, fail):
+    wsgi = app.create_app(service)
+    fail(monkeypatch, wsgi)
+    r = Client(wsgi).lookup("1001", "jane@example.com")
     assert r.status == 500
     assert r.headers["Content-Type"] == "application/json"
-    assert "could not be checked right now" in r.context
+    assert r.headers["Cache-Control"] == "no-store"
+    assert r.context == app.load_config(ROOT / "contexts.toml").templates["unavailable"].text
     assert b"Traceback" not in r.body and b"secret internals" not in r.body
+
+
+@pytest.mark.parametrize("fail", [fail_in_route, fail_around_routes])
+def test_a_failure_is_worded_by_the_merchants_unavailable_template(export, contexts_file, monkeypatch, fail):
+    text = contexts_file.read_text()
+    shipped = next(line for line in text.splitlines() if line.startswith("unavailable = "))
+    contexts_file.write_text(text.replace(shipped, 'unavailable = "Our order desk is busy; try again soon."'))
+    service = app.Service(make_settings(export.parent, contexts_file))
+    service.start()
+    wsgi = app.create_app(service)
+    fail(monkeypatch, wsgi)
+    r = Client(wsgi).lookup("1001", "jane@example.com")
+    assert (r.status, r.context) == (500, "Our order desk is busy; try again soon.")
+
+
+def test_before_any_load_the_fault_text_is_the_shipped_unavailable_template(export, contexts_file):
+    service = app.Service(make_settings(export.parent, contexts_file))  # not started: nothing loaded
+    r = Client(app.create_app(service)).lookup("1001", "jane@example.com")
+    assert r.status == 503
+    assert r.context == app.load_config(ROOT / "contexts.toml").templates["unavailable"].text
 
 
 @pytest.mark.parametrize("path", ["/lookup", "/healthz", "/livez", "/nope"])
