@@ -4,6 +4,7 @@
     python bench/run.py                    # 50,000 orders: about a minute
     python bench/run.py --orders 500000    # the size the bars are set for
     python bench/run.py --spin 20          # also: what 20 µs of Python per request costs here
+    python bench/run.py --cpu 0            # both servers kept on CPU 0, as deploy/orders.service does
 
 Generates a Shopify-shaped export (CSV and XLSX, reproducible with --seed),
 measures each baseline and the service side by side, and prints a table of
@@ -165,13 +166,19 @@ def baseline_child(name, path):
     del kept
 
 
-def proc_mb(pid, field):
-    """A memory figure of a process from /proc, in MB."""
+def proc_status(pid, field):
+    """A field of a process's /proc status, as text ("" when absent)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def proc_mb(pid, field):
+    """A memory figure of a process from /proc, in MB."""
+    value = proc_status(pid, field)
+    return int(value.split()[0]) / 1024 if value else float("nan")
 
 
 # --- servers ------------------------------------------------------------------------
@@ -271,11 +278,12 @@ def in_process_child(path, orders):
 class Process:
     """A server process started as a user would start it."""
 
-    def __init__(self, argv, env, port):
+    def __init__(self, argv, env, port, cpu=None):
         self.port = port
         self.log = open(OUT / f"server-{port}.log", "w")
+        pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))  # its threads inherit it
         self.process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd=ROOT)
+                                        cwd=ROOT, preexec_fn=pin)
         self.started = time.perf_counter()
 
     def wait_ready(self, path="/healthz", timeout=600):
@@ -294,6 +302,10 @@ class Process:
 
     def mb(self, field):
         return proc_mb(self.process.pid, field)
+
+    def cpus(self):
+        """The CPUs the server may run on, as /proc lists them ("0", "0-1")."""
+        return proc_status(self.process.pid, "Cpus_allowed_list")
 
     def stop(self):
         self.process.send_signal(signal.SIGINT)
@@ -413,13 +425,13 @@ def measure_service(path, args, label):
     port = free_port()
     env = {"ORDERS_FILE": str(path), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(OUT / "state"),
            "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text"}
-    server = Process([sys.executable, str(ROOT / "app.py")], env, port)
+    server = Process([sys.executable, str(ROOT / "app.py")], env, port, args.cpu)
     try:
         start_to_serving = server.wait_ready()
         status = json.loads(get(port, "/healthz")[1])
         result = {"start_to_serving_s": start_to_serving, "load_s": status["load_seconds"],
                   "orders": status["orders"], "rows": status["rows"], "rss_mb": server.mb("VmRSS"),
-                  "peak_after_load_mb": server.mb("VmHWM")}
+                  "peak_after_load_mb": server.mb("VmHWM"), "cpus": server.cpus()}
         if label == "csv":
             result["load"] = load(port, args.seconds, args.connections, args.orders)
             result["reload"] = reload_under_load(server, path, args)
@@ -460,10 +472,11 @@ def reload_under_load(server, path, args):
 def measure_bare(args, spin_us=0.0):
     """The bare Bottle/waitress app, same settings, same load."""
     port = free_port()
-    server = Process([sys.executable, __file__, "--bare", str(port), "--spin", str(spin_us), "--out", str(OUT)], {}, port)
+    server = Process([sys.executable, __file__, "--bare", str(port), "--spin", str(spin_us), "--out", str(OUT)], {}, port,
+                     args.cpu)
     try:
         server.wait_ready("/lookup")
-        return load(port, args.seconds, args.connections, args.orders)
+        return {**load(port, args.seconds, args.connections, args.orders), "cpus": server.cpus()}
     finally:
         server.stop()
 
@@ -473,7 +486,8 @@ def run(args):
     print(f"generating {args.orders:,} orders (CSV) and {args.xlsx_orders:,} (XLSX), seed {args.seed} ...", flush=True)
     csv_path, xlsx_path = make_exports(out, args.orders, args.xlsx_orders, args.seed)
     results = {"orders": args.orders, "xlsx_orders": args.xlsx_orders, "csv_mb": csv_path.stat().st_size / 1e6,
-               "connections": args.connections, "seconds": args.seconds, "load_tool": "wrk" if shutil.which("wrk") else "python"}
+               "connections": args.connections, "seconds": args.seconds, "load_tool": "wrk" if shutil.which("wrk") else "python",
+               "cpu": args.cpu}
     for name, path in (("csv_pass", csv_path), ("naive", csv_path), ("tuples", csv_path), ("openpyxl", xlsx_path)):
         print(f"baseline {name} ...", flush=True)
         results[name] = run_baseline(name, path)
@@ -522,7 +536,8 @@ def table(r):
     s = r["service_csv"]
     lines = [
         f"{r['orders']:,} orders, {s['rows']:,} rows, {r['csv_mb']:.0f} MB CSV; XLSX {r['xlsx_orders']:,} orders; "
-        f"load by {r['load_tool']}, {r['connections']} connections, {r['seconds']} s",
+        f"load by {r['load_tool']}, {r['connections']} connections, {r['seconds']} s"
+        + ("" if r.get("cpu") is None else f"; both servers on CPU {r['cpu']}"),
         "",
         "| measured in this run | seconds | peak MB | req/s | p50 ms | p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -568,6 +583,8 @@ def main():
     parser.add_argument("--baseline", nargs=2, metavar=("NAME", "FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--spin", type=float, default=0.0, metavar="MICROSECONDS",
                         help="also measure the bare app with this much plain Python added to each request")
+    parser.add_argument("--cpu", type=int, metavar="N",
+                        help="keep the bare app and the service on CPU N (Linux), as CPUAffinity= in the unit does")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--in-process", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -580,6 +597,9 @@ def main():
     if args.in_process:
         return in_process_child(args.in_process, args.orders)
     args.xlsx_orders = args.xlsx_orders or min(args.orders, 20_000)
+    if args.cpu is not None and args.cpu not in getattr(os, "sched_getaffinity", lambda _: set())(0):
+        parser.error(f"--cpu {args.cpu}: not a CPU this process may run on; "
+                     f"choose one of {sorted(getattr(os, 'sched_getaffinity', lambda _: set())(0)) or 'none (not Linux)'}")
     return run(args)
 
 
