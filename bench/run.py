@@ -4,7 +4,7 @@
     python bench/run.py                    # 50,000 orders: about a minute
     python bench/run.py --orders 500000    # the size the bars are set for
     python bench/run.py --spin 20          # also: what 20 µs of Python per request costs here
-    python bench/run.py --cpu 0            # both servers kept on CPU 0, as deploy/orders.service does
+    ONE_CPU=no python bench/run.py         # both apps free to move between CPUs
 
 Generates a Shopify-shaped export (CSV and XLSX, reproducible with --seed),
 measures each baseline and the service side by side, and prints a table of
@@ -222,14 +222,16 @@ def bare_app(spin_us=0.0):
 
 
 def bare_child(port, spin_us=0.0):
-    """In the child: the bare app on waitress with the service's settings."""
+    """In the child: the bare app on waitress, set up as the service sets itself up."""
     sys.path.insert(0, str(ROOT))
     import app as service_app
 
     # As the service does: without this, waitress writes "Task queue depth is N" to stderr on
     # nearly every request under load, and the baseline would pay for a write the service skips.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    settings = service_app.settings_from({"port": port}, env={})
+    settings = service_app.settings_from({"port": port})  # THREADS, ONE_CPU, ... as the service reads them
+    if settings.one_cpu:
+        service_app.keep_to_one_cpu()
     service_app.make_server(bare_app(spin_us), settings).run()
 
 
@@ -278,12 +280,11 @@ def in_process_child(path, orders):
 class Process:
     """A server process started as a user would start it."""
 
-    def __init__(self, argv, env, port, cpu=None):
+    def __init__(self, argv, env, port):
         self.port = port
         self.log = open(OUT / f"server-{port}.log", "w")
-        pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))  # its threads inherit it
         self.process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd=ROOT, preexec_fn=pin)
+                                        cwd=ROOT)
         self.started = time.perf_counter()
 
     def wait_ready(self, path="/healthz", timeout=600):
@@ -425,7 +426,7 @@ def measure_service(path, args, label):
     port = free_port()
     env = {"ORDERS_FILE": str(path), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(OUT / "state"),
            "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text"}
-    server = Process([sys.executable, str(ROOT / "app.py")], env, port, args.cpu)
+    server = Process([sys.executable, str(ROOT / "app.py")], env, port)
     try:
         start_to_serving = server.wait_ready()
         status = json.loads(get(port, "/healthz")[1])
@@ -472,8 +473,7 @@ def reload_under_load(server, path, args):
 def measure_bare(args, spin_us=0.0):
     """The bare Bottle/waitress app, same settings, same load."""
     port = free_port()
-    server = Process([sys.executable, __file__, "--bare", str(port), "--spin", str(spin_us), "--out", str(OUT)], {}, port,
-                     args.cpu)
+    server = Process([sys.executable, __file__, "--bare", str(port), "--spin", str(spin_us), "--out", str(OUT)], {}, port)
     try:
         server.wait_ready("/lookup")
         return {**load(port, args.seconds, args.connections, args.orders), "cpus": server.cpus()}
@@ -486,8 +486,7 @@ def run(args):
     print(f"generating {args.orders:,} orders (CSV) and {args.xlsx_orders:,} (XLSX), seed {args.seed} ...", flush=True)
     csv_path, xlsx_path = make_exports(out, args.orders, args.xlsx_orders, args.seed)
     results = {"orders": args.orders, "xlsx_orders": args.xlsx_orders, "csv_mb": csv_path.stat().st_size / 1e6,
-               "connections": args.connections, "seconds": args.seconds, "load_tool": "wrk" if shutil.which("wrk") else "python",
-               "cpu": args.cpu}
+               "connections": args.connections, "seconds": args.seconds, "load_tool": "wrk" if shutil.which("wrk") else "python"}
     for name, path in (("csv_pass", csv_path), ("naive", csv_path), ("tuples", csv_path), ("openpyxl", xlsx_path)):
         print(f"baseline {name} ...", flush=True)
         results[name] = run_baseline(name, path)
@@ -536,8 +535,8 @@ def table(r):
     s = r["service_csv"]
     lines = [
         f"{r['orders']:,} orders, {s['rows']:,} rows, {r['csv_mb']:.0f} MB CSV; XLSX {r['xlsx_orders']:,} orders; "
-        f"load by {r['load_tool']}, {r['connections']} connections, {r['seconds']} s"
-        + ("" if r.get("cpu") is None else f"; both servers on CPU {r['cpu']}"),
+        f"load by {r['load_tool']}, {r['connections']} connections, {r['seconds']} s; "
+        f"service on CPU {r['service_csv']['cpus']}, bare app on CPU {r['bare']['cpus']}",
         "",
         "| measured in this run | seconds | peak MB | req/s | p50 ms | p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -583,8 +582,6 @@ def main():
     parser.add_argument("--baseline", nargs=2, metavar=("NAME", "FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--spin", type=float, default=0.0, metavar="MICROSECONDS",
                         help="also measure the bare app with this much plain Python added to each request")
-    parser.add_argument("--cpu", type=int, metavar="N",
-                        help="keep the bare app and the service on CPU N (Linux), as CPUAffinity= in the unit does")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--in-process", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -597,9 +594,6 @@ def main():
     if args.in_process:
         return in_process_child(args.in_process, args.orders)
     args.xlsx_orders = args.xlsx_orders or min(args.orders, 20_000)
-    if args.cpu is not None and args.cpu not in getattr(os, "sched_getaffinity", lambda _: set())(0):
-        parser.error(f"--cpu {args.cpu}: not a CPU this process may run on; "
-                     f"choose one of {sorted(getattr(os, 'sched_getaffinity', lambda _: set())(0)) or 'none (not Linux)'}")
     return run(args)
 
 

@@ -26,7 +26,7 @@ def run(capsys, *argv):
 @pytest.fixture(autouse=True)
 def no_env(monkeypatch):
     """The CLI reads the environment: start each test from a clean one."""
-    for name in ("API_KEY", "ORDERS_FILE", "CONTEXTS_FILE", "HOST", "PORT", "STATE_DIR", "LOG_FORMAT"):
+    for name in ("API_KEY", "ORDERS_FILE", "CONTEXTS_FILE", "HOST", "PORT", "STATE_DIR", "LOG_FORMAT", "ONE_CPU"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -84,7 +84,8 @@ def test_check_reports_problems_in_one_line_without_traceback(capsys, export, co
 
 @pytest.mark.parametrize("env, says", [({"PORT": "eighty"}, "PORT='eighty'"), ({"PORT": "70000"}, "out of range"),
                                        ({"THREADS": "0"}, "THREADS='0' is not a whole number above 0"),
-                                       ({"SETTLE_SECONDS": "soon"}, "SETTLE_SECONDS='soon'")])
+                                       ({"SETTLE_SECONDS": "soon"}, "SETTLE_SECONDS='soon'"),
+                                       ({"ONE_CPU": "maybe"}, "ONE_CPU='maybe': use yes or no.")])
 def test_bad_settings_are_one_clear_line(capsys, monkeypatch, env, says):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -105,6 +106,24 @@ def test_serve_without_a_key_makes_one_and_prints_it(tmp_path):
         with urllib.request.urlopen(request, timeout=5) as response:
             assert json.load(response)["context"].startswith("Order #1001 was found")
     assert "Traceback" not in served.output and "Logging error" not in served.output
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="keeping to one CPU needs Linux and a choice of CPUs")
+@pytest.mark.parametrize("one_cpu, kept", [("", True), ("yes", True), ("no", False)])
+def test_serve_keeps_every_thread_on_one_cpu_unless_told_not_to(tmp_path, one_cpu, kept):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORDERS_FILE", "CONTEXTS_FILE")}
+    env.update(PORT=str(port), STATE_DIR=str(tmp_path / "state"), API_KEY="test-key-0123456789abcdef", ONE_CPU=one_cpu)
+    with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
+        served.wait_for("INFO serving ")
+        pid = served.process.pid
+        threads = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
+        count = len(os.listdir(f"/proc/{pid}/task"))
+    allowed = os.sched_getaffinity(0)
+    assert count > 3  # the request threads, the log's and the watcher's are all looked at
+    assert threads == ({frozenset({min(allowed)})} if kept else {frozenset(allowed)})
+    assert (f"kept on CPU {min(allowed)}" in served.output) == kept
 
 
 @pytest.mark.parametrize("value, wanted", [("x-forwarded-for x-forwarded-proto", "x-forwarded-for x-forwarded-proto"),
