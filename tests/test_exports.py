@@ -118,6 +118,22 @@ def test_an_empty_folder_says_where_to_drop_the_export(tmp_path):
         app.find_export(tmp_path / "data")
 
 
+SHIPPED = "Order 1 was found and has shipped. It contains {}. No tracking link is available for it."
+
+
+@pytest.mark.parametrize("row, wanted", [
+    ("1,a@example.com,paid,shipped,Hat\x1fRed", SHIPPED.format("1 x Hat Red")),  # the character between kept cells
+    ("1,a@example.com,paid,shipped,Hat\x1eRed", SHIPPED.format("1 x Hat Red")),  # the one between kept rows
+    ("1,a@example.com,pa\x1fid,shipped,Hat", SHIPPED.format("1 x Hat")),  # an order cell before the status
+])
+def test_a_cell_holding_a_separator_cannot_shift_the_others(tmp_path, contexts_file, row, wanted):
+    path = write(tmp_path / "o.csv", f"Order ID,Email,Financial Status,Status,Item\n{row}\n"
+                                     "2,b@example.com,paid,shipped,Cap\n")
+    snap = snapshot_of(path, contexts_file)
+    assert context(snap, "1", "a@example.com") == (200, wanted)
+    assert context(snap, "2", "b@example.com")[1].startswith("Order 2 was found and has shipped. It contains 1 x Cap.")
+
+
 @pytest.mark.parametrize("csv_text", [
     "Order ID,Email,Status,Item\n1,a@example.com,shipped\n2,b@example.com,processing,Hat\n",  # a short row
     "Order ID,Email,Status,Item\n1,a@example.com\n2,b@example.com,processing,Hat,extra,cells\n",
