@@ -2337,7 +2337,11 @@ def keep_to_one_cpu():
     if len(allowed) < 2:
         return None
     cpu = min(allowed)
-    for thread in os.listdir("/proc/self/task"):  # threads already started (the log's) included
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread, and so every thread it starts from now on
+    except OSError:  # not allowed here (a sandbox): leave it to the system, and say nothing
+        return None
+    for thread in os.listdir("/proc/self/task"):  # threads already started (the log's)
         with suppress(OSError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(thread), {cpu})
     return cpu

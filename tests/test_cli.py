@@ -126,6 +126,16 @@ def test_serve_keeps_every_thread_on_one_cpu_unless_told_not_to(tmp_path, one_cp
     assert (f"kept on CPU {min(allowed)}" in served.output) == kept
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="keeping to one CPU needs Linux and a choice of CPUs")
+def test_where_cpus_cannot_be_chosen_the_service_does_not_claim_it_kept_to_one(monkeypatch):
+    def refuse(*args):
+        raise PermissionError("not in this sandbox")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert app.keep_to_one_cpu() is None
+
+
 @pytest.mark.parametrize("value, wanted", [("x-forwarded-for x-forwarded-proto", "x-forwarded-for x-forwarded-proto"),
                                            ("x-forwarded-for, x-forwarded-proto", "x-forwarded-for x-forwarded-proto"),
                                            ("", "x-forwarded-for")])
