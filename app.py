@@ -555,7 +555,7 @@ def legacy_encoding(path):
     """Windows-1252 when the bytes decode as such (it leaves five undefined), else Latin-1."""
     try:
         with open(path, encoding="cp1252") as f:
-            while f.read(1 << 20):
+            while f.read(READ_BUFFER):
                 pass
         return "cp1252"
     except UnicodeDecodeError:
@@ -602,7 +602,7 @@ def open_csv(path, encoding=None):
 
 def holds_any(binary, needles):
     """True when a binary file, from where it is, holds any of the single bytes in needles."""
-    chunk = bytearray(READ_BUFFER)  # filled again and again: a new 1 MB object per read would stay in the heap
+    chunk = bytearray(READ_BUFFER)  # one buffer, filled again and again
     while size := binary.readinto(chunk):
         if any(chunk.find(needle, 0, size) >= 0 for needle in needles):
             return True
@@ -2329,8 +2329,8 @@ def run_serve(settings, args):
 def keep_to_one_cpu():
     """Keep every thread of this process on the lowest CPU it may use; that CPU, or None when there is no choice."""
     # Only one thread runs Python at a time, so a second CPU adds little but the cost of
-    # waking threads across CPUs for every request. On a 2-CPU VPS, kept on one CPU, the
-    # service answered 60% more lookups a second, and twice as many behind nginx.
+    # waking threads across CPUs for every request. On a 2-CPU virtual machine, kept on one
+    # CPU, the service answered 60% more lookups a second, and twice as many behind nginx.
     if not hasattr(os, "sched_getaffinity"):  # not Linux: leave it to the system
         return None
     allowed = os.sched_getaffinity(0)
