@@ -3,9 +3,7 @@
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import app
-from conftest import SHOPIFY_CSV, write, write_xlsx
+from conftest import write, write_xlsx
 
 
 def snapshot_of(path, contexts):

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 import app
-from conftest import KEY, Client
+from conftest import KEY
 
 
 def lines(logs):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 import app
-from conftest import Client, LookupLoop, make_settings, orders_csv, wait_for, write, write_xlsx
+from conftest import Client, LookupLoop, make_settings, orders_csv, wait_for, write
 
 ORDERS = 100
 
