@@ -16,8 +16,10 @@ import argparse
 import atexit
 import csv
 import hmac
+import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -27,16 +29,16 @@ import sys
 import threading
 import time
 import tomllib
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
-from itertools import groupby, starmap
+from itertools import chain, groupby, starmap
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
 from string import Formatter
-from urllib.parse import quote, unquote_plus, unquote_to_bytes
+from urllib.parse import quote, unquote_plus, unquote_to_bytes, urlsplit
 
 import bottle
 
@@ -61,7 +63,11 @@ class ConfigError(UserError):
 
 
 class ExportError(UserError):
-    """The orders export cannot be used."""
+    """The orders export cannot be used; `file` is its name as shown to people."""
+
+    def __init__(self, message, file=""):
+        super().__init__(message)
+        self.file = file
 
 
 class SettingsError(UserError):
@@ -70,7 +76,23 @@ class SettingsError(UserError):
 
 def config_error(path, where, problem, fix=""):
     """Raise a ConfigError shaped like every other one: file, key, problem, fix."""
-    raise ConfigError(f"{Path(path).name}: {where}: {problem}" + (f" {fix}" if fix else ""))
+    raise ConfigError(f"{shown_name(path)}: {where}: {problem}" + (f" {fix}" if fix else ""))
+
+
+def export_error(path, problem):
+    """Raise an ExportError shaped like every other one: the file, what is wrong, the fix."""
+    raise ExportError(f"{shown_name(path)}: {problem}", file=shown_name(path))
+
+
+def shown_name(path):
+    """A file's name as logs and pages show it (see printable)."""
+    return printable(Path(path).name)[:120]
+
+
+def printable(text):
+    """Text without what could forge a log line (a line break) or break a UTF-8 page (a lone surrogate)."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 ###############################################################################
@@ -78,7 +100,8 @@ def config_error(path, where, problem, fix=""):
 ###############################################################################
 
 # Words of the placeholders that people copy from documentation instead of making a key.
-WEAK_KEY_WORDS = ("changeme", "yourapikey", "apikey", "example", "password", "placeholder", "secret", "replaceme")
+WEAK_KEY_WORDS = ("changeme", "yourapikey", "apikey", "example", "password", "placeholder", "secret", "replaceme",
+                  "paste", "yourkey", "keyhere")
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,10 @@ class Settings:
     log_format: str = "text"
     key_failures_per_minute: int = 10
     one_cpu: bool = True
+    follow_symlinks: bool = False
+    memory_limit_mb: float | None = None
+    allow_weak_key: bool = False
+    request_seconds: float = 10.0
 
     @property
     def state(self):
@@ -120,7 +147,7 @@ def env_number(env, name, default):
         number = type(default)(value)
     except ValueError:
         number = None
-    if number is None or number <= 0:
+    if number is None or not math.isfinite(number) or number <= 0:
         raise SettingsError(f"{name}={value!r} is not a {'whole ' if isinstance(default, int) else ''}number "
                             f"above 0; set it to e.g. {default}.")
     return number
@@ -173,7 +200,31 @@ def settings_from(options=None, env=None):
         log_format=log_format,
         key_failures_per_minute=env_number(env, "KEY_FAILURES_PER_MINUTE", 10),
         one_cpu=env_switch(env, "ONE_CPU", True),
+        follow_symlinks=env_switch(env, "FOLLOW_SYMLINKS", False),
+        memory_limit_mb=env_number(env, "MEMORY_LIMIT_MB", 0.0) or default_memory_limit_mb(),
+        allow_weak_key=env_switch(env, "ALLOW_WEAK_KEY", False),
+        request_seconds=env_number(env, "REQUEST_SECONDS", 10.0),
     )
+
+
+def default_memory_limit_mb():
+    """Nine tenths of the memory this process may have: its cgroup's limit (systemd's MemoryMax), else the machine's."""
+    try:
+        group = Path("/sys/fs/cgroup") / Path("/proc/self/cgroup").read_text().split("::", 1)[1].strip().lstrip("/")
+        while True:  # the limit may be set on the service or on a slice above it
+            limit = (group / "memory.max").read_text().strip() if (group / "memory.max").exists() else "max"
+            if limit != "max":
+                return int(limit) * 0.9 / 1e6
+            if group == group.parent or group == Path("/sys/fs/cgroup"):
+                break
+            group = group.parent
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        total = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
+        return int(total.split()[1]) * 1024 * 0.9 / 1e6
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def weak_key_warnings(keys):
@@ -305,12 +356,15 @@ def load_config(path):
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror}).") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path.name}: is not UTF-8 text. Save it as UTF-8.") from None
+        raise ConfigError(f"{shown_name(path)}: is not UTF-8 text. Save it as UTF-8.") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(
-            f"{path.name}: {e}. Fix the TOML syntax there; text values need quotes, "
+            f"{shown_name(path)}: {e}. Fix the TOML syntax there; text values need quotes, "
             'e.g. processing = "Order {order_id} was found."'
         ) from None
+    except (RecursionError, MemoryError):  # e.g. an array nested thousands deep
+        raise ConfigError(f"{shown_name(path)}: is nested too deeply to read. contexts.toml needs only "
+                          "tables, texts and lists of texts; copy the shipped one and edit that.") from None
     return parse_config(path, doc)
 
 
@@ -342,6 +396,8 @@ def expect(path, where, value, kind, example):
     """Check a value's TOML type; the error shows a correct example."""
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         config_error(path, where, f"should be {example}, not {value!r}.")
+    if isinstance(value, float) and not math.isfinite(value):  # TOML allows nan and inf
+        config_error(path, where, f"should be {example}, not {value!r}.", "Write a plain number.")
     return value
 
 
@@ -513,20 +569,43 @@ FIELD, RECORD = "\x1f", "\x1e"
 DELIMITERS = ",;\t|"
 
 
-def find_export(location):
+FUTURE_SLACK = 300  # seconds a file's time may run ahead of this clock (written by another machine)
+
+
+def find_export(location, follow_links=False):
     """The file to serve: the location itself, or the newest export in a folder."""
     location = Path(location)
     if location.is_dir():
-        candidates = [p for p in location.iterdir() if is_export_name(p.name) and p.is_file()]
+        found = [p for p in location.iterdir() if is_export_name(p.name) and p.is_file()]
+        candidates = [p for p in found if follow_links or not links_out(p, location)]
         if not candidates:
-            raise ExportError(f"{location}: no .csv or .xlsx export in this folder. "
-                              "Drop the export there, or point ORDERS_FILE / --data at the file.")
-        return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name))
+            outside = len(found) - len(candidates)
+            raise ExportError(f"{printable(location)}: no .csv or .xlsx export in this folder"
+                              + (f" ({outside} link(s) to files outside it are not followed; "
+                                 "FOLLOW_SYMLINKS=yes allows them)" if outside else "")
+                              + ". Drop the export there, or point ORDERS_FILE / --data at the file.")
+        return newest(candidates)
     if not location.exists():
-        raise ExportError(f"{location}: no such file or folder. Check ORDERS_FILE / --data.")
+        raise ExportError(f"{printable(location)}: no such file or folder. Check ORDERS_FILE / --data.")
     if location.suffix.lower() not in EXPORT_SUFFIXES:
-        raise ExportError(f"{location.name}: not a .csv or .xlsx file. Export the orders as CSV or XLSX.")
+        export_error(location, "not a .csv or .xlsx file. Export the orders as CSV or XLSX.")
     return location
+
+
+def newest(paths):
+    """The newest file; one dated in the future ranks below every other, so it cannot win for good."""
+    horizon = (time.time() + FUTURE_SLACK) * 1e9
+
+    def rank(path):
+        mtime = path.stat().st_mtime_ns
+        return mtime <= horizon, mtime, path.name
+
+    return max(paths, key=rank)
+
+
+def links_out(path, folder):
+    """True for a symbolic link to a file outside folder (it could expose any file the service may read)."""
+    return path.is_symlink() and not path.resolve().is_relative_to(folder.resolve())
 
 
 def is_export_name(name):
@@ -534,11 +613,19 @@ def is_export_name(name):
     return name.lower().endswith(EXPORT_SUFFIXES) and not name.startswith((".", "~$"))
 
 
+@dataclass
+class Table:
+    """An export opened for reading: its rows (lists of cell texts, header first), where reading
+    is (line(), for error messages), and plain: True when no cell can hold FIELD or RECORD."""
+
+    rows: object
+    line: object = lambda: None
+    plain: bool = False
+
+
 @contextmanager
 def open_table(path, sheet="", is_header=None, encoding=None):
-    """(rows, line, plain): rows iterates the export's rows as lists of cell texts, header
-    first; line() tells where reading is, for error messages; plain is True when no cell
-    can hold FIELD or RECORD."""
+    """The export at path as a Table, closed after."""
     if path.suffix.lower() == ".xlsx":
         with open_xlsx(path, sheet, is_header) as table:
             yield table
@@ -572,7 +659,7 @@ def open_csv(path, encoding=None):
     with open(path, "rb") as f:
         head = f.read(4096)
     if b"\0" in head:
-        raise ExportError(f"{path.name}: is a binary file, not a CSV. Export the orders as CSV or XLSX.")
+        export_error(path, "is a binary file, not a CSV. Export the orders as CSV or XLSX.")
     encoding = encoding or ("utf-8-sig" if head.startswith(b"\xef\xbb\xbf") else "utf-8")
     with open(path, newline="", encoding=encoding, buffering=READ_BUFFER) as f, utf8_or_retry(encoding):
         # Read 1 MB at a time, not 8 KB: each read releases the GIL for a moment, and when
@@ -581,14 +668,13 @@ def open_csv(path, encoding=None):
         # TextIOWrapper reads _CHUNK_SIZE bytes whatever the buffer; CPython lets us set it.
         with suppress(AttributeError):
             f._CHUNK_SIZE = READ_BUFFER
-        # A cell holding a separator of packed orders would shift its order's other cells,
-        # so each order is checked unless the file has neither: one pass over the bytes
-        # (memchr: 20 ms for 150 MB) saves a count of every order (160 ms). The same open
-        # file is then parsed, so a file replaced meanwhile cannot slip past the check.
-        # Every encoding read here writes both characters as the same single byte.
-        plain = not holds_any(f.buffer, (FIELD.encode(), RECORD.encode()))
+        # The same open file is scanned, then parsed, so a file replaced meanwhile cannot slip past.
+        scan = scan_csv(f.buffer)
+        if scan.long_line:
+            export_error(path, f"has a line longer than {READ_BUFFER >> 20} MB, which no orders export has. "
+                               "Export the orders as CSV again.")
         f.seek(0)
-        first = f.readline()
+        first = f.readline(READ_BUFFER)
         offset = 0
         if re.fullmatch(r"sep=.\r?\n?", first, re.I | re.S):  # Excel's own hint, a line of its own
             delimiter, offset = first[4], 1
@@ -597,16 +683,33 @@ def open_csv(path, encoding=None):
             delimiter = sniff_delimiter(first, f.read(65536))
             f.seek(0)
         reader = csv.reader(f, delimiter=delimiter)
-        yield reader, lambda: reader.line_num + offset, plain
+        yield Table(reader, lambda: reader.line_num + offset, scan.plain)
 
 
-def holds_any(binary, needles):
-    """True when a binary file, from where it is, holds any of the single bytes in needles."""
-    chunk = bytearray(READ_BUFFER)  # one buffer, filled again and again
+@dataclass(frozen=True)
+class Scan:
+    """What one pass over a CSV's bytes found."""
+
+    plain: bool  # no byte that separates packed cells (see Packer): orders need no check
+    long_line: bool  # some line is longer than READ_BUFFER: refused before csv builds it in memory
+
+
+def scan_csv(binary):
+    """Scan a CSV's bytes at C speed (memchr: 20 ms for 150 MB), 1 MB at a time in one buffer."""
+    # A cell holding a separator of packed orders would shift its order's other cells, so
+    # each order is checked unless the file has neither; every encoding read here writes
+    # both characters as the same single byte. A full chunk without a line end means a line
+    # longer than the chunk: a 500 MB file of one line would otherwise be parsed into memory.
+    needles = (FIELD.encode(), RECORD.encode())
+    chunk = bytearray(READ_BUFFER)
+    plain, long_line = True, False
     while size := binary.readinto(chunk):
-        if any(chunk.find(needle, 0, size) >= 0 for needle in needles):
-            return True
-    return False
+        if plain and any(chunk.find(needle, 0, size) >= 0 for needle in needles):
+            plain = False
+        if size == READ_BUFFER and chunk.find(b"\n") < 0 and chunk.find(b"\r") < 0:
+            long_line = True
+            break
+    return Scan(plain, long_line)
 
 
 @contextmanager
@@ -641,31 +744,43 @@ def open_xlsx(path, sheet, is_header):
     try:
         book = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as e:  # openpyxl raises many kinds on a damaged file; all mean the same here
-        raise ExportError(f"{path.name}: not a readable XLSX workbook ({type(e).__name__}). "
-                          "Re-export it; it may have been cut off while being written.") from None
+        export_error(path, f"is not a readable XLSX workbook ({type(e).__name__}). "
+                           "Re-export it; it may have been cut off while being written.")
     try:
-        worksheet = pick_sheet(path, book, sheet, is_header)
-
-        def rows():
-            width = 0
-            for row in worksheet.iter_rows(values_only=True):
-                cells = [cell_text(v) for v in row]
-                width = width or len(cells)
-                # Read-only sheets may end a row early; every row is as wide as the header.
-                yield cells + [""] * (width - len(cells)) if len(cells) < width else cells
-
+        for worksheet in book.worksheets:
+            # The declared size (<dimension ref="A1:XFD20000"/>) is the file's claim, not its
+            # content: a 6 KB file declaring 16,384 columns would pad every row to that width.
+            worksheet.reset_dimensions()
         # Line numbers are for CSV parse errors only; a workbook is not scanned, so each order is checked.
-        yield rows(), lambda: None, False
+        yield Table(sheet_rows(pick_sheet(path, book, sheet, is_header)))
     finally:
         book.close()
+
+
+def sheet_rows(worksheet):
+    """The sheet's first non-empty row, then every later row as wide as that header, empty rows left out."""
+    rows = worksheet.iter_rows(values_only=True)
+    for number, row in enumerate(rows, 1):
+        cells = [cell_text(v) for v in row]
+        width = max((i + 1 for i, c in enumerate(cells) if c.strip()), default=0)
+        if width:
+            yield cells[:width]
+            break
+    else:
+        return
+    rows.close()
+    for row in worksheet.iter_rows(min_row=number + 1, max_col=width, values_only=True):
+        cells = [cell_text(v) for v in row]
+        if any(cells):
+            yield cells
 
 
 def pick_sheet(path, book, sheet, is_header):
     """The sheet named in [settings] sheet, or the first whose header has the order columns."""
     if sheet:
         if sheet not in book.sheetnames:
-            raise ExportError(f"{path.name}: has no sheet {sheet!r}. Sheets: {', '.join(book.sheetnames)}. "
-                              "Fix [settings] sheet in contexts.toml.")
+            export_error(path, f"has no sheet {sheet!r}. Sheets: {', '.join(book.sheetnames)}. "
+                               "Fix [settings] sheet in contexts.toml.")
         return book[sheet]
     for worksheet in book.worksheets:
         for row in worksheet.iter_rows(values_only=True, max_row=20):
@@ -751,11 +866,8 @@ def make_plan(config, header, name):
     for field_name in REQUIRED_FIELDS:
         if field_name not in chosen:
             looked = ", ".join(f'"{c}"' for c in config.columns[field_name])
-            raise ExportError(
-                f"{name}: no column for {field_name} (looked for {looked}). "
-                f"The file's columns are: {shown_headers(header)}. "
-                f"Add the right header to [columns] {field_name} in contexts.toml."
-            )
+            raise ExportError(f"{name}: no column for {field_name} (looked for {looked}). {shown_headers(header)} "
+                              f"Add the right header to [columns] {field_name} in contexts.toml.", file=name)
     by_snake = {}
     for index, text in enumerate(header):
         by_snake.setdefault(snake_case(text), index)
@@ -776,12 +888,24 @@ def make_plan(config, header, name):
 
 
 def shown_headers(header, limit=40):
-    """The file's headers for an error message, shortened; headers are not customer data."""
+    """A sentence on the file's headers for an error message; never a row that is not plausibly a header."""
     texts = [h.strip()[:40] for h in header if h and h.strip()]
-    if any("@" in t for t in texts):  # a file without a header row: its first row is a customer's
-        return "none: the first row holds data (an email address), not headers; export with a header row"
+    if not texts:
+        return "Its first row is empty."
+    if len(texts) == 1:  # a file that is not a CSV at all (or a link to one) must not be quoted
+        return "Its first row has one column only (not shown): is it an orders export, with , or ; between columns?"
+    if not all(map(plausible_header, texts)):
+        return "Its first row does not look like column names (not shown): export the orders with a header row."
     more = f" and {len(texts) - limit} more" if len(texts) > limit else ""
-    return ", ".join(f'"{t}"' for t in texts[:limit]) + more if texts else "(none: the first row is empty)"
+    return "The file's columns are: " + ", ".join(f'"{t}"' for t in texts[:limit]) + more + "."
+
+
+def plausible_header(text):
+    """True when a cell reads like a column name: words, with at most a little punctuation ('Line: Type')."""
+    letters = sum(c.isalpha() for c in text)
+    odd = sum(not (c.isalnum() or c in " _-.#()&°'") for c in text)
+    return text.isprintable() and letters > 0 and sum(c.isdigit() for c in text) <= letters and odd <= 2 \
+        and "@" not in text
 
 
 def check_placeholders(config, by_snake):
@@ -824,12 +948,13 @@ def getter(columns):
 class OrderReader:
     """Reads an export into orders: per order, its rows; the plan says which cells matter."""
 
-    def __init__(self, config, path, encoding=None):
+    def __init__(self, config, path, encoding=None, memory_limit_mb=None):
         self.config, self.path, self.encoding = config, path, encoding
         self.plan = None
         self.rows = self.skipped = 0
         self.line = lambda: 0
         self.plain = False  # True once open_table finds no cell can hold a packing separator
+        self.progress = Progress(shown_name(path), memory_limit_mb)
 
     def is_header(self, cells):
         """A row is the header when it has one of the order-number headers."""
@@ -842,18 +967,19 @@ class OrderReader:
         Exports list an order's rows together and every row as wide as the header, so
         rows are grouped as they stream by, at C speed, and memory holds one order. If
         that does not hold, Irregular is raised: read again with careful=True, which
-        pads short rows and holds every order until the end of the file.
+        pads short rows and holds the needed cells of every order until the end of the file.
+        Rows with no order number (blank ones among them) are counted and let go at once.
         """
-        with open_table(self.path, self.config.sheet, self.is_header, self.encoding) as (rows, self.line, self.plain):
-            rows = iter(rows)
+        with open_table(self.path, self.config.sheet, self.is_header, self.encoding) as table:
+            self.line, self.plain = table.line, table.plain
+            rows = iter(table.rows)
             header = next((r for r in rows if any(c.strip() for c in r)), None)
             if header is None:
-                raise ExportError(f"{self.path.name}: is empty. Re-export the orders; "
-                                  "the last good data stays served.")
-            self.plan = make_plan(self.config, header, self.path.name)
-            groups = self.gathered(rows, len(header)) if careful else self.adjacent(rows)
+                export_error(self.path, "is empty. Re-export the orders; the last good data stays served.")
+            self.plan = make_plan(self.config, header, shown_name(self.path))
+            groups = self.gathered(rows) if careful else self.adjacent(rows)
             # One loop, no layers: this runs for every order of a file of hundreds of thousands.
-            progress, next_tick = Progress(self.path.name), PROGRESS_ROWS
+            progress, next_tick = self.progress, PROGRESS_ROWS
             for key, group in groups:
                 if not key:
                     self.skipped += sum(1 for row in group if any(row))
@@ -870,50 +996,97 @@ class OrderReader:
         A row too short for a needed cell makes itemgetter raise IndexError, here or when
         the order is packed: both mean Irregular. An order number seen again after others
         is found at the end, by one set() over all of them rather than a check per order.
+        Numbers are compared as written: '#1001' and '1001' are two orders that may
+        belong to two customers (index keys keep them apart; Packer.pack tells two
+        customers' orders under one number).
         """
-        keys = []
-        groups = groupby(filter(None, rows), itemgetter(self.plan.order_columns[0]))
-        for key, group in map(keyed, groups):
-            keys.append(key)
-            yield key, group
-        if len(set(keys)) != len(keys):
+        written = []
+        for value, group in groupby(filter(None, rows), itemgetter(self.plan.order_columns[0])):
+            key = normalise_order_id(value)
+            written.append(value)
+            yield key, (list(group) if key else group)
+        if len(set(written)) != len(written):
             raise Irregular("rows of one order are apart")
 
-    def gathered(self, rows, width):
-        """Every order's rows, wherever they are in the file, each row padded to the header."""
-        groups = {}
-        for row in rows:
+    def gathered(self, rows):
+        """Every order's rows wherever they are in the file, each cut to the cells the plan needs.
+
+        The plan is then the projected one: whole rows of every order would take ten
+        times the memory, and this reading is for files that are already unusual.
+        """
+        plan = self.plan
+        needed = sorted({*plan.order_columns, *plan.row_columns})
+        take, width, at = getter(needed), needed[-1] + 1, plan.order_columns[0]
+        groups, progress, next_tick = {}, self.progress, PROGRESS_ROWS
+        for count, row in enumerate(rows, 1):
             if any(row):
                 row = row + [""] * (width - len(row)) if len(row) < width else row
-                groups.setdefault(normalise_order_id(row[self.plan.order_columns[0]]), []).append(row)
-        return groups.items()
+                groups.setdefault(row[at].strip(), []).append(take(row))
+            if count >= next_tick:
+                progress.tick(count)
+                next_tick += PROGRESS_ROWS
+        place = {column: i for i, column in enumerate(needed)}
+        self.plan = replace(plan, order_columns=tuple(place[c] for c in plan.order_columns),
+                            row_columns=tuple(place[c] for c in plan.row_columns))
+        return ((normalise_order_id(value), group) for value, group in groups.items())
 
 
-def keyed(group):
-    """(normalised order number, list of rows) of one groupby group."""
-    try:
-        return normalise_order_id(group[0]), list(group[1])
-    except IndexError:  # itemgetter found a row too short for the order-number column
-        raise Irregular("a row is shorter than the header") from None
+class SeveralCustomers(Exception):
+    """Rows of one order number name two emails: two customers' orders (two stores' 1001), never one."""
 
 
-PROGRESS_ROWS = 50_000
+def by_email(rows, email_of):
+    """Rows of one number split where a row names another email: each run is one customer's order.
+
+    A row without an email (a continuation row) belongs to the order above it.
+    """
+    orders, current = [], None
+    for row in rows:
+        email = normalise_email(email_of(row))
+        if email and email != current:
+            if current is not None or not orders:
+                orders.append([])
+            current = email
+        elif not orders:
+            orders.append([])
+        orders[-1].append(row)
+    return orders
+
+
+PROGRESS_ROWS = 10_000
 PROGRESS_SECONDS = 5.0
 
 
 class Progress:
-    """Logs rows read so far every few seconds, so a long load is seen to be alive."""
+    """Every PROGRESS_ROWS rows: logs a long load's progress, and stops a load that outgrows memory."""
 
-    def __init__(self, name):
-        self.name, self.every = name, PROGRESS_SECONDS
+    def __init__(self, name, memory_limit_mb=None):
+        self.name, self.every, self.memory_limit_mb = name, PROGRESS_SECONDS, memory_limit_mb
         self.started = self.last = time.monotonic()
 
     def tick(self, rows):
-        """Called every PROGRESS_ROWS rows; logs when `every` seconds have passed."""
+        """Log when `every` seconds have passed; raise ExportError past the memory limit."""
+        if self.memory_limit_mb and resident_mb() > self.memory_limit_mb:
+            raise ExportError(f"{self.name}: reading it took the service past {self.memory_limit_mb:,.0f} MB of "
+                              f"memory at row {rows:,} (MEMORY_LIMIT_MB), so it was stopped. The export is far "
+                              "larger than the one served, or not an orders export; if it is right, raise "
+                              "MEMORY_LIMIT_MB on a machine that has the memory.", file=self.name)
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now
             log.info("reading %s: %d rows so far (%.0fs)", self.name, rows, now - self.started)
+
+
+def resident_mb():
+    """This process's resident memory in MB (Linux), or 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE / 1e6
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class Packer:
@@ -923,6 +1096,8 @@ class Packer:
         self.plan = plan
         self.plain = plain  # no cell holds FIELD or RECORD: open_table looked
         self.order_cells = getter(plan.order_columns)
+        self.email_at = plan.order_fields.index("email")
+        self.email_of = itemgetter(plan.order_columns[self.email_at])
         self.row_cells = getter(plan.row_columns)
         fields = plan.row_fields
         self.row_positions = tuple(fields.index(f) if f in fields else None for f in ROW_FIELDS)
@@ -930,13 +1105,22 @@ class Packer:
         self.fields_per_head, self.fields_per_row = len(plan.order_fields) - 1, max(0, len(fields) - 1)
 
     def pack(self, rows):
-        """(order values, packed string); each order value from the first row that has it."""
+        """(order values, packed string); each order value from the first row that has it.
+
+        Raises SeveralCustomers when a row names another email than the order's. The rows
+        are walked anyway to fill the order's values, so the check costs one comparison.
+        """
         values = self.order_cells(rows[0])
-        if len(rows) > 1 and "" in values:
+        if len(rows) > 1:
+            at = self.email_at
+            email = values[at]
             for other in map(self.order_cells, rows[1:]):
-                values = [v or o for v, o in zip(values, other)]
-                if "" not in values:
-                    break
+                if (theirs := other[at]) and theirs != email:
+                    if email and normalise_email(theirs) != normalise_email(email):
+                        raise SeveralCustomers()
+                    email = email or theirs
+                if "" in values:
+                    values = [v or o for v, o in zip(values, other)]
         records = [values, *map(self.row_cells, rows)]
         packed = RECORD.join(map(FIELD.join, records))
         if self.plain:
@@ -948,6 +1132,13 @@ class Packer:
             packed = RECORD.join(FIELD.join(clean_cell(c) for c in record) for record in records)
         return values, packed
 
+    def pack_each(self, rows):
+        """[(values, packed)] of each customer's order among rows (see SeveralCustomers)."""
+        try:
+            return [self.pack(rows)]
+        except SeveralCustomers:
+            return [self.pack(part) for part in by_email(rows, self.email_of)]
+
     def unpack(self, packed):
         """(order cells in plan.order_fields' order, items, tracking numbers) from a packed order."""
         head, *lines = packed.split(RECORD)
@@ -955,18 +1146,34 @@ class Packer:
         name_at, quantity_at, status_at, tracking_at = self.row_positions
         for line in lines:
             cells = line.split(FIELD)
-            if name_at is not None and (name := cells[name_at].strip()):
-                items.append((quantity_text(cells[quantity_at].strip()) if quantity_at is not None else "1", name,
+            if name_at is not None and (name := one_line(cells[name_at])):
+                items.append((quantity_text(one_line(cells[quantity_at])) if quantity_at is not None else "1", name,
                               cells[status_at].strip() if status_at is not None else ""))
             if tracking_at is not None and (numbers := cells[tracking_at].strip()):
                 for number in SEVERAL.split(numbers):
-                    number = number.strip()
+                    number = one_line(number)
                     if number and number not in tracking:
                         tracking.append(number)
         return head.split(FIELD), items, tracking
 
 
 SEVERAL = re.compile(r"[,;\n]+")  # several tracking numbers in one cell
+
+
+MAX_VALUE = 200  # characters of one cell in an answer: a product name, a status, a date
+
+
+def one_line(value):
+    """A cell's text as an answer carries it: one line, no control characters, at most MAX_VALUE characters.
+
+    The AI reads the answer as fact, so a cell cannot start a paragraph of its own
+    ("Socks\n\nSYSTEM: refund ..."), nor fill the answer.
+    """
+    value = value.strip()
+    if value.isprintable() and len(value) <= MAX_VALUE:  # nearly every cell: one C-speed test
+        return value
+    value = " ".join("".join(c if c.isprintable() else " " for c in value).split())
+    return value if len(value) <= MAX_VALUE else value[:MAX_VALUE - 1].rstrip() + "…"
 
 
 def clean_cell(text):
@@ -992,6 +1199,7 @@ class Snapshot:
     rows: int
     orders: int
     orders_without_email: int
+    orders_sharing: int  # orders whose number and email read like another's ('A-12', 'A12')
     rows_without_order: int
     loaded_at: float
     seconds: float
@@ -1004,90 +1212,144 @@ class Snapshot:
 
     def describe(self):
         """What was loaded, for logs and for `check`; no customer data."""
-        return (f"{self.source.name}: {self.rows} rows, {self.orders} orders "
+        return (f"{shown_name(self.source)}: {self.rows} rows, {self.orders} orders "
                 f"({self.layout}) in {self.seconds:.2f}s")
 
-    def render(self, packed):
-        """(template name, JSON body) of a packed order's answer."""
+    def render(self, packed, typed=""):
+        """(template name, JSON body) of a packed order's answer; typed is the number as the caller wrote it."""
+        if packed.__class__ is tuple:
+            return self.render_shared(packed, typed)
         return self.renderer.answer(*self.packer.unpack(packed))
 
+    def render_shared(self, orders, typed):
+        """One customer's orders whose numbers read alike: the one written as typed, else all of them."""
+        unpacked = [self.packer.unpack(packed) for packed in orders]
+        exact = [order for order in unpacked if as_written(order[0][0]) == as_written(typed)]
+        if len(exact) == 1:
+            return self.renderer.answer(*exact[0])
+        answers = [json.loads(self.renderer.answer(*order)[1]) for order in unpacked]
+        links = {a["tracking_url"] for a in answers} - {None}
+        body = {"context": " ".join(a["context"] for a in answers), "tracking_url": links.pop() if len(links) == 1 else None}
+        return "several", json.dumps(body, ensure_ascii=False).encode()
 
-def build_snapshot(config, path):
+
+def as_written(order_id):
+    """An order number compared nearly as written: 'A-12' is not 'A12', but '#A-12 ' is 'a-12'."""
+    return order_id.strip().lstrip("#").strip().casefold()
+
+
+def build_snapshot(config, path, memory_limit_mb=None):
     """Read the export at path into an index of packed orders, ready to serve.
 
     The fast reading assumes what nearly every export is (UTF-8, an order's rows
     together, rows as wide as the header); when the file says otherwise, it is
     read again the way it needs.
     """
-    careful, encoding = False, None
+    careful, encoding, alike = False, None, False
     while True:
         try:
-            return build(config, path, careful, encoding)
+            return build(config, path, careful, encoding, memory_limit_mb, alike)
+        except Alike:
+            alike = True
         except Irregular as why:
-            log.info("%s: %s; reading it again, holding all orders", path.name, why)
+            log.info("%s: %s; reading it again, holding all orders", shown_name(path), why)
             careful = True
         except NotUTF8:
             encoding = legacy_encoding(path)
-            log.info("%s: not UTF-8; reading it again as %s", path.name, encoding)
+            log.info("%s: not UTF-8; reading it again as %s", shown_name(path), encoding)
 
 
-def build(config, path, careful, encoding):
-    """One pass over the export: each order packed and indexed by (order number, email)."""
+def build(config, path, careful, encoding, memory_limit_mb=None, alike=False):
+    """One pass over the export: each order packed and indexed by (order number, email).
+
+    Two orders whose numbers read alike and that share the email ('A-12' and 'A12' of
+    one customer) would take one index entry: the count at the end finds them, and the
+    file is read again with alike=True, where they share the entry as a tuple that
+    Snapshot.render tells apart. Nearly every export has none, and pays nothing.
+    """
     started = time.perf_counter()
     try:
         stat = path.stat()
     except OSError as e:
-        raise ExportError(f"{path.name}: cannot be read ({e.strerror}).") from None
-    reader = OrderReader(config, path, encoding)
-    index, without_email, example = {}, 0, ""
-    packer = None
+        export_error(path, f"cannot be read ({e.strerror}).")
+    reader = OrderReader(config, path, encoding, memory_limit_mb)
+    index, without_email, shared, example, count = {}, 0, 0, "", 0
+    packer, pending = None, []  # pending: orders split off a number two customers share, indexed last
     try:
-        for key, rows in reader.orders(careful):
+        for count, (key, rows) in enumerate(chain(reader.orders(careful), pending), 1):
             if packer is None:  # the first order: the plan is known now
                 packer, email_at = Packer(reader.plan, reader.plain), reader.plan.order_fields.index("email")
                 example = packer.order_cells(rows[0])[0].strip()  # its number as written, for `check`
-            values, packed = packer.pack(rows)
+            try:
+                values, packed = packer.pack(rows)
+            except SeveralCustomers:
+                first, *others = by_email(rows, packer.email_of)
+                pending.extend((key, part) for part in others)
+                values, packed = packer.pack(first)
             email = normalise_email(values[email_at])
-            if email:
-                index[index_key(key, email)] = packed
-            else:
+            if not email:
                 without_email += 1  # such an order can never be matched
+            elif not alike:
+                index[index_key(key, email)] = packed
+            elif (kept := index.setdefault(entry := index_key(key, email), packed)) is not packed:
+                index[entry] = (*kept, packed) if kept.__class__ is tuple else (kept, packed)
+                shared += 1
     except (UserError, Irregular, NotUTF8):
         raise
     except IndexError:  # a row too short for a needed cell
         raise Irregular("a row is shorter than the header") from None
-    except csv.Error as e:
-        raise ExportError(f"{path.name}: line {reader.line()}: not a readable CSV ({e}). "
-                          "Re-export the file; it may have been cut off while being written.") from None
-    except (OSError, UnicodeError, ValueError, KeyError, EOFError) as e:
-        raise ExportError(f"{path.name}: could not be read ({type(e).__name__}). "
-                          "Re-export it; it may have been cut off while being written.") from None
+    except csv.Error as e:  # its message names the problem, never a cell's contents
+        export_error(path, f"line {reader.line()}: not a readable CSV ({e}). "
+                           "Re-export the file; it may have been cut off while being written.")
+    except Exception as e:  # a damaged file can fail in any layer (zip, XML, codec, memory): each means refuse it
+        export_error(path, f"could not be read ({type(e).__name__}). "
+                           "Re-export it; it may have been cut off while being written.")
+    if len(index) + without_email + shared != count:
+        raise Alike()
     plan = reader.plan
     return Snapshot(
         config=config, index=index, source=path, file_mtime=stat.st_mtime, file_mtime_ns=stat.st_mtime_ns,
-        file_size=stat.st_size, rows=reader.rows, orders=len(index) + without_email,  # order numbers are unique: Irregular otherwise
-        orders_without_email=without_email,
+        file_size=stat.st_size, rows=reader.rows, orders=count,
+        orders_without_email=without_email, orders_sharing=shared,
         rows_without_order=reader.skipped, loaded_at=time.time(), seconds=time.perf_counter() - started,
         layout=plan.layout, columns=plan.chosen, example_order_id=example,
         packer=packer or Packer(plan), renderer=Renderer(config, plan), encoding=encoding,
     )
 
 
+class Alike(Exception):
+    """Two orders of one customer take one index entry: read again, keeping both."""
+
+
+@dataclass
+class Survey:
+    """What `check` reports beyond the load: answers, status words, numbers that read alike."""
+
+    answers: Counter  # template -> orders with an email that get it
+    values: dict  # rule field -> Counter of its status words
+    alike: Counter  # normalised number -> orders, where more than one order reads as that number
+
+
 def survey(snapshot):
-    """For `check`: how many orders get each answer, and the status words seen per rule field."""
-    for careful in (False, True):  # streamed like a load, so a big export fits in memory
-        templates = Counter()
-        fields = {f: Counter() for f in survey_fields(snapshot.config, snapshot.packer.plan)}
+    """For `check`: stream the export again as a load does, so a big export fits in memory."""
+    for careful in (False, True):
+        result = Survey(Counter(), {f: Counter() for f in survey_fields(snapshot.config, snapshot.packer.plan)},
+                        Counter())
         reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding)
+        packer = None
         try:
-            for _, rows in reader.orders(careful):  # every order, those without an email too
-                cells, items, tracking = snapshot.packer.unpack(snapshot.packer.pack(rows)[1])
-                order = dict(zip(snapshot.packer.plan.order_fields, cells))
-                for name, counter in fields.items():
-                    counter[status_word(order.get(name, ""))] += 1
-                if order.get("email"):
-                    templates[snapshot.renderer.answer(cells, items, tracking)[0]] += 1
-            return templates, fields
+            for key, rows in reader.orders(careful):  # every order, those without an email too
+                packer = packer or Packer(reader.plan, reader.plain)
+                for _, packed in packer.pack_each(rows):
+                    cells, items, tracking = packer.unpack(packed)
+                    order = dict(zip(reader.plan.order_fields, cells))
+                    for name, counter in result.values.items():
+                        counter[status_word(order.get(name, ""))] += 1
+                    if order.get("email"):
+                        result.answers[snapshot.renderer.answer(cells, items, tracking)[0]] += 1
+                    result.alike[key] += 1
+            result.alike = Counter({key: n for key, n in result.alike.items() if n > 1})
+            return result
         except (Irregular, IndexError):  # as in build(): read again, carefully
             continue
 
@@ -1166,7 +1428,7 @@ class Renderer:
         template = self.pick(cells, items, tracking, url)
         # A source is a cell's position or a method: the one test that tells them apart, inline.
         text = template.text.format_map({
-            field: readable(cells[source].strip()) if source.__class__ is int else source(cells, items, tracking, url)
+            field: readable(one_line(cells[source])) if source.__class__ is int else source(cells, items, tracking, url)
             for field, source in self.fills[template.name]})
         body = f'{{"context": {json_text(text)}, "tracking_url": {json_text(url) if url else "null"}}}'
         return template.name, body.encode()
@@ -1241,7 +1503,7 @@ class Renderer:
 
     def item_count(self, cells, items, tracking, url):
         """How many items in all; an item with no number counts as one."""
-        return str(sum(int(q) if q.isdigit() else 1 for q, _, _ in items))
+        return str(sum(int(q) if q.isdecimal() else 1 for q, _, _ in items))
 
     def tracking_number(self, cells, items, tracking, url):
         """The first tracking number."""
@@ -1256,8 +1518,14 @@ class Renderer:
         return ""
 
     def listing(self, items):
-        """'1 x Hat, 2 x Socks' as [items] format and separator say."""
-        return self.config.item_separator.join(starmap(self.item_text, items))
+        """'1 x Hat, 2 x Socks' as [items] format and separator say; past MAX_ITEMS, how many more."""
+        if len(items) <= MAX_ITEMS:
+            return self.config.item_separator.join(starmap(self.item_text, items))
+        shown = self.config.item_separator.join(starmap(self.item_text, items[:MAX_ITEMS]))
+        return f"{shown} and {len(items) - MAX_ITEMS} more"
+
+
+MAX_ITEMS = 30  # items listed in an answer; an order of hundreds of lines is summed up after these
 
 
 def numbered(text, names):
@@ -1314,9 +1582,19 @@ def answer(snapshot, order_id, email):
         return 400, message(config, "missing", missing=" and ".join(missing))
     packed = snapshot.index.get(index_key(wanted, normalise_email(email)))
     if packed is not None:
-        return 200, snapshot.render(packed)[1]
-    # Never the caller's raw text: an AI reads this, and the caller may be hostile.
-    return 404, message(config, "not_found", order_id=wanted[:NOT_FOUND_ID_LENGTH])
+        return 200, snapshot.render(packed, order_id)[1]
+    return 404, message(config, "not_found", order_id=echoed(wanted))
+
+
+def echoed(wanted):
+    """What a not-found answer may repeat of the typed number: ASCII letters and digits with a digit, else 'given'.
+
+    Never the caller's raw text: an AI reads this, and the caller may be hostile. A word
+    in any script ("ignore", "忽略") is no order number; one with a digit is too short to
+    carry instructions once cut to NOT_FOUND_ID_LENGTH.
+    """
+    wanted = wanted[:NOT_FOUND_ID_LENGTH]
+    return wanted if wanted.isascii() and wanted.isalnum() and not wanted.isalpha() else "given"
 
 
 def mask_email(email):
@@ -1341,6 +1619,7 @@ class Service:
         self.snapshot = None  # replaced by one assignment; readers never see a mix
         self.refused = None  # {"at", "file", "reason"} of the last refused load
         self.config_error = None  # why the last contexts.toml edit was refused
+        self.copy_error = None  # why the last accepted export could not be copied to the state folder
         self.from_last_good = False
         self.tried = None  # files_state() when a load last began, good or refused
         self._lock = threading.Lock()  # one load at a time
@@ -1348,25 +1627,54 @@ class Service:
     def files_state(self):
         """The config and the export a load would read now, with sizes and times."""
         try:
-            export = find_export(self.settings.data)
+            export = find_export(self.settings.data, self.settings.follow_symlinks)
         except (UserError, OSError):
             export = None
         return file_state(self.settings.contexts), file_state(export)
 
-    def build(self):
+    def build(self, starting=False):
         """A new Snapshot from the configured files, checked by guard(); raises UserError."""
         # Taken before reading: a file that changes while it is read differs from this,
         # so the watcher reads it again.
         self.tried = self.files_state()
         config = load_config(self.settings.contexts)
-        snapshot = build_snapshot(config, find_export(self.settings.data))
+        path = find_export(self.settings.data, self.settings.follow_symlinks)
+        with self.loading(path, starting):
+            snapshot = build_snapshot(config, path, self.settings.memory_limit_mb)
         self.guard(snapshot)
         return snapshot
+
+    @contextmanager
+    def loading(self, path, starting):
+        """Mark path as being loaded, in the state folder, until the load ends either way.
+
+        A mark left behind means the process died while loading it (the kernel kills a
+        process over its memory limit): at the next start that file is skipped, so one
+        bad file cannot keep the service in a crash loop.
+        """
+        mark, state = self.settings.state / "loading.json", file_state(path)
+        if starting and mark.exists():
+            with suppress(OSError, ValueError):
+                if tuple(json.loads(mark.read_text())) == state:
+                    export_error(path, "was being loaded when the service stopped last time (killed, perhaps for "
+                                       "memory), so it is skipped. Replace the export, or delete "
+                                       f"{printable(mark)} to have it read again.")
+        try:
+            self.settings.state.mkdir(parents=True, exist_ok=True)
+            mark.write_text(json.dumps(state))
+        except OSError as e:
+            log.warning("could not mark the load in %s (%s); a file that kills the service would be read "
+                        "again at every start", printable(self.settings.state), e.strerror)
+        try:
+            yield
+        finally:
+            with suppress(OSError):
+                mark.unlink()
 
     def start(self):
         """First load: the export, else the last good copy, else the export's error."""
         try:
-            self.install(self.build())
+            self.install(self.build(starting=True))
         except ExportError as error:
             fallback = self.last_good_copy()
             if fallback is None:
@@ -1375,7 +1683,7 @@ class Service:
             self.from_last_good = True
             self.note_refusal(error)
             log.error("SERVING THE LAST GOOD COPY of the export (%s, modified %s): %s",
-                      fallback, iso_time(self.snapshot.file_mtime), error)
+                      printable(fallback), iso_time(self.snapshot.file_mtime), error)
         return self.snapshot
 
     def reload(self):
@@ -1386,22 +1694,30 @@ class Service:
             except UserError as error:
                 self.refuse(error)
                 return False
+            except Exception as error:  # whatever went wrong, the thread that reloads must live on
+                self.refuse(ExportError(f"the export could not be loaded ({type(error).__name__}); "
+                                        "the data being served stays served."))
+                return False
             self.install(snapshot)
             return True
 
     def guard(self, snapshot):
         """Refuse an export with no orders, or far fewer than the one being served."""
+        name = shown_name(snapshot.source)
         if not snapshot.orders:
-            raise ExportError(f"{snapshot.source.name}: holds no orders (only a header?). "
-                              "Re-export the orders; the last good data stays served.")
+            export_error(snapshot.source, "holds no orders (only a header?). "
+                                          "Re-export the orders; the last good data stays served.")
         current = self.snapshot
         ratio = snapshot.config.min_orders_ratio
         if current and snapshot.orders < current.orders * ratio:
             raise ExportError(
-                f"{snapshot.source.name}: holds {snapshot.orders} orders, fewer than {ratio:.0%} of the "
+                f"{name}: holds {snapshot.orders} orders, fewer than {ratio:.0%} of the "
                 f"{current.orders} being served, so it looks cut off. If the shrink is real, lower "
-                "[settings] min_orders_ratio in contexts.toml or restart the service."
-            )
+                "[settings] min_orders_ratio in contexts.toml or restart the service.", file=name)
+        if snapshot.file_mtime > time.time() + FUTURE_SLACK:
+            log.warning("%s: its modification time, %s, is in the future: its age cannot be told, and a newer "
+                        "export will be served as soon as one arrives. Check the clock of the machine that "
+                        "wrote it.", name, iso_time(snapshot.file_mtime))
 
     def refuse(self, error):
         """Keep what is served; remember and log why the new files were refused."""
@@ -1411,12 +1727,11 @@ class Service:
             self.config_error = None
             self.note_refusal(error)
         log.error("refused, still serving %s: %s",
-                  self.snapshot.source.name if self.snapshot else "nothing", error)
+                  shown_name(self.snapshot.source) if self.snapshot else "nothing", error)
 
     def note_refusal(self, error):
         """Remember a refused export for /healthz: when, which file, why."""
-        name = str(error).split(":", 1)[0]
-        self.refused = {"at": iso_time(time.time()), "file": Path(name).name, "reason": str(error)}
+        self.refused = {"at": iso_time(time.time()), "file": getattr(error, "file", ""), "reason": str(error)}
 
     def install(self, snapshot, keep_copy=True):
         """Serve snapshot from now on (one assignment) and keep a copy of its file."""
@@ -1432,11 +1747,12 @@ class Service:
         """Copy an accepted export to the state folder, for a restart after a bad night."""
         source, state = snapshot.source, self.settings.state
         target = state / ("last-good" + source.suffix.lower())
+        partial = state / (".partial" + source.suffix.lower())
         try:
             if same_file_state(target, snapshot):
+                self.copy_error = None
                 return  # only contexts.toml changed
             state.mkdir(parents=True, exist_ok=True)
-            partial = state / (".partial" + source.suffix.lower())
             shutil.copyfile(source, partial)
             # The export's mtime, so the data's age stays honest after a restart from the copy;
             # not its mode, which may be read-only and would block the next copy.
@@ -1448,9 +1764,12 @@ class Service:
             for other in state.glob("last-good.*"):
                 if other != target:
                     other.unlink()
+            self.copy_error = None
         except OSError as e:
-            log.warning("could not keep a copy of %s in %s (%s); a restart after a bad export "
-                        "would have no fallback", source.name, state, e.strerror)
+            with suppress(OSError):
+                partial.unlink()  # a full disk must not keep half a copy
+            self.copy_error = f"could not keep a copy of the export in {printable(state)} ({e.strerror})"
+            log.warning("%s; a restart after a bad export would have no fallback", self.copy_error)
 
     def last_good_copy(self):
         """The copy of the last accepted export, if there is one."""
@@ -1471,7 +1790,10 @@ class Service:
             return False, ["no data loaded"], None
         age = max(0.0, now - snapshot.file_mtime)
         reasons = []
-        if age > snapshot.config.max_age_hours * 3600:
+        if snapshot.file_mtime > now + FUTURE_SLACK:
+            reasons.append(f"the export's modification time ({iso_time(snapshot.file_mtime)}) is in the future, "
+                           "so its age is unknown: check the clock of the machine that wrote it")
+        elif age > snapshot.config.max_age_hours * 3600:
             reasons.append(f"data is older than {snapshot.config.max_age_hours:g} hours")
         if self.from_last_good:
             reasons.append("serving the last good copy after a refused export")
@@ -1479,6 +1801,8 @@ class Service:
             reasons.append("the last export was refused")
         if self.config_error:
             reasons.append("the last contexts.toml edit was refused")
+        if self.copy_error:
+            reasons.append(self.copy_error)
         return not reasons, reasons, age
 
     def status(self, now=None):
@@ -1489,7 +1813,7 @@ class Service:
         snapshot = self.snapshot
         if snapshot:
             out.update(
-                file=snapshot.source.name, file_modified=iso_time(snapshot.file_mtime),
+                file=shown_name(snapshot.source), file_modified=iso_time(snapshot.file_mtime),
                 from_last_good_copy=self.from_last_good, layout=snapshot.layout,
                 orders=snapshot.orders, rows=snapshot.rows, loaded_at=iso_time(snapshot.loaded_at),
                 load_seconds=round(snapshot.seconds, 3), max_age_hours=snapshot.config.max_age_hours,
@@ -1547,17 +1871,22 @@ def key_ok(keys, given):
 
 
 class Throttle:
-    """Counts wrong keys per client address; past the limit that address gets 429 for a while."""
+    """Counts wrong keys per client (an IPv6 client per /64); past the limit it gets 429 for a while.
+
+    Clients sit in the order their window began: finished windows leave from the front,
+    and under a spray of addresses the oldest make room. O(1) a request, and never more
+    than max_clients entries. The right key is checked first and never throttled.
+    """
 
     def __init__(self, limit, window=60.0, max_clients=10_000):
         self.limit, self.window, self.max_clients = limit, window, max_clients
-        self.failures = {}  # address -> [window start, count]
+        self.failures = OrderedDict()  # client -> [window start, count]
         self.lock = threading.Lock()
 
     def retry_after(self, address, now=None):
         """Seconds until address may try a key again; 0 when it may now."""
         now = time.monotonic() if now is None else now
-        start, count = self.failures.get(address, (now, 0))
+        start, count = self.failures.get(client_of(address), (now, 0))
         if count < self.limit or now - start >= self.window:
             return 0
         return max(1, round(start + self.window - now))
@@ -1565,14 +1894,31 @@ class Throttle:
     def failed(self, address, now=None):
         """Count one wrong key from address."""
         now = time.monotonic() if now is None else now
+        client = client_of(address)
         with self.lock:
-            entry = self.failures.get(address)
-            if entry is None or now - entry[0] >= self.window:
-                if len(self.failures) >= self.max_clients:  # bounded memory under a spray of addresses
-                    self.failures = {a: e for a, e in self.failures.items() if now - e[0] < self.window}
-                self.failures[address] = [now, 1]
-            else:
+            failures = self.failures
+            while failures and now - next(iter(failures.values()))[0] >= self.window:
+                failures.popitem(last=False)
+            entry = failures.get(client)
+            if entry is not None:
                 entry[1] += 1
+                return
+            if len(failures) >= self.max_clients:
+                failures.popitem(last=False)
+            failures[client] = [now, 1]
+
+
+def client_of(address):
+    """Who a wrong key is counted against: the address, or for IPv6 its /64 (one subscriber's range)."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
 LOOKUP_PARAMS = ("order_id", "customer_email")
@@ -1757,12 +2103,28 @@ def create_app(service, write_request=None):
             return PUBLIC_PAGE.render(public_view(service))
         tried = None
         if bottle.request.method == "POST":
+            environ = bottle.request.environ
+            if not same_origin(environ):  # a page elsewhere must not make a signed-in browser look orders up
+                bottle.response.status = 403
+                return FORBIDDEN_PAGE
             form = bottle.request.forms
-            tried = try_lookup(service, form.getunicode("order_id", ""), form.getunicode("customer_email", ""))
+            order_id, email = form.getunicode("order_id", ""), form.getunicode("customer_email", "")
+            environ["orders.lookup"] = (order_id, email)  # logged as a lookup is
+            tried = try_lookup(service, order_id, email)
         return STATUS_PAGE.render(status_view(service, tried))
 
     app.default_error_handler = lambda error: json_error(error, service)
     return RequestLog(app, write_request, service.unavailable)
+
+
+def same_origin(environ):
+    """True when a form was posted from this service's own page: the browser says so, or its Origin is this host."""
+    site = environ.get("HTTP_SEC_FETCH_SITE")
+    if site:
+        return site == "same-origin"
+    source = environ.get("HTTP_ORIGIN") or environ.get("HTTP_REFERER") or ""
+    host = environ.get("HTTP_HOST", "")
+    return bool(host) and urlsplit(source).netloc == host
 
 
 ###############################################################################
@@ -1919,6 +2281,11 @@ STATUS_PAGE = bottle.SimpleTemplate(PAGE_STYLE + """<!doctype html><title>Order 
 """)
 
 
+FORBIDDEN_PAGE = PAGE_STYLE + """<!doctype html><title>Order lookup</title>
+<h1>Not sent from this page</h1><p>The lookup form works only from the status page itself.
+<a href="/">Open it</a> and try again.</p>
+"""
+
 # Before any contexts.toml has loaded, a fault is worded as the shipped `unavailable` template.
 UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. Please try again in a few "
                                      "minutes or contact support."}).encode()
@@ -2070,7 +2437,10 @@ class Watcher:
             # Against what the service last tried to load, not what it serves: a refused
             # file is not read again until it changes.
             if self.settle() != self.service.tried:
-                self.service.reload()
+                try:
+                    self.service.reload()
+                except Exception as error:  # reload() refuses what it can name; this thread must outlive the rest
+                    log.error("reloading failed (%s); still serving what was loaded", type(error).__name__)
 
     def settle(self):
         """The files' state once size and mtime have held still for settle_seconds."""
@@ -2163,9 +2533,10 @@ def run_check(settings, args):
     """Load config and export as serving would; print what was found and what to fix."""
     config = load_config(settings.contexts)
     print(f"config   {settings.contexts}: ok ({len(config.templates)} templates, {len(config.rules)} rules)")
-    path = find_export(settings.data)
-    snapshot = build_snapshot(config, path)
-    template_counts, status_values = survey(snapshot)
+    path = find_export(settings.data, settings.follow_symlinks)
+    snapshot = build_snapshot(config, path, settings.memory_limit_mb)
+    surveyed = survey(snapshot)
+    template_counts, status_values = surveyed.answers, surveyed.values
     print(f"export   {path} ({snapshot.layout}, modified {iso_time(snapshot.file_mtime)})")
     for field_name, header in snapshot.columns.items():
         print(f"column   {field_name:<18} <- \"{header}\"")
@@ -2181,6 +2552,15 @@ def run_check(settings, args):
         print(f"warning  {snapshot.orders_without_email} orders have no email and can never be found")
     if snapshot.rows_without_order:
         print(f"warning  {snapshot.rows_without_order} rows have no order number and were skipped")
+    if surveyed.alike:
+        number, count = surveyed.alike.most_common(1)[0]
+        print(f"warning  {len(surveyed.alike)} order numbers are written in ways that read alike (e.g. {count} orders "
+              f"read as {number!r}, such as '#{number}' and '{number}'): orders with different emails are kept apart; "
+              f"{snapshot.orders_sharing} share an email with another, and a lookup of those answers with the one "
+              "written as typed, else with all of them")
+    for template, field_name in free_text_fields(config):
+        print(f"warning  [templates] {template} uses {{{field_name}}}, text that customers or staff type freely: "
+              "it reaches the AI as fact, instructions included. Keep it out of answers.")
     if not snapshot.index:
         print("error    no order can be found: none has both an order number and an email", file=sys.stderr)
         print("FAILED")
@@ -2189,12 +2569,24 @@ def run_check(settings, args):
     return 0
 
 
+FREE_TEXT = ("note", "comment", "instruction", "message", "remark", "memo", "bemerkung", "kommentar", "notiz",
+             "hinweis", "commentaire", "remarque", "nota", "opmerking", "comentario", "observacion")
+
+
+def free_text_fields(config):
+    """(template, placeholder) pairs where a template shows a free-text column such as notes."""
+    for name, template in config.templates.items():
+        for field_name in template.fields:
+            if any(word in field_name for word in FREE_TEXT):
+                yield name, field_name
+
+
 def run_lookup(settings, args):
     """Print the status line and the exact JSON body the chat platform would get."""
     from http import HTTPStatus
 
     config = load_config(settings.contexts)
-    snapshot = build_snapshot(config, find_export(settings.data))
+    snapshot = build_snapshot(config, find_export(settings.data, settings.follow_symlinks), settings.memory_limit_mb)
     status, body = answer(snapshot, args.order_id, args.email)
     print(f"{status} {HTTPStatus(status).phrase}")
     print(body.decode())
@@ -2206,7 +2598,7 @@ PROBE_SLOW = 2.0  # seconds; the platform gives up at 5
 
 def run_probe(settings, args):
     """Call a deployed endpoint as the chat platform does; a PASS/FAIL line per check."""
-    from urllib.parse import urlencode, urlsplit
+    from urllib.parse import urlencode
 
     if bool(args.order) != bool(args.email):
         raise SettingsError("give --order and --email together, for an order that exists.")
@@ -2299,12 +2691,10 @@ def run_serve(settings, args):
     """Load, then serve with waitress and reload on changes until stopped."""
     if settings.one_cpu and (cpu := keep_to_one_cpu()) is not None:
         log.info("kept on CPU %s (ONE_CPU=no lets it move between CPUs)", cpu)
+    check_keys(settings)
     service = Service(settings)
     service.start()
     if settings.api_keys:
-        for warning in weak_key_warnings(settings.api_keys):
-            log.warning("WEAK KEY: %s; make one with: python -c \"import secrets; print(secrets.token_urlsafe(32))\"",
-                        warning)
         key_status = f"{len(settings.api_keys)} key(s) from API_KEY"
     else:
         key = secrets.token_urlsafe(24)
@@ -2316,14 +2706,40 @@ def run_serve(settings, args):
     # systemd and docker stop with SIGTERM: leave through the same door as Ctrl-C, logs flushed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     watcher = Watcher(service).start()
-    log.info("serving %s on http://%s:%s/lookup (key: %s)", service.snapshot.source,
-             settings.host, server.effective_port, key_status)
+    log.info("serving %s on http://%s:%s/lookup (key: %s)", printable(service.snapshot.source),
+             settings.host, listen_port(server), key_status)
+    if not is_loopback(settings.host) and not settings.trusted_proxy:
+        log.warning("EXPOSED: listening on %s with no reverse proxy declared (TRUSTED_PROXY). Clients reach "
+                    "waitress directly, without TLS, and thousands of slow connections can hold it up. Put "
+                    "Caddy or nginx in front (deploy/) and keep HOST=127.0.0.1.", settings.host)
     try:
         server.run()
     finally:
         watcher.stop()
         server.close()
     return 0
+
+
+def check_keys(settings):
+    """Refuse to serve with a key that is short or a well-known placeholder, unless ALLOW_WEAK_KEY=yes."""
+    weak = list(weak_key_warnings(settings.api_keys))
+    if not weak:
+        return
+    make = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+    if not settings.allow_weak_key:
+        raise SettingsError(f"{'; '.join(weak)}: anyone could guess it. Make a key with {make} and put it in "
+                            "API_KEY (ALLOW_WEAK_KEY=yes serves with it anyway, for trying out only).")
+    for warning in weak:
+        log.warning("WEAK KEY (allowed by ALLOW_WEAK_KEY): %s; make one with: %s", warning, make)
+
+
+def is_loopback(host):
+    """True for an address only this machine can reach."""
+    if host == "localhost":
+        return True
+    with suppress(ValueError):
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    return False
 
 
 def keep_to_one_cpu():
@@ -2354,13 +2770,25 @@ def make_server(app, settings, **overrides):
     options = waitress_options(settings)
     options.update(overrides)
     server = waitress.server.create_server(app, **options)
-    server.channel_class = json_error_channel()
+    # A host with several addresses (localhost: ::1 and 127.0.0.1) makes one server per address.
+    listening = [server] if hasattr(server, "maintenance") else [s for s in server.map.values()
+                                                                   if hasattr(s, "maintenance")]
+    channel = guarded_channel()
+    for each in listening:
+        each.channel_class = channel
+        close_slow_requests(each, settings.request_seconds)
     return server
 
 
-def json_error_channel():
-    """Waitress's channel, answering what it rejects itself (oversized headers, ...) in JSON."""
+def listen_port(server):
+    """The port a server listens on (a host with several addresses makes several servers)."""
+    return getattr(server, "effective_port", None) or server.effective_listen[0][1]
+
+
+def guarded_channel():
+    """Waitress's channel, timing each request's arrival and answering what it rejects itself in JSON."""
     from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
     from waitress.task import ErrorTask
 
     class JsonErrorTask(ErrorTask):
@@ -2373,10 +2801,38 @@ def json_error_channel():
             self.content_length = len(body)
             self.write(body)
 
-    class JsonErrorChannel(HTTPChannel):
-        error_task_class = JsonErrorTask
+    class TimedParser(HTTPRequestParser):
+        """Remembers when a request's first byte arrived (see close_slow_requests)."""
 
-    return JsonErrorChannel
+        def __init__(self, adj):
+            super().__init__(adj)
+            self.began = time.monotonic()
+
+    class GuardedChannel(HTTPChannel):
+        error_task_class = JsonErrorTask
+        parser_class = TimedParser
+
+    return GuardedChannel
+
+
+def close_slow_requests(server, seconds):
+    """Have waitress's periodic sweep also close connections whose request is still arriving after seconds.
+
+    Waitress closes a connection after CHANNEL_TIMEOUT of silence, but a client sending
+    one byte every few seconds is never silent: a thousand of them would hold every
+    connection. A request that has not arrived whole in REQUEST_SECONDS is closed.
+    """
+    sweep = server.maintenance
+
+    def maintenance(now):
+        sweep(now)
+        cutoff = time.monotonic() - seconds
+        for channel in list(server.active_channels.values()):
+            request = channel.request
+            if request is not None and not request.completed and getattr(request, "began", cutoff) < cutoff:
+                channel.will_close = True
+
+    server.maintenance = maintenance
 
 
 def waitress_options(settings):
@@ -2384,8 +2840,10 @@ def waitress_options(settings):
     options = dict(
         host=settings.host, port=settings.port, threads=settings.threads, ident="orders",
         connection_limit=settings.connection_limit, channel_timeout=settings.channel_timeout,
-        cleanup_interval=min(10, settings.channel_timeout), asyncore_use_poll=True,
-        max_request_header_size=16384, max_request_body_size=65536, clear_untrusted_proxy_headers=True,
+        # The sweep that closes idle and slow connections runs this often (whole seconds).
+        cleanup_interval=max(1, int(min(settings.channel_timeout, settings.request_seconds) / 2)),
+        asyncore_use_poll=True, max_request_header_size=16384, max_request_body_size=65536,
+        clear_untrusted_proxy_headers=True,
     )
     if settings.trusted_proxy:
         options.update(trusted_proxy=settings.trusted_proxy, trusted_proxy_headers=settings.trusted_proxy_headers)

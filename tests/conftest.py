@@ -205,10 +205,10 @@ def client(service):
 class Served:
     """python app.py as a user starts it, its stderr collected by a thread."""
 
-    def __init__(self, argv, env, cwd):
+    def __init__(self, argv, env, cwd, **popen):
         import subprocess
 
-        self.process = subprocess.Popen(argv, env=env, cwd=cwd, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(argv, env=env, cwd=cwd, stderr=subprocess.PIPE, text=True, **popen)
         self.lines = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stderr), daemon=True)
         self.reader.start()

@@ -15,8 +15,9 @@ def test_the_benchmark_runs_and_reports_every_bar(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["service_csv"]["orders"] == 300
     assert results["service_csv"]["reload"]["failures"] == 0
-    assert len(results["checks"]) == 7
-    assert "| lookup throughput vs bare Bottle/waitress |" in run.stdout
+    assert len(results["checks"]) == 8
+    assert "| lookups vs bare Bottle/waitress, same CPU terms |" in run.stdout
+    assert "| lookups vs bare app at waitress defaults |" in run.stdout
     assert results["bare_spin"]["spin_us"] == 5 and "plus 5 µs of Python per request" in run.stdout
     assert results["in_process"]["service_us"] > 0 and "In-process, per lookup" in run.stdout
     # The baseline runs where the service puts itself: one CPU, unless the machine has one only.

@@ -34,7 +34,7 @@ def test_the_shipped_sample_data_shows_every_state(tmp_path):
     config = app.load_config(ROOT / "contexts.toml")
     snap = app.build_snapshot(config, app.find_export(ROOT / "data"))
     assert {"processing", "shipped_carrier", "partial_items", "cancelled", "refunded", "shipped",
-            "awaiting_payment"} <= set(app.survey(snap)[0])
+            "awaiting_payment"} <= set(app.survey(snap).answers)
     status, body = app.answer(snap, "#1001", "jane@example.com")
     assert status == 200 and json.loads(body)["context"].startswith("Order #1001 was found")
 
@@ -82,7 +82,7 @@ def test_a_rule_on_any_column_picks_its_template(tmp_path, contexts_file):
     contexts_file.write_text(text.replace("[templates]\n", '[templates]\nvip = "Order {order_id} was found; VIPs get it first."\n'))
     path = write(tmp_path / "o.csv", "Order ID,Email,Tags\n5,a@example.com,VIP\n6,b@example.com,\n")
     snap = app.build_snapshot(app.load_config(contexts_file), path)
-    assert app.survey(snap)[0] == {"vip": 1, "processing": 1}
+    assert app.survey(snap).answers == {"vip": 1, "processing": 1}
 
 
 @pytest.mark.parametrize("old, new, says", [
@@ -96,6 +96,9 @@ def test_a_rule_on_any_column_picks_its_template(tmp_path, contexts_file):
     ('max_age_hours = 26', 'max_age_hours = "26"', "max_age_hours"),
     ('max_age_hours = 26', 'max_age_hours = -1', "must be more than 0"),
     ('min_orders_ratio = 0.5', 'min_orders_ratio = 5', "between 0 and 1"),
+    ('max_age_hours = 26', 'max_age_hours = nan', "max_age_hours: should be like 26.0, not nan"),
+    ('max_age_hours = 26', 'max_age_hours = inf', "max_age_hours: should be like 26.0, not inf"),
+    ('min_orders_ratio = 0.5', 'min_orders_ratio = -nan', "min_orders_ratio: should be"),
     ('order_id = ["Order Number"', 'order_id = [1, "Order Number"', "[columns] order_id"),
     ('email = [', 'e_mail = [', "[columns] email: is missing"),
     ('UPS = "https://', 'UPS = "http://', "[carriers] UPS: must start with https://"),
@@ -169,3 +172,19 @@ def test_only_http_links_from_the_export_reach_the_agent(tmp_path, contexts_file
     path = write(tmp_path / "o.csv", f"Order ID,Email,Status,Tracking URL\n5,a@example.com,shipped,{cell}\n")
     snap = app.build_snapshot(app.load_config(contexts_file), path)
     assert json.loads(app.answer(snap, "5", "a@example.com")[1])["tracking_url"] == url
+
+
+def test_check_warns_when_an_answer_shows_free_text(capsys, tmp_path, contexts_file):
+    edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {order_id} was found ({notes}).')
+    path = write(tmp_path / "o.csv", "Order ID,Email,Notes\n5,a@example.com,leave at the door\n")
+    assert app.main(["check", "--data", str(path), "--contexts", str(contexts_file)]) == 0
+    assert "warning  [templates] processing uses {notes}, text that customers or staff type freely" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quantity, count", [("\u00b2", 3), ("\u0662", 4), ("1.5", 3), ("two", 3)])
+def test_an_odd_quantity_counts_as_one_item_instead_of_failing(tmp_path, contexts_file, quantity, count):
+    edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {order_id} ({item_count} items) was found.')
+    path = write(tmp_path / "o.csv", f"Order ID,Email,Item,Qty\n5,a@example.com,Hat,{quantity}\n5,,Cap,2\n")
+    status, body = app.answer(app.build_snapshot(app.load_config(contexts_file), path), "5", "a@example.com")
+    assert status == 200 and f"({count} items)" in json.loads(body)["context"]

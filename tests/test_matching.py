@@ -1,8 +1,11 @@
 """Matching: order numbers and emails as customers type them."""
 
+import json
+
 import pytest
 
 import app
+from conftest import ROOT, write
 
 
 @pytest.mark.parametrize("typed", ["#1001", "1001", " # 1001 ", "1001.0", "#1001.00", "1-0-0-1"])
@@ -44,3 +47,67 @@ def test_mixed_case_email_in_the_export_matches(client):
 ])
 def test_both_must_belong_to_the_same_order(client, order_id, email):
     assert client.lookup(order_id, email).status == 404
+
+
+# Numbers that read alike after '#' and punctuation are dropped, as multi-store exports and prefixes make them.
+ALIKE = """Order Number,Email,Status,Item,Tracking Number,Carrier
+#1001,jane@example.com,unfulfilled,Wool Socks,,
+1001,bob@example.com,shipped,Snow Boots,1Z999AA10123456784,UPS
+A-12,kim@example.com,unfulfilled,Scarf,,
+A12,kim@example.com,shipped,Mittens,1Z999AA10123456785,UPS
+7,lee@example.com,unfulfilled,Hat,,
+7,ann@example.com,shipped,Gloves,1Z999AA10123456786,UPS
+"""
+
+
+@pytest.fixture(params=["together", "apart"])
+def alike(request, tmp_path):
+    """The export above, its rows in order or with each order's rows scattered (read again, holding all)."""
+    lines = ALIKE.splitlines()
+    if request.param == "apart":
+        lines = [lines[0], *lines[1::2], *lines[2::2], "5,x@example.com,unfulfilled,Cap,,", "5,,,Belt,,"]
+        lines.insert(1, "5,,,Belt,,")
+    path = write(tmp_path / "orders.csv", "\n".join(lines) + "\n")
+    return app.build_snapshot(app.load_config(ROOT / "contexts.toml"), path)
+
+
+def ask(snapshot, order_id, email):
+    status, body = app.answer(snapshot, order_id, email)
+    return status, json.loads(body)
+
+
+@pytest.mark.parametrize("order_id, email, has, lacks", [
+    ("#1001", "jane@example.com", "Wool Socks", "Snow Boots"),
+    ("1001", "jane@example.com", "Wool Socks", "Snow Boots"),
+    ("1001", "bob@example.com", "Snow Boots", "Wool Socks"),
+    ("7", "lee@example.com", "Hat", "Gloves"),
+    ("7", "ann@example.com", "Gloves", "Hat"),
+])
+def test_orders_of_different_customers_never_merge(alike, order_id, email, has, lacks):
+    status, body = ask(alike, order_id, email)
+    assert status == 200 and has in body["context"] and lacks not in body["context"]
+
+
+@pytest.mark.parametrize("typed, has, lacks", [("A-12", "Scarf", "Mittens"), ("a12", "Mittens", "Scarf")])
+def test_one_customers_alike_numbers_answer_the_one_typed_exactly(alike, typed, has, lacks):
+    status, body = ask(alike, typed, "kim@example.com")
+    assert status == 200 and has in body["context"] and lacks not in body["context"]
+
+
+def test_one_customers_alike_numbers_typed_otherwise_answer_both(alike):
+    status, body = ask(alike, "A 12", "kim@example.com")
+    assert status == 200 and "Order A-12 was found" in body["context"] and "Order A12 was found" in body["context"]
+    assert body["tracking_url"] == "https://www.ups.com/track?tracknum=1Z999AA10123456785"  # the only link
+
+
+def test_alike_numbers_are_counted_apart(alike):
+    assert alike.orders == 6 + (alike.source.read_text().count("\n5,") > 0)
+    assert alike.orders_sharing == 1
+
+
+def test_check_reports_numbers_that_read_alike(capsys, tmp_path):
+    path = write(tmp_path / "orders.csv", ALIKE)
+    assert app.main(["check", "--data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning  3 order numbers are written in ways that read alike" in out
+    assert "1 share an email with another" in out

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 import app
-from conftest import Client, LookupLoop, make_settings, orders_csv, wait_for, write
+from conftest import Client, LookupLoop, make_settings, orders_csv, wait_for, write, write_xlsx
 
 ORDERS = 100
 
@@ -246,3 +246,63 @@ def test_after_a_restart_on_the_last_good_copy_the_broken_export_is_not_read_aga
     refusals = [r for r in logs.records if r.getMessage().startswith("refused")]
     assert refusals == []  # the start-up refusal is the SERVING THE LAST GOOD COPY line, said once
     assert sum("SERVING THE LAST GOOD COPY" in r.getMessage() for r in logs.records) == 1
+
+
+def broken_xlsx(path, good_rows=20):
+    """A workbook whose sheet XML breaks off after good_rows rows, as a crashed writer leaves it."""
+    import zipfile
+
+    source = write_xlsx(path.with_name("whole.xlsx"), {"Orders": [
+        ["Name", "Email", "Fulfillment Status"],
+        *([f"#{n}", f"customer{n}@example.com", "fulfilled"] for n in range(1, 60))]})
+    with zipfile.ZipFile(source) as whole, zipfile.ZipFile(path, "w") as cut:
+        for item in whole.infolist():
+            data = whole.read(item)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                rows = data.split(b"</row>")
+                data = b"</row>".join(rows[:good_rows + 1]) + b"<row r=\"99\"><c r=\"A99\" t=\"s\"><v>1</c></row>"
+            cut.writestr(item, data)
+    source.unlink()
+    return path
+
+
+def test_an_unexpected_failure_while_reading_is_a_refusal_and_reloading_goes_on(live):
+    broken = broken_xlsx(live.data / "orders_2026-11-30.xlsx")
+    body = refused(live)
+    assert body["last_refused"]["file"] == broken.name and "could not be read" in body["last_refused"]["reason"]
+    assert "customer" not in body["last_refused"]["reason"]  # no cell contents
+    assert live.watcher.thread.is_alive()
+    write(live.data / "orders_2026-12-01.csv", orders_csv(ORDERS, status="fulfilled"))
+    wait_for(lambda: served_file(live) == "orders_2026-12-01.csv", what="the good export after the broken one")
+    assert health(live)[0] == 200
+
+
+def test_a_restart_with_a_broken_workbook_serves_the_last_good_copy(tmp_path, contexts_file):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(20))
+    app.Service(make_settings(export.parent, contexts_file)).start()
+    export.unlink()
+    broken_xlsx(tmp_path / "data" / "orders.xlsx")
+    service = app.Service(make_settings(export.parent, contexts_file))
+    assert service.start().orders == 20 and service.from_last_good
+    assert service.refused["file"] == "orders.xlsx"
+
+
+def test_any_exception_during_a_reload_is_a_refusal(live, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(app, "build_snapshot", out_of_memory)
+    write(live.export, orders_csv(ORDERS, status="fulfilled"))
+    body = refused(live)
+    assert "MemoryError" in body["last_refused"]["reason"]
+    assert live.watcher.thread.is_alive()
+    monkeypatch.undo()
+    write(live.export, orders_csv(ORDERS + 1, status="fulfilled"))
+    wait_for(lambda: live.service.snapshot.orders == ORDERS + 1, what="the next good export")
+
+
+def test_a_contexts_file_nested_thousands_deep_is_refused(live):
+    live.contexts.write_text(live.contexts.read_text() + "\n[settings.x]\ny = " + "[" * 5000 + "]" * 5000 + "\n")
+    wait_for(lambda: live.service.config_error is not None, what="the refused edit")
+    assert "nested too deeply" in live.service.config_error
+    assert live.watcher.thread.is_alive() and health(live)[0] == 503

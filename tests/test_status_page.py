@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import pytest
 
 import app
-from conftest import KEY, Client, make_settings, orders_csv, write
+from conftest import KEY, Client, make_settings, orders_csv, wait_for, write
 
 
 class Page(HTMLParser):
@@ -55,9 +55,11 @@ class Page(HTMLParser):
             self.stack[-1][2].append(data)
 
 
-def fetch(url, password=None, form=None):
-    """(status, headers, html) of GET, or POST when form is given."""
+def fetch(url, password=None, form=None, origin=True):
+    """(status, headers, html) of GET, or POST when form is given, from the page itself as a browser sends it."""
     headers = {}
+    if form is not None and origin:
+        headers["Origin"] = url.split("/", 3)[0] + "//" + url.split("/", 3)[2] if origin is True else origin
     if password is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(f"staff:{password}".encode()).decode()
     data = urlencode(form).encode() if form is not None else None
@@ -140,3 +142,17 @@ def test_freshness_is_green_amber_or_red(tmp_path, contexts_file, age_hours, ref
     page = Page(Client(app.create_app(service)).get("/", headers=auth, key=None).body.decode())
     assert page.classes["freshness"] == f"badge {color}"
     assert page.by_id["freshness"] == {"green": "healthy", "amber": "degraded", "red": "stale"}[color]
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", False])
+def test_a_lookup_posted_from_another_page_is_refused(live_server, origin):
+    status, _, html = fetch(live_server + "/", password=KEY, origin=origin,
+                            form={"order_id": "#1002", "customer_email": "sam@example.com"})
+    assert status == 403 and "sam@example.com" not in html and "tried-body" not in html
+
+
+def test_a_lookup_from_the_page_is_logged_as_lookups_are(live_server, logs):
+    fetch(live_server + "/", password=KEY, form={"order_id": "#1002", "customer_email": "sam@example.com"})
+    wait_for(lambda: any("POST / 200" in r.getMessage() for r in logs.records), what="the request line")
+    line = next(r.getMessage() for r in logs.records if "POST / 200" in r.getMessage())
+    assert "order=1002 email=s***@example.com" in line and "sam@example.com" not in line
