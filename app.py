@@ -40,7 +40,14 @@ from pathlib import Path
 from string import Formatter
 from urllib.parse import quote, unquote_plus, unquote_to_bytes, urlsplit
 
-import bottle
+try:
+    import bottle
+except ModuleNotFoundError as missing:  # `python3 app.py` outside the virtual environment
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"error: the package {missing.name!r} is not installed for {sys.executable}. Run the service with "
+             ".venv/bin/python app.py, after setting it up once with: "
+             "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt")
 
 __version__ = "1.0.0"
 
@@ -251,10 +258,11 @@ DERIVED = {
     "tracking_number": "the first tracking number",
     "tracking_numbers": "every tracking number, comma-separated",
     "tracking_url": "the tracking link (from a column, or built from [carriers])",
+    "records_updated": "when the records were last brought up to date, e.g. 27 Nov 2026, 02:15 UTC",
 }
 # Templates the service answers with before or without finding an order.
 MESSAGES = {
-    "not_found": {"order_id"},
+    "not_found": {"order_id", "records_updated"},
     "missing": {"missing"},
     "invalid": set(),
     "unavailable": set(),
@@ -271,15 +279,28 @@ SECTIONS = ("settings", "columns", "items", "rules", "templates", "carriers")
 
 @dataclass(frozen=True)
 class Template:
-    """One answer text and the placeholders it names."""
+    """One answer text and the placeholders it names.
+
+    A part in [square brackets] is left out when a placeholder in it has no value, so
+    an answer says what the export shows only where it shows it: "has shipped[ on
+    {shipped_at}]". parts holds ((text, placeholders, optional), ...) for such a template.
+    """
 
     name: str
     text: str
     fields: tuple[str, ...]
+    parts: tuple = ()
+
+    def fill(self, values):
+        """The text filled from values (placeholder -> text); optional parts only where all of theirs are filled."""
+        if not self.parts:
+            return self.text.format_map(values)
+        return "".join(text.format_map(values) for text, fields, optional in self.parts
+                       if not optional or all(values[f] for f in fields))
 
     def render(self, values):
         """The text with each placeholder filled, dates made readable."""
-        return self.text.format_map({f: readable(values[f].strip()) for f in self.fields})
+        return self.fill({f: readable(values[f].strip()) for f in self.fields})
 
 
 @dataclass(frozen=True)
@@ -316,7 +337,9 @@ class Config:
     shipped_item_statuses: frozenset
     max_age_hours: float
     min_orders_ratio: float
+    max_vanished_ratio: float
     sheet: str
+    timezone: object  # a zoneinfo.ZoneInfo: the merchant's, for the times answers show
 
     @property
     def fields_used(self):
@@ -378,7 +401,7 @@ def parse_config(path, doc):
     items = parse_items(path, doc.get("items", {}))
     templates = parse_templates(path, doc.get("templates", {}))
     rules = parse_rules(path, doc.get("rules", []), templates)
-    default = settings["default_template"]
+    default = settings["default_template"] or ("found" if "found" in templates else "processing")
     if default not in templates:
         config_error(path, "[settings] default_template", f"names the template {default!r}, which does not exist.",
                      f"Templates: {', '.join(templates)}.")
@@ -388,8 +411,20 @@ def parse_config(path, doc):
         item_format=items["format"], item_separator=items["separator"], no_items=items["none"],
         shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
         max_age_hours=settings["max_age_hours"], min_orders_ratio=settings["min_orders_ratio"],
-        sheet=settings["sheet"],
+        max_vanished_ratio=settings["max_vanished_ratio"], sheet=settings["sheet"],
+        timezone=parse_timezone(path, settings["timezone"]),
     )
+
+
+def parse_timezone(path, name):
+    """[settings] timezone: an IANA name such as Europe/Berlin, for the times that answers show."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        config_error(path, "[settings] timezone", f"{name!r} is not a time zone this machine knows.",
+                     'Use an IANA name such as "Europe/Berlin", "America/New_York" or "UTC".')
 
 
 def expect(path, where, value, kind, example):
@@ -407,15 +442,17 @@ def table(path, name, value):
 
 
 SETTING_DEFAULTS = {
-    "default_template": "processing",
+    "default_template": "",  # "found" where the templates have it, else "processing" (files made before it)
     "max_age_hours": 26.0,
     "min_orders_ratio": 0.5,
+    "max_vanished_ratio": 0.2,
     "sheet": "",
+    "timezone": "UTC",
 }
 
 
 def parse_settings(path, raw):
-    """[settings]: default template, freshness, shrink guard, XLSX sheet."""
+    """[settings]: default template, freshness, shrink guards, XLSX sheet, time zone."""
     raw = table(path, "settings", raw)
     out = dict(SETTING_DEFAULTS)
     for key, value in raw.items():
@@ -428,6 +465,9 @@ def parse_settings(path, raw):
         config_error(path, "[settings] max_age_hours", "must be more than 0.", "A nightly export wants 26.")
     if not 0 <= out["min_orders_ratio"] <= 1:
         config_error(path, "[settings] min_orders_ratio", "must be between 0 and 1.", "0.5 refuses an export half the size.")
+    if not 0 <= out["max_vanished_ratio"] <= 1:
+        config_error(path, "[settings] max_vanished_ratio", "must be between 0 and 1.",
+                     "0.2 refuses an export that lacks a fifth of the orders being served.")
     return out
 
 
@@ -497,14 +537,49 @@ def parse_templates(path, raw):
     for name, text in table(path, "templates", raw).items():
         where = f"[templates] {name}"
         expect(path, where, text, str, 'a text in quotes, e.g. "Order {order_id} was found."')
-        allowed = MESSAGES.get(name)
-        templates[name] = Template(name, text, placeholders(path, where, text, allowed))
+        templates[name] = template(path, where, name, text, MESSAGES.get(name))
     for name, allowed in MESSAGES.items():
         if name not in templates:
             shown = f" It may use {', '.join('{%s}' % a for a in sorted(allowed))}." if allowed else ""
             config_error(path, f"[templates] {name}", "is missing; the service needs it to answer.",
                          f"Add {name} = \"...\".{shown}")
     return templates
+
+
+def template(path, where, name, text, allowed):
+    """A Template from its text: placeholders checked, [optional] parts found."""
+    split = optional_parts(path, where, text)
+    parts = tuple((part, placeholders(path, where, part, allowed), optional) for part, optional in split)
+    for part, fields, optional in parts:
+        if optional and not fields:
+            config_error(path, where, f"[{part}] has no placeholder, so it would always show.",
+                         "Write [[ and ]] for square brackets that are part of the text.")
+    fields = tuple(dict.fromkeys(f for _, names, _ in parts for f in names))
+    plain = "".join(part for part, _ in split)
+    return Template(name, plain, fields, parts if any(optional for _, optional in split) else ())
+
+
+def optional_parts(path, where, text):
+    """text split at [ and ] into (part, optional) pairs; [[ and ]] stand for the brackets themselves."""
+    parts, current, optional, i = [], "", False, 0
+    while i < len(text):
+        pair, char = text[i:i + 2], text[i]
+        if pair in ("[[", "]]"):
+            current, i = current + char, i + 2
+            continue
+        if char in "[]":
+            if (char == "[") == optional:
+                problem = "has a [ inside another [ ]" if optional else "has a ] without its ["
+                config_error(path, where, f"{problem}.", "Write [[ and ]] for square brackets that are part of the text.")
+            parts.append((current, optional))
+            current, optional = "", not optional
+        else:
+            current += char
+        i += 1
+    if optional:
+        config_error(path, where, "has a [ without its ].", "Close the optional part with ], or write [[ for a bracket.")
+    parts.append((current, False))
+    return [(part, optional) for part, optional in parts if part]
 
 
 def parse_rules(path, raw, templates):
@@ -616,11 +691,16 @@ def is_export_name(name):
 @dataclass
 class Table:
     """An export opened for reading: its rows (lists of cell texts, header first), where reading
-    is (line(), for error messages), and plain: True when no cell can hold FIELD or RECORD."""
+    is (line(), for error messages), and plain: True when no cell can hold FIELD or RECORD.
+
+    cut_off(last row, header width) says why the file looks cut off, or "" (CSV only:
+    a damaged workbook does not open at all).
+    """
 
     rows: object
     line: object = lambda: None
     plain: bool = False
+    cut_off: object = lambda last, width: ""
 
 
 @contextmanager
@@ -683,7 +763,18 @@ def open_csv(path, encoding=None):
             delimiter = sniff_delimiter(first, f.read(65536))
             f.seek(0)
         reader = csv.reader(f, delimiter=delimiter)
-        yield Table(reader, lambda: reader.line_num + offset, scan.plain)
+
+        def cut_off(last, width):
+            """Why the file looks cut off mid-row, or "" (see README, "Refused exports")."""
+            if not scan.ends_open:
+                return ""
+            if last is not None and len(last) < width:
+                return f"the last row has {len(last)} of {width} fields and no line end"
+            if open_quote_at_end(f, delimiter):
+                return "a quoted cell is still open at the end of the file"
+            return ""
+
+        yield Table(reader, lambda: reader.line_num + offset, scan.plain, cut_off)
 
 
 @dataclass(frozen=True)
@@ -692,24 +783,48 @@ class Scan:
 
     plain: bool  # no byte that separates packed cells (see Packer): orders need no check
     long_line: bool  # some line is longer than READ_BUFFER: refused before csv builds it in memory
+    ends_open: bool  # the last byte is not a line end: the file may have been cut mid-row
 
 
 def scan_csv(binary):
     """Scan a CSV's bytes at C speed (memchr: 20 ms for 150 MB), 1 MB at a time in one buffer."""
     # A cell holding a separator of packed orders would shift its order's other cells, so
     # each order is checked unless the file has neither; every encoding read here writes
-    # both characters as the same single byte. A full chunk without a line end means a line
-    # longer than the chunk: a 500 MB file of one line would otherwise be parsed into memory.
+    # both characters (and '"', and line ends) as the same single byte. A full chunk without
+    # a line end means a line longer than the chunk: a 500 MB file of one line would
+    # otherwise be parsed into memory.
     needles = (FIELD.encode(), RECORD.encode())
     chunk = bytearray(READ_BUFFER)
-    plain, long_line = True, False
+    plain, long_line, last = True, False, b"\n"
     while size := binary.readinto(chunk):
         if plain and any(chunk.find(needle, 0, size) >= 0 for needle in needles):
             plain = False
         if size == READ_BUFFER and chunk.find(b"\n") < 0 and chunk.find(b"\r") < 0:
             long_line = True
             break
-    return Scan(plain, long_line)
+        last = chunk[size - 1:size]
+    return Scan(plain, long_line, last not in (b"\n", b"\r"))
+
+
+def open_quote_at_end(f, delimiter):
+    """True when the file ends inside a quoted cell; asked only of a file without a final line end.
+
+    An odd number of '"' is needed for that (50 ms for 150 MB); only then does a strict
+    parse of the whole file tell an open quote from a stray inch mark ('27" wide').
+    """
+    f.buffer.seek(0)
+    chunk, quotes = bytearray(READ_BUFFER), 0
+    while size := f.buffer.readinto(chunk):
+        quotes += chunk.count(b'"', 0, size)
+    if quotes % 2 == 0:
+        return False
+    f.seek(0)
+    try:
+        for _ in csv.reader(f, delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 @contextmanager
@@ -911,19 +1026,26 @@ def plausible_header(text):
 def check_placeholders(config, by_snake):
     """Every placeholder and rule field must be derived, mapped, or a column of this file."""
     known = set(DERIVED) | set(config.columns) | set(by_snake)
-    available = sorted(set(DERIVED) | set(config.columns)) + sorted(set(by_snake) - set(config.columns))
+    examples = [c for c in by_snake if c not in config.columns and not PERSONAL & set(c.split("_"))][:3]
+    available = (f"Available: {', '.join('{%s}' % a for a in sorted(set(DERIVED) | set(config.columns)))}, "
+                 "or any column of the export in snake_case" + (f", e.g. {', '.join('{%s}' % e for e in examples)}"
+                                                                 if examples else "") + ".")
     for name, template in config.templates.items():
         for placeholder in template.fields:
             if name not in MESSAGES and placeholder not in known:
                 config_error(config.path, f"[templates] {name}", f"uses {{{placeholder}}}, which is neither a field "
-                             "in [columns] nor a column of the export.",
-                             f"Available: {', '.join('{%s}' % a for a in available)}.")
+                             "in [columns] nor a column of the export.", available)
     for rule in config.rules:
         for field_name, _ in rule.conditions:
             if field_name not in known:
                 config_error(config.path, f"[[rules]] number {rule.number} when.{field_name}",
-                             "is neither a field in [columns] nor a column of the export.",
-                             f"Available: {', '.join(available)}.")
+                             "is neither a field in [columns] nor a column of the export.", available)
+
+
+# Words of columns that hold a person's data: never offered as an example placeholder.
+PERSONAL = {"name", "street", "address", "address1", "address2", "phone", "city", "zip", "postal", "postcode",
+            "province", "country", "company", "mail", "email", "first", "last", "billing", "birth", "ip", "customer",
+            "note", "notes"}
 
 
 def detect_layout(positions):
@@ -955,6 +1077,7 @@ class OrderReader:
         self.line = lambda: 0
         self.plain = False  # True once open_table finds no cell can hold a packing separator
         self.progress = Progress(shown_name(path), memory_limit_mb)
+        self.last_row = None  # the file's last row with a cell, as read: is it whole?
 
     def is_header(self, cells):
         """A row is the header when it has one of the order-number headers."""
@@ -982,13 +1105,25 @@ class OrderReader:
             progress, next_tick = self.progress, PROGRESS_ROWS
             for key, group in groups:
                 if not key:
-                    self.skipped += sum(1 for row in group if any(row))
+                    self.skipped += self.let_go(group)
                     continue
                 self.rows += len(group)
                 if self.rows >= next_tick:
                     progress.tick(self.rows)
                     next_tick += PROGRESS_ROWS
                 yield key, group
+            if why := table.cut_off(self.last_row, len(header)):
+                export_error(self.path, f"looks cut off: {why}. It was probably still being written or "
+                                        "uploaded; the data being served stays. Export or upload it again.")
+
+    def let_go(self, rows):
+        """How many of rows have a cell filled; none is kept but the last (see cut_off)."""
+        count = 0
+        for row in rows:
+            if any(row):
+                count += 1
+                self.last_row = row
+        return count
 
     def adjacent(self, rows):
         """Groups of adjacent rows with the same order number: (key, rows) at C speed.
@@ -1000,11 +1135,13 @@ class OrderReader:
         belong to two customers (index keys keep them apart; Packer.pack tells two
         customers' orders under one number).
         """
-        written = []
+        written, key = [], ""
         for value, group in groupby(filter(None, rows), itemgetter(self.plan.order_columns[0])):
             key = normalise_order_id(value)
             written.append(value)
-            yield key, (list(group) if key else group)
+            yield key, (group := list(group) if key else group)
+        if key:  # else the last rows had no number, and let_go() saw them
+            self.last_row = group[-1]
         if len(set(written)) != len(written):
             raise Irregular("rows of one order are apart")
 
@@ -1020,6 +1157,7 @@ class OrderReader:
         groups, progress, next_tick = {}, self.progress, PROGRESS_ROWS
         for count, row in enumerate(rows, 1):
             if any(row):
+                self.last_row = row
                 row = row + [""] * (width - len(row)) if len(row) < width else row
                 groups.setdefault(row[at].strip(), []).append(take(row))
             if count >= next_tick:
@@ -1307,13 +1445,17 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False):
     if len(index) + without_email + shared != count:
         raise Alike()
     plan = reader.plan
+    renderer = Renderer(config, plan)
+    loaded_at = time.time()
+    # The export's own time, never a time to come: a clock ahead must not make old records look new.
+    renderer.records_text = local_time(min(stat.st_mtime, loaded_at), config.timezone)
     return Snapshot(
         config=config, index=index, source=path, file_mtime=stat.st_mtime, file_mtime_ns=stat.st_mtime_ns,
         file_size=stat.st_size, rows=reader.rows, orders=count,
         orders_without_email=without_email, orders_sharing=shared,
-        rows_without_order=reader.skipped, loaded_at=time.time(), seconds=time.perf_counter() - started,
+        rows_without_order=reader.skipped, loaded_at=loaded_at, seconds=time.perf_counter() - started,
         layout=plan.layout, columns=plan.chosen, example_order_id=example,
-        packer=packer or Packer(plan), renderer=Renderer(config, plan), encoding=encoding,
+        packer=packer or Packer(plan), renderer=renderer, encoding=encoding,
     )
 
 
@@ -1328,13 +1470,14 @@ class Survey:
     answers: Counter  # template -> orders with an email that get it
     values: dict  # rule field -> Counter of its status words
     alike: Counter  # normalised number -> orders, where more than one order reads as that number
+    by_status: dict  # status word -> Counter of the templates its orders (with an email) get
 
 
 def survey(snapshot):
     """For `check`: stream the export again as a load does, so a big export fits in memory."""
     for careful in (False, True):
         result = Survey(Counter(), {f: Counter() for f in survey_fields(snapshot.config, snapshot.packer.plan)},
-                        Counter())
+                        Counter(), {})
         reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding)
         packer = None
         try:
@@ -1346,7 +1489,9 @@ def survey(snapshot):
                     for name, counter in result.values.items():
                         counter[status_word(order.get(name, ""))] += 1
                     if order.get("email"):
-                        result.answers[snapshot.renderer.answer(cells, items, tracking)[0]] += 1
+                        answer_name = snapshot.renderer.answer(cells, items, tracking)[0]
+                        result.answers[answer_name] += 1
+                        result.by_status.setdefault(status_word(order.get("status", "")), Counter())[answer_name] += 1
                     result.alike[key] += 1
             result.alike = Counter({key: n for key, n in result.alike.items() if n > 1})
             return result
@@ -1421,13 +1566,14 @@ class Renderer:
         self.carrier_pages = {}  # carrier name as exported -> its tracking page ("" when none)
         # [items] format with numbered places, so an item tuple (quantity, name, status) fills it as is.
         self.item_text = numbered(config.item_format, ("quantity", "name")).format
+        self.records_text = ""  # {records_updated}: set by Snapshot, moved on by fresher sources
 
     def answer(self, cells, items, tracking):
         """(template name, JSON body) for an order's cells, items and tracking numbers (Packer.unpack's)."""
         url = self.link(cells, tracking)
         template = self.pick(cells, items, tracking, url)
         # A source is a cell's position or a method: the one test that tells them apart, inline.
-        text = template.text.format_map({
+        text = template.fill({
             field: readable(one_line(cells[source])) if source.__class__ is int else source(cells, items, tracking, url)
             for field, source in self.fills[template.name]})
         body = f'{{"context": {json_text(text)}, "tracking_url": {json_text(url) if url else "null"}}}'
@@ -1488,6 +1634,10 @@ class Renderer:
     def tracking_url(self, cells, items, tracking, url):
         """The tracking link."""
         return url
+
+    def records_updated(self, cells, items, tracking, url):
+        """When the records were last brought up to date (the same for every order)."""
+        return self.records_text
 
     def items(self, cells, items, tracking, url):
         """Every line item, or [items] none when the order lists none."""
@@ -1583,7 +1733,7 @@ def answer(snapshot, order_id, email):
     packed = snapshot.index.get(index_key(wanted, normalise_email(email)))
     if packed is not None:
         return 200, snapshot.render(packed, order_id)[1]
-    return 404, message(config, "not_found", order_id=echoed(wanted))
+    return 404, message(config, "not_found", order_id=echoed(wanted), records_updated=snapshot.renderer.records_text)
 
 
 def echoed(wanted):
@@ -1623,6 +1773,8 @@ class Service:
         self.from_last_good = False
         self.tried = None  # files_state() when a load last began, good or refused
         self._lock = threading.Lock()  # one load at a time
+        self._copy_lock = threading.Lock()  # one copy to the state folder at a time
+        self.copying = None  # the thread copying the first export after start
 
     def files_state(self):
         """The config and the export a load would read now, with sizes and times."""
@@ -1672,9 +1824,15 @@ class Service:
                 mark.unlink()
 
     def start(self):
-        """First load: the export, else the last good copy, else the export's error."""
+        """First load: the export, else the last good copy, else the export's error.
+
+        The copy of an accepted export is made after it is served (in copying, a thread):
+        a large export is served that much sooner.
+        """
         try:
-            self.install(self.build(starting=True))
+            self.install(self.build(starting=True), keep_copy=False)
+            self.copying = threading.Thread(target=self.keep_copy, args=(self.snapshot,), name="copy", daemon=True)
+            self.copying.start()
         except ExportError as error:
             fallback = self.last_good_copy()
             if fallback is None:
@@ -1714,6 +1872,15 @@ class Service:
                 f"{name}: holds {snapshot.orders} orders, fewer than {ratio:.0%} of the "
                 f"{current.orders} being served, so it looks cut off. If the shrink is real, lower "
                 "[settings] min_orders_ratio in contexts.toml or restart the service.", file=name)
+        if current and current.index:
+            vanished = len(current.index.keys() - snapshot.index.keys())
+            allowed = snapshot.config.max_vanished_ratio
+            if vanished > len(current.index) * allowed:
+                raise ExportError(
+                    f"{name}: {vanished} of the {len(current.index)} orders being served ({vanished / len(current.index):.0%}) "
+                    f"are not in it, more than max_vanished_ratio ({allowed:.0%}) allows: it looks cut off or "
+                    "filtered. If those orders really left the export, raise [settings] max_vanished_ratio in "
+                    "contexts.toml, or restart the service.", file=name)
         if snapshot.file_mtime > time.time() + FUTURE_SLACK:
             log.warning("%s: its modification time, %s, is in the future: its age cannot be told, and a newer "
                         "export will be served as soon as one arrives. Check the clock of the machine that "
@@ -1735,16 +1902,24 @@ class Service:
 
     def install(self, snapshot, keep_copy=True):
         """Serve snapshot from now on (one assignment) and keep a copy of its file."""
-        self.snapshot = snapshot
+        before, self.snapshot = self.snapshot, snapshot
         self.refused = None
         self.config_error = None
         self.from_last_good = False
         log.info("loaded %s", snapshot.describe())
+        if before and before.config != snapshot.config:  # what contexts.toml says changed, not only its time
+            log.info("applied %s: %d templates, %d rules", shown_name(snapshot.config.path),
+                     len(snapshot.config.templates), len(snapshot.config.rules))
         if keep_copy:
             self.keep_copy(snapshot)
 
     def keep_copy(self, snapshot):
         """Copy an accepted export to the state folder, for a restart after a bad night."""
+        with self._copy_lock:
+            self.copy(snapshot)
+
+    def copy(self, snapshot):
+        """keep_copy's work: the copy written aside, then renamed into place."""
         source, state = snapshot.source, self.settings.state
         target = state / ("last-good" + source.suffix.lower())
         partial = state / (".partial" + source.suffix.lower())
@@ -1844,6 +2019,11 @@ def yielding():
 def same_file_state(path, snapshot):
     """True when path has the size and mtime the snapshot was read from."""
     return file_state(path)[1:] == (snapshot.file_size, snapshot.file_mtime_ns)
+
+
+def local_time(timestamp, zone):
+    """'27 Nov 2026, 02:15 CET': a time as the shop's customers read it, in its time zone."""
+    return datetime.fromtimestamp(timestamp, zone).strftime("%-d %b %Y, %H:%M %Z")
 
 
 def iso_time(timestamp):
@@ -2148,6 +2328,7 @@ SAMPLE = {
     "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784", "carrier": "UPS",
     "estimated_delivery": "2026-12-02", "order_date": "2026-11-27", "shipped_at": "2026-11-28",
     "status": "fulfilled", "financial_status": "paid", "missing": "the email address used for the order",
+    "records_updated": "28 Nov 2026, 02:15 UTC",
 }
 
 
@@ -2532,41 +2713,65 @@ def main(argv=None):
 def run_check(settings, args):
     """Load config and export as serving would; print what was found and what to fix."""
     config = load_config(settings.contexts)
-    print(f"config   {settings.contexts}: ok ({len(config.templates)} templates, {len(config.rules)} rules)")
     path = find_export(settings.data, settings.follow_symlinks)
     snapshot = build_snapshot(config, path, settings.memory_limit_mb)
     surveyed = survey(snapshot)
-    template_counts, status_values = surveyed.answers, surveyed.values
-    print(f"export   {path} ({snapshot.layout}, modified {iso_time(snapshot.file_mtime)})")
-    for field_name, header in snapshot.columns.items():
-        print(f"column   {field_name:<18} <- \"{header}\"")
-    missing = [f for f in config.columns if f not in snapshot.columns]
-    if missing:
-        print(f"no column for {', '.join(missing)} (their placeholders stay empty)")
-    print(f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s")
-    print(f"format   order numbers look like {snapshot.example_order_id!r}: give this format to the chat platform")
-    for field_name, counts in status_values.items():
-        print(f"values   {field_name}: " + ", ".join(f"{v or '(empty)'} {n}" for v, n in counts.most_common(12)))
-    print("answers  " + ", ".join(f"{t} {n}" for t, n in template_counts.most_common()))
-    if snapshot.orders_without_email:
-        print(f"warning  {snapshot.orders_without_email} orders have no email and can never be found")
-    if snapshot.rows_without_order:
-        print(f"warning  {snapshot.rows_without_order} rows have no order number and were skipped")
-    if surveyed.alike:
-        number, count = surveyed.alike.most_common(1)[0]
-        print(f"warning  {len(surveyed.alike)} order numbers are written in ways that read alike (e.g. {count} orders "
-              f"read as {number!r}, such as '#{number}' and '{number}'): orders with different emails are kept apart; "
-              f"{snapshot.orders_sharing} share an email with another, and a lookup of those answers with the one "
-              "written as typed, else with all of them")
-    for template, field_name in free_text_fields(config):
-        print(f"warning  [templates] {template} uses {{{field_name}}}, text that customers or staff type freely: "
-              "it reaches the AI as fact, instructions included. Keep it out of answers.")
+    # Said only now: a placeholder or rule field is checked against the export's columns.
+    print(f"config   {printable(settings.contexts)}: ok ({len(config.templates)} templates, {len(config.rules)} rules)")
+    for line in check_summary(snapshot, surveyed):
+        print(line)
+    for warning in check_warnings(snapshot, surveyed):
+        print(f"warning  {warning}")
     if not snapshot.index:
         print("error    no order can be found: none has both an order number and an email", file=sys.stderr)
         print("FAILED")
         return 1
     print("OK")
     return 0
+
+
+def check_summary(snapshot, surveyed):
+    """`check`'s lines on what was read: file, columns, counts, number format, words, answers."""
+    yield f"export   {printable(snapshot.source)} ({snapshot.layout}, modified {iso_time(snapshot.file_mtime)})"
+    for field_name, header in snapshot.columns.items():
+        yield f"column   {field_name:<18} <- \"{printable(header)}\""
+    missing = [f for f in snapshot.config.columns if f not in snapshot.columns]
+    if missing:
+        yield f"no column for {', '.join(missing)} (their placeholders stay empty)"
+    yield f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s"
+    yield f"format   order numbers look like {snapshot.example_order_id!r}: give this format to the chat platform"
+    for field_name, counts in surveyed.values.items():
+        yield f"values   {field_name}: " + ", ".join(f"{v or '(empty)'} {n}" for v, n in counts.most_common(12))
+    unmatched = f" ({snapshot.orders_without_email} without an email are not counted)" \
+        if snapshot.orders_without_email else ""
+    yield "answers  " + ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common()) + unmatched
+
+
+def check_warnings(snapshot, surveyed):
+    """What `check` warns about: answers that rest on a missing column or an unknown word, and data problems."""
+    config = snapshot.config
+    if "status" in config.columns and "status" not in snapshot.columns:
+        answers = ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common())
+        yield f"no status column (looked for {', '.join(repr(h) for h in config.columns['status'])}): every order " \
+              f"is answered as no status tells ({answers}). Add your export's status header to [columns] status."
+    named = {w for rule in config.rules for name, words in rule.conditions if name == "status" and words for w in words}
+    for word, answers in sorted(surveyed.by_status.items(), key=lambda item: -sum(item[1].values())):
+        if word and word not in named:
+            yield f"status {word!r} ({sum(answers.values())} orders) is named by no rule: answered with " + \
+                  ", ".join(answers) + ". Add it to a rule's words in contexts.toml if you know what it means."
+    if snapshot.orders_without_email:
+        yield f"{snapshot.orders_without_email} orders have no email and can never be found"
+    if snapshot.rows_without_order:
+        yield f"{snapshot.rows_without_order} rows have no order number and were skipped"
+    if surveyed.alike:
+        number, count = surveyed.alike.most_common(1)[0]
+        yield (f"{len(surveyed.alike)} order numbers are written in ways that read alike (e.g. {count} orders read "
+               f"as {number!r}, such as '#{number}' and '{number}'): orders with different emails are kept apart; "
+               f"{snapshot.orders_sharing} share an email with another, and a lookup of those answers with the one "
+               "written as typed, else with all of them")
+    for template, field_name in free_text_fields(config):
+        yield (f"[templates] {template} uses {{{field_name}}}, text that customers or staff type freely: it reaches "
+               "the AI as fact, instructions included. Keep it out of answers.")
 
 
 FREE_TEXT = ("note", "comment", "instruction", "message", "remark", "memo", "bemerkung", "kommentar", "notiz",
@@ -2622,6 +2827,10 @@ def run_probe(settings, args):
         problem, seconds = probe_once(f"{base}?{urlencode(query)}" if query else base, key, wanted, shape)
         failures += bool(problem)
         answered += not problem.startswith("no answer")
+        if key and problem.startswith("got 401"):  # every check with the key would fail the same way
+            print(f"FAIL  the key given with --key is refused (401 in {seconds * 1000:.0f} ms): it is not one of "
+                  "the keys in the service's API_KEY. The checks that need it were not run.")
+            break
         print(f"{'FAIL' if problem else 'PASS'}  {what} ({seconds * 1000:.0f} ms){': ' + problem if problem else ''}")
     failures += report_tls(parts, answered)
     print("all checks passed: give the platform this URL and key" if not failures else f"{failures} check(s) failed")

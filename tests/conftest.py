@@ -139,6 +139,15 @@ def make_settings(data, contexts, **overrides):
     return app.settings_from({"data": str(data), "contexts": str(contexts)}, env=env)
 
 
+def started(settings):
+    """A started Service whose copy of the export (made after serving begins) is in place."""
+    service = app.Service(settings)
+    service.start()
+    if service.copying:
+        service.copying.join(30)
+    return service
+
+
 @pytest.fixture
 def service(export, contexts_file):
     """A started Service on the small export."""

@@ -18,8 +18,8 @@ def edit(contexts_file, old, new):
 
 @pytest.mark.parametrize("order_id, email, wanted", [
     ("1001", "jane@example.com",
-     "Order #1001 was found. It contains 2 x Wool Socks, 1 x Beanie. It has not shipped yet; "
-     "orders normally ship within two business days."),
+     "Order #1001 was found. It was placed on 27 Nov 2026. It contains 2 x Wool Socks, 1 x Beanie. It has not "
+     "shipped yet; orders normally ship within two business days."),
     ("1002", "sam@example.com", "Order #1002 was found and has shipped with UPS (tracking number 1Z999AA10123456784)."),
     ("1003", "alex@example.com",
      "Order #1003 was found. Part of it has shipped: 1 x Trail Runners. Still to ship: 3 x Running Socks."),
@@ -33,22 +33,22 @@ def test_default_templates_read_like_the_platforms_examples(client, order_id, em
 def test_the_shipped_sample_data_shows_every_state(tmp_path):
     config = app.load_config(ROOT / "contexts.toml")
     snap = app.build_snapshot(config, app.find_export(ROOT / "data"))
-    assert {"processing", "shipped_carrier", "partial_items", "cancelled", "refunded", "shipped",
+    assert {"processing", "shipped_tracked", "partial_items", "cancelled", "refunded", "shipped",
             "awaiting_payment"} <= set(app.survey(snap).answers)
     status, body = app.answer(snap, "#1001", "jane@example.com")
     assert status == 200 and json.loads(body)["context"].startswith("Order #1001 was found")
 
 
 def test_any_column_is_a_placeholder_by_its_snake_case_header(tmp_path, contexts_file):
-    edit(contexts_file, 'processing = "Order {order_id} was found.',
-         'processing = "Order {order_id} goes by {ship_via_service}.')
+    edit(contexts_file, 'found = "Order {order_id} was found.',
+         'found = "Order {order_id} goes by {ship_via_service}.')
     path = write(tmp_path / "o.csv", "Order ID,Email,Ship Via (Service)\n5,a@example.com,Bike courier\n")
     snap = app.build_snapshot(app.load_config(contexts_file), path)
     assert json.loads(app.answer(snap, "5", "a@example.com")[1])["context"].startswith("Order 5 goes by Bike courier.")
 
 
 def test_dates_in_templates_are_readable(tmp_path, contexts_file):
-    edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {order_id} of {order_date}.')
+    edit(contexts_file, 'found = "Order {order_id} was found.', 'found = "Order {order_id} of {order_date}.')
     path = write(tmp_path / "o.csv", "Order ID,Email,Created at\n5,a@example.com,2025-05-11 09:55:16 -0400\n")
     snap = app.build_snapshot(app.load_config(contexts_file), path)
     assert "Order 5 of 11 May 2025." in json.loads(app.answer(snap, "5", "a@example.com")[1])["context"]
@@ -82,7 +82,7 @@ def test_a_rule_on_any_column_picks_its_template(tmp_path, contexts_file):
     contexts_file.write_text(text.replace("[templates]\n", '[templates]\nvip = "Order {order_id} was found; VIPs get it first."\n'))
     path = write(tmp_path / "o.csv", "Order ID,Email,Tags\n5,a@example.com,VIP\n6,b@example.com,\n")
     snap = app.build_snapshot(app.load_config(contexts_file), path)
-    assert app.survey(snap).answers == {"vip": 1, "processing": 1}
+    assert app.survey(snap).answers == {"vip": 1, "found": 1}
 
 
 @pytest.mark.parametrize("old, new, says", [
@@ -90,7 +90,7 @@ def test_a_rule_on_any_column_picks_its_template(tmp_path, contexts_file):
     ('processing = "Order {order_id} was found.', 'processing = "Order {order_id.__class__} was found.', "is not a placeholder"),
     ('processing = "Order {order_id} was found.', 'processing = "Order {order_id!r} was found.', "is not a placeholder"),
     ('template = "cancelled"', 'template = "canceled"', "names the template 'canceled', which does not exist"),
-    ('default_template = "processing"', 'default_template = "procesing"', "default_template"),
+    ('default_template = "found"', 'default_template = "fund"', "default_template"),
     ('not_found = "No order was found with the number {order_id}', 'not_found = "No order {email}', "{email}"),
     ('[settings]', '[setting]', "[setting]: is not a known section"),
     ('max_age_hours = 26', 'max_age_hours = "26"', "max_age_hours"),
@@ -175,16 +175,16 @@ def test_only_http_links_from_the_export_reach_the_agent(tmp_path, contexts_file
 
 
 def test_check_warns_when_an_answer_shows_free_text(capsys, tmp_path, contexts_file):
-    edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {order_id} was found ({notes}).')
+    edit(contexts_file, 'found = "Order {order_id} was found.', 'found = "Order {order_id} was found ({notes}).')
     path = write(tmp_path / "o.csv", "Order ID,Email,Notes\n5,a@example.com,leave at the door\n")
     assert app.main(["check", "--data", str(path), "--contexts", str(contexts_file)]) == 0
-    assert "warning  [templates] processing uses {notes}, text that customers or staff type freely" in \
+    assert "warning  [templates] found uses {notes}, text that customers or staff type freely" in \
         capsys.readouterr().out
 
 
 @pytest.mark.parametrize("quantity, count", [("\u00b2", 3), ("\u0662", 4), ("1.5", 3), ("two", 3)])
 def test_an_odd_quantity_counts_as_one_item_instead_of_failing(tmp_path, contexts_file, quantity, count):
-    edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {order_id} ({item_count} items) was found.')
+    edit(contexts_file, 'found = "Order {order_id} was found.', 'found = "Order {order_id} ({item_count} items) was found.')
     path = write(tmp_path / "o.csv", f"Order ID,Email,Item,Qty\n5,a@example.com,Hat,{quantity}\n5,,Cap,2\n")
     status, body = app.answer(app.build_snapshot(app.load_config(contexts_file), path), "5", "a@example.com")
     assert status == 200 and f"({count} items)" in json.loads(body)["context"]

@@ -62,7 +62,7 @@ def test_xlsx_numeric_order_numbers_read_as_integers(tmp_path, contexts_file):
 
 def test_xlsx_dates_read_as_dates(tmp_path, contexts_file):
     contexts_file.write_text(contexts_file.read_text().replace(
-        'processing = "Order {order_id} was found.', 'processing = "Order {order_id} of {order_date} was found.'))
+        'found = "Order {order_id} was found.', 'found = "Order {order_id} of {order_date} was found.'))
     path = write_xlsx(tmp_path / "orders.xlsx", {"Sheet1": [
         ["Order ID", "Email", "Order Date"],
         ["7", "a@example.com", datetime.datetime(2026, 11, 28, 0, 0)],

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 import app
-from conftest import KEY
+from conftest import KEY, started
 
 
 def lines(logs):
@@ -40,7 +40,7 @@ def test_keys_full_emails_and_raw_input_never_reach_the_log(client, logs, order_
 def test_a_load_logs_file_rows_orders_and_seconds(export, contexts_file, logs):
     from conftest import make_settings
 
-    app.Service(make_settings(export.parent, contexts_file)).start()
+    started(make_settings(export.parent, contexts_file))
     assert any(l.startswith("loaded orders.csv: 8 rows, 6 orders") and l.endswith("s") for l in lines(logs))
 
 

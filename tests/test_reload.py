@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 import app
-from conftest import Client, LookupLoop, make_settings, orders_csv, wait_for, write, write_xlsx
+from conftest import Client, LookupLoop, make_settings, orders_csv, started, wait_for, write, write_xlsx
 
 ORDERS = 100
 
@@ -160,7 +160,7 @@ def test_polling_alone_picks_up_changes_on_shares_without_events(tmp_path, conte
 
 def test_restart_after_a_bad_night_serves_the_last_good_copy(tmp_path, contexts_file, logs):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(20))
-    app.Service(make_settings(export.parent, contexts_file)).start()  # last night: a good export
+    started(make_settings(export.parent, contexts_file))  # last night: a good export
     write(export, b"\x00\x01 garbage overwrote the export")  # tonight: broken, then the machine reboots
     service = app.Service(make_settings(export.parent, contexts_file))
     service.start()
@@ -176,7 +176,7 @@ def test_restart_after_a_bad_night_serves_the_last_good_copy(tmp_path, contexts_
 
 def test_a_deleted_export_at_restart_also_falls_back(tmp_path, contexts_file):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(20))
-    app.Service(make_settings(export.parent, contexts_file)).start()
+    started(make_settings(export.parent, contexts_file))
     export.unlink()
     service = app.Service(make_settings(export.parent, contexts_file))
     assert service.start().orders == 20 and service.from_last_good
@@ -191,8 +191,7 @@ def test_a_broken_export_with_no_good_one_ever_is_an_error(tmp_path, contexts_fi
 def test_the_copy_keeps_the_exports_age(tmp_path, contexts_file):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(5))
     os.utime(export, (1_700_000_000, 1_700_000_000))
-    service = app.Service(make_settings(export.parent, contexts_file))
-    service.start()
+    service = started(make_settings(export.parent, contexts_file))
     assert service.last_good_copy().stat().st_mtime == 1_700_000_000
 
 
@@ -222,8 +221,7 @@ def test_a_long_load_logs_progress(tmp_path, contexts_file, logs, monkeypatch):
 def test_the_copy_of_a_read_only_export_can_be_replaced(tmp_path, contexts_file):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(5))
     export.chmod(0o444)
-    service = app.Service(make_settings(export.parent, contexts_file))
-    service.start()
+    service = started(make_settings(export.parent, contexts_file))
     assert service.last_good_copy().stat().st_mode & 0o200  # writable by its owner
     export.chmod(0o644)
     write(export, orders_csv(6))
@@ -232,7 +230,7 @@ def test_the_copy_of_a_read_only_export_can_be_replaced(tmp_path, contexts_file)
 
 def test_after_a_restart_on_the_last_good_copy_the_broken_export_is_not_read_again(tmp_path, contexts_file, logs):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(20))
-    app.Service(make_settings(export.parent, contexts_file)).start()
+    started(make_settings(export.parent, contexts_file))
     write(export, "not an export\n")
     service = app.Service(make_settings(export.parent, contexts_file, POLL_SECONDS="0.1"))
     service.start()
@@ -279,7 +277,7 @@ def test_an_unexpected_failure_while_reading_is_a_refusal_and_reloading_goes_on(
 
 def test_a_restart_with_a_broken_workbook_serves_the_last_good_copy(tmp_path, contexts_file):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(20))
-    app.Service(make_settings(export.parent, contexts_file)).start()
+    started(make_settings(export.parent, contexts_file))
     export.unlink()
     broken_xlsx(tmp_path / "data" / "orders.xlsx")
     service = app.Service(make_settings(export.parent, contexts_file))

@@ -15,7 +15,7 @@ import zipfile
 import pytest
 
 import app
-from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, wait_for, write, write_xlsx
+from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, wait_for, write
 
 CONTEXTS = ROOT / "contexts.toml"
 
@@ -110,7 +110,8 @@ def test_under_a_hard_memory_limit_the_budget_stops_a_too_big_load_first(tmp_pat
         served.wait_for("INFO serving ")
         # Rows of one order apart hold every order until the end: far past 700 MB of address space.
         big = orders_csv(600_000).splitlines()
-        write(data / "orders_2026-12-01.csv", "\n".join([big[0], *big[1::2], *big[2::2]]) + "\n")
+        write(data / ".next.csv", "\n".join([big[0], *big[1::2], *big[2::2]]) + "\n")
+        os.replace(data / ".next.csv", data / "orders_2026-12-01.csv")  # as export jobs do
         served.wait_for("refused, still serving orders.csv", timeout=120)
         assert "past 250 MB of memory" in served.output and "Traceback" not in served.output
         import urllib.request
@@ -228,8 +229,7 @@ def test_a_full_state_folder_leaves_no_partial_copy_and_health_says_so(tmp_path,
 
     monkeypatch.setattr(shutil, "copyfile", disk_full)
     export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
-    service = app.Service(make_settings(export.parent, contexts_file, STATE_DIR=str(tmp_path / "state")))
-    service.start()
+    service = started(make_settings(export.parent, contexts_file, STATE_DIR=str(tmp_path / "state")))
     assert list((tmp_path / "state").iterdir()) == []
     r = Client(app.create_app(service)).get("/healthz")
     assert r.status == 503

@@ -50,11 +50,12 @@ def shopify(tmp_path_factory):
 
 
 @pytest.mark.parametrize("order_id, email, text", [
-    ("#2001", "ann@example.com", "Order #2001 was found. It contains 1 x Mug. It has not shipped yet; "
-                                 "orders normally ship within two business days."),
-    ("#2002", "bob@example.com", "Order #2002 was found and has shipped. It contains 2 x Tea. "
+    ("#2001", "ann@example.com", "Order #2001 was found. It was placed on 27 Nov 2026. It contains 1 x Mug. "
+                                 "It has not shipped yet; orders normally ship within two business days."),
+    ("#2002", "bob@example.com", "Order #2002 was found and has shipped on 21 Nov 2026. It contains 2 x Tea. "
                                  "No tracking link is available for it."),
-    ("#2003", "cat@example.com", "Order #2003 was found. Part of it has shipped: 1 x Kettle. Still to ship: 1 x Filter."),
+    ("#2003", "cat@example.com", "Order #2003 was found. Part of it has shipped on 21 Nov 2026: 1 x Kettle. "
+                                 "Still to ship: 1 x Filter."),
     ("#2004", "dan@example.com", "Order #2004 was found, but it was cancelled, so it will not ship. "
                                  "Any payment is refunded to the original payment method."),
     ("#2005", "eve@example.com", "Order #2005 was found. It has been refunded to the original payment method; "
@@ -96,14 +97,15 @@ def woo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("order_id, email, text", [
-    ("5001", "ann@example.com", "Order 5001 was found. It contains 1 x Hoodie - M. It has not shipped yet"),
+    ("5001", "ann@example.com", "Order 5001 was found. It was placed on 27 Nov 2026. It contains 1 x Hoodie - M. "
+                                "It has not shipped yet"),
     ("5002", "bob@example.com", "Order 5002 was found and has shipped. It contains 2 x Cap."),
     ("5003", "cat@example.com", "Order 5003 was found. It contains 1 x Scarf. It is on hold and has not shipped yet"),
     ("5004", "dan@example.com", "Order 5004 was found, but it was cancelled"),
     ("5005", "eve@example.com", "Order 5005 was found. It has been refunded"),
     ("5006", "fay@example.com", "Order 5006 was found, but its payment failed, so it will not ship."),
     ("#5007", "gus@example.com", "Order 5007 was found. It contains 1 x Belt. Its payment has not been confirmed yet"),
-    ("5008", "hal@example.com", "Order 5008 was found. It contains 2 x Tee - S, 1 x Tote."),
+    ("5008", "hal@example.com", "Order 5008 was found. It was placed on 27 Nov 2026. It contains 2 x Tee - S, 1 x Tote."),
 ])
 def test_woocommerce_statuses_get_fitting_answers(woo, order_id, email, text):
     status, context, _ = ask(woo, order_id, email)
@@ -135,8 +137,9 @@ def generic(tmp_path_factory):
 
 
 @pytest.mark.parametrize("order_id, email, text, url", [
-    ("a100", "ann@example.com", "Order A-100 was found and has shipped; it is expected to arrive on 2 Dec 2026. "
-                                "It can be followed with the tracking link. It contains 1 x Desk.",
+    ("a100", "ann@example.com", "Order A-100 was found and has shipped with UPS (tracking number 1Z999AA10123456784). "
+                                "It can be followed with the tracking link; it is expected to arrive on 2 Dec 2026. "
+                                "It contains 1 x Desk.",
      "https://www.ups.com/track?tracknum=1Z999AA10123456784"),
     ("A-101", "bob@example.com", "Order A-101 was found and has shipped with DHL Express (tracking number "
                                  "JD0002, JD0003). It can be followed with the tracking link. It contains 2 x Chair.",
@@ -218,7 +221,9 @@ def test_xlsx_numbers_text_and_dates(tmp_path):
     ]})
     snap = served(path)
     status, context, url = ask(snap, "#1001", "ann@example.com")
-    assert status == 200 and context.startswith("Order 1001 was found and has shipped; it is expected to arrive on 2 Dec 2026.")
+    assert status == 200 and context.startswith("Order 1001 was found and has shipped with FedEx (tracking number "
+                                                "123456789012). It can be followed with the tracking link; it is "
+                                                "expected to arrive on 2 Dec 2026.")
     assert url == "https://www.fedex.com/fedextrack/?trknbr=123456789012"
     assert ask(snap, "1002", "bob@example.com")[1].startswith("Order 1002 was found. It contains 2 x Lamp.")
     assert ask(snap, "00123", "cat@example.com")[1].startswith("Order 00123 was found")

@@ -97,10 +97,10 @@ def test_with_the_key_the_page_shows_data_rules_and_every_answer(live_server, se
     rules = page.tables["rules"][1:]
     assert len(rules) == len(service.snapshot.config.rules) + 1
     assert rules[0] == ["1", "cancelled_at is filled", "cancelled"]
-    assert rules[-1] == ["", "no rule matches", "processing"]
+    assert rules[-1] == ["", "no rule matches", "found"]
     answers = dict(page.tables["templates"])
     assert set(answers) == set(service.snapshot.config.templates)
-    assert answers["shipped_carrier"].startswith("Order #1001 was found and has shipped with UPS")
+    assert answers["shipped_tracked"].startswith("Order #1001 was found and has shipped on 28 Nov 2026 with UPS")
     assert answers["not_found"].startswith("No order was found with the number #1001")
     # No customer data unless looked up.
     assert "example.com" not in html.replace("probe@example.invalid", "")
