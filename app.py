@@ -33,7 +33,7 @@ from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
-from itertools import chain, groupby, starmap
+from itertools import chain, groupby, islice, starmap
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
@@ -70,11 +70,15 @@ class ConfigError(UserError):
 
 
 class ExportError(UserError):
-    """The orders export cannot be used; `file` is its name as shown to people."""
+    """The orders export cannot be used; `file` is its name as shown to people.
 
-    def __init__(self, message, file=""):
+    detail is for the operator at a terminal (`check`), never for a log or /healthz:
+    such as the file's column names, which in a file without a header row are a customer's data.
+    """
+
+    def __init__(self, message, file="", detail=""):
         super().__init__(message)
-        self.file = file
+        self.file, self.detail = file, detail
 
 
 class SettingsError(UserError):
@@ -108,7 +112,7 @@ def printable(text):
 
 # Words of the placeholders that people copy from documentation instead of making a key.
 WEAK_KEY_WORDS = ("changeme", "yourapikey", "apikey", "example", "password", "placeholder", "secret", "replaceme",
-                  "paste", "yourkey", "keyhere")
+                  "paste", "yourkey", "keyhere", "qwerty", "asdf", "12345", "abcdef")
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,7 @@ class Settings:
         return base / ".last-good"
 
 
-def env_number(env, name, default):
+def env_number(env, name, default, example=None, most=1_000_000):
     """A numeric environment variable (of default's type), or a SettingsError that names it."""
     value = env.get(name, "").strip()
     if not value:
@@ -154,9 +158,9 @@ def env_number(env, name, default):
         number = type(default)(value)
     except ValueError:
         number = None
-    if number is None or not math.isfinite(number) or number <= 0:
+    if number is None or not math.isfinite(number) or not 0 < number <= most:
         raise SettingsError(f"{name}={value!r} is not a {'whole ' if isinstance(default, int) else ''}number "
-                            f"above 0; set it to e.g. {default}.")
+                            f"above 0 and up to {most:,}; set it to e.g. {example or default}.")
     return number
 
 
@@ -208,7 +212,7 @@ def settings_from(options=None, env=None):
         key_failures_per_minute=env_number(env, "KEY_FAILURES_PER_MINUTE", 10),
         one_cpu=env_switch(env, "ONE_CPU", True),
         follow_symlinks=env_switch(env, "FOLLOW_SYMLINKS", False),
-        memory_limit_mb=env_number(env, "MEMORY_LIMIT_MB", 0.0) or default_memory_limit_mb(),
+        memory_limit_mb=env_number(env, "MEMORY_LIMIT_MB", 0.0, example=800) or default_memory_limit_mb(),
         allow_weak_key=env_switch(env, "ALLOW_WEAK_KEY", False),
         request_seconds=env_number(env, "REQUEST_SECONDS", 10.0),
     )
@@ -240,7 +244,8 @@ def weak_key_warnings(keys):
         letters = re.sub(r"[\W_]+", "", key.casefold())
         if len(key) < 16:
             yield f"API key {number} of {len(keys)} is shorter than 16 characters"
-        elif any(word in letters for word in WEAK_KEY_WORDS) or len(set(key)) < 5:
+        elif any(word in letters for word in WEAK_KEY_WORDS) or len(set(key)) < 10 or key.isdigit():
+            # A random key of 16 characters or more has a dozen different ones, nearly always.
             yield f"API key {number} of {len(keys)} is a well-known placeholder or repeats one character"
 
 
@@ -507,6 +512,8 @@ def parse_items(path, raw):
             config_error(path, f"[items] {key}", "is not a known setting.", f"Known: {', '.join(ITEM_DEFAULTS)}.")
         kind = list if key == "shipped" else str
         out[key] = expect(path, f"[items] {key}", value, kind, f"like {ITEM_DEFAULTS[key]!r}")
+        for word in out[key] if kind is list else ():
+            expect(path, f"[items] {key}", word, str, f"a list of words like {ITEM_DEFAULTS[key]!r}")
     placeholders(path, "[items] format", out["format"], {"quantity", "name"})
     return out
 
@@ -856,6 +863,7 @@ def open_xlsx(path, sheet, is_header):
     """The rows of a workbook's orders sheet, streamed; the workbook is closed after."""
     import openpyxl
 
+    check_unpacked_size(path)
     try:
         book = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as e:  # openpyxl raises many kinds on a damaged file; all mean the same here
@@ -872,29 +880,62 @@ def open_xlsx(path, sheet, is_header):
         book.close()
 
 
+MAX_UNPACKED_RATIO = 100  # a workbook's XML is 5 to 20 times its zip; a thousand times is a zip bomb
+
+
+def check_unpacked_size(path):
+    """Refuse a workbook whose parts unpack to far more than the file: one cell of 700 MB fits in 700 KB."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(item.file_size for item in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # openpyxl says it better: the workbook is damaged
+    if unpacked > path.stat().st_size * MAX_UNPACKED_RATIO:
+        export_error(path, f"unpacks to {unpacked / 1e6:,.0f} MB, over {MAX_UNPACKED_RATIO} times its own size: "
+                           "no spreadsheet program writes that. Export the orders again.")
+
+
+HEADER_GAP = 20  # empty header cells after which a stray value far to the right is not a column
+
+
 def sheet_rows(worksheet):
     """The sheet's first non-empty row, then every later row as wide as that header, empty rows left out."""
     rows = worksheet.iter_rows(values_only=True)
     for number, row in enumerate(rows, 1):
         cells = [cell_text(v) for v in row]
-        width = max((i + 1 for i, c in enumerate(cells) if c.strip()), default=0)
+        width = header_width(cells)
         if width:
             yield cells[:width]
             break
     else:
         return
     rows.close()
+    empty = (None,) * width  # the row openpyxl makes up for every row missing from the file
     for row in worksheet.iter_rows(min_row=number + 1, max_col=width, values_only=True):
-        cells = [cell_text(v) for v in row]
-        if any(cells):
-            yield cells
+        if row != empty:
+            cells = [cell_text(v) for v in row]
+            if any(cells):
+                yield cells
+
+
+def header_width(cells):
+    """How many columns the header has: up to its last cell before a long run of empty ones."""
+    width = gap = 0
+    for position, cell in enumerate(cells, 1):
+        if cell.strip():
+            width, gap = position, 0
+        elif width and (gap := gap + 1) > HEADER_GAP:
+            break
+    return width
 
 
 def pick_sheet(path, book, sheet, is_header):
     """The sheet named in [settings] sheet, or the first whose header has the order columns."""
     if sheet:
         if sheet not in book.sheetnames:
-            export_error(path, f"has no sheet {sheet!r}. Sheets: {', '.join(book.sheetnames)}. "
+            export_error(path, f"has no sheet {sheet!r}. Sheets: {', '.join(map(printable, book.sheetnames))}. "
                                "Fix [settings] sheet in contexts.toml.")
         return book[sheet]
     for worksheet in book.worksheets:
@@ -981,12 +1022,13 @@ def make_plan(config, header, name):
     for field_name in REQUIRED_FIELDS:
         if field_name not in chosen:
             looked = ", ".join(f'"{c}"' for c in config.columns[field_name])
-            raise ExportError(f"{name}: no column for {field_name} (looked for {looked}). {shown_headers(header)} "
-                              f"Add the right header to [columns] {field_name} in contexts.toml.", file=name)
+            raise ExportError(f"{name}: no column for {field_name} (looked for {looked}). Add your export's header "
+                              f"to [columns] {field_name} in contexts.toml; `python app.py check` shows the file's "
+                              "columns.", file=name, detail=shown_headers(header))
     by_snake = {}
     for index, text in enumerate(header):
         by_snake.setdefault(snake_case(text), index)
-    check_placeholders(config, by_snake)
+    check_placeholders(config, by_snake, name)
     # Per order, beside its number: every field used that a column feeds. Derived names
     # (items, tracking_url, ...) are computed, unless mapped to a column of their own.
     per_row = {"order_id", *ROW_FIELDS}
@@ -1023,23 +1065,26 @@ def plausible_header(text):
         and "@" not in text
 
 
-def check_placeholders(config, by_snake):
-    """Every placeholder and rule field must be derived, mapped, or a column of this file."""
+def check_placeholders(config, by_snake, name):
+    """Every placeholder and rule field must be derived, mapped, or a column of this file.
+
+    One that is none of these is a column this export lacks (or a typo in contexts.toml):
+    an ExportError, so that the data being served, or the last good copy, stays served.
+    """
     known = set(DERIVED) | set(config.columns) | set(by_snake)
     examples = [c for c in by_snake if c not in config.columns and not PERSONAL & set(c.split("_"))][:3]
     available = (f"Available: {', '.join('{%s}' % a for a in sorted(set(DERIVED) | set(config.columns)))}, "
                  "or any column of the export in snake_case" + (f", e.g. {', '.join('{%s}' % e for e in examples)}"
                                                                  if examples else "") + ".")
-    for name, template in config.templates.items():
-        for placeholder in template.fields:
-            if name not in MESSAGES and placeholder not in known:
-                config_error(config.path, f"[templates] {name}", f"uses {{{placeholder}}}, which is neither a field "
-                             "in [columns] nor a column of the export.", available)
-    for rule in config.rules:
-        for field_name, _ in rule.conditions:
-            if field_name not in known:
-                config_error(config.path, f"[[rules]] number {rule.number} when.{field_name}",
-                             "is neither a field in [columns] nor a column of the export.", available)
+    wanted = [(f"[templates] {template}", placeholder) for template, t in config.templates.items()
+              if template not in MESSAGES for placeholder in t.fields]
+    wanted += [(f"[[rules]] number {rule.number} when", field_name) for rule in config.rules
+               for field_name, _ in rule.conditions]
+    for where, field_name in wanted:
+        if field_name not in known:
+            raise ExportError(f"{name}: has no column for {{{field_name}}}, which {shown_name(config.path)} "
+                              f"{where} uses. {available} Fix {where} in contexts.toml, or export the column.",
+                              file=name)
 
 
 # Words of columns that hold a person's data: never offered as an example placeholder.
@@ -1139,7 +1184,9 @@ class OrderReader:
         for value, group in groupby(filter(None, rows), itemgetter(self.plan.order_columns[0])):
             key = normalise_order_id(value)
             written.append(value)
-            yield key, (group := list(group) if key else group)
+            if key and len(group := list(islice(group, MAX_ORDER_ROWS + 1))) > MAX_ORDER_ROWS:
+                too_many_rows(self.path, value)
+            yield key, group
         if key:  # else the last rows had no number, and let_go() saw them
             self.last_row = group[-1]
         if len(set(written)) != len(written):
@@ -1163,10 +1210,22 @@ class OrderReader:
             if count >= next_tick:
                 progress.tick(count)
                 next_tick += PROGRESS_ROWS
+        for value, group in groups.items():
+            if len(group) > MAX_ORDER_ROWS:
+                too_many_rows(self.path, value)
         place = {column: i for i, column in enumerate(needed)}
         self.plan = replace(plan, order_columns=tuple(place[c] for c in plan.order_columns),
                             row_columns=tuple(place[c] for c in plan.row_columns))
         return ((normalise_order_id(value), group) for value, group in groups.items())
+
+
+MAX_ORDER_ROWS = 10_000  # rows of one order; more means the order-number column is not one
+
+
+def too_many_rows(path, value):
+    """Refuse an export with an order of more than MAX_ORDER_ROWS rows, before it fills memory."""
+    export_error(path, f"has an order with more than {MAX_ORDER_ROWS:,} rows (number {printable(value)[:20]!r}): "
+                       "is the order-number column really the order number? Check [columns] order_id.")
 
 
 class SeveralCustomers(Exception):
@@ -1174,21 +1233,15 @@ class SeveralCustomers(Exception):
 
 
 def by_email(rows, email_of):
-    """Rows of one number split where a row names another email: each run is one customer's order.
+    """Rows of one number split by customer: each email's rows, wherever they lie, are one order.
 
-    A row without an email (a continuation row) belongs to the order above it.
+    A row without an email (a continuation row) belongs to the order of the row above it.
     """
-    orders, current = [], None
+    orders, current = {}, None
     for row in rows:
-        email = normalise_email(email_of(row))
-        if email and email != current:
-            if current is not None or not orders:
-                orders.append([])
-            current = email
-        elif not orders:
-            orders.append([])
-        orders[-1].append(row)
-    return orders
+        current = normalise_email(email_of(row)) or current
+        orders.setdefault(current, []).append(row)
+    return list(orders.values())
 
 
 PROGRESS_ROWS = 10_000
@@ -1524,11 +1577,11 @@ def readable(value):
         return value
 
 
-SAFE_URL = re.compile(r"https?://[^\s<>\"']+$")
+SAFE_URL = re.compile(r"https?://[!#-;=?-~]{1,2000}$")  # printable ASCII, without space, " < >
 
 
 def safe_url(value):
-    """Only http(s) links go to the agent; anything else in a cell is dropped."""
+    """Only http(s) links of printable ASCII go to the agent; anything else in a cell is dropped."""
     return value if SAFE_URL.match(value) else None
 
 
@@ -1823,6 +1876,11 @@ class Service:
             with suppress(OSError):
                 mark.unlink()
 
+    def stopped(self):
+        """A clean stop (SIGTERM, Ctrl-C) in the middle of a load: that file did not kill the service."""
+        with suppress(OSError):
+            (self.settings.state / "loading.json").unlink()
+
     def start(self):
         """First load: the export, else the last good copy, else the export's error.
 
@@ -1944,7 +2002,8 @@ class Service:
             with suppress(OSError):
                 partial.unlink()  # a full disk must not keep half a copy
             self.copy_error = f"could not keep a copy of the export in {printable(state)} ({e.strerror})"
-            log.warning("%s; a restart after a bad export would have no fallback", self.copy_error)
+            log.warning("%s; a restart after a bad export would fall back to an older copy, if any; tried again "
+                        "at every poll", self.copy_error)
 
     def last_good_copy(self):
         """The copy of the last accepted export, if there is one."""
@@ -2317,7 +2376,9 @@ PAGE_HEADERS = [
     ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
                                 "frame-ancestors 'none'; base-uri 'none'"),
     ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" with the form's
+    # own POST, and over plain HTTP no Sec-Fetch-Site either, so same_origin() could not tell.
+    ("Referrer-Policy", "same-origin"),
 ]
 
 # Made-up values to show each template the way the chat agent would read it.
@@ -2541,7 +2602,8 @@ def request_line(entry):
     if lookup is None:
         return line
     order_id, email = lookup
-    order = normalise_order_id(order_id or "")[:NOT_FOUND_ID_LENGTH] or "-"  # normalised: it cannot forge a line
+    # Normalised, so it cannot forge a line; an email typed as the number is not written out.
+    order = "(an-email)" if "@" in (order_id or "") else normalise_order_id(order_id or "")[:NOT_FOUND_ID_LENGTH] or "-"
     return f"{line} order={order} email={mask_email(email) if email else '-'}"
 
 
@@ -2615,13 +2677,15 @@ class Watcher:
             self.changed.clear()
             if self.stopping.is_set():
                 return
-            # Against what the service last tried to load, not what it serves: a refused
-            # file is not read again until it changes.
-            if self.settle() != self.service.tried:
-                try:
+            try:
+                # Against what the service last tried to load, not what it serves: a refused
+                # file is not read again until it changes.
+                if self.settle() != self.service.tried:
                     self.service.reload()
-                except Exception as error:  # reload() refuses what it can name; this thread must outlive the rest
-                    log.error("reloading failed (%s); still serving what was loaded", type(error).__name__)
+                elif self.service.copy_error and self.service.snapshot:  # the disk may have room again
+                    self.service.keep_copy(self.service.snapshot)
+            except Exception as error:  # reload() refuses what it can name; this thread must outlive the rest
+                log.error("reloading failed (%s); still serving what was loaded", type(error).__name__)
 
     def settle(self):
         """The files' state once size and mtime have held still for settle_seconds."""
@@ -2705,6 +2769,8 @@ def main(argv=None):
         return COMMANDS[command](settings, args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        if command == "check" and getattr(error, "detail", ""):
+            print(f"       {error.detail}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -2769,20 +2835,27 @@ def check_warnings(snapshot, surveyed):
                f"as {number!r}, such as '#{number}' and '{number}'): orders with different emails are kept apart; "
                f"{snapshot.orders_sharing} share an email with another, and a lookup of those answers with the one "
                "written as typed, else with all of them")
-    for template, field_name in free_text_fields(config):
+    for template, field_name in free_text_fields(config, snapshot.columns):
         yield (f"[templates] {template} uses {{{field_name}}}, text that customers or staff type freely: it reaches "
                "the AI as fact, instructions included. Keep it out of answers.")
 
 
-FREE_TEXT = ("note", "comment", "instruction", "message", "remark", "memo", "bemerkung", "kommentar", "notiz",
-             "hinweis", "commentaire", "remarque", "nota", "opmerking", "comentario", "observacion")
+FREE_TEXT = ("note", "comment", "instruction", "message", "remark", "memo", "request", "gift", "bemerkung",
+             "kommentar", "notiz", "hinweis", "commentaire", "remarque", "nota", "opmerking", "comentario",
+             "observacion")
 
 
-def free_text_fields(config):
-    """(template, placeholder) pairs where a template shows a free-text column such as notes."""
+def free_text_fields(config, columns=None):
+    """(template, placeholder) pairs where a template shows a free-text column such as notes.
+
+    Both the placeholder's name and the header it reads (columns: field -> header) count:
+    delivery_info = ["Customer Note"] is a note too.
+    """
+    columns = columns or {}
     for name, template in config.templates.items():
         for field_name in template.fields:
-            if any(word in field_name for word in FREE_TEXT):
+            read = f"{field_name} {snake_case(columns.get(field_name, ''))}"
+            if any(word in read for word in FREE_TEXT):
                 yield name, field_name
 
 
@@ -2901,6 +2974,9 @@ def run_serve(settings, args):
     if settings.one_cpu and (cpu := keep_to_one_cpu()) is not None:
         log.info("kept on CPU %s (ONE_CPU=no lets it move between CPUs)", cpu)
     check_keys(settings)
+    # systemd and docker stop with SIGTERM: leave through the same door as Ctrl-C, logs flushed,
+    # and a load in progress unmarked (it did not kill the service), also during the first load.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     service = Service(settings)
     service.start()
     if settings.api_keys:
@@ -2912,8 +2988,6 @@ def run_serve(settings, args):
               "Set API_KEY before serving real traffic.\n", file=sys.stderr, flush=True)
         key_status = "generated for this run"
     server = make_server(create_app(service, request_writer()), settings)
-    # systemd and docker stop with SIGTERM: leave through the same door as Ctrl-C, logs flushed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     watcher = Watcher(service).start()
     log.info("serving %s on http://%s:%s/lookup (key: %s)", printable(service.snapshot.source),
              settings.host, listen_port(server), key_status)
@@ -2926,6 +3000,7 @@ def run_serve(settings, args):
     finally:
         watcher.stop()
         server.close()
+        service.stopped()
     return 0
 
 

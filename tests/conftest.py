@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
 
-KEY = "test-key-0123456789abcdef"
-OTHER_KEY = "rotated-key-abcdef0123456789"
+KEY = "test-Kq7vX2mZp9LrT4wN8cB3"
+OTHER_KEY = "rotated-Hn4Qz8Wm2Xv6Tp9Rk3Ls"
 
 SHOPIFY_HEADER = ("Name,Email,Financial Status,Fulfillment Status,Created at,Lineitem quantity,"
                   "Lineitem name,Lineitem fulfillment status,Cancelled at,Tracking Number,Tracking Company")

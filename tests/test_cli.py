@@ -112,7 +112,7 @@ def test_serve_without_a_key_makes_one_and_prints_it(tmp_path):
 def test_serve_keeps_every_thread_on_one_cpu_unless_told_not_to(tmp_path, one_cpu, kept):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("ORDERS_FILE", "CONTEXTS_FILE")}
-    env.update(PORT=str(port), STATE_DIR=str(tmp_path / "state"), API_KEY="test-key-0123456789abcdef", ONE_CPU=one_cpu)
+    env.update(PORT=str(port), STATE_DIR=str(tmp_path / "state"), API_KEY="test-Kq7vX2mZp9LrT4wN8cB3", ONE_CPU=one_cpu)
     with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
         served.wait_for("INFO serving ")
         pid = served.process.pid
@@ -163,3 +163,12 @@ def test_check_surveys_an_export_whose_rows_of_an_order_lie_apart(capsys, tmp_pa
     code, out, _ = run(capsys, "check", "--data", str(path), "--contexts", str(contexts_file))
     assert code == 0
     assert "values   status: shipped 1, processing 1" in out and "answers  shipped 1, processing 1" in out
+
+
+@pytest.mark.parametrize("env, says", [({"POLL_SECONDS": "1e10"}, "up to 1,000,000"),
+                                      ({"MEMORY_LIMIT_MB": "0"}, "set it to e.g. 800")])
+def test_settings_out_of_range_are_one_clear_line(capsys, monkeypatch, env, says):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run(capsys, "check")
+    assert code == 1 and says in err and "Traceback" not in err

@@ -128,17 +128,17 @@ def test_a_toml_syntax_error_names_the_line(contexts_file):
 def test_an_unknown_placeholder_is_reported_with_what_is_available(tmp_path, contexts_file):
     edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {order_number} was found.')
     path = write(tmp_path / "o.csv", "Order ID,Email,Ship Date\n5,a@example.com,\n")
-    with pytest.raises(app.ConfigError) as caught:
+    with pytest.raises(app.ExportError) as caught:  # the data being served stays served
         app.build_snapshot(app.load_config(contexts_file), path)
     message = str(caught.value)
-    assert "[templates] processing" in message and "{order_number}" in message
+    assert message.startswith("o.csv: has no column for {order_number}, which contexts.toml [templates] processing uses.")
     assert "{order_id}" in message and "{items}" in message and "{ship_date}" in message
 
 
 def test_a_rule_on_an_unknown_field_is_reported(tmp_path, contexts_file):
     edit(contexts_file, 'when = { cancelled_at = "*" }', 'when = { canceled = "*" }')
     path = write(tmp_path / "o.csv", "Order ID,Email\n5,a@example.com\n")
-    with pytest.raises(app.ConfigError, match=r"\[\[rules\]\] number 1 when.canceled"):
+    with pytest.raises(app.ExportError, match=r"\{canceled\}, which contexts.toml \[\[rules\]\] number 1 when uses"):
         app.build_snapshot(app.load_config(contexts_file), path)
 
 
@@ -188,3 +188,18 @@ def test_an_odd_quantity_counts_as_one_item_instead_of_failing(tmp_path, context
     path = write(tmp_path / "o.csv", f"Order ID,Email,Item,Qty\n5,a@example.com,Hat,{quantity}\n5,,Cap,2\n")
     status, body = app.answer(app.build_snapshot(app.load_config(contexts_file), path), "5", "a@example.com")
     assert status == 200 and f"({count} items)" in json.loads(body)["context"]
+
+
+def test_item_statuses_must_be_words(contexts_file):
+    edit(contexts_file, 'shipped = ["fulfilled", "shipped", "delivered"]', "shipped = [1, 2]")
+    with pytest.raises(app.ConfigError, match=r"\[items\] shipped: should be a list of words"):
+        app.load_config(contexts_file)
+
+
+def test_check_warns_about_free_text_by_the_header_it_reads_too(capsys, tmp_path, contexts_file):
+    edit(contexts_file, "[columns]\n", '[columns]\ndelivery_info = ["Customer Note"]\n')
+    edit(contexts_file, 'found = "Order {order_id} was found.', 'found = "Order {order_id} was found ({delivery_info}).')
+    path = write(tmp_path / "o.csv", "Order ID,Email,Customer Note\n5,a@example.com,leave it\n")
+    assert app.main(["check", "--data", str(path), "--contexts", str(contexts_file)]) == 0
+    assert "warning  [templates] found uses {delivery_info}, text that customers or staff type freely" in \
+        capsys.readouterr().out

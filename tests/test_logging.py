@@ -129,3 +129,9 @@ def test_json_lines_for_log_collectors_and_start_up_facts(tmp_path, export, cont
     lookup = next(line for line in lines if "GET /lookup 200" in line["message"])
     assert lookup["logger"] == "orders.access" and "email=j***@example.com" in lookup["message"]
     assert KEY not in served.output and "jane@" not in served.output
+
+
+def test_an_email_typed_as_the_order_number_is_not_logged(client, logs):
+    client.lookup("jane.doe@gmail.com", "jane.doe@gmail.com")
+    line = next(r.getMessage() for r in logs.records if "/lookup" in r.getMessage())
+    assert "order=(an-email)" in line and "janedoe" not in line and "gmail" not in line.split("email=")[0]

@@ -111,3 +111,13 @@ def test_check_reports_numbers_that_read_alike(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "warning  3 order numbers are written in ways that read alike" in out
     assert "1 share an email with another" in out
+
+
+def test_one_customers_rows_interleaved_with_anothers_stay_one_order(tmp_path):
+    path = write(tmp_path / "o.csv", "Order Number,Email,Status,Item\n#1001,jane@shop-a.com,fulfilled,Apron\n"
+                                     "#1001,bob@shop-b.com,unfulfilled,Mug\n#1001,jane@shop-a.com,,Cap\n")
+    snapshot = app.build_snapshot(app.load_config(ROOT / "contexts.toml"), path)
+    status, body = ask(snapshot, "1001", "jane@shop-a.com")
+    assert status == 200 and body["context"].count("was found") == 1
+    assert "1 x Apron, 1 x Cap" in body["context"] and "Mug" not in body["context"]
+    assert snapshot.orders == 2

@@ -15,7 +15,7 @@ import zipfile
 import pytest
 
 import app
-from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, wait_for, write
+from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, wait_for, write, write_xlsx
 
 CONTEXTS = ROOT / "contexts.toml"
 
@@ -170,7 +170,8 @@ def test_a_link_out_of_the_data_folder_is_not_followed_unless_allowed(tmp_path, 
     assert "1 link(s) to files outside it are not followed" in str(refused.value)
     with pytest.raises(app.ExportError) as followed:
         app.Service(make_settings(data, contexts_file, FOLLOW_SYMLINKS="yes")).start()
-    assert "root" not in str(followed.value) and "one column only (not shown)" in str(followed.value)
+    assert "root" not in str(followed.value) + followed.value.detail
+    assert "one column only (not shown)" in followed.value.detail
     inside = write(data / "orders_real.csv", orders_csv(3))
     (data / "latest.csv").symlink_to(inside)  # a link within the folder is fine
     assert app.find_export(data).parent == data
@@ -185,7 +186,8 @@ def test_a_first_row_that_is_not_a_header_is_never_quoted(tmp_path, first_line):
     path = write(tmp_path / "o.csv", first_line + "\n1,2,3\n")
     with pytest.raises(app.ExportError) as refused:
         load(path)
-    assert first_line.split(",")[0] not in str(refused.value) and "not shown" in str(refused.value)
+    said = str(refused.value) + refused.value.detail
+    assert first_line.split(",")[0] not in said and "not shown" in refused.value.detail
 
 
 def test_a_file_name_cannot_forge_a_log_line_or_break_the_status_page(tmp_path, contexts_file):
@@ -235,3 +237,106 @@ def test_a_full_state_folder_leaves_no_partial_copy_and_health_says_so(tmp_path,
     assert r.status == 503
     assert any("could not keep a copy of the export" in reason and "No space left" in reason
                for reason in r.json["reasons"])
+
+
+def test_a_workbook_that_unpacks_a_thousandfold_is_refused_unread(tmp_path):
+    source = write_xlsx(tmp_path / "small.xlsx", {"Orders": [["Order ID", "Email", "Item"], ["1", "a@example.com", "x"]]})
+    bomb = tmp_path / "bomb.xlsx"
+    cell = b'<c r="C2" t="inlineStr"><is><t>' + b"x" * 30_000_000 + b"</t></is></c>"  # one cell of 30 MB
+    with zipfile.ZipFile(source) as small, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in small.infolist():
+            data = small.read(item)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                data = data.replace(b"</row></sheetData>", b"</row><row r=\"3\">" + cell + b"</row></sheetData>")
+            out.writestr(item, data)
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(app.ExportError, match="over 100 times its own size"):
+        load(bomb)
+
+
+def test_a_stray_cell_far_right_and_far_down_costs_nothing(tmp_path, monkeypatch):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["Order ID", "Email", "Status"])
+    sheet.cell(row=1, column=16384, value="x")  # a value in XFD1, beyond a gap of empty header cells
+    sheet.append(["1", "a@example.com", "shipped"])
+    sheet.cell(row=1_048_576, column=1, value=" ")  # and one in the sheet's last row
+    path = tmp_path / "stray.xlsx"
+    book.save(path)
+    converted = []
+    real = app.cell_text
+    monkeypatch.setattr(app, "cell_text", lambda value: converted.append(1) or real(value))
+    snapshot = load(path)
+    assert snapshot.orders == 1 and snapshot.columns["order_id"] == "Order ID"
+    assert len(converted) < 100_000  # the header's cells, not a million rows of 16,384
+
+
+def test_an_order_of_more_rows_than_any_order_has_is_refused(tmp_path):
+    rows = ["Order ID,Email,Item"] + [f"SHOP,a@example.com,Item {n}" for n in range(app.MAX_ORDER_ROWS + 5)]
+    with pytest.raises(app.ExportError, match="has an order with more than 10,000 rows"):
+        load(write(tmp_path / "o.csv", "\n".join(rows) + "\n"))
+
+
+def test_a_clean_stop_during_a_load_does_not_skip_the_file_next_time(tmp_path, contexts_file):
+    data, state = tmp_path / "data", tmp_path / "state"
+    write(data / "orders.csv", orders_csv(300_000))
+    env = {**os.environ, "API_KEY": KEY, "PORT": str(free_port()), "ORDERS_FILE": str(data),
+           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(state)}
+    stopped = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, cwd=tmp_path, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (state / "loading.json").exists(), timeout=30, what="the load to begin")
+    stopped.send_signal(signal.SIGTERM)  # systemctl restart, in the middle of the load
+    stopped.wait(30)
+    assert not (state / "loading.json").exists()
+    with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
+        served.wait_for("INFO serving ", timeout=60)
+    assert "was being loaded when the service stopped" not in served.output
+
+
+def test_an_export_without_a_column_a_template_needs_falls_back_at_start(tmp_path, contexts_file):
+    contexts_file.write_text(contexts_file.read_text().replace(
+        'found = "Order {order_id} was found.', 'found = "Order {order_id} ({total}) was found.'))
+    data = tmp_path / "data"
+    write(data / "orders.csv", "Order ID,Email,Total\n1,a@example.com,10.00\n")
+    started(make_settings(data, contexts_file))  # a good night
+    write(data / "orders.csv", "Order ID,Email\n1,a@example.com\n2,b@example.com\n")  # tonight: no Total
+    service = app.Service(make_settings(data, contexts_file))
+    service.start()
+    assert service.from_last_good and "has no column for {total}" in service.refused["reason"]
+    assert app.answer(service.snapshot, "1", "a@example.com")[0] == 200
+
+
+def test_a_sheet_name_cannot_forge_a_log_line(tmp_path, contexts_file):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.active.title = "Z\u2028ERROR forged"  # a line separator: openpyxl refuses \n, not this
+    book.active.append(["Order ID", "Email"])
+    book.save(tmp_path / "o.xlsx")
+    contexts_file.write_text(contexts_file.read_text().replace('sheet = ""', 'sheet = "Orders"'))
+    with pytest.raises(app.ExportError) as refused:
+        app.build_snapshot(app.load_config(contexts_file), tmp_path / "o.xlsx")
+    assert "\u2028" not in str(refused.value) and "Z?ERROR forged" in str(refused.value)
+
+
+def test_a_copy_that_failed_for_lack_of_room_is_made_once_there_is_room(tmp_path, contexts_file, monkeypatch):
+    import errno
+    import shutil
+
+    real_copy = shutil.copyfile
+
+    def disk_full(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
+    service = started(make_settings(export.parent, contexts_file, STATE_DIR=str(tmp_path / "state")))
+    assert service.copy_error
+    monkeypatch.setattr(shutil, "copyfile", real_copy)  # room again
+    watcher = app.Watcher(service).start(events=False)
+    try:
+        wait_for(lambda: service.copy_error is None, what="the copy on a later poll")
+    finally:
+        watcher.stop()
+    assert service.last_good_copy().read_text() == orders_csv(3)

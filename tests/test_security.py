@@ -103,7 +103,9 @@ def test_unknown_number_and_wrong_email_cost_one_probe_each(service):
     (("changeme",), ["API key 1 of 1 is shorter than 16 characters"]),
     (("your-api-key-here-please",), ["API key 1 of 1 is a well-known placeholder or repeats one character"]),
     (("kT3vQ9-xLp2_Rw8sYz4nB6",), []),
-    (("a-long-and-random-key-0123456789", "secret"), ["API key 2 of 2 is shorter than 16 characters"]),
+    (("a-long-and-random-key-7Hq2xV9mLp", "secret"), ["API key 2 of 2 is shorter than 16 characters"]),
+    (("1234567890123456",), ["API key 1 of 1 is a well-known placeholder or repeats one character"]),
+    (("qwertyuiopasdfgh",), ["API key 1 of 1 is a well-known placeholder or repeats one character"]),
     (("x" * 20,), ["API key 1 of 1 is a well-known placeholder or repeats one character"]),
 ])
 def test_weak_keys_are_warned_about_without_showing_them(keys, warned):
@@ -197,7 +199,8 @@ def test_a_refused_export_is_described_without_its_contents(tmp_path, contexts_f
     with pytest.raises(app.ExportError) as caught:
         app.build_snapshot(app.load_config(contexts_file), path)
     message = str(caught.value)
-    assert "orders.csv" in message and "header row" in message
+    assert "orders.csv" in message and "header row" in caught.value.detail
+    assert "jane" not in caught.value.detail and "Rose" not in caught.value.detail
     assert "jane" not in message and "Rose" not in message
 
 
@@ -368,3 +371,17 @@ def test_export_cells_reach_the_context_as_one_short_line(hostile, order_id, ema
 def test_the_not_found_echo_is_only_what_can_be_an_order_number(client, typed, shown):
     context = client.lookup(typed, "attacker@example.com").context
     assert f"the number {shown} and" in context
+
+
+@pytest.mark.parametrize("cell", ["https://t.example/\x01\x1b[2J", "https://t.example/" + "a" * 3000,
+                                  "https://t.example/a b", "javascript:alert(1)"])
+def test_a_tracking_link_must_be_a_plain_short_link(tmp_path, contexts_file, cell):
+    path = write(tmp_path / "o.csv", f'Order ID,Email,Status,Tracking URL\n1,a@example.com,shipped,"{cell}"\n')
+    snapshot = app.build_snapshot(app.load_config(contexts_file), path)
+    body = json.loads(app.answer(snapshot, "1", "a@example.com")[1])
+    assert body["tracking_url"] is None and "\x1b" not in body["context"] and len(body["context"]) < 400
+
+
+def test_the_status_page_lets_its_own_form_say_where_it_comes_from(client):
+    # With no-referrer, a browser sends "Origin: null" with the page's own POST.
+    assert client.get("/", key=None).headers["Referrer-Policy"] == "same-origin"
