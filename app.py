@@ -33,6 +33,7 @@ from array import array
 from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from datetime import date, datetime, timezone
 from itertools import chain, groupby, islice, starmap
 from json.encoder import encode_basestring
@@ -280,7 +281,7 @@ ITEM_FIELDS = ("item_name", "item_quantity", "item_status")
 ROW_FIELDS = (*ITEM_FIELDS, "tracking_number")
 # Fields that derived placeholders are made from: always read when present.
 SOURCE_FIELDS = ("tracking_number", "carrier", "tracking_url")
-SECTIONS = ("settings", "columns", "items", "rules", "templates", "carriers")
+SECTIONS = ("settings", "columns", "items", "rules", "templates", "carriers", "layouts")
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,7 @@ class Template:
         if not self.parts:
             return self.text.format_map(values)
         return "".join(text.format_map(values) for text, fields, optional in self.parts
-                       if not optional or all(values[f] for f in fields))
+                       if not optional or all(map(values.__getitem__, fields)))
 
     def render(self, values):
         """The text with each placeholder filled, dates made readable."""
@@ -346,6 +347,7 @@ class Config:
     max_vanished_ratio: float
     sheet: str
     timezone: object  # a zoneinfo.ZoneInfo: the merchant's, for the times answers show
+    layouts: tuple = ()  # Layouts, contexts.toml's first, then the shipped ones
 
     @property
     def fields_used(self):
@@ -371,20 +373,32 @@ def snake_case(header):
 
 
 def header_key(header):
-    """Headers compare without case and stray spaces."""
-    return " ".join(str(header).split()).casefold()
+    """Headers compare loosely: without case, and "_", "-", ":" and runs of spaces as one space.
+
+    So order_number is Order Number, and Customer: Email is Customer Email.
+    """
+    return " ".join(str(header).casefold().replace("_", " ").replace("-", " ").replace(":", " ").split())
+
+
+LAYOUTS_FILE = HERE / "layouts.toml"  # the export layouts shipped with the service; contexts.toml adds its own
 
 
 def load_config(path):
-    """Read and check contexts.toml; raise ConfigError naming file, key and fix."""
+    """Read and check contexts.toml (and the shipped layouts.toml); raise ConfigError naming file, key and fix."""
     path = Path(path)
+    shipped = read_toml(LAYOUTS_FILE) if LAYOUTS_FILE.exists() else {}
+    return parse_config(path, read_toml(path), shipped)
+
+
+def read_toml(path):
+    """A TOML file as a dict; ConfigError naming the file and the line for any problem."""
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found. Copy contexts.toml from the project or set CONTEXTS_FILE.") from None
+        raise ConfigError(f"{printable(path)}: file not found. Copy it from the project or set CONTEXTS_FILE.") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror}).") from None
+        raise ConfigError(f"{printable(path)}: cannot be read ({e.strerror}).") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{shown_name(path)}: is not UTF-8 text. Save it as UTF-8.") from None
     except tomllib.TOMLDecodeError as e:
@@ -395,16 +409,22 @@ def load_config(path):
     except (RecursionError, MemoryError):  # e.g. an array nested thousands deep
         raise ConfigError(f"{shown_name(path)}: is nested too deeply to read. contexts.toml needs only "
                           "tables, texts and lists of texts; copy the shipped one and edit that.") from None
-    return parse_config(path, doc)
 
 
-def parse_config(path, doc):
-    """Turn a parsed TOML document into a Config, checking every key."""
+def parse_config(path, doc, shipped=None):
+    """Turn a parsed contexts.toml (and the shipped layouts.toml) into a Config, checking every key."""
+    shipped = shipped or {}
     for key in doc:
         if key not in SECTIONS:
             config_error(path, f"[{key}]", "is not a known section.", f"Known sections: {', '.join(SECTIONS)}.")
+    for key in shipped:
+        if key not in ("layouts",):
+            config_error(LAYOUTS_FILE, f"[{key}]", "is not a section this file holds.", "It holds [layouts.*].")
     settings = parse_settings(path, doc.get("settings", {}))
     columns = parse_columns(path, doc.get("columns", {}))
+    # A layout in contexts.toml replaces the shipped one of its name; the merchant's are tried first.
+    layouts = {**parse_layouts(LAYOUTS_FILE, shipped.get("layouts", {})), **parse_layouts(path, doc.get("layouts", {}))}
+    own = tuple(doc.get("layouts", {}))
     items = parse_items(path, doc.get("items", {}))
     templates = parse_templates(path, doc.get("templates", {}))
     rules = parse_rules(path, doc.get("rules", []), templates)
@@ -420,6 +440,7 @@ def parse_config(path, doc):
         max_age_hours=settings["max_age_hours"], min_orders_ratio=settings["min_orders_ratio"],
         max_vanished_ratio=settings["max_vanished_ratio"], sheet=settings["sheet"],
         timezone=parse_timezone(path, settings["timezone"]),
+        layouts=tuple(sorted(layouts.values(), key=lambda layout: layout.key not in own)),
     )
 
 
@@ -478,11 +499,11 @@ def parse_settings(path, raw):
     return out
 
 
-def parse_columns(path, raw):
-    """[columns]: field -> the headers to look for, the first present wins."""
+def parse_columns(path, raw, section="columns"):
+    """[columns] (or a layout's columns): field -> the headers to look for, the first present wins."""
     columns = {}
-    for name, headers in table(path, "columns", raw).items():
-        where = f"[columns] {name}"
+    for name, headers in table(path, section, raw).items():
+        where = f"[{section}] {name}"
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             config_error(path, where, "field names are lower case letters, digits and _.", "e.g. tracking_number.")
         if isinstance(headers, str):
@@ -491,7 +512,7 @@ def parse_columns(path, raw):
         for header in headers:
             expect(path, where, header, str, 'a list of headers such as ["Order Number", "Name"]')
         columns[name] = tuple(headers)
-    for name in REQUIRED_FIELDS:
+    for name in REQUIRED_FIELDS if section == "columns" else ():
         if not columns.get(name):
             config_error(path, f"[columns] {name}", "is missing; the service cannot match orders without it.",
                          f'Add e.g. {name} = ["Order Number"].' if name == "order_id" else f'Add e.g. {name} = ["Email"].')
@@ -640,6 +661,111 @@ def parse_carriers(path, raw):
 def carrier_key(name):
     """Carrier names compare on letters and digits only: 'DHL Express' -> dhlexpress."""
     return re.sub(r"[\W_]+", "", name.casefold())
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Cells that pack several entries (items, or tracking numbers) into one text."""
+
+    columns: tuple[str, ...]  # headers; one ending in * stands for line_item_1, line_item_2, ...
+    format: str  # "pairs" (name:Hat|quantity:2), "count" (2x Hat) or "json" (a list of objects)
+    between: str  # between entries in one cell; "" = one entry a cell
+    pairs: str  # between an entry's key/value pairs
+    key: str  # between a key and its value
+    escape: str  # makes the character after it plain text (\| \: \;)
+    keys: tuple  # ((our name, (their keys, the first filled wins)), ...): name/quantity, or number/carrier/link
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One kind of export, as data: the headers that identify it, its own columns, its reading rules."""
+
+    key: str
+    name: str
+    detect: tuple[str, ...]
+    columns: dict  # field -> headers, looked for before [columns]
+    row_type: str = ""  # the header of the column that says what each row is
+    item_rows: frozenset = frozenset()  # status_word()s of the kinds of rows that are items
+    tracking_rows: frozenset = frozenset()  # ... that carry tracking numbers
+    other_rows: frozenset = frozenset()  # ... known to be neither
+    items: Packed | None = None
+    tracking: Packed | None = None
+    statuses: dict = None  # field -> {word as this export means it: the word rules use}
+    ignore_leading_zeros: bool = False
+    help: str = ""
+
+
+LAYOUT_KEYS = ("name", "detect", "columns", "rows", "items", "tracking", "statuses", "ignore_leading_zeros", "help")
+PACKED_KEYS = {"items": ("name", "quantity"), "tracking": ("number", "carrier", "link")}
+
+
+def parse_layouts(path, raw):
+    """[layouts.NAME] tables: name -> Layout, each checked as strictly as the rest of the file."""
+    return {key: parse_layout(path, key, value) for key, value in table(path, "layouts", raw).items()}
+
+
+def parse_layout(path, key, raw):
+    """One [layouts.NAME] table."""
+    where = f"[layouts.{key}]"
+    expect(path, where, raw, dict, "a table with name, detect and columns")
+    for name in raw:
+        if name not in LAYOUT_KEYS:
+            config_error(path, f"{where} {name}", "is not a known key.", f"Known: {', '.join(LAYOUT_KEYS)}.")
+    detect = texts(path, f"{where} detect", raw.get("detect"), '["Name", "Line: Type"]')
+    if not detect:
+        config_error(path, f"{where} detect", "is empty.", "List the headers that only this kind of export has.")
+    rows = expect(path, f"{where} rows", raw.get("rows", {}), dict, '{ type = "Line: Type", items = ["Line Item"] }')
+    words = lambda name: frozenset(map(status_word, texts(path, f"{where} rows.{name}", rows.get(name, []), '["Line Item"]')))
+    if set(rows) - {"type", "items", "tracking", "other"}:
+        config_error(path, f"{where} rows", f"has the unknown key {sorted(set(rows) - {'type', 'items', 'tracking', 'other'})[0]!r}.",
+                     "It takes type, items, tracking and other.")
+    if rows and not isinstance(rows.get("type"), str):
+        config_error(path, f"{where} rows.type", "should name the column that says what each row is.",
+                     'e.g. type = "Line: Type".')
+    statuses = expect(path, f"{where} statuses", raw.get("statuses", {}), dict, "{ status = { pending = \"unfulfilled\" } }")
+    return Layout(
+        key=key, name=expect(path, f"{where} name", raw.get("name", key), str, '"Matrixify orders export"'),
+        detect=detect, columns=parse_columns(path, raw.get("columns", {}), f"layouts.{key}.columns"),
+        row_type=rows.get("type", ""), item_rows=words("items"), tracking_rows=words("tracking"), other_rows=words("other"),
+        items=parse_packed(path, f"{where} items", raw.get("items"), PACKED_KEYS["items"]),
+        tracking=parse_packed(path, f"{where} tracking", raw.get("tracking"), PACKED_KEYS["tracking"]),
+        statuses={field: {status_word(k): status_word(expect(path, f"{where} statuses.{field}.{k}", v, str, '"unfulfilled"'))
+                          for k, v in expect(path, f"{where} statuses.{field}", words_of, dict, "a table of words").items()}
+                  for field, words_of in statuses.items()},
+        ignore_leading_zeros=expect(path, f"{where} ignore_leading_zeros", raw.get("ignore_leading_zeros", False), bool,
+                                    "true or false"),
+        help=expect(path, f"{where} help", raw.get("help", ""), str, "a sentence in quotes"),
+    )
+
+
+def texts(path, where, value, example):
+    """A list of texts (a single text counts as a list of one)."""
+    value = [value] if isinstance(value, str) else value
+    for text in expect(path, where, value, list, f"a list of texts such as {example}"):
+        expect(path, where, text, str, f"a list of texts such as {example}")
+    return tuple(value)
+
+
+def parse_packed(path, where, raw, names):
+    """An items or tracking table of a layout: which cells pack entries, and how."""
+    if raw is None:
+        return None
+    expect(path, where, raw, dict, '{ columns = ["line_item_*"], pairs = "|", key = ":", name = "name" }')
+    known = ("columns", "format", "between", "pairs", "key", "escape", *names)
+    for name in raw:
+        if name not in known:
+            config_error(path, f"{where} {name}", "is not a known key.", f"Known: {', '.join(known)}.")
+    text = lambda name, default: expect(path, f"{where} {name}", raw.get(name, default), str, repr(default))
+    packed = Packed(
+        columns=texts(path, f"{where} columns", raw.get("columns"), '["line_item_*"]'),
+        format=text("format", "pairs"), between=text("between", ""), pairs=text("pairs", "|"), key=text("key", ":"),
+        escape=text("escape", ""),
+        keys=tuple((name, texts(path, f"{where} {name}", raw.get(name, name), '"name"')) for name in names))
+    if packed.format not in ("pairs", "count", "json"):
+        config_error(path, f"{where} format", f"is {packed.format!r}.", 'Use "pairs", "count" or "json".')
+    if not packed.columns:
+        config_error(path, f"{where} columns", "is empty.", 'Name the cells, e.g. columns = ["line_item_*"].')
+    return packed
 
 
 ###############################################################################
@@ -969,23 +1095,32 @@ def cell_text(value):
 # Building the index ##########################################################
 ###############################################################################
 
-LAYOUTS = (  # (name, headers that identify it), most specific first
-    ("Shopify orders export", {"name", "lineitem name", "financial status"}),
-    ("WooCommerce orders export", {"order number", "order status"}),
-)
-
-
 @dataclass(frozen=True)
 class Plan:
-    """Which column feeds which field, worked out once from the header row."""
+    """Which column feeds which field, and how rows are read, worked out once from the header row."""
 
     chosen: dict  # field -> header text
     order_fields: tuple[str, ...]  # per-order fields, in the order they are packed
     order_columns: tuple[int, ...]
-    row_fields: tuple[str, ...]  # per-row fields (items, tracking numbers) present in the export
-    row_columns: tuple[int, ...]
-    layout: str
+    row_fields: tuple[str, ...]  # per-row fields (items, tracking numbers): the columns', then packed ones'
+    row_columns: tuple[int, ...]  # the columns of the first len(row_columns) row fields
+    layout: str  # its name, for check and /healthz
     email_column: int  # read for the index's key; packed only when an answer shows {email}
+    email_fallback: tuple[int, ...] = ()  # other email columns, read where the first is empty (Customer: Email)
+    rules: Layout | None = None  # the layout, when its rows are typed or its cells packed
+    type_column: int | None = None
+    item_columns: tuple[int, ...] = ()  # cells that pack items
+    tracking_columns: tuple[int, ...] = ()  # cells that pack tracking entries
+    competing: tuple = ()  # (field, header chosen, other headers that fit), for check
+    alike: tuple = ()  # (header, header, ...) of columns whose headers read alike, for check
+    ignore_leading_zeros: bool = False
+    senses: dict = None  # the layout's statuses: field -> {its word: the word rules use}
+    header: tuple = ()  # the file's headers, for check
+
+    @property
+    def rich(self):
+        """True when rows are read by the layout's rules, not only cell by cell."""
+        return self.type_column is not None or bool(self.item_columns or self.tracking_columns)
 
 
 def normalise_order_id(value):
@@ -997,6 +1132,12 @@ def normalise_order_id(value):
     value = value.strip()
     value = re.sub(r"^(#?\s*\d+)\.0+$", r"\1", value)
     return re.sub(r"[\W_]+", "", value).casefold()
+
+
+def without_leading_zeros(value):
+    """normalise_order_id, and an all-digit number without its leading zeros: 000000123 is 123."""
+    key = normalise_order_id(value)
+    return key.lstrip("0") or key if key.isdigit() else key
 
 
 def normalise_email(value):
@@ -1012,42 +1153,96 @@ def index_key(order_key, email_key):
     return f"{order_key}\x1f{email_key}".encode()
 
 
-def make_plan(config, header, name):
-    """Match the mapping's headers to the file's; ConfigError/ExportError name what is missing."""
-    positions = {}
+def make_plan(config, header, name, sample=()):
+    """Match the layout's and the mapping's headers to the file's; ExportError names what is missing.
+
+    sample: the first rows, so that an order-number column left empty (WooCommerce's
+    order_number without a numbering plugin) gives way to the next one named.
+    """
+    positions, alike = {}, {}
     for index, text in enumerate(header):
-        positions.setdefault(header_key(text), index)
-    chosen, taken = {}, set()
-    for field_name, candidates in config.columns.items():
-        for candidate in candidates:
-            index = positions.get(header_key(candidate))
-            if index is not None and index not in taken:  # one column feeds one field
-                chosen[field_name] = index
-                taken.add(index)
-                break
+        key = header_key(text)
+        if key in positions:
+            alike.setdefault(key, [header[positions[key]].strip()]).append(text.strip())
+        else:
+            positions[key] = index
+    layout = detect_layout(config.layouts, positions)
+    chosen, competing = choose_columns(config, layout, positions, sample)
     for field_name in REQUIRED_FIELDS:
         if field_name not in chosen:
-            looked = ", ".join(f'"{c}"' for c in config.columns[field_name])
+            looked = ", ".join(f'"{c}"' for c in candidates(config, layout, field_name))
             raise ExportError(f"{name}: no column for {field_name} (looked for {looked}). Add your export's header "
                               f"to [columns] {field_name} in contexts.toml; `python app.py check` shows the file's "
-                              "columns.", file=name, detail=shown_headers(header))
+                              "columns." + (f" {layout.help}" if layout and layout.help else ""),
+                              file=name, detail=shown_headers(header))
     by_snake = {}
     for index, text in enumerate(header):
         by_snake.setdefault(snake_case(text), index)
-    check_placeholders(config, by_snake, name)
+    check_placeholders(config, by_snake, name, layout)
     # Per order, beside its number: every field used that a column feeds. Derived names
     # (items, tracking_url, ...) are computed, unless mapped to a column of their own.
     per_row = {"order_id", *ROW_FIELDS}
+    packed_items = packed_columns(header, layout.items if layout else None)
+    packed_tracking = packed_columns(header, layout.tracking if layout else None)
+    # Packed tracking entries bring their carrier and link: those fields exist without a column.
+    from_entries = {"carrier", "tracking_url"} if packed_tracking else set()
     order_fields = [f for f in sorted(config.fields_used - per_row)
-                    if f in chosen or (f not in DERIVED and f in by_snake)]
-    return Plan(
+                    if f in chosen or f in from_entries or (f not in DERIVED and f in by_snake)]
+    row_fields = [f for f in ROW_FIELDS if f in chosen]
+    extra = [f for f in (("item_name", "item_quantity") if packed_items else ()) + (
+        ("tracking_number",) if packed_tracking else ()) if f not in row_fields]
+    type_column = positions.get(header_key(layout.row_type)) if layout and layout.row_type else None
+    plan = Plan(
         chosen={f: header[i].strip() for f, i in chosen.items()},
         order_fields=("order_id", *order_fields),
-        order_columns=(chosen["order_id"], *(chosen.get(f, by_snake.get(f)) for f in order_fields)),
-        row_fields=tuple(f for f in ROW_FIELDS if f in chosen),
-        row_columns=tuple(chosen[f] for f in ROW_FIELDS if f in chosen),
-        layout=detect_layout(positions), email_column=chosen["email"],
+        order_columns=(chosen["order_id"], *(chosen.get(f, None if f in from_entries else by_snake.get(f))
+                                             for f in order_fields)),
+        row_fields=(*row_fields, *extra), row_columns=tuple(chosen[f] for f in row_fields),
+        layout=layout.name if layout else "generic export", email_column=chosen["email"],
+        email_fallback=next((others for field_name, _, others in competing if field_name == "email"), ()),
+        type_column=type_column, item_columns=packed_items, tracking_columns=packed_tracking,
+        competing=tuple(competing), alike=tuple(map(tuple, alike.values())),
+        ignore_leading_zeros=bool(layout and layout.ignore_leading_zeros), senses=layout.statuses if layout else {},
+        header=tuple(h.strip() for h in header),
     )
+    return replace(plan, rules=layout) if plan.rich else plan
+
+
+def candidates(config, layout, field_name):
+    """The headers that may feed a field: the layout's own first, then [columns]'."""
+    own = layout.columns.get(field_name, ()) if layout else ()
+    return tuple(dict.fromkeys((*own, *config.columns.get(field_name, ()))))
+
+
+def choose_columns(config, layout, positions, sample):
+    """(field -> column, [(field, chosen header, other fitting headers)]): one column feeds one field.
+
+    Fields are served in [columns]' order (the layout's own fields after), so WooCommerce's
+    "Order Number" is the order and its "Name" the item, while Shopify's "Name" is the order.
+    """
+    fields = dict.fromkeys((*REQUIRED_FIELDS, *config.columns, *(layout.columns if layout else ())))
+    chosen, taken, competing = {}, set(), []
+    for field_name in fields:
+        present = [positions[k] for k in dict.fromkeys(map(header_key, candidates(config, layout, field_name)))
+                   if k in positions and positions[k] not in taken]
+        if field_name == "order_id" and sample:  # a number column left empty gives way to the next
+            present.sort(key=lambda i: not any(len(row) > i and row[i].strip() for row in sample))
+        if present:
+            chosen[field_name] = present[0]
+            taken.add(present[0])
+            if len(present) > 1:
+                competing.append((field_name, present[0], tuple(present[1:])))
+    return chosen, competing
+
+
+def packed_columns(header, spec):
+    """The positions of the cells a Packed spec names, its * standing for any text."""
+    if not spec:
+        return ()
+    from fnmatch import fnmatchcase
+
+    patterns = [header_key(p) for p in spec.columns]
+    return tuple(i for i, text in enumerate(header) if any(fnmatchcase(header_key(text), p) for p in patterns))
 
 
 def shown_headers(header, limit=40):
@@ -1071,13 +1266,13 @@ def plausible_header(text):
         and "@" not in text
 
 
-def check_placeholders(config, by_snake, name):
+def check_placeholders(config, by_snake, name, layout=None):
     """Every placeholder and rule field must be derived, mapped, or a column of this file.
 
     One that is none of these is a column this export lacks (or a typo in contexts.toml):
     an ExportError, so that the data being served, or the last good copy, stays served.
     """
-    known = set(DERIVED) | set(config.columns) | set(by_snake)
+    known = set(DERIVED) | set(config.columns) | set(by_snake) | set(layout.columns if layout else ())
     examples = [c for c in by_snake if c not in config.columns and not PERSONAL & set(c.split("_"))][:3]
     available = (f"Available: {', '.join('{%s}' % a for a in sorted(set(DERIVED) | set(config.columns)))}, "
                  "or any column of the export in snake_case" + (f", e.g. {', '.join('{%s}' % e for e in examples)}"
@@ -1099,12 +1294,10 @@ PERSONAL = {"name", "street", "address", "address1", "address2", "phone", "city"
             "note", "notes"}
 
 
-def detect_layout(positions):
-    """Name the kind of export by its telltale headers, for `check`."""
-    for name, headers in LAYOUTS:
-        if headers <= positions.keys():
-            return name
-    return "generic export"
+def detect_layout(layouts, positions):
+    """The layout whose telltale headers the file has (the most specific, when several do), or None."""
+    found = [layout for layout in layouts if all(header_key(h) in positions for h in layout.detect)]
+    return max(found, key=lambda layout: len(layout.detect), default=None)
 
 
 class Irregular(Exception):
@@ -1150,7 +1343,10 @@ class OrderReader:
             header = next((r for r in rows if any(c.strip() for c in r)), None)
             if header is None:
                 export_error(self.path, "is empty. Re-export the orders; the last good data stays served.")
-            self.plan = make_plan(self.config, header, shown_name(self.path))
+            sample = list(islice(rows, SAMPLE_ROWS))
+            rows = chain(sample, rows)
+            self.plan = make_plan(self.config, header, shown_name(self.path), sample)
+            self.normalise = without_leading_zeros if self.plan.ignore_leading_zeros else normalise_order_id
             groups = self.gathered(rows) if careful else self.adjacent(rows)
             # One loop, no layers: this runs for every order of a file of hundreds of thousands.
             progress, next_tick = self.progress, PROGRESS_ROWS
@@ -1189,9 +1385,9 @@ class OrderReader:
         # The numbers seen, as hashes in one flat array: a list of the numbers' own strings would
         # keep 500,000 small objects alive among the orders being packed, and leave that many
         # holes when freed. Two numbers of one hash (1 in 10^8 at 500,000) only cost a careful read.
-        written, key = array("q"), ""
+        written, key, normalise = array("q"), "", self.normalise
         for value, group in groupby(filter(None, rows), itemgetter(self.plan.order_columns[0])):
-            key = normalise_order_id(value)
+            key = normalise(value)
             written.append(hash(value))
             if key and len(group := list(islice(group, MAX_ORDER_ROWS + 1))) > MAX_ORDER_ROWS:
                 too_many_rows(self.path, value)
@@ -1208,7 +1404,8 @@ class OrderReader:
         times the memory, and this reading is for files that are already unusual.
         """
         plan = self.plan
-        needed = sorted({*plan.order_columns, *plan.row_columns, plan.email_column})
+        needed = sorted({*plan.order_columns, *plan.row_columns, plan.email_column, *plan.email_fallback, *plan.item_columns,
+                         *plan.tracking_columns, *(() if plan.type_column is None else (plan.type_column,))})
         take, width, at = getter(needed), needed[-1] + 1, plan.order_columns[0]
         groups, progress, next_tick = {}, self.progress, PROGRESS_ROWS
         for count, row in enumerate(rows, 1):
@@ -1224,8 +1421,12 @@ class OrderReader:
                 too_many_rows(self.path, value)
         place = {column: i for i, column in enumerate(needed)}
         self.plan = replace(plan, order_columns=tuple(place[c] for c in plan.order_columns),
-                            row_columns=tuple(place[c] for c in plan.row_columns), email_column=place[plan.email_column])
-        return ((normalise_order_id(value), group) for value, group in groups.items())
+                            row_columns=tuple(place[c] for c in plan.row_columns), email_column=place[plan.email_column],
+                            email_fallback=tuple(place[c] for c in plan.email_fallback),
+                            item_columns=tuple(place[c] for c in plan.item_columns),
+                            tracking_columns=tuple(place[c] for c in plan.tracking_columns),
+                            type_column=None if plan.type_column is None else place[plan.type_column])
+        return ((self.normalise(value), group) for value, group in groups.items())
 
 
 MAX_ORDER_ROWS = 10_000  # rows of one order; more means the order-number column is not one
@@ -1253,6 +1454,7 @@ def by_email(rows, email_of):
     return list(orders.values())
 
 
+SAMPLE_ROWS = 50  # rows read before the plan is made (see make_plan)
 PROGRESS_ROWS = 10_000
 PROGRESS_SECONDS = 5.0
 
@@ -1299,10 +1501,16 @@ class Packer:
         # the packed order (a fifth of its size): it is in the index's key already.
         self.email_apart = "email" not in plan.order_fields
         columns = (*plan.order_columns, plan.email_column) if self.email_apart else plan.order_columns
-        self.order_cells = getter(columns)
+        # A field fed only by packed entries has no column (None): its cell starts empty.
+        self.order_cells = getter(columns) if None not in columns else (
+            lambda row: tuple(row[c] if c is not None else "" for c in columns))
         self.email_at = len(plan.order_fields) if self.email_apart else plan.order_fields.index("email")
         self.email_of = itemgetter(plan.email_column)
         self.row_cells = getter(plan.row_columns)
+        self.extra = ("",) * (len(plan.row_fields) - len(plan.row_columns))  # packed fields' places in a row
+        self.rich, self.email_fallback = plan.rich, plan.email_fallback
+        self.unparsed = 0  # packed cells that did not read as the layout says: shown as written (check counts them)
+        self.kinds = Counter()  # kinds of typed rows the layout does not know (check warns)
         fields = plan.row_fields
         self.row_positions = tuple(fields.index(f) if f in fields else None for f in ROW_FIELDS)
         # How many FIELD separators a packed order holds: its head, and each row.
@@ -1325,17 +1533,88 @@ class Packer:
                     email = email or theirs
                 if "" in values:
                     values = [v or o for v, o in zip(values, other)]
-        records = [values[:-1] if self.email_apart else values, *map(self.row_cells, rows)]
+        if not values[self.email_at] and self.email_fallback:  # an order whose email is in another column
+            values = [*values]
+            values[self.email_at] = next((row[c] for row in rows for c in self.email_fallback if row[c].strip()), "")
+        if self.rich:
+            values, rows = self.read_by_rules(rows, list(values))
+        else:
+            rows = map(self.row_cells, rows)
+        records = [values[:-1] if self.email_apart else values, *rows]
         packed = RECORD.join(map(FIELD.join, records))
         if not self.plain:
             # One count says whether a cell held a separator (never in real data, but a cell must
             # not be able to shift the others); only then is every cell cleaned.
-            expected = self.fields_per_head + len(rows) * self.fields_per_row
-            if packed.count(FIELD) != expected or packed.count(RECORD) != len(rows):
+            expected = self.fields_per_head + (len(records) - 1) * self.fields_per_row
+            if packed.count(FIELD) != expected or packed.count(RECORD) != len(records) - 1:
                 packed = RECORD.join(FIELD.join(clean_cell(c) for c in record) for record in records)
         # Kept as UTF-8 bytes: a smaller header than text, and one byte for an accent where text
         # with one character past Latin-1 would take two or four for every character.
         return values, packed.encode()
+
+    def read_by_rules(self, rows, values):
+        """(values, records) of rows read by the layout's rules: typed rows, packed items and tracking.
+
+        A row of a kind that is neither items nor tracking gives no record; a packed cell
+        gives one record an entry; a tracking entry's carrier and link fill the order's
+        when empty. Only exports of such layouts pay for this.
+        """
+        plan, rules, fields = self.plan, self.plan.rules, self.plan.row_fields
+        item_places = [fields.index(f) for f in ITEM_FIELDS if f in fields]
+        tracking_place = fields.index("tracking_number") if "tracking_number" in fields else None
+        records = []
+        for row in rows:
+            record = [*self.row_cells(row), *self.extra]
+            if plan.type_column is not None:
+                kind = status_word(row[plan.type_column])
+                if kind not in rules.item_rows and kind not in rules.tracking_rows:
+                    if kind not in rules.other_rows:
+                        self.kinds[kind] += 1
+                    continue
+                for place in item_places if kind not in rules.item_rows else ():
+                    record[place] = ""
+                if tracking_place is not None and kind not in rules.tracking_rows:
+                    record[tracking_place] = ""
+            records.append(record)
+            for column in plan.item_columns:
+                for name, quantity in self.packed_items(row[column]):
+                    records.append(self.entry_record({"item_name": name, "item_quantity": quantity}))
+            for column in plan.tracking_columns:
+                for number, carrier, link in self.packed_tracking(row[column]):
+                    records.append(self.entry_record({"tracking_number": number}))
+                    for field_name, text in (("carrier", carrier), ("tracking_url", link)):
+                        at = plan.order_fields.index(field_name) if field_name in plan.order_fields else None
+                        if at is not None and text and not values[at]:
+                            values[at] = text
+        return values, records
+
+    def entry_record(self, cells):
+        """A row's record holding only cells (field -> text): an entry of a packed cell."""
+        return [cells.get(f, "") for f in self.plan.row_fields]
+
+    def packed_items(self, text):
+        """(name, quantity) of each item packed in a cell; one that does not read is shown as written."""
+        spec = self.plan.rules.items
+        found = []
+        for entry in packed_entries(spec, text):
+            name, quantity = entry_value(entry, spec, "name"), entry_value(entry, spec, "quantity")
+            if not name:
+                self.unparsed += 1
+                name, quantity = entry.get("", text), ""
+            found.append((name, quantity or "1"))
+        return found
+
+    def packed_tracking(self, text):
+        """(number, carrier, link) of each tracking entry packed in a cell."""
+        spec = self.plan.rules.tracking
+        found = []
+        for entry in packed_entries(spec, text):
+            number = entry_value(entry, spec, "number")
+            if number:
+                found.append((number, entry_value(entry, spec, "carrier"), entry_value(entry, spec, "link")))
+            elif entry.get(""):
+                self.unparsed += 1
+        return found
 
     def pack_each(self, rows):
         """[(values, packed)] of each customer's order among rows (see SeveralCustomers)."""
@@ -1363,6 +1642,64 @@ class Packer:
 
 
 SEVERAL = re.compile(r"[,;\n]+")  # several tracking numbers in one cell
+COUNTED = re.compile(r"\s*(?:(\d+)\s*[x×*]\s*(.+?)|(.+?)\s*[x×*]\s*(\d+))\s*$")  # "2x Hat", "Hat x 2"
+
+
+def packed_entries(spec, text):
+    """The entries packed in a cell, each a dict (its key -> value); one that does not read is {"": text}."""
+    if not text.strip():
+        return []
+    if spec.format == "json":
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return [{"": text}]
+        data = [data] if isinstance(data, dict) else data
+        if not isinstance(data, list):
+            return [{"": text}]
+        return [{str(k): "" if v is None else str(v) for k, v in entry.items()} if isinstance(entry, dict)
+                else {"": str(entry)} for entry in data]
+    parts = split_unescaped(text, spec.between, spec.escape) if spec.between else [text]
+    return [read_entry(spec, part) for part in parts if part.strip()]
+
+
+def read_entry(spec, part):
+    """One packed entry: key/value pairs, or "2x Hat"; {"": part} when it reads neither way."""
+    if spec.format == "count":
+        match = COUNTED.fullmatch(part)
+        if not match:
+            return {"name": part.strip(), "quantity": "1"}
+        quantity, name = (match[1], match[2]) if match[1] else (match[4], match[3])
+        return {"name": name.strip(), "quantity": quantity}
+    entry, last = {}, None
+    for piece in split_unescaped(part, spec.pairs, spec.escape):
+        key, separator, value = piece.partition(spec.key)
+        if separator and key.strip():
+            last = key.strip()
+            entry[last] = unescape(value, spec.escape).strip()
+        elif last is not None:  # the separator was part of a value: "Product Name: Mug, Blue"
+            entry[last] += spec.pairs + unescape(piece, spec.escape).rstrip()
+        else:
+            return {"": part.strip()}
+    return entry
+
+
+def entry_value(entry, spec, name):
+    """An entry's value for one of our names (name, quantity, number, ...): its first filled key."""
+    keys = dict(spec.keys).get(name, ())
+    return next((entry[k] for k in keys if entry.get(k)), "")
+
+
+def split_unescaped(text, separator, escape):
+    """text split at separator, except where escape stands before it."""
+    if not escape:
+        return text.split(separator)
+    return re.split(f"(?<!{re.escape(escape)}){re.escape(separator)}", text)
+
+
+def unescape(text, escape):
+    """text with each escape character dropped before the character it makes plain."""
+    return re.sub(f"{re.escape(escape)}(.)", r"\1", text) if escape else text
 
 
 MAX_VALUE = 200  # characters of one cell in an answer: a product name, a status, a date
@@ -1414,6 +1751,7 @@ class Snapshot:
     packer: Packer
     renderer: Renderer
     encoding: str | None = None  # a CSV's, when it is not UTF-8
+    normalise: object = normalise_order_id  # how this export's order numbers, and the typed ones, compare
 
     def describe(self):
         """What was loaded, for logs and for `check`; no customer data."""
@@ -1523,7 +1861,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False):
         orders_without_email=without_email, orders_sharing=shared,
         rows_without_order=reader.skipped, loaded_at=loaded_at, seconds=time.perf_counter() - started,
         layout=plan.layout, columns=plan.chosen, example_order_id=example,
-        packer=packer or Packer(plan), renderer=renderer, encoding=encoding,
+        packer=packer or Packer(plan), renderer=renderer, encoding=encoding, normalise=reader.normalise,
     )
 
 
@@ -1538,7 +1876,9 @@ class Survey:
     answers: Counter  # template -> orders with an email that get it
     values: dict  # rule field -> Counter of its status words
     alike: Counter  # normalised number -> orders, where more than one order reads as that number
-    by_status: dict  # status word -> Counter of the templates its orders (with an email) get
+    by_status: dict  # status word (as rules read it) -> Counter of the templates its orders (with an email) get
+    unparsed: int = 0  # packed cells that did not read as the layout says
+    kinds: Counter = None  # kinds of typed rows the layout does not know
 
 
 def survey(snapshot):
@@ -1559,9 +1899,12 @@ def survey(snapshot):
                     if values[packer.email_at].strip():
                         answer_name = snapshot.renderer.answer(cells, items, tracking)[0]
                         result.answers[answer_name] += 1
-                        result.by_status.setdefault(status_word(order.get("status", "")), Counter())[answer_name] += 1
+                        word = snapshot.renderer.word(order.get("status", ""), "status")
+                        result.by_status.setdefault(word, Counter())[answer_name] += 1
                     result.alike[key] += 1
             result.alike = Counter({key: n for key, n in result.alike.items() if n > 1})
+            if packer:
+                result.unparsed, result.kinds = packer.unparsed, packer.kinds
             return result
         except (Irregular, IndexError):  # as in build(): read again, carefully
             continue
@@ -1584,12 +1927,16 @@ def readable(value):
     """Dates read as people write them: '2026-11-28 10:00 -0400' -> '28 Nov 2026'."""
     # The pattern only where a date can start: most values ('#1001', '1 x Hat') skip it.
     match = ISO_DATE.fullmatch(value) if value[4:5] == "-" and value[:4].isdigit() else None
-    if not match:
-        return value
+    return day_text(value[:10]) or value if match else value
+
+
+@lru_cache(maxsize=4096)  # a shop's answers show a few hundred days, each many times over
+def day_text(iso_day):
+    """'2026-11-28' -> '28 Nov 2026', or "" when it is no real day."""
     try:
-        return date(*map(int, match.groups())).strftime("%-d %b %Y")
+        return date(int(iso_day[:4]), int(iso_day[5:7]), int(iso_day[8:10])).strftime("%-d %b %Y")
     except ValueError:
-        return value
+        return ""
 
 
 SAFE_URL = re.compile(r"https?://[!#-;=?-~]{1,2000}$")  # printable ASCII, without space, " < >
@@ -1630,7 +1977,8 @@ class Renderer:
         self.fills = {name: tuple((field, self.source.get(field, self.nothing)) for field in template.fields)
                       for name, template in config.templates.items() if name not in MESSAGES}
         self.choices = {}  # the word fields' values as exported -> ((sources to be filled, Template), ...)
-        self.words = {}  # memo of status_word
+        self.words = {}  # memo of word()
+        self.senses = plan.senses or {}  # field -> {this export's word: the word rules use}
         self.carrier_pages = {}  # carrier name as exported -> its tracking page ("" when none)
         # [items] format with numbered places, so an item tuple (quantity, name, status) fills it as is.
         self.item_text = numbered(config.item_format, ("quantity", "name")).format
@@ -1665,7 +2013,7 @@ class Renderer:
 
     def narrow(self, words):
         """The rules that these words allow, in order, each with the sources it needs filled; the default last."""
-        seen = dict(zip(self.word_fields, map(self.word, words)))
+        seen = {name: self.word(value, name) for name, value in zip(self.word_fields, words)}
         choices = []
         for rule in self.config.rules:
             needed = tuple(self.source.get(name) for name in rule.needs_filled)
@@ -1678,11 +2026,12 @@ class Renderer:
         choices.append(((), self.config.templates[self.config.default_template]))
         return tuple(choices)
 
-    def word(self, value):
-        """status_word, remembered: an export repeats a handful of status words."""
-        word = self.words.get(value)
+    def word(self, value, field_name=""):
+        """The word rules compare a field's value as: status_word, then the layout's sense of it; remembered."""
+        word = self.words.get((field_name, value))
         if word is None:
-            word = self.words[value] = status_word(value)
+            word = status_word(value)
+            word = self.words[(field_name, value)] = self.senses.get(field_name, {}).get(word, word)
         return word
 
     def link(self, cells, tracking):
@@ -1713,11 +2062,11 @@ class Renderer:
 
     def shipped_items(self, cells, items, tracking, url):
         """The items whose own status is one of [items] shipped."""
-        return self.listing([i for i in items if self.word(i[2]) in self.config.shipped_item_statuses])
+        return self.listing([i for i in items if self.word(i[2], "item_status") in self.config.shipped_item_statuses])
 
     def unshipped_items(self, cells, items, tracking, url):
         """The items not shipped yet."""
-        return self.listing([i for i in items if self.word(i[2]) not in self.config.shipped_item_statuses])
+        return self.listing([i for i in items if self.word(i[2], "item_status") not in self.config.shipped_item_statuses])
 
     def item_count(self, cells, items, tracking, url):
         """How many items in all; an item with no number counts as one."""
@@ -1793,7 +2142,7 @@ def answer(snapshot, order_id, email):
     order_id, email = order_id.strip(), email.strip()
     if len(order_id) > MAX_ORDER_ID or len(email) > MAX_EMAIL or CONTROL.search(order_id + email):
         return 400, message(config, "invalid")
-    wanted = normalise_order_id(order_id)
+    wanted = snapshot.normalise(order_id)
     if not wanted or not email:
         missing = [what for what, given in (("the order number", wanted), ("the email address used for the order", email))
                    if not given]
@@ -2815,9 +3164,21 @@ def run_check(settings, args):
 def check_summary(snapshot, surveyed):
     """`check`'s lines on what was read: file, columns, counts, number format, words, answers."""
     yield f"export   {printable(snapshot.source)} ({snapshot.layout}, modified {iso_time(snapshot.file_mtime)})"
-    for field_name, header in snapshot.columns.items():
-        yield f"column   {field_name:<18} <- \"{printable(header)}\""
-    missing = [f for f in snapshot.config.columns if f not in snapshot.columns]
+    plan = snapshot.packer.plan
+    header = plan.header
+    others = {field_name: [header[i] for i in more] for field_name, _, more in plan.competing}
+    for field_name, chosen in snapshot.columns.items():
+        also = f" (also fits: {', '.join(repr(printable(h)) for h in others[field_name])})" if field_name in others else ""
+        yield f"column   {field_name:<18} <- \"{printable(chosen)}\"{also}"
+    for field_name, columns in (("items", plan.item_columns), ("tracking", plan.tracking_columns)):
+        if columns:
+            yield f"packed   {field_name:<18} <- " + ", ".join(repr(printable(header[i])) for i in columns)
+    if plan.type_column is not None:
+        yield f"typed    rows by \"{printable(header[plan.type_column])}\": only {', '.join(sorted(plan.rules.item_rows))} " \
+              f"rows are items; tracking from {', '.join(sorted(plan.rules.tracking_rows))} rows"
+    from_entries = ("carrier", "tracking_url") if plan.tracking_columns else ()
+    missing = [f for f in snapshot.config.columns if f not in snapshot.columns and f not in plan.row_fields
+               and f not in from_entries]
     if missing:
         yield f"no column for {', '.join(missing)} (their placeholders stay empty)"
     yield f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s"
@@ -2841,6 +3202,15 @@ def check_warnings(snapshot, surveyed):
         if word and word not in named:
             yield f"status {word!r} ({sum(answers.values())} orders) is named by no rule: answered with " + \
                   ", ".join(answers) + ". Add it to a rule's words in contexts.toml if you know what it means."
+    for headers in snapshot.packer.plan.alike:
+        yield (f"columns {' and '.join(repr(printable(h)) for h in headers)} read alike (case, _, -, : and spaces "
+               f"do not count); the first, {printable(headers[0])!r}, is the one read")
+    for kind, count in (surveyed.kinds or Counter()).most_common():
+        yield (f"{count} rows of the kind {kind!r} are neither items nor tracking for this layout and were left "
+               "out; name the kind in its rows (items, tracking or other) in contexts.toml if they matter")
+    if surveyed.unparsed:
+        yield (f"{surveyed.unparsed} packed cells did not read as the layout says; their items are shown as "
+               "written (e.g. \"1 x Gift wrapping\")")
     if snapshot.orders_without_email:
         yield f"{snapshot.orders_without_email} orders have no email and can never be found"
     if snapshot.rows_without_order:
