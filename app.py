@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import copy
 import csv
 import hmac
 import ipaddress
@@ -31,11 +32,12 @@ import time
 import tomllib
 from array import array
 from collections import Counter, OrderedDict, deque
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from functools import lru_cache
 from datetime import date, datetime, timezone
-from itertools import chain, groupby, islice, starmap
+from itertools import chain, groupby, islice, starmap, zip_longest
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
@@ -141,6 +143,8 @@ class Settings:
     memory_limit_mb: float | None = None
     allow_weak_key: bool = False
     request_seconds: float = 10.0
+    webhook_secrets: dict = None  # platform -> secrets (several, for rotation); a platform without is 404
+    webhook_max_orders: int = 100_000
 
     @property
     def state(self):
@@ -217,7 +221,13 @@ def settings_from(options=None, env=None):
         memory_limit_mb=env_number(env, "MEMORY_LIMIT_MB", 0.0, example=800) or default_memory_limit_mb(),
         allow_weak_key=env_switch(env, "ALLOW_WEAK_KEY", False),
         request_seconds=env_number(env, "REQUEST_SECONDS", 10.0),
+        webhook_secrets={platform: parse_keys(env.get(name)) for platform, name in WEBHOOK_SECRETS.items()
+                         if parse_keys(env.get(name))},
+        webhook_max_orders=env_number(env, "WEBHOOK_MAX_ORDERS", 100_000, most=10_000_000),
     )
+
+
+WEBHOOK_SECRETS = {"shopify": "SHOPIFY_WEBHOOK_SECRET", "woocommerce": "WOOCOMMERCE_WEBHOOK_SECRET"}
 
 
 def default_memory_limit_mb():
@@ -297,13 +307,21 @@ class Template:
     text: str
     fields: tuple[str, ...]
     parts: tuple = ()
+    gates: tuple = ()  # the placeholders of the optional parts
+    # Per answer, which optional parts show is told by whether their placeholders are filled;
+    # the text for each such combination is put together once, then only filled.
+    composed: dict = dataclass_field(default_factory=dict, compare=False, repr=False)
 
     def fill(self, values):
         """The text filled from values (placeholder -> text); optional parts only where all of theirs are filled."""
         if not self.parts:
             return self.text.format_map(values)
-        return "".join(text.format_map(values) for text, fields, optional in self.parts
-                       if not optional or all(map(values.__getitem__, fields)))
+        filled = tuple(map(bool, map(values.__getitem__, self.gates)))
+        text = self.composed.get(filled)
+        if text is None:
+            text = self.composed[filled] = "".join(part for part, fields, optional in self.parts
+                                                   if not optional or all(map(values.__getitem__, fields)))
+        return text.format_map(values)
 
     def render(self, values):
         """The text with each placeholder filled, dates made readable."""
@@ -586,7 +604,10 @@ def template(path, where, name, text, allowed):
                          "Write [[ and ]] for square brackets that are part of the text.")
     fields = tuple(dict.fromkeys(f for _, names, _ in parts for f in names))
     plain = "".join(part for part, _ in split)
-    return Template(name, plain, fields, parts if any(optional for _, optional in split) else ())
+    if not any(optional for _, optional in split):
+        return Template(name, plain, fields)
+    gates = tuple(dict.fromkeys(f for _, names, optional in parts if optional for f in names))
+    return Template(name, plain, fields, parts, gates)
 
 
 def optional_parts(path, where, text):
@@ -1153,12 +1174,15 @@ def index_key(order_key, email_key):
     return f"{order_key}\x1f{email_key}".encode()
 
 
-def make_plan(config, header, name, sample=()):
+def make_plan(config, header, name, sample=(), layout=None):
     """Match the layout's and the mapping's headers to the file's; ExportError names what is missing.
 
     sample: the first rows, so that an order-number column left empty (WooCommerce's
     order_number without a numbering plugin) gives way to the next one named.
+    layout: given for webhook events (EVENT_LAYOUT), whose orders lack the export's other
+    columns: a placeholder that names one reads empty there.
     """
+    forced = layout
     positions, alike = {}, {}
     for index, text in enumerate(header):
         key = header_key(text)
@@ -1166,7 +1190,7 @@ def make_plan(config, header, name, sample=()):
             alike.setdefault(key, [header[positions[key]].strip()]).append(text.strip())
         else:
             positions[key] = index
-    layout = detect_layout(config.layouts, positions)
+    layout = forced or detect_layout(config.layouts, positions)
     chosen, competing = choose_columns(config, layout, positions, sample)
     for field_name in REQUIRED_FIELDS:
         if field_name not in chosen:
@@ -1178,7 +1202,8 @@ def make_plan(config, header, name, sample=()):
     by_snake = {}
     for index, text in enumerate(header):
         by_snake.setdefault(snake_case(text), index)
-    check_placeholders(config, by_snake, name, layout)
+    if not forced:
+        check_placeholders(config, by_snake, name, layout)
     # Per order, beside its number: every field used that a column feeds. Derived names
     # (items, tracking_url, ...) are computed, unless mapped to a column of their own.
     per_row = {"order_id", *ROW_FIELDS}
@@ -1753,6 +1778,11 @@ class Snapshot:
     encoding: str | None = None  # a CSV's, when it is not UTF-8
     normalise: object = normalise_order_id  # how this export's order numbers, and the typed ones, compare
 
+    @property
+    def data_time(self):
+        """When the export's data is from: its modification time, never one later than its load."""
+        return min(self.file_mtime, self.loaded_at)
+
     def describe(self):
         """What was loaded, for logs and for `check`; no customer data."""
         return (f"{shown_name(self.source)}: {self.rows} rows, {self.orders} orders "
@@ -1917,6 +1947,326 @@ def survey_fields(config, plan):
 
 
 ###############################################################################
+# The webhook store: orders between exports ###################################
+###############################################################################
+
+# The fields an event keeps, as a webhook-built "export" names them: answers use no more.
+EVENT_ORDER_FIELDS = ("order_id", "email", "status", "financial_status", "cancelled_at", "order_date", "shipped_at",
+                      "carrier", "tracking_url", "shipment_status")
+EVENT_HEADER = (*EVENT_ORDER_FIELDS, "item_name", "item_quantity", "item_status", "tracking_number")
+EVENT_LAYOUT = Layout(key="webhooks", name="webhook events", detect=("order_id",),
+                      columns={name: (name,) for name in EVENT_HEADER})
+GONE = b""  # an order deleted in the shop after the export: not found, whatever the export says
+
+
+class StoreError(UserError):
+    """The webhook store cannot be used (a corrupt file, a full disk)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One order as a webhook told it: only what answers use, never an address, a phone or a payment."""
+
+    platform: str  # "shopify" or "woocommerce"
+    platform_id: str  # the shop's own id of the order (deletions name only this)
+    fields: dict  # EVENT_ORDER_FIELDS -> text, items: [[quantity, name, status]], tracking: [[number, carrier, link]]
+    time: float  # when the order last changed, as the shop says
+    deleted: bool = False
+
+
+def shopify_event(order, topic):
+    """An Event from a Shopify order payload (REST Admin API, orders/* topics)."""
+    if topic == "orders/delete":
+        return Event("shopify", str(order["id"]), {}, time.time(), deleted=True)
+    fulfillments = [f for f in order.get("fulfillments") or () if isinstance(f, dict)
+                    and str(f.get("status") or "").lower() not in ("cancelled", "error", "failure")]
+    tracking = [[number, text(f.get("tracking_company")), link]
+                for f in fulfillments
+                for number, link in zip_longest(strings(f.get("tracking_numbers")) or strings([f.get("tracking_number")]),
+                                                strings(f.get("tracking_urls")) or strings([f.get("tracking_url")]),
+                                                fillvalue="")
+                if number]
+    customer = order.get("customer") if isinstance(order.get("customer"), dict) else {}
+    fields = {
+        "order_id": text(order.get("name")) or text(order.get("order_number")),
+        "email": text(order.get("email")) or text(order.get("contact_email")) or text(customer.get("email")),
+        # Shopify leaves fulfillment_status empty until something of the order ships.
+        "status": text(order.get("fulfillment_status")) or "unfulfilled",
+        "financial_status": text(order.get("financial_status")), "cancelled_at": text(order.get("cancelled_at")),
+        "order_date": text(order.get("created_at")),
+        "shipped_at": next((text(f.get("created_at")) for f in fulfillments if f.get("created_at")), ""),
+        "carrier": next((text(f.get("tracking_company")) for f in fulfillments if f.get("tracking_company")), ""),
+        "tracking_url": next((link for _, _, link in tracking if link), ""),
+        "shipment_status": next((text(f.get("shipment_status")) for f in reversed(fulfillments) if f.get("shipment_status")), ""),
+        "items": [[text(i.get("quantity")) or "1", text(i.get("name")) or text(i.get("title")), text(i.get("fulfillment_status"))]
+                  for i in order.get("line_items") or () if isinstance(i, dict)],
+        "tracking": tracking,
+    }
+    return Event("shopify", str(order["id"]), fields, event_time(order.get("updated_at")))
+
+
+def woocommerce_event(order, topic):
+    """An Event from a WooCommerce order payload (REST API v3; order.* topics)."""
+    if topic == "order.deleted":  # the order went to the trash; order.restored brings it back
+        return Event("woocommerce", str(order["id"]), {}, time.time(), deleted=True)
+    billing = order.get("billing") if isinstance(order.get("billing"), dict) else {}
+    tracking = [[text(t.get("tracking_number")), text(t.get("custom_tracking_provider")) or text(t.get("tracking_provider")),
+                 text(t.get("custom_tracking_link"))]
+                for meta in order.get("meta_data") or () if isinstance(meta, dict)
+                and meta.get("key") == "_wc_shipment_tracking_items"
+                for t in tracking_items(meta.get("value")) if text(t.get("tracking_number"))]
+    fields = {
+        "order_id": text(order.get("number")) or text(order.get("id")), "email": text(billing.get("email")),
+        "status": text(order.get("status")), "financial_status": "", "cancelled_at": "",
+        "order_date": text(order.get("date_created")), "shipped_at": text(order.get("date_completed")),
+        "carrier": next((carrier for _, carrier, _ in tracking if carrier), ""),
+        "tracking_url": next((link for _, _, link in tracking if link), ""), "shipment_status": "",
+        "items": [[text(i.get("quantity")) or "1", text(i.get("name")), ""]
+                  for i in order.get("line_items") or () if isinstance(i, dict)],
+        "tracking": tracking,
+    }
+    modified = text(order.get("date_modified_gmt"))
+    return Event("woocommerce", str(order["id"]), fields, event_time(modified + "Z" if modified else ""))
+
+
+def tracking_items(value):
+    """The entries of WooCommerce Shipment Tracking's meta: a list, an object of numbered entries, or JSON text."""
+    if isinstance(value, str):
+        with suppress(ValueError):
+            value = json.loads(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for t in value if isinstance(t, dict)] if isinstance(value, list) else []
+
+
+def text(value):
+    """A payload's value as one short line of text ("" for null): payloads are not trusted more than exports."""
+    if value is None or isinstance(value, (dict, list)):
+        return ""
+    return one_line(str(value))
+
+
+def strings(values):
+    """A list of texts from a payload's list, empty ones left out."""
+    return [t for t in map(text, values if isinstance(values, list) else []) if t]
+
+
+def event_time(iso):
+    """A payload's ISO 8601 time as a timestamp; now when it has none or no zone."""
+    try:
+        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return time.time()
+    return moment.timestamp() if moment.tzinfo else time.time()
+
+
+class WebhookStore:
+    """Webhook events in SQLite (WAL) in STATE_DIR: every accepted event survives a restart.
+
+    One row per order a shop told about; the newest change wins (a late retry of an
+    older change is not applied over a newer one); a delivery id is applied once.
+    """
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS orders (
+            platform TEXT NOT NULL, platform_id TEXT NOT NULL, order_key TEXT NOT NULL, email_key TEXT NOT NULL,
+            fields TEXT NOT NULL, time REAL NOT NULL, received REAL NOT NULL, deleted INTEGER NOT NULL,
+            PRIMARY KEY (platform, platform_id));
+        CREATE TABLE IF NOT EXISTS deliveries (delivery TEXT PRIMARY KEY, received REAL NOT NULL);
+        CREATE INDEX IF NOT EXISTS orders_by_time ON orders (time);
+    """
+
+    def __init__(self, path, max_orders=100_000):
+        self.path, self.max_orders = path, max_orders
+        self.lock = threading.Lock()  # one connection, one user at a time
+        self.moved_aside = None  # why a corrupt file was moved aside, for /healthz
+        self.db = self.open()
+        self.pending, self.wake = deque(), threading.Event()
+        threading.Thread(target=self.writer, name="webhook-store", daemon=True).start()
+
+    def open(self):
+        """Open (or create) the database; a corrupt one is moved aside with one log line, and a new one made."""
+        import sqlite3
+
+        for attempt in (1, 2):
+            try:
+                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")  # 200 means stored: on disk, through a power cut
+                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise sqlite3.DatabaseError("quick_check failed")
+                db.executescript(self.SCHEMA)
+                return db
+            except sqlite3.DatabaseError as e:
+                if attempt == 2:
+                    raise StoreError(f"{shown_name(self.path)}: cannot be used ({e}). Check the disk and STATE_DIR.") from None
+                aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+                for suffix in ("", "-wal", "-shm"):
+                    with suppress(OSError):
+                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+                self.moved_aside = (f"the webhook store {shown_name(self.path)} could not be read ({e}) and was moved "
+                                    f"aside as {shown_name(aside)}: events received before are lost; the export is served")
+                log.error("%s", self.moved_aside)
+
+    def apply(self, event, key, delivery):
+        """Store an event; when this returns it is on disk. The StoreJob's outcome: "applied", "replayed" (this
+        delivery was stored before), "stale" (a newer change was) or "unknown" (a deletion of an
+        order no event told of).
+
+        Events that arrive together are committed together by one thread: one sync to disk
+        for all, and each waiting request takes the interpreter back once, not at every step
+        of its own transaction (each costs up to 5 ms while lookups keep the interpreter busy).
+        """
+        job = StoreJob(event, key, delivery)
+        self.pending.append(job)
+        self.wake.set()
+        if not job.done.wait(STORE_SECONDS):
+            raise StoreError(f"{shown_name(self.path)}: did not store the event within {STORE_SECONDS} s.")
+        if job.error:
+            raise job.error
+        return job
+
+    def writer(self):
+        """The one thread that writes: each round, every event waiting, in one transaction."""
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            jobs = []
+            while self.pending:
+                jobs.append(self.pending.popleft())
+            if not jobs:
+                continue
+            with self.lock:
+                try:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    for job in jobs:
+                        job.before = self.key_of(job.event.platform, job.event.platform_id, locked=True)
+                        job.outcome = self.write(job)
+                        job.now = self.current(job.event.platform, job.event.platform_id, locked=True)
+                    self.db.execute("COMMIT")
+                except Exception as e:  # a full disk, a damaged file: every event of the round is refused
+                    with suppress(Exception):
+                        self.db.execute("ROLLBACK")
+                    for job in jobs:
+                        job.error = StoreError(f"{shown_name(self.path)}: the event could not be stored "
+                                               f"({type(e).__name__}).")
+            for job in jobs:
+                job.done.set()
+
+    def write(self, job):
+        """One event inside the round's transaction; its outcome."""
+        db, event, now = self.db, job.event, time.time()
+        if job.delivery and db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (job.delivery, now)).rowcount == 0:
+            return "replayed"
+        if event.deleted:
+            return "applied" if db.execute(
+                "UPDATE orders SET deleted = 1, time = ?, received = ? WHERE platform = ? AND platform_id = ?",
+                (max(event.time, now), now, event.platform, event.platform_id)).rowcount else "unknown"
+        return "applied" if db.execute(
+            """INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?, 0)
+               ON CONFLICT (platform, platform_id) DO UPDATE SET order_key = excluded.order_key,
+               email_key = excluded.email_key, fields = excluded.fields, time = excluded.time,
+               received = excluded.received, deleted = 0 WHERE excluded.time >= orders.time""",
+            (event.platform, event.platform_id, *job.key, json.dumps(event.fields), event.time, now)).rowcount \
+            else "stale"
+
+    def current(self, platform, platform_id, locked=False):
+        """(order_key, email_key, fields, deleted) of a stored order as it stands now, or None."""
+        with nullcontext() if locked else self.lock:
+            return self.db.execute("SELECT order_key, email_key, fields, deleted FROM orders "
+                                   "WHERE platform = ? AND platform_id = ?", (platform, platform_id)).fetchone()
+
+    def key_of(self, platform, platform_id, locked=False):
+        """(order_key, email_key) of a stored order, or None."""
+        with nullcontext() if locked else self.lock:
+            return self.db.execute("SELECT order_key, email_key FROM orders WHERE platform = ? AND platform_id = ?",
+                                   (platform, platform_id)).fetchone()
+
+    def prune(self, older_than):
+        """Forget events an export has caught up with, old delivery ids, and orders past the cap."""
+        with self.lock:
+            self.db.execute("DELETE FROM orders WHERE time < ?", (older_than,))
+            self.db.execute("DELETE FROM deliveries WHERE received < ?", (time.time() - 3 * 86400,))
+            self.db.execute("DELETE FROM orders WHERE rowid IN (SELECT rowid FROM orders ORDER BY time DESC "
+                            "LIMIT -1 OFFSET ?)", (self.max_orders,))
+
+    def rows(self, since=0):
+        """Every stored order that changed since then: (platform, order_key, email_key, fields, deleted, received)."""
+        with self.lock:
+            return self.db.execute("SELECT platform, order_key, email_key, fields, deleted, received FROM orders "
+                                   "WHERE time >= ?", (since,)).fetchall()
+
+    def close(self):
+        """Close the database (its WAL is checkpointed into the file)."""
+        with self.lock, suppress(Exception):
+            self.db.close()
+
+
+STORE_SECONDS = 10  # the longest a delivery waits for the store; the shops wait 5 s (Shopify) to 60 s
+
+
+class StoreJob:
+    """An event waiting to be written, and what came of it."""
+
+    def __init__(self, event, key, delivery):
+        self.event, self.key, self.delivery = event, key, delivery
+        self.outcome, self.error, self.done = None, None, threading.Event()
+        self.before = self.now = None  # the order's key before, and its row after (see Webhooks.store)
+
+
+class Overlay:
+    """The orders webhook events tell, newer than the served export: they answer before it.
+
+    index maps the same keys as a Snapshot's to packed orders (GONE for a deleted one),
+    packed and worded by a plan of their own (EVENT_HEADER), from the same contexts.toml.
+    """
+
+    def __init__(self, snapshot):
+        self.plan = make_plan(snapshot.config, EVENT_HEADER, "webhooks", layout=EVENT_LAYOUT)
+        self.packer, self.renderer = Packer(self.plan, plain=False), Renderer(snapshot.config, self.plan)
+        self.renderer.records_text = snapshot.renderer.records_text
+        self.normalise = snapshot.normalise
+        self.index = {}  # replaced whole, never changed in place, so a lookup sees one or the other
+        self.platforms = Counter()  # platform -> orders answered from events
+
+    def fill(self, rows):
+        """Build the index from the store's rows; returns self."""
+        index, platforms = {}, Counter()
+        for platform, order_key, email_key, fields, deleted, _ in rows:
+            index[index_key(order_key, email_key)] = GONE if deleted else self.pack(json.loads(fields))
+            platforms[platform] += 1
+        self.index, self.platforms = index, platforms
+        return self
+
+    def put(self, platform, key, fields, before=None):
+        """One event's order (None: deleted) into the index: one assignment, which a lookup sees whole or not.
+
+        before: the order's key until now, when its number or email changed: that one goes.
+        """
+        entry = index_key(*key)
+        if before and tuple(before) != tuple(key) and self.index.pop(index_key(*before), None) is not None:
+            self.platforms[platform] -= 1
+        if entry not in self.index:
+            self.platforms[platform] += 1
+        self.index[entry] = GONE if fields is None else self.pack(fields)
+
+    def pack(self, fields):
+        """An event's fields as one packed order, like an export's."""
+        items, tracking = fields.get("items") or [["", "", ""]], fields.get("tracking") or []
+        head = [str(fields.get(name, "")) for name in EVENT_ORDER_FIELDS]
+        rows = []
+        for position in range(max(len(items), len(tracking), 1)):
+            quantity, name, status = (items[position] + ["", "", ""])[:3] if position < len(items) else ("", "", "")
+            number = tracking[position][0] if position < len(tracking) else ""
+            rows.append([*(head if position == 0 else [""] * len(head)), name, quantity, status, number])
+        return self.packer.pack(rows)[1]
+
+    def render(self, packed, typed=""):
+        """(template name, JSON body) of an event's order."""
+        return self.renderer.answer(*self.packer.unpack(packed))
+
+
+###############################################################################
 # Rendering answers ###########################################################
 ###############################################################################
 
@@ -1928,6 +2278,14 @@ def readable(value):
     # The pattern only where a date can start: most values ('#1001', '1 x Hat') skip it.
     match = ISO_DATE.fullmatch(value) if value[4:5] == "-" and value[:4].isdigit() else None
     return day_text(value[:10]) or value if match else value
+
+
+def shown(cell):
+    """A cell as an answer shows it: one line (see one_line), a date made readable; the common case fast."""
+    cell = cell.strip()
+    if not cell.isprintable() or len(cell) > MAX_VALUE:
+        cell = one_line(cell)
+    return readable(cell) if cell[4:5] == "-" else cell
 
 
 @lru_cache(maxsize=4096)  # a shop's answers show a few hundred days, each many times over
@@ -1990,7 +2348,7 @@ class Renderer:
         template = self.pick(cells, items, tracking, url)
         # A source is a cell's position or a method: the one test that tells them apart, inline.
         text = template.fill({
-            field: readable(one_line(cells[source])) if source.__class__ is int else source(cells, items, tracking, url)
+            field: shown(cells[source]) if source.__class__ is int else source(cells, items, tracking, url)
             for field, source in self.fills[template.name]})
         body = f'{{"context": {json_text(text)}, "tracking_url": {json_text(url) if url else "null"}}}'
         return template.name, body.encode()
@@ -2134,8 +2492,11 @@ CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 NOT_FOUND_ID_LENGTH = 20
 
 
-def answer(snapshot, order_id, email):
-    """(HTTP status, JSON body) for a lookup; the same function serves HTTP and the CLI."""
+def answer(snapshot, order_id, email, overlay=None):
+    """(HTTP status, JSON body) for a lookup; the same function serves HTTP and the CLI.
+
+    overlay: orders from webhook events, which answer before the export.
+    """
     config = snapshot.config
     if order_id is None or email is None:  # not valid UTF-8
         return 400, message(config, "invalid")
@@ -2147,8 +2508,11 @@ def answer(snapshot, order_id, email):
         missing = [what for what, given in (("the order number", wanted), ("the email address used for the order", email))
                    if not given]
         return 400, message(config, "missing", missing=" and ".join(missing))
-    packed = snapshot.index.get(index_key(wanted, normalise_email(email)))
-    if packed is not None:
+    key = index_key(wanted, normalise_email(email))
+    if overlay is not None and overlay.index and (packed := overlay.index.get(key)) is not None:
+        if packed:  # else deleted in the shop since the export
+            return 200, overlay.render(packed)[1]
+    elif (packed := snapshot.index.get(key)) is not None:
         return 200, snapshot.render(packed, order_id)[1]
     return 404, message(config, "not_found", order_id=echoed(wanted), records_updated=snapshot.renderer.records_text)
 
@@ -2192,6 +2556,11 @@ class Service:
         self._lock = threading.Lock()  # one load at a time
         self._copy_lock = threading.Lock()  # one copy to the state folder at a time
         self.copying = None  # the thread copying the first export after start
+        self.store = None  # the WebhookStore, opened on the first load when a webhook secret is set
+        self.store_error = None  # why it could not be opened
+        self.overlay = None  # orders from webhook events, newer than the export
+        self.events_lock = threading.Lock()  # an event is stored and put into the overlay as one step
+        self.webhooks = Webhooks(self) if settings.webhook_secrets else None
 
     def files_state(self):
         """The config and the export a load would read now, with sizes and times."""
@@ -2330,11 +2699,44 @@ class Service:
         self.config_error = None
         self.from_last_good = False
         log.info("loaded %s", snapshot.describe())
+        self.events(snapshot, caught_up=before is not None)
         if before and before.config != snapshot.config:  # what contexts.toml says changed, not only its time
             log.info("applied %s: %d templates, %d rules", shown_name(snapshot.config.path),
                      len(snapshot.config.templates), len(snapshot.config.rules))
         if keep_copy:
             self.keep_copy(snapshot)
+
+    def events(self, snapshot, caught_up=False):
+        """Answer from webhook events newer than snapshot: open the store on first use, forget what it caught up with.
+
+        caught_up: a new export was accepted, so a store moved aside earlier no longer costs data.
+        """
+        if not self.settings.webhook_secrets:
+            return
+        with self.events_lock:
+            if self.store is None:
+                try:
+                    self.settings.state.mkdir(parents=True, exist_ok=True)
+                    self.store = WebhookStore(self.settings.state / "webhooks.sqlite3", self.settings.webhook_max_orders)
+                    self.store_error = None
+                except (StoreError, OSError) as e:
+                    self.store_error = f"webhook events cannot be stored: {e}"
+                    log.error("%s", self.store_error)
+                    return
+            elif caught_up:
+                self.store.moved_aside = None
+            self.store.prune(math.floor(snapshot.data_time))
+            rows = self.store.rows()
+            self.overlay = Overlay(snapshot).fill(rows)
+            self.note_fresher(max((received for *_, received in rows), default=0))
+
+    def note_fresher(self, moment):
+        """An event brought the records up to moment: {records_updated} says so, if it is newer than the export."""
+        snapshot, overlay = self.snapshot, self.overlay
+        text = local_time(max(moment, snapshot.data_time), snapshot.config.timezone)
+        snapshot.renderer.records_text = text
+        if overlay:
+            overlay.renderer.records_text = text
 
     def keep_copy(self, snapshot):
         """Copy an accepted export to the state folder, for a restart after a bad night."""
@@ -2402,6 +2804,10 @@ class Service:
             reasons.append("the last contexts.toml edit was refused")
         if self.copy_error:
             reasons.append(self.copy_error)
+        if self.store_error:
+            reasons.append(self.store_error)
+        elif self.store and self.store.moved_aside:
+            reasons.append(self.store.moved_aside)
         return not reasons, reasons, age
 
     def status(self, now=None):
@@ -2419,6 +2825,8 @@ class Service:
             )
         out["last_refused"] = self.refused
         out["config"] = "ok" if not self.config_error else self.config_error
+        if self.webhooks:
+            out["webhooks"] = self.webhooks.status()
         return out
 
 
@@ -2453,6 +2861,226 @@ def local_time(timestamp, zone):
 def iso_time(timestamp):
     """A UTC timestamp as ISO 8601."""
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+###############################################################################
+# Sources: watching the data folder ###########################################
+###############################################################################
+
+
+class Watcher:
+    """Reloads when the export or contexts.toml changes and has stopped changing."""
+
+    def __init__(self, service):
+        self.service = service
+        self.settings = service.settings
+        self.changed = threading.Event()
+        self.stopping = threading.Event()
+        self.observer = None
+        self.thread = None
+
+    def paths(self):
+        """The folders to watch: the export's folder (or itself) and the config's."""
+        data = self.settings.data
+        folders = {data if data.is_dir() else data.parent, self.settings.contexts.parent}
+        return sorted(f for f in folders if f.is_dir())
+
+    def start(self, events=True):
+        """Start the observer (unless only polling) and the thread that debounces and reloads."""
+        if events:
+            from watchdog.observers import Observer
+
+            handler = event_handler(self)
+            self.observer = Observer()
+            for folder in self.paths():
+                self.observer.schedule(handler, str(folder), recursive=False)
+            self.observer.daemon = True
+            self.observer.start()
+        self.thread = threading.Thread(target=self.run, name="reloader", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        """Stop watching."""
+        self.stopping.set()
+        self.changed.set()
+        if self.observer:
+            self.observer.stop()
+            self.observer.join(5)
+        if self.thread:
+            self.thread.join(5)
+
+    def relevant(self, path):
+        """Events about exports and contexts.toml matter; the state folder's do not."""
+        path = Path(path).absolute()
+        data = self.settings.data
+        if path == self.settings.contexts or path == data:
+            return True
+        return data.is_dir() and path.parent == data and is_export_name(path.name)
+
+    def run(self):
+        """Wait for a change (or poll), let the files settle, reload once."""
+        self.changed.set()  # look once at the start: a change made before watching began counts
+        while not self.stopping.is_set():
+            self.changed.wait(self.settings.poll_seconds)
+            self.changed.clear()
+            if self.stopping.is_set():
+                return
+            try:
+                # Against what the service last tried to load, not what it serves: a refused
+                # file is not read again until it changes.
+                if self.settle() != self.service.tried:
+                    self.service.reload()
+                elif self.service.copy_error and self.service.snapshot:  # the disk may have room again
+                    self.service.keep_copy(self.service.snapshot)
+            except Exception as error:  # reload() refuses what it can name; this thread must outlive the rest
+                log.error("reloading failed (%s); still serving what was loaded", type(error).__name__)
+
+    def settle(self):
+        """The files' state once size and mtime have held still for settle_seconds."""
+        current = self.service.files_state()
+        while not self.stopping.is_set():
+            time.sleep(self.settings.settle_seconds)
+            self.changed.clear()
+            again = self.service.files_state()
+            if again == current:
+                return current
+            current = again
+        return current
+
+
+def file_state(path):
+    """(path, size, mtime_ns), as the watcher compares files; the sizes are None if it is gone."""
+    try:
+        stat = path.stat()
+    except (OSError, AttributeError):  # gone, or no export at all (None)
+        return str(path), None, None
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def event_handler(watcher):
+    """A watchdog handler that wakes the watcher for changes to the files it serves."""
+    from watchdog.events import FileSystemEventHandler
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event):
+            # Our own reads open and close the export: those events are not changes.
+            if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+                return
+            paths = (event.src_path, getattr(event, "dest_path", "") or "")
+            if any(p and watcher.relevant(os.fsdecode(p)) for p in paths):
+                watcher.changed.set()
+
+    return Handler()
+
+
+###############################################################################
+# Sources: webhooks from the shop #############################################
+###############################################################################
+
+WEBHOOK_MAX_BYTES = 2 << 20  # Shopify's largest orders are a few hundred KB
+WEBHOOK_HEADERS = {  # platform -> (signature, topic, delivery id), as WSGI names them
+    "shopify": ("HTTP_X_SHOPIFY_HMAC_SHA256", "HTTP_X_SHOPIFY_TOPIC", "HTTP_X_SHOPIFY_WEBHOOK_ID"),
+    "woocommerce": ("HTTP_X_WC_WEBHOOK_SIGNATURE", "HTTP_X_WC_WEBHOOK_TOPIC", "HTTP_X_WC_WEBHOOK_DELIVERY_ID"),
+}
+WEBHOOK_TOPICS = {  # the topics that change an order; any other is answered 200 and ignored
+    "shopify": {"orders/create": shopify_event, "orders/updated": shopify_event, "orders/paid": shopify_event,
+                "orders/fulfilled": shopify_event, "orders/partially_fulfilled": shopify_event,
+                "orders/cancelled": shopify_event, "orders/delete": shopify_event},
+    "woocommerce": {"order.created": woocommerce_event, "order.updated": woocommerce_event,
+                    "order.restored": woocommerce_event, "order.deleted": woocommerce_event},
+}
+PING = re.compile(rb"webhook_id=\d+")  # WooCommerce's unsigned ping when a webhook is saved
+
+
+class Webhooks:
+    """Receives the shops' signed order events: checked, mapped, stored, then answered from.
+
+    Counts per platform (received, applied, rejected, the last event's time) are for
+    /healthz and the status page; they start at zero with the process.
+    """
+
+    def __init__(self, service):
+        self.service = service
+        self.counts = {platform: Counter() for platform in service.settings.webhook_secrets}
+        self.last = {}  # platform -> time of the last applied event
+
+    def receive(self, platform, environ, body):
+        """(HTTP status, JSON body or b"") for one delivery."""
+        signature_header, topic_header, delivery_header = WEBHOOK_HEADERS[platform]
+        signature = environ.get(signature_header, "")
+        counts = self.counts[platform]
+        if platform == "woocommerce" and not signature and PING.fullmatch(body.strip()):
+            return 200, json.dumps({"ping": "ok"}).encode()  # saving the webhook in WooCommerce: nothing to store
+        counts["received"] += 1
+        if not signed(self.service.settings.webhook_secrets[platform], body, signature):
+            counts["rejected"] += 1
+            return 401, b""
+        topic = environ.get(topic_header, "").strip()
+        make = WEBHOOK_TOPICS[platform].get(topic)
+        if make is None:
+            return 200, json.dumps({"ignored": printable(topic)[:60]}).encode()
+        try:
+            order = json.loads(body)
+            event = make(order, topic)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            counts["rejected"] += 1
+            return 400, json.dumps({"context": "The body is not an order: a JSON object with an id."}).encode()
+        return self.store(platform, topic, event, environ.get(delivery_header, ""))
+
+    def store(self, platform, topic, event, delivery):
+        """Store a checked event and answer from it from now on."""
+        service, counts = self.service, self.counts[platform]
+        snapshot, overlay, store = service.snapshot, service.overlay, service.store
+        if store is None or snapshot is None or overlay is None:
+            counts["rejected"] += 1
+            return 503, json.dumps({"context": "Events cannot be stored right now; the shop will send it again."}).encode()
+        key = None  # a deletion names only the shop's id: the store knows the order's key
+        if not event.deleted:
+            key = (snapshot.normalise(event.fields["order_id"]), normalise_email(event.fields["email"]))
+            if not all(key):
+                return 200, json.dumps({"stored": False, "reason": "the order has no number or no email, so no "
+                                                                   "lookup could find it"}).encode()
+            if event.time < math.floor(snapshot.data_time):  # shops give times to the second
+                return 200, json.dumps({"stored": False, "reason": "the export being served is newer"}).encode()
+        try:
+            job = store.apply(event, key, f"{platform}:{delivery}" if delivery else "")
+        except StoreError as e:
+            counts["rejected"] += 1
+            log.error("webhook %s %s not stored: %s", platform, topic, e)
+            return 503, json.dumps({"context": "The event could not be stored; the shop will send it again."}).encode()
+        outcome = job.outcome
+        if outcome == "applied":
+            with service.events_lock:  # as the store had it once written, newest first
+                if job.now and service.overlay:
+                    order_key, email_key, fields, deleted = job.now
+                    service.overlay.put(platform, (order_key, email_key), None if deleted else json.loads(fields),
+                                        job.before)
+                service.note_fresher(time.time())
+            counts["applied"] += 1
+            self.last[platform] = time.time()
+        log.info("webhook %s %s order=%s: %s", platform, topic, printable((job.now or key or ("?",))[0])[:20], outcome)
+        return 200, json.dumps({"stored": outcome == "applied", "outcome": outcome}).encode()
+
+    def status(self):
+        """Per platform: events received, applied, rejected; the last one's time; orders answered from events."""
+        overlay = self.service.overlay
+        return {platform: {"received": counts["received"], "applied": counts["applied"], "rejected": counts["rejected"],
+                           "last_event": iso_time(self.last[platform]) if platform in self.last else None,
+                           "orders_from_events": overlay.platforms[platform] if overlay else 0}
+                for platform, counts in self.counts.items()}
+
+
+def signed(secrets_, body, signature):
+    """True when signature is base64(HMAC-SHA256(body)) under one of the secrets; compared in constant time."""
+    import base64
+
+    given = signature.strip().encode("latin-1", "replace")
+    ok = False
+    for secret in secrets_:  # every one, no early exit: the time taken does not tell which matched
+        expected = base64.b64encode(hmac.new(secret.encode(), body, "sha256").digest())
+        ok |= bool(given) and hmac.compare_digest(given, expected)
+    return ok
 
 
 ###############################################################################
@@ -2528,6 +3156,17 @@ def client_of(address):
 LOOKUP_PARAMS = ("order_id", "customer_email")
 
 
+def request_body(environ, limit):
+    """The request's body, at most limit bytes (waitress has refused a longer one with 413 already)."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > limit:
+        raise bottle.HTTPError(413)
+    return environ["wsgi.input"].read(length) if length > 0 else b""
+
+
 def lookup_params(query_string):
     """(order_id, customer_email) from a raw query string: the first of each, None if not UTF-8.
 
@@ -2570,6 +3209,8 @@ HEALTH_BODY = {
         "orders": {"type": "integer"}, "rows": {"type": "integer"},
         "loaded_at": {"type": "string"}, "load_seconds": {"type": "number"},
         "max_age_hours": {"type": "number"},
+        "webhooks": {"type": "object", "description": "Per shop platform: events received, applied, rejected, the "
+                                                      "last event's time, orders answered from events."},
         "last_refused": {"type": ["object", "null"]}, "config": {"type": "string"},
     },
 }
@@ -2666,10 +3307,28 @@ def create_app(service, write_request=None):
         if snapshot is None:
             bottle.response.status = 503
             return service.unavailable()
-        status, body = answer(snapshot, order_id, email)
+        status, body = answer(snapshot, order_id, email, service.overlay)
         if status != 200:  # a response starts as 200
             bottle.response.status = status
         return body
+
+    @app.route("/webhooks/<platform>", method=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    def webhook(platform):
+        environ = bottle.request.environ
+        bottle.response.content_type = JSON
+        if platform not in service.settings.webhook_secrets:
+            raise bottle.HTTPError(404)  # exactly as any unknown address, while its secret is unset
+        if environ["REQUEST_METHOD"] != "POST":
+            raise bottle.HTTPError(405)
+        address = environ.get("REMOTE_ADDR") or "-"
+        if wait := throttle.retry_after(address):
+            raise bottle.HTTPError(429, retry_after=str(wait))
+        body = request_body(environ, WEBHOOK_MAX_BYTES)
+        status, payload = service.webhooks.receive(platform, environ, body)
+        if status == 401:
+            throttle.failed(address)
+        bottle.response.status = status
+        return payload
 
     @app.get("/healthz")
     def healthz():
@@ -2823,7 +3482,7 @@ def try_lookup(service, order_id, email):
 
     if service.snapshot is None:
         return {"status": "503 Service Unavailable", "body": service.unavailable().decode()}
-    status, body = answer(service.snapshot, order_id, email)
+    status, body = answer(service.snapshot, order_id, email, service.overlay)
     return {"status": f"{status} {HTTPStatus(status).phrase}", "body": body.decode(),
             "order_id": order_id, "email": email}
 
@@ -2864,6 +3523,14 @@ STATUS_PAGE = bottle.SimpleTemplate(PAGE_STYLE + """<!doctype html><title>Order 
 <tr><th>Last refused</th><td>{{(status["last_refused"]["file"] + ": " + status["last_refused"]["reason"]) if status["last_refused"] else "none"}}</td></tr>
 <tr><th>contexts.toml</th><td>{{status["config"]}}</td></tr>
 </table>
+% if status.get("webhooks"):
+<h2>Webhook events</h2>
+<table id="webhooks"><tr><th>shop</th><th>received</th><th>applied</th><th>rejected</th><th>last event</th><th>orders answered from events</th></tr>
+% for platform, counts in status["webhooks"].items():
+<tr><td>{{platform}}</td><td>{{counts["received"]}}</td><td>{{counts["applied"]}}</td><td>{{counts["rejected"]}}</td><td>{{counts["last_event"] or "none yet"}}</td><td>{{counts["orders_from_events"]}}</td></tr>
+% end
+</table>
+% end
 <h2>Rules: the first that matches picks the answer</h2>
 <table id="rules"><tr><th>#</th><th>when</th><th>answer</th></tr>
 % for number, when, template in rules:
@@ -2980,117 +3647,6 @@ def sanitise_path(path):
 
 
 ###############################################################################
-# Watching files ##############################################################
-###############################################################################
-
-
-class Watcher:
-    """Reloads when the export or contexts.toml changes and has stopped changing."""
-
-    def __init__(self, service):
-        self.service = service
-        self.settings = service.settings
-        self.changed = threading.Event()
-        self.stopping = threading.Event()
-        self.observer = None
-        self.thread = None
-
-    def paths(self):
-        """The folders to watch: the export's folder (or itself) and the config's."""
-        data = self.settings.data
-        folders = {data if data.is_dir() else data.parent, self.settings.contexts.parent}
-        return sorted(f for f in folders if f.is_dir())
-
-    def start(self, events=True):
-        """Start the observer (unless only polling) and the thread that debounces and reloads."""
-        if events:
-            from watchdog.observers import Observer
-
-            handler = event_handler(self)
-            self.observer = Observer()
-            for folder in self.paths():
-                self.observer.schedule(handler, str(folder), recursive=False)
-            self.observer.daemon = True
-            self.observer.start()
-        self.thread = threading.Thread(target=self.run, name="reloader", daemon=True)
-        self.thread.start()
-        return self
-
-    def stop(self):
-        """Stop watching."""
-        self.stopping.set()
-        self.changed.set()
-        if self.observer:
-            self.observer.stop()
-            self.observer.join(5)
-        if self.thread:
-            self.thread.join(5)
-
-    def relevant(self, path):
-        """Events about exports and contexts.toml matter; the state folder's do not."""
-        path = Path(path).absolute()
-        data = self.settings.data
-        if path == self.settings.contexts or path == data:
-            return True
-        return data.is_dir() and path.parent == data and is_export_name(path.name)
-
-    def run(self):
-        """Wait for a change (or poll), let the files settle, reload once."""
-        self.changed.set()  # look once at the start: a change made before watching began counts
-        while not self.stopping.is_set():
-            self.changed.wait(self.settings.poll_seconds)
-            self.changed.clear()
-            if self.stopping.is_set():
-                return
-            try:
-                # Against what the service last tried to load, not what it serves: a refused
-                # file is not read again until it changes.
-                if self.settle() != self.service.tried:
-                    self.service.reload()
-                elif self.service.copy_error and self.service.snapshot:  # the disk may have room again
-                    self.service.keep_copy(self.service.snapshot)
-            except Exception as error:  # reload() refuses what it can name; this thread must outlive the rest
-                log.error("reloading failed (%s); still serving what was loaded", type(error).__name__)
-
-    def settle(self):
-        """The files' state once size and mtime have held still for settle_seconds."""
-        current = self.service.files_state()
-        while not self.stopping.is_set():
-            time.sleep(self.settings.settle_seconds)
-            self.changed.clear()
-            again = self.service.files_state()
-            if again == current:
-                return current
-            current = again
-        return current
-
-
-def file_state(path):
-    """(path, size, mtime_ns), as the watcher compares files; the sizes are None if it is gone."""
-    try:
-        stat = path.stat()
-    except (OSError, AttributeError):  # gone, or no export at all (None)
-        return str(path), None, None
-    return str(path), stat.st_size, stat.st_mtime_ns
-
-
-def event_handler(watcher):
-    """A watchdog handler that wakes the watcher for changes to the files it serves."""
-    from watchdog.events import FileSystemEventHandler
-
-    class Handler(FileSystemEventHandler):
-        def on_any_event(self, event):
-            # Our own reads open and close the export: those events are not changes.
-            if event.is_directory or event.event_type in ("opened", "closed_no_write"):
-                return
-            paths = (event.src_path, getattr(event, "dest_path", "") or "")
-            if any(p and watcher.relevant(os.fsdecode(p)) for p in paths):
-                watcher.changed.set()
-
-    return Handler()
-
-
-###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -3121,6 +3677,9 @@ def build_parser():
     probe.add_argument("--key", required=True, help="the API key given to the chat platform")
     probe.add_argument("--order", help="an order number that exists, to check a found answer")
     probe.add_argument("--email", help="that order's email")
+    probe.add_argument("--webhook", choices=sorted(WEBHOOK_SECRETS),
+                       help="also send a signed test event to /webhooks/PLATFORM (it changes no order)")
+    probe.add_argument("--secret", help="the webhook's secret, as the shop shows it")
     return parser
 
 
@@ -3251,7 +3810,12 @@ def run_lookup(settings, args):
 
     config = load_config(settings.contexts)
     snapshot = build_snapshot(config, find_export(settings.data, settings.follow_symlinks), settings.memory_limit_mb)
-    status, body = answer(snapshot, args.order_id, args.email)
+    overlay, path = None, settings.state / "webhooks.sqlite3"
+    if settings.webhook_secrets and path.exists():  # as served: events newer than the export answer first
+        store = WebhookStore(path)
+        overlay = Overlay(snapshot).fill(store.rows(since=math.floor(snapshot.data_time)))
+        store.close()
+    status, body = answer(snapshot, args.order_id, args.email, overlay)
     print(f"{status} {HTTPStatus(status).phrase}")
     print(body.decode())
     return 0
@@ -3291,9 +3855,40 @@ def run_probe(settings, args):
                   "the keys in the service's API_KEY. The checks that need it were not run.")
             break
         print(f"{'FAIL' if problem else 'PASS'}  {what} ({seconds * 1000:.0f} ms){': ' + problem if problem else ''}")
+    if args.webhook:
+        problem, seconds = probe_webhook(base.rsplit("/lookup", 1)[0], args.webhook, args.secret or "")
+        failures += bool(problem)
+        print(f"{'FAIL' if problem else 'PASS'}  a signed {args.webhook} test event gets 200 ({seconds * 1000:.0f} ms)"
+              + (f": {problem}" if problem else ""))
     failures += report_tls(parts, answered)
     print("all checks passed: give the platform this URL and key" if not failures else f"{failures} check(s) failed")
     return 1 if failures else 0
+
+
+def probe_webhook(base, platform, secret):
+    """(problem or "", seconds) of one signed test event, of a topic that changes no order."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    if not secret:
+        raise SettingsError("give --secret with --webhook: the secret the shop shows for its webhooks.")
+    body = json.dumps({"id": 0, "test": True}).encode()
+    signature = base64.b64encode(hmac.new(secret.encode(), body, "sha256").digest()).decode()
+    signature_header, topic_header, _ = (h[5:].replace("_", "-") for h in WEBHOOK_HEADERS[platform])
+    request = urllib.request.Request(f"{base}/webhooks/{platform}", data=body, method="POST", headers={
+        "Content-Type": JSON, signature_header: signature, topic_header: "probe/test"})
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        return f"no answer ({getattr(e, 'reason', e)})", time.perf_counter() - started
+    problem = {401: "the signature was refused: check --secret against the service's webhook secret",
+               404: "not enabled on the service: set its webhook secret"}.get(status, f"got {status}")
+    return ("" if status == 200 else problem), time.perf_counter() - started
 
 
 def probe_once(url, key, wanted, shape):
@@ -3472,11 +4067,17 @@ def guarded_channel():
             self.write(body)
 
     class TimedParser(HTTPRequestParser):
-        """Remembers when a request's first byte arrived (see close_slow_requests)."""
+        """Remembers when a request's first byte arrived (see close_slow_requests); lets webhooks be larger."""
 
         def __init__(self, adj):
             super().__init__(adj)
             self.began = time.monotonic()
+
+        def parse_header(self, header_plus):
+            super().parse_header(header_plus)
+            if self.path.startswith("/webhooks/"):  # only this address takes more than 64 KB
+                self.adj = copy.copy(self.adj)
+                self.adj.max_request_body_size = WEBHOOK_MAX_BYTES + 1
 
     class GuardedChannel(HTTPChannel):
         error_task_class = JsonErrorTask

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -428,11 +429,15 @@ def load(port, seconds, connections, orders):
 # --- the run ------------------------------------------------------------------------
 
 
+WEBHOOK_SECRET = "bench-shpss-Tq7vX2mZp9LrT4wN8cB3"
+
+
 def measure_service(path, args, label):
-    """Start python app.py on path; load time, memory, and (for CSV) throughput and a reload under load."""
+    """Start python app.py on path; load time, memory, and (for CSV) throughput, a reload and webhooks under load."""
     port = free_port()
+    shutil.rmtree(OUT / "state", ignore_errors=True)  # no events or copies of an earlier run
     env = {"ORDERS_FILE": str(path), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(OUT / "state"),
-           "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text"}
+           "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text", "SHOPIFY_WEBHOOK_SECRET": WEBHOOK_SECRET}
     server = Process([sys.executable, str(ROOT / "app.py")], env, port)
     try:
         start_to_serving = server.wait_ready()
@@ -444,6 +449,7 @@ def measure_service(path, args, label):
             result["load"] = load(port, args.seconds, args.connections, args.orders)
             result["reload"] = reload_under_load(server, path, args)
             result["peak_mb"] = server.mb("VmHWM")
+            result["webhooks"] = webhooks_under_load(server, args)
         return result
     finally:
         server.stop()
@@ -475,6 +481,68 @@ def reload_under_load(server, path, args):
             "failures": result["failures"], "requests_during": len(during),
             "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99),
             "max_during_ms": during[-1] if during else float("nan")}
+
+
+def webhooks_under_load(server, args):
+    """Post signed Shopify order events as fast as 4 connections go, from a process of their own, while lookups run.
+
+    Each event is Shopify's documented orders/create sample (15 KB) as a new order. Gives
+    the events applied per second and the lookups' latency during the burst.
+    """
+    samples, lookups = [], {}
+    seconds = max(args.seconds, args.events / 150 + 4)
+    loader = threading.Thread(target=lambda: lookups.update(python_load(server.port, seconds, args.connections,
+                                                                        args.orders, samples)))
+    loader.start()
+    time.sleep(1)
+    started = time.perf_counter()
+    child = subprocess.run([sys.executable, __file__, "--post-events", str(server.port), "--events", str(args.events),
+                            "--out", str(OUT)], capture_output=True, text=True)
+    finished = time.perf_counter()
+    loader.join()
+    if child.returncode:
+        raise SystemExit(f"posting the webhook events failed:\n{child.stderr}")
+    posted = json.loads(child.stdout.splitlines()[-1])
+    during = sorted(d * 1000 for t, d in samples if started <= t <= finished)
+    return {"events": args.events, "applied": posted["applied"], "failed": args.events - posted["applied"],
+            "events_per_s": posted["applied"] / posted["seconds"], "lookup_failures": lookups["failures"],
+            "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99)}
+
+
+def post_events_child(port, events):
+    """In the child: post the events over 4 keep-alive connections; print how many were applied, and in how long."""
+    import base64
+    import hashlib
+    import hmac
+
+    sample = json.loads((ROOT / "tests" / "fixtures" / "shopify_orders_create.json").read_text())
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() + 60))  # newer than the export
+    bodies = []
+    for n in range(events):
+        sample.update(id=9_000_000 + n, name=f"#W{n}", email=f"webhook{n}@example.com", updated_at=stamp)
+        body = json.dumps(sample).encode()
+        bodies.append((body, base64.b64encode(hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).digest())))
+    outcomes, lock = Counter(), threading.Lock()
+
+    def post(share):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for body, signature in share:
+            connection.request("POST", "/webhooks/shopify", body, {
+                "Content-Type": "application/json", "X-Shopify-Topic": "orders/create",
+                "X-Shopify-Hmac-Sha256": signature, "X-Shopify-Webhook-Id": signature[:24].decode()})
+            response = connection.getresponse()
+            outcome = json.loads(response.read() or b"{}").get("outcome", str(response.status))
+            with lock:
+                outcomes[outcome] += 1
+        connection.close()
+
+    posters = [threading.Thread(target=post, args=(bodies[i::4],)) for i in range(4)]
+    started = time.perf_counter()
+    for poster in posters:
+        poster.start()
+    for poster in posters:
+        poster.join()
+    print(json.dumps({"applied": outcomes["applied"], "seconds": time.perf_counter() - started, "outcomes": outcomes}))
 
 
 def measure_bare(args, spin_us=0.0):
@@ -545,6 +613,8 @@ def checks(r):
         ("lookups vs bare app at waitress defaults", s["load"]["rps"] / r["bare_defaults"]["rps"], "x", 1.0, 1.2, ">"),
         ("failed requests during a full reload", s["reload"]["failures"], "", 0, 0, "<="),
         ("p99 lookup latency during the reload", s["reload"]["p99_during_ms"], "ms", 20, 10, "<"),
+        ("webhook events applied per second, under lookups", s["webhooks"]["events_per_s"], "/s", 200, 500, ">="),
+        ("p99 lookup latency during the webhook burst", s["webhooks"]["p99_during_ms"], "ms", 20, 10, "<"),
     ]
     ok = lambda v, limit, op: {"<=": v <= limit, "<": v < limit, ">=": v >= limit, ">": v > limit}[op]
     return [{"what": w, "value": v, "unit": u, "bar": b, "goal": g, "op": op, "bar_ok": ok(v, b, op),
@@ -576,6 +646,9 @@ def table(r):
         f"| service: lookups | | | {s['load']['rps']:,.0f} | {s['load']['p50_ms']:.1f} | {s['load']['p99_ms']:.1f} |",
         f"| service: reload under load (replace to served) | {s['reload']['replace_to_served_s']:.2f} | "
         f"{s['peak_mb']:.0f} | | {s['reload']['p50_during_ms']:.1f} | {s['reload']['p99_during_ms']:.1f} |",
+        f"| service: {s['webhooks']['events']:,} signed Shopify events, {s['webhooks']['events_per_s']:,.0f}/s applied "
+        f"({s['webhooks']['failed']} not), lookups meanwhile | | | | {s['webhooks']['p50_during_ms']:.1f} | "
+        f"{s['webhooks']['p99_during_ms']:.1f} |",
         f"| service: XLSX load | {r['service_xlsx']['load_s']:.2f} | {r['service_xlsx']['peak_after_load_mb']:.0f} | | | |",
         "",
         f"In-process, per lookup through the WSGI app (no server): bare {r['in_process']['bare_us']:.1f} µs, "
@@ -601,12 +674,14 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--seconds", type=int, default=5, help="seconds of load per measurement")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--events", type=int, default=10_000, help="signed webhook events in the burst (default 10,000)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the exports and results (default bench/out)")
     parser.add_argument("--baseline", nargs=2, metavar=("NAME", "FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--spin", type=float, default=0.0, metavar="MICROSECONDS",
                         help="also measure the bare app with this much plain Python added to each request")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--bare-defaults", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--post-events", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--in-process", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT = args.out
@@ -617,6 +692,8 @@ def main():
         return bare_child(args.bare, args.spin)
     if args.bare_defaults:
         return bare_defaults_child(args.bare_defaults)
+    if args.post_events:
+        return post_events_child(args.post_events, args.events)
     if args.in_process:
         return in_process_child(args.in_process, args.orders)
     args.xlsx_orders = args.xlsx_orders or min(args.orders, 20_000)

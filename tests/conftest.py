@@ -241,6 +241,7 @@ class Served:
         self.process.terminate()
         self.process.wait(10)
         self.reader.join(5)
+        self.process.stderr.close()
 
 
 def free_port():

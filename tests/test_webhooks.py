@@ -1,0 +1,366 @@
+"""Orders between exports: Shopify and WooCommerce webhooks, signed, stored in SQLite, answered from.
+
+The payloads start from the platforms' documented samples (tests/fixtures/shopify_orders_create.json,
+woocommerce_order.json; sources in tests/fixtures/README.md), changed the way a real order
+changes: a new number, a fulfillment with tracking, a new status. Deliveries go over HTTP to
+`python app.py`, signed as the platforms sign them.
+"""
+
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import os
+import sqlite3
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+import app
+from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, wait_for, write
+
+FIXTURES = ROOT / "tests" / "fixtures"
+SHOPIFY_SECRET = "shpss-Tq7vX2mZp9LrT4wN8cB3hY6"
+WOO_SECRET = "wc-Kd8sJ3nQ7xV2pL9mR4tB6"
+
+
+def now_iso(delta=0):
+    return (datetime.now(timezone.utc) + timedelta(seconds=delta)).isoformat(timespec="seconds")
+
+
+def shopify_order(number=5001, email="new@example.com", shipped=False, updated=None, order_id=None):
+    """Shopify's documented orders/create sample, made a fresh order (and shipped, if asked)."""
+    order = json.loads((FIXTURES / "shopify_orders_create.json").read_text())
+    order.update(id=order_id or 7000000000 + number, name=f"#{number}", order_number=number, email=email,
+                 contact_email=email, cancelled_at=None, financial_status="paid", test=False,
+                 created_at=now_iso(-3600), updated_at=updated or now_iso())
+    order["line_items"] = order["line_items"][:2]
+    if shipped:
+        order["fulfillment_status"] = "fulfilled"
+        order["fulfillments"] = [{"id": 1, "status": "success", "created_at": now_iso(), "tracking_company": "UPS",
+                                  "tracking_number": "1Z999AA10123456784", "tracking_numbers": ["1Z999AA10123456784"],
+                                  "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784",
+                                  "tracking_urls": ["https://www.ups.com/track?tracknum=1Z999AA10123456784"],
+                                  "shipment_status": "in_transit"}]
+    return order
+
+
+def woo_order(number, email, status, modified=None):
+    """WooCommerce's documented REST order (the "Retrieve an order" example), as order number."""
+    order = json.loads((FIXTURES / "woocommerce_order.json").read_text())
+    order.update(id=number, number=str(number), status=status,
+                 date_modified_gmt=(modified or now_iso())[:19])
+    order["billing"]["email"] = email
+    return order
+
+
+def sign(secret, body):
+    return base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
+
+
+def post(url, body, headers):
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def shopify(base, order, topic="orders/updated", secret=SHOPIFY_SECRET, delivery=None):
+    body = json.dumps(order).encode()
+    return post(f"{base}/webhooks/shopify", body, {
+        "Content-Type": "application/json", "X-Shopify-Topic": topic, "X-Shopify-Hmac-Sha256": sign(secret, body),
+        "X-Shopify-Shop-Domain": "shop.myshopify.com", "X-Shopify-Webhook-Id": delivery or os.urandom(8).hex()})
+
+
+def woocommerce(base, order, topic="order.updated", secret=WOO_SECRET, delivery=None):
+    body = json.dumps(order).encode()
+    return post(f"{base}/webhooks/woocommerce", body, {
+        "Content-Type": "application/json", "X-WC-Webhook-Topic": topic, "X-WC-Webhook-Signature": sign(secret, body),
+        "X-WC-Webhook-Source": "https://shop.example.com/", "X-WC-Webhook-Delivery-ID": delivery or os.urandom(8).hex()})
+
+
+def lookup(base, order_id, email):
+    from urllib.parse import urlencode
+
+    request = urllib.request.Request(f"{base}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}",
+                                     headers={"x-api-key": KEY})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def healthz(base):
+    request = urllib.request.Request(f"{base}/healthz", headers={"x-api-key": KEY})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+class Shop:
+    """python app.py with both webhook secrets, on a data folder and a state folder of its own."""
+
+    def __init__(self, tmp_path, contexts_file):
+        self.data, self.state = tmp_path / "data", tmp_path / "state"
+        if not self.data.exists():
+            write(self.data / "orders.csv", orders_csv(20))
+        self.tmp, self.port = tmp_path, free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "API_KEY": KEY, "PORT": str(self.port), "ORDERS_FILE": str(self.data),
+                    "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(self.state), "SETTLE_SECONDS": "0.1",
+                    "SHOPIFY_WEBHOOK_SECRET": f"old-secret-for-rotation,{SHOPIFY_SECRET}",
+                    "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET}
+
+    def __enter__(self):
+        self.served = Served([sys.executable, str(ROOT / "app.py")], self.env, self.tmp).__enter__()
+        self.served.wait_for("INFO serving ")
+        return self
+
+    def __exit__(self, *exc):
+        self.served.__exit__(*exc)
+
+
+@pytest.fixture
+def shop(tmp_path, contexts_file):
+    with Shop(tmp_path, contexts_file) as running:
+        yield running
+
+
+def test_a_new_order_arrives_by_a_shopify_event_and_is_found_with_its_link(shop):
+    assert lookup(shop.base, "#5001", "new@example.com")[0] == 404
+    status, body = shopify(shop.base, shopify_order(5001, shipped=True), topic="orders/fulfilled")
+    assert status == 200 and json.loads(body)["outcome"] == "applied"
+    status, body = lookup(shop.base, "5001", "New@Example.com")
+    assert status == 200
+    assert body["context"].startswith("Order #5001 was found and has shipped on ")
+    assert "with UPS (tracking number 1Z999AA10123456784)" in body["context"]
+    assert body["tracking_url"] == "https://www.ups.com/track?tracknum=1Z999AA10123456784"
+    assert "Aviator sunglasses" in body["context"]
+    assert lookup(shop.base, "5001", "other@example.com")[0] == 404  # the email must match, as for exports
+
+
+def test_a_woocommerce_event_changes_an_exported_orders_state(shop):
+    assert "has not shipped yet" in lookup(shop.base, "3", "customer3@example.com")[1]["context"]
+    status, _ = woocommerce(shop.base, woo_order(3, "customer3@example.com", "completed"))
+    assert status == 200
+    assert "was found and has shipped" in lookup(shop.base, "3", "customer3@example.com")[1]["context"]
+
+
+def test_the_woocommerce_ping_gets_200_and_stores_nothing(shop):
+    status, body = post(f"{shop.base}/webhooks/woocommerce", b"webhook_id=42",
+                        {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and json.loads(body) == {"ping": "ok"}
+    assert healthz(shop.base)[1]["webhooks"]["woocommerce"]["received"] == 0
+
+
+@pytest.mark.parametrize("signature", [None, "", "bm90IHRoZSBzaWduYXR1cmU=", "x" * 5000])
+def test_a_bad_or_missing_signature_gets_401_and_changes_nothing(shop, signature):
+    body = json.dumps(shopify_order(5002)).encode()
+    headers = {"Content-Type": "application/json", "X-Shopify-Topic": "orders/create"}
+    if signature is not None:
+        headers["X-Shopify-Hmac-Sha256"] = signature
+    status, answer = post(f"{shop.base}/webhooks/shopify", body, headers)
+    assert status == 401 and answer == b""
+    assert shopify(shop.base, shopify_order(5002), secret="a-wrong-secret-0123")[0] == 401
+    assert lookup(shop.base, "5002", "new@example.com")[0] == 404
+    counts = healthz(shop.base)[1]["webhooks"]["shopify"]
+    assert counts["rejected"] == 2 and counts["applied"] == 0
+    assert "new@example.com" not in shop.served.output and "Aviator" not in shop.served.output  # never the body
+
+
+def test_a_replayed_delivery_is_applied_once(shop):
+    first = shopify(shop.base, shopify_order(5003), delivery="b54557e4-bdd9-4b37-8a5f-bf7d70bcd043")
+    again = shopify(shop.base, shopify_order(5003, updated=now_iso(5)), delivery="b54557e4-bdd9-4b37-8a5f-bf7d70bcd043")
+    assert json.loads(first[1])["outcome"] == "applied" and json.loads(again[1])["outcome"] == "replayed"
+    assert healthz(shop.base)[1]["webhooks"]["shopify"]["applied"] == 1
+
+
+def test_an_older_change_arriving_late_does_not_undo_a_newer_one(shop):
+    shopify(shop.base, shopify_order(5004, shipped=True, updated=now_iso(120)))
+    late = shopify(shop.base, shopify_order(5004, shipped=False, updated=now_iso(60)))  # retried hours later
+    assert json.loads(late[1])["outcome"] == "stale"
+    assert "has shipped" in lookup(shop.base, "5004", "new@example.com")[1]["context"]
+
+
+def test_events_survive_a_restart(tmp_path, contexts_file):
+    with Shop(tmp_path, contexts_file) as running:
+        shopify(running.base, shopify_order(5005, shipped=True))
+        woocommerce(running.base, woo_order(4, "customer4@example.com", "on-hold"))
+    with Shop(tmp_path, contexts_file) as restarted:
+        assert lookup(restarted.base, "5005", "new@example.com")[0] == 200
+        assert "on hold" in lookup(restarted.base, "4", "customer4@example.com")[1]["context"]
+        orders = healthz(restarted.base)[1]["webhooks"]
+        assert orders["shopify"]["orders_from_events"] == 1 and orders["woocommerce"]["orders_from_events"] == 1
+
+
+def test_a_later_export_supersedes_the_events(shop):
+    woocommerce(shop.base, woo_order(5, "customer5@example.com", "completed"))
+    assert "has shipped" in lookup(shop.base, "5", "customer5@example.com")[1]["context"]
+    time.sleep(1.1)  # the next export is written after the event
+    temp = write(shop.data / ".next.csv", orders_csv(20, status="partial"))
+    os.replace(temp, shop.data / "orders.csv")
+    wait_for(lambda: "Part of it has shipped" in lookup(shop.base, "5", "customer5@example.com")[1]["context"],
+             what="the export's newer state")
+    assert healthz(shop.base)[1]["webhooks"]["woocommerce"]["orders_from_events"] == 0
+
+
+def test_a_deleted_order_is_no_longer_found(shop):
+    shopify(shop.base, shopify_order(5006, order_id=123456789))
+    assert lookup(shop.base, "5006", "new@example.com")[0] == 200
+    status, body = shopify(shop.base, {"id": 123456789}, topic="orders/delete")
+    assert status == 200 and json.loads(body)["outcome"] == "applied"
+    assert lookup(shop.base, "5006", "new@example.com")[0] == 404
+
+
+def test_a_corrupt_store_does_not_stop_the_service(tmp_path, contexts_file):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "webhooks.sqlite3").write_bytes(b"SQLite format 3\x00" + os.urandom(4000))
+    with Shop(tmp_path, contexts_file) as running:
+        assert lookup(running.base, "1", "customer1@example.com")[0] == 200
+        status, body = healthz(running.base)
+        assert status == 503 and any("could not be read" in r and "moved aside" in r for r in body["reasons"])
+        assert shopify(running.base, shopify_order(5007))[0] == 200  # a new store took its place
+        assert lookup(running.base, "5007", "new@example.com")[0] == 200
+    assert list((tmp_path / "state").glob("webhooks.sqlite3.unreadable-*"))
+
+
+def test_an_unset_secret_makes_its_address_unknown(tmp_path, contexts_file):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
+    client = Client(app.create_app(started(make_settings(export.parent, contexts_file))))
+    for method in ("POST", "GET"):
+        for path in ("/webhooks/shopify", "/webhooks/woocommerce", "/nothing-here"):
+            r = client.request(method, path, headers={"x-api-key": KEY})
+            assert r.status == 404 and r.body == client.request("GET", "/nothing-here").body
+
+
+@pytest.mark.parametrize("body, topic, status", [
+    (b"{not json", "orders/create", 400),
+    (b"[1, 2, 3]", "orders/create", 400),
+    (b'{"name": "#1"}', "orders/create", 400),  # no id: not an order
+    (json.dumps({"id": 1, "name": "#77", "email": ""}).encode(), "orders/create", 200),  # no email: stored nothing
+    (b'{"id": 1}', "products/update", 200),  # another topic: ignored
+])
+def test_signed_bodies_that_are_not_orders_get_a_json_answer(tmp_path, contexts_file, body, topic, status):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
+    settings = make_settings(export.parent, contexts_file, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
+                             STATE_DIR=str(tmp_path / "state"))
+    client = Client(app.create_app(started(settings)))
+    r = raw_post(client, "/webhooks/shopify", body, {"x-shopify-topic": topic,
+                                                     "x-shopify-hmac-sha256": sign(SHOPIFY_SECRET, body)})
+    assert r.status == status and r.headers["Content-Type"] == "application/json"
+    json.loads(r.body)
+
+
+def raw_post(client, path, body, headers):
+    """A POST through the in-process client, with a body."""
+    import io
+    from wsgiref.util import setup_testing_defaults
+
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "", "wsgi.input": io.BytesIO(body),
+               "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1"}
+    setup_testing_defaults(environ)
+    for name, value in headers.items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    seen = {}
+    answer = b"".join(client.wsgi(environ, lambda status, headers, exc_info=None: seen.update(
+        status=int(status.split()[0]), headers=dict(headers))))
+    from conftest import Response
+
+    return Response(seen["status"], seen["headers"], answer)
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    export = write(root / "data" / "orders.csv", orders_csv(3))
+    contexts = write(root / "contexts.toml", (ROOT / "contexts.toml").read_text())
+    settings = make_settings(export.parent, contexts, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
+                             WOOCOMMERCE_WEBHOOK_SECRET=WOO_SECRET, STATE_DIR=str(root / "state"))
+    return Client(app.create_app(started(settings)))
+
+
+PAYLOADS = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+                        lambda children: st.lists(children, max_size=4) | st.dictionaries(
+                            st.sampled_from(["id", "name", "email", "number", "status", "billing", "line_items",
+                                             "fulfillments", "meta_data", "customer", "updated_at", "quantity",
+                                             "tracking_numbers", "key", "value", "date_modified_gmt", "x"]),
+                            children, max_size=6), max_leaves=25)
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(payload=PAYLOADS, platform=st.sampled_from(["shopify", "woocommerce"]),
+       topic=st.sampled_from(["orders/create", "orders/delete", "order.updated", "order.deleted", "x"]))
+def test_no_signed_body_ever_gets_a_500(fuzz_client, payload, platform, topic):
+    body = json.dumps(payload, allow_nan=True).encode()
+    secret, prefix = (SHOPIFY_SECRET, "x-shopify") if platform == "shopify" else (WOO_SECRET, "x-wc-webhook")
+    headers = {f"{prefix}-topic": topic, (f"{prefix}-hmac-sha256" if platform == "shopify" else f"{prefix}-signature"):
+               sign(secret, body)}
+    r = raw_post(fuzz_client, f"/webhooks/{platform}", body, headers)
+    assert r.status in (200, 400) and r.headers["Content-Type"] == "application/json"
+
+
+def test_a_body_over_2_mb_gets_413(shop):
+    body = b'{"id": 1, "note": "' + b"x" * (3 << 20) + b'"}'
+    status, answer = post(f"{shop.base}/webhooks/shopify", body, {
+        "Content-Type": "application/json", "X-Shopify-Topic": "orders/create",
+        "X-Shopify-Hmac-Sha256": sign(SHOPIFY_SECRET, body)})
+    assert status == 413 and b"Request Entity Too Large" in answer
+
+
+def test_an_event_brings_the_records_time_forward(tmp_path, contexts_file):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(20))
+    hours_ago = time.time() - 3 * 3600
+    os.utime(export, (hours_ago, hours_ago))
+    with Shop(tmp_path, contexts_file) as running:
+        before = lookup(running.base, "#9999", "nobody@example.com")[1]["context"]
+        assert app.local_time(hours_ago, timezone.utc) in before
+        shopify(running.base, shopify_order(5008))
+        after = lookup(running.base, "#9999", "nobody@example.com")[1]["context"]
+        assert app.local_time(hours_ago, timezone.utc) not in after
+        assert "The records were last brought up to date on " + app.local_time(time.time(), timezone.utc)[:12] in after
+
+
+def test_the_store_keeps_no_address_phone_or_payment(shop):
+    shopify(shop.base, shopify_order(5009))
+    with sqlite3.connect(shop.state / "webhooks.sqlite3") as db:
+        stored = " ".join(row[0] for row in db.execute("SELECT fields FROM orders"))
+    order = shopify_order(5009)
+    for private in (order["billing_address"]["address1"], order["shipping_address"]["phone"] or "555",
+                    order["browser_ip"] or "216.191.105.146", "gateway"):
+        assert private not in stored
+
+
+def test_probe_sends_a_signed_test_event(shop, capsys):
+    code = app.main(["probe", f"{shop.base}/lookup", "--key", KEY, "--webhook", "shopify", "--secret", SHOPIFY_SECRET])
+    out = capsys.readouterr().out
+    assert code == 0 and "PASS  a signed shopify test event gets 200" in out
+    code = app.main(["probe", f"{shop.base}/lookup", "--key", KEY, "--webhook", "woocommerce", "--secret", "wrong-one"])
+    assert code == 1 and "the signature was refused" in capsys.readouterr().out
+    assert healthz(shop.base)[1]["webhooks"]["shopify"]["applied"] == 0  # the test event changed no order
+
+
+def test_the_status_page_and_lookup_command_show_the_events(shop, capsys):
+    shopify(shop.base, shopify_order(5010, shipped=True))
+    import base64 as b64
+    request = urllib.request.Request(f"{shop.base}/", headers={
+        "Authorization": "Basic " + b64.b64encode(f"x:{KEY}".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        page = response.read().decode()
+    assert '<table id="webhooks">' in page and "<td>shopify</td><td>1</td><td>1</td><td>0</td>" in page
+    os.environ.update(STATE_DIR=str(shop.state), SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET)
+    try:
+        assert app.main(["lookup", "#5010", "new@example.com", "--data", str(shop.data)]) == 0
+    finally:
+        del os.environ["STATE_DIR"], os.environ["SHOPIFY_WEBHOOK_SECRET"]
+    assert capsys.readouterr().out.startswith("200 OK\n{\"context\": \"Order #5010 was found and has shipped")
