@@ -17,6 +17,7 @@ import atexit
 import copy
 import csv
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
@@ -30,13 +31,15 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from array import array
 from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
-from functools import lru_cache
 from datetime import date, datetime, timezone
+from functools import lru_cache
 from itertools import chain, groupby, islice, starmap, zip_longest
 from json.encoder import encode_basestring
 from operator import itemgetter
@@ -145,6 +148,10 @@ class Settings:
     request_seconds: float = 10.0
     webhook_secrets: dict = None  # platform -> secrets (several, for rotation); a platform without is 404
     webhook_max_orders: int = 100_000
+    orders_url: str = ""  # fetched into the data folder every fetch_seconds
+    fetch_seconds: float = 900.0
+    max_export_mb: float = 1024.0  # the largest export fetched or uploaded
+    upload_keys: tuple = ()  # x-upload-key for PUT /export; none: 404
 
     @property
     def state(self):
@@ -224,7 +231,31 @@ def settings_from(options=None, env=None):
         webhook_secrets={platform: parse_keys(env.get(name)) for platform, name in WEBHOOK_SECRETS.items()
                          if parse_keys(env.get(name))},
         webhook_max_orders=env_number(env, "WEBHOOK_MAX_ORDERS", 100_000, most=10_000_000),
+        orders_url=check_orders_url(env.get("ORDERS_URL", "").strip()),
+        fetch_seconds=env_number(env, "FETCH_SECONDS", 900.0, most=7 * 86400),
+        max_export_mb=env_number(env, "MAX_EXPORT_MB", 1024.0, most=100_000),
+        upload_keys=parse_keys(env.get("UPLOAD_KEY")),
     )
+
+
+def check_orders_url(url):
+    """ORDERS_URL: https, or plain http to this machine only; a SettingsError that never shows the URL's secret parts."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise SettingsError(f"ORDERS_URL ({shown_url(url)}) is not an https:// URL. Give the export's link, e.g. a "
+                            "Google Sheets 'Publish to web' CSV link.")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise SettingsError(f"ORDERS_URL ({shown_url(url)}) is plain http://: the export and any token in the link "
+                            "would cross the internet readable. Use its https:// link.")
+    return url
+
+
+def shown_url(url):
+    """A URL as logs and pages show it: scheme and host only. The path and query often carry its token."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}/…" if parts.scheme else "(not a URL)"
 
 
 WEBHOOK_SECRETS = {"shopify": "SHOPIFY_WEBHOOK_SECRET", "woocommerce": "WOOCOMMERCE_WEBHOOK_SECRET"}
@@ -896,6 +927,9 @@ def open_csv(path, encoding=None):
         head = f.read(4096)
     if b"\0" in head:
         export_error(path, "is a binary file, not a CSV. Export the orders as CSV or XLSX.")
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<!doctype html", b"<html")):
+        export_error(path, "is a web page (HTML), not an export: a shared link that needs signing in, or a "
+                           "preview page? Use the link that downloads the file itself.")
     encoding = encoding or ("utf-8-sig" if head.startswith(b"\xef\xbb\xbf") else "utf-8")
     with open(path, newline="", encoding=encoding, buffering=READ_BUFFER) as f, utf8_or_retry(encoding):
         # Read 1 MB at a time, not 8 KB: each read releases the GIL for a moment, and when
@@ -2561,6 +2595,8 @@ class Service:
         self.overlay = None  # orders from webhook events, newer than the export
         self.events_lock = threading.Lock()  # an event is stored and put into the overlay as one step
         self.webhooks = Webhooks(self) if settings.webhook_secrets else None
+        self.fetcher = Fetcher(self) if settings.orders_url else None
+        self.uploading = threading.Lock()  # one upload checked at a time
 
     def files_state(self):
         """The config and the export a load would read now, with sizes and times."""
@@ -2649,6 +2685,26 @@ class Service:
                 return False
             self.install(snapshot)
             return True
+
+    def accept(self, path):
+        """Load an uploaded file as a reload would: on success it is renamed into the data folder and served.
+
+        Returns (snapshot, its file); raises UserError (the data served unchanged) otherwise.
+        """
+        data = self.settings.data
+        target = data / f"uploaded{path.suffix}" if data.is_dir() else data
+        with self._lock, yielding():
+            snapshot = build_snapshot(load_config(self.settings.contexts), path, self.settings.memory_limit_mb)
+            self.guard(snapshot)
+            os.replace(path, target)
+            for other in data.glob("uploaded.*") if data.is_dir() else ():
+                if other != target:
+                    with suppress(OSError):
+                        other.unlink()
+            snapshot = replace(snapshot, source=target)
+            self.tried = self.files_state()  # the watcher will find nothing new to load
+            self.install(snapshot)
+        return snapshot, target
 
     def guard(self, snapshot):
         """Refuse an export with no orders, or far fewer than the one being served."""
@@ -2804,6 +2860,10 @@ class Service:
             reasons.append("the last contexts.toml edit was refused")
         if self.copy_error:
             reasons.append(self.copy_error)
+        fetcher = self.fetcher
+        if fetcher and fetcher.failing_since and now - fetcher.failing_since > snapshot.config.max_age_hours * 3600:
+            reasons.append(f"fetching the export has failed for more than {snapshot.config.max_age_hours:g} hours: "
+                           f"{fetcher.last_error}")
         if self.store_error:
             reasons.append(self.store_error)
         elif self.store and self.store.moved_aside:
@@ -2827,6 +2887,8 @@ class Service:
         out["config"] = "ok" if not self.config_error else self.config_error
         if self.webhooks:
             out["webhooks"] = self.webhooks.status()
+        if self.fetcher:
+            out["fetch"] = self.fetcher.status()
         return out
 
 
@@ -2972,6 +3034,259 @@ def event_handler(watcher):
                 watcher.changed.set()
 
     return Handler()
+
+
+###############################################################################
+# Sources: fetching the export from a URL #####################################
+###############################################################################
+
+FETCH_TIMEOUT = 30  # seconds to connect, and at most between two reads of the body
+FETCH_RETRY = (30, 60, 120, 300, 600)  # seconds before the next try after 1, 2, 3... failures; then FETCH_SECONDS
+FETCH_REDIRECTS = 5  # Dropbox and Google send one or two
+
+
+class FetchError(UserError):
+    """A fetch of ORDERS_URL failed; the message never holds the URL's path or query."""
+
+
+class Fetcher:
+    """Fetches ORDERS_URL into the data folder at start and every FETCH_SECONDS.
+
+    The body streams to a hidden file, renamed into place when whole: then the watcher
+    and every guard decide, as for a file dropped in. Requests are conditional (ETag,
+    Last-Modified), so an unchanged export costs a 304. A failure keeps what is served,
+    is logged in one line without the URL's secret parts, and is tried again sooner.
+    """
+
+    def __init__(self, service):
+        self.service, self.settings = service, service.settings
+        self.folder = service.settings.data
+        self.memo = service.settings.state / "fetch.json"  # the validators of the last body fetched
+        self.outcomes = Counter()  # fetched, not_modified, failed
+        self.last_success = self.last_attempt = self.failing_since = None
+        self.last_error, self.failures = None, 0
+        self.stopping = threading.Event()
+        self.thread = None
+
+    def start(self):
+        """Fetch in a thread of its own, from now on; returns self."""
+        self.thread = threading.Thread(target=self.run, name="fetcher", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        """Stop fetching."""
+        self.stopping.set()
+        if self.thread:
+            self.thread.join(5)
+
+    def run(self):
+        """Wait, fetch, wait again: every FETCH_SECONDS, sooner after a failure (`serve` fetched once at start)."""
+        while not self.stopping.wait(self.settings.fetch_seconds if not self.failures else min(
+                FETCH_RETRY[min(self.failures, len(FETCH_RETRY)) - 1], self.settings.fetch_seconds)):
+            self.fetch()
+
+    def fetch(self):
+        """One fetch; True when the export was fetched or had not changed."""
+        self.last_attempt = time.time()
+        try:
+            outcome = self.download()
+        except FetchError as error:
+            self.outcomes["failed"] += 1
+            self.failures += 1
+            self.failing_since = self.failing_since or self.last_attempt
+            self.last_error = str(error)
+            log.error("fetching %s failed (%d in a row), still serving what was loaded: %s",
+                      shown_url(self.settings.orders_url), self.failures, error)
+            return False
+        self.outcomes[outcome] += 1
+        self.failures, self.failing_since, self.last_error, self.last_success = 0, None, None, time.time()
+        return True
+
+    def download(self):
+        """Fetch the URL: "fetched" (a new body renamed into the folder) or "not_modified"; else FetchError."""
+        memo = self.validators()
+        headers = {"User-Agent": f"order-lookup/{__version__}"}
+        if memo.get("etag"):
+            headers["If-None-Match"] = memo["etag"]
+        if memo.get("last_modified"):
+            headers["If-Modified-Since"] = memo["last_modified"]
+        opener = urllib.request.build_opener(SafeRedirects)
+        host = urlsplit(self.settings.orders_url).hostname
+        try:
+            with opener.open(urllib.request.Request(self.settings.orders_url, headers=headers),
+                             timeout=FETCH_TIMEOUT) as response:
+                return self.save(response)
+        except urllib.error.HTTPError as e:
+            if e.code == 304:
+                return "not_modified"
+            if 300 <= e.code < 400:
+                raise FetchError(f"the link redirected more than {FETCH_REDIRECTS} times, or in a loop.") from None
+            raise FetchError(f"the server answered {e.code} {printable(e.reason)[:60]}.") from None
+        except urllib.error.URLError as e:
+            raise FetchError(f"could not reach {host}: {printable(getattr(e, 'reason', e))[:120]}.") from None
+        except (TimeoutError, OSError, http.client.HTTPException) as e:
+            raise FetchError(f"the download from {host} broke off ({type(e).__name__}).") from None
+
+    def save(self, response):
+        """Stream the body into a hidden file, check its size and kind, rename it into the data folder."""
+        limit = int(self.settings.max_export_mb * 1e6)
+        if int(response.headers.get("Content-Length") or 0) > limit:
+            raise FetchError(f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB).")
+        if "html" in (response.headers.get_content_type() or ""):
+            raise FetchError("the link answered with a web page, not an export: a shared link that needs "
+                             "signing in, or that points to a preview? Use its direct download link.")
+        first = response.read(READ_BUFFER)
+        suffix = ".xlsx" if first.startswith(b"PK\x03\x04") else ".csv"
+        hidden, target = self.folder / f".fetching{suffix}", self.folder / f"fetched{suffix}"
+        size = 0
+        try:
+            with open(hidden, "wb") as out:
+                chunk = first
+                while chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        raise FetchError(f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB); "
+                                         "the download was stopped.")
+                    out.write(chunk)
+                    chunk = response.read(READ_BUFFER)
+            declared = int(response.headers.get("Content-Length") or 0)
+            if declared and size < declared:  # http.client ends a cut body quietly
+                raise FetchError(f"the download broke off after {size:,} of {declared:,} bytes.")
+            stamp = http_time(response.headers.get("Last-Modified"))
+            if stamp:  # the export's own age, so /healthz and {records_updated} stay honest
+                os.utime(hidden, (stamp, stamp))
+            os.replace(hidden, target)
+        except BaseException:
+            with suppress(OSError):
+                hidden.unlink()
+            raise
+        for other in self.folder.glob("fetched.*"):
+            if other != target:  # the other kind, from an earlier fetch
+                with suppress(OSError):
+                    other.unlink()
+        self.remember(response.headers.get("ETag"), response.headers.get("Last-Modified"))
+        log.info("fetched %s: %d bytes into %s", shown_url(self.settings.orders_url), size, target.name)
+        return "fetched"
+
+    def validators(self):
+        """The ETag and Last-Modified of the body fetched last, while its file is still there."""
+        if not list(self.folder.glob("fetched.*")):
+            return {}
+        try:
+            return json.loads(self.memo.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def remember(self, etag, last_modified):
+        """Keep the validators of a fetched body, for the next conditional request (also after a restart)."""
+        with suppress(OSError):
+            self.memo.parent.mkdir(parents=True, exist_ok=True)
+            self.memo.write_text(json.dumps({"etag": etag, "last_modified": last_modified}))
+
+    def status(self):
+        """For /healthz with the key: where from (host only), the last success, the last error."""
+        return {"source": shown_url(self.settings.orders_url), "every_seconds": self.settings.fetch_seconds,
+                "last_success": iso_time(self.last_success) if self.last_success else None,
+                "last_attempt": iso_time(self.last_attempt) if self.last_attempt else None,
+                "last_error": self.last_error, "failures_in_a_row": self.failures,
+                "failing_since": iso_time(self.failing_since) if self.failing_since else None,
+                "outcomes": dict(self.outcomes)}
+
+
+def http_time(text):
+    """A Last-Modified header as a timestamp, or None (also for one in the future)."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        stamp = parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return stamp if stamp <= time.time() + FUTURE_SLACK else None
+
+
+class SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows at most FETCH_REDIRECTS redirects, and never from https to plain http."""
+
+    max_redirections = FETCH_REDIRECTS
+
+    def redirect_request(self, request, fp, code, message, headers, new_url):
+        old, new = urlsplit(request.full_url), urlsplit(new_url)
+        if old.scheme == "https" and new.scheme != "https" and not is_loopback(new.hostname or ""):
+            raise FetchError(f"the link redirected from https to plain http ({new.hostname}); refused.")
+        return super().redirect_request(request, fp, code, message, headers, new_url)
+
+
+###############################################################################
+# Sources: uploads (PUT /export) ##############################################
+###############################################################################
+
+
+class UploadRefused(UserError):
+    """An upload is refused before it is checked (busy, too large); the message is what the sender reads."""
+
+
+def receive_upload(service, environ):
+    """(HTTP status, JSON body) for an uploaded export: streamed aside, checked as `check` does, then served.
+
+    The data being served changes only when the upload passes every guard; a second
+    upload while one is being checked gets 409.
+    """
+    if not service.uploading.acquire(blocking=False):
+        return 409, json.dumps({"accepted": False, "reason": "Another upload is being checked; send it again "
+                                                             "in a minute."}).encode()
+    hidden = None
+    try:
+        folder = service.settings.data if service.settings.data.is_dir() else service.settings.data.parent
+        hidden, size = upload_body(environ, folder, int(service.settings.max_export_mb * 1e6))
+        snapshot, target = service.accept(hidden)
+        hidden = None  # renamed into place
+        surveyed = survey(snapshot)
+        log.info("upload: %d bytes: accepted as %s (%d orders)", size, target.name, snapshot.orders)
+        return 200, json.dumps({
+            "accepted": True, "file": target.name, "layout": snapshot.layout, "orders": snapshot.orders,
+            "rows": snapshot.rows, "answers": dict(surveyed.answers.most_common()),
+            "warnings": list(check_warnings(snapshot, surveyed))}).encode()
+    except UploadRefused as error:
+        log.warning("upload refused: %s", error)
+        return 413, json.dumps({"accepted": False, "reason": str(error)}).encode()
+    except UserError as error:
+        log.warning("upload refused, still serving %s: %s", shown_name(service.snapshot.source)
+                    if service.snapshot else "nothing", error)
+        return 422, json.dumps({"accepted": False, "reason": str(error)}).encode()
+    finally:
+        if hidden:
+            with suppress(OSError):
+                hidden.unlink()
+        service.uploading.release()
+
+
+def upload_body(environ, folder, limit):
+    """(hidden file, bytes) holding the upload: the raw body, or the first file of a multipart form."""
+    source, length = environ["wsgi.input"], int(environ.get("CONTENT_LENGTH") or 0)
+    if length > limit:
+        raise UploadRefused(f"the upload is larger than MAX_EXPORT_MB ({limit / 1e6:g} MB).")
+    if environ.get("CONTENT_TYPE", "").startswith("multipart/form-data"):
+        files = bottle.request.files  # bottle spools a large part to a temporary file
+        upload = next(iter(files.values()), None)
+        if upload is None:
+            raise ExportError("the form holds no file: send the export as the body, or as a form's file field.")
+        source, length = upload.file, limit + 1
+    hidden = folder / f".uploading-{os.getpid()}-{threading.get_ident()}"
+    size = 0
+    with open(hidden, "wb") as out:
+        while chunk := source.read(min(READ_BUFFER, max(length - size, 0))):
+            size += len(chunk)
+            if size > limit:
+                out.close()
+                hidden.unlink()
+                raise UploadRefused(f"the upload is larger than MAX_EXPORT_MB ({limit / 1e6:g} MB).")
+            out.write(chunk)
+    with open(hidden, "rb") as f:
+        kind = ".xlsx" if f.read(4) == b"PK\x03\x04" else ".csv"
+    named = hidden.with_name(hidden.name + kind)
+    os.replace(hidden, named)
+    return named, size
 
 
 ###############################################################################
@@ -3329,6 +3644,26 @@ def create_app(service, write_request=None):
             throttle.failed(address)
         bottle.response.status = status
         return payload
+
+    upload_keys = tuple(key.encode("utf-8") for key in service.settings.upload_keys)
+
+    @app.route("/export", method=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    def export_upload():
+        environ = bottle.request.environ
+        bottle.response.content_type = JSON
+        if not upload_keys:
+            raise bottle.HTTPError(404)  # exactly as any unknown address, while UPLOAD_KEY is unset
+        if environ["REQUEST_METHOD"] not in ("PUT", "POST"):
+            raise bottle.HTTPError(405)
+        address = environ.get("REMOTE_ADDR") or "-"
+        if wait := throttle.retry_after(address):
+            raise bottle.HTTPError(429, retry_after=str(wait))
+        if not key_ok(upload_keys, environ.get("HTTP_X_UPLOAD_KEY")):  # the chat platform's key changes no data
+            throttle.failed(address)
+            raise bottle.HTTPResponse(b"", 401, content_type=JSON)
+        status, body = receive_upload(service, environ)
+        bottle.response.status = status
+        return body
 
     @app.get("/healthz")
     def healthz():
@@ -3868,8 +4203,6 @@ def run_probe(settings, args):
 def probe_webhook(base, platform, secret):
     """(problem or "", seconds) of one signed test event, of a topic that changes no order."""
     import base64
-    import urllib.error
-    import urllib.request
 
     if not secret:
         raise SettingsError("give --secret with --webhook: the secret the shop shows for its webhooks.")
@@ -3894,8 +4227,6 @@ def probe_webhook(base, platform, secret):
 def probe_once(url, key, wanted, shape):
     """(problem or "", seconds) for one GET: status, JSON content type, body shape, time."""
     import ssl
-    import urllib.error
-    import urllib.request
 
     request = urllib.request.Request(url, headers={"x-api-key": key} if key else {})
     started = time.perf_counter()
@@ -3959,6 +4290,9 @@ def run_serve(settings, args):
     # and a load in progress unmarked (it did not kill the service), also during the first load.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     service = Service(settings)
+    if service.fetcher:
+        prepare_fetching(settings)
+        service.fetcher.fetch()  # at start, so that a fresh export is what the first load reads
     service.start()
     if settings.api_keys:
         key_status = f"{len(settings.api_keys)} key(s) from API_KEY"
@@ -3970,6 +4304,7 @@ def run_serve(settings, args):
         key_status = "generated for this run"
     server = make_server(create_app(service, request_writer()), settings)
     watcher = Watcher(service).start()
+    fetcher = service.fetcher.start() if service.fetcher else None
     log.info("serving %s on http://%s:%s/lookup (key: %s)", printable(service.snapshot.source),
              settings.host, listen_port(server), key_status)
     if not is_loopback(settings.host) and not settings.trusted_proxy:
@@ -3980,9 +4315,23 @@ def run_serve(settings, args):
         server.run()
     finally:
         watcher.stop()
+        if fetcher:
+            fetcher.stop()
         server.close()
         service.stopped()
     return 0
+
+
+def prepare_fetching(settings):
+    """ORDERS_URL fetches into the data folder: it must be a folder; other exports in it would compete."""
+    if not settings.data.is_dir():
+        raise SettingsError(f"ORDERS_URL is set, so ORDERS_FILE ({printable(settings.data)}) must be a folder for the "
+                            "fetched export, e.g. /srv/orders/data.")
+    others = [p.name for p in settings.data.iterdir() if is_export_name(p.name) and not p.name.startswith("fetched.")]
+    if others:
+        log.warning("ORDERS_URL is set, and %s also holds %s: the newest file is served, which may not be the "
+                    "fetched one. Keep the fetched export in a folder of its own.", printable(settings.data),
+                    ", ".join(map(printable, others[:3])))
 
 
 def check_keys(settings):
@@ -4038,7 +4387,7 @@ def make_server(app, settings, **overrides):
     # A host with several addresses (localhost: ::1 and 127.0.0.1) makes one server per address.
     listening = [server] if hasattr(server, "maintenance") else [s for s in server.map.values()
                                                                    if hasattr(s, "maintenance")]
-    channel = guarded_channel()
+    channel = guarded_channel(settings)
     for each in listening:
         each.channel_class = channel
         close_slow_requests(each, settings.request_seconds)
@@ -4050,8 +4399,14 @@ def listen_port(server):
     return getattr(server, "effective_port", None) or server.effective_listen[0][1]
 
 
-def guarded_channel():
-    """Waitress's channel, timing each request's arrival and answering what it rejects itself in JSON."""
+def guarded_channel(settings):
+    """Waitress's channel, timing each request's arrival and answering what it rejects itself in JSON.
+
+    Bodies are limited to 64 KB, but for webhooks (2 MB) and an upload that carries the
+    upload key (MAX_EXPORT_MB, and all the time it needs to arrive): an unknown client
+    cannot make the server take in a large body.
+    """
+    upload_keys = tuple(key.encode("utf-8") for key in settings.upload_keys)
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
     from waitress.task import ErrorTask
@@ -4067,7 +4422,9 @@ def guarded_channel():
             self.write(body)
 
     class TimedParser(HTTPRequestParser):
-        """Remembers when a request's first byte arrived (see close_slow_requests); lets webhooks be larger."""
+        """Remembers when a request's first byte arrived (see close_slow_requests); lets webhooks and uploads be larger."""
+
+        patient = False  # an upload with the right key: no deadline for its body to arrive
 
         def __init__(self, adj):
             super().__init__(adj)
@@ -4075,9 +4432,14 @@ def guarded_channel():
 
         def parse_header(self, header_plus):
             super().parse_header(header_plus)
-            if self.path.startswith("/webhooks/"):  # only this address takes more than 64 KB
+            limit = None
+            if self.path.startswith("/webhooks/"):
+                limit = WEBHOOK_MAX_BYTES + 1
+            elif self.path == "/export" and key_ok(upload_keys, self.headers.get("X_UPLOAD_KEY", "")):
+                limit, self.patient = int(settings.max_export_mb * 1e6) + 1, True
+            if limit:
                 self.adj = copy.copy(self.adj)
-                self.adj.max_request_body_size = WEBHOOK_MAX_BYTES + 1
+                self.adj.max_request_body_size = limit
 
     class GuardedChannel(HTTPChannel):
         error_task_class = JsonErrorTask
@@ -4100,7 +4462,8 @@ def close_slow_requests(server, seconds):
         cutoff = time.monotonic() - seconds
         for channel in list(server.active_channels.values()):
             request = channel.request
-            if request is not None and not request.completed and getattr(request, "began", cutoff) < cutoff:
+            if request is not None and not request.completed and getattr(request, "began", cutoff) < cutoff \
+                    and not getattr(request, "patient", False):
                 channel.will_close = True
 
     server.maintenance = maintenance

@@ -430,6 +430,7 @@ def load(port, seconds, connections, orders):
 
 
 WEBHOOK_SECRET = "bench-shpss-Tq7vX2mZp9LrT4wN8cB3"
+UPLOAD_KEY = "bench-upl-Wq4zV8nX2rT6mK9pL3sB"
 
 
 def measure_service(path, args, label):
@@ -437,7 +438,8 @@ def measure_service(path, args, label):
     port = free_port()
     shutil.rmtree(OUT / "state", ignore_errors=True)  # no events or copies of an earlier run
     env = {"ORDERS_FILE": str(path), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(OUT / "state"),
-           "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text", "SHOPIFY_WEBHOOK_SECRET": WEBHOOK_SECRET}
+           "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text", "SHOPIFY_WEBHOOK_SECRET": WEBHOOK_SECRET,
+           "UPLOAD_KEY": UPLOAD_KEY}
     server = Process([sys.executable, str(ROOT / "app.py")], env, port)
     try:
         start_to_serving = server.wait_ready()
@@ -450,6 +452,7 @@ def measure_service(path, args, label):
             result["reload"] = reload_under_load(server, path, args)
             result["peak_mb"] = server.mb("VmHWM")
             result["webhooks"] = webhooks_under_load(server, args)
+            result["upload"] = upload_under_load(server, path, args)
         return result
     finally:
         server.stop()
@@ -506,6 +509,31 @@ def webhooks_under_load(server, args):
     during = sorted(d * 1000 for t, d in samples if started <= t <= finished)
     return {"events": args.events, "applied": posted["applied"], "failed": args.events - posted["applied"],
             "events_per_s": posted["applied"] / posted["seconds"], "lookup_failures": lookups["failures"],
+            "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99)}
+
+
+def upload_under_load(server, path, args):
+    """PUT the whole export to /export while lookups run: how long until it is checked and served, and the
+    lookups' latency meanwhile."""
+    samples, lookups = [], {}
+    seconds = max(args.seconds, 6 + args.orders / 40_000)
+    loader = threading.Thread(target=lambda: lookups.update(python_load(server.port, seconds, args.connections,
+                                                                        args.orders, samples)))
+    loader.start()
+    time.sleep(1)
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+    with open(path, "rb") as body:
+        connection.request("PUT", "/export", body, {"x-upload-key": UPLOAD_KEY, "Content-Type": "text/csv",
+                                                    "Content-Length": str(path.stat().st_size)})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+    finished = time.perf_counter()
+    connection.close()
+    loader.join()
+    during = sorted(d * 1000 for t, d in samples if started <= t <= finished)
+    return {"status": response.status, "accepted": answer.get("accepted"), "seconds": finished - started,
+            "mb": path.stat().st_size / 1e6, "lookup_failures": lookups["failures"], "peak_mb": server.mb("VmHWM"),
             "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99)}
 
 
@@ -615,6 +643,10 @@ def checks(r):
         ("p99 lookup latency during the reload", s["reload"]["p99_during_ms"], "ms", 20, 10, "<"),
         ("webhook events applied per second, under lookups", s["webhooks"]["events_per_s"], "/s", 200, 500, ">="),
         ("p99 lookup latency during the webhook burst", s["webhooks"]["p99_during_ms"], "ms", 20, 10, "<"),
+        ("p99 lookup latency while the export is uploaded and swapped in", s["upload"]["p99_during_ms"], "ms", 20, 10,
+         "<"),
+        ("failed lookups during the upload (and the upload accepted)",
+         s["upload"]["lookup_failures"] + (0 if s["upload"]["accepted"] else 1), "", 0, 0, "<="),
     ]
     ok = lambda v, limit, op: {"<=": v <= limit, "<": v < limit, ">=": v >= limit, ">": v > limit}[op]
     return [{"what": w, "value": v, "unit": u, "bar": b, "goal": g, "op": op, "bar_ok": ok(v, b, op),
@@ -649,6 +681,9 @@ def table(r):
         f"| service: {s['webhooks']['events']:,} signed Shopify events, {s['webhooks']['events_per_s']:,.0f}/s applied "
         f"({s['webhooks']['failed']} not), lookups meanwhile | | | | {s['webhooks']['p50_during_ms']:.1f} | "
         f"{s['webhooks']['p99_during_ms']:.1f} |",
+        f"| service: the {s['upload']['mb']:.0f} MB export uploaded (PUT /export), checked and swapped in "
+        f"({'accepted' if s['upload']['accepted'] else 'REFUSED'}) | {s['upload']['seconds']:.2f} | "
+        f"{s['upload']['peak_mb']:.0f} | | {s['upload']['p50_during_ms']:.1f} | {s['upload']['p99_during_ms']:.1f} |",
         f"| service: XLSX load | {r['service_xlsx']['load_s']:.2f} | {r['service_xlsx']['peak_after_load_mb']:.0f} | | | |",
         "",
         f"In-process, per lookup through the WSGI app (no server): bare {r['in_process']['bare_us']:.1f} µs, "

@@ -89,7 +89,8 @@ def test_a_newer_dated_file_in_the_folder_is_served(live):
     ("orders_2026-11-29.xlsx", b"PK\x03\x04\x14\x00garbage, cut off", "not a readable XLSX workbook"),
     ("orders.csv", orders_csv(0), "holds no orders"),
     ("orders.csv", orders_csv(10), "holds 10 orders, fewer than 50% of the 100 being served"),
-    ("orders.csv", "<html><body>502 Bad Gateway</body></html>\n", "no column for order_id"),
+    ("orders.csv", "<html><body>502 Bad Gateway</body></html>\n", "is a web page (HTML), not an export"),
+    ("orders.csv", "Customer,Total\nJane,10\n", "no column for order_id"),
     ("orders.csv", b"Name,Email\n#1,\xff\xfe\x00\x00binary\x00junk\n", "binary file"),
 ])
 def test_a_bad_export_is_refused_and_the_good_data_stays(live, name, content, reason):

@@ -1,0 +1,147 @@
+"""The export pushed by upload: PUT /export (or POST, raw or as a form's file), over real HTTP to
+`python app.py`, checked as `check` checks it before anything served changes.
+"""
+
+import json
+import os
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+import app
+from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, write
+
+UPLOAD_KEY = "upl-Wq4zV8nX2rT6mK9pL3sB"
+
+
+def send(url, body, key=UPLOAD_KEY, method="PUT", content_type="text/csv", timeout=60):
+    headers = {"Content-Type": content_type}
+    if key is not None:
+        headers["x-upload-key"] = key
+    request = urllib.request.Request(f"{url}/export", data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def lookup(url, order_id, email):
+    from urllib.parse import urlencode
+
+    request = urllib.request.Request(f"{url}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}",
+                                     headers={"x-api-key": KEY})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    """python app.py with an upload key, serving 40 orders."""
+    root = tmp_path_factory.mktemp("upload")
+    write(root / "data" / "orders.csv", orders_csv(40))
+    contexts = write(root / "contexts.toml", (ROOT / "contexts.toml").read_text())
+    port = free_port()
+    env = {**os.environ, "API_KEY": KEY, "UPLOAD_KEY": UPLOAD_KEY, "PORT": str(port), "ORDERS_FILE": str(root / "data"),
+           "CONTEXTS_FILE": str(contexts), "STATE_DIR": str(root / "state"), "MAX_EXPORT_MB": "5",
+           "SETTLE_SECONDS": "0.1"}
+    with Served([sys.executable, str(ROOT / "app.py")], env, root) as served:
+        served.wait_for("INFO serving ")
+        served.url, served.data = f"http://127.0.0.1:{port}", root / "data"
+        yield served
+
+
+def test_a_good_file_gets_200_with_the_check_summary_and_is_then_served(shop):
+    status, body = send(shop.url, orders_csv(42, status="fulfilled").encode())
+    answer = json.loads(body)
+    assert status == 200 and answer["accepted"] and answer["orders"] == 42 and answer["rows"] == 84
+    assert answer["layout"] == "Shopify orders export" and answer["answers"] == {"shipped": 42}
+    assert answer["file"] == "uploaded.csv" and isinstance(answer["warnings"], list)
+    assert "has shipped" in lookup(shop.url, "#42", "customer42@example.com")[1]["context"]
+    assert "upload: " in shop.output and "bytes: accepted as uploaded.csv (42 orders)" in shop.output
+
+
+@pytest.mark.parametrize("body, says", [
+    (orders_csv(42).encode()[:-300], "looks cut off"),
+    (orders_csv(5).encode(), "holds 5 orders, fewer than 50%"),
+    (b"<!DOCTYPE html><html>Sign in</html>", "is a web page"),
+    (b"", "is empty"),
+])
+def test_a_bad_file_gets_422_and_changes_nothing(shop, body, says):
+    before = lookup(shop.url, "#1", "customer1@example.com")
+    status, answer = send(shop.url, body)
+    assert status == 422 and not json.loads(answer)["accepted"] and says in json.loads(answer)["reason"]
+    assert lookup(shop.url, "#1", "customer1@example.com") == before
+    assert not [p for p in shop.data.iterdir() if p.name.startswith(".uploading")]
+
+
+@pytest.mark.parametrize("key", [KEY, None, "", "upl-wrong-key-000000000000"])
+def test_the_lookup_key_or_no_key_gets_401(shop, key):
+    status, body = send(shop.url, orders_csv(43).encode(), key=key)
+    assert status == 401 and body == b""
+
+
+@pytest.mark.parametrize("key, length", [(UPLOAD_KEY, 6_800_000), ("upl-wrong-key-000000000000", 70_000)])
+def test_a_body_over_the_cap_gets_413_before_it_is_sent(shop, key, length):
+    # As curl does with a large body (Expect: 100-continue): the headers first, the answer before the body.
+    import socket
+
+    port = int(shop.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"PUT /export HTTP/1.1\r\nHost: x\r\nx-upload-key: {key}\r\nContent-Type: text/csv\r\n"
+                  f"Content-Length: {length}\r\n\r\n".encode())
+        head = s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413") and b"application/json" in head  # MAX_EXPORT_MB=5; 64 KB without the key
+    assert lookup(shop.url, "#1", "customer1@example.com")[0] == 200
+
+
+def test_post_with_the_file_as_a_form_field_is_accepted_too(shop):
+    boundary = "----order-lookup-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"orders.csv\"\r\n"
+            f"Content-Type: text/csv\r\n\r\n{orders_csv(44)}\r\n--{boundary}--\r\n").encode()
+    status, answer = send(shop.url, body, method="POST", content_type=f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and json.loads(answer)["orders"] == 44
+
+
+def test_an_xlsx_upload_is_read_as_a_workbook(shop, tmp_path):
+    from conftest import write_xlsx
+
+    rows = [["Name", "Email", "Fulfillment Status"], *([f"#{n}", f"customer{n}@example.com", "unfulfilled"]
+                                                       for n in range(1, 46))]
+    book = write_xlsx(tmp_path / "orders.xlsx", {"Orders": rows})
+    status, answer = send(shop.url, book.read_bytes(), content_type="application/octet-stream")
+    assert status == 200 and json.loads(answer)["file"] == "uploaded.xlsx" and json.loads(answer)["orders"] == 45
+    assert not (shop.data / "uploaded.csv").exists()  # the other kind, from an earlier upload, is gone
+
+
+def test_concurrent_uploads_stay_consistent(shop):
+    results = []
+
+    def upload(count):
+        results.append((count, *send(shop.url, orders_csv(count).encode())))
+
+    threads = [threading.Thread(target=upload, args=(count,)) for count in (50, 51, 52, 53)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert {status for _, status, _ in results} <= {200, 409}
+    accepted = [count for count, status, _ in results if status == 200]
+    assert accepted
+    busy = [json.loads(body)["reason"] for _, status, body in results if status == 409]
+    assert all("Another upload is being checked" in reason for reason in busy)
+    served = lookup(shop.url, f"#{accepted[-1]}", f"customer{accepted[-1]}@example.com")
+    assert served[0] == 200 or any(c > accepted[-1] for c in accepted)
+
+
+def test_without_an_upload_key_the_address_does_not_exist(export, contexts_file):
+    client = Client(app.create_app(started(make_settings(export.parent, contexts_file))))
+    for method in ("PUT", "POST", "GET"):
+        r = client.request(method, "/export", headers={"x-upload-key": "anything"})
+        assert r.status == 404 and r.body == client.request("GET", "/nothing-here").body
