@@ -2205,9 +2205,9 @@ class WebhookStore:
             else "stale"
 
     def current(self, platform, platform_id, locked=False):
-        """(order_key, email_key, fields, deleted) of a stored order as it stands now, or None."""
+        """(order_key, email_key, fields, deleted, time) of a stored order as it stands now, or None."""
         with nullcontext() if locked else self.lock:
-            return self.db.execute("SELECT order_key, email_key, fields, deleted FROM orders "
+            return self.db.execute("SELECT order_key, email_key, fields, deleted, time FROM orders "
                                    "WHERE platform = ? AND platform_id = ?", (platform, platform_id)).fetchone()
 
     def key_of(self, platform, platform_id, locked=False):
@@ -2225,9 +2225,9 @@ class WebhookStore:
                             "LIMIT -1 OFFSET ?)", (self.max_orders,))
 
     def rows(self, since=0):
-        """Every stored order that changed since then: (platform, order_key, email_key, fields, deleted, received)."""
+        """Every stored order that changed since then: (platform, order_key, email_key, fields, deleted, received, time)."""
         with self.lock:
-            return self.db.execute("SELECT platform, order_key, email_key, fields, deleted, received FROM orders "
+            return self.db.execute("SELECT platform, order_key, email_key, fields, deleted, received, time FROM orders "
                                    "WHERE time >= ?", (since,)).fetchall()
 
     def close(self):
@@ -2260,28 +2260,35 @@ class Overlay:
         self.packer, self.renderer = Packer(self.plan, plain=False), Renderer(snapshot.config, self.plan)
         self.renderer.records_text = snapshot.renderer.records_text
         self.normalise = snapshot.normalise
-        self.index = {}  # replaced whole, never changed in place, so a lookup sees one or the other
+        self.index = {}  # key -> packed order; changed one key at a time, or replaced whole
+        self.times = {}  # key -> when its order last changed
         self.platforms = Counter()  # platform -> orders answered from events
 
     def fill(self, rows):
         """Build the index from the store's rows; returns self."""
-        index, platforms = {}, Counter()
-        for platform, order_key, email_key, fields, deleted, _ in rows:
-            index[index_key(order_key, email_key)] = GONE if deleted else self.pack(json.loads(fields))
+        index, times, platforms = {}, {}, Counter()
+        for platform, order_key, email_key, fields, deleted, _, moment in rows:
+            entry = index_key(order_key, email_key)
+            index[entry], times[entry] = GONE if deleted else self.pack(json.loads(fields)), moment
             platforms[platform] += 1
-        self.index, self.platforms = index, platforms
+        self.index, self.times, self.platforms = index, times, platforms
         return self
 
-    def put(self, platform, key, fields, before=None):
+    def put(self, platform, key, fields, moment, before=None):
         """One event's order (None: deleted) into the index: one assignment, which a lookup sees whole or not.
 
-        before: the order's key until now, when its number or email changed: that one goes.
+        moment: when the order changed; an older change, put later by a slower thread, is not
+        put over a newer one. before: the order's key until now, when its number or email
+        changed: that one goes.
         """
         entry = index_key(*key)
+        if moment < self.times.get(entry, 0):
+            return
         if before and tuple(before) != tuple(key) and self.index.pop(index_key(*before), None) is not None:
             self.platforms[platform] -= 1
         if entry not in self.index:
             self.platforms[platform] += 1
+        self.times[entry] = moment
         self.index[entry] = GONE if fields is None else self.pack(fields)
 
     def pack(self, fields):
@@ -2784,7 +2791,7 @@ class Service:
             self.store.prune(math.floor(snapshot.data_time))
             rows = self.store.rows()
             self.overlay = Overlay(snapshot).fill(rows)
-            self.note_fresher(max((received for *_, received in rows), default=0))
+            self.note_fresher(max((received for *_, received, _ in rows), default=0))
 
     def note_fresher(self, moment):
         """An event brought the records up to moment: {records_updated} says so, if it is newer than the export."""
@@ -3368,9 +3375,9 @@ class Webhooks:
         if outcome == "applied":
             with service.events_lock:  # as the store had it once written, newest first
                 if job.now and service.overlay:
-                    order_key, email_key, fields, deleted = job.now
+                    order_key, email_key, fields, deleted, moment = job.now
                     service.overlay.put(platform, (order_key, email_key), None if deleted else json.loads(fields),
-                                        job.before)
+                                        moment, job.before)
                 service.note_fresher(time.time())
             counts["applied"] += 1
             self.last[platform] = time.time()
