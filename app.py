@@ -394,6 +394,7 @@ class Config:
     max_age_hours: float
     min_orders_ratio: float
     max_vanished_ratio: float
+    export_lag_hours: float
     sheet: str
     timezone: object  # a zoneinfo.ZoneInfo: the merchant's, for the times answers show
     layouts: tuple = ()  # Layouts, contexts.toml's first, then the shipped ones
@@ -487,7 +488,8 @@ def parse_config(path, doc, shipped=None):
         item_format=items["format"], item_separator=items["separator"], no_items=items["none"],
         shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
         max_age_hours=settings["max_age_hours"], min_orders_ratio=settings["min_orders_ratio"],
-        max_vanished_ratio=settings["max_vanished_ratio"], sheet=settings["sheet"],
+        max_vanished_ratio=settings["max_vanished_ratio"], export_lag_hours=settings["export_lag_hours"],
+        sheet=settings["sheet"],
         timezone=parse_timezone(path, settings["timezone"]),
         layouts=tuple(sorted(layouts.values(), key=lambda layout: layout.key not in own)),
     )
@@ -523,6 +525,7 @@ SETTING_DEFAULTS = {
     "max_age_hours": 26.0,
     "min_orders_ratio": 0.5,
     "max_vanished_ratio": 0.2,
+    "export_lag_hours": 1.0,
     "sheet": "",
     "timezone": "UTC",
 }
@@ -545,6 +548,9 @@ def parse_settings(path, raw):
     if not 0 <= out["max_vanished_ratio"] <= 1:
         config_error(path, "[settings] max_vanished_ratio", "must be between 0 and 1.",
                      "0.2 refuses an export that lacks a fifth of the orders being served.")
+    if not 0 <= out["export_lag_hours"] <= 48:
+        config_error(path, "[settings] export_lag_hours", "must be between 0 and 48.",
+                     "1 suits an export that takes up to an hour to make.")
     return out
 
 
@@ -1814,8 +1820,17 @@ class Snapshot:
 
     @property
     def data_time(self):
-        """When the export's data is from: its modification time, never one later than its load."""
+        """When the export's file was written: its modification time, never one later than its load."""
         return min(self.file_mtime, self.loaded_at)
+
+    @property
+    def covers(self):
+        """The moment before which every change is in the export: its time less the time it takes to make.
+
+        An export is written at its end but read from the shop from its start; a change in
+        between may be missing from it, so an event from then is kept, and no answer claims it.
+        """
+        return math.floor(self.data_time - self.config.export_lag_hours * 3600)
 
     def describe(self):
         """What was loaded, for logs and for `check`; no customer data."""
@@ -1916,17 +1931,16 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False):
         raise Alike()
     plan = reader.plan
     renderer = Renderer(config, plan)
-    loaded_at = time.time()
-    # The export's own time, never a time to come: a clock ahead must not make old records look new.
-    renderer.records_text = local_time(min(stat.st_mtime, loaded_at), config.timezone)
-    return Snapshot(
+    snapshot = Snapshot(
         config=config, index=index, source=path, file_mtime=stat.st_mtime, file_mtime_ns=stat.st_mtime_ns,
         file_size=stat.st_size, rows=reader.rows, orders=count,
         orders_without_email=without_email, orders_sharing=shared,
-        rows_without_order=reader.skipped, loaded_at=loaded_at, seconds=time.perf_counter() - started,
+        rows_without_order=reader.skipped, loaded_at=time.time(), seconds=time.perf_counter() - started,
         layout=plan.layout, columns=plan.chosen, example_order_id=example,
         packer=packer or Packer(plan), renderer=renderer, encoding=encoding, normalise=reader.normalise,
     )
+    renderer.records_text = local_time(snapshot.covers, config.timezone)
+    return snapshot
 
 
 class Alike(Exception):
@@ -2788,7 +2802,7 @@ class Service:
                     return
             elif caught_up:
                 self.store.moved_aside = None
-            self.store.prune(math.floor(snapshot.data_time))
+            self.store.prune(snapshot.covers)
             rows = self.store.rows()
             self.overlay = Overlay(snapshot).fill(rows)
             self.note_fresher(max((received for *_, received, _ in rows), default=0))
@@ -2796,7 +2810,7 @@ class Service:
     def note_fresher(self, moment):
         """An event brought the records up to moment: {records_updated} says so, if it is newer than the export."""
         snapshot, overlay = self.snapshot, self.overlay
-        text = local_time(max(moment, snapshot.data_time), snapshot.config.timezone)
+        text = local_time(max(moment, snapshot.covers), snapshot.config.timezone)
         snapshot.renderer.records_text = text
         if overlay:
             overlay.renderer.records_text = text
@@ -3363,7 +3377,7 @@ class Webhooks:
             if not all(key):
                 return 200, json.dumps({"stored": False, "reason": "the order has no number or no email, so no "
                                                                    "lookup could find it"}).encode()
-            if event.time < math.floor(snapshot.data_time):  # shops give times to the second
+            if event.time < snapshot.covers:
                 return 200, json.dumps({"stored": False, "reason": "the export being served is newer"}).encode()
         try:
             job = store.apply(event, key, f"{platform}:{delivery}" if delivery else "")
@@ -4155,7 +4169,7 @@ def run_lookup(settings, args):
     overlay, path = None, settings.state / "webhooks.sqlite3"
     if settings.webhook_secrets and path.exists():  # as served: events newer than the export answer first
         store = WebhookStore(path)
-        overlay = Overlay(snapshot).fill(store.rows(since=math.floor(snapshot.data_time)))
+        overlay = Overlay(snapshot).fill(store.rows(since=snapshot.covers))
         store.close()
     status, body = answer(snapshot, args.order_id, args.email, overlay)
     print(f"{status} {HTTPStatus(status).phrase}")

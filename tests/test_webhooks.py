@@ -215,15 +215,27 @@ def test_events_survive_a_restart(tmp_path, contexts_file):
         assert orders["shopify"]["orders_from_events"] == 1 and orders["woocommerce"]["orders_from_events"] == 1
 
 
-def test_a_later_export_supersedes_the_events(shop):
-    woocommerce(shop.base, woo_order(5, "customer5@example.com", "completed"))
-    assert "has shipped" in lookup(shop.base, "5", "customer5@example.com")[1]["context"]
-    time.sleep(1.1)  # the next export is written after the event
-    temp = write(shop.data / ".next.csv", orders_csv(20, status="partial"))
-    os.replace(temp, shop.data / "orders.csv")
-    wait_for(lambda: "Part of it has shipped" in lookup(shop.base, "5", "customer5@example.com")[1]["context"],
-             what="the export's newer state")
-    assert healthz(shop.base)[1]["webhooks"]["woocommerce"]["orders_from_events"] == 0
+def test_a_later_export_supersedes_the_events(tmp_path, contexts_file):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(20))
+    os.utime(export, (time.time() - 6 * 3600,) * 2)
+    with Shop(tmp_path, contexts_file) as shop:
+        woocommerce(shop.base, woo_order(5, "customer5@example.com", "completed", modified=now_iso(-3 * 3600)))
+        assert "has shipped" in lookup(shop.base, "5", "customer5@example.com")[1]["context"]
+        temp = write(shop.data / ".next.csv", orders_csv(20, status="partial"))  # made more than an hour after it
+        os.replace(temp, shop.data / "orders.csv")
+        wait_for(lambda: "Part of it has shipped" in lookup(shop.base, "5", "customer5@example.com")[1]["context"],
+                 what="the export's newer state")
+        assert healthz(shop.base)[1]["webhooks"]["woocommerce"]["orders_from_events"] == 0
+
+
+@pytest.mark.parametrize("minutes_before, kept", [(30, True), (90, False)])
+def test_an_event_from_while_the_export_was_made_is_kept(shop, minutes_before, kept):
+    # The export is read from the shop over its last hour (export_lag_hours = 1) and may lack what changed then.
+    mtime = shop.data.joinpath("orders.csv").stat().st_mtime
+    moment = datetime.fromtimestamp(mtime - minutes_before * 60, timezone.utc).isoformat(timespec="seconds")
+    answer = json.loads(woocommerce(shop.base, woo_order(6, "customer6@example.com", "completed", moment))[1])
+    assert answer["stored"] is kept
+    assert ("has shipped" in lookup(shop.base, "6", "customer6@example.com")[1]["context"]) is kept
 
 
 def test_a_deleted_order_is_no_longer_found(shop):
@@ -340,10 +352,10 @@ def test_an_event_brings_the_records_time_forward(tmp_path, contexts_file):
     os.utime(export, (hours_ago, hours_ago))
     with Shop(tmp_path, contexts_file) as running:
         before = lookup(running.base, "#9999", "nobody@example.com")[1]["context"]
-        assert app.local_time(hours_ago, timezone.utc) in before
+        assert app.local_time(hours_ago - 3600, timezone.utc) in before  # less the hour an export takes to make
         shopify(running.base, shopify_order(5008))
         after = lookup(running.base, "#9999", "nobody@example.com")[1]["context"]
-        assert app.local_time(hours_ago, timezone.utc) not in after
+        assert app.local_time(hours_ago - 3600, timezone.utc) not in after
         assert "The records were last brought up to date on " + app.local_time(time.time(), timezone.utc)[:12] in after
 
 
