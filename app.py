@@ -746,6 +746,7 @@ class Layout:
     item_rows: frozenset = frozenset()  # status_word()s of the kinds of rows that are items
     tracking_rows: frozenset = frozenset()  # ... that carry tracking numbers
     other_rows: frozenset = frozenset()  # ... known to be neither
+    ignore_rows: tuple = ()  # (header, status_word()s): rows whose cell says one of these are not read
     items: Packed | None = None
     tracking: Packed | None = None
     statuses: dict = None  # field -> {word as this export means it: the word rules use}
@@ -774,10 +775,12 @@ def parse_layout(path, key, raw):
         config_error(path, f"{where} detect", "is empty.", "List the headers that only this kind of export has.")
     rows = expect(path, f"{where} rows", raw.get("rows", {}), dict, '{ type = "Line: Type", items = ["Line Item"] }')
     words = lambda name: frozenset(map(status_word, texts(path, f"{where} rows.{name}", rows.get(name, []), '["Line Item"]')))
-    if set(rows) - {"type", "items", "tracking", "other"}:
-        config_error(path, f"{where} rows", f"has the unknown key {sorted(set(rows) - {'type', 'items', 'tracking', 'other'})[0]!r}.",
-                     "It takes type, items, tracking and other.")
-    if rows and not isinstance(rows.get("type"), str):
+    if set(rows) - {"type", "items", "tracking", "other", "ignore"}:
+        config_error(path, f"{where} rows", f"has the unknown key {sorted(set(rows) - {'type', 'items', 'tracking', 'other', 'ignore'})[0]!r}.",
+                     "It takes type, items, tracking, other and ignore.")
+    ignore = expect(path, f"{where} rows.ignore", rows.get("ignore", {}), dict,
+                    '{ "Fulfillment: Status" = ["cancelled", "error"] }')
+    if set(rows) - {"ignore"} and not isinstance(rows.get("type"), str):
         config_error(path, f"{where} rows.type", "should name the column that says what each row is.",
                      'e.g. type = "Line: Type".')
     statuses = expect(path, f"{where} statuses", raw.get("statuses", {}), dict, "{ status = { pending = \"unfulfilled\" } }")
@@ -785,6 +788,9 @@ def parse_layout(path, key, raw):
         key=key, name=expect(path, f"{where} name", raw.get("name", key), str, '"Matrixify orders export"'),
         detect=detect, columns=parse_columns(path, raw.get("columns", {}), f"layouts.{key}.columns"),
         row_type=rows.get("type", ""), item_rows=words("items"), tracking_rows=words("tracking"), other_rows=words("other"),
+        ignore_rows=tuple((header, frozenset(map(status_word, texts(path, f"{where} rows.ignore.{header}", said,
+                                                                    '["cancelled"]'))))
+                          for header, said in ignore.items()),
         items=parse_packed(path, f"{where} items", raw.get("items"), PACKED_KEYS["items"]),
         tracking=parse_packed(path, f"{where} tracking", raw.get("tracking"), PACKED_KEYS["tracking"]),
         statuses={field: {status_word(k): status_word(expect(path, f"{where} statuses.{field}.{k}", v, str, '"unfulfilled"'))
@@ -1175,6 +1181,7 @@ class Plan:
     competing: tuple = ()  # (field, header chosen, other headers that fit), for check
     alike: tuple = ()  # (header, header, ...) of columns whose headers read alike, for check
     ignore_leading_zeros: bool = False
+    ignore_rows: tuple = ()  # (column, status_word()s): rows left out, e.g. a cancelled parcel's
     senses: dict = None  # the layout's statuses: field -> {its word: the word rules use}
     header: tuple = ()  # the file's headers, for check
 
@@ -1268,6 +1275,8 @@ def make_plan(config, header, name, sample=(), layout=None):
         type_column=type_column, item_columns=packed_items, tracking_columns=packed_tracking,
         competing=tuple(competing), alike=tuple(map(tuple, alike.values())),
         ignore_leading_zeros=bool(layout and layout.ignore_leading_zeros), senses=layout.statuses if layout else {},
+        ignore_rows=tuple((positions[header_key(h)], words) for h, words in (layout.ignore_rows if layout else ())
+                          if header_key(h) in positions),
         header=tuple(h.strip() for h in header),
     )
     return replace(plan, rules=layout) if plan.rich else plan
@@ -1470,7 +1479,8 @@ class OrderReader:
         """
         plan = self.plan
         needed = sorted({*plan.order_columns, *plan.row_columns, plan.email_column, *plan.email_fallback, *plan.item_columns,
-                         *plan.tracking_columns, *(() if plan.type_column is None else (plan.type_column,))})
+                         *plan.tracking_columns, *(() if plan.type_column is None else (plan.type_column,)),
+                         *(column for column, _ in plan.ignore_rows)})
         take, width, at = getter(needed), needed[-1] + 1, plan.order_columns[0]
         groups, progress, next_tick = {}, self.progress, PROGRESS_ROWS
         for count, row in enumerate(rows, 1):
@@ -1490,7 +1500,8 @@ class OrderReader:
                             email_fallback=tuple(place[c] for c in plan.email_fallback),
                             item_columns=tuple(place[c] for c in plan.item_columns),
                             tracking_columns=tuple(place[c] for c in plan.tracking_columns),
-                            type_column=None if plan.type_column is None else place[plan.type_column])
+                            type_column=None if plan.type_column is None else place[plan.type_column],
+                            ignore_rows=tuple((place[c], words) for c, words in plan.ignore_rows))
         return ((self.normalise(value), group) for value, group in groups.items())
 
 
@@ -1556,6 +1567,11 @@ def resident_mb():
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+# Fields that say what state the whole order is in: where its rows differ (one parcel
+# delivered, one on its way), the answer must not take one row's word for the order's.
+AGREED_FIELDS = frozenset({"status", "financial_status", "shipment_status"})
+
+
 class Packer:
     """Packs an order's rows into one compact string, and unpacks it for rendering."""
 
@@ -1576,6 +1592,11 @@ class Packer:
         self.rich, self.email_fallback = plan.rich, plan.email_fallback
         self.unparsed = 0  # packed cells that did not read as the layout says: shown as written (check counts them)
         self.kinds = Counter()  # kinds of typed rows the layout does not know (check warns)
+        self.agree_at = tuple(i for i, f in enumerate(plan.order_fields) if f in AGREED_FIELDS)
+        self.agreeing, self.unsaid = getter(self.agree_at), ("",) * len(self.agree_at)
+        ignore = plan.ignore_rows
+        self.ignored = (lambda row: any(status_word(row[c]) in words for c, words in ignore)) if ignore else None
+        self.disagreed = Counter()  # field -> orders whose rows gave it different words (check warns)
         fields = plan.row_fields
         self.row_positions = tuple(fields.index(f) if f in fields else None for f in ROW_FIELDS)
         # How many FIELD separators a packed order holds: its head, and each row.
@@ -1586,18 +1607,28 @@ class Packer:
 
         Raises SeveralCustomers when a row names another email than the order's. The rows
         are walked anyway to fill the order's values, so the check costs one comparison.
+        Rows the layout ignores (a cancelled parcel) are left out; an order keeps its first.
         """
+        if self.ignored:
+            rows = [row for row in rows if not self.ignored(row)] or rows[:1]
         values = self.order_cells(rows[0])
         if len(rows) > 1:
             at = self.email_at
             email = values[at]
-            for other in map(self.order_cells, rows[1:]):
+            others = [*map(self.order_cells, rows[1:])]
+            agreeing, unsaid, said, differ = self.agreeing, self.unsaid, self.agreeing(values), False
+            for other in others:
                 if (theirs := other[at]) and theirs != email:
                     if email and normalise_email(theirs) != normalise_email(email):
                         raise SeveralCustomers()
                     email = email or theirs
                 if "" in values:
                     values = [v or o for v, o in zip(values, other)]
+                if (state := agreeing(other)) != unsaid and state != said:  # one compare where rows agree
+                    differ = True
+            if differ:
+                for place in self.agree_at:
+                    values = self.agreed(values, place, others)
         if not values[self.email_at] and self.email_fallback:  # an order whose email is in another column
             values = [*values]
             values[self.email_at] = next((row[c] for row in rows for c in self.email_fallback if row[c].strip()), "")
@@ -1616,6 +1647,22 @@ class Packer:
         # Kept as UTF-8 bytes: a smaller header than text, and one byte for an accent where text
         # with one character past Latin-1 would take two or four for every character.
         return values, packed.encode()
+
+    def agreed(self, values, place, others):
+        """values with a status the rows disagree on given as all of its words, 'fulfilled / unfulfilled'.
+
+        The first row's word alone would be a guess: one parcel delivered is not the order
+        delivered. No rule names the combined words, so the answer claims only what all say.
+        """
+        words = {}
+        for cell in (values[place], *(other[place] for other in others)):
+            words.setdefault(status_word(cell), cell.strip())
+        words.pop("", None)
+        if len(words) > 1:
+            self.disagreed[self.plan.order_fields[place]] += 1
+            values = [*values]
+            values[place] = " / ".join(words.values())
+        return values
 
     def read_by_rules(self, rows, values):
         """(values, records) of rows read by the layout's rules: typed rows, packed items and tracking.
@@ -1957,6 +2004,7 @@ class Survey:
     by_status: dict  # status word (as rules read it) -> Counter of the templates its orders (with an email) get
     unparsed: int = 0  # packed cells that did not read as the layout says
     kinds: Counter = None  # kinds of typed rows the layout does not know
+    disagreed: Counter = None  # field -> orders whose rows give it different words
 
 
 def survey(snapshot):
@@ -1982,7 +2030,7 @@ def survey(snapshot):
                     result.alike[key] += 1
             result.alike = Counter({key: n for key, n in result.alike.items() if n > 1})
             if packer:
-                result.unparsed, result.kinds = packer.unparsed, packer.kinds
+                result.unparsed, result.kinds, result.disagreed = packer.unparsed, packer.kinds, packer.disagreed
             return result
         except (Irregular, IndexError):  # as in build(): read again, carefully
             continue
@@ -2045,7 +2093,9 @@ def shopify_event(order, topic):
         "shipped_at": next((text(f.get("created_at")) for f in fulfillments if f.get("created_at")), ""),
         "carrier": next((text(f.get("tracking_company")) for f in fulfillments if f.get("tracking_company")), ""),
         "tracking_url": next((link for _, _, link in tracking if link), ""),
-        "shipment_status": next((text(f.get("shipment_status")) for f in reversed(fulfillments) if f.get("shipment_status")), ""),
+        # Each parcel's own: "delivered" only when every parcel is, as with an export's rows.
+        "shipment_status": " / ".join(dict.fromkeys(text(f.get("shipment_status")) or "unknown" for f in fulfillments))
+                           if any(f.get("shipment_status") for f in fulfillments) else "",
         "items": [[text(i.get("quantity")) or "1", text(i.get("name")) or text(i.get("title")), text(i.get("fulfillment_status"))]
                   for i in order.get("line_items") or () if isinstance(i, dict)],
         "tracking": tracking,
@@ -4123,6 +4173,10 @@ def check_warnings(snapshot, surveyed):
     for kind, count in (surveyed.kinds or Counter()).most_common():
         yield (f"{count} rows of the kind {kind!r} are neither items nor tracking for this layout and were left "
                "out; name the kind in its rows (items, tracking or other) in contexts.toml if they matter")
+    for field_name, count in (surveyed.disagreed or Counter()).most_common():
+        yield (f"{count} orders have rows that give {field_name} different words (e.g. one parcel delivered, one "
+               "not): their answers name all of them and claim none; if one column holds the order's own "
+               f"state, name it first in [columns] {field_name}")
     if surveyed.unparsed:
         yield (f"{surveyed.unparsed} packed cells did not read as the layout says; their items are shown as "
                "written (e.g. \"1 x Gift wrapping\")")

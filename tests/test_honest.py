@@ -240,6 +240,35 @@ def test_shipped_answers_use_what_the_export_has(tmp_path, status, financial, wa
     assert ask(text, tmp_path, "#1", "a@example.com") == (200, wanted)
 
 
+PARCELS = "Order Number,Email,Status,Shipment Status,Item,Qty\n"
+
+
+@pytest.mark.parametrize("rows, wanted, unsaid", [
+    ("1,a@example.com,shipped,delivered,Board,1\n1,a@example.com,shipped,delivered,Wax,1\n",
+     "Order 1 was found and has been delivered.", None),
+    # One parcel delivered, one on its way: the order has shipped, it has not been delivered.
+    ("1,a@example.com,shipped,delivered,Board,1\n1,a@example.com,shipped,in transit,Wax,1\n",
+     "Order 1 was found and has shipped", "delivered"),
+    # A parcel delivered of an order partly shipped: still partly shipped.
+    ("1,a@example.com,partial,delivered,Board,1\n", "Order 1 was found. Part of it has shipped", "delivered"),
+    ("1,a@example.com,partial,failure,Board,1\n", "Order 1 was found. Part of it has shipped", "problem"),
+    # Rows that disagree on the order's own status: both words, no claim.
+    ("1,a@example.com,shipped,,Board,1\n1,a@example.com,processing,,Wax,1\n",
+     'The shop\'s records give its status as "shipped / processing"', "has shipped"),
+])
+def test_one_rows_word_is_not_taken_for_the_whole_order(tmp_path, rows, wanted, unsaid):
+    status, context = ask(PARCELS + rows, tmp_path, "1", "a@example.com")
+    assert status == 200 and wanted in context
+    assert unsaid is None or unsaid not in context
+
+
+def test_check_warns_about_orders_whose_rows_disagree(capsys, tmp_path):
+    rows = "".join(f"{n},c{n}@example.com,shipped,delivered,Board,1\n{n},c{n}@example.com,shipped,in transit,Wax,1\n"
+                   for n in (1, 2))
+    code, out = check_output(capsys, PARCELS + rows, tmp_path)
+    assert code == 0 and "warning  2 orders have rows that give shipment_status different words" in out
+
+
 def check_output(capsys, text, tmp_path):
     path = write(tmp_path / "o.csv", text)
     code = app.main(["check", "--data", str(path), "--contexts", str(CONTEXTS)])

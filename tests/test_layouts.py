@@ -169,6 +169,23 @@ def test_matrixify_without_an_email_column_reads_customer_email(tmp_path):
     assert ask(snapshot, "1001", "ana@example.com")[0] == 200
 
 
+def test_matrixify_leaves_out_a_cancelled_fulfillment(tmp_path):
+    # #1006: its first parcel's fulfillment was cancelled (and had reported delivered); a second one is on its way.
+    head = "5512345678906,#1006,MERGE,1006,fay@example.com,fay@example.com,2026-11-20 10:00:00 +0100," \
+           "2026-11-20 10:00:00 +0100,,paid,fulfilled"
+    rows = [f"{head},Line Item,14011111160,Lamp,Lamp,LMP-1,1,fulfilled,,,,,,,,,",
+            f"{head},Fulfillment Line,14011111160,Lamp,Lamp,LMP-1,1,,4400000060,cancelled,2026-11-21 09:00:00 +0100,"
+            "UPS,delivered,1Z999AA10100000001,https://www.ups.com/track?tracknum=1Z999AA10100000001,,",
+            f"{head},Fulfillment Line,14011111160,Lamp,Lamp,LMP-1,1,,4400000061,success,2026-11-22 09:00:00 +0100,"
+            "UPS,in_transit,1Z999AA10100000002,https://www.ups.com/track?tracknum=1Z999AA10100000002,,"]
+    text = (FIXTURES / "matrixify_orders.csv").read_text() + "\n".join(rows) + "\n"
+    snapshot = app.build_snapshot(app.load_config(CONTEXTS), write(tmp_path / "orders.csv", text))
+    status, context, url = ask(snapshot, "1006", "fay@example.com")
+    assert status == 200 and context.startswith("Order #1006 was found and has shipped on 22 Nov 2026 with UPS "
+                                                 "(tracking number 1Z999AA10100000002).")
+    assert "1Z999AA10100000001" not in context + url and "delivered" not in context
+
+
 @pytest.mark.parametrize("a, b", [("order_number", "Order Number"), ("Customer: Email", "customer email"),
                                   ("Line-Item  Name", "line_item_name"), ("E-mail", "e mail")])
 def test_headers_compare_loosely(a, b):
@@ -238,6 +255,8 @@ def test_magento_without_the_email_column_says_how_to_export_it(tmp_path):
     ("[layouts.x]\ndetect = [\"A\"]\nitems = { columns = [\"B\"], format = \"xml\" }\n", "[layouts.x] items format"),
     ("[layouts.x]\ndetect = [\"A\"]\nrows = { kind = \"B\" }\n", "[layouts.x] rows: has the unknown key 'kind'"),
     ("[layouts.x]\ndetect = [\"A\"]\ncolour = \"red\"\n", "[layouts.x] colour: is not a known key"),
+    ("[layouts.x]\ndetect = [\"A\"]\nrows = { ignore = [\"B\"] }\n", "[layouts.x] rows.ignore: should be"),
+    ("[layouts.x]\ndetect = [\"A\"]\nrows = { ignore = { B = 1 } }\n", "[layouts.x] rows.ignore.B: should be"),
 ])
 def test_a_layout_with_a_mistake_is_a_clear_config_error(contexts_file, text, says):
     contexts_file.write_text(contexts_file.read_text() + "\n" + text)

@@ -61,7 +61,7 @@ def shopify(tmp_path_factory):
     ("#2005", "eve@example.com", "Order #2005 was found. It has been refunded to the original payment method; "
                                  "refunds can take 5 to 10 business days to appear."),
     ("#2006", "fay@example.com", "Order #2006 was found. It contains 1 x Lid. Its payment has not been confirmed yet, "
-                                 "so it has not been prepared for shipping; it ships once the payment arrives."),
+                                 "so it has not been prepared for shipping."),
     ("#2007", "gus@example.com", "Order #2007 was found, but it was cancelled, so it will not ship."),
     ("#2008", "hal@example.com", "Order #2008 was found. Part of it has shipped and the rest will follow. "
                                  "It contains 1 x Jar."),

@@ -204,6 +204,20 @@ def test_two_writes_put_out_of_order_still_leave_the_newer_one(service):
     assert status == 200 and "has shipped" in json.loads(body)["context"]
 
 
+@pytest.mark.parametrize("parcels, wanted", [
+    (["delivered", "delivered"], "has been delivered"),
+    (["delivered", "in_transit"], "has shipped"),  # one parcel delivered is not the order
+    (["delivered", None], "has shipped"),  # a parcel the carrier says nothing of
+])
+def test_an_order_is_delivered_only_when_every_parcel_is(shop, parcels, wanted):
+    order = shopify_order(5011, shipped=True)
+    order["fulfillments"] = [dict(order["fulfillments"][0], id=n, shipment_status=status)
+                             for n, status in enumerate(parcels)]
+    shopify(shop.base, order)
+    context = lookup(shop.base, "5011", "new@example.com")[1]["context"]
+    assert wanted in context and (wanted == "has been delivered" or "delivered" not in context)
+
+
 def test_events_survive_a_restart(tmp_path, contexts_file):
     with Shop(tmp_path, contexts_file) as running:
         shopify(running.base, shopify_order(5005, shipped=True))
