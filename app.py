@@ -472,9 +472,12 @@ def parse_config(path, doc, shipped=None):
             config_error(LAYOUTS_FILE, f"[{key}]", "is not a section this file holds.", "It holds [layouts.*].")
     settings = parse_settings(path, doc.get("settings", {}))
     columns = parse_columns(path, doc.get("columns", {}))
-    # A layout in contexts.toml replaces the shipped one of its name; the merchant's are tried first.
-    layouts = {**parse_layouts(LAYOUTS_FILE, shipped.get("layouts", {})), **parse_layouts(path, doc.get("layouts", {}))}
-    own = tuple(doc.get("layouts", {}))
+    # A layout in contexts.toml changes the shipped one of its name, key by key (its columns
+    # field by field); the merchant's are tried first.
+    own = table(path, "layouts", doc.get("layouts", {}))
+    ours = table(LAYOUTS_FILE, "layouts", shipped.get("layouts", {}))
+    layouts = {**parse_layouts(LAYOUTS_FILE, ours),
+               **parse_layouts(path, {key: merged_layout(ours.get(key), raw) for key, raw in own.items()})}
     items = parse_items(path, doc.get("items", {}))
     templates = parse_templates(path, doc.get("templates", {}))
     rules = parse_rules(path, doc.get("rules", []), templates)
@@ -756,6 +759,16 @@ class Layout:
 
 LAYOUT_KEYS = ("name", "detect", "columns", "rows", "items", "tracking", "statuses", "ignore_leading_zeros", "help")
 PACKED_KEYS = {"items": ("name", "quantity"), "tracking": ("number", "carrier", "link")}
+
+
+def merged_layout(shipped, raw):
+    """A contexts.toml layout over the shipped one of its name: its keys replace, its columns add."""
+    if not isinstance(shipped, dict) or not isinstance(raw, dict):
+        return raw
+    columns = raw.get("columns")
+    if isinstance(columns, dict) and isinstance(shipped.get("columns"), dict):
+        columns = {**shipped["columns"], **columns}
+    return {**shipped, **raw, **({"columns": columns} if columns is not None else {})}
 
 
 def parse_layouts(path, raw):
@@ -1174,7 +1187,7 @@ class Plan:
     layout: str  # its name, for check and /healthz
     email_column: int  # read for the index's key; packed only when an answer shows {email}
     email_fallback: tuple[int, ...] = ()  # other email columns, read where the first is empty (Customer: Email)
-    rules: Layout | None = None  # the layout, when its rows are typed or its cells packed
+    rules: Layout | None = None  # the layout recognised, if any: its rows, packed cells and statuses
     type_column: int | None = None
     item_columns: tuple[int, ...] = ()  # cells that pack items
     tracking_columns: tuple[int, ...] = ()  # cells that pack tracking entries
@@ -1243,7 +1256,7 @@ def make_plan(config, header, name, sample=(), layout=None):
         if field_name not in chosen:
             looked = ", ".join(f'"{c}"' for c in candidates(config, layout, field_name))
             raise ExportError(f"{name}: no column for {field_name} (looked for {looked}). Add your export's header "
-                              f"to [columns] {field_name} in contexts.toml; `python app.py check` shows the file's "
+                              f"to {columns_key(layout, field_name)} in contexts.toml; `python app.py check` shows the file's "
                               "columns." + (f" {layout.help}" if layout and layout.help else ""),
                               file=name, detail=shown_headers(header))
     by_snake = {}
@@ -1272,20 +1285,31 @@ def make_plan(config, header, name, sample=(), layout=None):
         row_fields=(*row_fields, *extra), row_columns=tuple(chosen[f] for f in row_fields),
         layout=layout.name if layout else "generic export", email_column=chosen["email"],
         email_fallback=next((others for field_name, _, others in competing if field_name == "email"), ()),
-        type_column=type_column, item_columns=packed_items, tracking_columns=packed_tracking,
+        rules=layout, type_column=type_column, item_columns=packed_items, tracking_columns=packed_tracking,
         competing=tuple(competing), alike=tuple(map(tuple, alike.values())),
         ignore_leading_zeros=bool(layout and layout.ignore_leading_zeros), senses=layout.statuses if layout else {},
         ignore_rows=tuple((positions[header_key(h)], words) for h, words in (layout.ignore_rows if layout else ())
                           if header_key(h) in positions),
         header=tuple(h.strip() for h in header),
     )
-    return replace(plan, rules=layout) if plan.rich else plan
+    return plan
 
 
 def candidates(config, layout, field_name):
-    """The headers that may feed a field: the layout's own first, then [columns]'."""
+    """The headers that may feed a field: the layout's own alone where it names the field, else [columns]'.
+
+    Alone, because [columns]' general names may mean another thing in a known export:
+    Matrixify's "Fulfillment: Status" (a parcel's success or cancelled) reads as
+    "Fulfillment Status", which is not the order's.
+    """
     own = layout.columns.get(field_name, ()) if layout else ()
-    return tuple(dict.fromkeys((*own, *config.columns.get(field_name, ()))))
+    return tuple(own or config.columns.get(field_name, ()))
+
+
+def columns_key(layout, field_name):
+    """Where in contexts.toml a field's headers are given: the layout's columns where it names the field."""
+    return f"[layouts.{layout.key}.columns] {field_name}" if layout and field_name in layout.columns \
+        else f"[columns] {field_name}"
 
 
 def choose_columns(config, layout, positions, sample):
@@ -1586,7 +1610,9 @@ class Packer:
         self.order_cells = getter(columns) if None not in columns else (
             lambda row: tuple(row[c] if c is not None else "" for c in columns))
         self.email_at = len(plan.order_fields) if self.email_apart else plan.order_fields.index("email")
-        self.email_of = itemgetter(plan.email_column)
+        self.email_of = itemgetter(plan.email_column) if not plan.email_fallback else (
+            lambda row, at=plan.email_column, fallback=plan.email_fallback:
+            row[at] if row[at].strip() else next((row[c] for c in fallback if row[c].strip()), ""))
         self.row_cells = getter(plan.row_columns)
         self.extra = ("",) * (len(plan.row_fields) - len(plan.row_columns))  # packed fields' places in a row
         self.rich, self.email_fallback = plan.rich, plan.email_fallback
@@ -1611,6 +1637,8 @@ class Packer:
         """
         if self.ignored:
             rows = [row for row in rows if not self.ignored(row)] or rows[:1]
+        if self.email_fallback and len({normalise_email(self.email_of(row)) for row in rows} - {""}) > 1:
+            raise SeveralCustomers()  # told apart by the other email column
         values = self.order_cells(rows[0])
         if len(rows) > 1:
             at = self.email_at
@@ -4158,10 +4186,12 @@ def check_summary(snapshot, surveyed):
 def check_warnings(snapshot, surveyed):
     """What `check` warns about: answers that rest on a missing column or an unknown word, and data problems."""
     config = snapshot.config
-    if "status" in config.columns and "status" not in snapshot.columns:
+    looked = candidates(config, snapshot.packer.plan.rules, "status")
+    if looked and "status" not in snapshot.columns:
         answers = ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common())
-        yield f"no status column (looked for {', '.join(repr(h) for h in config.columns['status'])}): every order " \
-              f"is answered as no status tells ({answers}). Add your export's status header to [columns] status."
+        yield f"no status column (looked for {', '.join(repr(h) for h in looked)}): every order " \
+              f"is answered as no status tells ({answers}). Add your export's status header to " \
+              f"{columns_key(snapshot.packer.plan.rules, 'status')}."
     named = {w for rule in config.rules for name, words in rule.conditions if name == "status" and words for w in words}
     for word, answers in sorted(surveyed.by_status.items(), key=lambda item: -sum(item[1].values())):
         if word and word not in named:

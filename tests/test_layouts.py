@@ -186,6 +186,51 @@ def test_matrixify_leaves_out_a_cancelled_fulfillment(tmp_path):
     assert "1Z999AA10100000001" not in context + url and "delivered" not in context
 
 
+def without_column(name, header_text):
+    """A fixture's text with one column taken out (no cell of these fixtures holds a comma)."""
+    lines = (FIXTURES / name).read_text().splitlines()
+    at = lines[0].split(",").index(header_text)
+    return "\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != at) for line in lines) + "\n"
+
+
+def test_a_layouts_columns_are_the_only_ones_read_for_its_fields(tmp_path, capsys):
+    # Without "Order Fulfillment Status", [columns]' "Fulfillment Status" would read "Fulfillment: Status":
+    # a parcel's "success", not the order's state.
+    path = write(tmp_path / "orders.csv", without_column("matrixify_orders.csv", "Order Fulfillment Status"))
+    snapshot = app.build_snapshot(app.load_config(CONTEXTS), path)
+    assert "status" not in snapshot.columns
+    code, out = check(capsys, path)
+    assert "no status column (looked for 'Order Fulfillment Status')" in out
+    assert "Add your export's status header to [layouts.matrixify.columns] status." in out
+
+
+def test_a_shipped_layout_is_changed_key_by_key_from_contexts(tmp_path, contexts_file):
+    text = without_column("matrixify_orders.csv", "Order Fulfillment Status").replace(
+        "Fulfillment: Status", "Fulfillment: Status,Order State", 1)
+    lines = text.splitlines()
+    at = lines[0].split(",").index("Order State")
+    rows = [line.split(",") for line in lines[1:]]
+    for row in rows:
+        row.insert(at, "fulfilled" if row[1] == "#1001" else "")
+    path = write(tmp_path / "orders.csv", "\n".join([lines[0], *map(",".join, rows)]) + "\n")
+    contexts_file.write_text(contexts_file.read_text() + '\n[layouts.matrixify.columns]\nstatus = ["Order State"]\n')
+    snapshot = app.build_snapshot(app.load_config(contexts_file), path)
+    assert snapshot.layout == "Matrixify orders export (Shopify)" and snapshot.columns["status"] == "Order State"
+    assert snapshot.columns["tracking_number"] == "Fulfillment: Tracking Number"  # the shipped columns stay
+    assert "has shipped" in ask(snapshot, "1001", "ana@example.com")[1]
+
+
+def test_two_customers_told_apart_only_by_customer_email_are_two_orders(tmp_path):
+    # Two stores' numbers merged into one export: #2001 twice, Email empty, only Customer: Email tells them apart.
+    header = "Name,Email,Customer: Email,Order Fulfillment Status,Line: Type,Line: Title,Line: Quantity\n"
+    rows = ("#2001,,gus@example.com,fulfilled,Line Item,Kettle,1\n"
+            "#2001,,hal@example.com,,Line Item,Teapot,1\n")
+    snapshot = app.build_snapshot(app.load_config(CONTEXTS), write(tmp_path / "orders.csv", header + rows))
+    assert "1 x Kettle." in ask(snapshot, "2001", "gus@example.com")[1]
+    hal = ask(snapshot, "2001", "hal@example.com")[1]
+    assert "1 x Teapot" in hal and "Kettle" not in hal and "has shipped" not in hal
+
+
 @pytest.mark.parametrize("a, b", [("order_number", "Order Number"), ("Customer: Email", "customer email"),
                                   ("Line-Item  Name", "line_item_name"), ("E-mail", "e mail")])
 def test_headers_compare_loosely(a, b):
