@@ -913,13 +913,14 @@ class Table:
     line: object = lambda: None
     plain: bool = False
     cut_off: object = lambda last, width: ""
+    lost: list = dataclass_field(default_factory=lambda: [0])  # [count] of a workbook's numbers too long to be exact
 
 
 @contextmanager
-def open_table(path, sheet="", is_header=None, encoding=None):
+def open_table(path, sheet="", header_score=None, encoding=None):
     """The export at path as a Table, closed after."""
     if path.suffix.lower() == ".xlsx":
-        with open_xlsx(path, sheet, is_header) as table:
+        with open_xlsx(path, sheet, header_score) as table:
             yield table
     else:
         with open_csv(path, encoding=encoding) as table:
@@ -1067,7 +1068,7 @@ def sniff_delimiter(header_line, sample):
 
 
 @contextmanager
-def open_xlsx(path, sheet, is_header):
+def open_xlsx(path, sheet, header_score):
     """The rows of a workbook's orders sheet, streamed; the workbook is closed after."""
     import openpyxl
 
@@ -1083,7 +1084,8 @@ def open_xlsx(path, sheet, is_header):
             # content: a 6 KB file declaring 16,384 columns would pad every row to that width.
             worksheet.reset_dimensions()
         # Line numbers are for CSV parse errors only; a workbook is not scanned, so each order is checked.
-        yield Table(sheet_rows(pick_sheet(path, book, sheet, is_header)))
+        lost = [0]
+        yield Table(sheet_rows(pick_sheet(path, book, sheet, header_score), lost), lost=lost)
     finally:
         book.close()
 
@@ -1108,11 +1110,11 @@ def check_unpacked_size(path):
 HEADER_GAP = 20  # empty header cells after which a stray value far to the right is not a column
 
 
-def sheet_rows(worksheet):
+def sheet_rows(worksheet, lost=None):
     """The sheet's first non-empty row, then every later row as wide as that header, empty rows left out."""
     rows = worksheet.iter_rows(values_only=True)
     for number, row in enumerate(rows, 1):
-        cells = [cell_text(v) for v in row]
+        cells = [cell_text(v, lost) for v in row]
         width = header_width(cells)
         if width:
             yield cells[:width]
@@ -1123,7 +1125,7 @@ def sheet_rows(worksheet):
     empty = (None,) * width  # the row openpyxl makes up for every row missing from the file
     for row in worksheet.iter_rows(min_row=number + 1, max_col=width, values_only=True):
         if row != empty:
-            cells = [cell_text(v) for v in row]
+            cells = [cell_text(v, lost) for v in row]
             if any(cells):
                 yield cells
 
@@ -1139,30 +1141,49 @@ def header_width(cells):
     return width
 
 
-def pick_sheet(path, book, sheet, is_header):
-    """The sheet named in [settings] sheet, or the first whose header has the order columns."""
+def pick_sheet(path, book, sheet, header_score):
+    """The sheet named in [settings] sheet, or the first whose header reads most surely as the orders'.
+
+    A known layout's header beats a bare order-number column: Matrixify's workbook has a
+    Customers sheet with "ID" (Magento's order number) before its Orders sheet.
+    """
     if sheet:
         if sheet not in book.sheetnames:
             export_error(path, f"has no sheet {sheet!r}. Sheets: {', '.join(map(printable, book.sheetnames))}. "
                                "Fix [settings] sheet in contexts.toml.")
         return book[sheet]
+    if header_score is None or len(book.worksheets) == 1:
+        return book.worksheets[0]
+    best, best_score = book.worksheets[0], 0
     for worksheet in book.worksheets:
         for row in worksheet.iter_rows(values_only=True, max_row=20):
             cells = [cell_text(v) for v in row]
             if any(cells):
-                if is_header is None or is_header(cells):
-                    return worksheet
+                if (score := header_score(cells)) > best_score:
+                    best, best_score = worksheet, score
                 break
-    return book.worksheets[0]
+        if best_score == 2:
+            break
+    return best
 
 
-def cell_text(value):
-    """A spreadsheet cell as text: 1001.0 -> '1001', dates as ISO so they render readably."""
+def cell_text(value, lost=None):
+    """A spreadsheet cell as text: 1001.0 -> '1001', dates as ISO so they render readably.
+
+    A number of 16 digits or more (a tracking number typed into a numeric cell) is kept by a
+    spreadsheet to 15 only: 9400111899223197428490 comes back as 9400111899223200000000.
+    Shown, it would send a customer to someone else's parcel; it reads as empty, and lost
+    counts it for `check`.
+    """
     if value is None:
         return ""
     if isinstance(value, bool):
         return "TRUE" if value else "FALSE"
     if isinstance(value, float):
+        if not -1e15 < value < 1e15:
+            if lost is not None:
+                lost[0] += 1
+            return ""
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, datetime):
         return value.date().isoformat() if value.time() == datetime.min.time() else value.isoformat(" ", "minutes")
@@ -1222,8 +1243,12 @@ def without_leading_zeros(value):
 
 
 def normalise_email(value):
-    """Emails compare trimmed and without case."""
-    return value.strip().casefold()
+    """Emails compare trimmed and without case; a space inside is a "+" a caller left unencoded.
+
+    An address has no spaces, but a query string turns an unencoded "+" (jo+shop@example.com,
+    as many shoppers sign up) into one.
+    """
+    return value.strip().casefold().replace(" ", "+")
 
 
 def index_key(order_key, email_key):
@@ -1418,13 +1443,18 @@ class OrderReader:
         self.rows = self.skipped = 0
         self.line = lambda: 0
         self.plain = False  # True once open_table finds no cell can hold a packing separator
+        self.lost = [0]  # how many workbook numbers were too long to be exact (see cell_text)
         self.progress = Progress(shown_name(path), memory_limit_mb)
         self.last_row = None  # the file's last row with a cell, as read: is it whole?
 
-    def is_header(self, cells):
-        """A row is the header when it has one of the order-number headers."""
-        wanted = {header_key(h) for h in self.config.columns["order_id"]}
-        return any(header_key(c) in wanted for c in cells)
+    def header_score(self, cells):
+        """How surely a row is the orders' header: 2 for a known layout's, 1 for an order-number header, else 0."""
+        keys = {header_key(c) for c in cells if c}
+        if detect_layout(self.config.layouts, keys):
+            return 2
+        wanted = {header_key(h) for h in (*self.config.columns["order_id"],
+                                          *(h for layout in self.config.layouts for h in layout.columns.get("order_id", ())))}
+        return 1 if keys & wanted else 0
 
     def orders(self, careful=False):
         """Yield (order number key, rows) per order.
@@ -1435,8 +1465,8 @@ class OrderReader:
         pads short rows and holds the needed cells of every order until the end of the file.
         Rows with no order number (blank ones among them) are counted and let go at once.
         """
-        with open_table(self.path, self.config.sheet, self.is_header, self.encoding) as table:
-            self.line, self.plain = table.line, table.plain
+        with open_table(self.path, self.config.sheet, self.header_score, self.encoding) as table:
+            self.line, self.plain, self.lost = table.line, table.plain, table.lost
             rows = iter(table.rows)
             header = next((r for r in rows if any(c.strip() for c in r)), None)
             if header is None:
@@ -1800,7 +1830,25 @@ def packed_entries(spec, text):
         return [{str(k): "" if v is None else str(v) for k, v in entry.items()} if isinstance(entry, dict)
                 else {"": str(entry)} for entry in data]
     parts = split_unescaped(text, spec.between, spec.escape) if spec.between else [text]
+    if spec.format == "pairs" and len(parts) > 1:
+        parts = rejoined(parts, spec)
     return [read_entry(spec, part) for part in parts if part.strip()]
+
+
+def rejoined(parts, spec):
+    """Parts of pairs put back together where a value held the separator: "Product Name: Mug | Blue".
+
+    Every entry starts with the key the first one starts with (BigCommerce's "Product ID");
+    a part that does not was cut from the value before it.
+    """
+    first = parts[0].partition(spec.key)[0].strip()
+    whole = [parts[0]]
+    for part in parts[1:]:
+        if part.partition(spec.key)[0].strip() == first:
+            whole.append(part)
+        else:
+            whole[-1] += spec.between + part
+    return whole
 
 
 def read_entry(spec, part):
@@ -2033,6 +2081,7 @@ class Survey:
     unparsed: int = 0  # packed cells that did not read as the layout says
     kinds: Counter = None  # kinds of typed rows the layout does not know
     disagreed: Counter = None  # field -> orders whose rows give it different words
+    lost: int = 0  # workbook numbers too long to be exact, read as empty
 
 
 def survey(snapshot):
@@ -2059,6 +2108,7 @@ def survey(snapshot):
             result.alike = Counter({key: n for key, n in result.alike.items() if n > 1})
             if packer:
                 result.unparsed, result.kinds, result.disagreed = packer.unparsed, packer.kinds, packer.disagreed
+            result.lost = reader.lost[0]
             return result
         except (Irregular, IndexError):  # as in build(): read again, carefully
             continue
@@ -2202,11 +2252,16 @@ class WebhookStore:
         CREATE INDEX IF NOT EXISTS orders_by_time ON orders (time);
     """
 
+    FAILED_SECONDS = 900  # a failed write shows on /healthz this long, so a monitor polling it sees it
+
     def __init__(self, path, max_orders=100_000):
         self.path, self.max_orders = path, max_orders
         self.lock = threading.Lock()  # one connection, one user at a time
         self.moved_aside = None  # why a corrupt file was moved aside, for /healthz
+        self.failing, self.failed_at = None, 0.0  # why and when a write last failed, for /healthz
         self.db = self.open()
+        self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
+        self.evicted = deque()  # (platform, order_key, email_key) of orders past the cap, for the overlay to drop
         self.pending, self.wake = deque(), threading.Event()
         threading.Thread(target=self.writer, name="webhook-store", daemon=True).start()
 
@@ -2263,21 +2318,53 @@ class WebhookStore:
             if not jobs:
                 continue
             with self.lock:
-                try:
-                    self.db.execute("BEGIN IMMEDIATE")
+                # One transaction for the round; if it fails, each event alone, so one event that
+                # cannot be stored does not cost the others theirs.
+                if not self.round(jobs) and len(jobs) > 1:
                     for job in jobs:
-                        job.before = self.key_of(job.event.platform, job.event.platform_id, locked=True)
-                        job.outcome = self.write(job)
-                        job.now = self.current(job.event.platform, job.event.platform_id, locked=True)
-                    self.db.execute("COMMIT")
-                except Exception as e:  # a full disk, a damaged file: every event of the round is refused
-                    with suppress(Exception):
-                        self.db.execute("ROLLBACK")
-                    for job in jobs:
-                        job.error = StoreError(f"{shown_name(self.path)}: the event could not be stored "
-                                               f"({type(e).__name__}).")
+                        job.error = None
+                        self.round([job])
             for job in jobs:
                 job.done.set()
+
+    def round(self, jobs):
+        """Write jobs in one transaction, keeping the cap on orders; False (and each job's error) if it failed."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            added = 0
+            for job in jobs:
+                job.before = self.key_of(job.event.platform, job.event.platform_id, locked=True)
+                job.outcome = self.write(job)
+                job.now = self.current(job.event.platform, job.event.platform_id, locked=True)
+                added += job.before is None and job.now is not None
+            evicted = self.evict(self.count + added - self.max_orders)
+            self.db.execute("COMMIT")
+        except Exception as e:  # a full disk, a damaged file: the round's events are refused
+            with suppress(Exception):
+                self.db.execute("ROLLBACK")
+            self.failing, self.failed_at = f"webhook events cannot be stored: {shown_name(self.path)}: " \
+                                           f"{type(e).__name__}", time.time()
+            log.error("%s (%s)", self.failing, printable(str(e))[:200])
+            for job in jobs:
+                job.error = StoreError(f"{shown_name(self.path)}: the event could not be stored ({type(e).__name__}).")
+            return False
+        self.count += added - len(evicted)
+        self.evicted.extend(evicted)
+        return True
+
+    def trouble(self, now):
+        """Why /healthz should be degraded: a write that failed in the last FAILED_SECONDS, a store moved aside."""
+        recent = self.failing if now - self.failed_at < self.FAILED_SECONDS else None
+        return [reason for reason in (recent, self.moved_aside) if reason]
+
+    def evict(self, excess):
+        """Delete the excess oldest orders, inside the round: the cap holds between exports too."""
+        if excess <= 0:
+            return []
+        oldest = self.db.execute("SELECT rowid, platform, order_key, email_key FROM orders ORDER BY time LIMIT ?",
+                                 (excess,)).fetchall()
+        self.db.executemany("DELETE FROM orders WHERE rowid = ?", [(row[0],) for row in oldest])
+        return [row[1:] for row in oldest]
 
     def write(self, job):
         """One event inside the round's transaction; its outcome."""
@@ -2315,6 +2402,7 @@ class WebhookStore:
             self.db.execute("DELETE FROM deliveries WHERE received < ?", (time.time() - 3 * 86400,))
             self.db.execute("DELETE FROM orders WHERE rowid IN (SELECT rowid FROM orders ORDER BY time DESC "
                             "LIMIT -1 OFFSET ?)", (self.max_orders,))
+            self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
 
     def rows(self, since=0):
         """Every stored order that changed since then: (platform, order_key, email_key, fields, deleted, received, time)."""
@@ -2382,6 +2470,13 @@ class Overlay:
             self.platforms[platform] += 1
         self.times[entry] = moment
         self.index[entry] = GONE if fields is None else self.pack(fields)
+
+    def drop(self, platform, key):
+        """An order the store let go past its cap (WEBHOOK_MAX_ORDERS): the export answers for it again."""
+        entry = index_key(*key)
+        if self.index.pop(entry, None) is not None:
+            self.platforms[platform] -= 1
+        self.times.pop(entry, None)
 
     def pack(self, fields):
         """An event's fields as one packed order, like an export's."""
@@ -2675,6 +2770,21 @@ def mask_email(email):
 ###############################################################################
 
 
+def same_file(a, b):
+    """True when two snapshots read one unchanged file: a contexts.toml edit, not a new export."""
+    return (a.source, a.file_mtime_ns, a.file_size) == (b.source, b.file_mtime_ns, b.file_size)
+
+
+def same_keys(a, b):
+    """True when two snapshots make their index keys alike: the same columns, read the same way.
+
+    A contexts.toml edit that picks another order-number or email column changes every key;
+    that is no sign of a cut-off export, so the count of vanished orders means nothing then.
+    """
+    return (a.columns.get("order_id"), a.columns.get("email"), a.normalise) == \
+        (b.columns.get("order_id"), b.columns.get("email"), b.normalise)
+
+
 class Service:
     """Holds the Snapshot being served and replaces it only with a good one."""
 
@@ -2818,7 +2928,8 @@ class Service:
                 f"{name}: holds {snapshot.orders} orders, fewer than {ratio:.0%} of the "
                 f"{current.orders} being served, so it looks cut off. If the shrink is real, lower "
                 "[settings] min_orders_ratio in contexts.toml or restart the service.", file=name)
-        if current and current.index:
+        # The same file read anew (a contexts.toml edit) was whole before; keys read another way cannot be compared.
+        if current and current.index and not same_file(current, snapshot) and same_keys(current, snapshot):
             # Counted, not a set of differences: a set of 500,000 keys would be 30 MB more at the peak.
             vanished = len(current.index) - sum(map(snapshot.index.__contains__, current.index))
             allowed = snapshot.config.max_vanished_ratio
@@ -2854,7 +2965,7 @@ class Service:
         self.config_error = None
         self.from_last_good = False
         log.info("loaded %s", snapshot.describe())
-        self.events(snapshot, caught_up=before is not None)
+        self.events(snapshot, caught_up=before is not None and not same_file(before, snapshot))
         if before and before.config != snapshot.config:  # what contexts.toml says changed, not only its time
             log.info("applied %s: %d templates, %d rules", shown_name(snapshot.config.path),
                      len(snapshot.config.templates), len(snapshot.config.rules))
@@ -2881,6 +2992,7 @@ class Service:
             elif caught_up:
                 self.store.moved_aside = None
             self.store.prune(snapshot.covers)
+            self.store.evicted.clear()  # the overlay is built afresh from what the store keeps
             rows = self.store.rows()
             self.overlay = Overlay(snapshot).fill(rows)
             self.note_fresher(max((received for *_, received, _ in rows), default=0))
@@ -2965,8 +3077,8 @@ class Service:
                            f"{fetcher.last_error}")
         if self.store_error:
             reasons.append(self.store_error)
-        elif self.store and self.store.moved_aside:
-            reasons.append(self.store.moved_aside)
+        elif self.store:
+            reasons.extend(self.store.trouble(now))
         return not reasons, reasons, age
 
     def status(self, now=None):
@@ -3466,6 +3578,10 @@ class Webhooks:
         outcome = job.outcome
         if outcome == "applied":
             with service.events_lock:  # as the store had it once written, newest first
+                while store.evicted:
+                    gone_platform, *gone_key = store.evicted.popleft()
+                    if service.overlay:
+                        service.overlay.drop(gone_platform, gone_key)
                 if job.now and service.overlay:
                     order_key, email_key, fields, deleted, moment = job.now
                     service.overlay.put(platform, (order_key, email_key), None if deleted else json.loads(fields),
@@ -3734,12 +3850,12 @@ def create_app(service, write_request=None):
             raise bottle.HTTPError(404)  # exactly as any unknown address, while its secret is unset
         if environ["REQUEST_METHOD"] != "POST":
             raise bottle.HTTPError(405)
-        address = environ.get("REMOTE_ADDR") or "-"
-        if wait := throttle.retry_after(address):
-            raise bottle.HTTPError(429, retry_after=str(wait))
         body = request_body(environ, WEBHOOK_MAX_BYTES)
         status, payload = service.webhooks.receive(platform, environ, body)
-        if status == 401:
+        if status == 401:  # a signed event is never throttled: a shop's addresses are shared by many shops
+            address = environ.get("REMOTE_ADDR") or "-"
+            if wait := throttle.retry_after(address):
+                raise bottle.HTTPError(429, retry_after=str(wait))
             throttle.failed(address)
         bottle.response.status = status
         return payload
@@ -4207,6 +4323,10 @@ def check_warnings(snapshot, surveyed):
         yield (f"{count} orders have rows that give {field_name} different words (e.g. one parcel delivered, one "
                "not): their answers name all of them and claim none; if one column holds the order's own "
                f"state, name it first in [columns] {field_name}")
+    if surveyed.lost:
+        yield (f"{surveyed.lost} cells held numbers of 16 or more digits, which a spreadsheet keeps to 15 only: they "
+               "are read as empty rather than shown with wrong digits. Format those columns (tracking numbers, "
+               "long order numbers) as text before exporting, or export CSV")
     if surveyed.unparsed:
         yield (f"{surveyed.unparsed} packed cells did not read as the layout says; their items are shown as "
                "written (e.g. \"1 x Gift wrapping\")")
@@ -4507,11 +4627,12 @@ def listen_port(server):
 def guarded_channel(settings):
     """Waitress's channel, timing each request's arrival and answering what it rejects itself in JSON.
 
-    Bodies are limited to 64 KB, but for webhooks (2 MB) and an upload that carries the
+    Bodies are limited to 64 KB, but for webhooks of a platform whose secret is set (2 MB) and an upload that carries the
     upload key (MAX_EXPORT_MB, and all the time it needs to arrive): an unknown client
     cannot make the server take in a large body.
     """
     upload_keys = tuple(key.encode("utf-8") for key in settings.upload_keys)
+    webhook_paths = frozenset(settings.webhook_secrets or ())
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
     from waitress.task import ErrorTask
@@ -4538,7 +4659,7 @@ def guarded_channel(settings):
         def parse_header(self, header_plus):
             super().parse_header(header_plus)
             limit = None
-            if self.path.startswith("/webhooks/"):
+            if self.path.startswith("/webhooks/") and self.path[10:] in webhook_paths:  # a platform with a secret
                 limit = WEBHOOK_MAX_BYTES + 1
             elif self.path == "/export" and key_ok(upload_keys, self.headers.get("X_UPLOAD_KEY", "")):
                 limit, self.patient = int(settings.max_export_mb * 1e6) + 1, True

@@ -61,6 +61,21 @@ def test_xlsx_numeric_order_numbers_read_as_integers(tmp_path, contexts_file):
     assert "2 x Hat" in context(snap, "1001", "jane@example.com")[1]
 
 
+def test_xlsx_numbers_too_long_to_be_exact_are_never_shown(tmp_path, contexts_file, capsys):
+    # A USPS tracking number typed into a numeric cell: Excel keeps 15 digits and stores 9.4001118992232e+21.
+    path = write_xlsx(tmp_path / "orders.xlsx", {"Orders": [
+        ["Order Number", "Email", "Status", "Product", "Tracking Number", "Carrier"],
+        [1001, "jane@example.com", "shipped", "Hat", 9.4001118992232e+21, "USPS"],
+        [1002, "sam@example.com", "shipped", "Cap", 123456789012345, "USPS"],  # 15 digits are exact
+    ]})
+    snap = snapshot_of(path, contexts_file)
+    status, text = context(snap, "1001", "jane@example.com")
+    assert status == 200 and "has shipped" in text and "94001118992232" not in text and "tracking number" not in text
+    assert "tracking number 123456789012345" in context(snap, "1002", "sam@example.com")[1]
+    assert app.main(["check", "--data", str(path), "--contexts", str(contexts_file)]) == 0
+    assert "warning  1 cells held numbers of 16 or more digits" in capsys.readouterr().out
+
+
 def test_xlsx_dates_read_as_dates(tmp_path, contexts_file):
     contexts_file.write_text(contexts_file.read_text().replace(
         'found = "Order {order_id} was found.', 'found = "Order {order_id} of {order_date} was found.'))

@@ -98,6 +98,14 @@ def test_a_rolling_export_that_loses_its_oldest_3_percent_is_accepted(serving_20
     assert app.answer(service.snapshot, "#1206", "c1206@example.com")[0] == 200
 
 
+def test_a_contexts_edit_that_reads_numbers_from_another_column_is_applied(serving_200, contexts_file):
+    # Every key changes (order numbers now from "Id"), which is no sign of a cut-off export.
+    service, export = serving_200
+    contexts_file.write_text(contexts_file.read_text().replace('order_id = ["', 'order_id = ["Id", "', 1))
+    assert service.reload() is True and service.snapshot.columns["order_id"] == "Id"
+    assert app.answer(service.snapshot, str(6634244374859 + 1200), "c1200@example.com")[0] == 200
+
+
 def test_an_export_ending_inside_a_quoted_cell_is_refused(serving_200):
     service, export = serving_200
     text = shopify_79(200).replace('"', "")

@@ -231,6 +231,23 @@ def test_two_customers_told_apart_only_by_customer_email_are_two_orders(tmp_path
     assert "1 x Teapot" in hal and "Kettle" not in hal and "has shipped" not in hal
 
 
+def test_a_workbook_sheet_is_found_by_a_layouts_order_number_header(tmp_path):
+    # Magento's order number is "ID", which [columns] does not name: the sheet is still found, not the first.
+    import csv
+
+    with open(FIXTURES / "magento_order_grid.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    path = write_xlsx(tmp_path / "orders.xlsx", {"Notes": [["Exported by", "Jo"]], "Orders": rows})
+    snapshot = app.build_snapshot(app.load_config(CONTEXTS), path)
+    assert snapshot.layout == "Magento / Adobe Commerce order grid export" and snapshot.orders == len(rows) - 1
+
+
+def test_a_bigcommerce_product_name_with_the_item_separator_stays_one_item(tmp_path):
+    text = (FIXTURES / "bigcommerce_orders.csv").read_text().replace("Enamel Camp Mug", "Enamel Camp Mug | Blue")
+    snapshot = app.build_snapshot(app.load_config(CONTEXTS), write(tmp_path / "orders.csv", text))
+    assert "It contains 2 x Enamel Camp Mug | Blue, 1 x Canvas Tote." in ask(snapshot, "1042", "ana.ruiz@example.com")[1]
+
+
 @pytest.mark.parametrize("a, b", [("order_number", "Order Number"), ("Customer: Email", "customer email"),
                                   ("Line-Item  Name", "line_item_name"), ("E-mail", "e mail")])
 def test_headers_compare_loosely(a, b):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import app
-from conftest import ROOT, write
+from conftest import KEY, ROOT, Client, make_settings, started, write
 
 
 @pytest.mark.parametrize("typed", ["#1001", "1001", " # 1001 ", "1001.0", "#1001.00", "1-0-0-1"])
@@ -36,6 +36,13 @@ def test_lookup_matches_typed_variants(client, order_id, email):
 
 def test_mixed_case_email_in_the_export_matches(client):
     assert client.lookup("1002", "sam@example.com").status == 200
+
+
+@pytest.mark.parametrize("query", ["jo%2Bshop%40example.com", "jo+shop@example.com", "JO+Shop@example.com"])
+def test_a_plus_address_matches_whether_or_not_the_caller_encoded_it(tmp_path, contexts_file, query):
+    export = write(tmp_path / "data" / "orders.csv", "Order Number,Email,Status\n5,jo+shop@example.com,shipped\n")
+    client = Client(app.create_app(started(make_settings(export.parent, contexts_file))))
+    assert client.get("/lookup", f"order_id=5&customer_email={query}", key=KEY).status == 200
 
 
 @pytest.mark.parametrize("order_id, email", [
