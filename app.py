@@ -35,7 +35,7 @@ import urllib.error
 import urllib.request
 from array import array
 from collections import Counter, OrderedDict, deque
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from datetime import date, datetime, timezone
@@ -2252,6 +2252,7 @@ class WebhookStore:
         CREATE INDEX IF NOT EXISTS orders_by_time ON orders (time);
     """
 
+    ROW = "platform, order_key, email_key, fields, deleted, received, time"  # as rows() gives them
     FAILED_SECONDS = 900  # a failed write shows on /healthz this long, so a monitor polling it sees it
 
     def __init__(self, path, max_orders=100_000):
@@ -2404,11 +2405,22 @@ class WebhookStore:
                             "LIMIT -1 OFFSET ?)", (self.max_orders,))
             self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
 
+    @staticmethod
+    def read(path, since):
+        """rows(since) of a store read only, as `lookup` does beside the running service: nothing changes."""
+        import sqlite3
+
+        try:
+            with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                return db.execute(f"SELECT {WebhookStore.ROW} FROM orders WHERE time >= ?", (since,)).fetchall()
+        except sqlite3.Error as e:
+            log.warning("%s: cannot be read (%s); answering from the export alone", shown_name(path), e)
+            return []
+
     def rows(self, since=0):
         """Every stored order that changed since then: (platform, order_key, email_key, fields, deleted, received, time)."""
         with self.lock:
-            return self.db.execute("SELECT platform, order_key, email_key, fields, deleted, received, time FROM orders "
-                                   "WHERE time >= ?", (since,)).fetchall()
+            return self.db.execute(f"SELECT {self.ROW} FROM orders WHERE time >= ?", (since,)).fetchall()
 
     def close(self):
         """Close the database (its WAL is checkpointed into the file)."""
@@ -4371,10 +4383,8 @@ def run_lookup(settings, args):
     config = load_config(settings.contexts)
     snapshot = build_snapshot(config, find_export(settings.data, settings.follow_symlinks), settings.memory_limit_mb)
     overlay, path = None, settings.state / "webhooks.sqlite3"
-    if settings.webhook_secrets and path.exists():  # as served: events newer than the export answer first
-        store = WebhookStore(path)
-        overlay = Overlay(snapshot).fill(store.rows(since=snapshot.covers))
-        store.close()
+    if path.exists():  # as served: events newer than the export answer first (without the secrets in this shell)
+        overlay = Overlay(snapshot).fill(WebhookStore.read(path, snapshot.covers))
     status, body = answer(snapshot, args.order_id, args.email, overlay)
     print(f"{status} {HTTPStatus(status).phrase}")
     print(body.decode())
