@@ -18,6 +18,7 @@ from conftest import KEY, ROOT, Served, free_port, orders_csv, wait_for, write
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
 SHIPPED = ROOT / "deploy" / "nginx" / "orders.conf"
+UPLOAD_KEY = "upl-deploy-test-key-4hT9wQ2xZ7"
 
 
 def missing_tools():
@@ -45,7 +46,8 @@ def deployed(tmp_path):
     app_port, http_port, https_port = free_port(), free_port(), free_port()
     env = {**os.environ, "API_KEY": KEY, "PORT": str(app_port), "ORDERS_FILE": str(data),
            "CONTEXTS_FILE": str(ROOT / "contexts.toml"), "TRUSTED_PROXY": "127.0.0.1",
-           "TRUSTED_PROXY_HEADERS": "x-forwarded-for x-forwarded-proto", "SETTLE_SECONDS": "0.1"}
+           "TRUSTED_PROXY_HEADERS": "x-forwarded-for x-forwarded-proto", "SETTLE_SECONDS": "0.1",
+           "UPLOAD_KEY": UPLOAD_KEY}
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
@@ -148,6 +150,19 @@ def test_lookups_answer_while_the_export_reloads(deployed):
     assert "40000 orders" in deployed.service.output, deployed.service.output[-2000:]
     assert statuses and set(statuses) == {200}
     assert b"has shipped" in lookup(deployed, 5)[2]
+
+
+def test_an_export_of_several_megabytes_is_uploaded_through_nginx(deployed):
+    body = orders_csv(60_000, status="fulfilled").encode()  # about 4 MB: far past the 64 KB of other requests
+    connection = http.client.HTTPSConnection("127.0.0.1", deployed.https, context=deployed.context, timeout=60)
+    try:
+        connection.request("PUT", "/export", body=body, headers={"x-upload-key": UPLOAD_KEY, "Content-Type": "text/csv"})
+        response = connection.getresponse()
+        status, answer = response.status, json.loads(response.read())
+    finally:
+        connection.close()
+    assert status == 200 and answer["accepted"] is True and answer["orders"] == 60_000, answer
+    assert b"has shipped" in lookup(deployed, 59_999)[2]
 
 
 @pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy is not installed (apt-get install caddy)")
