@@ -439,7 +439,8 @@ def measure_service(path, args, label):
     shutil.rmtree(OUT / "state", ignore_errors=True)  # no events or copies of an earlier run
     env = {"ORDERS_FILE": str(path), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(OUT / "state"),
            "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text", "SHOPIFY_WEBHOOK_SECRET": WEBHOOK_SECRET,
-           "UPLOAD_KEY": UPLOAD_KEY}
+           "UPLOAD_KEY": UPLOAD_KEY,
+           "CPU": str(min(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ""}  # the bare app's CPU
     server = Process([sys.executable, str(ROOT / "app.py")], env, port)
     try:
         start_to_serving = server.wait_ready()

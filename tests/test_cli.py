@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 import app
-from conftest import ROOT, Served, free_port
+from conftest import ROOT, Served, free_port, write
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "shopify_orders_export.csv"
 
@@ -106,22 +106,66 @@ def test_serve_without_a_key_makes_one_and_prints_it(tmp_path):
     assert "Traceback" not in served.output and "Logging error" not in served.output
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="keeping to one CPU needs Linux and a choice of CPUs")
+SEVERAL_CPUS = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                                  reason="keeping to one CPU needs Linux and a choice of CPUs")
+
+
+def serving_instance(tmp_path, name, **settings):
+    """python app.py on a free port with a data folder of its own, as a Served (not yet entered)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ORDERS_FILE", "CONTEXTS_FILE", "CPU", "ONE_CPU")}
+    write(tmp_path / name / "data" / "orders.csv", "Order Number,Email\n1,a@example.com\n")
+    env.update(PORT=str(free_port()), ORDERS_FILE=str(tmp_path / name / "data"), API_KEY="test-Kq7vX2mZp9LrT4wN8cB3",
+               **settings)
+    return Served([sys.executable, str(ROOT / "app.py")], env, tmp_path / name)
+
+
+def cpus_of(served):
+    """The set of CPU sets the threads of a running instance may use."""
+    pid = served.process.pid
+    return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+@SEVERAL_CPUS
 @pytest.mark.parametrize("one_cpu, kept", [("", True), ("yes", True), ("no", False)])
 def test_serve_keeps_every_thread_on_one_cpu_unless_told_not_to(tmp_path, one_cpu, kept):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("ORDERS_FILE", "CONTEXTS_FILE")}
-    env.update(PORT=str(port), STATE_DIR=str(tmp_path / "state"), API_KEY="test-Kq7vX2mZp9LrT4wN8cB3", ONE_CPU=one_cpu)
-    with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
+    with serving_instance(tmp_path, "shop", ONE_CPU=one_cpu) as served:
         served.wait_for("INFO serving ")
-        pid = served.process.pid
-        threads = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
-        count = len(os.listdir(f"/proc/{pid}/task"))
-    allowed = os.sched_getaffinity(0)
+        threads, count = cpus_of(served), len(os.listdir(f"/proc/{served.process.pid}/task"))
     assert count > 3  # the request threads, the log's and the watcher's are all looked at
-    assert threads == ({frozenset({min(allowed)})} if kept else {frozenset(allowed)})
-    assert (f"kept on CPU {min(allowed)}" in served.output) == kept
+    if kept:
+        (cpu,) = next(iter(threads))
+        assert threads == {frozenset({cpu})} and f"kept on CPU {cpu} " in served.output
+    else:
+        assert threads == {frozenset(os.sched_getaffinity(0))} and "kept on CPU" not in served.output
+
+
+@SEVERAL_CPUS
+def test_two_instances_keep_to_different_cpus(tmp_path):
+    # Two shops (or two replicas) on one server: the second takes the CPU the first does not hold.
+    with serving_instance(tmp_path, "first") as first:
+        first.wait_for("INFO serving ")
+        with serving_instance(tmp_path, "second") as second:
+            second.wait_for("INFO serving ")
+            assert len(cpus_of(first)) == len(cpus_of(second)) == 1
+            assert cpus_of(first) != cpus_of(second)
+
+
+@SEVERAL_CPUS
+def test_cpu_chooses_the_cpu(tmp_path):
+    cpu = max(os.sched_getaffinity(0))
+    with serving_instance(tmp_path, "shop", CPU=str(cpu)) as served:
+        served.wait_for("INFO serving ")
+        assert cpus_of(served) == {frozenset({cpu})} and f"kept on CPU {cpu} (as CPU= says" in served.output
+
+
+@pytest.mark.parametrize("value, says", [("one", "CPU='one' is not a CPU number"), ("4000", "CPU=4000: this process may use CPU")])
+def test_a_cpu_that_is_not_one_is_a_clear_error(tmp_path, value, says):
+    if value == "4000" and not hasattr(os, "sched_getaffinity"):
+        pytest.skip("CPU numbers are checked on Linux only")
+    served = serving_instance(tmp_path, "shop", CPU=value)
+    with served:
+        served.process.wait(20)
+    assert says in served.output and "Traceback" not in served.output
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
