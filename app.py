@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import bisect
 import copy
 import csv
 import hmac
@@ -40,7 +41,7 @@ from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from datetime import date, datetime, timezone
 from functools import lru_cache
-from itertools import chain, groupby, islice, starmap, zip_longest
+from itertools import accumulate, chain, groupby, islice, starmap, zip_longest
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
@@ -143,6 +144,7 @@ class Settings:
     key_failures_per_minute: int = 10
     one_cpu: bool = True
     cpu: int | None = None  # the CPU to keep to; None: one no other instance holds
+    metrics: bool = True  # lookups counted for /metrics and the status page
     follow_symlinks: bool = False
     memory_limit_mb: float | None = None
     allow_weak_key: bool = False
@@ -235,7 +237,7 @@ def settings_from(options=None, env=None):
         or "x-forwarded-for",
         log_format=log_format,
         key_failures_per_minute=env_number(env, "KEY_FAILURES_PER_MINUTE", 10),
-        one_cpu=env_switch(env, "ONE_CPU", True), cpu=env_cpu(env),
+        one_cpu=env_switch(env, "ONE_CPU", True), cpu=env_cpu(env), metrics=env_switch(env, "METRICS", True),
         follow_symlinks=env_switch(env, "FOLLOW_SYMLINKS", False),
         memory_limit_mb=env_number(env, "MEMORY_LIMIT_MB", 0.0, example=800) or default_memory_limit_mb(),
         allow_weak_key=env_switch(env, "ALLOW_WEAK_KEY", False),
@@ -2809,6 +2811,22 @@ def same_keys(a, b):
         (b.columns.get("order_id"), b.columns.get("email"), b.normalise)
 
 
+# What a refusal's message says, as a word a metric's label can carry (the first that fits).
+REFUSAL_KINDS = (("min_orders_ratio", "shrunk"), ("max_vanished_ratio", "vanished"), ("looks cut off", "cut_off"),
+                 ("holds no orders", "no_orders"), ("is empty", "no_orders"), ("no column for", "missing_column"),
+                 ("web page", "not_an_export"), ("binary file", "not_an_export"), ("not a .csv", "not_an_export"),
+                 ("took the service past", "memory"), ("when the service stopped", "stopped_a_load"),
+                 ("no such file", "missing_file"), ("no .csv or .xlsx", "missing_file"))
+
+
+def refusal_kind(error):
+    """The kind of a refused load, for /metrics: contexts (a contexts.toml edit), cut_off, shrunk, ..."""
+    if isinstance(error, ConfigError):
+        return "contexts"
+    text = str(error)
+    return next((kind for words, kind in REFUSAL_KINDS if words in text), "unreadable")
+
+
 class Service:
     """Holds the Snapshot being served and replaces it only with a good one."""
 
@@ -2830,6 +2848,8 @@ class Service:
         self.webhooks = Webhooks(self) if settings.webhook_secrets else None
         self.fetcher = Fetcher(self) if settings.orders_url else None
         self.uploading = threading.Lock()  # one upload checked at a time
+        self.loads = Counter()  # "accepted", or the kind of a refusal (refusal_kind): for /metrics
+        self.insights = Insights() if settings.metrics else None  # lookups counted off the request path
 
     def files_state(self):
         """The config and the export a load would read now, with sizes and times."""
@@ -2971,6 +2991,7 @@ class Service:
     def refuse(self, error):
         """Keep what is served; remember and log why the new files were refused."""
         if isinstance(error, ConfigError):
+            self.loads[refusal_kind(error)] += 1
             self.config_error = str(error)
         else:  # the config loaded before the export failed, so it is fine now
             self.config_error = None
@@ -2980,11 +3001,13 @@ class Service:
 
     def note_refusal(self, error):
         """Remember a refused export for /healthz: when, which file, why."""
+        self.loads[refusal_kind(error)] += 1
         self.refused = {"at": iso_time(time.time()), "file": getattr(error, "file", ""), "reason": str(error)}
 
     def install(self, snapshot, keep_copy=True):
         """Serve snapshot from now on (one assignment) and keep a copy of its file."""
         before, self.snapshot = self.snapshot, snapshot
+        self.loads["accepted"] += 1
         self.refused = None
         self.config_error = None
         self.from_last_good = False
@@ -3486,6 +3509,7 @@ def receive_upload(service, environ):
         log.warning("upload refused: %s", error)
         return 413, json.dumps({"accepted": False, "reason": str(error)}).encode()
     except UserError as error:
+        service.loads[refusal_kind(error)] += 1
         log.warning("upload refused, still serving %s: %s", shown_name(service.snapshot.source)
                     if service.snapshot else "nothing", error)
         return 422, json.dumps({"accepted": False, "reason": str(error)}).encode()
@@ -3553,7 +3577,13 @@ class Webhooks:
     def __init__(self, service):
         self.service = service
         self.counts = {platform: Counter() for platform in service.settings.webhook_secrets}
+        self.outcomes = {platform: Counter() for platform in service.settings.webhook_secrets}  # for /metrics
         self.last = {}  # platform -> time of the last applied event
+
+    def told(self, platform, outcome, status, body):
+        """Count a delivery's outcome (for /metrics) and give its answer back."""
+        self.outcomes[platform][outcome] += 1
+        return status, body
 
     def receive(self, platform, environ, body):
         """(HTTP status, JSON body or b"") for one delivery."""
@@ -3561,21 +3591,22 @@ class Webhooks:
         signature = environ.get(signature_header, "")
         counts = self.counts[platform]
         if platform == "woocommerce" and not signature and PING.fullmatch(body.strip()):
-            return 200, json.dumps({"ping": "ok"}).encode()  # saving the webhook in WooCommerce: nothing to store
+            return self.told(platform, "ping", 200, json.dumps({"ping": "ok"}).encode())  # nothing to store
         counts["received"] += 1
         if not signed(self.service.settings.webhook_secrets[platform], body, signature):
             counts["rejected"] += 1
-            return 401, b""
+            return self.told(platform, "unauthorized", 401, b"")
         topic = environ.get(topic_header, "").strip()
         make = WEBHOOK_TOPICS[platform].get(topic)
         if make is None:
-            return 200, json.dumps({"ignored": printable(topic)[:60]}).encode()
+            return self.told(platform, "ignored", 200, json.dumps({"ignored": printable(topic)[:60]}).encode())
         try:
             order = json.loads(body)
             event = make(order, topic)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             counts["rejected"] += 1
-            return 400, json.dumps({"context": "The body is not an order: a JSON object with an id."}).encode()
+            return self.told(platform, "not_an_order", 400,
+                             json.dumps({"context": "The body is not an order: a JSON object with an id."}).encode())
         return self.store(platform, topic, event, environ.get(delivery_header, ""))
 
     def store(self, platform, topic, event, delivery):
@@ -3584,21 +3615,24 @@ class Webhooks:
         snapshot, overlay, store = service.snapshot, service.overlay, service.store
         if store is None or snapshot is None or overlay is None:
             counts["rejected"] += 1
-            return 503, json.dumps({"context": "Events cannot be stored right now; the shop will send it again."}).encode()
+            return self.told(platform, "unavailable", 503, json.dumps(
+                {"context": "Events cannot be stored right now; the shop will send it again."}).encode())
         key = None  # a deletion names only the shop's id: the store knows the order's key
         if not event.deleted:
             key = (snapshot.normalise(event.fields["order_id"]), normalise_email(event.fields["email"]))
             if not all(key):
-                return 200, json.dumps({"stored": False, "reason": "the order has no number or no email, so no "
-                                                                   "lookup could find it"}).encode()
+                return self.told(platform, "no_number_or_email", 200, json.dumps(
+                    {"stored": False, "reason": "the order has no number or no email, so no lookup could find it"}).encode())
             if event.time < snapshot.covers:
-                return 200, json.dumps({"stored": False, "reason": "the export being served is newer"}).encode()
+                return self.told(platform, "older_than_export", 200, json.dumps(
+                    {"stored": False, "reason": "the export being served is newer"}).encode())
         try:
             job = store.apply(event, key, f"{platform}:{delivery}" if delivery else "")
         except StoreError as e:
             counts["rejected"] += 1
             log.error("webhook %s %s not stored: %s", platform, topic, e)
-            return 503, json.dumps({"context": "The event could not be stored; the shop will send it again."}).encode()
+            return self.told(platform, "store_failed", 503, json.dumps(
+                {"context": "The event could not be stored; the shop will send it again."}).encode())
         outcome = job.outcome
         if outcome == "applied":
             with service.events_lock:  # as the store had it once written, newest first
@@ -3614,7 +3648,7 @@ class Webhooks:
             counts["applied"] += 1
             self.last[platform] = time.time()
         log.info("webhook %s %s order=%s: %s", platform, topic, printable((job.now or key or ("?",))[0])[:20], outcome)
-        return 200, json.dumps({"stored": outcome == "applied", "outcome": outcome}).encode()
+        return self.told(platform, outcome, 200, json.dumps({"stored": outcome == "applied", "outcome": outcome}).encode())
 
     def status(self):
         """Per platform: events received, applied, rejected; the last one's time; orders answered from events."""
@@ -3823,7 +3857,14 @@ OPENAPI = {
 
 
 def create_app(service, write_request=None):
-    """The WSGI application: Bottle routes wrapped in the request log (see RequestLog for write_request)."""
+    """The WSGI application: Bottle routes wrapped in the request log (see RequestLog for write_request).
+
+    Without write_request (tests, `quiet`), each request is logged and counted as it ends;
+    `serve` passes the log thread's queue, which counts them off the request's path.
+    """
+    if write_request is None:
+        write_request = RequestLog.log_request if service.insights is None else (
+            lambda entry: (RequestLog.log_request(entry), service.insights.observe((entry,))))
     app = bottle.Bottle()
     app.config["catchall"] = True
     # Every route returns its body ready-made: the JSON and template plugins would only wrap
@@ -3926,14 +3967,33 @@ def create_app(service, write_request=None):
         bottle.response.content_type = JSON
         return json.dumps(OPENAPI)
 
+    def signed_in(environ):
+        """True for the key in x-api-key or as the password of HTTP Basic (the user name is ignored)."""
+        password = (bottle.parse_auth(environ.get("HTTP_AUTHORIZATION", "")) or ("", ""))[1]
+        if password:
+            environ["HTTP_X_API_KEY"] = password.encode("utf-8").decode("latin-1")
+        return check_key(environ, required=False), bool(password)
+
+    registry = metrics_registry(service) if service.insights is not None else None
+
+    @app.get("/metrics")
+    def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if registry is None:
+            raise bottle.HTTPError(404)  # METRICS=no: no such address
+        if not signed_in(bottle.request.environ)[0]:  # Prometheus: basic_auth with the key as password
+            raise bottle.HTTPResponse(b"", 401, content_type=JSON,
+                                      WWW_Authenticate='Basic realm="Order lookup metrics", charset="UTF-8"')
+        bottle.response.content_type = CONTENT_TYPE_LATEST
+        return generate_latest(registry)
+
     @app.route("/", method=["GET", "POST"])
     def status_page():
         for name, value in PAGE_HEADERS:
             bottle.response.set_header(name, value)
-        password = (bottle.parse_auth(bottle.request.environ.get("HTTP_AUTHORIZATION", "")) or ("", ""))[1]
-        if password:  # the key is the password of HTTP Basic; the user name is ignored
-            bottle.request.environ["HTTP_X_API_KEY"] = password.encode("utf-8").decode("latin-1")
-        if not check_key(bottle.request.environ, required=False):
+        allowed, password = signed_in(bottle.request.environ)
+        if not allowed:
             if "login" in bottle.request.query or password:
                 bottle.response.status = 401
                 bottle.response.set_header("WWW-Authenticate", 'Basic realm="Order lookup status", charset="UTF-8"')
@@ -4020,7 +4080,8 @@ def status_view(service, tried):
     color, reasons, age = freshness(service)
     config = service.snapshot.config if service.snapshot else None
     view = {"color": color, "word": FRESHNESS_WORDS[color], "reasons": reasons, "status": service.status(),
-            "age": describe_age(age), "tried": tried, "rules": [], "templates": []}
+            "age": describe_age(age), "tried": tried, "rules": [], "templates": [],
+            "day": service.insights.day() if service.insights else None}
     if config:
         view["rules"] = [(rule.number, describe_when(rule), rule.template) for rule in config.rules]
         view["rules"].append(("", "no rule matches", config.default_template))
@@ -4061,32 +4122,54 @@ def try_lookup(service, order_id, email):
             "order_id": order_id, "email": email}
 
 
-PAGE_STYLE = """<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
+PAGE_STYLE = """<style>
 body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}
 h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
 .badge{display:inline-block;padding:.2rem .7rem;border-radius:1rem;color:#fff;font-weight:600}
 .green{background:#1a7f37}.amber{background:#b35900}.red{background:#c62828}
 table{border-collapse:collapse;width:100%}td,th{text-align:left;vertical-align:top;padding:.35rem;border-bottom:1px solid #ddd}
-pre{background:#f4f4f4;padding:.7rem;white-space:pre-wrap;word-break:break-word}
+td,th,li,code{overflow-wrap:anywhere}
+pre{background:#f4f4f4;padding:.7rem;white-space:pre-wrap;overflow-wrap:anywhere}
 input{font:inherit;padding:.4rem;width:100%;box-sizing:border-box;margin:.2rem 0 .6rem}
 button{font:inherit;padding:.5rem 1rem}code{background:#f4f4f4;padding:0 .2rem}
+summary{cursor:pointer;font-weight:600;margin-top:1.5rem}
 </style>"""
 
-PUBLIC_PAGE = bottle.SimpleTemplate(PAGE_STYLE + """<!doctype html><title>Order lookup</title>
+
+def page(title, body):
+    """An HTML page: the doctype first (else browsers render in quirks mode), then the head, then body."""
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
+            f"{PAGE_STYLE}</head><body>{body}</body></html>\n")
+
+
+PUBLIC_PAGE = bottle.SimpleTemplate(page("Order lookup", """
 <h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
 <p>Data age: {{age}}.</p>
 <p>Details are for the shop's staff: <a href="/?login">sign in</a> with any user name and the
 API key as the password.</p>
-""")
+"""))
 
-STATUS_PAGE = bottle.SimpleTemplate(PAGE_STYLE + """<!doctype html><title>Order lookup status</title>
+# Freshness, its problem and the lookup form first: what a merchant checks on a phone. The
+# form posts to #tried, so the browser lands on the result; rules and answers are folded.
+STATUS_PAGE = bottle.SimpleTemplate(page("Order lookup status", """
 <h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
-<ul>
+<ul id="reasons">
 % for reason in reasons:
 <li>{{reason}}</li>
 % end
 </ul>
+<h2 id="try">Try a lookup</h2>
+<form method="post" action="/#tried" autocomplete="off">
+<label>Order number <input name="order_id" value="{{tried["order_id"] if tried and "order_id" in tried else ""}}"></label>
+<label>Email <input name="customer_email" type="email" value="{{tried["email"] if tried and "email" in tried else ""}}"></label>
+<button>Look up</button></form>
+% if tried:
+<div id="tried">
+<p>The chat platform would get <strong id="tried-status">{{tried["status"]}}</strong> and:</p>
+<pre id="tried-body">{{tried["body"]}}</pre>
+</div>
+% end
 <h2>Data</h2>
 <table id="data">
 <tr><th>File served</th><td>{{status.get("file", "none")}}{{" (the last good copy)" if status.get("from_last_good_copy") else ""}}</td></tr>
@@ -4105,34 +4188,48 @@ STATUS_PAGE = bottle.SimpleTemplate(PAGE_STYLE + """<!doctype html><title>Order 
 % end
 </table>
 % end
-<h2>Rules: the first that matches picks the answer</h2>
+% if day:
+<h2>Lookups, last 24 hours</h2>
+<p id="day-summary">{{day["lookups"]}} lookups{{"" if day["not_found_share"] is None else f"; {day['not_found_share']:.0%} of those answered were not found"}}{{"" if day["p50_ms"] is None else f"; answered in {day['p50_ms']:g} ms or less at the median, {day['p99_ms']:g} ms or less at the 99th percentile"}}. Counted since the service started, at most a day back.</p>
+% if day["hours"]:
+<table id="hours"><tr><th>hour (UTC)</th><th>found</th><th>not found</th><th>other</th></tr>
+% for hour, counts in day["hours"]:
+<tr><td>{{hour}}</td><td>{{counts["found"]}}</td><td>{{counts["not_found"]}}</td><td>{{sum(counts.values()) - counts["found"] - counts["not_found"]}}</td></tr>
+% end
+</table>
+% end
+% if day["recent_not_found"]:
+<details id="not-found-fold" open><summary>The last {{len(day["recent_not_found"])}} not found: the number as compared, and the email</summary>
+<p>A number customers type otherwise than the export writes it (SO-1001 for 1001) shows here: fix [columns] or the order format given to the chat platform.</p>
+<table id="not-found"><tr><th>time (UTC)</th><th>number</th><th>email</th></tr>
+% for moment, number, email in day["recent_not_found"]:
+<tr><td>{{moment[:19].replace("T", " ")}}</td><td><code>{{number or "-"}}</code></td><td>{{email}}</td></tr>
+% end
+</table>
+</details>
+% end
+% end
+<details id="rules-fold"><summary>Rules: the first that matches picks the answer ({{len(rules)}})</summary>
 <table id="rules"><tr><th>#</th><th>when</th><th>answer</th></tr>
 % for number, when, template in rules:
 <tr><td>{{number}}</td><td>{{when}}</td><td><code>{{template}}</code></td></tr>
 % end
 </table>
-<h2>Answers, shown on a made-up order</h2>
+</details>
+<details id="templates-fold"><summary>Answers, shown on a made-up order ({{len(templates)}})</summary>
 <table id="templates">
 % for name, text in templates:
 <tr><th><code>{{name}}</code></th><td>{{text}}</td></tr>
 % end
 </table>
-<h2>Try a lookup</h2>
-<form method="post" action="/" autocomplete="off">
-<label>Order number <input name="order_id" value="{{tried["order_id"] if tried and "order_id" in tried else ""}}"></label>
-<label>Email <input name="customer_email" type="email" value="{{tried["email"] if tried and "email" in tried else ""}}"></label>
-<button>Look up</button></form>
-% if tried:
-<p>The chat platform would get <strong id="tried-status">{{tried["status"]}}</strong> and:</p>
-<pre id="tried-body">{{tried["body"]}}</pre>
-% end
-""")
+</details>
+"""))
 
 
-FORBIDDEN_PAGE = PAGE_STYLE + """<!doctype html><title>Order lookup</title>
+FORBIDDEN_PAGE = page("Order lookup", """
 <h1>Not sent from this page</h1><p>The lookup form works only from the status page itself.
 <a href="/">Open it</a> and try again.</p>
-"""
+""")
 
 # Before any contexts.toml has loaded, a fault is worded as the shipped `unavailable` template.
 UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. Please try again in a few "
@@ -4152,6 +4249,190 @@ def json_error(error, service):
         return service.unavailable()
     text = ERROR_TEXTS.get(error.status_code, "The request could not be handled.")
     return json.dumps({"context": text})
+
+
+###############################################################################
+# Request log, lookup insights, metrics #######################################
+###############################################################################
+
+LOOKUP_OUTCOMES = ("found", "not_found", "missing", "invalid", "unauthorized", "throttled", "error")
+# Upper bounds in milliseconds: for /metrics' histogram and the status page's p50 and p99.
+LATENCY_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 250, 500, 1000, 2500, 5000)
+INSIGHT_HOURS = 24
+RECENT_NOT_FOUND = 20
+
+
+def lookup_outcome(entry):
+    """The outcome of a request to /lookup, from its request-log tuple; None for any other request."""
+    _, _, _, path, status, _, lookup = entry
+    if path != "/lookup":
+        return None
+    code = status[:3]
+    if code in ("200", "404", "401", "429"):
+        return {"200": "found", "404": "not_found", "401": "unauthorized", "429": "throttled"}[code]
+    if code == "400" and lookup and is_missing(*lookup):
+        return "missing"
+    return "error" if code.startswith("5") else "invalid"
+
+
+def is_missing(order_id, email):
+    """True when a 400 was for a number or email left out, not for one that could not be read (as answer() decides)."""
+    if order_id is None or email is None:
+        return False
+    order_id, email = order_id.strip(), email.strip()
+    if len(order_id) > MAX_ORDER_ID or len(email) > MAX_EMAIL or CONTROL.search(order_id + email):
+        return False
+    return not normalise_order_id(order_id) or not email
+
+
+class Insights:
+    """Lookups as the request log sees them, for /metrics and the status page: in memory only, gone on restart.
+
+    Fed by the log's thread in batches (serve), so counting costs a request nothing.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()  # the log's thread writes, a scrape or the page reads
+        self.outcomes = Counter()  # since start
+        self.latency = [0] * (len(LATENCY_MS) + 1)  # since start, per LATENCY_MS bucket (the last: slower)
+        self.latency_sum = 0.0  # seconds
+        self.hours = OrderedDict()  # hour number -> (Counter of outcomes, latency buckets)
+        self.not_found = deque(maxlen=RECENT_NOT_FOUND)  # (time, number as compared, masked email)
+
+    def observe(self, entries):
+        """Count a batch of request-log tuples; requests other than lookups are left out."""
+        with self.lock:
+            for entry in entries:
+                if (outcome := lookup_outcome(entry)) is not None:
+                    self.count(entry, outcome)
+
+    def count(self, entry, outcome):
+        """One lookup into the totals, its hour and, when not found, the recent list."""
+        moment, milliseconds, lookup = entry[0], entry[5], entry[6]
+        bucket = bisect.bisect_left(LATENCY_MS, milliseconds)
+        self.outcomes[outcome] += 1
+        self.latency[bucket] += 1
+        self.latency_sum += milliseconds / 1000
+        hour = int(moment // 3600)
+        if hour not in self.hours:
+            self.hours[hour] = (Counter(), [0] * (len(LATENCY_MS) + 1))
+            while len(self.hours) > INSIGHT_HOURS:
+                self.hours.popitem(last=False)
+        outcomes, buckets = self.hours[hour]
+        outcomes[outcome] += 1
+        buckets[bucket] += 1
+        if outcome == "not_found" and lookup:
+            order_id, email = lookup
+            number = "(an-email)" if "@" in order_id else normalise_order_id(order_id)[:NOT_FOUND_ID_LENGTH]
+            self.not_found.append((moment, number, mask_email(email)))
+
+    def day(self, now=None):
+        """The last 24 hours: per hour with lookups, its outcomes; the not-found share; p50 and p99; recent not-found."""
+        now = time.time() if now is None else now
+        first = int(now // 3600) - INSIGHT_HOURS + 1
+        with self.lock:
+            hours = [(hour, Counter(outcomes), list(buckets)) for hour, (outcomes, buckets) in self.hours.items()
+                     if hour >= first]
+            recent = list(reversed(self.not_found))
+        total, buckets = Counter(), [0] * (len(LATENCY_MS) + 1)
+        for _, outcomes, counts in hours:
+            total.update(outcomes)
+            buckets = [a + b for a, b in zip(buckets, counts)]
+        answered = total["found"] + total["not_found"]
+        return {"hours": [(iso_time(hour * 3600)[11:16], outcomes) for hour, outcomes, _ in hours],
+                "total": total, "lookups": sum(total.values()),
+                "not_found_share": total["not_found"] / answered if answered else None,
+                "p50_ms": percentile(buckets, 0.50), "p99_ms": percentile(buckets, 0.99),
+                "recent_not_found": [(iso_time(moment), number, email) for moment, number, email in recent]}
+
+
+def percentile(buckets, share):
+    """The bucket bound (ms) under which share of the counted lookups fall; None when none were counted."""
+    total = sum(buckets)
+    if not total:
+        return None
+    seen = 0
+    for bound, count in zip((*LATENCY_MS, math.inf), buckets):
+        seen += count
+        if seen >= share * total:
+            return bound
+    return math.inf
+
+
+class MetricsCollector:
+    """The service's state as Prometheus metrics, read when scraped: nothing is counted for them on a request."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def collect(self):
+        """The metric families (prometheus_client's collector protocol)."""
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        service, insights = self.service, self.service.insights
+        with insights.lock:
+            outcomes, latency, latency_sum = Counter(insights.outcomes), list(insights.latency), insights.latency_sum
+        lookups = CounterMetricFamily("orders_lookups", "Lookups on /lookup by outcome.", labels=["outcome"])
+        for outcome in LOOKUP_OUTCOMES:
+            lookups.add_metric([outcome], outcomes[outcome])
+        yield lookups
+        cumulative = list(accumulate(latency))
+        yield HistogramMetricFamily("orders_lookup_duration_seconds", "Time to answer a lookup.",
+                                    buckets=[(f"{bound / 1000:g}", n) for bound, n in zip(LATENCY_MS, cumulative)]
+                                    + [("+Inf", cumulative[-1])], sum_value=latency_sum)
+        yield from self.data(service)
+        loads = CounterMetricFamily("orders_loads_refused", "Exports or contexts.toml edits refused, by reason.",
+                                    labels=["reason"])
+        for kind, count in sorted(service.loads.items()):
+            if kind != "accepted":
+                loads.add_metric([kind], count)
+        yield loads
+        yield CounterMetricFamily("orders_loads_accepted", "Exports loaded and served.", value=service.loads["accepted"])
+        yield from self.sources(service)
+
+    @staticmethod
+    def data(service):
+        """Gauges of the data being served."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        snapshot, (_, _, age) = service.snapshot, service.health()
+        for name, doc, value in (
+                ("orders_served_orders", "Orders in the export being served.", snapshot.orders if snapshot else 0),
+                ("orders_served_rows", "Rows in the export being served.", snapshot.rows if snapshot else 0),
+                ("orders_data_age_seconds", "Age of the export being served.", age if age is not None else math.nan),
+                ("orders_max_age_seconds", "[settings] max_age_hours: older data is stale.",
+                 snapshot.config.max_age_hours * 3600 if snapshot else math.nan),
+                ("orders_last_load_duration_seconds", "How long the last accepted load took.",
+                 snapshot.seconds if snapshot else math.nan)):
+            yield GaugeMetricFamily(name, doc, value=value)
+
+    @staticmethod
+    def sources(service):
+        """Counters of webhook deliveries and fetches, where those are set up."""
+        from prometheus_client.core import CounterMetricFamily
+
+        if service.webhooks:
+            events = CounterMetricFamily("orders_webhook_events", "Webhook deliveries by platform and outcome.",
+                                         labels=["platform", "outcome"])
+            for platform, outcomes in service.webhooks.outcomes.items():
+                for outcome, count in sorted(outcomes.items()):
+                    events.add_metric([platform, outcome], count)
+            yield events
+        if service.fetcher:
+            fetches = CounterMetricFamily("orders_fetches", "Fetches of ORDERS_URL by outcome.", labels=["outcome"])
+            for outcome, count in sorted(service.fetcher.outcomes.items()):
+                fetches.add_metric([outcome], count)
+            yield fetches
+
+
+def metrics_registry(service):
+    """A registry of the service's metrics and the process's own (memory, CPU, open files)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MetricsCollector(service))
+    ProcessCollector(registry=registry)
+    return registry
 
 
 class RequestLog:
@@ -4550,7 +4831,7 @@ def run_serve(settings, args):
         print(f"\nWARNING: API_KEY is not set. For trying out only, this run accepts the key:\n\n    {key}\n\n"
               "Set API_KEY before serving real traffic.\n", file=sys.stderr, flush=True)
         key_status = "generated for this run"
-    server = make_server(create_app(service, request_writer()), settings)
+    server = make_server(create_app(service, request_writer(service.insights)), settings)
     watcher = Watcher(service).start()
     fetcher = service.fetcher.start() if service.fetcher else None
     log.info("serving %s on http://%s:%s/lookup (key: %s)", printable(service.snapshot.source),
@@ -4816,6 +5097,7 @@ class LogHandler(logging.StreamHandler):
         super().__init__(sys.stderr)
         self.pending = deque()
         self.queue_request = self.pending.append  # RequestLog's tuples
+        self.observers = []  # functions given each batch of request tuples too (Insights.observe)
         self.timer = threading.Thread(target=self.flush_every, args=(interval,), name="log-flush", daemon=True)
         self.timer.start()
 
@@ -4825,9 +5107,10 @@ class LogHandler(logging.StreamHandler):
 
     def write_pending(self):
         """Write the queued request lines in one go."""
-        line, lines = self.formatter.line, []
+        line, lines, entries = self.formatter.line, [], []
         while self.pending:
             entry = self.pending.popleft()
+            entries.append(entry)
             try:
                 text = request_line(entry)
             except Exception:  # one odd request must not stop every later line: this thread writes them all
@@ -4836,6 +5119,11 @@ class LogHandler(logging.StreamHandler):
         if lines:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
+        for observe in self.observers:
+            try:
+                observe(entries)
+            except Exception:  # counting must never stop the log
+                log.exception("request counting failed")
 
     def flush_now(self):
         """Write out what is queued."""
@@ -4852,10 +5140,15 @@ class LogHandler(logging.StreamHandler):
             self.flush_now()
 
 
-def request_writer():
-    """LogHandler.queue_request when serve's handler writes every line and request lines are wanted; else None."""
+def request_writer(insights=None):
+    """LogHandler.queue_request when serve's handler writes every line and request lines are wanted; else None.
+
+    insights: counts each batch of requests in the handler's thread too.
+    """
     handlers = logging.getLogger().handlers
     if access_log.isEnabledFor(logging.INFO) and len(handlers) == 1 and isinstance(handlers[0], LogHandler):
+        if insights is not None:
+            handlers[0].observers.append(insights.observe)
         return handlers[0].queue_request
     return None
 
