@@ -20,12 +20,14 @@ import csv
 import http.client
 import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -574,6 +576,47 @@ def post_events_child(port, events):
     print(json.dumps({"applied": outcomes["applied"], "seconds": time.perf_counter() - started, "outcomes": outcomes}))
 
 
+def measure_metrics(args, rounds=3):
+    """Lookups with METRICS on and off, alternately, on a small export; while on, /metrics is scraped twice a second.
+
+    Counting is done by the log's thread, so the two should be alike; rounds taken in turn,
+    and their medians compared, keep the machine's drift out of the ratio.
+    """
+    orders = min(args.orders, 20_000)
+    folder = OUT / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "orders.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(HEADER)
+        writer.writerows(export_rows(orders, args.seed))
+    rps, scrapes = {"yes": [], "no": []}, []
+    for _ in range(rounds):
+        for setting in ("yes", "no"):
+            port, stop = free_port(), threading.Event()
+            env = {"ORDERS_FILE": str(folder), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(folder / "state"),
+                   "METRICS": setting, "CPU": str(min(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ""}
+            server = Process([sys.executable, str(ROOT / "app.py")], env, port)
+            try:
+                server.wait_ready()
+
+                def scrape():
+                    while not stop.wait(0.5):
+                        started = time.perf_counter()
+                        status, _ = get(port, "/metrics")
+                        scrapes.append((time.perf_counter() - started) * 1000 if status == 200 else math.inf)
+
+                scraper = threading.Thread(target=scrape, daemon=True)
+                if setting == "yes":
+                    scraper.start()
+                rps[setting].append(load(port, args.seconds, args.connections, orders)["rps"])
+            finally:
+                stop.set()
+                server.stop()
+    on, off = statistics.median(rps["yes"]), statistics.median(rps["no"])
+    return {"on_rps": on, "off_rps": off, "ratio": on / off, "rounds": rounds, "all_rps": rps,
+            "scrapes": len(scrapes), "scrape_ms": statistics.median(scrapes) if scrapes else math.nan}
+
+
 def measure_bare(args, spin_us=0.0):
     """The bare Bottle/waitress app, same settings, same load."""
     port = free_port()
@@ -620,6 +663,8 @@ def run(args):
     results["in_process"] = json.loads(child.stdout.splitlines()[-1])
     print("service on CSV: load, lookups, reload under load ...", flush=True)
     results["service_csv"] = measure_service(csv_path, args, "csv")
+    print("service with metrics on and off, in turn ...", flush=True)
+    results["metrics"] = measure_metrics(args)
     print("service on XLSX ...", flush=True)
     results["service_xlsx"] = measure_service(xlsx_path, args, "xlsx")
     results["checks"] = checks(results)
@@ -648,6 +693,7 @@ def checks(r):
          "<"),
         ("failed lookups during the upload (and the upload accepted)",
          s["upload"]["lookup_failures"] + (0 if s["upload"]["accepted"] else 1), "", 0, 0, "<="),
+        ("lookups with metrics on (scraped twice a second) vs off", r["metrics"]["ratio"], "x", 0.98, 1.0, ">="),
     ]
     ok = lambda v, limit, op: {"<=": v <= limit, "<": v < limit, ">=": v >= limit, ">": v > limit}[op]
     return [{"what": w, "value": v, "unit": u, "bar": b, "goal": g, "op": op, "bar_ok": ok(v, b, op),
@@ -685,6 +731,9 @@ def table(r):
         f"| service: the {s['upload']['mb']:.0f} MB export uploaded (PUT /export), checked and swapped in "
         f"({'accepted' if s['upload']['accepted'] else 'REFUSED'}) | {s['upload']['seconds']:.2f} | "
         f"{s['upload']['peak_mb']:.0f} | | {s['upload']['p50_during_ms']:.1f} | {s['upload']['p99_during_ms']:.1f} |",
+        f"| service: lookups with metrics on, /metrics scraped every 0.5 s ({r['metrics']['scrape_ms']:.1f} ms a "
+        f"scrape), vs off; median of {r['metrics']['rounds']} rounds each | | | {r['metrics']['on_rps']:,.0f} vs "
+        f"{r['metrics']['off_rps']:,.0f} | | |",
         f"| service: XLSX load | {r['service_xlsx']['load_s']:.2f} | {r['service_xlsx']['peak_after_load_mb']:.0f} | | | |",
         "",
         f"In-process, per lookup through the WSGI app (no server): bare {r['in_process']['bare_us']:.1f} µs, "
