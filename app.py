@@ -3856,6 +3856,48 @@ OPENAPI = {
 }
 
 
+class Gate:
+    """The keys a request may carry, and the throttle that stops a client guessing them."""
+
+    def __init__(self, settings):
+        self.keys = tuple(key.encode("utf-8") for key in settings.api_keys)
+        self.upload_keys = tuple(key.encode("utf-8") for key in settings.upload_keys)
+        self.throttle = Throttle(settings.key_failures_per_minute)
+
+    def check_key(self, environ, required):
+        """True for a valid key; counts wrong ones and stops a guessing client with 429."""
+        # The raw value: Bottle's headers decode as UTF-8 and raise on any other byte.
+        given = environ.get("HTTP_X_API_KEY")
+        if key_ok(self.keys, given):
+            return True  # the right key is never throttled
+        if given:
+            self.failed(environ)
+        if required:
+            raise bottle.HTTPResponse(b"", 401, content_type=JSON)
+        return False
+
+    def signed_in(self, environ):
+        """(key valid, a password given): the key in x-api-key or as the password of HTTP Basic (any user name)."""
+        password = (bottle.parse_auth(environ.get("HTTP_AUTHORIZATION", "")) or ("", ""))[1]
+        if password:
+            environ["HTTP_X_API_KEY"] = password.encode("utf-8").decode("latin-1")
+        return self.check_key(environ, required=False), bool(password)
+
+    def failed(self, environ):
+        """Count a wrong key or signature from this client; 429 once it has had too many."""
+        # REMOTE_ADDR, not Bottle's remote_addr, which believes any X-Forwarded-For: waitress
+        # rewrites REMOTE_ADDR from the proxy's headers only for a TRUSTED_PROXY.
+        address = environ.get("REMOTE_ADDR") or "-"
+        if wait := self.throttle.retry_after(address):
+            raise bottle.HTTPError(429, retry_after=str(wait))
+        self.throttle.failed(address)
+
+    def stopped(self, environ):
+        """429 for a client already throttled (before it may send a large body)."""
+        if wait := self.throttle.retry_after(environ.get("REMOTE_ADDR") or "-"):
+            raise bottle.HTTPError(429, retry_after=str(wait))
+
+
 def create_app(service, write_request=None):
     """The WSGI application: Bottle routes wrapped in the request log (see RequestLog for write_request).
 
@@ -3870,32 +3912,22 @@ def create_app(service, write_request=None):
     # Every route returns its body ready-made: the JSON and template plugins would only wrap
     # each call in one more function.
     app.uninstall(True)
-    keys = tuple(key.encode("utf-8") for key in service.settings.api_keys)
-    throttle = Throttle(service.settings.key_failures_per_minute)
+    gate = Gate(service.settings)
+    add_lookup_routes(app, service, gate)
+    add_source_routes(app, service, gate)
+    add_page_routes(app, service, gate)
+    app.default_error_handler = lambda error: json_error(error, service)
+    return RequestLog(app, write_request, service.unavailable)
 
-    def check_key(environ, required):
-        """True for a valid key; counts wrong ones and stops a guessing client with 429."""
-        # The raw value: Bottle's headers decode as UTF-8 and raise on any other byte.
-        given = environ.get("HTTP_X_API_KEY")
-        if key_ok(keys, given):
-            return True  # the right key is never throttled
-        if given:
-            # REMOTE_ADDR, not Bottle's remote_addr, which believes any X-Forwarded-For: waitress
-            # rewrites REMOTE_ADDR from the proxy's headers only for a TRUSTED_PROXY.
-            address = environ.get("REMOTE_ADDR") or "-"
-            wait = throttle.retry_after(address)
-            if wait:
-                raise bottle.HTTPError(429, retry_after=str(wait))
-            throttle.failed(address)
-        if required:
-            raise bottle.HTTPResponse(b"", 401, content_type=JSON)
-        return False
+
+def add_lookup_routes(app, service, gate):
+    """/lookup for the chat platform; /healthz, /livez and /openapi.json for monitors and tools."""
 
     @app.get("/lookup")
     def lookup():
         environ = bottle.request.environ  # once: each bottle.request attribute goes through a thread-local
         bottle.response.content_type = JSON
-        check_key(environ, required=True)
+        gate.check_key(environ, required=True)
         order_id, email = lookup_params(environ.get("QUERY_STRING", ""))
         environ["orders.lookup"] = (order_id, email)  # for the log line, worked out off the request's path
         snapshot = service.snapshot
@@ -3907,48 +3939,10 @@ def create_app(service, write_request=None):
             bottle.response.status = status
         return body
 
-    @app.route("/webhooks/<platform>", method=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
-    def webhook(platform):
-        environ = bottle.request.environ
-        bottle.response.content_type = JSON
-        if platform not in service.settings.webhook_secrets:
-            raise bottle.HTTPError(404)  # exactly as any unknown address, while its secret is unset
-        if environ["REQUEST_METHOD"] != "POST":
-            raise bottle.HTTPError(405)
-        body = request_body(environ, WEBHOOK_MAX_BYTES)
-        status, payload = service.webhooks.receive(platform, environ, body)
-        if status == 401:  # a signed event is never throttled: a shop's addresses are shared by many shops
-            address = environ.get("REMOTE_ADDR") or "-"
-            if wait := throttle.retry_after(address):
-                raise bottle.HTTPError(429, retry_after=str(wait))
-            throttle.failed(address)
-        bottle.response.status = status
-        return payload
-
-    upload_keys = tuple(key.encode("utf-8") for key in service.settings.upload_keys)
-
-    @app.route("/export", method=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
-    def export_upload():
-        environ = bottle.request.environ
-        bottle.response.content_type = JSON
-        if not upload_keys:
-            raise bottle.HTTPError(404)  # exactly as any unknown address, while UPLOAD_KEY is unset
-        if environ["REQUEST_METHOD"] not in ("PUT", "POST"):
-            raise bottle.HTTPError(405)
-        address = environ.get("REMOTE_ADDR") or "-"
-        if wait := throttle.retry_after(address):
-            raise bottle.HTTPError(429, retry_after=str(wait))
-        if not key_ok(upload_keys, environ.get("HTTP_X_UPLOAD_KEY")):  # the chat platform's key changes no data
-            throttle.failed(address)
-            raise bottle.HTTPResponse(b"", 401, content_type=JSON)
-        status, body = receive_upload(service, environ)
-        bottle.response.status = status
-        return body
-
     @app.get("/healthz")
     def healthz():
         bottle.response.content_type = JSON
-        detailed = check_key(bottle.request.environ, required=False)
+        detailed = gate.check_key(bottle.request.environ, required=False)
         healthy, _, age = service.health()
         bottle.response.status = 200 if healthy else 503
         if detailed:
@@ -3967,13 +3961,44 @@ def create_app(service, write_request=None):
         bottle.response.content_type = JSON
         return json.dumps(OPENAPI)
 
-    def signed_in(environ):
-        """True for the key in x-api-key or as the password of HTTP Basic (the user name is ignored)."""
-        password = (bottle.parse_auth(environ.get("HTTP_AUTHORIZATION", "")) or ("", ""))[1]
-        if password:
-            environ["HTTP_X_API_KEY"] = password.encode("utf-8").decode("latin-1")
-        return check_key(environ, required=False), bool(password)
 
+def add_source_routes(app, service, gate):
+    """The ways data arrives over HTTP: the shops' webhooks and uploads of the export."""
+
+    @app.route("/webhooks/<platform>", method=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    def webhook(platform):
+        environ = bottle.request.environ
+        bottle.response.content_type = JSON
+        if platform not in service.settings.webhook_secrets:
+            raise bottle.HTTPError(404)  # exactly as any unknown address, while its secret is unset
+        if environ["REQUEST_METHOD"] != "POST":
+            raise bottle.HTTPError(405)
+        body = request_body(environ, WEBHOOK_MAX_BYTES)
+        status, payload = service.webhooks.receive(platform, environ, body)
+        if status == 401:  # a signed event is never throttled: a shop's addresses are shared by many shops
+            gate.failed(environ)
+        bottle.response.status = status
+        return payload
+
+    @app.route("/export", method=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    def export_upload():
+        environ = bottle.request.environ
+        bottle.response.content_type = JSON
+        if not gate.upload_keys:
+            raise bottle.HTTPError(404)  # exactly as any unknown address, while UPLOAD_KEY is unset
+        if environ["REQUEST_METHOD"] not in ("PUT", "POST"):
+            raise bottle.HTTPError(405)
+        gate.stopped(environ)
+        if not key_ok(gate.upload_keys, environ.get("HTTP_X_UPLOAD_KEY")):  # the chat platform's key changes no data
+            gate.failed(environ)
+            raise bottle.HTTPResponse(b"", 401, content_type=JSON)
+        status, body = receive_upload(service, environ)
+        bottle.response.status = status
+        return body
+
+
+def add_page_routes(app, service, gate):
+    """What people and Prometheus read, behind the key: the status page at / and /metrics."""
     registry = metrics_registry(service) if service.insights is not None else None
 
     @app.get("/metrics")
@@ -3982,7 +4007,7 @@ def create_app(service, write_request=None):
 
         if registry is None:
             raise bottle.HTTPError(404)  # METRICS=no: no such address
-        if not signed_in(bottle.request.environ)[0]:  # Prometheus: basic_auth with the key as password
+        if not gate.signed_in(bottle.request.environ)[0]:  # Prometheus: basic_auth with the key as password
             raise bottle.HTTPResponse(b"", 401, content_type=JSON,
                                       WWW_Authenticate='Basic realm="Order lookup metrics", charset="UTF-8"')
         bottle.response.content_type = CONTENT_TYPE_LATEST
@@ -3992,7 +4017,7 @@ def create_app(service, write_request=None):
     def status_page():
         for name, value in PAGE_HEADERS:
             bottle.response.set_header(name, value)
-        allowed, password = signed_in(bottle.request.environ)
+        allowed, password = gate.signed_in(bottle.request.environ)
         if not allowed:
             if "login" in bottle.request.query or password:
                 bottle.response.status = 401
@@ -4009,9 +4034,6 @@ def create_app(service, write_request=None):
             environ["orders.lookup"] = (order_id, email)  # logged as a lookup is
             tried = try_lookup(service, order_id, email)
         return STATUS_PAGE.render(status_view(service, tried))
-
-    app.default_error_handler = lambda error: json_error(error, service)
-    return RequestLog(app, write_request, service.unavailable)
 
 
 def same_origin(environ):
