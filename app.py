@@ -4150,7 +4150,18 @@ h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
 .badge{display:inline-block;padding:.2rem .7rem;border-radius:1rem;color:#fff;font-weight:600}
 .green{background:#1a7f37}.amber{background:#b35900}.red{background:#c62828}
 table{border-collapse:collapse;width:100%}td,th{text-align:left;vertical-align:top;padding:.35rem;border-bottom:1px solid #ddd}
-td,th,li,code{overflow-wrap:anywhere}
+td,th,li,code{overflow-wrap:break-word}
+#data td,#templates td,#webhooks td,#not-found td:not(:first-child),#not-found code{overflow-wrap:anywhere}
+#tried{scroll-margin-top:1rem}
+@media (max-width:40rem){
+#webhooks,#hours,#not-found{font-size:.85rem}
+#webhooks :is(td,th),#hours :is(td,th),#not-found :is(td,th){padding:.35rem .2rem}
+#rules tr:first-child{display:none}
+#rules tr,#templates tr{display:block;border-bottom:1px solid #ddd;padding:.35rem 0}
+#rules td,#templates th,#templates td{display:block;border:0;padding:.1rem .35rem}
+#rules td:first-child,#rules td:nth-child(2){display:inline}
+#rules td:last-child::before{content:"answer: "}
+}
 pre{background:#f4f4f4;padding:.7rem;white-space:pre-wrap;overflow-wrap:anywhere}
 input{font:inherit;padding:.4rem;width:100%;box-sizing:border-box;margin:.2rem 0 .6rem}
 button{font:inherit;padding:.5rem 1rem}code{background:#f4f4f4;padding:0 .2rem}
@@ -4204,9 +4215,17 @@ STATUS_PAGE = bottle.SimpleTemplate(page("Order lookup status", """
 </table>
 % if status.get("webhooks"):
 <h2>Webhook events</h2>
-<table id="webhooks"><tr><th>shop</th><th>received</th><th>applied</th><th>rejected</th><th>last event</th><th>orders answered from events</th></tr>
-% for platform, counts in status["webhooks"].items():
-<tr><td>{{platform}}</td><td>{{counts["received"]}}</td><td>{{counts["applied"]}}</td><td>{{counts["rejected"]}}</td><td>{{counts["last_event"] or "none yet"}}</td><td>{{counts["orders_from_events"]}}</td></tr>
+<table id="webhooks"><tr><th>shop</th>
+% for platform in status["webhooks"]:
+<th>{{platform}}</th>
+% end
+</tr>
+% for label, key in (("received", "received"), ("applied", "applied"), ("rejected", "rejected"), ("last event", "last_event"), ("orders answered from events", "orders_from_events")):
+<tr><th>{{label}}</th>
+% for counts in status["webhooks"].values():
+<td>{{counts[key] if key != "last_event" else counts[key] or "none yet"}}</td>
+% end
+</tr>
 % end
 </table>
 % end
