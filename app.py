@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import tomllib
+import unicodedata
 import urllib.error
 import urllib.request
 from array import array
@@ -336,7 +337,7 @@ ITEM_FIELDS = ("item_name", "item_quantity", "item_status")
 ROW_FIELDS = (*ITEM_FIELDS, "tracking_number")
 # Fields that derived placeholders are made from: always read when present.
 SOURCE_FIELDS = ("tracking_number", "carrier", "tracking_url")
-SECTIONS = ("settings", "columns", "items", "rules", "templates", "carriers", "layouts")
+SECTIONS = ("settings", "columns", "items", "rules", "templates", "carriers", "layouts", "vocabulary")
 
 
 @dataclass(frozen=True)
@@ -412,6 +413,8 @@ class Config:
     sheet: str
     timezone: object  # a zoneinfo.ZoneInfo: the merchant's, for the times answers show
     layouts: tuple = ()  # Layouts, contexts.toml's first, then the shipped ones
+    headers: dict = None  # field -> headers in other languages (vocabulary.toml), looked for after [columns]'
+    meanings: dict = None  # status word in another language -> the word rules use (vocabulary.toml)
 
     @property
     def fields_used(self):
@@ -427,8 +430,15 @@ class Config:
 
 
 def status_word(value):
-    """Status words compare loosely: 'On-Hold', 'on hold' and 'ON_HOLD' are one."""
-    return " ".join(re.split(r"[\s_\-]+", value.strip().casefold())).strip()
+    """Status words compare loosely: 'On-Hold', 'on hold' and 'ON_HOLD' are one, and 'Expédiée' is 'expediee'."""
+    return " ".join(re.split(r"[\s_\-]+", unaccented(value.strip().casefold()))).strip()
+
+
+def unaccented(text):
+    """Text without accents ('Numéro' -> 'Numero'); ASCII text is returned at once."""
+    if text.isascii():
+        return text
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
 def snake_case(header):
@@ -439,19 +449,22 @@ def snake_case(header):
 def header_key(header):
     """Headers compare loosely: without case, and "_", "-", ":" and runs of spaces as one space.
 
-    So order_number is Order Number, and Customer: Email is Customer Email.
+    So order_number is Order Number, Customer: Email is Customer Email, and Numéro de suivi is
+    Numero de suivi.
     """
-    return " ".join(str(header).casefold().replace("_", " ").replace("-", " ").replace(":", " ").split())
+    return " ".join(unaccented(str(header).casefold()).replace("_", " ").replace("-", " ").replace(":", " ").split())
 
 
 LAYOUTS_FILE = HERE / "layouts.toml"  # the export layouts shipped with the service; contexts.toml adds its own
+VOCABULARY_FILE = HERE / "vocabulary.toml"  # headers and status words in other languages; contexts.toml adds its own
 
 
 def load_config(path):
     """Read and check contexts.toml (and the shipped layouts.toml); raise ConfigError naming file, key and fix."""
     path = Path(path)
     shipped = read_toml(LAYOUTS_FILE) if LAYOUTS_FILE.exists() else {}
-    return parse_config(path, read_toml(path), shipped)
+    words = read_toml(VOCABULARY_FILE) if VOCABULARY_FILE.exists() else {}
+    return parse_config(path, read_toml(path), shipped, words)
 
 
 def read_toml(path):
@@ -475,8 +488,8 @@ def read_toml(path):
                           "tables, texts and lists of texts; copy the shipped one and edit that.") from None
 
 
-def parse_config(path, doc, shipped=None):
-    """Turn a parsed contexts.toml (and the shipped layouts.toml) into a Config, checking every key."""
+def parse_config(path, doc, shipped=None, words=None):
+    """Turn a parsed contexts.toml (and the shipped layouts.toml and vocabulary.toml) into a Config, checking every key."""
     shipped = shipped or {}
     for key in doc:
         if key not in SECTIONS:
@@ -509,7 +522,29 @@ def parse_config(path, doc, shipped=None):
         sheet=settings["sheet"],
         timezone=parse_timezone(path, settings["timezone"]),
         layouts=tuple(sorted(layouts.values(), key=lambda layout: layout.key not in own)),
+        **parse_vocabulary(path, doc.get("vocabulary", {}), words or {}),
     )
+
+
+def parse_vocabulary(path, own, shipped):
+    """[vocabulary] of contexts.toml over the shipped vocabulary.toml: {"headers": ..., "meanings": ...}.
+
+    headers: field -> headers (contexts.toml's first); meanings: status word -> the word rules
+    use (contexts.toml's win). A file's own [columns] and rule words always come first.
+    """
+    headers, meanings = {}, {}
+    for source, doc in ((path, table(path, "vocabulary", own)), (VOCABULARY_FILE, shipped)):
+        for key in doc:
+            if key not in ("headers", "statuses"):
+                config_error(source, f"[vocabulary] {key}" if source == path else f"[{key}]", "is not a known section.",
+                             "It holds headers and statuses.")
+        prefix = "vocabulary." if source == path else ""
+        for field_name, names in parse_columns(source, doc.get("headers", {}), f"{prefix}headers").items():
+            headers[field_name] = (*headers.get(field_name, ()), *names)
+        for meaning, said in table(source, f"{prefix}statuses", doc.get("statuses", {})).items():
+            for word in texts(source, f"[{prefix}statuses] {meaning}", said, '["versendet", "expediee"]'):
+                meanings.setdefault(status_word(word), status_word(meaning))
+    return {"headers": headers, "meanings": meanings}
 
 
 def parse_timezone(path, name):
@@ -1232,6 +1267,8 @@ class Plan:
     ignore_rows: tuple = ()  # (column, status_word()s): rows left out, e.g. a cancelled parcel's
     senses: dict = None  # the layout's statuses: field -> {its word: the word rules use}
     header: tuple = ()  # the file's headers, for check
+    detected: tuple = ()  # (field, header, evidence) of columns served because their content fits
+    found: dict = None  # field -> [Fit]: columns whose content fits a field no header named, for check
 
     @property
     def rich(self):
@@ -1291,13 +1328,17 @@ def make_plan(config, header, name, sample=(), layout=None):
             positions[key] = index
     layout = forced or detect_layout(config.layouts, positions)
     chosen, competing = choose_columns(config, layout, positions, sample)
+    found = {} if forced else found_by_content(config, header, sample, chosen, layout)
     for field_name in REQUIRED_FIELDS:
         if field_name not in chosen:
-            looked = ", ".join(f'"{c}"' for c in candidates(config, layout, field_name))
-            raise ExportError(f"{name}: no column for {field_name} (looked for {looked}). Add your export's header "
-                              f"to {columns_key(layout, field_name)} in contexts.toml; `python app.py check` shows the file's "
-                              "columns." + (f" {layout.help}" if layout and layout.help else ""),
-                              file=name, detail=shown_headers(header))
+            if len(found.get(field_name, ())) != 1:  # none, or several that fit: never a guess
+                raise missing_column(config, layout, header, name, field_name, found)
+            chosen[field_name] = found[field_name][0].column
+    if "status" not in chosen and len(found.get("status", ())) == 1:
+        chosen["status"] = found["status"][0].column
+    # Served only where exactly one column fits; logged, shown on /healthz and by check.
+    detected = tuple((f, header[fits[0].column].strip(), fits[0].evidence) for f, fits in found.items()
+                     if len(fits) == 1 and chosen.get(f) == fits[0].column)
     by_snake = {}
     for index, text in enumerate(header):
         by_snake.setdefault(snake_case(text), index)
@@ -1329,7 +1370,7 @@ def make_plan(config, header, name, sample=(), layout=None):
         ignore_leading_zeros=bool(layout and layout.ignore_leading_zeros), senses=layout.statuses if layout else {},
         ignore_rows=tuple((positions[header_key(h)], words) for h, words in (layout.ignore_rows if layout else ())
                           if header_key(h) in positions),
-        header=tuple(h.strip() for h in header),
+        header=tuple(h.strip() for h in header), detected=detected, found=found,
     )
     return plan
 
@@ -1342,7 +1383,23 @@ def candidates(config, layout, field_name):
     "Fulfillment Status", which is not the order's.
     """
     own = layout.columns.get(field_name, ()) if layout else ()
-    return tuple(own or config.columns.get(field_name, ()))
+    return tuple(own or dict.fromkeys((*config.columns.get(field_name, ()), *(config.headers or {}).get(field_name, ()))))
+
+
+def missing_column(config, layout, header, name, field_name, found):
+    """The ExportError for a required column found neither by its header nor, unambiguously, by its content."""
+    looked = ", ".join(f'"{c}"' for c in candidates(config, layout, field_name))
+    fits = found.get(field_name, ())
+    if fits:
+        hint = (f" By their content, {' or '.join(repr(printable(header[f.column].strip())) for f in fits[:3])} could "
+                f"be it ({fits[0].evidence}); which, the service does not guess.")
+    else:
+        hint = ""
+    return ExportError(f"{name}: no column for {field_name} (looked for {looked}).{hint} Add your export's header "
+                       f"to {columns_key(layout, field_name)} in contexts.toml; `python app.py check` shows the file's "
+                       "columns" + (" and a [columns] block to paste." if fits else ".")
+                       + (f" {layout.help}" if layout and layout.help else ""),
+                       file=name, detail=shown_headers(header) + proposal_text(config, header, found))
 
 
 def columns_key(layout, field_name):
@@ -1370,6 +1427,108 @@ def choose_columns(config, layout, positions, sample):
             if len(present) > 1:
                 competing.append((field_name, present[0], tuple(present[1:])))
     return chosen, competing
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A column whose values fit a field, and why: what `check` shows and the log names."""
+
+    column: int
+    evidence: str
+    rank: tuple = ()  # higher is likelier
+
+
+EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+ID_SHAPE = re.compile(r"#?[0-9A-Za-z][0-9A-Za-z#/_.\-]{0,39}")
+NOT_AN_ID = re.compile(r"\d+[.,]\d{1,2}|\d{1,4}[-./]\d{1,2}[-./]\d{1,4}.*|\d{1,2}:\d{2}.*")  # amounts, dates, times
+
+
+def found_by_content(config, header, sample, chosen, layout=None):
+    """{field: [Fit, best first]} for the order number, email and status columns not found by header.
+
+    Read from the values of the first rows: e-mail addresses; values shaped like order
+    numbers whose repeats lie together (an order's item rows); known status words.
+    """
+    wanted = [f for f in ("order_id", "email", "status") if f not in chosen]
+    rows = [row for row in sample if any(cell.strip() for cell in row)]
+    if not wanted or len(rows) < 2:
+        return {}
+    taken = set(chosen.values())
+    values = {i: [row[i].strip() if i < len(row) else "" for row in rows] for i in range(len(header)) if i not in taken}
+    found = {}
+    if "email" in wanted:
+        found["email"] = email_fits(values, len(rows))
+    if "order_id" in wanted:
+        emails = [f.column for f in found.get("email", ())] or [chosen.get("email")]
+        found["order_id"] = order_fits(values, len(rows), set(emails))
+    if "status" in wanted:
+        found["status"] = status_fits(config, values, len(rows), layout)
+    return {field: found[field] for field in ("order_id", "email", "status") if found.get(field)}
+
+
+def email_fits(values, count):
+    """Columns whose filled cells are nearly all e-mail addresses, on at least half the rows."""
+    fits = []
+    for column, cells in values.items():
+        filled = [c for c in cells if c]
+        emails = sum(1 for c in filled if EMAIL_SHAPE.fullmatch(c))
+        if filled and emails >= 0.9 * len(filled) and len(filled) >= 0.5 * count:
+            fits.append(Fit(column, f"{emails} of {count} rows hold an e-mail address", (emails,)))
+    return sorted(fits, key=lambda f: f.rank, reverse=True)
+
+
+def order_fits(values, count, emails):
+    """Columns filled on nearly every row with short codes holding a digit, each code's rows together."""
+    fits = []
+    for column, cells in values.items():
+        if column in emails:
+            continue
+        filled = [c for c in cells if c]
+        if len(filled) < 0.9 * count or not all(ID_SHAPE.fullmatch(c) for c in filled):
+            continue
+        if sum(any(ch.isdigit() for ch in c) for c in filled) < 0.8 * len(filled) or \
+                sum(bool(NOT_AN_ID.fullmatch(c)) for c in filled) > 0.2 * len(filled):
+            continue
+        runs = [value for value, _ in groupby(cells) if value]
+        distinct = len(set(filled))
+        if distinct < 2 or len(runs) != distinct:  # a value seen again after others: not an order's rows
+            continue
+        repeats = distinct < len(filled)  # item rows of one order: the likeliest sign of an order number
+        example = max(filled, key=len)
+        fits.append(Fit(column, f"{distinct} distinct values over {count} rows, shaped like {printable(example)[:20]!r}",
+                        (repeats, -len(example) // 8, -column)))
+    return sorted(fits, key=lambda f: f.rank, reverse=True)
+
+
+def status_fits(config, values, count, layout):
+    """Columns whose filled cells are mostly status words the rules or the vocabulary know."""
+    # The words the rules read in the status field, and the words that mean one of them: a
+    # payment column ("bezahlt") is not taken for the order's state.
+    known = {w for rule in config.rules for name, words in rule.conditions if name == "status" and words for w in words}
+    known |= {word for word, meaning in (config.meanings or {}).items() if meaning in known}
+    known |= set((layout.statuses if layout else {}).get("status", {}))
+    fits = []
+    for column, cells in values.items():
+        filled = [c for c in cells if c]
+        words = [status_word(c) for c in filled]
+        hits = sum(w in known for w in words)
+        if filled and hits >= 0.8 * len(filled) and len(filled) >= 0.5 * count and len(set(words)) <= 0.5 * len(words) + 1:
+            seen = ", ".join(dict.fromkeys(printable(c)[:20] for c in filled))
+            fits.append(Fit(column, f"{hits} of {len(filled)} values are status words ({seen[:60]})", (hits,)))
+    return sorted(fits, key=lambda f: f.rank, reverse=True)
+
+
+def proposal_text(config, header, found):
+    """The [columns] lines `check` prints for columns found by their content: each one's header first."""
+    if not found:
+        return ""
+    lines = ["", "Found by their content; in contexts.toml, replace these lines under [columns]:", "[columns]"]
+    for field_name, fits in found.items():
+        names = [header[fits[0].column].strip(), *config.columns.get(field_name, ())]
+        others = f"; also fits: {', '.join(repr(header[f.column].strip()) for f in fits[1:3])}" if fits[1:] else ""
+        lines.append(f"{field_name} = {json.dumps(list(dict.fromkeys(names)), ensure_ascii=False)}"
+                     f"  # {fits[0].evidence}{others}")
+    return "\n".join(lines)
 
 
 def packed_columns(header, spec):
@@ -1466,7 +1625,7 @@ class OrderReader:
         keys = {header_key(c) for c in cells if c}
         if detect_layout(self.config.layouts, keys):
             return 2
-        wanted = {header_key(h) for h in (*self.config.columns["order_id"],
+        wanted = {header_key(h) for h in (*candidates(self.config, None, "order_id"),
                                           *(h for layout in self.config.layouts for h in layout.columns.get("order_id", ())))}
         return 1 if keys & wanted else 0
 
@@ -2591,6 +2750,7 @@ class Renderer:
         self.choices = {}  # the word fields' values as exported -> ((sources to be filled, Template), ...)
         self.words = {}  # memo of word()
         self.senses = plan.senses or {}  # field -> {this export's word: the word rules use}
+        self.meanings = config.meanings or {}  # a word in another language -> the word rules use
         self.carrier_pages = {}  # carrier name as exported -> its tracking page ("" when none)
         # [items] format with numbered places, so an item tuple (quantity, name, status) fills it as is.
         self.item_text = numbered(config.item_format, ("quantity", "name")).format
@@ -2639,11 +2799,13 @@ class Renderer:
         return tuple(choices)
 
     def word(self, value, field_name=""):
-        """The word rules compare a field's value as: status_word, then the layout's sense of it; remembered."""
+        """The word rules compare a field's value as: status_word, then the layout's sense of it or else the
+        vocabulary's meaning (versendet: shipped); remembered."""
         word = self.words.get((field_name, value))
         if word is None:
             word = status_word(value)
-            word = self.words[(field_name, value)] = self.senses.get(field_name, {}).get(word, word)
+            word = self.senses.get(field_name, {}).get(word) or self.meanings.get(word, word)
+            self.words[(field_name, value)] = word
         return word
 
     def link(self, cells, tracking):
@@ -3012,6 +3174,10 @@ class Service:
         self.config_error = None
         self.from_last_good = False
         log.info("loaded %s", snapshot.describe())
+        for field_name, header, evidence in snapshot.packer.plan.detected:
+            log.warning("%s: column %r read as %s because of its content (%s), not its header; name it in "
+                        "[columns] %s of contexts.toml to make it sure", shown_name(snapshot.source), printable(header),
+                        field_name, evidence, field_name)
         self.events(snapshot, caught_up=before is not None and not same_file(before, snapshot))
         if before and before.config != snapshot.config:  # what contexts.toml says changed, not only its time
             log.info("applied %s: %d templates, %d rules", shown_name(snapshot.config.path),
@@ -3141,6 +3307,8 @@ class Service:
                 orders=snapshot.orders, rows=snapshot.rows, loaded_at=iso_time(snapshot.loaded_at),
                 load_seconds=round(snapshot.seconds, 3), max_age_hours=snapshot.config.max_age_hours,
             )
+            if snapshot.packer.plan.detected:  # read because of their content, not a header: check them
+                out["columns_found_by_content"] = {field: header for field, header, _ in snapshot.packer.plan.detected}
         out["last_refused"] = self.refused
         out["config"] = "ok" if not self.config_error else self.config_error
         if self.webhooks:
@@ -3800,6 +3968,9 @@ HEALTH_BODY = {
         "webhooks": {"type": "object", "description": "Per shop platform: events received, applied, rejected, the "
                                                       "last event's time, orders answered from events."},
         "last_refused": {"type": ["object", "null"]}, "config": {"type": "string"},
+        "columns_found_by_content": {"type": "object", "additionalProperties": {"type": "string"},
+                                     "description": "Fields read from a column chosen by its content, not a header."},
+        "fetch": {"type": "object", "description": "ORDERS_URL: the last fetch, its outcome, failures."},
     },
 }
 
@@ -4608,6 +4779,9 @@ def run_check(settings, args):
         print(line)
     for warning in check_warnings(snapshot, surveyed):
         print(f"warning  {warning}")
+    plan = snapshot.packer.plan
+    if plan.found:
+        print(proposal_text(config, plan.header, plan.found).lstrip("\n"))
     if not snapshot.index:
         print("error    no order can be found: none has both an order number and an email", file=sys.stderr)
         print("FAILED")
@@ -4622,8 +4796,11 @@ def check_summary(snapshot, surveyed):
     plan = snapshot.packer.plan
     header = plan.header
     others = {field_name: [header[i] for i in more] for field_name, _, more in plan.competing}
+    by_content = {field_name: evidence for field_name, _, evidence in plan.detected}
     for field_name, chosen in snapshot.columns.items():
         also = f" (also fits: {', '.join(repr(printable(h)) for h in others[field_name])})" if field_name in others else ""
+        if field_name in by_content:
+            also = f" (found by its content: {by_content[field_name]})"
         yield f"column   {field_name:<18} <- \"{printable(chosen)}\"{also}"
     for field_name, columns in (("items", plan.item_columns), ("tracking", plan.tracking_columns)):
         if columns:
@@ -4639,7 +4816,9 @@ def check_summary(snapshot, surveyed):
     yield f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s"
     yield f"format   order numbers look like {snapshot.example_order_id!r}: give this format to the chat platform"
     for field_name, counts in surveyed.values.items():
-        yield f"values   {field_name}: " + ", ".join(f"{v or '(empty)'} {n}" for v, n in counts.most_common(12))
+        yield f"values   {field_name}: " + ", ".join(
+            f"{v or '(empty)'} {n}" + (f" (= {meaning})" if (meaning := snapshot.renderer.word(v, field_name)) != v else "")
+            for v, n in counts.most_common(12))
     unmatched = f" ({snapshot.orders_without_email} without an email are not counted)" \
         if snapshot.orders_without_email else ""
     yield "answers  " + ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common()) + unmatched

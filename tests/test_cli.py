@@ -110,13 +110,13 @@ SEVERAL_CPUS = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os
                                   reason="keeping to one CPU needs Linux and a choice of CPUs")
 
 
-def serving_instance(tmp_path, name, **settings):
+def serving_instance(tmp_path, name, script=ROOT / "app.py", **settings):
     """python app.py on a free port with a data folder of its own, as a Served (not yet entered)."""
     env = {k: v for k, v in os.environ.items() if k not in ("ORDERS_FILE", "CONTEXTS_FILE", "CPU", "ONE_CPU")}
     write(tmp_path / name / "data" / "orders.csv", "Order Number,Email\n1,a@example.com\n")
     env.update(PORT=str(free_port()), ORDERS_FILE=str(tmp_path / name / "data"), API_KEY="test-Kq7vX2mZp9LrT4wN8cB3",
                **settings)
-    return Served([sys.executable, str(ROOT / "app.py")], env, tmp_path / name)
+    return Served([sys.executable, str(script)], env, tmp_path / name)
 
 
 def cpus_of(served):
@@ -142,9 +142,16 @@ def test_serve_keeps_every_thread_on_one_cpu_unless_told_not_to(tmp_path, one_cp
 @SEVERAL_CPUS
 def test_two_instances_keep_to_different_cpus(tmp_path):
     # Two shops (or two replicas) on one server: the second takes the CPU the first does not hold.
-    with serving_instance(tmp_path, "first") as first:
+    # A copy of the service of its own, so that instances other tests run meanwhile do not count.
+    import shutil
+
+    copy = tmp_path / "service"
+    copy.mkdir()
+    for name in ("app.py", "contexts.toml", "layouts.toml", "vocabulary.toml"):
+        shutil.copy(ROOT / name, copy / name)
+    with serving_instance(tmp_path, "first", copy / "app.py") as first:
         first.wait_for("INFO serving ")
-        with serving_instance(tmp_path, "second") as second:
+        with serving_instance(tmp_path, "second", copy / "app.py") as second:
             second.wait_for("INFO serving ")
             assert len(cpus_of(first)) == len(cpus_of(second)) == 1
             assert cpus_of(first) != cpus_of(second)
