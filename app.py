@@ -3564,7 +3564,7 @@ class Fetcher:
                              "signing in, or that points to a preview? Use its direct download link.")
         first = response.read(READ_BUFFER)
         suffix = ".xlsx" if first.startswith(b"PK\x03\x04") else ".csv"
-        hidden, target = self.folder / f".fetching{suffix}", self.folder / f"fetched{suffix}"
+        hidden, target = self.folder / f".fetching-{os.getpid()}{suffix}", self.folder / f"fetched{suffix}"
         size = 0
         try:
             with open(hidden, "wb") as out:

@@ -4,8 +4,10 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -276,3 +278,75 @@ def logs(caplog):
     """Captured log records of the service, INFO and up."""
     caplog.set_level(logging.INFO, logger="orders")
     return caplog
+
+
+# nginx in front of the service, from a shipped config (tests/test_deploy.py, tests/test_replicas.py) ##########
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+
+
+def nginx_missing():
+    """Why nginx cannot be run in front of the service here, or None."""
+    if NGINX is None:
+        return "nginx is not installed (apt-get install nginx-light; .ci/run does)"
+    if shutil.which("openssl") is None:
+        return "openssl is needed to make a test certificate"
+    return None
+
+
+def swap(text, old, new, name="the shipped config"):
+    """Replace every occurrence of a string the shipped config must contain; fail loudly if it drifted."""
+    assert old in text, f"{name} no longer contains {old!r}"
+    return text.replace(old, new)
+
+
+def port_open(port):
+    """True when something accepts connections on the loopback port."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def make_certificate(folder):
+    """(certificate, key) for 127.0.0.1 and localhost, self-signed, in folder."""
+    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@contextlib.contextmanager
+def running_nginx(folder, site, port):
+    """nginx in the foreground with site (a shipped config, its paths swapped) in its http block, until the block ends.
+
+    Everything nginx writes (pid, logs, temp files) stays in folder; port is the one to
+    wait for (the TLS one) before yielding.
+    """
+    folder = Path(folder)
+    write(folder / "site.conf", site)
+    temp = {name: folder / name for name in ("client", "proxy", "fastcgi", "uwsgi", "scgi")}
+    write(folder / "nginx.conf", f"""
+user root;
+worker_processes 1;
+daemon off;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    client_body_temp_path {temp['client']};
+    proxy_temp_path {temp['proxy']};
+    fastcgi_temp_path {temp['fastcgi']};
+    uwsgi_temp_path {temp['uwsgi']};
+    scgi_temp_path {temp['scgi']};
+    include {folder}/site.conf;
+}}
+""")
+    nginx = subprocess.Popen([NGINX, "-p", str(folder), "-c", str(folder / "nginx.conf")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: port_open(port) or nginx.poll() is not None, what="nginx to listen")
+        assert nginx.poll() is None, nginx.stdout.read() + (folder / "error.log").read_text()
+        yield nginx
+    finally:
+        nginx.terminate()
+        nginx.wait(10)

@@ -1,6 +1,7 @@
 """The shipped nginx config in front of the service started as deployed: TLS, client addresses, reloads.
 
-Skipped where nginx or openssl is missing; .ci/run installs nginx.
+Skipped where nginx or openssl is missing; .ci/run installs nginx. The nginx helpers are in conftest.py,
+shared with tests/test_replicas.py.
 """
 
 import http.client
@@ -14,33 +15,24 @@ import time
 
 import pytest
 
-from conftest import KEY, ROOT, Served, free_port, orders_csv, wait_for, write
+from conftest import (KEY, ROOT, Served, free_port, make_certificate, nginx_missing, orders_csv,
+                      running_nginx, wait_for, write)
+from conftest import swap as swap_in
 
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
 SHIPPED = ROOT / "deploy" / "nginx" / "orders.conf"
 UPLOAD_KEY = "upl-deploy-test-key-4hT9wQ2xZ7"
 
 
-def missing_tools():
-    """Why the nginx tests cannot run here, or None."""
-    if NGINX is None:
-        return "nginx is not installed (apt-get install nginx-light; .ci/run does)"
-    if shutil.which("openssl") is None:
-        return "openssl is needed to make a test certificate"
-    return None
-
-
 def swap(text, old, new):
-    """Replace a string the shipped config must contain; fail loudly if it drifted."""
-    assert old in text, f"deploy/nginx/orders.conf no longer contains {old!r}"
-    return text.replace(old, new)
+    """Replace a string deploy/nginx/orders.conf must contain; fail loudly if it drifted."""
+    return swap_in(text, old, new, "deploy/nginx/orders.conf")
 
 
 @pytest.fixture
 def deployed(tmp_path):
     """The service as deployed (app.py, trusted proxy) behind nginx from the shipped config."""
-    if missing_tools():
-        pytest.skip(missing_tools())
+    if nginx_missing():
+        pytest.skip(nginx_missing())
     data = tmp_path / "data"
     write(data / "orders.csv", orders_csv(200))
     app_port, http_port, https_port = free_port(), free_port(), free_port()
@@ -48,10 +40,7 @@ def deployed(tmp_path):
            "CONTEXTS_FILE": str(ROOT / "contexts.toml"), "TRUSTED_PROXY": "127.0.0.1",
            "TRUSTED_PROXY_HEADERS": "x-forwarded-for x-forwarded-proto", "SETTLE_SECONDS": "0.1",
            "UPLOAD_KEY": UPLOAD_KEY}
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = make_certificate(tmp_path)
     site = SHIPPED.read_text()
     site = swap(site, "server 127.0.0.1:8080;", f"server 127.0.0.1:{app_port};")
     site = swap(site, "listen 80;", f"listen 127.0.0.1:{http_port};")
@@ -60,44 +49,12 @@ def deployed(tmp_path):
     site = swap(site, "/etc/letsencrypt/live/orders.example.com/privkey.pem", str(key))
     site = swap(site, "/var/log/nginx/orders.log", str(tmp_path / "access.log"))
     site = swap(site, "root /var/www/html;", f"root {tmp_path};")
-    write(tmp_path / "orders.conf", site)
-    temp = {name: tmp_path / name for name in ("client", "proxy", "fastcgi", "uwsgi", "scgi")}
-    write(tmp_path / "nginx.conf", f"""
-user root;
-worker_processes 1;
-daemon off;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log;
-events {{ worker_connections 128; }}
-http {{
-    client_body_temp_path {temp['client']};
-    proxy_temp_path {temp['proxy']};
-    fastcgi_temp_path {temp['fastcgi']};
-    uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
-    include {tmp_path}/orders.conf;
-}}
-""")
     with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as service:
         service.wait_for("INFO serving ")
-        nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            wait_for(lambda: port_open(https_port) or nginx.poll() is not None, what="nginx to listen")
-            assert nginx.poll() is None, nginx.stdout.read() + (tmp_path / "error.log").read_text()
+        with running_nginx(tmp_path, site, https_port):
             context = ssl.create_default_context(cafile=str(cert))
             yield type("Deployed", (), {"https": https_port, "http": http_port, "context": context,
                                         "service": service, "data": data, "tmp": tmp_path})
-        finally:
-            nginx.terminate()
-            nginx.wait(10)
-
-
-def port_open(port):
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def lookup(deployed, order=1, source="127.0.0.1"):
