@@ -769,8 +769,8 @@ def parse_carriers(path, raw):
 
 
 def carrier_key(name):
-    """Carrier names compare on letters and digits only: 'DHL Express' -> dhlexpress."""
-    return re.sub(r"[\W_]+", "", name.casefold())
+    """Carrier names compare on letters and digits only, without accents: 'DHL Express' -> dhlexpress."""
+    return re.sub(r"[\W_]+", "", unaccented(name.casefold()))
 
 
 @dataclass(frozen=True)
@@ -1796,7 +1796,9 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 # Fields that say what state the whole order is in: where its rows differ (one parcel
 # delivered, one on its way), the answer must not take one row's word for the order's.
-AGREED_FIELDS = frozenset({"status", "financial_status", "shipment_status"})
+# All are given: "fulfilled / unfulfilled"; dates "on 26 Nov 2026 and 27 Nov 2026".
+AGREED_FIELDS = frozenset({"status", "financial_status", "shipment_status", "shipped_at", "estimated_delivery"})
+DATES = frozenset({"shipped_at", "estimated_delivery"})
 
 
 class Packer:
@@ -1880,7 +1882,8 @@ class Packer:
         return values, packed.encode()
 
     def agreed(self, values, place, others):
-        """values with a status the rows disagree on given as all of its words, 'fulfilled / unfulfilled'.
+        """values with a status the rows disagree on given as all of its words, 'fulfilled / unfulfilled';
+        dates as all of them, '2026-11-26 and 2026-11-27'.
 
         The first row's word alone would be a guess: one parcel delivered is not the order
         delivered. No rule names the combined words, so the answer claims only what all say.
@@ -1890,9 +1893,10 @@ class Packer:
             words.setdefault(status_word(cell), cell.strip())
         words.pop("", None)
         if len(words) > 1:
-            self.disagreed[self.plan.order_fields[place]] += 1
+            field_name = self.plan.order_fields[place]
+            self.disagreed[field_name] += 1
             values = [*values]
-            values[place] = " / ".join(words.values())
+            values[place] = (" and " if field_name in DATES else " / ").join(words.values())
         return values
 
     def read_by_rules(self, rows, values):
@@ -1984,7 +1988,7 @@ class Packer:
         return head.split(FIELD), items, tracking
 
 
-SEVERAL = re.compile(r"[,;\n]+")  # several tracking numbers in one cell
+SEVERAL = re.compile(r"[,;|\n]+")  # several tracking numbers in one cell
 COUNTED = re.compile(r"\s*(?:(\d+)\s*[x×*]\s*(.+?)|(.+?)\s*[x×*]\s*(\d+))\s*$")  # "2x Hat", "Hat x 2"
 
 
@@ -2690,6 +2694,8 @@ def readable(value):
     """Dates read as people write them: '2026-11-28 10:00 -0400' -> '28 Nov 2026'."""
     # The pattern only where a date can start: most values ('#1001', '1 x Hat') skip it.
     match = ISO_DATE.fullmatch(value) if value[4:5] == "-" and value[:4].isdigit() else None
+    if match is None and " and " in value and value[4:5] == "-":  # the days of an order's parcels (Packer.agreed)
+        return " and ".join(map(readable, value.split(" and ")))
     return day_text(value[:10]) or value if match else value
 
 
@@ -4809,8 +4815,8 @@ def check_summary(snapshot, surveyed):
         yield f"typed    rows by \"{printable(header[plan.type_column])}\": only {', '.join(sorted(plan.rules.item_rows))} " \
               f"rows are items; tracking from {', '.join(sorted(plan.rules.tracking_rows))} rows"
     from_entries = ("carrier", "tracking_url") if plan.tracking_columns else ()
-    missing = [f for f in snapshot.config.columns if f not in snapshot.columns and f not in plan.row_fields
-               and f not in from_entries]
+    missing = [f for f, names in snapshot.config.columns.items() if names and f not in snapshot.columns
+               and f not in plan.row_fields and f not in from_entries]
     if missing:
         yield f"no column for {', '.join(missing)} (their placeholders stay empty)"
     yield f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s"
@@ -4845,6 +4851,10 @@ def check_warnings(snapshot, surveyed):
         yield (f"{count} rows of the kind {kind!r} are neither items nor tracking for this layout and were left "
                "out; name the kind in its rows (items, tracking or other) in contexts.toml if they matter")
     for field_name, count in (surveyed.disagreed or Counter()).most_common():
+        if field_name in DATES:
+            yield (f"{count} orders have rows that give {field_name} different dates (parcels sent on different "
+                   "days): their answers give every date")
+            continue
         yield (f"{count} orders have rows that give {field_name} different words (e.g. one parcel delivered, one "
                "not): their answers name all of them and claim none; if one column holds the order's own "
                f"state, name it first in [columns] {field_name}")

@@ -160,3 +160,11 @@ def test_ragged_rows_are_read_without_shifting_cells(tmp_path, contexts_file, cs
     assert snap.orders == 2
     assert context(snap, "2", "b@example.com")[1].startswith("Order 2 was found. It contains 1 x Hat.")
     assert context(snap, "1", "a@example.com")[0] == 200
+
+
+@pytest.mark.parametrize("cell", ['"1Z999AA10123456784, 1Z999AA10123456785"', '1Z999AA10123456784;1Z999AA10123456785',
+                                  '1Z999AA10123456784|1Z999AA10123456785'])
+def test_several_tracking_numbers_in_one_cell_are_each_given(tmp_path, contexts_file, cell):
+    text = f"Order Number,Email,Status,Tracking Number,Carrier\nA-1,a@example.com,shipped,{cell},UPS\n"
+    snap = snapshot_of(write(tmp_path / "o.csv", text), contexts_file)
+    assert "(tracking number 1Z999AA10123456784, 1Z999AA10123456785)" in context(snap, "A-1", "a@example.com")[1]
