@@ -62,7 +62,8 @@ CASES = {
         ("1234", "ana@example.com", "Order 1234 was found and has shipped with dhl (tracking number JD014600006281234567). "
                                     "It can be followed with the tracking link. It contains 1 x Wool Hat, 1 x Scarf: "
                                     "red|wool.",
-         "https://www.dhl.com/global-en/home/tracking/tracking-express.html?submit=1&tracking-id=JD014600006281234567"),
+         # Plain "dhl" is not known to be Express: dhl.com's parcel page finds Paket and Express numbers alike.
+         "https://www.dhl.com/global-en/home/tracking/tracking-parcel.html?submit=1&tracking-id=JD014600006281234567"),
         ("1235", "ben@example.com", "Order 1235 was found. It was placed on 21 Nov 2026. It contains 2 x Mug. It has "
                                     "not shipped yet", None),
         ("WC-01236", "cy@example.com", "Order WC-01236 was found. It has been refunded", None),

@@ -351,3 +351,14 @@ def test_each_shops_site_does_what_the_single_shop_caddyfile_does_on_its_own_por
         assert handlers == single_handlers.replace("127.0.0.1:8080", f"127.0.0.1:{port}"), host
         assert log["writer"]["filename"] == f"/var/log/caddy/orders-{name}.log"
         assert log["encoder"] == single_log["encoder"]  # the same filter: no emails, no keys
+
+
+def test_the_readme_adds_a_shop_with_the_same_commands_as_the_guide():
+    # The README shows the four commands; the guide's block is the one run above.
+    readme = (ROOT / "README.md").read_text().split("\n## Several shops on one server\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```sh\n(.*?)```", readme, re.S)
+
+    def commands(text):
+        return [line.split("  #")[0].rstrip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+    assert commands(block) == commands(documented(*SHOP_BLOCK))
