@@ -1319,26 +1319,11 @@ def make_plan(config, header, name, sample=(), layout=None):
     columns: a placeholder that names one reads empty there.
     """
     forced = layout
-    positions, alike = {}, {}
-    for index, text in enumerate(header):
-        key = header_key(text)
-        if key in positions:
-            alike.setdefault(key, [header[positions[key]].strip()]).append(text.strip())
-        else:
-            positions[key] = index
+    positions, alike = header_positions(header)
     layout = forced or detect_layout(config.layouts, positions)
     chosen, competing = choose_columns(config, layout, positions, sample)
     found = {} if forced else found_by_content(config, header, sample, chosen, layout)
-    for field_name in REQUIRED_FIELDS:
-        if field_name not in chosen:
-            if len(found.get(field_name, ())) != 1:  # none, or several that fit: never a guess
-                raise missing_column(config, layout, header, name, field_name, found)
-            chosen[field_name] = found[field_name][0].column
-    if "status" not in chosen and len(found.get("status", ())) == 1:
-        chosen["status"] = found["status"][0].column
-    # Served only where exactly one column fits; logged, shown on /healthz and by check.
-    detected = tuple((f, header[fits[0].column].strip(), fits[0].evidence) for f, fits in found.items()
-                     if len(fits) == 1 and chosen.get(f) == fits[0].column)
+    detected = choose_found(config, layout, header, name, chosen, found)
     by_snake = {}
     for index, text in enumerate(header):
         by_snake.setdefault(snake_case(text), index)
@@ -1373,6 +1358,34 @@ def make_plan(config, header, name, sample=(), layout=None):
         header=tuple(h.strip() for h in header), detected=detected, found=found,
     )
     return plan
+
+
+def header_positions(header):
+    """({loose header key: its first column}, {key: the headers that read alike}) of a file's header."""
+    positions, alike = {}, {}
+    for index, text in enumerate(header):
+        key = header_key(text)
+        if key in positions:
+            alike.setdefault(key, [header[positions[key]].strip()]).append(text.strip())
+        else:
+            positions[key] = index
+    return positions, alike
+
+
+def choose_found(config, layout, header, name, chosen, found):
+    """Fill a required field no header names from the one column whose content fits; never a guess.
+
+    Returns what was found so (field, header, evidence), to be logged, shown on /healthz and by check.
+    """
+    for field_name in REQUIRED_FIELDS:
+        if field_name not in chosen:
+            if len(found.get(field_name, ())) != 1:  # none, or several that fit
+                raise missing_column(config, layout, header, name, field_name, found)
+            chosen[field_name] = found[field_name][0].column
+    if "status" not in chosen and len(found.get("status", ())) == 1:
+        chosen["status"] = found["status"][0].column
+    return tuple((f, header[fits[0].column].strip(), fits[0].evidence) for f, fits in found.items()
+                 if len(fits) == 1 and chosen.get(f) == fits[0].column)
 
 
 def candidates(config, layout, field_name):
@@ -4333,6 +4346,7 @@ td,th,li,code{overflow-wrap:break-word}
 @media (max-width:40rem){
 #webhooks,#hours,#not-found{font-size:.85rem}
 #webhooks :is(td,th),#hours :is(td,th),#not-found :is(td,th){padding:.35rem .2rem}
+.wide{overflow-x:auto}
 #rules tr:first-child{display:none}
 #rules tr,#templates tr{display:block;border-bottom:1px solid #ddd;padding:.35rem 0}
 #rules td,#templates th,#templates td{display:block;border:0;padding:.1rem .35rem}
@@ -4410,14 +4424,14 @@ STATUS_PAGE = bottle.SimpleTemplate(page("Order lookup status", """
 <h2>Lookups, last 24 hours</h2>
 <p id="day-summary">{{day["lookups"]}} lookups{{"" if day["not_found_share"] is None else f"; {day['not_found_share']:.0%} of those answered were not found"}}{{"" if day["p50_ms"] is None else f"; answered in {day['p50_ms']:g} ms or less at the median, {day['p99_ms']:g} ms or less at the 99th percentile"}}. Counted since the service started, at most a day back.</p>
 % if day["hours"]:
-<table id="hours"><tr><th>hour (UTC)</th><th>found</th><th>not found</th><th>other</th></tr>
+<div class="wide"><table id="hours"><tr><th>UTC</th>{{!"".join(f"<th>{heading}</th>" for _, heading in day["columns"])}}</tr>
 % for hour, counts in day["hours"]:
-<tr><td>{{hour}}</td><td>{{counts["found"]}}</td><td>{{counts["not_found"]}}</td><td>{{sum(counts.values()) - counts["found"] - counts["not_found"]}}</td></tr>
+<tr><td>{{hour}}</td>{{!"".join(f"<td>{counts[o]}</td>" for o, _ in day["columns"])}}</tr>
 % end
-</table>
+</table></div>
 % end
 % if day["recent_not_found"]:
-<details id="not-found-fold" open><summary>The last {{len(day["recent_not_found"])}} not found: the number as compared, and the email</summary>
+<details id="not-found-fold" open><summary>The last {{len(day["recent_not_found"])}} not found: the number as typed (letters and digits only), and the email</summary>
 <p>A number customers type otherwise than the export writes it (SO-1001 for 1001) shows here: fix [columns] or the order format given to the chat platform.</p>
 <table id="not-found"><tr><th>time (UTC)</th><th>number</th><th>email</th></tr>
 % for moment, number, email in day["recent_not_found"]:
@@ -4476,6 +4490,9 @@ def json_error(error, service):
 LOOKUP_OUTCOMES = ("found", "not_found", "missing", "invalid", "unauthorized", "throttled", "error")
 # Upper bounds in milliseconds: for /metrics' histogram and the status page's p50 and p99.
 LATENCY_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 250, 500, 1000, 2500, 5000)
+# The status page's headings for them: short, so that a phone shows every column.
+OUTCOME_HEADINGS = {"found": "found", "not_found": "not found", "missing": "left out", "invalid": "unreadable",
+                    "unauthorized": "wrong key", "throttled": "throttled", "error": "error"}
 INSIGHT_HOURS = 24
 RECENT_NOT_FOUND = 20
 
@@ -4541,7 +4558,8 @@ class Insights:
         buckets[bucket] += 1
         if outcome == "not_found" and lookup:
             order_id, email = lookup
-            number = "(an-email)" if "@" in order_id else normalise_order_id(order_id)[:NOT_FOUND_ID_LENGTH]
+            # As typed, reduced to letters and digits: "SO-1001" shows as SO1001, beside the export's 1001.
+            number = "(an-email)" if "@" in order_id else re.sub(r"[\W_]+", "", order_id)[:NOT_FOUND_ID_LENGTH]
             self.not_found.append((moment, number, mask_email(email)))
 
     def day(self, now=None):
@@ -4558,6 +4576,8 @@ class Insights:
             buckets = [a + b for a, b in zip(buckets, counts)]
         answered = total["found"] + total["not_found"]
         return {"hours": [(iso_time(hour * 3600)[11:16], outcomes) for hour, outcomes, _ in hours],
+                # found and not found always; the other outcomes only where the day had any
+                "columns": [(o, OUTCOME_HEADINGS[o]) for o in LOOKUP_OUTCOMES if o in ("found", "not_found") or total[o]],
                 "total": total, "lookups": sum(total.values()),
                 "not_found_share": total["not_found"] / answered if answered else None,
                 "p50_ms": percentile(buckets, 0.50), "p99_ms": percentile(buckets, 0.99),
@@ -4719,10 +4739,297 @@ def sanitise_path(path):
     return re.sub(r"[^\x21-\x7e]", "?", path)[:100] or "/"
 
 
+class JsonLines(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, for log collectors."""
+
+    def format(self, record):
+        return self.line(record.created, record.levelname, record.name, record.getMessage())
+
+    def line(self, created, level, logger, message):
+        """One log line from its parts."""
+        return json.dumps({"time": iso_time(created), "level": level.lower(), "logger": logger, "message": message})
+
+
+class TextLines(logging.Formatter):
+    """'2026-11-28 21:29:04,599 INFO message', the time text made once a second, not per line."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self.cached = (None, "")  # (second, its text), replaced as one: threads share it
+
+    def formatTime(self, record, datefmt=None):
+        return self.stamp(record.created)
+
+    def stamp(self, created):
+        """The time text of a line."""
+        second = int(created)
+        cached_second, text = self.cached
+        if second != cached_second:
+            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self.cached = (second, text)
+        return f"{text},{int(created % 1 * 1000):03d}"
+
+    def line(self, created, level, logger, message):
+        """One log line from its parts, as format() writes a record."""
+        return f"{self.stamp(created)} {level} {message}"
+
+
+class LogHandler(logging.StreamHandler):
+    """Writes to stderr; request lines are queued and written together every half second.
+
+    A write per request is a system call each, and taking the handler's lock on every
+    request makes eight request threads queue behind whichever one the GIL paused
+    while holding it: together a third of the throughput. Building a LogRecord and
+    formatting it cost another fifth. So request lines arrive as bare tuples
+    (queue_request) in a deque, which needs no lock to append to, and one thread
+    formats and writes them. Every other line (loads, refusals, warnings) is written
+    at once, after the queued ones.
+    """
+
+    def __init__(self, interval=0.5):
+        super().__init__(sys.stderr)
+        self.pending = deque()
+        self.queue_request = self.pending.append  # RequestLog's tuples
+        self.observers = []  # functions given each batch of request tuples too (Insights.observe)
+        self.timer = threading.Thread(target=self.flush_every, args=(interval,), name="log-flush", daemon=True)
+        self.timer.start()
+
+    def emit(self, record):
+        self.write_pending()
+        super().emit(record)
+
+    def write_pending(self):
+        """Write the queued request lines in one go."""
+        line, lines, entries = self.formatter.line, [], []
+        while self.pending:
+            entry = self.pending.popleft()
+            entries.append(entry)
+            try:
+                text = request_line(entry)
+            except Exception:  # one odd request must not stop every later line: this thread writes them all
+                text = "a request whose log line could not be made"
+            lines.append(line(entry[0], "INFO", access_log.name, text))
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        for observe in self.observers:
+            try:
+                observe(entries)
+            except Exception:  # counting must never stop the log
+                log.exception("request counting failed")
+
+    def flush_now(self):
+        """Write out what is queued."""
+        with self.lock:
+            try:
+                self.write_pending()
+            except (OSError, ValueError):
+                pass  # stderr closed: nothing to tell anyone
+
+    def flush_every(self, interval):
+        """The queue's clock."""
+        while True:
+            time.sleep(interval)
+            self.flush_now()
+
+
+def request_writer(insights=None):
+    """LogHandler.queue_request when serve's handler writes every line and request lines are wanted; else None.
+
+    insights: counts each batch of requests in the handler's thread too.
+    """
+    handlers = logging.getLogger().handlers
+    if access_log.isEnabledFor(logging.INFO) and len(handlers) == 1 and isinstance(handlers[0], LogHandler):
+        if insights is not None:
+            handlers[0].observers.append(insights.observe)
+        return handlers[0].queue_request
+    return None
+
+
+def setup_logging(log_format, quiet=False):
+    """Log to stderr; keep waitress's per-request queue warnings out of the log."""
+    handler = LogHandler()
+    atexit.register(handler.flush_now)
+    handler.setFormatter(JsonLines() if log_format == "json" else TextLines())
+    # The logging docs' own advice for speed: skip what our lines never show (caller, thread,
+    # process), worth a few microseconds on every request.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    # Under load waitress warns "Task queue depth is N" for every request: not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+###############################################################################
+# The server: waitress, its limits, one CPU ###################################
+###############################################################################
+
+def keep_to_one_cpu(chosen=None, port=0):
+    """Keep every thread of this process on one CPU: chosen, else the one fewest other instances hold.
+
+    Returns that CPU, or None when there is no choice (or no way) to make.
+    """
+    # Only one thread runs Python at a time, so a second CPU adds little but the cost of
+    # waking threads across CPUs for every request. On a 2-CPU virtual machine, kept on one
+    # CPU, the service answered 60% more lookups a second, and twice as many behind nginx.
+    if not hasattr(os, "sched_getaffinity"):  # not Linux: leave it to the system
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if chosen is not None and chosen not in allowed:
+        raise SettingsError(f"CPU={chosen}: this process may use CPU {', '.join(map(str, allowed))} only; "
+                            "choose one of them.")
+    if chosen is None and len(allowed) < 2:
+        return None
+    if chosen is None:
+        # Instances of several shops, or replicas, must not pile onto one CPU. Ties go by the
+        # port, so that two instances started at the same moment still part.
+        held = Counter(other_instances_cpus())
+        chosen = min(allowed, key=lambda c: (held[c], (allowed.index(c) - port) % len(allowed)))
+    cpu = chosen
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread, and so every thread it starts from now on
+    except OSError:  # not allowed here (a sandbox): leave it to the system, and say nothing
+        return None
+    for thread in os.listdir("/proc/self/task"):  # threads already started (the log's)
+        with suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(thread), {cpu})
+    return cpu
+
+
+def other_instances_cpus():
+    """The CPU each other running instance of this service keeps to (read from /proc); those free to move are left out."""
+    ours = os.path.realpath(__file__)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            if not any(arg.endswith("app.py") and os.path.realpath(os.path.join(
+                    os.readlink(f"/proc/{entry.name}/cwd") if not os.path.isabs(arg) else "/", arg)) == ours
+                       for arg in argv):
+                continue
+            with open(f"/proc/{entry.name}/status") as f:
+                allowed = next(line.split(":", 1)[1].strip() for line in f if line.startswith("Cpus_allowed_list:"))
+        except (OSError, StopIteration):  # gone meanwhile, or another user's
+            continue
+        if allowed.isdigit():  # kept to one CPU
+            yield int(allowed)
+
+
+def make_server(app, settings, **overrides):
+    """A waitress server for app, chosen so stalled clients cannot lock the platform out."""
+    import waitress.server
+
+    options = waitress_options(settings)
+    options.update(overrides)
+    server = waitress.server.create_server(app, **options)
+    # A host with several addresses (localhost: ::1 and 127.0.0.1) makes one server per address.
+    listening = [server] if hasattr(server, "maintenance") else [s for s in server.map.values()
+                                                                   if hasattr(s, "maintenance")]
+    channel = guarded_channel(settings)
+    for each in listening:
+        each.channel_class = channel
+        close_slow_requests(each, settings.request_seconds)
+    return server
+
+
+def listen_port(server):
+    """The port a server listens on (a host with several addresses makes several servers)."""
+    return getattr(server, "effective_port", None) or server.effective_listen[0][1]
+
+
+def guarded_channel(settings):
+    """Waitress's channel, timing each request's arrival and answering what it rejects itself in JSON.
+
+    Bodies are limited to 64 KB, but for webhooks of a platform whose secret is set (2 MB) and an upload that carries the
+    upload key (MAX_EXPORT_MB, and all the time it needs to arrive): an unknown client
+    cannot make the server take in a large body.
+    """
+    upload_keys = tuple(key.encode("utf-8") for key in settings.upload_keys)
+    webhook_paths = frozenset(settings.webhook_secrets or ())
+    from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
+    from waitress.task import ErrorTask
+
+    class JsonErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            body = json.dumps({"context": f"The request was rejected: {error.reason}."}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.extend([("Content-Type", JSON), *COMMON_HEADERS])
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class TimedParser(HTTPRequestParser):
+        """Remembers when a request's first byte arrived (see close_slow_requests); lets webhooks and uploads be larger."""
+
+        patient = False  # an upload with the right key: no deadline for its body to arrive
+
+        def __init__(self, adj):
+            super().__init__(adj)
+            self.began = time.monotonic()
+
+        def parse_header(self, header_plus):
+            super().parse_header(header_plus)
+            limit = None
+            if self.path.startswith("/webhooks/") and self.path[10:] in webhook_paths:  # a platform with a secret
+                limit = WEBHOOK_MAX_BYTES + 1
+            elif self.path == "/export" and key_ok(upload_keys, self.headers.get("X_UPLOAD_KEY", "")):
+                limit, self.patient = int(settings.max_export_mb * 1e6) + 1, True
+            if limit:
+                self.adj = copy.copy(self.adj)
+                self.adj.max_request_body_size = limit
+
+    class GuardedChannel(HTTPChannel):
+        error_task_class = JsonErrorTask
+        parser_class = TimedParser
+
+    return GuardedChannel
+
+
+def close_slow_requests(server, seconds):
+    """Have waitress's periodic sweep also close connections whose request is still arriving after seconds.
+
+    Waitress closes a connection after CHANNEL_TIMEOUT of silence, but a client sending
+    one byte every few seconds is never silent: a thousand of them would hold every
+    connection. A request that has not arrived whole in REQUEST_SECONDS is closed.
+    """
+    sweep = server.maintenance
+
+    def maintenance(now):
+        sweep(now)
+        cutoff = time.monotonic() - seconds
+        for channel in list(server.active_channels.values()):
+            request = channel.request
+            if request is not None and not request.completed and getattr(request, "began", cutoff) < cutoff \
+                    and not getattr(request, "patient", False):
+                channel.will_close = True
+
+    server.maintenance = maintenance
+
+
+def waitress_options(settings):
+    """The server's settings, chosen so stalled clients cannot lock the platform out."""
+    options = dict(
+        host=settings.host, port=settings.port, threads=settings.threads, ident="orders",
+        connection_limit=settings.connection_limit, channel_timeout=settings.channel_timeout,
+        # The sweep that closes idle and slow connections runs this often (whole seconds).
+        cleanup_interval=max(1, int(min(settings.channel_timeout, settings.request_seconds) / 2)),
+        asyncore_use_poll=True, max_request_header_size=16384, max_request_body_size=65536,
+        clear_untrusted_proxy_headers=True,
+    )
+    if settings.trusted_proxy:
+        options.update(trusted_proxy=settings.trusted_proxy, trusted_proxy_headers=settings.trusted_proxy_headers)
+    return options
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
-
 
 def build_parser():
     """python app.py [serve|check|lookup|probe] with the options each takes."""
@@ -5113,290 +5420,6 @@ def is_loopback(host):
     with suppress(ValueError):
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     return False
-
-
-def keep_to_one_cpu(chosen=None, port=0):
-    """Keep every thread of this process on one CPU: chosen, else the one fewest other instances hold.
-
-    Returns that CPU, or None when there is no choice (or no way) to make.
-    """
-    # Only one thread runs Python at a time, so a second CPU adds little but the cost of
-    # waking threads across CPUs for every request. On a 2-CPU virtual machine, kept on one
-    # CPU, the service answered 60% more lookups a second, and twice as many behind nginx.
-    if not hasattr(os, "sched_getaffinity"):  # not Linux: leave it to the system
-        return None
-    allowed = sorted(os.sched_getaffinity(0))
-    if chosen is not None and chosen not in allowed:
-        raise SettingsError(f"CPU={chosen}: this process may use CPU {', '.join(map(str, allowed))} only; "
-                            "choose one of them.")
-    if chosen is None and len(allowed) < 2:
-        return None
-    if chosen is None:
-        # Instances of several shops, or replicas, must not pile onto one CPU. Ties go by the
-        # port, so that two instances started at the same moment still part.
-        held = Counter(other_instances_cpus())
-        chosen = min(allowed, key=lambda c: (held[c], (allowed.index(c) - port) % len(allowed)))
-    cpu = chosen
-    try:
-        os.sched_setaffinity(0, {cpu})  # this thread, and so every thread it starts from now on
-    except OSError:  # not allowed here (a sandbox): leave it to the system, and say nothing
-        return None
-    for thread in os.listdir("/proc/self/task"):  # threads already started (the log's)
-        with suppress(OSError):  # a thread that ended meanwhile
-            os.sched_setaffinity(int(thread), {cpu})
-    return cpu
-
-
-def other_instances_cpus():
-    """The CPU each other running instance of this service keeps to (read from /proc); those free to move are left out."""
-    ours = os.path.realpath(__file__)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = f.read().decode(errors="replace").split("\0")
-            if not any(arg.endswith("app.py") and os.path.realpath(os.path.join(
-                    os.readlink(f"/proc/{entry.name}/cwd") if not os.path.isabs(arg) else "/", arg)) == ours
-                       for arg in argv):
-                continue
-            with open(f"/proc/{entry.name}/status") as f:
-                allowed = next(line.split(":", 1)[1].strip() for line in f if line.startswith("Cpus_allowed_list:"))
-        except (OSError, StopIteration):  # gone meanwhile, or another user's
-            continue
-        if allowed.isdigit():  # kept to one CPU
-            yield int(allowed)
-
-
-def make_server(app, settings, **overrides):
-    """A waitress server for app, chosen so stalled clients cannot lock the platform out."""
-    import waitress.server
-
-    options = waitress_options(settings)
-    options.update(overrides)
-    server = waitress.server.create_server(app, **options)
-    # A host with several addresses (localhost: ::1 and 127.0.0.1) makes one server per address.
-    listening = [server] if hasattr(server, "maintenance") else [s for s in server.map.values()
-                                                                   if hasattr(s, "maintenance")]
-    channel = guarded_channel(settings)
-    for each in listening:
-        each.channel_class = channel
-        close_slow_requests(each, settings.request_seconds)
-    return server
-
-
-def listen_port(server):
-    """The port a server listens on (a host with several addresses makes several servers)."""
-    return getattr(server, "effective_port", None) or server.effective_listen[0][1]
-
-
-def guarded_channel(settings):
-    """Waitress's channel, timing each request's arrival and answering what it rejects itself in JSON.
-
-    Bodies are limited to 64 KB, but for webhooks of a platform whose secret is set (2 MB) and an upload that carries the
-    upload key (MAX_EXPORT_MB, and all the time it needs to arrive): an unknown client
-    cannot make the server take in a large body.
-    """
-    upload_keys = tuple(key.encode("utf-8") for key in settings.upload_keys)
-    webhook_paths = frozenset(settings.webhook_secrets or ())
-    from waitress.channel import HTTPChannel
-    from waitress.parser import HTTPRequestParser
-    from waitress.task import ErrorTask
-
-    class JsonErrorTask(ErrorTask):
-        def execute(self):
-            error = self.request.error
-            body = json.dumps({"context": f"The request was rejected: {error.reason}."}).encode()
-            self.status = f"{error.code} {error.reason}"
-            self.response_headers.extend([("Content-Type", JSON), *COMMON_HEADERS])
-            self.set_close_on_finish()
-            self.content_length = len(body)
-            self.write(body)
-
-    class TimedParser(HTTPRequestParser):
-        """Remembers when a request's first byte arrived (see close_slow_requests); lets webhooks and uploads be larger."""
-
-        patient = False  # an upload with the right key: no deadline for its body to arrive
-
-        def __init__(self, adj):
-            super().__init__(adj)
-            self.began = time.monotonic()
-
-        def parse_header(self, header_plus):
-            super().parse_header(header_plus)
-            limit = None
-            if self.path.startswith("/webhooks/") and self.path[10:] in webhook_paths:  # a platform with a secret
-                limit = WEBHOOK_MAX_BYTES + 1
-            elif self.path == "/export" and key_ok(upload_keys, self.headers.get("X_UPLOAD_KEY", "")):
-                limit, self.patient = int(settings.max_export_mb * 1e6) + 1, True
-            if limit:
-                self.adj = copy.copy(self.adj)
-                self.adj.max_request_body_size = limit
-
-    class GuardedChannel(HTTPChannel):
-        error_task_class = JsonErrorTask
-        parser_class = TimedParser
-
-    return GuardedChannel
-
-
-def close_slow_requests(server, seconds):
-    """Have waitress's periodic sweep also close connections whose request is still arriving after seconds.
-
-    Waitress closes a connection after CHANNEL_TIMEOUT of silence, but a client sending
-    one byte every few seconds is never silent: a thousand of them would hold every
-    connection. A request that has not arrived whole in REQUEST_SECONDS is closed.
-    """
-    sweep = server.maintenance
-
-    def maintenance(now):
-        sweep(now)
-        cutoff = time.monotonic() - seconds
-        for channel in list(server.active_channels.values()):
-            request = channel.request
-            if request is not None and not request.completed and getattr(request, "began", cutoff) < cutoff \
-                    and not getattr(request, "patient", False):
-                channel.will_close = True
-
-    server.maintenance = maintenance
-
-
-def waitress_options(settings):
-    """The server's settings, chosen so stalled clients cannot lock the platform out."""
-    options = dict(
-        host=settings.host, port=settings.port, threads=settings.threads, ident="orders",
-        connection_limit=settings.connection_limit, channel_timeout=settings.channel_timeout,
-        # The sweep that closes idle and slow connections runs this often (whole seconds).
-        cleanup_interval=max(1, int(min(settings.channel_timeout, settings.request_seconds) / 2)),
-        asyncore_use_poll=True, max_request_header_size=16384, max_request_body_size=65536,
-        clear_untrusted_proxy_headers=True,
-    )
-    if settings.trusted_proxy:
-        options.update(trusted_proxy=settings.trusted_proxy, trusted_proxy_headers=settings.trusted_proxy_headers)
-    return options
-
-
-class JsonLines(logging.Formatter):
-    """LOG_FORMAT=json: one JSON object per line, for log collectors."""
-
-    def format(self, record):
-        return self.line(record.created, record.levelname, record.name, record.getMessage())
-
-    def line(self, created, level, logger, message):
-        """One log line from its parts."""
-        return json.dumps({"time": iso_time(created), "level": level.lower(), "logger": logger, "message": message})
-
-
-class TextLines(logging.Formatter):
-    """'2026-11-28 21:29:04,599 INFO message', the time text made once a second, not per line."""
-
-    def __init__(self):
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
-        self.cached = (None, "")  # (second, its text), replaced as one: threads share it
-
-    def formatTime(self, record, datefmt=None):
-        return self.stamp(record.created)
-
-    def stamp(self, created):
-        """The time text of a line."""
-        second = int(created)
-        cached_second, text = self.cached
-        if second != cached_second:
-            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self.cached = (second, text)
-        return f"{text},{int(created % 1 * 1000):03d}"
-
-    def line(self, created, level, logger, message):
-        """One log line from its parts, as format() writes a record."""
-        return f"{self.stamp(created)} {level} {message}"
-
-
-class LogHandler(logging.StreamHandler):
-    """Writes to stderr; request lines are queued and written together every half second.
-
-    A write per request is a system call each, and taking the handler's lock on every
-    request makes eight request threads queue behind whichever one the GIL paused
-    while holding it: together a third of the throughput. Building a LogRecord and
-    formatting it cost another fifth. So request lines arrive as bare tuples
-    (queue_request) in a deque, which needs no lock to append to, and one thread
-    formats and writes them. Every other line (loads, refusals, warnings) is written
-    at once, after the queued ones.
-    """
-
-    def __init__(self, interval=0.5):
-        super().__init__(sys.stderr)
-        self.pending = deque()
-        self.queue_request = self.pending.append  # RequestLog's tuples
-        self.observers = []  # functions given each batch of request tuples too (Insights.observe)
-        self.timer = threading.Thread(target=self.flush_every, args=(interval,), name="log-flush", daemon=True)
-        self.timer.start()
-
-    def emit(self, record):
-        self.write_pending()
-        super().emit(record)
-
-    def write_pending(self):
-        """Write the queued request lines in one go."""
-        line, lines, entries = self.formatter.line, [], []
-        while self.pending:
-            entry = self.pending.popleft()
-            entries.append(entry)
-            try:
-                text = request_line(entry)
-            except Exception:  # one odd request must not stop every later line: this thread writes them all
-                text = "a request whose log line could not be made"
-            lines.append(line(entry[0], "INFO", access_log.name, text))
-        if lines:
-            self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
-        for observe in self.observers:
-            try:
-                observe(entries)
-            except Exception:  # counting must never stop the log
-                log.exception("request counting failed")
-
-    def flush_now(self):
-        """Write out what is queued."""
-        with self.lock:
-            try:
-                self.write_pending()
-            except (OSError, ValueError):
-                pass  # stderr closed: nothing to tell anyone
-
-    def flush_every(self, interval):
-        """The queue's clock."""
-        while True:
-            time.sleep(interval)
-            self.flush_now()
-
-
-def request_writer(insights=None):
-    """LogHandler.queue_request when serve's handler writes every line and request lines are wanted; else None.
-
-    insights: counts each batch of requests in the handler's thread too.
-    """
-    handlers = logging.getLogger().handlers
-    if access_log.isEnabledFor(logging.INFO) and len(handlers) == 1 and isinstance(handlers[0], LogHandler):
-        if insights is not None:
-            handlers[0].observers.append(insights.observe)
-        return handlers[0].queue_request
-    return None
-
-
-def setup_logging(log_format, quiet=False):
-    """Log to stderr; keep waitress's per-request queue warnings out of the log."""
-    handler = LogHandler()
-    atexit.register(handler.flush_now)
-    handler.setFormatter(JsonLines() if log_format == "json" else TextLines())
-    # The logging docs' own advice for speed: skip what our lines never show (caller, thread,
-    # process), worth a few microseconds on every request.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    # Under load waitress warns "Task queue depth is N" for every request: not news.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 COMMANDS = {"serve": run_serve, "check": run_check, "lookup": run_lookup, "probe": run_probe}

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 import app
-from conftest import KEY, ROOT, Served, free_port, make_settings, orders_csv, started, wait_for, write
+from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, wait_for, write
 
 TOKEN = "tok_9f8e7d6c5b4a39281706"
 
@@ -110,6 +110,22 @@ def test_the_first_fetch_serves_the_orders_and_a_changed_file_is_fetched_again(t
     write(origin.folder / "orders.csv", orders_csv(31))
     assert service.fetcher.fetch() and service.fetcher.outcomes["fetched"] == 2
     assert service.reload() and service.snapshot.orders == 31
+
+
+def test_fetches_are_counted_by_outcome_in_the_metrics(tmp_path, contexts_file, origin, monkeypatch):
+    from test_metrics import basic, scrape
+
+    monkeypatch.setattr(app, "FETCH_TIMEOUT", 1)
+    service = fetching(tmp_path, contexts_file, origin.url)
+    service.fetcher.fetch()
+    service.start()
+    service.fetcher.fetch()  # unchanged: a 304
+    origin.mode = "error"
+    service.fetcher.fetch()
+    metrics = scrape(Client(app.create_app(service)), basic(KEY))
+    assert {labels[0][1]: value for (name, labels), value in metrics.items() if name == "orders_fetches_total"} == \
+        {"fetched": 1, "not_modified": 1, "failed": 1}
+    assert TOKEN not in repr(metrics)
 
 
 def test_the_fetched_files_time_is_the_exports(tmp_path, contexts_file, origin):

@@ -4,6 +4,7 @@ with Grafana, or a merchant looking at the page, would read after real lookups.
 
 import base64
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -61,6 +62,17 @@ def test_each_lookup_is_counted_by_outcome(client, order_id, email, key, outcome
     assert metrics[("orders_lookups_total", (("outcome", outcome),))] == 1
     assert sum(v for (name, _), v in metrics.items() if name == "orders_lookups_total") == 1
     assert metrics[("orders_lookup_duration_seconds_count", ())] == 1
+
+
+def test_a_lookup_that_fails_inside_is_counted_as_an_error(client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app, "answer", broken)
+    assert client.lookup("#1001", "jane@example.com").status == 500
+    metrics = scrape(client)
+    assert metrics[("orders_lookups_total", (("outcome", "error"),))] == 1
+    assert sum(v for (name, _), v in metrics.items() if name == "orders_lookups_total") == 1
 
 
 def test_a_guessing_client_is_counted_as_throttled(client):
@@ -166,8 +178,25 @@ def test_the_status_page_shows_the_days_lookups_and_the_last_not_found(client):
     assert "Lookups, last 24 hours" in page
     assert "3 lookups; 67% of those answered were not found" in page
     table = page.split('id="not-found"')[1]
-    assert table.index("4242") < table.index("so1001")  # newest first, as the export compares them
+    assert table.index("4242") < table.index("SO1001")  # newest first, as typed in letters and digits
     assert "m***@example.com" in table and "maria.garcia" not in page
+
+
+@pytest.mark.parametrize("requests, headings", [
+    ([], ["found", "not found"]),
+    ([("lookup", "", "jane@example.com", KEY)], ["found", "not found", "left out"]),
+    ([("lookup", "#1001", "jane@example.com", "wrong-key-wrong-key"), ("lookup", "#1001\x07", "jane@example.com", KEY)],
+     ["found", "not found", "unreadable", "wrong key"]),
+])
+def test_each_hour_shows_every_outcome_the_day_had(client, requests, headings):
+    client.lookup("#1001", "jane@example.com")
+    for _, order_id, email, key in requests:
+        client.lookup(order_id, email, key=key)
+    page = client.request("GET", "/", headers=basic(KEY)).body.decode()
+    table = page.split('id="hours"')[1].split("</table>")[0]
+    assert re.findall(r"<th>([^<]+)</th>", table)[1:] == headings
+    row = re.findall(r"<td>([^<]+)</td>", table)
+    assert row[1:] == ["1", "0", *["1"] * (len(headings) - 2)]
 
 
 @pytest.mark.parametrize("counts, share, wanted", [

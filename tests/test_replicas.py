@@ -12,6 +12,7 @@ certificate and log paths swapped:
   second by `mirror`), and each answers the new order on its own port;
 - an export uploaded through nginx reaches one instance, which writes it into the shared
   folder, where the other finds it;
+- Prometheus scrapes each instance at its own path through nginx, never the two in turn;
 - with the first instance down, the event gets 502, which makes the shop send it again,
   the second has it already, and the shop's retry (the same delivery id) brings it to the
   first once that is back, while the second applies it only once.
@@ -272,3 +273,27 @@ def test_an_export_uploaded_through_nginx_is_served_by_every_instance(replicas):
     for instance in (replicas.first, replicas.second):  # one took it in, the other read it from the folder
         wait_for(lambda: instance.get(f"/lookup?order_id={order}&customer_email=customer{order}%40example.com")[0]
                  == 200, timeout=20, what=f"the {instance.name} instance to serve the upload")
+
+
+def test_prometheus_scrapes_each_instance_at_its_own_path(replicas):
+    import base64
+
+    authorization = {"Authorization": "Basic " + base64.b64encode(f"prometheus:{KEY}".encode()).decode()}
+
+    def scrape(path):
+        connection = connect(replicas)
+        try:
+            connection.request("GET", path, headers=authorization)
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
+
+    started = {}
+    for _ in range(3):  # the same instance at each path, every time
+        for path in ("/replica/1/metrics", "/replica/2/metrics"):
+            status, text = scrape(path)
+            assert status == 200
+            started.setdefault(path, set()).add(re.search(r"^process_start_time_seconds (\S+)$", text, re.M)[1])
+    assert all(len(times) == 1 for times in started.values()) and len(set.union(*started.values())) == 2
+    assert scrape("/metrics")[0] == 404  # through the shared upstream it would alternate

@@ -47,7 +47,7 @@ TIMEOUT_MS = 30_000  # generous: a loaded CI machine may be slow to start Chromi
 # A [settings] key far too long to fit a phone's width unbroken: the page must wrap the error, not scroll sideways.
 LONG_KEY = "this_setting_name_was_pasted_by_mistake_" * 6 + "end"
 ORDER_ID, EMAIL = "#7", "customer7@example.com"  # an order in orders_csv(20)
-LONG_NUMBER = "SO-" + "9" * 60  # not found; the page shows it as compared, cut to 20 characters
+LONG_NUMBER = "SO-" + "9" * 60  # not found; the page shows its letters and digits, cut to 20
 LONG_EMAIL = "a.customer.with.a.rather.long.address@" + "subdomain-of-a-long-shop-domain." * 5 + "example"
 
 
@@ -123,8 +123,11 @@ def healthy(tmp_path_factory):
     The lookups fill the page's "last 24 hours" tables, one not found with a long number and a long email.
     """
     with Service(tmp_path_factory.mktemp("healthy")) as service:
-        for order_id, email in [(ORDER_ID, EMAIL), (LONG_NUMBER, LONG_EMAIL), ("#404", "nobody@example.com")]:
-            get(f"{service.base}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}", {"x-api-key": KEY})
+        # Every outcome but an error, so the hour's table has all its columns.
+        for order_id, email, key in [(ORDER_ID, EMAIL, KEY), (LONG_NUMBER, LONG_EMAIL, KEY),
+                                     ("#404", "nobody@example.com", KEY), ("", EMAIL, KEY), ("#1\x07", EMAIL, KEY),
+                                     (ORDER_ID, EMAIL, "not-the-key-not-the-key")]:
+            get(f"{service.base}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}", {"x-api-key": key})
         signed_in = {"Authorization": "Basic " + base64.b64encode(f"staff:{KEY}".encode()).decode()}
         wait_for(lambda: 'id="not-found"' in get(service.base + "/", signed_in), timeout=30,
                  what="the status page to list the lookups not found")
@@ -209,6 +212,7 @@ def test_signed_in_page_in_standards_mode_and_no_sideways_scrolling(pages, healt
     assert page.locator("#freshness").inner_text() == "healthy"
     assert page.locator("#webhooks").is_visible()  # the widest table is on the page
     assert page.locator("#not-found").is_visible()  # and the lookups not found, one with a long email
+    assert page.locator("#hours th").count() == 6  # the hour, found, not found and the three other outcomes
     assert_no_overflow(page)
     screenshot(page, viewport, "healthy")
     for fold in ("#rules-fold", "#templates-fold"):  # and unfolded, the rules and answers fit too
