@@ -18,6 +18,7 @@ import bisect
 import copy
 import csv
 import hmac
+import html
 import http.client
 import ipaddress
 import json
@@ -1810,7 +1811,10 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # Fields that say what state the whole order is in: where its rows differ (one parcel
 # delivered, one on its way), the answer must not take one row's word for the order's.
 # All are given: "fulfilled / unfulfilled"; dates "on 26 Nov 2026 and 27 Nov 2026".
-AGREED_FIELDS = frozenset({"status", "financial_status", "shipment_status", "shipped_at", "estimated_delivery"})
+# The carrier too: two parcels with DHL and Hermes were not both sent "with DHL".
+AGREED_FIELDS = frozenset({"status", "financial_status", "shipment_status", "shipped_at", "estimated_delivery",
+                           "carrier"})
+BETWEEN = " / "  # between the words of rows that differ (see Packer.agreed)
 DATES = frozenset({"shipped_at", "estimated_delivery"})
 
 
@@ -1909,7 +1913,7 @@ class Packer:
             field_name = self.plan.order_fields[place]
             self.disagreed[field_name] += 1
             values = [*values]
-            values[place] = (" and " if field_name in DATES else " / ").join(words.values())
+            values[place] = (" and " if field_name in DATES else BETWEEN).join(words.values())
         return values
 
     def read_by_rules(self, rows, values):
@@ -1944,8 +1948,13 @@ class Packer:
                     records.append(self.entry_record({"tracking_number": number}))
                     for field_name, text in (("carrier", carrier), ("tracking_url", link)):
                         at = plan.order_fields.index(field_name) if field_name in plan.order_fields else None
-                        if at is not None and text and not values[at]:
+                        if at is None or not text:
+                            continue
+                        if not values[at]:
                             values[at] = text
+                        elif field_name == "carrier" and text not in values[at].split(BETWEEN):
+                            values[at] += BETWEEN + text  # each parcel's carrier, as for rows
+                            self.disagreed["carrier"] += values[at].count(BETWEEN) == 1
         return values, records
 
     def entry_record(self, cells):
@@ -2359,7 +2368,8 @@ def shopify_event(order, topic):
         "financial_status": text(order.get("financial_status")), "cancelled_at": text(order.get("cancelled_at")),
         "order_date": text(order.get("created_at")),
         "shipped_at": next((text(f.get("created_at")) for f in fulfillments if f.get("created_at")), ""),
-        "carrier": next((text(f.get("tracking_company")) for f in fulfillments if f.get("tracking_company")), ""),
+        "carrier": BETWEEN.join(dict.fromkeys(text(f.get("tracking_company")) for f in fulfillments
+                                              if text(f.get("tracking_company")))),
         "tracking_url": next((link for _, _, link in tracking if link), ""),
         # Each parcel's own: "delivered" only when every parcel is, as with an export's rows.
         "shipment_status": " / ".join(dict.fromkeys(text(f.get("shipment_status")) or "unknown" for f in fulfillments))
@@ -2376,7 +2386,7 @@ def woocommerce_event(order, topic):
     if topic == "order.deleted":  # the order went to the trash; order.restored brings it back
         return Event("woocommerce", str(order["id"]), {}, time.time(), deleted=True)
     billing = order.get("billing") if isinstance(order.get("billing"), dict) else {}
-    tracking = [[text(t.get("tracking_number")), text(t.get("custom_tracking_provider")) or text(t.get("tracking_provider")),
+    tracking = [[text(t.get("tracking_number")), unescaped(t.get("custom_tracking_provider")) or text(t.get("tracking_provider")),
                  text(t.get("custom_tracking_link"))]
                 for meta in order.get("meta_data") or () if isinstance(meta, dict)
                 and meta.get("key") == "_wc_shipment_tracking_items"
@@ -2385,9 +2395,9 @@ def woocommerce_event(order, topic):
         "order_id": text(order.get("number")) or text(order.get("id")), "email": text(billing.get("email")),
         "status": text(order.get("status")), "financial_status": "", "cancelled_at": "",
         "order_date": text(order.get("date_created")), "shipped_at": text(order.get("date_completed")),
-        "carrier": next((carrier for _, carrier, _ in tracking if carrier), ""),
+        "carrier": BETWEEN.join(dict.fromkeys(carrier for _, carrier, _ in tracking if carrier)),
         "tracking_url": next((link for _, _, link in tracking if link), ""), "shipment_status": "",
-        "items": [[text(i.get("quantity")) or "1", text(i.get("name")), ""]
+        "items": [[text(i.get("quantity")) or "1", unescaped(i.get("name")), ""]
                   for i in order.get("line_items") or () if isinstance(i, dict)],
         "tracking": tracking,
     }
@@ -2412,18 +2422,28 @@ def text(value):
     return one_line(str(value))
 
 
+def unescaped(value):
+    """text() of a name WooCommerce keeps as HTML ("Ship Your Idea &ndash; Black"), as a customer reads it."""
+    return one_line(html.unescape(text(value)))
+
+
 def strings(values):
     """A list of texts from a payload's list, empty ones left out."""
     return [t for t in map(text, values if isinstance(values, list) else []) if t]
 
 
 def event_time(iso):
-    """A payload's ISO 8601 time as a timestamp; now when it has none or no zone."""
+    """A payload's ISO 8601 time as a timestamp; now when it has none or no zone, or lies ahead of now.
+
+    A time ahead (a shop's clock running fast, or a forged payload) would make the order's
+    newest change look older than it, and a deletion sent after it would be put aside.
+    """
+    now = time.time()
     try:
         moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
     except (ValueError, AttributeError):
-        return time.time()
-    return moment.timestamp() if moment.tzinfo else time.time()
+        return now
+    return min(moment.timestamp(), now) if moment.tzinfo else now
 
 
 class WebhookStore:
@@ -2834,6 +2854,8 @@ class Renderer:
         if not tracking or self.carrier_at is None:
             return ""
         carrier = cells[self.carrier_at]
+        if BETWEEN in carrier:  # parcels with different carriers: whose page would the first number be on?
+            return ""
         page = self.carrier_pages.get(carrier)
         if page is None:
             page = self.carrier_pages[carrier] = carrier_page(self.config.carriers, carrier)
@@ -5161,6 +5183,10 @@ def check_warnings(snapshot, surveyed):
         if field_name in DATES:
             yield (f"{count} orders have rows that give {field_name} different dates (parcels sent on different "
                    "days): their answers give every date")
+            continue
+        if field_name == "carrier":
+            yield (f"{count} orders have parcels with different carriers: their answers name every carrier, and "
+                   "give a tracking link only where the export has one of its own")
             continue
         yield (f"{count} orders have rows that give {field_name} different words (e.g. one parcel delivered, one "
                "not): their answers name all of them and claim none; if one column holds the order's own "

@@ -270,6 +270,25 @@ def test_one_rows_word_is_not_taken_for_the_whole_order(tmp_path, rows, wanted, 
     assert unsaid is None or unsaid not in context
 
 
+CARRIERS = "Order Number,Email,Status,Item,Qty,Tracking Number,Carrier\n"
+
+
+@pytest.mark.parametrize("rows, wanted, link", [
+    # Two parcels, one carrier: its link, for the first number.
+    ("1,a@example.com,shipped,Board,1,00340434161234567890,DHL\n1,a@example.com,shipped,Wax,1,00340434161234567891,DHL\n",
+     "has shipped with DHL (tracking number 00340434161234567890, 00340434161234567891)", "dhl."),
+    # Two carriers: both named, and no link that could send a number to the other's page.
+    ("1,a@example.com,shipped,Board,1,00340434161234567890,DHL\n1,a@example.com,shipped,Wax,1,H1234567890,Hermes\n",
+     "has shipped with DHL / Hermes (tracking number 00340434161234567890, H1234567890)", None),
+])
+def test_each_parcels_carrier_is_named_and_no_link_is_guessed(tmp_path, rows, wanted, link):
+    snapshot = app.build_snapshot(app.load_config(CONTEXTS), write(tmp_path / "o.csv", CARRIERS + rows))
+    status, body = app.answer(snapshot, "1", "a@example.com")
+    body = json.loads(body)
+    assert status == 200 and wanted in body["context"]
+    assert (body["tracking_url"] is None) if link is None else (link in body["tracking_url"])
+
+
 def test_check_warns_about_orders_whose_rows_disagree(capsys, tmp_path):
     rows = "".join(f"{n},c{n}@example.com,shipped,delivered,Board,1\n{n},c{n}@example.com,shipped,in transit,Wax,1\n"
                    for n in (1, 2))
@@ -352,3 +371,9 @@ def test_brackets_written_twice_are_text(tmp_path, contexts_file):
     path = write(tmp_path / "o.csv", "Order ID,Email\n1,a@example.com\n")
     status, body = app.answer(app.build_snapshot(app.load_config(contexts_file), path), "1", "a@example.com")
     assert json.loads(body)["context"].startswith("Order 1 [see note] was found.")
+
+
+def test_check_warns_about_orders_with_several_carriers(capsys, tmp_path):
+    rows = "1,a@example.com,shipped,Board,1,00340434161234567890,DHL\n1,a@example.com,shipped,Wax,1,H1234567890,Hermes\n"
+    code, out = check_output(capsys, CARRIERS + rows, tmp_path)
+    assert code == 0 and "warning  1 orders have parcels with different carriers: their answers name every carrier" in out

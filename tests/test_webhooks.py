@@ -158,6 +158,29 @@ def test_a_woocommerce_event_changes_an_exported_orders_state(shop):
     assert "was found and has shipped" in lookup(shop.base, "3", "customer3@example.com")[1]["context"]
 
 
+def test_woocommerce_tracking_and_names_read_as_the_customer_sees_them(shop):
+    """Shipment Tracking (and Advanced Shipment Tracking) keep parcels in the order's `_wc_shipment_tracking_items`.
+
+    The entries' fields are those its add_tracking_item() writes (WooCommerce Shipment Tracking
+    1.6.11; zorem/woo-advanced-shipment-tracking 3.9.2): a predefined carrier as a slug with no
+    link, a custom one with its own. WooCommerce keeps item names as HTML (`&ndash;`, in its
+    documented sample), which a customer must not read.
+    """
+    order = woo_order(3, "customer3@example.com", "completed")
+    order["meta_data"].append({"id": 13107, "key": "_wc_shipment_tracking_items", "value": [
+        {"tracking_provider": "dhl", "custom_tracking_provider": "", "custom_tracking_link": "",
+         "tracking_number": "JJD0099999999", "date_shipped": "1732838400", "tracking_id": "0f8d6d5c3b1a4e2f"},
+        {"tracking_provider": "", "custom_tracking_provider": "Local &amp; Fast Courier",
+         "custom_tracking_link": "https://courier.example/track/LC123", "tracking_number": "LC123",
+         "date_shipped": 1732924800, "tracking_id": "a1b2c3d4e5f60718"}]})
+    assert woocommerce(shop.base, order)[0] == 200
+    status, body = lookup(shop.base, "3", "customer3@example.com")
+    assert status == 200 and "JJD0099999999" in body["context"] and "LC123" in body["context"]
+    assert "Ship Your Idea \u2013 Color: Black" in body["context"] and "&ndash;" not in body["context"]
+    assert "&amp;" not in json.dumps(body)
+    assert body["tracking_url"].startswith("https://")
+
+
 def test_the_woocommerce_ping_gets_200_and_stores_nothing(shop):
     status, body = post(f"{shop.base}/webhooks/woocommerce", b"webhook_id=42",
                         {"Content-Type": "application/x-www-form-urlencoded"})
@@ -188,8 +211,8 @@ def test_a_replayed_delivery_is_applied_once(shop):
 
 
 def test_an_older_change_arriving_late_does_not_undo_a_newer_one(shop):
-    shopify(shop.base, shopify_order(5004, shipped=True, updated=now_iso(120)))
-    late = shopify(shop.base, shopify_order(5004, shipped=False, updated=now_iso(60)))  # retried hours later
+    shopify(shop.base, shopify_order(5004, shipped=True, updated=now_iso(-60)))
+    late = shopify(shop.base, shopify_order(5004, shipped=False, updated=now_iso(-120)))  # retried later
     assert json.loads(late[1])["outcome"] == "stale"
     assert "has shipped" in lookup(shop.base, "5004", "new@example.com")[1]["context"]
 
@@ -217,6 +240,18 @@ def test_an_order_is_delivered_only_when_every_parcel_is(shop, parcels, wanted):
     shopify(shop.base, order)
     context = lookup(shop.base, "5011", "new@example.com")[1]["context"]
     assert wanted in context and (wanted == "has been delivered" or "delivered" not in context)
+
+
+def test_parcels_with_two_carriers_name_both_and_guess_no_link(shop):
+    order = shopify_order(5012, shipped=True)
+    first = order["fulfillments"][0]
+    order["fulfillments"] = [dict(first, id=1, tracking_urls=[], tracking_url=None),
+                             dict(first, id=2, tracking_company="DHL Express", tracking_number="1234567890",
+                                  tracking_numbers=["1234567890"], tracking_urls=[], tracking_url=None)]
+    shopify(shop.base, order)
+    body = lookup(shop.base, "5012", "new@example.com")[1]
+    assert "with UPS / DHL Express (tracking number 1Z999AA10123456784, 1234567890)" in body["context"]
+    assert body["tracking_url"] is None
 
 
 def test_events_survive_a_restart(tmp_path, contexts_file):
@@ -253,8 +288,9 @@ def test_an_event_from_while_the_export_was_made_is_kept(shop, minutes_before, k
     assert ("has shipped" in lookup(shop.base, "6", "customer6@example.com")[1]["context"]) is kept
 
 
-def test_a_deleted_order_is_no_longer_found(shop):
-    shopify(shop.base, shopify_order(5006, order_id=123456789))
+@pytest.mark.parametrize("updated", [None, now_iso(3600)])  # stamped an hour ahead: a shop's clock running fast
+def test_a_deleted_order_is_no_longer_found(shop, updated):
+    shopify(shop.base, shopify_order(5006, order_id=123456789, updated=updated))
     assert lookup(shop.base, "5006", "new@example.com")[0] == 200
     status, body = shopify(shop.base, {"id": 123456789}, topic="orders/delete")
     assert status == 200 and json.loads(body)["outcome"] == "applied"
