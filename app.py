@@ -1453,7 +1453,8 @@ class Fit:
 
 
 EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-ID_SHAPE = re.compile(r"#?[0-9A-Za-z][0-9A-Za-z#/_.\-]{0,39}")
+# Short codes, with at most one inner space ("AB 10023", as some ERPs write them).
+ID_SHAPE = re.compile(r"(?=.{1,40}$)#?[0-9A-Za-z][0-9A-Za-z#/_.\-]*(?: [0-9A-Za-z#/_.\-]+)?")
 NOT_AN_ID = re.compile(r"\d+[.,]\d{1,2}|\d{1,4}[-./]\d{1,2}[-./]\d{1,4}.*|\d{1,2}:\d{2}.*")  # amounts, dates, times
 
 
@@ -1503,6 +1504,8 @@ def order_fits(values, count, emails):
         if sum(any(ch.isdigit() for ch in c) for c in filled) < 0.8 * len(filled) or \
                 sum(bool(NOT_AN_ID.fullmatch(c)) for c in filled) > 0.2 * len(filled):
             continue
+        if counts_rows(cells):
+            continue
         runs = [value for value, _ in groupby(cells) if value]
         distinct = len(set(filled))
         if distinct < 2 or len(runs) != distinct:  # a value seen again after others: not an order's rows
@@ -1512,6 +1515,12 @@ def order_fits(values, count, emails):
         fits.append(Fit(column, f"{distinct} distinct values over {count} rows, shaped like {printable(example)[:20]!r}",
                         (repeats, -len(example) // 8, -column)))
     return sorted(fits, key=lambda f: f.rank, reverse=True)
+
+
+def counts_rows(cells):
+    """True for a column that numbers the rows (1, 2, 3, ... from the first): a row counter, not orders."""
+    return len(cells) > 2 and all(c.isdecimal() for c in cells) and \
+        [int(c) for c in cells] == list(range(int(cells[0]), int(cells[0]) + len(cells))) and int(cells[0]) <= 1
 
 
 def status_fits(config, values, count, layout):
@@ -1536,7 +1545,9 @@ def proposal_text(config, header, found):
     """The [columns] lines `check` prints for columns found by their content: each one's header first."""
     if not found:
         return ""
-    lines = ["", "Found by their content; in contexts.toml, replace these lines under [columns]:", "[columns]"]
+    # No "[columns]" line of its own: pasted below the file's own table, a second one is an error.
+    lines = ["", "Found by their content; in contexts.toml, under [columns], put these lines in place of "
+                 "the lines of the same fields:"]
     for field_name, fits in found.items():
         names = [header[fits[0].column].strip(), *config.columns.get(field_name, ())]
         others = f"; also fits: {', '.join(repr(header[f.column].strip()) for f in fits[1:3])}" if fits[1:] else ""
@@ -2632,6 +2643,11 @@ class WebhookStore:
         with self.lock:
             return self.db.execute(f"SELECT {self.ROW} FROM orders WHERE time >= ?", (since,)).fetchall()
 
+    def last_received(self):
+        """{platform: when its newest stored event arrived}: the status page's "last event" after a restart."""
+        with self.lock:
+            return dict(self.db.execute("SELECT platform, MAX(received) FROM orders GROUP BY platform").fetchall())
+
     def close(self):
         """Close the database (its WAL is checkpointed into the file)."""
         with self.lock, suppress(Exception):
@@ -3239,6 +3255,8 @@ class Service:
                     self.settings.state.mkdir(parents=True, exist_ok=True)
                     self.store = WebhookStore(self.settings.state / "webhooks.sqlite3", self.settings.webhook_max_orders)
                     self.store_error = None
+                    for platform, moment in self.store.last_received().items() if self.webhooks else ():
+                        self.webhooks.last.setdefault(platform, moment)
                 except (StoreError, OSError) as e:
                     self.store_error = f"webhook events cannot be stored: {e}"
                     log.error("%s", self.store_error)
@@ -3699,7 +3717,9 @@ def receive_upload(service, environ):
     The data being served changes only when the upload passes every guard; a second
     upload while one is being checked gets 409.
     """
+    size = int(environ.get("CONTENT_LENGTH") or 0)  # as announced; as received once it is
     if not service.uploading.acquire(blocking=False):
+        log.warning("upload: %d bytes: refused, another upload is being checked", size)
         return 409, json.dumps({"accepted": False, "reason": "Another upload is being checked; send it again "
                                                              "in a minute."}).encode()
     hidden = None
@@ -3715,13 +3735,15 @@ def receive_upload(service, environ):
             "rows": snapshot.rows, "answers": dict(surveyed.answers.most_common()),
             "warnings": list(check_warnings(snapshot, surveyed))}).encode()
     except UploadRefused as error:
-        log.warning("upload refused: %s", error)
+        log.warning("upload: %d bytes: refused: %s", size, error)
         return 413, json.dumps({"accepted": False, "reason": str(error)}).encode()
     except UserError as error:
         service.loads[refusal_kind(error)] += 1
-        log.warning("upload refused, still serving %s: %s", shown_name(service.snapshot.source)
-                    if service.snapshot else "nothing", error)
-        return 422, json.dumps({"accepted": False, "reason": str(error)}).encode()
+        # The sender knows no hidden file's name: "the upload" looks cut off.
+        reason = str(error).replace(hidden.name, "the upload") if hidden else str(error)
+        log.warning("upload: %d bytes: refused, still serving %s: %s", size, shown_name(service.snapshot.source)
+                    if service.snapshot else "nothing", reason)
+        return 422, json.dumps({"accepted": False, "reason": reason}).encode()
     finally:
         if hidden:
             with suppress(OSError):
@@ -4203,6 +4225,7 @@ def add_source_routes(app, service, gate):
         gate.stopped(environ)
         if not key_ok(gate.upload_keys, environ.get("HTTP_X_UPLOAD_KEY")):  # the chat platform's key changes no data
             gate.failed(environ)
+            log.warning("upload: %s bytes: refused, a wrong or missing x-upload-key", environ.get("CONTENT_LENGTH") or 0)
             raise bottle.HTTPResponse(b"", 401, content_type=JSON)
         status, body = receive_upload(service, environ)
         bottle.response.status = status

@@ -76,7 +76,7 @@ def test_two_columns_that_fit_are_refused_with_a_block_that_works_when_pasted(tm
     assert "the service does not guess" in str(refused.value)
     code, out = check(capsys, tmp_path, contexts_file)
     assert code == 1
-    block = out[out.index("[columns]\n"):].splitlines()[1:]
+    block = out[out.index("the lines of the same fields:\n"):].splitlines()[1:]
     assert block[0].startswith('order_id = ["Zamówienie", "Order Number"')
     # Pasted as the block says: each line replaces the line of its field under [columns].
     text = contexts_file.read_text()
@@ -97,6 +97,7 @@ def test_two_columns_that_fit_are_refused_with_a_block_that_works_when_pasted(tm
     ("date", ["2026-11-01", "2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04"]),
     ("sku", ["SKU-1", "SKU-2", "SKU-1", "SKU-3", "SKU-2"]),  # an item's code comes back after other items
     ("note", ["please wrap", "", "call first", "", "leave at door"]),
+    ("row", ["1", "2", "3", "4", "5"]),  # a row counter: unique, together, digits, and no order's number
 ])
 def test_columns_that_only_look_like_numbers_are_never_taken_for_the_order(column, values):
     header = ["Kontakt", column]
@@ -148,3 +149,18 @@ def test_a_mistake_in_vocabulary_is_a_clear_config_error(contexts_file, text, sa
     with pytest.raises(app.ConfigError) as caught:
         app.load_config(contexts_file)
     assert says in str(caught.value)
+
+
+# A row counter ("Lfd", running number) beside the order's own number, written with a space.
+COUNTED = ("Lfd;Beleg;Kontakt;Zustand;Artikel\n"
+           "1;AB 10023;k1@example.com;versendet;Tasse\n"
+           "2;AB 10023;k1@example.com;versendet;Teller\n"
+           "3;AB 10024;k2@example.com;storniert;Kanne\n"
+           "4;AB 10025;k3@example.com;versendet;Schale\n")
+
+
+def test_a_row_counter_is_never_served_as_the_order_number(tmp_path):
+    snapshot = load(tmp_path, COUNTED)
+    assert snapshot.packer.plan.chosen["order_id"] == "Beleg"
+    assert ask(snapshot, "AB 10023", "k1@example.com")[0] == 200
+    assert ask(snapshot, "1", "k1@example.com")[0] == 404

@@ -76,15 +76,20 @@ def test_a_good_file_gets_200_with_the_check_summary_and_is_then_served(shop):
 def test_a_bad_file_gets_422_and_changes_nothing(shop, body, says):
     before = lookup(shop.url, "#1", "customer1@example.com")
     status, answer = send(shop.url, body)
-    assert status == 422 and not json.loads(answer)["accepted"] and says in json.loads(answer)["reason"]
+    reason = json.loads(answer)["reason"]
+    assert status == 422 and not json.loads(answer)["accepted"] and says in reason
+    assert ".uploading" not in reason and (reason.startswith("the upload") or not body)  # no name the sender never gave
     assert lookup(shop.url, "#1", "customer1@example.com") == before
     assert not [p for p in shop.data.iterdir() if p.name.startswith(".uploading")]
+    assert f"upload: {len(body)} bytes: refused, still serving" in shop.output  # its size and outcome, no contents
 
 
 @pytest.mark.parametrize("key", [KEY, None, "", "upl-wrong-key-000000000000"])
 def test_the_lookup_key_or_no_key_gets_401(shop, key):
-    status, body = send(shop.url, orders_csv(43).encode(), key=key)
+    sent = orders_csv(43).encode()
+    status, body = send(shop.url, sent, key=key)
     assert status == 401 and body == b""
+    assert f"upload: {len(sent)} bytes: refused, a wrong or missing x-upload-key" in shop.output
 
 
 @pytest.mark.parametrize("key, length", [(UPLOAD_KEY, 6_800_000), ("upl-wrong-key-000000000000", 70_000)])

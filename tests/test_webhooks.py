@@ -263,6 +263,7 @@ def test_events_survive_a_restart(tmp_path, contexts_file):
         assert "on hold" in lookup(restarted.base, "4", "customer4@example.com")[1]["context"]
         orders = healthz(restarted.base)[1]["webhooks"]
         assert orders["shopify"]["orders_from_events"] == 1 and orders["woocommerce"]["orders_from_events"] == 1
+        assert orders["shopify"]["last_event"] and orders["woocommerce"]["last_event"]  # when it arrived, not "none"
 
 
 def test_a_later_export_supersedes_the_events(tmp_path, contexts_file):
