@@ -3528,6 +3528,7 @@ def event_handler(watcher):
 FETCH_TIMEOUT = 30  # seconds to connect, and at most between two reads of the body
 FETCH_RETRY = (30, 60, 120, 300, 600)  # seconds before the next try after 1, 2, 3... failures; then FETCH_SECONDS
 FETCH_REDIRECTS = 5  # Dropbox and Google send one or two
+FETCH_DEADLINE = 1800  # seconds for a whole body: a server dripping a byte at a time must not hold the fetcher
 
 
 class FetchError(UserError):
@@ -3581,8 +3582,8 @@ class Fetcher:
             self.failures += 1
             self.failing_since = self.failing_since or self.last_attempt
             self.last_error = str(error)
-            log.error("fetching %s failed (%d in a row), still serving what was loaded: %s",
-                      shown_url(self.settings.orders_url), self.failures, error)
+            log.error("fetching %s failed (%d in a row), %s: %s", shown_url(self.settings.orders_url), self.failures,
+                      "still serving what was loaded" if self.service.snapshot else "nothing loaded yet", error)
             return False
         self.outcomes[outcome] += 1
         self.failures, self.failing_since, self.last_error, self.last_success = 0, None, None, time.time()
@@ -3621,7 +3622,8 @@ class Fetcher:
         if "html" in (response.headers.get_content_type() or ""):
             raise FetchError("the link answered with a web page, not an export: a shared link that needs "
                              "signing in, or that points to a preview? Use its direct download link.")
-        first = response.read(READ_BUFFER)
+        started = time.monotonic()
+        first = response.read1(READ_BUFFER)  # read1: at most one read from the socket, so the deadline is checked
         suffix = ".xlsx" if first.startswith(b"PK\x03\x04") else ".csv"
         hidden, target = self.folder / f".fetching-{os.getpid()}{suffix}", self.folder / f"fetched{suffix}"
         size = 0
@@ -3634,7 +3636,10 @@ class Fetcher:
                         raise FetchError(f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB); "
                                          "the download was stopped.")
                     out.write(chunk)
-                    chunk = response.read(READ_BUFFER)
+                    if time.monotonic() - started > FETCH_DEADLINE:
+                        raise FetchError(f"the download took longer than {FETCH_DEADLINE // 60} minutes "
+                                         f"({size:,} bytes so far) and was stopped.")
+                    chunk = response.read1(READ_BUFFER)
             declared = int(response.headers.get("Content-Length") or 0)
             if declared and size < declared:  # http.client ends a cut body quietly
                 raise FetchError(f"the download broke off after {size:,} of {declared:,} bytes.")
@@ -4206,7 +4211,7 @@ def add_source_routes(app, service, gate):
         if platform not in service.settings.webhook_secrets:
             raise bottle.HTTPError(404)  # exactly as any unknown address, while its secret is unset
         if environ["REQUEST_METHOD"] != "POST":
-            raise bottle.HTTPError(405)
+            raise bottle.HTTPError(405, Allow="POST")
         body = request_body(environ, WEBHOOK_MAX_BYTES)
         status, payload = service.webhooks.receive(platform, environ, body)
         if status == 401:  # a signed event is never throttled: a shop's addresses are shared by many shops
@@ -4221,7 +4226,7 @@ def add_source_routes(app, service, gate):
         if not gate.upload_keys:
             raise bottle.HTTPError(404)  # exactly as any unknown address, while UPLOAD_KEY is unset
         if environ["REQUEST_METHOD"] not in ("PUT", "POST"):
-            raise bottle.HTTPError(405)
+            raise bottle.HTTPError(405, Allow="PUT,POST")
         gate.stopped(environ)
         if not key_ok(gate.upload_keys, environ.get("HTTP_X_UPLOAD_KEY")):  # the chat platform's key changes no data
             gate.failed(environ)
@@ -4514,7 +4519,6 @@ UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. 
 
 ERROR_TEXTS = {
     404: "There is nothing at this address. Orders are looked up at /lookup.",
-    405: "This address only answers GET requests.",
     429: "Too many wrong API keys from this address. Try again later with the right key.",
 }
 
@@ -4525,6 +4529,9 @@ def json_error(error, service):
     if error.status_code >= 500:
         return service.unavailable()
     text = ERROR_TEXTS.get(error.status_code, "The request could not be handled.")
+    if error.status_code == 405:  # the methods the address does answer, as its Allow header says
+        allowed = [m for m in error.headers.get("Allow", "GET").split(",") if m.strip() not in ("HEAD", "")]
+        text = f"This address only answers {' or '.join(m.strip() for m in allowed)} requests."
     return json.dumps({"context": text})
 
 
@@ -5407,7 +5414,11 @@ def run_serve(settings, args):
     service = Service(settings)
     if service.fetcher:
         prepare_fetching(settings)
-        service.fetcher.fetch()  # at start, so that a fresh export is what the first load reads
+        # At start, so that a fresh export is what the first load reads.
+        if not service.fetcher.fetch() and not any(is_export_name(p.name) for p in settings.data.iterdir()):
+            raise SettingsError(f"the first fetch of ORDERS_URL ({shown_url(settings.orders_url)}) failed, and "
+                                f"{printable(settings.data)} holds no export yet: {service.fetcher.last_error.rstrip('.')}. "
+                                "Check the link in a browser; the service serves once one fetch has succeeded.")
     service.start()
     if settings.api_keys:
         key_status = f"{len(settings.api_keys)} key(s) from API_KEY"

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 import app
-from conftest import KEY, OTHER_KEY, ROOT, SHOPIFY_CSV, Client, make_settings, write
+from conftest import KEY, OTHER_KEY, ROOT, SHOPIFY_CSV, Client, make_settings, started, write
 
 
 @pytest.mark.parametrize("headers, query", [
@@ -92,7 +92,18 @@ def test_other_methods_are_405_json(client, method):
     r = client.request(method, "/lookup", "order_id=1001&customer_email=jane@example.com", {"x-api-key": KEY})
     assert r.status == 405
     assert r.headers["Content-Type"] == "application/json"
-    assert "GET" in r.context
+    assert r.context == "This address only answers GET requests."
+
+
+@pytest.mark.parametrize("path, says, allow", [
+    ("/export", "This address only answers PUT or POST requests.", "PUT,POST"),
+    ("/webhooks/shopify", "This address only answers POST requests.", "POST"),
+])
+def test_the_upload_and_webhook_addresses_name_their_own_methods(export, contexts_file, path, says, allow):
+    settings = make_settings(export.parent, contexts_file, UPLOAD_KEY="upl-contract-test-key-5Hq8Zr2Lw",
+                             SHOPIFY_WEBHOOK_SECRET="shpss-contract-test-4Tn7Vb")
+    r = Client(app.create_app(started(settings))).request("GET", path)
+    assert (r.status, json.loads(r.body)["context"], r.headers["Allow"]) == (405, says, allow)
 
 
 def test_unknown_path_is_json_404(client):

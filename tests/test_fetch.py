@@ -59,6 +59,16 @@ class Origin:
                     self.end_headers()
                     self.wfile.write(body[: len(body) // 2])  # and the connection ends
                     self.close_connection = True
+                elif mode == "drip":  # a byte at a time, each well within the read timeout
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/csv")
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    for _ in range(100):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                    self.close_connection = True
                 elif mode.startswith("redirect"):
                     hops = int(mode[8:] or 1)
                     self.send_response(302)
@@ -139,11 +149,13 @@ def test_the_fetched_files_time_is_the_exports(tmp_path, contexts_file, origin):
 @pytest.mark.parametrize("mode, says", [
     ("error", "the server answered 500"),
     ("slow", "broke off (TimeoutError)"),
+    ("drip", "the download took longer than"),
     ("cut", "the download broke off after"),
     ("html", "answered with a web page"),
 ])
 def test_a_failed_fetch_keeps_the_data_and_shows_on_healthz(tmp_path, contexts_file, origin, monkeypatch, mode, says):
     monkeypatch.setattr(app, "FETCH_TIMEOUT", 1)
+    monkeypatch.setattr(app, "FETCH_DEADLINE", 1)
     service = fetching(tmp_path, contexts_file, origin.url)
     service.fetcher.fetch()
     service.start()
@@ -206,6 +218,20 @@ def test_the_service_fetches_at_start_and_every_fetch_seconds_and_never_logs_the
             health = json.loads(response.read())
     assert health["fetch"]["source"] == "http://127.0.0.1/…" and health["orders"] == 35
     assert TOKEN not in served.output and "token=" not in served.output
+
+
+def test_a_first_fetch_that_fails_with_nothing_to_serve_says_so_in_one_line(tmp_path, contexts_file, origin):
+    import subprocess
+
+    origin.mode = "error"
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, "API_KEY": KEY, "PORT": str(free_port()), "ORDERS_FILE": str(tmp_path / "data"),
+           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(tmp_path / "state"), "ORDERS_URL": origin.url}
+    done = subprocess.run([sys.executable, str(ROOT / "app.py")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "error: the first fetch of ORDERS_URL (http://127.0.0.1/…) failed, and" in done.stderr
+    assert "holds no export yet: the server answered 500" in done.stderr and "Drop the export" not in done.stderr
+    assert "nothing loaded yet" in done.stderr and TOKEN not in done.stderr
 
 
 @pytest.fixture
