@@ -2,6 +2,7 @@
 failures that keep the data being served, and a token that never reaches a log.
 """
 
+import hashlib
 import http.server
 import json
 import os
@@ -59,6 +60,20 @@ class Origin:
                     self.end_headers()
                     self.wfile.write(body[: len(body) // 2])  # and the connection ends
                     self.close_connection = True
+                elif mode == "etag":  # as S3 and Dropbox answer: an ETag, and 304 when it still matches
+                    body = (folder / "orders.csv").read_bytes()
+                    tag = f'"{hashlib.md5(body).hexdigest()}"'
+                    if self.headers.get("If-None-Match") == tag:
+                        self.send_response(304)
+                        self.send_header("ETag", tag)
+                        self.end_headers()
+                        return
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/csv")
+                    self.send_header("ETag", tag)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                 elif mode == "drip":  # a byte at a time, each well within the read timeout
                     self.send_response(200)
                     self.send_header("Content-Type", "text/csv")
@@ -136,6 +151,43 @@ def test_fetches_are_counted_by_outcome_in_the_metrics(tmp_path, contexts_file, 
     assert {labels[0][1]: value for (name, labels), value in metrics.items() if name == "orders_fetches_total"} == \
         {"fetched": 1, "not_modified": 1, "failed": 1}
     assert TOKEN not in repr(metrics)
+
+
+def test_an_unchanged_export_by_its_etag_is_a_304_that_changes_nothing(tmp_path, contexts_file, origin):
+    origin.mode = "etag"
+    service = fetching(tmp_path, contexts_file, origin.url)
+    assert service.fetcher.fetch()
+    service.start()
+    fetched = tmp_path / "data" / "fetched.csv"
+    before, served = (fetched.read_bytes(), fetched.stat().st_mtime_ns), service.snapshot
+    assert service.fetcher.fetch() and service.fetcher.outcomes == {"fetched": 1, "not_modified": 1}
+    assert origin.requests[-1][1]["If-None-Match"].startswith('"')
+    assert (fetched.read_bytes(), fetched.stat().st_mtime_ns) == before
+    assert service.files_state() == service.tried and service.snapshot is served  # the watcher finds nothing new
+    write(origin.folder / "orders.csv", orders_csv(32))  # a new ETag
+    assert service.fetcher.fetch() and service.fetcher.outcomes["fetched"] == 2
+
+
+def test_failed_fetches_are_tried_again_sooner_then_every_fetch_seconds(tmp_path, contexts_file, origin):
+    service = fetching(tmp_path, contexts_file, origin.url, FETCH_SECONDS="900")
+    fetcher, waits = service.fetcher, []
+
+    class Clock:
+        def wait(self, seconds):
+            waits.append(seconds)
+            return len(waits) > 8  # stop after eight rounds
+
+    def failing():
+        fetcher.failures += 1
+        return False
+
+    fetcher.stopping, fetcher.fetch = Clock(), failing
+    fetcher.run()
+    assert waits == [900, 30, 60, 120, 300, 600, 600, 600, 600]  # at start: fetched already; then backing off
+    fetcher.failures, waits[:] = 0, []
+    fetcher.fetch = lambda: True
+    fetcher.run()
+    assert set(waits) == {900}  # once it works again: every FETCH_SECONDS
 
 
 def test_the_fetched_files_time_is_the_exports(tmp_path, contexts_file, origin):

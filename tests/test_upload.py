@@ -114,6 +114,28 @@ def test_post_with_the_file_as_a_form_field_is_accepted_too(shop):
     assert status == 200 and json.loads(answer)["orders"] == 44
 
 
+@pytest.mark.parametrize("how, orders", [(["-T", "{file}"], 45), (["-F", "file=@{file}"], 46)])
+def test_the_documented_curl_commands_upload_the_export(shop, tmp_path, how, orders):
+    """docs/UPDATING.md's `curl -fsS -T orders.csv -H "x-upload-key: ..." .../export`, and its -F form."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    file = write(tmp_path / "orders.csv", orders_csv(orders))
+    documented = (ROOT / "docs" / "UPDATING.md").read_text()
+    assert 'curl -fsS -T orders.csv -H "x-upload-key: $UPLOAD_KEY" https://orders.example.com/export' in documented
+    assert "curl -F file=@orders.csv" in documented
+    done = subprocess.run(["curl", "-fsS", *(part.format(file=file) for part in how), "-H",
+                           f"x-upload-key: {UPLOAD_KEY}", f"{shop.url}/export"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["orders"] == orders
+    cut = write(tmp_path / "cut.csv", orders_csv(orders)[:-200])
+    refused = subprocess.run(["curl", "-fsS", "-T", str(cut), "-H", f"x-upload-key: {UPLOAD_KEY}", f"{shop.url}/export"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 22 and "422" in refused.stderr  # -f: cron sees the refusal and mails it
+
+
 def test_an_xlsx_upload_is_read_as_a_workbook(shop, tmp_path):
     from conftest import write_xlsx
 
