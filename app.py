@@ -1033,6 +1033,10 @@ def open_csv(path, encoding=None):
         def cut_off(last, width):
             """Why the file looks cut off mid-row, or "" (see README, "Refused exports")."""
             if not scan.ends_open:
+                # A cut right after a line break inside a quoted cell (a note of several lines) ends
+                # with a line end too: the open quote then swallowed it into the last cell.
+                if last and last[-1].endswith(("\n", "\r")) and open_quote_at_end(f, delimiter):
+                    return "a quoted cell is still open at the end of the file"
                 return ""
             if last is not None and len(last) < width:
                 return f"the last row has {len(last)} of {width} fields and no line end"
@@ -1135,7 +1139,7 @@ def open_xlsx(path, sheet, header_score):
             worksheet.reset_dimensions()
         # Line numbers are for CSV parse errors only; a workbook is not scanned, so each order is checked.
         lost = [0]
-        yield Table(sheet_rows(pick_sheet(path, book, sheet, header_score), lost), lost=lost)
+        yield Table(sheet_rows(pick_sheet(path, book, sheet, header_score), lost, path), lost=lost)
     finally:
         book.close()
 
@@ -1160,10 +1164,15 @@ def check_unpacked_size(path):
 HEADER_GAP = 20  # empty header cells after which a stray value far to the right is not a column
 
 
-def sheet_rows(worksheet, lost=None):
+EXCEL_ROWS = 1_048_576  # the most rows a sheet can have in Excel, LibreOffice and every exporter
+
+
+def sheet_rows(worksheet, lost=None, path=None):
     """The sheet's first non-empty row, then every later row as wide as that header, empty rows left out."""
     rows = worksheet.iter_rows(values_only=True)
     for number, row in enumerate(rows, 1):
+        if number > EXCEL_ROWS:
+            break
         cells = [cell_text(v, lost) for v in row]
         width = header_width(cells)
         if width:
@@ -1173,7 +1182,12 @@ def sheet_rows(worksheet, lost=None):
         return
     rows.close()
     empty = (None,) * width  # the row openpyxl makes up for every row missing from the file
-    for row in worksheet.iter_rows(min_row=number + 1, max_col=width, values_only=True):
+    # openpyxl makes up every row missing before a row the file numbers: <row r="999999999999">
+    # in a 6 KB file would be a day of made-up rows. No sheet has more than EXCEL_ROWS.
+    for number, row in enumerate(worksheet.iter_rows(min_row=number + 1, max_col=width, values_only=True), number + 1):
+        if number > EXCEL_ROWS:
+            export_error(path or "the workbook", f"numbers a row past {EXCEL_ROWS:,}, the most a sheet can have: it is damaged or "
+                               "was not written by a spreadsheet program. Export the orders again.")
         if row != empty:
             cells = [cell_text(v, lost) for v in row]
             if any(cells):
@@ -1202,6 +1216,9 @@ def pick_sheet(path, book, sheet, header_score):
             export_error(path, f"has no sheet {sheet!r}. Sheets: {', '.join(map(printable, book.sheetnames))}. "
                                "Fix [settings] sheet in contexts.toml.")
         return book[sheet]
+    if not book.worksheets:
+        export_error(path, "holds no worksheet: it is damaged, or was cut off while being written. "
+                           "Export the orders again.")
     if header_score is None or len(book.worksheets) == 1:
         return book.worksheets[0]
     best, best_score = book.worksheets[0], 0
@@ -2207,6 +2224,8 @@ def build_snapshot(config, path, memory_limit_mb=None):
         except Alike:
             alike = True
         except Irregular as why:
+            if careful:  # a careful read holds every row as it comes: a second time would be the same
+                export_error(path, f"could not be read ({why}, read carefully too). Export the orders again.")
             log.info("%s: %s; reading it again, holding all orders", shown_name(path), why)
             careful = True
         except NotUTF8:
@@ -3015,6 +3034,55 @@ def mask_email(email):
 ###############################################################################
 
 
+ACCEPTED = "accepted.json"  # in STATE_DIR, beside the last good copy: what that export held
+RECORD_SAMPLE = 8000  # keys kept of the accepted export: a vanished share to within a percent or two
+
+
+def write_record(path, snapshot):
+    """Note what an accepted export held, so that a restart can tell a cut-off export from it."""
+    step = max(1, len(snapshot.index) // RECORD_SAMPLE)
+    record = {"file_size": snapshot.file_size, "file_mtime_ns": snapshot.file_mtime_ns, "orders": snapshot.orders,
+              "keys_read_as": keys_read_as(snapshot),
+              "sample": [key.decode() for key in islice(snapshot.index, 0, None, step)]}
+    partial = path.with_name(".partial-" + path.name)
+    partial.write_text(json.dumps(record), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def keys_read_as(snapshot):
+    """How a snapshot makes its keys (see same_keys), as text a record can hold."""
+    return [snapshot.columns.get("order_id"), snapshot.columns.get("email"), snapshot.normalise.__name__]
+
+
+def guard_against_record(snapshot, path):
+    """At start, refuse an export that a running service would have refused after the last accepted one.
+
+    Without this, a restart (a reboot, a deploy, the kernel's OOM killer) would take any
+    whole file, a cut-off one included, and copy it over the last good one.
+    """
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        orders, sample = int(record["orders"]), [key.encode() for key in record["sample"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no record (a first start) or an unreadable one: nothing to compare with
+    if (record.get("file_size"), record.get("file_mtime_ns")) == (snapshot.file_size, snapshot.file_mtime_ns):
+        return  # the export accepted last time
+    name, config = shown_name(snapshot.source), snapshot.config
+    if snapshot.orders < orders * config.min_orders_ratio:
+        raise ExportError(
+            f"{name}: holds {snapshot.orders} orders, fewer than {config.min_orders_ratio:.0%} of the {orders} of the "
+            "export accepted last, so it looks cut off. If the shrink is real, lower [settings] min_orders_ratio "
+            "in contexts.toml: the edit is picked up at once.", file=name)
+    if sample and record.get("keys_read_as") == keys_read_as(snapshot):
+        share = sum(key not in snapshot.index for key in sample) / len(sample)
+        if share > config.max_vanished_ratio:
+            raise ExportError(
+                f"{name}: about {share:.0%} of the orders of the export accepted last are not in it, more than "
+                f"max_vanished_ratio ({config.max_vanished_ratio:.0%}) allows: it looks cut off or filtered. If "
+                "those orders really left the export, raise [settings] max_vanished_ratio in contexts.toml: the "
+                "edit is picked up at once.", file=name)
+
+
 def same_file(a, b):
     """True when two snapshots read one unchanged file: a contexts.toml edit, not a new export."""
     return (a.source, a.file_mtime_ns, a.file_size) == (b.source, b.file_mtime_ns, b.file_size)
@@ -3129,7 +3197,9 @@ class Service:
         a large export is served that much sooner.
         """
         try:
-            self.install(self.build(starting=True), keep_copy=False)
+            snapshot = self.build(starting=True)
+            guard_against_record(snapshot, self.settings.state / ACCEPTED)
+            self.install(snapshot, keep_copy=False)
             self.copying = threading.Thread(target=self.keep_copy, args=(self.snapshot,), name="copy", daemon=True)
             self.copying.start()
         except ExportError as error:
@@ -3190,7 +3260,7 @@ class Service:
             raise ExportError(
                 f"{name}: holds {snapshot.orders} orders, fewer than {ratio:.0%} of the "
                 f"{current.orders} being served, so it looks cut off. If the shrink is real, lower "
-                "[settings] min_orders_ratio in contexts.toml or restart the service.", file=name)
+                "[settings] min_orders_ratio in contexts.toml: the edit is picked up at once.", file=name)
         # The same file read anew (a contexts.toml edit) was whole before; keys read another way cannot be compared.
         if current and current.index and not same_file(current, snapshot) and same_keys(current, snapshot):
             # Counted, not a set of differences: a set of 500,000 keys would be 30 MB more at the peak.
@@ -3201,7 +3271,7 @@ class Service:
                     f"{name}: {vanished} of the {len(current.index)} orders being served ({vanished / len(current.index):.0%}) "
                     f"are not in it, more than max_vanished_ratio ({allowed:.0%}) allows: it looks cut off or "
                     "filtered. If those orders really left the export, raise [settings] max_vanished_ratio in "
-                    "contexts.toml, or restart the service.", file=name)
+                    "contexts.toml: the edit is picked up at once.", file=name)
         if snapshot.file_mtime > time.time() + FUTURE_SLACK:
             log.warning("%s: its modification time, %s, is in the future: its age cannot be told, and a newer "
                         "export will be served as soon as one arrives. Check the clock of the machine that "
@@ -3303,6 +3373,7 @@ class Service:
             for other in state.glob("last-good.*"):
                 if other != target:
                     other.unlink()
+            write_record(state / ACCEPTED, snapshot)
             self.copy_error = None
         except OSError as e:
             with suppress(OSError):

@@ -7,6 +7,7 @@ stops at a row boundary, a rolling "last 90 days" export, a sheet without a stat
 
 import datetime
 import json
+import re
 import os
 import subprocess
 import sys
@@ -106,12 +107,16 @@ def test_a_contexts_edit_that_reads_numbers_from_another_column_is_applied(servi
     assert app.answer(service.snapshot, str(6634244374859 + 1200), "c1200@example.com")[0] == 200
 
 
-def test_an_export_ending_inside_a_quoted_cell_is_refused(serving_200):
+@pytest.mark.parametrize("ending", [
+    "",  # the writer stopped inside a quoted cell, all 79 begun
+    "\r\n",  # or right after a line break of a note of several lines: the file ends with a line end
+])
+def test_an_export_ending_inside_a_quoted_cell_is_refused(serving_200, ending):
     service, export = serving_200
     text = shopify_79(200).replace('"', "")
     head, last = text.rstrip("\r\n").rsplit("\r\n", 1)
     cells = last.split(",")
-    cells[-1] = '"Paid by bank transfer, ref'  # the writer stopped inside a quoted cell, all 79 begun
+    cells[-1] = '"Paid by bank transfer, ref' + ending
     refused_with(service, export, head + "\r\n" + ",".join(cells), "a quoted cell is still open")
 
 
@@ -122,6 +127,8 @@ def test_an_export_ending_inside_a_quoted_cell_is_refused(serving_200):
     "Order ID,Email,Status,Carrier,Tracking Number\n1,a@example.com,shipped,UPS,1Z1\n2,b@example.com,processing,,",
     # A quote character inside a cell is not a cut.
     'Order ID,Email,Status,Item,Carrier\n1,a@example.com,shipped,Monitor 27" wide,UPS\n2,b@example.com,processing,,',
+    # A last cell of several lines, closed, whose text ends with a line break.
+    'Order ID,Email,Status,Carrier,Note\n1,a@example.com,shipped,UPS,x\n2,b@example.com,processing,,"Leave at door\n"\n',
 ])
 def test_whole_exports_that_end_in_other_ways_are_accepted(tmp_path, text):
     snapshot = app.build_snapshot(app.load_config(CONTEXTS), write(tmp_path / "o.csv", text))
@@ -137,6 +144,28 @@ def test_a_cut_export_at_start_is_refused_too(tmp_path, contexts_file):
     service.start()
     assert service.from_last_good and service.snapshot.orders == 50
     assert "looks cut off" in service.refused["reason"]
+
+
+@pytest.mark.parametrize("shrunk, says", [
+    # Cut at a row boundary: whole, readable, and 55% or 30% of the orders short.
+    (lambda text: "\r\n".join(text.split("\r\n")[:1 + 2 * 90]) + "\r\n", "holds 90 orders, fewer than 50% of the 200"),
+    (lambda text: "\r\n".join(text.split("\r\n")[:1 + 2 * 140]) + "\r\n", "about 30% of the orders of the export"),
+    # As many orders, but 40% of them others: filtered by mistake.
+    (lambda text: shopify_79(200, first=1080), "of the orders of the export accepted last are not in it"),
+])
+def test_a_restart_refuses_a_shrunk_export_as_a_reload_would(tmp_path, contexts_file, shrunk, says):
+    export = write(tmp_path / "data" / "orders.csv", shopify_79(200))
+    started(make_settings(export.parent, contexts_file))  # accepted: its copy and record are kept
+    good = export.read_bytes()
+    write(export, shrunk(shopify_79(200)))
+    service = started(make_settings(export.parent, contexts_file))  # a reboot, a deploy, the OOM killer
+    assert service.from_last_good and service.snapshot.orders == 200 and says in service.refused["reason"]
+    assert service.last_good_copy().read_bytes() == good  # never overwritten by the refused file
+    assert app.answer(service.snapshot, "#1199", "c1199@example.com")[0] == 200
+    # When the shrink is real, the setting the message names lets it in, without a restart.
+    edit = re.sub(r"(?m)^min_orders_ratio = .*$", "min_orders_ratio = 0.1", contexts_file.read_text())
+    write(contexts_file, re.sub(r"(?m)^max_vanished_ratio = .*$", "max_vanished_ratio = 0.9", edit))
+    assert service.reload() is True and not service.from_last_good and service.snapshot.orders < 200 + 80
 
 
 def test_the_first_copy_is_made_after_serving_begins(tmp_path, contexts_file, monkeypatch):

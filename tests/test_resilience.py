@@ -340,3 +340,36 @@ def test_a_copy_that_failed_for_lack_of_room_is_made_once_there_is_room(tmp_path
     finally:
         watcher.stop()
     assert service.last_good_copy().read_text() == orders_csv(3)
+
+
+def rewritten(source, target, change):
+    """A copy of a workbook with its parts changed by change(name, data) -> data, or None to leave a part out."""
+    with zipfile.ZipFile(source) as small, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in small.infolist():
+            if (data := change(item.filename, small.read(item))) is not None:
+                out.writestr(item, data)
+    return target
+
+
+def row_far_down(name, data):
+    """The second row renumbered 999,999,999,999: openpyxl would make up every row before it."""
+    if name == "xl/worksheets/sheet1.xml":
+        return re.sub(rb'<row r="2"', b'<row r="999999999999"', data).replace(b'r="A2"', b'r="A999999999999"')
+    return data
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda name, data: None if name.startswith("xl/worksheets/") else data, "holds no worksheet"),
+    (row_far_down, "numbers a row past 1,048,576"),
+])
+def test_a_damaged_workbook_is_refused_at_once_and_the_next_export_loads(tmp_path, contexts_file, change, says):
+    source = write_xlsx(tmp_path / "good.xlsx", {"Orders": [["Order ID", "Email", "Status"], ["1", "a@example.com", "shipped"]]})
+    data = tmp_path / "data"
+    write(data / "orders.csv", orders_csv(20))
+    service = started(make_settings(data, contexts_file))
+    rewritten(source, data / "orders_2.xlsx", change)
+    started_at = time.monotonic()
+    assert service.reload() is False and time.monotonic() - started_at < 10
+    assert says in service.status()["last_refused"]["reason"] and service.snapshot.orders == 20
+    write(data / "orders_3.csv", orders_csv(21))  # a good export dropped later is still loaded
+    assert service.reload() and service.snapshot.orders == 21
