@@ -291,8 +291,7 @@ def test_an_ipv6_client_is_counted_by_its_64(first, second, shared):
 
 
 def test_byte_dribbling_clients_cannot_hold_every_connection(export, contexts_file):
-    service = app.Service(make_settings(export.parent, contexts_file, CONNECTION_LIMIT="20",
-                                        REQUEST_SECONDS="2", CHANNEL_TIMEOUT="30"))
+    service = app.Service(make_settings(export.parent, contexts_file, CONNECTION_LIMIT="20", CHANNEL_TIMEOUT="30"))
     service.start()
     with serving(service) as url:
         port = int(url.rsplit(":", 1)[1])
@@ -312,7 +311,8 @@ def test_byte_dribbling_clients_cannot_hold_every_connection(export, contexts_fi
             time.sleep(0.5)  # every connection is taken now
             request = urllib.request.Request(f"{url}/lookup?order_id=1001&customer_email=jane@example.com",
                                              headers={"x-api-key": KEY})
-            with urllib.request.urlopen(request, timeout=15) as response:
+            # Within the chat platform's 5 s, with REQUEST_SECONDS as it comes.
+            with urllib.request.urlopen(request, timeout=5) as response:
                 assert response.status == 200
         finally:
             stop.set()
