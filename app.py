@@ -764,9 +764,10 @@ def parse_carriers(path, raw):
     for name, url in table(path, "carriers", raw).items():
         where = f"[carriers] {name}"
         expect(path, where, url, str, 'a URL such as "https://www.ups.com/track?tracknum={tracking_number}"')
-        if not url.startswith("https://"):
-            config_error(path, where, "must start with https://.", "The chat agent only shows secure links.")
-        placeholders(path, where, url, {"tracking_number"})
+        if url:  # "" names a carrier whose page no link from the number alone reaches: no link, not another's
+            if not url.startswith("https://"):
+                config_error(path, where, "must start with https://.", "The chat agent only shows secure links.")
+            placeholders(path, where, url, {"tracking_number"})
         carriers.append((carrier_key(name), url))
     return tuple(sorted(carriers, key=lambda c: -len(c[0])))
 
