@@ -1869,7 +1869,7 @@ class Packer:
         self.row_cells = getter(plan.row_columns)
         self.extra = ("",) * (len(plan.row_fields) - len(plan.row_columns))  # packed fields' places in a row
         self.rich, self.email_fallback = plan.rich, plan.email_fallback
-        self.unparsed = 0  # packed cells that did not read as the layout says: shown as written (check counts them)
+        self.unread = {}  # "items" or "tracking" -> [packed entries that did not read as the layout says, the first]
         self.kinds = Counter()  # kinds of typed rows the layout does not know (check warns)
         self.agree_at = tuple(i for i, f in enumerate(plan.order_fields) if f in AGREED_FIELDS)
         self.agreeing, self.unsaid = getter(self.agree_at), ("",) * len(self.agree_at)
@@ -1998,11 +1998,16 @@ class Packer:
         found = []
         for entry in packed_entries(spec, text):
             name, quantity = entry_value(entry, spec, "name"), entry_value(entry, spec, "quantity")
-            if not name:
-                self.unparsed += 1
-                name, quantity = entry.get("", text), ""
+            if not name:  # shown as written, with no quantity: one made up would be a wrong fact
+                self.note_unread("items", entry.get("", text))
+                name, quantity = entry.get("", text), UNCOUNTED
             found.append((name, quantity or "1"))
         return found
+
+    def note_unread(self, kind, text):
+        """Count a packed entry that did not read as the layout says, keeping the first for `check` to show."""
+        seen = self.unread.setdefault(kind, [0, printable(one_line(str(text)))[:60]])
+        seen[0] += 1
 
     def packed_tracking(self, text):
         """(number, carrier, link) of each tracking entry packed in a cell."""
@@ -2012,8 +2017,8 @@ class Packer:
             number = entry_value(entry, spec, "number")
             if number:
                 found.append((number, entry_value(entry, spec, "carrier"), entry_value(entry, spec, "link")))
-            elif entry.get(""):
-                self.unparsed += 1
+            elif any(str(value).strip() for value in entry.values()):  # text, or an entry without its number
+                self.note_unread("tracking", entry.get("") or json.dumps(entry, ensure_ascii=False))
         return found
 
     def pack_each(self, rows):
@@ -2310,7 +2315,7 @@ class Survey:
     values: dict  # rule field -> Counter of its status words
     alike: Counter  # normalised number -> orders, where more than one order reads as that number
     by_status: dict  # status word (as rules read it) -> Counter of the templates its orders (with an email) get
-    unparsed: int = 0  # packed cells that did not read as the layout says
+    unread: dict = None  # "items"/"tracking" -> [packed entries that did not read as the layout says, the first]
     kinds: Counter = None  # kinds of typed rows the layout does not know
     disagreed: Counter = None  # field -> orders whose rows give it different words
     lost: int = 0  # workbook numbers too long to be exact, read as empty
@@ -2339,7 +2344,7 @@ def survey(snapshot):
                     result.alike[key] += 1
             result.alike = Counter({key: n for key, n in result.alike.items() if n > 1})
             if packer:
-                result.unparsed, result.kinds, result.disagreed = packer.unparsed, packer.kinds, packer.disagreed
+                result.unread, result.kinds, result.disagreed = packer.unread, packer.kinds, packer.disagreed
             result.lost = reader.lost[0]
             return result
         except (Irregular, IndexError):  # as in build(): read again, carefully
@@ -2937,15 +2942,20 @@ class Renderer:
         """A mapped field that this export lacks."""
         return ""
 
+    def item(self, item):
+        """One item as [items] format says ('2 x Hat'); one whose packed cell did not read, as written."""
+        return item[1] if item[0] == UNCOUNTED else self.item_text(*item)
+
     def listing(self, items):
         """'1 x Hat, 2 x Socks' as [items] format and separator say; past MAX_ITEMS, how many more."""
         if len(items) <= MAX_ITEMS:
-            return self.config.item_separator.join(starmap(self.item_text, items))
-        shown = self.config.item_separator.join(starmap(self.item_text, items[:MAX_ITEMS]))
+            return self.config.item_separator.join(map(self.item, items))
+        shown = self.config.item_separator.join(map(self.item, items[:MAX_ITEMS]))
         return f"{shown} and {len(items) - MAX_ITEMS} more"
 
 
 MAX_ITEMS = 30  # items listed in an answer; an order of hundreds of lines is summed up after these
+UNCOUNTED = "-"  # the quantity of an item whose packed cell did not read: its text alone is shown
 
 
 def numbered(text, names):
@@ -5300,9 +5310,15 @@ def check_warnings(snapshot, surveyed):
         yield (f"{surveyed.lost} cells held numbers of 16 or more digits, which a spreadsheet keeps to 15 only: they "
                "are read as empty rather than shown with wrong digits. Format those columns (tracking numbers, "
                "long order numbers) as text before exporting, or export CSV")
-    if surveyed.unparsed:
-        yield (f"{surveyed.unparsed} packed cells did not read as the layout says; their items are shown as "
-               "written (e.g. \"1 x Gift wrapping\")")
+    unread = surveyed.unread or {}
+    if "items" in unread:
+        count, example = unread["items"]
+        yield (f"{count} packed items did not read as the layout says (e.g. {example!r}); each is shown as written, "
+               "with no quantity")
+    if "tracking" in unread:
+        count, example = unread["tracking"]
+        yield (f"{count} packed tracking entries had no tracking number the layout reads (e.g. {example!r}); they are "
+               "left out of the answers")
     if snapshot.orders_without_email:
         yield f"{snapshot.orders_without_email} orders have no email and can never be found"
     if snapshot.rows_without_order:
