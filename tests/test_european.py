@@ -590,3 +590,16 @@ def test_each_carrier_gets_its_own_tracking_link(tmp_path, carrier, number, url)
 def test_every_carrier_link_is_https_with_the_tracking_number():
     for name, page in app.load_config(CONTEXTS).carriers:
         assert page == "" or (page.startswith("https://") and page.count("{tracking_number}") == 1), name
+
+
+def test_check_reports_status_words_of_several_languages_with_their_counts(tmp_path, capsys):
+    # A shop whose staff, or whose several shop systems, write the state in their own languages.
+    path = write(tmp_path / "orders.csv", "Order ID;Email;Status;Item\n1;a@example.com;versendet;Hut\n"
+                                          "2;b@example.com;Expédiée;Chapeau\n3;c@example.com;Enviado;Sombrero\n"
+                                          "4;d@example.com;shipped;Hat\n5;e@example.com;versendet;Hut\n"
+                                          "6;f@example.com;geannuleerd;Hoed\n")
+    code, out = check(capsys, path)
+    assert code == 0
+    assert "values   status: versendet 2 (= shipped), expediee 1 (= shipped), enviado 1 (= shipped), shipped 1, " \
+           "geannuleerd 1 (= cancelled)" in out
+    assert "answers  shipped 5, cancelled 1" in out

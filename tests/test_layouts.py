@@ -364,3 +364,13 @@ def test_a_packed_tracking_entry_without_a_number_is_left_out_and_counted(tmp_pa
     snapshot = app.build_snapshot(app.load_config(CONTEXTS), path)
     context = json.loads(app.answer(snapshot, "1234", "ana@example.com")[1])["context"]
     assert "JD014600006281234567" not in context and "tracking number" not in context
+
+
+def test_snake_case_tracking_columns_are_read_like_their_headers(tmp_path):
+    # As WooCommerce plugins and scripts name them (tracking_number, tracking_provider).
+    text = ("order_number,customer_email,status,item_name,tracking_number,tracking_provider\n"
+            "881,kim@example.com,completed,Lamp,1Z999AA10123456784,UPS\n")
+    snapshot = app.build_snapshot(app.load_config(CONTEXTS), write(tmp_path / "o.csv", text))
+    body = json.loads(app.answer(snapshot, "881", "kim@example.com")[1])
+    assert "with UPS (tracking number 1Z999AA10123456784)" in body["context"]
+    assert body["tracking_url"] == "https://www.ups.com/track?tracknum=1Z999AA10123456784"
