@@ -490,29 +490,39 @@ def reload_under_load(server, path, args):
 
 
 def webhooks_under_load(server, args):
-    """Post signed Shopify order events as fast as 4 connections go, from a process of their own, while lookups run.
+    """Post signed Shopify order events at a steady rate, from a process of their own, while lookups run.
 
-    Each event is Shopify's documented orders/create sample (15 KB) as a new order. Gives
-    the events applied per second and the lookups' latency during the burst.
+    Each event is Shopify's documented orders/create sample (15 KB) as a new order, sent at
+    --event-rate a second over 4 connections (as fast as they go, should the service fall
+    behind). Lookups run meanwhile with wrk when installed, for as long as the burst lasts,
+    else with the Python generator. Gives the events applied per second and the lookups'
+    latency during the burst.
     """
     samples, lookups = [], {}
-    seconds = max(args.seconds, args.events / 150 + 4)
-    loader = threading.Thread(target=lambda: lookups.update(python_load(server.port, seconds, args.connections,
-                                                                        args.orders, samples)))
+    seconds = math.ceil(args.events / args.event_rate) + 1
+    if shutil.which("wrk"):
+        run = lambda: lookups.update(wrk(server.port, seconds, args.connections, args.orders))  # noqa: E731
+    else:
+        run = lambda: lookups.update(python_load(server.port, seconds + 3, args.connections, args.orders, samples))  # noqa: E731
+    loader = threading.Thread(target=run)
     loader.start()
-    time.sleep(1)
     started = time.perf_counter()
     child = subprocess.run([sys.executable, __file__, "--post-events", str(server.port), "--events", str(args.events),
-                            "--out", str(OUT)], capture_output=True, text=True)
+                            "--event-rate", str(args.event_rate), "--out", str(OUT)], capture_output=True, text=True)
     finished = time.perf_counter()
     loader.join()
     if child.returncode:
         raise SystemExit(f"posting the webhook events failed:\n{child.stderr}")
     posted = json.loads(child.stdout.splitlines()[-1])
-    during = sorted(d * 1000 for t, d in samples if started <= t <= finished)
-    return {"events": args.events, "applied": posted["applied"], "failed": args.events - posted["applied"],
-            "events_per_s": posted["applied"] / posted["seconds"], "lookup_failures": lookups["failures"],
-            "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99)}
+    if lookups["tool"] == "wrk":  # wrk ran for the burst's length: its percentiles are the burst's
+        p50, p99 = lookups["p50_ms"], lookups["p99_ms"]
+    else:
+        during = sorted(d * 1000 for t, d in samples if started <= t <= finished)
+        p50, p99 = percentile(during, 50), percentile(during, 99)
+    return {"events": args.events, "rate": args.event_rate, "applied": posted["applied"],
+            "failed": args.events - posted["applied"], "events_per_s": posted["applied"] / posted["seconds"],
+            "lookup_failures": lookups["failures"], "lookups_by": lookups["tool"], "p50_during_ms": p50,
+            "p99_during_ms": p99}
 
 
 def upload_under_load(server, path, args):
@@ -540,8 +550,9 @@ def upload_under_load(server, path, args):
             "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99)}
 
 
-def post_events_child(port, events):
-    """In the child: post the events over 4 keep-alive connections; print how many were applied, and in how long."""
+def post_events_child(port, events, rate):
+    """In the child: post the events at rate a second over 4 keep-alive connections; print how many were applied,
+    and in how long."""
     import base64
     import hashlib
     import hmac
@@ -557,7 +568,10 @@ def post_events_child(port, events):
 
     def post(share):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        for body, signature in share:
+        every = 4 / rate  # each of the 4 connections sends a quarter of the rate
+        for n, (body, signature) in enumerate(share):
+            if (wait := began + n * every - time.perf_counter()) > 0:  # on schedule; behind it, at once
+                time.sleep(wait)
             connection.request("POST", "/webhooks/shopify", body, {
                 "Content-Type": "application/json", "X-Shopify-Topic": "orders/create",
                 "X-Shopify-Hmac-Sha256": signature, "X-Shopify-Webhook-Id": signature[:24].decode()})
@@ -568,7 +582,7 @@ def post_events_child(port, events):
         connection.close()
 
     posters = [threading.Thread(target=post, args=(bodies[i::4],)) for i in range(4)]
-    started = time.perf_counter()
+    began = started = time.perf_counter()
     for poster in posters:
         poster.start()
     for poster in posters:
@@ -725,8 +739,9 @@ def table(r):
         f"| service: lookups | | | {s['load']['rps']:,.0f} | {s['load']['p50_ms']:.1f} | {s['load']['p99_ms']:.1f} |",
         f"| service: reload under load (replace to served) | {s['reload']['replace_to_served_s']:.2f} | "
         f"{s['peak_mb']:.0f} | | {s['reload']['p50_during_ms']:.1f} | {s['reload']['p99_during_ms']:.1f} |",
-        f"| service: {s['webhooks']['events']:,} signed Shopify events, {s['webhooks']['events_per_s']:,.0f}/s applied "
-        f"({s['webhooks']['failed']} not), lookups meanwhile | | | | {s['webhooks']['p50_during_ms']:.1f} | "
+        f"| service: {s['webhooks']['events']:,} signed Shopify events sent at {s['webhooks']['rate']:,.0f}/s, "
+        f"{s['webhooks']['events_per_s']:,.0f}/s applied ({s['webhooks']['failed']} not), lookups by "
+        f"{s['webhooks']['lookups_by']} meanwhile | | | | {s['webhooks']['p50_during_ms']:.1f} | "
         f"{s['webhooks']['p99_during_ms']:.1f} |",
         f"| service: the {s['upload']['mb']:.0f} MB export uploaded (PUT /export), checked and swapped in "
         f"({'accepted' if s['upload']['accepted'] else 'REFUSED'}) | {s['upload']['seconds']:.2f} | "
@@ -760,6 +775,8 @@ def main():
     parser.add_argument("--seconds", type=int, default=5, help="seconds of load per measurement")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--events", type=int, default=10_000, help="signed webhook events in the burst (default 10,000)")
+    parser.add_argument("--event-rate", type=float, default=500,
+                        help="events sent a second, steadily, during the burst (default 500, the goal)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the exports and results (default bench/out)")
     parser.add_argument("--baseline", nargs=2, metavar=("NAME", "FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--spin", type=float, default=0.0, metavar="MICROSECONDS",
@@ -778,7 +795,7 @@ def main():
     if args.bare_defaults:
         return bare_defaults_child(args.bare_defaults)
     if args.post_events:
-        return post_events_child(args.post_events, args.events)
+        return post_events_child(args.post_events, args.events, args.event_rate)
     if args.in_process:
         return in_process_child(args.in_process, args.orders)
     args.xlsx_orders = args.xlsx_orders or min(args.orders, 20_000)
