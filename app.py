@@ -2269,11 +2269,12 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False):
                 first, *others = by_email(rows, packer.email_of)
                 pending.extend((key, part) for part in others)
                 values, packed = packer.pack(first)
-            email = normalise_email(values[email_at])
+            # normalise_email and index_key, written out: two calls fewer an order in the hottest loop.
+            email = values[email_at].strip().casefold().replace(" ", "+")
             if not email:
                 without_email += 1  # such an order can never be matched
             elif not alike:
-                index[index_key(key, email)] = packed
+                index[f"{key}\x1f{email}".encode()] = packed
             elif (kept := index.setdefault(entry := index_key(key, email), packed)) is not packed:
                 index[entry] = (*kept, packed) if kept.__class__ is tuple else (kept, packed)
                 shared += 1
@@ -4087,6 +4088,12 @@ def lookup_params(query_string):
         if "%" in name or "+" in name:
             name = unquote_plus(name)
         if name in LOOKUP_PARAMS and name not in found:
+            # The usual value escapes only '#' and '@' ("%231001", "jane%40example.com"): two C-speed
+            # replaces then, where the general decoding below costs a microsecond more a lookup.
+            plain = value.replace("%23", "#").replace("%40", "@")
+            if "%" not in plain and "+" not in plain and plain.isascii():
+                found[name] = plain
+                continue
             try:  # WSGI gives the query as Latin-1 text: back to its bytes, then strict UTF-8
                 found[name] = unquote_to_bytes(value.encode("latin-1").replace(b"+", b" ")).decode("utf-8")
             except UnicodeError:

@@ -50,3 +50,31 @@ def test_any_wrong_key_gets_401_or_429(client, key):
     r = client.lookup("1001", "jane@example.com", key=key)
     assert r.status in (401, 429) if key != KEY else r.status == 200
     assert r.headers["Content-Type"] == "application/json"
+
+
+def decoded_in_full(query):
+    """The lookup's two parameters as the general decoding reads them: the first of each, strict UTF-8."""
+    from urllib.parse import unquote_plus, unquote_to_bytes
+
+    found = {}
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        name = unquote_plus(name) if "%" in name or "+" in name else name
+        if name in ("order_id", "customer_email") and name not in found:
+            try:
+                found[name] = unquote_to_bytes(value.encode("latin-1").replace(b"+", b" ")).decode("utf-8")
+            except UnicodeError:
+                found[name] = None
+    return found.get("order_id", ""), found.get("customer_email", "")
+
+
+# Pieces of query values, the usual escapes among them and the ones that must not be taken for them.
+PIECES = st.sampled_from(["%23", "%40", "%25", "%2540", "%2523", "%", "%4", "%g1", "+", "%2B", "%C3%A9", "%FF", "é",
+                          "a", "1", "#", "@", " ", "%0A", "&", "="])
+
+
+@given(st.lists(PIECES, max_size=6).map("".join), st.lists(PIECES, max_size=6).map("".join))
+@settings(max_examples=2000, deadline=None)
+def test_the_quick_reading_of_a_query_gives_what_the_full_decoding_gives(order_id, email):
+    query = f"order_id={order_id}&customer_email={email}"
+    assert app.lookup_params(query) == decoded_in_full(query)
