@@ -499,9 +499,12 @@ def measure_service(path, args, label):
         return result
     finally:
         server.stop()
-        if label == "csv":  # more starts, once this one is stopped: the fastest is the figure
-            starts = [result["start_to_serving_s"], *(time_a_start(path) for _ in range(STARTS - 1))]
-            result.update(start_to_serving_s=min(starts), starts_s=starts)
+        if label == "csv":  # more starts, each just after a csv.reader pass: the fastest of each is the figure
+            passes, starts = [], [result["start_to_serving_s"]]
+            for _ in range(STARTS - 1):
+                passes.append(run_baseline("csv_pass", path))
+                starts.append(time_a_start(path))
+            result.update(start_to_serving_s=min(starts), starts_s=starts, passes=passes)
 
 
 def reload_under_load(server, path, args):
@@ -706,9 +709,6 @@ def run(args):
     for name, path in (("csv_pass", csv_path), ("naive", csv_path), ("tuples", csv_path), ("openpyxl", xlsx_path)):
         print(f"baseline {name} ...", flush=True)
         results[name] = run_baseline(name, path)
-    # The floor the CSV load is measured against is timed as often as the load, the fastest kept of each.
-    results["csv_pass"] = min([results["csv_pass"], *(run_baseline("csv_pass", csv_path) for _ in range(STARTS - 1))],
-                              key=lambda r: r["seconds"])
     print("bare app under load ...", flush=True)
     results["bare"] = measure_bare(args)
     print("bare app at waitress defaults ...", flush=True)
@@ -724,6 +724,8 @@ def run(args):
     results["in_process"] = json.loads(child.stdout.splitlines()[-1])
     print("service on CSV: load, lookups, reload under load ...", flush=True)
     results["service_csv"] = measure_service(csv_path, args, "csv")
+    # The floor the CSV load is measured against, timed as often as the load and beside it: the fastest of each.
+    results["csv_pass"] = min([results["csv_pass"], *results["service_csv"].pop("passes")], key=lambda r: r["seconds"])
     print("service with metrics on and off, in turn ...", flush=True)
     results["metrics"] = measure_metrics(args)
     print("service on XLSX ...", flush=True)
