@@ -470,9 +470,9 @@ def lookups_in_turn(service_port, args):
     rounds = {"bare": [], "service": []}
     try:
         bare.wait_ready("/lookup")
-        for _ in range(ROUNDS):
-            rounds["bare"].append({**load(port, args.seconds, args.connections, args.orders), "cpus": bare.cpus()})
-            rounds["service"].append(load(service_port, args.seconds, args.connections, args.orders))
+        for which in ("bare", "service", "service", "bare", "bare", "service")[:2 * ROUNDS]:  # drift falls on both
+            measured = load(port if which == "bare" else service_port, args.seconds, args.connections, args.orders)
+            rounds[which].append({**measured, "cpus": bare.cpus()} if which == "bare" else measured)
     finally:
         bare.stop()
     median = lambda results: sorted(results, key=lambda r: r["rps"])[len(results) // 2]  # noqa: E731
@@ -636,11 +636,12 @@ def post_events_child(port, events, rate):
     print(json.dumps({"applied": outcomes["applied"], "seconds": time.perf_counter() - started, "outcomes": outcomes}))
 
 
-def measure_metrics(args, rounds=3):
-    """Lookups with METRICS on and off, alternately, on a small export; while on, /metrics is scraped twice a second.
+def measure_metrics(args, rounds=4):
+    """Lookups with METRICS on and off, in turn, on a small export; while on, /metrics is scraped twice a second.
 
-    Counting is done by the log's thread, so the two should be alike; rounds taken in turn,
-    and their medians compared, keep the machine's drift out of the ratio.
+    Counting is done by the log's thread, so the two should be alike. Both servers stay up
+    on the same CPU and take the load in turn, on-off-off-on, so that the machine's drift
+    falls on both alike; their medians are compared.
     """
     orders = min(args.orders, 20_000)
     folder = OUT / "metrics"
@@ -649,29 +650,35 @@ def measure_metrics(args, rounds=3):
         writer = csv.writer(f)
         writer.writerow(HEADER)
         writer.writerows(export_rows(orders, args.seed))
-    rps, scrapes = {"yes": [], "no": []}, []
-    for _ in range(rounds):
+    rps, scrapes, servers = {"yes": [], "no": []}, [], {}
+    try:
         for setting in ("yes", "no"):
-            port, stop = free_port(), threading.Event()
-            env = {"ORDERS_FILE": str(folder), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(folder / "state"),
-                   "METRICS": setting, "CPU": our_cpu()}
-            server = Process([sys.executable, str(ROOT / "app.py")], env, port)
+            port = free_port()
+            env = {"ORDERS_FILE": str(folder / "orders.csv"), "API_KEY": KEY, "PORT": str(port),
+                   "STATE_DIR": str(folder / f"state-{setting}"), "METRICS": setting, "CPU": our_cpu()}
+            servers[setting] = Process([sys.executable, str(ROOT / "app.py")], env, port)
+            servers[setting].wait_ready()
+        for setting in ("yes", "no", "no", "yes") * (rounds // 2):
+            port, stop = servers[setting].port, threading.Event()
+
+            def scrape():
+                while not stop.wait(0.5):
+                    started = time.perf_counter()
+                    status, _ = get(port, "/metrics")
+                    scrapes.append((time.perf_counter() - started) * 1000 if status == 200 else math.inf)
+
+            scraper = threading.Thread(target=scrape, daemon=True)
+            if setting == "yes":
+                scraper.start()
             try:
-                server.wait_ready()
-
-                def scrape():
-                    while not stop.wait(0.5):
-                        started = time.perf_counter()
-                        status, _ = get(port, "/metrics")
-                        scrapes.append((time.perf_counter() - started) * 1000 if status == 200 else math.inf)
-
-                scraper = threading.Thread(target=scrape, daemon=True)
-                if setting == "yes":
-                    scraper.start()
                 rps[setting].append(load(port, args.seconds, args.connections, orders)["rps"])
             finally:
                 stop.set()
-                server.stop()
+                if setting == "yes":
+                    scraper.join()
+    finally:
+        for server in servers.values():
+            server.stop()
     on, off = statistics.median(rps["yes"]), statistics.median(rps["no"])
     return {"on_rps": on, "off_rps": off, "ratio": on / off, "rounds": rounds, "all_rps": rps,
             "scrapes": len(scrapes), "scrape_ms": statistics.median(scrapes) if scrapes else math.nan}
