@@ -1878,6 +1878,9 @@ class Packer:
         self.disagreed = Counter()  # field -> orders whose rows gave it different words (check warns)
         fields = plan.row_fields
         self.row_positions = tuple(fields.index(f) if f in fields else None for f in ROW_FIELDS)
+        # What pack() may skip for an order of one row: no rows to leave out, no other email column,
+        # no layout rules, no cell holding a separator.
+        self.simple = not ignore and not plan.email_fallback and not plan.rich and plain
         # How many FIELD separators a packed order holds: its head, and each row.
         self.fields_per_head, self.fields_per_row = len(plan.order_fields) - 1, max(0, len(fields) - 1)
 
@@ -1888,6 +1891,10 @@ class Packer:
         are walked anyway to fill the order's values, so the check costs one comparison.
         Rows the layout ignores (a cancelled parcel) are left out; an order keeps its first.
         """
+        if self.simple and len(rows) == 1:  # most orders of most exports: one row, read as it stands
+            values = self.order_cells(rows[0])
+            head = FIELD.join(values[:-1] if self.email_apart else values)
+            return values, f"{head}{RECORD}{FIELD.join(self.row_cells(rows[0]))}".encode()
         if self.ignored:
             rows = [row for row in rows if not self.ignored(row)] or rows[:1]
         if self.email_fallback and len({normalise_email(self.email_of(row)) for row in rows} - {""}) > 1:
