@@ -2276,8 +2276,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False):
                 first, *others = by_email(rows, packer.email_of)
                 pending.extend((key, part) for part in others)
                 values, packed = packer.pack(first)
-            # normalise_email and index_key, written out: two calls fewer an order in the hottest loop.
-            email = values[email_at].strip().casefold().replace(" ", "+")
+            email = values[email_at].strip().casefold().replace(" ", "+")  # normalise_email, index_key: inline in the hottest loop
             if not email:
                 without_email += 1  # such an order can never be matched
             elif not alike:
@@ -3088,20 +3087,33 @@ def guard_against_record(snapshot, path):
         return  # no record (a first start) or an unreadable one: nothing to compare with
     if (record.get("file_size"), record.get("file_mtime_ns")) == (snapshot.file_size, snapshot.file_mtime_ns):
         return  # the export accepted last time
+    same_reading = record.get("keys_read_as") == keys_read_as(snapshot)
+    refuse_shrunk(snapshot, orders, sample if same_reading else (), "of the export accepted last", exact=False)
+
+
+def refuse_shrunk(snapshot, orders, keys, whose, exact=True):
+    """Refuse an export with far fewer than orders, or without too many of keys: the orders it is compared with.
+
+    whose: what those are ("being served"); exact=False when keys are a sample of them.
+    """
     name, config = shown_name(snapshot.source), snapshot.config
     if snapshot.orders < orders * config.min_orders_ratio:
         raise ExportError(
-            f"{name}: holds {snapshot.orders} orders, fewer than {config.min_orders_ratio:.0%} of the {orders} of the "
-            "export accepted last, so it looks cut off. If the shrink is real, lower [settings] min_orders_ratio "
-            "in contexts.toml: the edit is picked up at once.", file=name)
-    if sample and record.get("keys_read_as") == keys_read_as(snapshot):
-        share = sum(key not in snapshot.index for key in sample) / len(sample)
-        if share > config.max_vanished_ratio:
-            raise ExportError(
-                f"{name}: about {share:.0%} of the orders of the export accepted last are not in it, more than "
-                f"max_vanished_ratio ({config.max_vanished_ratio:.0%}) allows: it looks cut off or filtered. If "
-                "those orders really left the export, raise [settings] max_vanished_ratio in contexts.toml: the "
-                "edit is picked up at once.", file=name)
+            f"{name}: holds {snapshot.orders} orders, fewer than {config.min_orders_ratio:.0%} of the {orders} {whose}, "
+            "so it looks cut off. If the shrink is real, lower [settings] min_orders_ratio in contexts.toml: the edit "
+            "is picked up at once.", file=name)
+    if not keys:
+        return
+    # Counted, not a set of differences: a set of 500,000 keys would be 30 MB more at the peak.
+    vanished = len(keys) - sum(map(snapshot.index.__contains__, keys))
+    if vanished > len(keys) * config.max_vanished_ratio:
+        share = vanished / len(keys)
+        missing = f"{vanished} of the {len(keys)} orders {whose} ({share:.0%})" if exact else \
+            f"about {share:.0%} of the orders {whose}"
+        raise ExportError(
+            f"{name}: {missing} are not in it, more than max_vanished_ratio ({config.max_vanished_ratio:.0%}) allows: "
+            "it looks cut off or filtered. If those orders really left the export, raise [settings] "
+            "max_vanished_ratio in contexts.toml: the edit is picked up at once.", file=name)
 
 
 def same_file(a, b):
@@ -3276,23 +3288,10 @@ class Service:
             export_error(snapshot.source, "holds no orders (only a header?). "
                                           "Re-export the orders; the last good data stays served.")
         current = self.snapshot
-        ratio = snapshot.config.min_orders_ratio
-        if current and snapshot.orders < current.orders * ratio:
-            raise ExportError(
-                f"{name}: holds {snapshot.orders} orders, fewer than {ratio:.0%} of the "
-                f"{current.orders} being served, so it looks cut off. If the shrink is real, lower "
-                "[settings] min_orders_ratio in contexts.toml: the edit is picked up at once.", file=name)
-        # The same file read anew (a contexts.toml edit) was whole before; keys read another way cannot be compared.
-        if current and current.index and not same_file(current, snapshot) and same_keys(current, snapshot):
-            # Counted, not a set of differences: a set of 500,000 keys would be 30 MB more at the peak.
-            vanished = len(current.index) - sum(map(snapshot.index.__contains__, current.index))
-            allowed = snapshot.config.max_vanished_ratio
-            if vanished > len(current.index) * allowed:
-                raise ExportError(
-                    f"{name}: {vanished} of the {len(current.index)} orders being served ({vanished / len(current.index):.0%}) "
-                    f"are not in it, more than max_vanished_ratio ({allowed:.0%}) allows: it looks cut off or "
-                    "filtered. If those orders really left the export, raise [settings] max_vanished_ratio in "
-                    "contexts.toml: the edit is picked up at once.", file=name)
+        if current:
+            # The same file read anew (a contexts.toml edit) was whole before; keys read another way cannot be compared.
+            comparable = current.index and not same_file(current, snapshot) and same_keys(current, snapshot)
+            refuse_shrunk(snapshot, current.orders, current.index if comparable else (), "being served")
         if snapshot.file_mtime > time.time() + FUTURE_SLACK:
             log.warning("%s: its modification time, %s, is in the future: its age cannot be told, and a newer "
                         "export will be served as soon as one arrives. Check the clock of the machine that "

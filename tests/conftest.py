@@ -11,7 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlencode
 from wsgiref.util import setup_testing_defaults
 
 import pytest
@@ -84,6 +87,40 @@ class LookupLoop(threading.Thread):
         self.join(10)
         assert self.count > 0
         return self.failures
+
+
+def answered(snapshot, order_id, email):
+    """(status, context, tracking_url) of a lookup answered from a snapshot, as the platform would read it."""
+    status, body = app.answer(snapshot, order_id, email)
+    body = json.loads(body)
+    return status, body["context"], body.get("tracking_url")
+
+
+def checked(capsys, path, contexts=ROOT / "contexts.toml"):
+    """(exit code, printed text) of `python app.py check` on an export."""
+    code = app.main(["check", "--data", str(path), "--contexts", str(contexts)])
+    return code, capsys.readouterr().out
+
+
+def lookup_over_http(base, order_id, email):
+    """(status, JSON body) of a lookup sent over HTTP to a running service, with the key."""
+    request = urllib.request.Request(f"{base}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}",
+                                     headers={"x-api-key": KEY})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def upload(connection, body, key):
+    """(status, JSON answer) of an export PUT to /export over an open connection, which is closed after."""
+    try:
+        connection.request("PUT", "/export", body=body, headers={"x-upload-key": key, "Content-Type": "text/csv"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
 
 
 def write(path, text, encoding="utf-8"):

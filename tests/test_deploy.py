@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from conftest import (KEY, ROOT, Served, free_port, make_certificate, nginx_missing, orders_csv,
-                      running_nginx, wait_for, write)
+from conftest import (KEY, ROOT, Served, free_port, make_certificate, nginx_missing, orders_csv, running_nginx,
+                      upload, wait_for, write)
 from conftest import swap as swap_in
 
 SHIPPED = ROOT / "deploy" / "nginx" / "orders.conf"
@@ -112,12 +112,7 @@ def test_lookups_answer_while_the_export_reloads(deployed):
 def test_an_export_of_several_megabytes_is_uploaded_through_nginx(deployed):
     body = orders_csv(60_000, status="fulfilled").encode()  # about 4 MB: far past the 64 KB of other requests
     connection = http.client.HTTPSConnection("127.0.0.1", deployed.https, context=deployed.context, timeout=60)
-    try:
-        connection.request("PUT", "/export", body=body, headers={"x-upload-key": UPLOAD_KEY, "Content-Type": "text/csv"})
-        response = connection.getresponse()
-        status, answer = response.status, json.loads(response.read())
-    finally:
-        connection.close()
+    status, answer = upload(connection, body, UPLOAD_KEY)
     assert status == 200 and answer["accepted"] is True and answer["orders"] == 60_000, answer
     assert b"has shipped" in lookup(deployed, 59_999)[2]
 

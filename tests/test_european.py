@@ -13,7 +13,7 @@ from datetime import datetime
 import pytest
 
 import app
-from conftest import ROOT, write, write_xlsx
+from conftest import ROOT, answered as ask, checked as check, write, write_xlsx
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CONTEXTS = ROOT / "contexts.toml"
@@ -33,17 +33,6 @@ DHL_PAKET = "https://www.dhl.de/de/privatkunden/pakete-empfangen/verfolgen.html?
 
 def served(path, contexts=CONTEXTS):
     return app.build_snapshot(app.load_config(contexts), path)
-
-
-def ask(snapshot, order_id, email):
-    status, body = app.answer(snapshot, order_id, email)
-    body = json.loads(body)
-    return status, body["context"], body.get("tracking_url")
-
-
-def check(capsys, path, contexts=CONTEXTS):
-    code = app.main(["check", "--data", str(path), "--contexts", str(contexts)])
-    return code, capsys.readouterr().out
 
 
 # The platforms' exports ###########################################################################

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 import app
-from conftest import ROOT, write, write_xlsx
+from conftest import ROOT, answered as ask, checked as check, write, write_xlsx
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CONTEXTS = ROOT / "contexts.toml"
@@ -19,17 +19,6 @@ CONTEXTS = ROOT / "contexts.toml"
 
 def served(name, contexts=CONTEXTS):
     return app.build_snapshot(app.load_config(contexts), FIXTURES / name)
-
-
-def ask(snapshot, order_id, email):
-    status, body = app.answer(snapshot, order_id, email)
-    body = json.loads(body)
-    return status, body["context"], body.get("tracking_url")
-
-
-def check(capsys, path, contexts=CONTEXTS):
-    code = app.main(["check", "--data", str(path), "--contexts", str(contexts)])
-    return code, capsys.readouterr().out
 
 
 CASES = {

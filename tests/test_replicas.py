@@ -33,7 +33,7 @@ import time
 import pytest
 
 from conftest import (KEY, ROOT, Served, free_port, make_certificate, nginx_missing, orders_csv, running_nginx,
-                      swap, wait_for, write)
+                      swap, upload, wait_for, write)
 from test_webhooks import SHOPIFY_SECRET, shopify_order, sign
 
 SHIPPED = ROOT / "deploy" / "nginx" / "replicas.conf"
@@ -261,13 +261,7 @@ def test_with_the_first_instance_down_the_shops_retry_reaches_it(replicas):
 
 def test_an_export_uploaded_through_nginx_is_served_by_every_instance(replicas):
     body = orders_csv(ORDERS + 10, status="fulfilled").encode()
-    connection = connect(replicas)
-    try:
-        connection.request("PUT", "/export", body=body, headers={"x-upload-key": UPLOAD_KEY, "Content-Type": "text/csv"})
-        response = connection.getresponse()
-        status, answer = response.status, json.loads(response.read())
-    finally:
-        connection.close()
+    status, answer = upload(connect(replicas), body, UPLOAD_KEY)
     assert status == 200 and answer["orders"] == ORDERS + 10, answer
     order = ORDERS + 5  # only in the upload
     for instance in (replicas.first, replicas.second):  # one took it in, the other read it from the folder

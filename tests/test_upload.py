@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 import app
-from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, write
+from conftest import KEY, ROOT, Client, Served, lookup_over_http as lookup, free_port, make_settings, orders_csv, started, write
 
 UPLOAD_KEY = "upl-Wq4zV8nX2rT6mK9pL3sB"
 
@@ -27,18 +27,6 @@ def send(url, body, key=UPLOAD_KEY, method="PUT", content_type="text/csv", timeo
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-
-
-def lookup(url, order_id, email):
-    from urllib.parse import urlencode
-
-    request = urllib.request.Request(f"{url}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}",
-                                     headers={"x-api-key": KEY})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import app
-from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, wait_for, write
+from conftest import KEY, ROOT, Client, Served, lookup_over_http as lookup, free_port, make_settings, orders_csv, started, wait_for, write
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SHOPIFY_SECRET = "shpss-Tq7vX2mZp9LrT4wN8cB3hY6"
@@ -86,18 +86,6 @@ def woocommerce(base, order, topic="order.updated", secret=WOO_SECRET, delivery=
     return post(f"{base}/webhooks/woocommerce", body, {
         "Content-Type": "application/json", "X-WC-Webhook-Topic": topic, "X-WC-Webhook-Signature": sign(secret, body),
         "X-WC-Webhook-Source": "https://shop.example.com/", "X-WC-Webhook-Delivery-ID": delivery or os.urandom(8).hex()})
-
-
-def lookup(base, order_id, email):
-    from urllib.parse import urlencode
-
-    request = urllib.request.Request(f"{base}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}",
-                                     headers={"x-api-key": KEY})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def healthz(base):
