@@ -17,6 +17,7 @@ import atexit
 import bisect
 import copy
 import csv
+import hashlib
 import hmac
 import html
 import http.client
@@ -157,6 +158,8 @@ class Settings:
     fetch_seconds: float = 900.0
     max_export_mb: float = 1024.0  # the largest export fetched or uploaded
     upload_keys: tuple = ()  # x-upload-key for PUT /export; none: 404
+    shop_domains: frozenset = frozenset()  # the shop's own host names: webhook events of any other are refused
+    orders_url_auth: str = ""  # the Authorization header sent to ORDERS_URL's own host
 
     @property
     def state(self):
@@ -253,17 +256,44 @@ def settings_from(options=None, env=None):
         fetch_seconds=env_number(env, "FETCH_SECONDS", 900.0, most=7 * 86400),
         max_export_mb=env_number(env, "MAX_EXPORT_MB", 1024.0, most=100_000),
         upload_keys=parse_keys(env.get("UPLOAD_KEY")),
+        shop_domains=frozenset(host_of(name) for name in parse_keys(env.get("SHOP_DOMAIN"))),
+        orders_url_auth=authorization(env.get("ORDERS_URL_AUTH", "").strip()),
     )
+
+
+def host_of(name):
+    """A host name as SHOP_DOMAIN gives it: shop.myshopify.com, or a URL whose host is taken."""
+    return ((urlsplit(name).hostname or "") if "//" in name else name.strip().rstrip("/")).lower()
+
+
+def authorization(value):
+    """ORDERS_URL_AUTH as an Authorization header: "user:password" for HTTP Basic, or "Bearer TOKEN" as it is."""
+    import base64
+
+    if not value or " " in value.split(":", 1)[0]:
+        return value
+    if ":" not in value:
+        raise SettingsError("ORDERS_URL_AUTH: give user:password (sent as HTTP Basic auth) or a whole header "
+                            "value such as \"Bearer TOKEN\".")
+    return "Basic " + base64.b64encode(value.encode()).decode()
 
 
 def check_orders_url(url):
     """ORDERS_URL: https, or plain http to this machine only; a SettingsError that never shows the URL's secret parts."""
     if not url:
         return ""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here, not at the first fetch
+    except ValueError:
+        raise SettingsError("ORDERS_URL is not a URL that can be read (check its brackets and port).") from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise SettingsError(f"ORDERS_URL ({shown_url(url)}) is not an https:// URL. Give the export's link, e.g. a "
                             "Google Sheets 'Publish to web' CSV link.")
+    if parts.username is not None or parts.password is not None:
+        raise SettingsError(f"ORDERS_URL ({shown_url(url)}) holds a user name or password (user:pass@), which is "
+                            "not supported: it would be sent to every host a redirect leads to. Put them in "
+                            "ORDERS_URL_AUTH=user:password instead (sent as HTTP Basic auth, to that host only).")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise SettingsError(f"ORDERS_URL ({shown_url(url)}) is plain http://: the export and any token in the link "
                             "would cross the internet readable. Use its https:// link.")
@@ -277,6 +307,7 @@ def shown_url(url):
 
 
 WEBHOOK_SECRETS = {"shopify": "SHOPIFY_WEBHOOK_SECRET", "woocommerce": "WOOCOMMERCE_WEBHOOK_SECRET"}
+PLATFORM_NAMES = {"shopify": "Shopify", "woocommerce": "WooCommerce"}
 
 
 def default_memory_limit_mb():
@@ -299,15 +330,33 @@ def default_memory_limit_mb():
         return None
 
 
-def weak_key_warnings(keys):
-    """Why each configured key is too easy to guess (never the key itself)."""
+def weak_key_warnings(keys, role="API key"):
+    """Why each key of a role is too easy to guess (never the key itself)."""
     for number, key in enumerate(keys, 1):
         letters = re.sub(r"[\W_]+", "", key.casefold())
         if len(key) < 16:
-            yield f"API key {number} of {len(keys)} is shorter than 16 characters"
+            yield f"{role} {number} of {len(keys)} is shorter than 16 characters"
         elif any(word in letters for word in WEAK_KEY_WORDS) or len(set(key)) < 10 or key.isdigit():
             # A random key of 16 characters or more has a dozen different ones, nearly always.
-            yield f"API key {number} of {len(keys)} is a well-known placeholder or repeats one character"
+            yield f"{role} {number} of {len(keys)} is a well-known placeholder or repeats one character"
+
+
+def key_roles(settings):
+    """(role, variable, keys) of every key and secret set: each lets its holder do something else."""
+    roles = [("API key", "API_KEY", settings.api_keys), ("upload key", "UPLOAD_KEY", settings.upload_keys)]
+    roles += [(f"{PLATFORM_NAMES[platform]} webhook secret", variable, (settings.webhook_secrets or {}).get(platform, ()))
+              for platform, variable in WEBHOOK_SECRETS.items()]
+    return [(role, variable, keys) for role, variable, keys in roles if keys]
+
+
+def shared_key_errors(settings):
+    """Where one role's key is also another's: the chat platform's key must never change data, nor sign events."""
+    roles = key_roles(settings)
+    for at, (role, variable, keys) in enumerate(roles):
+        for other_role, other_variable, other_keys in roles[at + 1:]:
+            if set(keys) & set(other_keys):
+                yield (f"{variable} and {other_variable} share a key: the {role} would also work as the "
+                       f"{other_role}. Give each its own")
 
 
 ###############################################################################
@@ -2181,12 +2230,19 @@ class Snapshot:
     packer: Packer
     renderer: Renderer
     encoding: str | None = None  # a CSV's, when it is not UTF-8
+    newest_day: float | None = None  # the start of the newest day its orders' dates name (when read dated)
     normalise: object = normalise_order_id  # how this export's order numbers, and the typed ones, compare
+    made_at: float | None = None  # when an upload was made (upload_time), where its file's time is its arrival
+
+    @property
+    def made(self):
+        """When the export was made: an upload's made_at, else its file's modification time."""
+        return self.file_mtime if self.made_at is None else self.made_at
 
     @property
     def data_time(self):
-        """When the export's file was written: its modification time, never one later than its load."""
-        return min(self.file_mtime, self.loaded_at)
+        """When the export was made, never later than its load."""
+        return min(self.made, self.loaded_at)
 
     @property
     def covers(self):
@@ -2220,22 +2276,40 @@ class Snapshot:
         return "several", json.dumps(body, ensure_ascii=False).encode()
 
 
+PAST_DATES = ("order_date", "shipped_at", "cancelled_at")  # dates that lie before the export was made
+
+
+def newest_day(days, zone):
+    """The start of the newest of days (texts such as '2026-11-28'), in the shop's time zone; None when none reads."""
+    readable_days = []
+    for day in filter(ISO_DAY.fullmatch, days):
+        with suppress(ValueError):  # 2026-02-30
+            readable_days.append(date.fromisoformat(day))
+    if not readable_days:
+        return None
+    return datetime.combine(max(readable_days), datetime.min.time(), zone).timestamp()
+
+
+ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
 def as_written(order_id):
     """An order number compared nearly as written: 'A-12' is not 'A12', but '#A-12 ' is 'a-12'."""
     return order_id.strip().lstrip("#").strip().casefold()
 
 
-def build_snapshot(config, path, memory_limit_mb=None):
+def build_snapshot(config, path, memory_limit_mb=None, dated=False):
     """Read the export at path into an index of packed orders, ready to serve.
 
     The fast reading assumes what nearly every export is (UTF-8, an order's rows
     together, rows as wide as the header); when the file says otherwise, it is
-    read again the way it needs.
+    read again the way it needs. dated: also find the newest day its orders name
+    (Snapshot.newest_day), for an upload, whose file time says only when it arrived.
     """
     careful, encoding, alike = False, None, False
     while True:
         try:
-            return build(config, path, careful, encoding, memory_limit_mb, alike)
+            return build(config, path, careful, encoding, memory_limit_mb, alike, dated)
         except Alike:
             alike = True
         except Irregular as why:
@@ -2248,7 +2322,7 @@ def build_snapshot(config, path, memory_limit_mb=None):
             log.info("%s: not UTF-8; reading it again as %s", shown_name(path), encoding)
 
 
-def build(config, path, careful, encoding, memory_limit_mb=None, alike=False):
+def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, dated=False):
     """One pass over the export: each order packed and indexed by (order number, email).
 
     Two orders whose numbers read alike and that share the email ('A-12' and 'A12' of
@@ -2264,18 +2338,22 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False):
     reader = OrderReader(config, path, encoding, memory_limit_mb)
     index, without_email, shared, example, count = {}, 0, 0, "", 0
     packer, pending = None, []  # pending: orders split off a number two customers share, indexed last
+    days, dates_at = set(), ()  # the days the orders' dates name, when dated: a few hundred texts
     try:
         for count, (key, rows) in enumerate(chain(reader.orders(careful), pending), 1):
             if packer is None:  # the first order: the plan is known now
                 packer = Packer(reader.plan, reader.plain)
                 email_at = packer.email_at
                 example = packer.order_cells(rows[0])[0].strip()  # its number as written, for `check`
+                dates_at = tuple(i for i, f in enumerate(reader.plan.order_fields) if f in PAST_DATES) if dated else ()
             try:
                 values, packed = packer.pack(rows)
             except SeveralCustomers:
                 first, *others = by_email(rows, packer.email_of)
                 pending.extend((key, part) for part in others)
                 values, packed = packer.pack(first)
+            for at in dates_at:
+                days.add(values[at][:10])
             email = values[email_at].strip().casefold().replace(" ", "+")  # normalise_email, index_key: inline in the hottest loop
             if not email:
                 without_email += 1  # such an order can never be matched
@@ -2305,6 +2383,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False):
         rows_without_order=reader.skipped, loaded_at=time.time(), seconds=time.perf_counter() - started,
         layout=plan.layout, columns=plan.chosen, example_order_id=example,
         packer=packer or Packer(plan), renderer=renderer, encoding=encoding, normalise=reader.normalise,
+        newest_day=newest_day(days, config.timezone),
     )
     renderer.records_text = local_time(snapshot.covers, config.timezone)
     return snapshot
@@ -2494,8 +2573,12 @@ def event_time(iso):
 class WebhookStore:
     """Webhook events in SQLite (WAL) in STATE_DIR: every accepted event survives a restart.
 
-    One row per order a shop told about; the newest change wins (a late retry of an
-    older change is not applied over a newer one); a delivery id is applied once.
+    One row per order a shop told about; the newest change by the shop's own signed time
+    wins (a late retry of an older change is not applied over a newer one); a delivery id,
+    and a body, is applied once. A deletion carries no time of its own: it keeps the order's
+    newest signed time, so only a later change of the order, or an export made after the
+    deletion arrived that still holds it, undoes it. The deliveries remembered are bounded
+    in age and number, and the file gives freed room back (see upkeep).
     """
 
     SCHEMA = """
@@ -2505,6 +2588,7 @@ class WebhookStore:
             PRIMARY KEY (platform, platform_id));
         CREATE TABLE IF NOT EXISTS deliveries (delivery TEXT PRIMARY KEY, received REAL NOT NULL);
         CREATE INDEX IF NOT EXISTS orders_by_time ON orders (time);
+        CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (received);
     """
 
     ROW = "platform, order_key, email_key, fields, deleted, received, time"  # as rows() gives them
@@ -2515,6 +2599,7 @@ class WebhookStore:
         self.lock = threading.Lock()  # one connection, one user at a time
         self.moved_aside = None  # why a corrupt file was moved aside, for /healthz
         self.failing, self.failed_at = None, 0.0  # why and when a write last failed, for /healthz
+        self.upkept = time.monotonic()
         self.db = self.open()
         self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
         self.evicted = deque()  # (platform, order_key, email_key) of orders past the cap, for the overlay to drop
@@ -2528,10 +2613,15 @@ class WebhookStore:
         for attempt in (1, 2):
             try:
                 db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")  # 200 means stored: on disk, through a power cut
                 if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                     raise sqlite3.DatabaseError("quick_check failed")
+                if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                    # Incremental: pages freed by upkeep() go back to the disk. Set before any table, or
+                    # made so by one VACUUM for a store of an earlier version.
+                    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                    db.execute("VACUUM")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")  # 200 means stored: on disk, through a power cut
                 db.executescript(self.SCHEMA)
                 return db
             except sqlite3.DatabaseError as e:
@@ -2545,16 +2635,16 @@ class WebhookStore:
                                     f"aside as {shown_name(aside)}: events received before are lost; the export is served")
                 log.error("%s", self.moved_aside)
 
-    def apply(self, event, key, delivery):
-        """Store an event; when this returns it is on disk. The StoreJob's outcome: "applied", "replayed" (this
-        delivery was stored before), "stale" (a newer change was) or "unknown" (a deletion of an
-        order no event told of).
+    def apply(self, event, key, deliveries):
+        """Store an event; when this returns it is on disk. The StoreJob's outcome: "applied", "replayed" (one of
+        deliveries, its delivery id and its body's hash, was stored before), "stale" (a newer change
+        was) or "unknown" (a deletion of an order no event told of).
 
         Events that arrive together are committed together by one thread: one sync to disk
         for all, and each waiting request takes the interpreter back once, not at every step
         of its own transaction (each costs up to 5 ms while lookups keep the interpreter busy).
         """
-        job = StoreJob(event, key, delivery)
+        job = StoreJob(event, key, deliveries)
         self.pending.append(job)
         self.wake.set()
         if not job.done.wait(STORE_SECONDS):
@@ -2564,24 +2654,40 @@ class WebhookStore:
         return job
 
     def writer(self):
-        """The one thread that writes: each round, every event waiting, in one transaction."""
+        """The one thread that writes: each round, every event waiting, in one transaction; then the upkeep."""
         while True:
-            self.wake.wait()
+            self.wake.wait(UPKEEP_SECONDS)
             self.wake.clear()
             jobs = []
             while self.pending:
                 jobs.append(self.pending.popleft())
-            if not jobs:
-                continue
-            with self.lock:
-                # One transaction for the round; if it fails, each event alone, so one event that
-                # cannot be stored does not cost the others theirs.
-                if not self.round(jobs) and len(jobs) > 1:
-                    for job in jobs:
-                        job.error = None
-                        self.round([job])
-            for job in jobs:
-                job.done.set()
+            try:
+                if jobs:
+                    self.write_round(jobs)
+                if time.monotonic() - self.upkept > UPKEEP_SECONDS:
+                    self.upkeep()
+            except Exception as e:  # noqa: BLE001 - this thread must outlive anything one round sets off
+                self.note_failure(e)
+                for job in jobs:
+                    job.error = job.error or StoreError(f"{shown_name(self.path)}: the event could not be stored "
+                                                        f"({type(e).__name__}).")
+            finally:
+                for job in jobs:
+                    job.done.set()
+
+    def write_round(self, jobs):
+        """Write the jobs in one transaction; if that fails, each alone, so one bad event costs no other its place."""
+        with self.lock:
+            if not self.round(jobs) and len(jobs) > 1:
+                for job in jobs:
+                    job.error = None
+                    self.round([job])
+
+    def note_failure(self, error):
+        """Remember a failed write or upkeep for /healthz (see trouble) and log it."""
+        self.failing, self.failed_at = (f"webhook events cannot be stored: {shown_name(self.path)}: "
+                                        f"{type(error).__name__}"), time.time()
+        log.error("%s (%s)", self.failing, printable(str(error))[:200])
 
     def round(self, jobs):
         """Write jobs in one transaction, keeping the cap on orders; False (and each job's error) if it failed."""
@@ -2598,9 +2704,7 @@ class WebhookStore:
         except Exception as e:  # a full disk, a damaged file: the round's events are refused
             with suppress(Exception):
                 self.db.execute("ROLLBACK")
-            self.failing, self.failed_at = f"webhook events cannot be stored: {shown_name(self.path)}: " \
-                                           f"{type(e).__name__}", time.time()
-            log.error("%s (%s)", self.failing, printable(str(e))[:200])
+            self.note_failure(e)
             for job in jobs:
                 job.error = StoreError(f"{shown_name(self.path)}: the event could not be stored ({type(e).__name__}).")
             return False
@@ -2625,17 +2729,20 @@ class WebhookStore:
     def write(self, job):
         """One event inside the round's transaction; its outcome."""
         db, event, now = self.db, job.event, time.time()
-        if job.delivery and db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (job.delivery, now)).rowcount == 0:
-            return "replayed"
-        if event.deleted:
+        for delivery in job.deliveries:
+            if db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (delivery, now)).rowcount == 0:
+                return "replayed"
+        if event.deleted:  # dated by the order's newest signed change, which is no later than now
             return "applied" if db.execute(
-                "UPDATE orders SET deleted = 1, time = ?, received = ? WHERE platform = ? AND platform_id = ?",
-                (max(event.time, now), now, event.platform, event.platform_id)).rowcount else "unknown"
+                "UPDATE orders SET deleted = 1, received = ? WHERE platform = ? AND platform_id = ?",
+                (now, event.platform, event.platform_id)).rowcount else "unknown"
+        # A change as new as the one stored replaces it; a deleted order comes back only with a later one.
         return "applied" if db.execute(
             """INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?, 0)
                ON CONFLICT (platform, platform_id) DO UPDATE SET order_key = excluded.order_key,
                email_key = excluded.email_key, fields = excluded.fields, time = excluded.time,
-               received = excluded.received, deleted = 0 WHERE excluded.time >= orders.time""",
+               received = excluded.received, deleted = 0
+               WHERE excluded.time > orders.time OR (excluded.time = orders.time AND NOT orders.deleted)""",
             (event.platform, event.platform_id, *job.key, json.dumps(event.fields), event.time, now)).rowcount \
             else "stale"
 
@@ -2652,13 +2759,28 @@ class WebhookStore:
                                    (platform, platform_id)).fetchone()
 
     def prune(self, older_than):
-        """Forget events an export has caught up with, old delivery ids, and orders past the cap."""
+        """Forget events an export has caught up with, and orders past the cap; then the upkeep.
+
+        A deletion is caught up with by an export made after it arrived: one that still holds
+        the order shows it was not deleted for good (WooCommerce's restore from the trash).
+        """
         with self.lock:
-            self.db.execute("DELETE FROM orders WHERE time < ?", (older_than,))
-            self.db.execute("DELETE FROM deliveries WHERE received < ?", (time.time() - 3 * 86400,))
+            self.db.execute("DELETE FROM orders WHERE (deleted = 0 AND time < ?) OR (deleted = 1 AND received < ?)",
+                            (older_than, older_than))
             self.db.execute("DELETE FROM orders WHERE rowid IN (SELECT rowid FROM orders ORDER BY time DESC "
                             "LIMIT -1 OFFSET ?)", (self.max_orders,))
             self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
+        self.upkeep()
+
+    def upkeep(self):
+        """Bound what is kept between exports: delivery ids past their age or number go, and the file shrinks."""
+        with self.lock:
+            self.db.execute("DELETE FROM deliveries WHERE received < ?", (time.time() - DELIVERY_DAYS * 86400,))
+            self.db.execute("DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries "
+                            "ORDER BY received DESC LIMIT -1 OFFSET ?)", (MAX_DELIVERIES,))
+            self.db.executescript("PRAGMA incremental_vacuum;")  # run to its end: each step frees one page
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.upkept = time.monotonic()
 
     @staticmethod
     def read(path, since):
@@ -2689,13 +2811,16 @@ class WebhookStore:
 
 
 STORE_SECONDS = 10  # the longest a delivery waits for the store; the shops wait 5 s (Shopify) to 60 s
+UPKEEP_SECONDS = 60  # how often the writer bounds the deliveries remembered and gives the file's room back
+DELIVERY_DAYS = 3  # Shopify retries a failed delivery for 48 hours; a replay older than this is stale anyway
+MAX_DELIVERIES = 200_000  # delivery ids remembered at most (two a delivery: its id and its body's hash)
 
 
 class StoreJob:
     """An event waiting to be written, and what came of it."""
 
-    def __init__(self, event, key, delivery):
-        self.event, self.key, self.delivery = event, key, delivery
+    def __init__(self, event, key, deliveries):
+        self.event, self.key, self.deliveries = event, key, deliveries
         self.outcome, self.error, self.done = None, None, threading.Event()
         self.before = self.now = None  # the order's key before, and its row after (see Webhooks.store)
 
@@ -3056,17 +3181,45 @@ def mask_email(email):
 
 ACCEPTED = "accepted.json"  # in STATE_DIR, beside the last good copy: what that export held
 RECORD_SAMPLE = 8000  # keys kept of the accepted export: a vanished share to within a percent or two
+HISTORY = 7  # accepted exports whose order counts set the floor: a week of nightly ones
 
 
-def write_record(path, snapshot):
-    """Note what an accepted export held, so that a restart can tell a cut-off export from it."""
+def write_record(path, snapshot, history):
+    """Note what an accepted export held, so that a restart can tell a cut-off export from it.
+
+    history: the order counts of the last HISTORY exports accepted, this one's last (see history_floor).
+    """
     step = max(1, len(snapshot.index) // RECORD_SAMPLE)
     record = {"file_size": snapshot.file_size, "file_mtime_ns": snapshot.file_mtime_ns, "orders": snapshot.orders,
-              "keys_read_as": keys_read_as(snapshot),
+              "keys_read_as": keys_read_as(snapshot), "history": list(history),
               "sample": [key.decode() for key in islice(snapshot.index, 0, None, step)]}
     partial = path.with_name(".partial-" + path.name)
     partial.write_text(json.dumps(record), encoding="utf-8")
     os.replace(partial, path)
+
+
+def read_history(path):
+    """(file size, mtime, orders) of the last exports accepted, as the record keeps them; none without a record."""
+    try:
+        history = json.loads(path.read_text(encoding="utf-8")).get("history") or []
+        return deque((tuple(map(int, entry)) for entry in history), maxlen=HISTORY)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return deque(maxlen=HISTORY)
+
+
+def remember_accepted(history, snapshot):
+    """Add an accepted export to the history, once: a contexts.toml edit or a restart reads the same file again."""
+    entry = (snapshot.file_size, snapshot.file_mtime_ns, snapshot.orders)
+    if not history or history[-1][:2] != entry[:2]:
+        history.append(entry)
+
+
+def refuse_below_floor(snapshot, history):
+    """Refuse an export far smaller than the largest of the last exports accepted: each a little smaller than the one
+    before (15% a night) passes the comparison with the one being served, but not this one."""
+    if history:
+        refuse_shrunk(snapshot, max(orders for *_, orders in history), (),
+                      f"in the largest of the last {len(history)} exports accepted")
 
 
 def keys_read_as(snapshot):
@@ -3089,6 +3242,7 @@ def guard_against_record(snapshot, path):
         return  # the export accepted last time
     same_reading = record.get("keys_read_as") == keys_read_as(snapshot)
     refuse_shrunk(snapshot, orders, sample if same_reading else (), "of the export accepted last", exact=False)
+    refuse_below_floor(snapshot, read_history(path))
 
 
 def refuse_shrunk(snapshot, orders, keys, whose, exact=True):
@@ -3165,6 +3319,8 @@ class Service:
         self.store_error = None  # why it could not be opened
         self.overlay = None  # orders from webhook events, newer than the export
         self.events_lock = threading.Lock()  # an event is stored and put into the overlay as one step
+        self.history = deque(maxlen=HISTORY)  # the last exports accepted (see refuse_below_floor), read at start
+        self.background = []  # the Jobs of the threads that feed it (watcher, fetcher, store upkeep), for /healthz
         self.webhooks = Webhooks(self) if settings.webhook_secrets else None
         self.fetcher = Fetcher(self) if settings.orders_url else None
         self.uploading = threading.Lock()  # one upload checked at a time
@@ -3187,7 +3343,8 @@ class Service:
         config = load_config(self.settings.contexts)
         path = find_export(self.settings.data, self.settings.follow_symlinks)
         with self.loading(path, starting):
-            snapshot = build_snapshot(config, path, self.settings.memory_limit_mb)
+            snapshot = dated_upload(build_snapshot(config, path, self.settings.memory_limit_mb),
+                                    self.settings.state / UPLOADED)
         self.guard(snapshot)
         return snapshot
 
@@ -3229,6 +3386,7 @@ class Service:
         The copy of an accepted export is made after it is served (in copying, a thread):
         a large export is served that much sooner.
         """
+        self.history = read_history(self.settings.state / ACCEPTED)
         try:
             snapshot = self.build(starting=True)
             guard_against_record(snapshot, self.settings.state / ACCEPTED)
@@ -3261,15 +3419,20 @@ class Service:
             self.install(snapshot)
             return True
 
-    def accept(self, path):
+    def accept(self, path, stated=None):
         """Load an uploaded file as a reload would: on success it is renamed into the data folder and served.
 
-        Returns (snapshot, its file); raises UserError (the data served unchanged) otherwise.
+        stated: the time the sender gives the file (its Last-Modified), if any. The file is
+        dated by upload_time(), never by its arrival: an old export sent again must not look
+        newer than the webhook events since. Returns (snapshot, its file); raises UserError
+        (the data served unchanged) otherwise.
         """
         data = self.settings.data
         target = data / f"uploaded{path.suffix}" if data.is_dir() else data
         with self._lock, yielding():
-            snapshot = build_snapshot(load_config(self.settings.contexts), path, self.settings.memory_limit_mb)
+            snapshot = build_snapshot(load_config(self.settings.contexts), path, self.settings.memory_limit_mb,
+                                      dated=stated is None)
+            snapshot = made_at(snapshot, upload_time(stated, snapshot.newest_day, self.snapshot))
             self.guard(snapshot)
             os.replace(path, target)
             for other in data.glob("uploaded.*") if data.is_dir() else ():
@@ -3279,10 +3442,11 @@ class Service:
             snapshot = replace(snapshot, source=target)
             self.tried = self.files_state()  # the watcher will find nothing new to load
             self.install(snapshot)
+            write_upload_record(self.settings.state / UPLOADED, snapshot)
         return snapshot, target
 
     def guard(self, snapshot):
-        """Refuse an export with no orders, or far fewer than the one being served."""
+        """Refuse an export with no orders, far fewer than the one being served, or than the last ones accepted."""
         name = shown_name(snapshot.source)
         if not snapshot.orders:
             export_error(snapshot.source, "holds no orders (only a header?). "
@@ -3292,6 +3456,8 @@ class Service:
             # The same file read anew (a contexts.toml edit) was whole before; keys read another way cannot be compared.
             comparable = current.index and not same_file(current, snapshot) and same_keys(current, snapshot)
             refuse_shrunk(snapshot, current.orders, current.index if comparable else (), "being served")
+        if not (current and same_file(current, snapshot)):
+            refuse_below_floor(snapshot, self.history)
         if snapshot.file_mtime > time.time() + FUTURE_SLACK:
             log.warning("%s: its modification time, %s, is in the future: its age cannot be told, and a newer "
                         "export will be served as soon as one arrives. Check the clock of the machine that "
@@ -3316,6 +3482,7 @@ class Service:
     def install(self, snapshot, keep_copy=True):
         """Serve snapshot from now on (one assignment) and keep a copy of its file."""
         before, self.snapshot = self.snapshot, snapshot
+        remember_accepted(self.history, snapshot)
         self.loads["accepted"] += 1
         self.refused = None
         self.config_error = None
@@ -3353,9 +3520,13 @@ class Service:
                     return
             elif caught_up:
                 self.store.moved_aside = None
-            self.store.prune(snapshot.covers)
-            self.store.evicted.clear()  # the overlay is built afresh from what the store keeps
-            rows = self.store.rows()
+            try:
+                self.store.prune(snapshot.covers)
+                self.store.evicted.clear()  # the overlay is built afresh from what the store keeps
+                rows = self.store.rows()
+            except Exception as e:  # noqa: BLE001 - a damaged or full store: the export is served, the events wait
+                self.store.note_failure(e)
+                return
             self.overlay = Overlay(snapshot).fill(rows)
             self.note_fresher(max((received for *_, received, _ in rows), default=0))
 
@@ -3393,7 +3564,7 @@ class Service:
             for other in state.glob("last-good.*"):
                 if other != target:
                     other.unlink()
-            write_record(state / ACCEPTED, snapshot)
+            write_record(state / ACCEPTED, snapshot, self.history)
             self.copy_error = None
         except OSError as e:
             with suppress(OSError):
@@ -3419,10 +3590,10 @@ class Service:
         snapshot = self.snapshot
         if snapshot is None:
             return False, ["no data loaded"], None
-        age = max(0.0, now - snapshot.file_mtime)
+        age = max(0.0, now - snapshot.made)
         reasons = []
-        if snapshot.file_mtime > now + FUTURE_SLACK:
-            reasons.append(f"the export's modification time ({iso_time(snapshot.file_mtime)}) is in the future, "
+        if snapshot.made > now + FUTURE_SLACK:
+            reasons.append(f"the export's modification time ({iso_time(snapshot.made)}) is in the future, "
                            "so its age is unknown: check the clock of the machine that wrote it")
         elif age > snapshot.config.max_age_hours * 3600:
             reasons.append(f"data is older than {snapshot.config.max_age_hours:g} hours")
@@ -3434,10 +3605,9 @@ class Service:
             reasons.append("the last contexts.toml edit was refused")
         if self.copy_error:
             reasons.append(self.copy_error)
-        fetcher = self.fetcher
-        if fetcher and fetcher.failing_since and now - fetcher.failing_since > snapshot.config.max_age_hours * 3600:
-            reasons.append(f"fetching the export has failed for more than {snapshot.config.max_age_hours:g} hours: "
-                           f"{fetcher.last_error}")
+        for job in self.background:
+            if trouble := job.trouble(now, snapshot.config.max_age_hours * 3600):
+                reasons.append(trouble)
         if self.store_error:
             reasons.append(self.store_error)
         elif self.store:
@@ -3452,7 +3622,7 @@ class Service:
         snapshot = self.snapshot
         if snapshot:
             out.update(
-                file=shown_name(snapshot.source), file_modified=iso_time(snapshot.file_mtime),
+                file=shown_name(snapshot.source), file_modified=iso_time(snapshot.made),
                 from_last_good_copy=self.from_last_good, layout=snapshot.layout,
                 orders=snapshot.orders, rows=snapshot.rows, loaded_at=iso_time(snapshot.loaded_at),
                 load_seconds=round(snapshot.seconds, 3), max_age_hours=snapshot.config.max_age_hours,
@@ -3486,6 +3656,47 @@ def yielding():
         sys.setswitchinterval(before)
 
 
+def upload_time(stated, newest_day, served, now=None):
+    """When an uploaded export was made, as well as it can be told, and never after its arrival.
+
+    The sender's Last-Modified first; else the newest day its orders name (a file sent
+    again shows its age); else no newer than the export it replaces.
+    """
+    now = time.time() if now is None else now
+    for moment in (stated, newest_day, served.data_time if served else None):
+        if moment is not None:
+            return min(moment, now)
+    return now
+
+
+def made_at(snapshot, moment):
+    """snapshot of an upload, dated when it was made (its file's own time is its arrival)."""
+    snapshot = replace(snapshot, made_at=moment)
+    snapshot.renderer.records_text = local_time(snapshot.covers, snapshot.config.timezone)
+    return snapshot
+
+
+UPLOADED = "uploaded.json"  # in STATE_DIR: when the upload being served was made, for a restart
+
+
+def write_upload_record(path, snapshot):
+    """Note when an accepted upload was made, so that a restart dates it the same (see dated_upload)."""
+    with suppress(OSError):
+        path.write_text(json.dumps({"file_size": snapshot.file_size, "file_mtime_ns": snapshot.file_mtime_ns,
+                                    "made_at": snapshot.made_at}))
+
+
+def dated_upload(snapshot, path):
+    """snapshot dated as its upload was, when it reads the file that upload_record noted; else as it is."""
+    try:
+        record = json.loads(path.read_text())
+        if (record["file_size"], record["file_mtime_ns"]) == (snapshot.file_size, snapshot.file_mtime_ns):
+            return made_at(snapshot, float(record["made_at"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return snapshot
+
+
 def same_file_state(path, snapshot):
     """True when path has the size and mtime the snapshot was read from."""
     return file_state(path)[1:] == (snapshot.file_size, snapshot.file_mtime_ns)
@@ -3499,6 +3710,67 @@ def local_time(timestamp, zone):
 def iso_time(timestamp):
     """A UTC timestamp as ISO 8601."""
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+JOB_RETRY = (30, 60, 120, 300, 600)  # seconds before the next try after 1, 2, 3... failures in a row
+
+
+class Job:
+    """How a background job (fetching, watching the folder, the webhook store's upkeep) is faring.
+
+    Its thread never dies of an exception: each one is a failure counted here, with its reason
+    for /healthz, and the job tries again after a wait that grows with the failures in a row.
+    """
+
+    def __init__(self, name):
+        self.name = name  # what the job does, as /healthz says it: "fetching the export"
+        self.failures = 0  # in a row
+        self.failed_total = 0
+        self.failing_since = self.last_error = self.last_success = self.last_attempt = None
+
+    def run(self, work, *args):
+        """work(*args) as one attempt: its result, or None after counting whatever it raised as a failure."""
+        self.last_attempt = time.time()
+        try:
+            return work(*args)
+        except UserError as error:
+            self.failed(str(error))
+        except Exception as error:  # a bug or a surprise: counted and shown, and the job lives on
+            log.exception("%s failed", self.name)
+            self.failed(f"an unexpected {type(error).__name__}; the log has the details")
+        return None
+
+    def failed(self, reason):
+        """Count one failure and keep its reason."""
+        self.failures += 1
+        self.failed_total += 1
+        self.failing_since = self.failing_since or time.time()
+        self.last_error = reason
+
+    def succeeded(self):
+        """The job worked: the failures in a row are over."""
+        self.failures, self.failing_since, self.last_error, self.last_success = 0, None, None, time.time()
+
+    def backoff(self):
+        """Seconds to wait after the failures in a row: 30 s, 1, 2, 5, then 10 min."""
+        return JOB_RETRY[min(self.failures, len(JOB_RETRY)) - 1] if self.failures else 0
+
+    def wait(self, normal):
+        """Seconds before the next run of a job that runs every normal seconds: sooner while it fails."""
+        return min(self.backoff(), normal) if self.failures else normal
+
+    def trouble(self, now, stale_after):
+        """Why /healthz is degraded by this job: failing for longer than the data may age, else None."""
+        if self.failing_since and now - self.failing_since > stale_after:
+            return f"{self.name} has failed for more than {stale_after / 3600:g} hours: {self.last_error}"
+        return None
+
+    def status(self):
+        """For /healthz with the key: the last success and attempt, the failures, the last reason."""
+        return {"last_success": iso_time(self.last_success) if self.last_success else None,
+                "last_attempt": iso_time(self.last_attempt) if self.last_attempt else None,
+                "last_error": self.last_error, "failures_in_a_row": self.failures,
+                "failing_since": iso_time(self.failing_since) if self.failing_since else None}
 
 
 ###############################################################################
@@ -3516,6 +3788,8 @@ class Watcher:
         self.stopping = threading.Event()
         self.observer = None
         self.thread = None
+        self.job = Job("watching the data folder")
+        service.background.append(self.job)
 
     def paths(self):
         """The folders to watch: the export's folder (or itself) and the config's."""
@@ -3557,22 +3831,27 @@ class Watcher:
         return data.is_dir() and path.parent == data and is_export_name(path.name)
 
     def run(self):
-        """Wait for a change (or poll), let the files settle, reload once."""
+        """Wait for a change (or poll), let the files settle, reload once; a failure waits its backoff first."""
         self.changed.set()  # look once at the start: a change made before watching began counts
         while not self.stopping.is_set():
             self.changed.wait(self.settings.poll_seconds)
             self.changed.clear()
             if self.stopping.is_set():
                 return
-            try:
-                # Against what the service last tried to load, not what it serves: a refused
-                # file is not read again until it changes.
-                if self.settle() != self.service.tried:
-                    self.service.reload()
-                elif self.service.copy_error and self.service.snapshot:  # the disk may have room again
-                    self.service.keep_copy(self.service.snapshot)
-            except Exception as error:  # reload() refuses what it can name; this thread must outlive the rest
-                log.error("reloading failed (%s); still serving what was loaded", type(error).__name__)
+            # reload() refuses what it can name; anything else is the job's failure, and this thread lives on.
+            if self.job.run(self.look) is None and self.stopping.wait(self.job.backoff()):
+                return
+
+    def look(self):
+        """Reload when the files changed since the last load was tried; True when that went through."""
+        # Against what the service last tried to load, not what it serves: a refused
+        # file is not read again until it changes.
+        if self.settle() != self.service.tried:
+            self.service.reload()
+        elif self.service.copy_error and self.service.snapshot:  # the disk may have room again
+            self.service.keep_copy(self.service.snapshot)
+        self.job.succeeded()
+        return True
 
     def settle(self):
         """The files' state once size and mtime have held still for settle_seconds."""
@@ -3617,7 +3896,6 @@ def event_handler(watcher):
 ###############################################################################
 
 FETCH_TIMEOUT = 30  # seconds to connect, and at most between two reads of the body
-FETCH_RETRY = (30, 60, 120, 300, 600)  # seconds before the next try after 1, 2, 3... failures; then FETCH_SECONDS
 FETCH_REDIRECTS = 5  # Dropbox and Google send one or two
 FETCH_DEADLINE = 1800  # seconds for a whole body: a server dripping a byte at a time must not hold the fetcher
 
@@ -3640,8 +3918,8 @@ class Fetcher:
         self.folder = service.settings.data
         self.memo = service.settings.state / "fetch.json"  # the validators of the last body fetched
         self.outcomes = Counter()  # fetched, not_modified, failed
-        self.last_success = self.last_attempt = self.failing_since = None
-        self.last_error, self.failures = None, 0
+        self.job = Job("fetching the export")  # tried again sooner after a failure (Job.wait)
+        service.background.append(self.job)
         self.stopping = threading.Event()
         self.thread = None
 
@@ -3659,26 +3937,37 @@ class Fetcher:
 
     def run(self):
         """Wait, fetch, wait again: every FETCH_SECONDS, sooner after a failure (`serve` fetched once at start)."""
-        while not self.stopping.wait(self.settings.fetch_seconds if not self.failures else min(
-                FETCH_RETRY[min(self.failures, len(FETCH_RETRY)) - 1], self.settings.fetch_seconds)):
+        while not self.stopping.wait(self.job.wait(self.settings.fetch_seconds)):
             self.fetch()
 
     def fetch(self):
-        """One fetch; True when the export was fetched or had not changed."""
-        self.last_attempt = time.time()
+        """One fetch; True when the export was fetched or had not changed. Never raises: a failure is counted."""
+        job = self.job
+        job.last_attempt = time.time()
         try:
             outcome = self.download()
         except FetchError as error:
-            self.outcomes["failed"] += 1
-            self.failures += 1
-            self.failing_since = self.failing_since or self.last_attempt
-            self.last_error = str(error)
-            log.error("fetching %s failed (%d in a row), %s: %s", shown_url(self.settings.orders_url), self.failures,
-                      "still serving what was loaded" if self.service.snapshot else "nothing loaded yet", error)
-            return False
-        self.outcomes[outcome] += 1
-        self.failures, self.failing_since, self.last_error, self.last_success = 0, None, None, time.time()
-        return True
+            reason = str(error)
+        except Exception as error:  # whatever else a server's odd answer sets off: a failure like any other
+            log.exception("fetching %s failed unexpectedly", shown_url(self.settings.orders_url))
+            reason = f"the server's answer could not be read ({type(error).__name__})."
+        else:
+            self.outcomes[outcome] += 1
+            job.succeeded()
+            return True
+        self.outcomes["failed"] += 1
+        job.failed(reason)
+        log.error("fetching %s failed (%d in a row), %s: %s", shown_url(self.settings.orders_url), job.failures,
+                  self.serving_instead(), reason)
+        return False
+
+    def serving_instead(self):
+        """What is served while a fetch fails, as the log line says it."""
+        if self.service.snapshot:
+            return f"still serving {shown_name(self.service.snapshot.source)}"
+        if self.folder.is_dir() and any(is_export_name(p.name) for p in self.folder.iterdir()):
+            return "the export already in the data folder will be served"
+        return "nothing loaded yet"
 
     def download(self):
         """Fetch the URL: "fetched" (a new body renamed into the folder) or "not_modified"; else FetchError."""
@@ -3688,11 +3977,13 @@ class Fetcher:
             headers["If-None-Match"] = memo["etag"]
         if memo.get("last_modified"):
             headers["If-Modified-Since"] = memo["last_modified"]
-        opener = urllib.request.build_opener(SafeRedirects)
         host = urlsplit(self.settings.orders_url).hostname
+        opener = urllib.request.build_opener(SafeRedirects(host), GuardedHTTP(host), GuardedHTTPS(host))
+        request = urllib.request.Request(self.settings.orders_url, headers=headers)
+        if self.settings.orders_url_auth:  # unredirected: a redirect to another host never carries it
+            request.add_unredirected_header("Authorization", self.settings.orders_url_auth)
         try:
-            with opener.open(urllib.request.Request(self.settings.orders_url, headers=headers),
-                             timeout=FETCH_TIMEOUT) as response:
+            with opener.open(request, timeout=FETCH_TIMEOUT) as response:
                 return self.save(response)
         except urllib.error.HTTPError as e:
             if e.code == 304:
@@ -3704,11 +3995,15 @@ class Fetcher:
             raise FetchError(f"could not reach {host}: {printable(getattr(e, 'reason', e))[:120]}.") from None
         except (TimeoutError, OSError, http.client.HTTPException) as e:
             raise FetchError(f"the download from {host} broke off ({type(e).__name__}).") from None
+        except ValueError:  # a header urllib cannot read, such as a redirect to "http://[::1"
+            raise FetchError(f"the answer from {host} has a header that cannot be read (a malformed redirect "
+                             "or length); ask whoever runs that server, or use another link.") from None
 
     def save(self, response):
         """Stream the body into a hidden file, check its size and kind, rename it into the data folder."""
         limit = int(self.settings.max_export_mb * 1e6)
-        if int(response.headers.get("Content-Length") or 0) > limit:
+        declared = declared_length(response.headers)
+        if declared > limit:
             raise FetchError(f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB).")
         if "html" in (response.headers.get_content_type() or ""):
             raise FetchError("the link answered with a web page, not an export: a shared link that needs "
@@ -3731,7 +4026,6 @@ class Fetcher:
                         raise FetchError(f"the download took longer than {FETCH_DEADLINE // 60} minutes "
                                          f"({size:,} bytes so far) and was stopped.")
                     chunk = response.read1(READ_BUFFER)
-            declared = int(response.headers.get("Content-Length") or 0)
             if declared and size < declared:  # http.client ends a cut body quietly
                 raise FetchError(f"the download broke off after {size:,} of {declared:,} bytes.")
             stamp = http_time(response.headers.get("Last-Modified"))
@@ -3768,11 +4062,18 @@ class Fetcher:
     def status(self):
         """For /healthz with the key: where from (host only), the last success, the last error."""
         return {"source": shown_url(self.settings.orders_url), "every_seconds": self.settings.fetch_seconds,
-                "last_success": iso_time(self.last_success) if self.last_success else None,
-                "last_attempt": iso_time(self.last_attempt) if self.last_attempt else None,
-                "last_error": self.last_error, "failures_in_a_row": self.failures,
-                "failing_since": iso_time(self.failing_since) if self.failing_since else None,
-                "outcomes": dict(self.outcomes)}
+                **self.job.status(), "outcomes": dict(self.outcomes)}
+
+
+def declared_length(headers):
+    """A response's Content-Length as a number (0 when it has none); FetchError when it is not one."""
+    text = (headers.get("Content-Length") or "").strip()
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise FetchError(f"the server announced a length that is not a number ({printable(text)[:20]!r}); "
+                         "ask whoever runs that server, or use another link.")
+    return int(text)
 
 
 def http_time(text):
@@ -3787,15 +4088,87 @@ def http_time(text):
 
 
 class SafeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows at most FETCH_REDIRECTS redirects, and never from https to plain http."""
+    """Follows at most FETCH_REDIRECTS redirects: never from https to plain http, never to another host that is
+    this machine or a private network (see guarded() for the same check on the address connected to)."""
 
     max_redirections = FETCH_REDIRECTS
+
+    def __init__(self, allowed_host):
+        super().__init__()
+        self.allowed_host = allowed_host
 
     def redirect_request(self, request, fp, code, message, headers, new_url):
         old, new = urlsplit(request.full_url), urlsplit(new_url)
         if old.scheme == "https" and new.scheme != "https" and not is_loopback(new.hostname or ""):
             raise FetchError(f"the link redirected from https to plain http ({new.hostname}); refused.")
+        if new.hostname != self.allowed_host and not all(map(is_public, addresses_of(new.hostname or ""))):
+            raise private_hop(new.hostname)
         return super().redirect_request(request, fp, code, message, headers, new_url)
+
+
+def addresses_of(host):
+    """The addresses a host name resolves to now; none when it does not resolve (connecting then fails anyway)."""
+    import socket
+
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return set()
+
+
+def private_hop(host):
+    """The FetchError of a hop to this machine or a private network."""
+    return FetchError(f"the link led on to {printable(host)[:60]}, an address on this machine or a private network; "
+                      "refused. Only ORDERS_URL's own host may be such an address.")
+
+
+def is_public(address):
+    """True for an address on the internet: not this machine, a private network, link-local or a cloud's metadata."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    ip = (ip.ipv4_mapped or ip) if ip.version == 6 else ip
+    return ip.is_global and not ip.is_multicast
+
+
+def guarded(connection_class, allowed_host):
+    """An http.client connection class that refuses, once connected, a peer that is not public.
+
+    Checked on the address really connected to, on every hop, so a name that resolves anew
+    (DNS rebinding) cannot slip past. allowed_host: ORDERS_URL's own host, which may be such an
+    address (an export on this machine or the shop's network), and is the only one that may.
+    """
+
+    class Guarded(connection_class):
+        def connect(self):
+            super().connect()
+            if self._tunnel_host or self.host == allowed_host:  # through a proxy, or ORDERS_URL's own host
+                return
+            if not is_public(self.sock.getpeername()[0]):
+                self.sock.close()
+                raise private_hop(self.host)
+
+    return Guarded
+
+
+class GuardedHTTP(urllib.request.HTTPHandler):
+    """urllib's http handler with guarded() connections."""
+
+    def __init__(self, allowed_host):
+        super().__init__()
+        self.connection = guarded(http.client.HTTPConnection, allowed_host)
+
+    def http_open(self, request):
+        return self.do_open(self.connection, request)
+
+
+class GuardedHTTPS(urllib.request.HTTPSHandler):
+    """urllib's https handler with guarded() connections (the certificate is checked as usual)."""
+
+    def __init__(self, allowed_host):
+        super().__init__()
+        self.connection = guarded(http.client.HTTPSConnection, allowed_host)
+
+    def https_open(self, request):
+        return self.do_open(self.connection, request, context=self._context)
 
 
 ###############################################################################
@@ -3821,8 +4194,12 @@ def receive_upload(service, environ):
     hidden = None
     try:
         folder = service.settings.data if service.settings.data.is_dir() else service.settings.data.parent
-        hidden, size = upload_body(environ, folder, int(service.settings.max_export_mb * 1e6))
-        snapshot, target = service.accept(hidden)
+        hidden, size, digest = upload_body(environ, folder, int(service.settings.max_export_mb * 1e6))
+        if (served := service.snapshot) and served.file_size == size and file_digest(served.source) == digest:
+            log.info("upload: %d bytes: the export being served, unchanged", size)
+            return 200, json.dumps({"accepted": True, "unchanged": True, "file": served.source.name,
+                                    "layout": served.layout, "orders": served.orders, "rows": served.rows}).encode()
+        snapshot, target = service.accept(hidden, http_time(environ.get("HTTP_LAST_MODIFIED")))
         hidden = None  # renamed into place
         surveyed = survey(snapshot)
         log.info("upload: %d bytes: accepted as %s (%d orders)", size, target.name, snapshot.orders)
@@ -3848,7 +4225,7 @@ def receive_upload(service, environ):
 
 
 def upload_body(environ, folder, limit):
-    """(hidden file, bytes) holding the upload: the raw body, or the first file of a multipart form."""
+    """(hidden file, bytes, digest) of the upload: the raw body, or the first file of a multipart form."""
     source, length = environ["wsgi.input"], int(environ.get("CONTENT_LENGTH") or 0)
     if length > limit:
         raise UploadRefused(f"the upload is larger than MAX_EXPORT_MB ({limit / 1e6:g} MB).")
@@ -3859,7 +4236,7 @@ def upload_body(environ, folder, limit):
             raise ExportError("the form holds no file: send the export as the body, or as a form's file field.")
         source, length = upload.file, limit + 1
     hidden = folder / f".uploading-{os.getpid()}-{threading.get_ident()}"
-    size = 0
+    size, digest = 0, hashlib.sha256()
     with open(hidden, "wb") as out:
         while chunk := source.read(min(READ_BUFFER, max(length - size, 0))):
             size += len(chunk)
@@ -3868,11 +4245,21 @@ def upload_body(environ, folder, limit):
                 hidden.unlink()
                 raise UploadRefused(f"the upload is larger than MAX_EXPORT_MB ({limit / 1e6:g} MB).")
             out.write(chunk)
+            digest.update(chunk)
     with open(hidden, "rb") as f:
         kind = ".xlsx" if f.read(4) == b"PK\x03\x04" else ".csv"
     named = hidden.with_name(hidden.name + kind)
     os.replace(hidden, named)
-    return named, size
+    return named, size, digest.digest()
+
+
+def file_digest(path):
+    """The SHA-256 of a file's bytes, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").digest()
+    except OSError:
+        return None
 
 
 ###############################################################################
@@ -3880,10 +4267,18 @@ def upload_body(environ, folder, limit):
 ###############################################################################
 
 WEBHOOK_MAX_BYTES = 2 << 20  # Shopify's largest orders are a few hundred KB
-WEBHOOK_HEADERS = {  # platform -> (signature, topic, delivery id), as WSGI names them
-    "shopify": ("HTTP_X_SHOPIFY_HMAC_SHA256", "HTTP_X_SHOPIFY_TOPIC", "HTTP_X_SHOPIFY_WEBHOOK_ID"),
-    "woocommerce": ("HTTP_X_WC_WEBHOOK_SIGNATURE", "HTTP_X_WC_WEBHOOK_TOPIC", "HTTP_X_WC_WEBHOOK_DELIVERY_ID"),
+WEBHOOK_HEADERS = {  # platform -> (signature, topic, delivery id, the shop it comes from), as WSGI names them
+    "shopify": ("HTTP_X_SHOPIFY_HMAC_SHA256", "HTTP_X_SHOPIFY_TOPIC", "HTTP_X_SHOPIFY_WEBHOOK_ID",
+                "HTTP_X_SHOPIFY_SHOP_DOMAIN"),
+    "woocommerce": ("HTTP_X_WC_WEBHOOK_SIGNATURE", "HTTP_X_WC_WEBHOOK_TOPIC", "HTTP_X_WC_WEBHOOK_DELIVERY_ID",
+                    "HTTP_X_WC_WEBHOOK_SOURCE"),
 }
+DELETE_TOPICS = {"orders/delete", "order.deleted"}
+# A deletion's body is the order's id alone; an order's body has these besides (the platforms' own fields).
+DELETE_KEYS = {"id", "admin_graphql_api_id"}
+ORDER_KEYS = {"shopify": {"name", "order_number", "line_items", "email"},
+              "woocommerce": {"number", "line_items", "billing", "status"}}
+MAX_DELIVERY_ID = 200  # Shopify's are UUIDs, WooCommerce's numbers: a longer one is no platform's
 WEBHOOK_TOPICS = {  # the topics that change an order; any other is answered 200 and ignored
     "shopify": {"orders/create": shopify_event, "orders/updated": shopify_event, "orders/paid": shopify_event,
                 "orders/fulfilled": shopify_event, "orders/partially_fulfilled": shopify_event,
@@ -3914,7 +4309,7 @@ class Webhooks:
 
     def receive(self, platform, environ, body):
         """(HTTP status, JSON body or b"") for one delivery."""
-        signature_header, topic_header, delivery_header = WEBHOOK_HEADERS[platform]
+        signature_header, topic_header, delivery_header, shop_header = WEBHOOK_HEADERS[platform]
         signature = environ.get(signature_header, "")
         counts = self.counts[platform]
         if platform == "woocommerce" and not signature and PING.fullmatch(body.strip()):
@@ -3923,21 +4318,47 @@ class Webhooks:
         if not signed(self.service.settings.webhook_secrets[platform], body, signature):
             counts["rejected"] += 1
             return self.told(platform, "unauthorized", 401, b"")
-        topic = environ.get(topic_header, "").strip()
+        topic, delivery = environ.get(topic_header, "").strip(), environ.get(delivery_header, "").strip()
         make = WEBHOOK_TOPICS[platform].get(topic)
         if make is None:
             return self.told(platform, "ignored", 200, json.dumps({"ignored": printable(topic)[:60]}).encode())
         try:
             order = json.loads(body)
-            event = make(order, topic)
+            refusal = self.refusal(platform, topic, order, delivery, environ.get(shop_header, ""))
+            event = None if refusal else make(order, topic)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            refusal = ("not_an_order", 400, "The body is not an order: a JSON object with an id.")
+        if refusal:
             counts["rejected"] += 1
-            return self.told(platform, "not_an_order", 400,
-                             json.dumps({"context": "The body is not an order: a JSON object with an id."}).encode())
-        return self.store(platform, topic, event, environ.get(delivery_header, ""))
+            outcome, status, reason = refusal
+            return self.told(platform, outcome, status, json.dumps({"context": reason}).encode())
+        # The topic and the delivery id are not signed: the body's own hash also marks it as seen.
+        seen = (f"{platform}:body:{hashlib.sha256(body).hexdigest()}", *([f"{platform}:{delivery}"] if delivery else []))
+        return self.store(platform, topic, event, seen)
 
-    def store(self, platform, topic, event, delivery):
-        """Store a checked event and answer from it from now on."""
+    def refusal(self, platform, topic, order, delivery, shop):
+        """(outcome, status, reason) when a signed delivery must not be applied, else None.
+
+        The signature covers the body only: a captured body sent again under another topic
+        (an order as orders/delete), from another shop that shares the secret, or with a
+        delivery id made up to fill the store, is refused here.
+        """
+        if not isinstance(order, dict) or "id" not in order:
+            return "not_an_order", 400, "The body is not an order: a JSON object with an id."
+        if len(delivery) > MAX_DELIVERY_ID:
+            return "bad_delivery_id", 400, f"The delivery id is longer than {MAX_DELIVERY_ID} characters."
+        if (topic in DELETE_TOPICS) != (set(order) <= DELETE_KEYS):
+            return "wrong_topic", 400, ("A deletion's body holds only the order's id." if topic in DELETE_TOPICS
+                                        else "The body holds only an id, which is a deletion, not an order.")
+        if topic not in DELETE_TOPICS and not ORDER_KEYS[platform] & set(order):
+            return "not_an_order", 400, "The body is not an order: it has none of an order's fields."
+        domains = self.service.settings.shop_domains
+        if domains and not from_shop(platform, order, shop, domains):
+            return "other_shop", 403, "The event comes from another shop than SHOP_DOMAIN names."
+        return None
+
+    def store(self, platform, topic, event, deliveries):
+        """Store a checked event and answer from it from now on; deliveries mark it as seen (see WebhookStore.apply)."""
         service, counts = self.service, self.counts[platform]
         snapshot, overlay, store = service.snapshot, service.overlay, service.store
         if store is None or snapshot is None or overlay is None:
@@ -3954,7 +4375,7 @@ class Webhooks:
                 return self.told(platform, "older_than_export", 200, json.dumps(
                     {"stored": False, "reason": "the export being served is newer"}).encode())
         try:
-            job = store.apply(event, key, f"{platform}:{delivery}" if delivery else "")
+            job = store.apply(event, key, deliveries)
         except StoreError as e:
             counts["rejected"] += 1
             log.error("webhook %s %s not stored: %s", platform, topic, e)
@@ -3986,15 +4407,36 @@ class Webhooks:
                 for platform, counts in self.counts.items()}
 
 
-def signed(secrets_, body, signature):
-    """True when signature is base64(HMAC-SHA256(body)) under one of the secrets; compared in constant time."""
+def from_shop(platform, order, shop, domains):
+    """True when a delivery names one of the shop's domains, in its header and in the body's own links.
+
+    The header is not signed; the body's links are (Shopify's order_status_url, WooCommerce's
+    _links), so a body of another shop that shares the secret names that shop there.
+    """
+    header_host = (urlsplit(shop).hostname or "") if "//" in shop else shop.strip().lower()
+    if header_host not in domains:
+        return False
+    described = order.get("_links") if isinstance(order.get("_links"), dict) else {}
+    links = [order.get("order_status_url")] if platform == "shopify" else [
+        link.get("href") for links in described.values() if isinstance(links, list)
+        for link in links if isinstance(link, dict)]
+    hosts = {urlsplit(link).hostname for link in links if isinstance(link, str) and "//" in link}
+    return hosts <= domains
+
+
+def signature_of(secret, body):
+    """How Shopify and WooCommerce sign a webhook: base64 of the body's HMAC-SHA256 under the secret."""
     import base64
 
+    return base64.b64encode(hmac.new(secret.encode(), body, "sha256").digest())
+
+
+def signed(secrets_, body, signature):
+    """True when signature is signature_of(body) under one of the secrets; compared in constant time."""
     given = signature.strip().encode("latin-1", "replace")
     ok = False
     for secret in secrets_:  # every one, no early exit: the time taken does not tell which matched
-        expected = base64.b64encode(hmac.new(secret.encode(), body, "sha256").digest())
-        ok |= bool(given) and hmac.compare_digest(given, expected)
+        ok |= bool(given) and hmac.compare_digest(given, signature_of(secret, body))
     return ok
 
 
@@ -4228,11 +4670,6 @@ class Gate:
             raise bottle.HTTPError(429, retry_after=str(wait))
         self.throttle.failed(address)
 
-    def stopped(self, environ):
-        """429 for a client already throttled (before it may send a large body)."""
-        if wait := self.throttle.retry_after(environ.get("REMOTE_ADDR") or "-"):
-            raise bottle.HTTPError(429, retry_after=str(wait))
-
 
 def create_app(service, write_request=None):
     """The WSGI application: Bottle routes wrapped in the request log (see RequestLog for write_request).
@@ -4324,7 +4761,7 @@ def add_source_routes(app, service, gate):
             raise bottle.HTTPError(404)  # exactly as any unknown address, while UPLOAD_KEY is unset
         if environ["REQUEST_METHOD"] not in ("PUT", "POST"):
             raise bottle.HTTPError(405, Allow="PUT,POST")
-        gate.stopped(environ)
+        # The key first, as for lookups: the right one is never throttled, whoever else shares its address.
         if not key_ok(gate.upload_keys, environ.get("HTTP_X_UPLOAD_KEY")):  # the chat platform's key changes no data
             gate.failed(environ)
             log.warning("upload: %s bytes: refused, a wrong or missing x-upload-key", environ.get("CONTENT_LENGTH") or 0)
@@ -4981,10 +5418,13 @@ class LogHandler(logging.StreamHandler):
                 pass  # stderr closed: nothing to tell anyone
 
     def flush_every(self, interval):
-        """The queue's clock."""
+        """The queue's clock; it outlives any failure, or request lines would pile up unwritten."""
         while True:
             time.sleep(interval)
-            self.flush_now()
+            try:
+                self.flush_now()
+            except Exception:  # noqa: BLE001 - nowhere to report it but the stream that failed
+                self.pending.clear()
 
 
 def request_writer(insights=None):
@@ -5244,7 +5684,7 @@ def run_check(settings, args):
     print(f"config   {printable(settings.contexts)}: ok ({len(config.templates)} templates, {len(config.rules)} rules)")
     for line in check_summary(snapshot, surveyed):
         print(line)
-    for warning in check_warnings(snapshot, surveyed):
+    for warning in chain(check_warnings(snapshot, surveyed), unpinned_warnings(settings)):
         print(f"warning  {warning}")
     plan = snapshot.packer.plan
     if plan.found:
@@ -5259,7 +5699,7 @@ def run_check(settings, args):
 
 def check_summary(snapshot, surveyed):
     """`check`'s lines on what was read: file, columns, counts, number format, words, answers."""
-    yield f"export   {printable(snapshot.source)} ({snapshot.layout}, modified {iso_time(snapshot.file_mtime)})"
+    yield f"export   {printable(snapshot.source)} ({snapshot.layout}, modified {iso_time(snapshot.made)})"
     plan = snapshot.packer.plan
     header = plan.header
     others = {field_name: [header[i] for i in more] for field_name, _, more in plan.competing}
@@ -5432,13 +5872,11 @@ def run_probe(settings, args):
 
 def probe_webhook(base, platform, secret):
     """(problem or "", seconds) of one signed test event, of a topic that changes no order."""
-    import base64
-
     if not secret:
         raise SettingsError("give --secret with --webhook: the secret the shop shows for its webhooks.")
     body = json.dumps({"id": 0, "test": True}).encode()
-    signature = base64.b64encode(hmac.new(secret.encode(), body, "sha256").digest()).decode()
-    signature_header, topic_header, _ = (h[5:].replace("_", "-") for h in WEBHOOK_HEADERS[platform])
+    signature = signature_of(secret, body).decode()
+    signature_header, topic_header, *_ = (h[5:].replace("_", "-") for h in WEBHOOK_HEADERS[platform])
     request = urllib.request.Request(f"{base}/webhooks/{platform}", data=body, method="POST", headers={
         "Content-Type": JSON, signature_header: signature, topic_header: "probe/test"})
     started = time.perf_counter()
@@ -5517,6 +5955,8 @@ def run_serve(settings, args):
         log.info("kept on CPU %s (%s; ONE_CPU=no lets it move between CPUs)", cpu,
                  "as CPU= says" if settings.cpu is not None else "the one fewest other instances hold")
     check_keys(settings)
+    for warning in unpinned_warnings(settings):
+        log.warning("%s", warning)
     # systemd and docker stop with SIGTERM: leave through the same door as Ctrl-C, logs flushed,
     # and a load in progress unmarked (it did not kill the service), also during the first load.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -5526,7 +5966,7 @@ def run_serve(settings, args):
         # At start, so that a fresh export is what the first load reads.
         if not service.fetcher.fetch() and not any(is_export_name(p.name) for p in settings.data.iterdir()):
             raise SettingsError(f"the first fetch of ORDERS_URL ({shown_url(settings.orders_url)}) failed, and "
-                                f"{printable(settings.data)} holds no export yet: {service.fetcher.last_error.rstrip('.')}. "
+                                f"{printable(settings.data)} holds no export yet: {service.fetcher.job.last_error.rstrip('.')}. "
                                 "Check the link in a browser; the service serves once one fetch has succeeded.")
     service.start()
     if settings.api_keys:
@@ -5569,17 +6009,30 @@ def prepare_fetching(settings):
                     ", ".join(map(printable, others[:3])))
 
 
+MAKE_KEY = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def unpinned_warnings(settings):
+    """Webhook secrets set with no SHOP_DOMAIN: another shop whose events that secret signs would be believed."""
+    for platform in (settings.webhook_secrets or {}) if not settings.shop_domains else ():
+        yield (f"{WEBHOOK_SECRETS[platform]} is set but SHOP_DOMAIN is not: if that secret also signs another "
+               f"shop's {PLATFORM_NAMES[platform]} webhooks (a Shopify app's client secret is shared by every shop "
+               "that installs the app), that shop's events would change the answers here. Set SHOP_DOMAIN to this "
+               "shop's domain(s)")
+
+
 def check_keys(settings):
-    """Refuse to serve with a key that is short or a well-known placeholder, unless ALLOW_WEAK_KEY=yes."""
-    weak = list(weak_key_warnings(settings.api_keys))
-    if not weak:
-        return
-    make = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
-    if not settings.allow_weak_key:
-        raise SettingsError(f"{'; '.join(weak)}: anyone could guess it. Make a key with {make} and put it in "
-                            "API_KEY (ALLOW_WEAK_KEY=yes serves with it anyway, for trying out only).")
-    for warning in weak:
-        log.warning("WEAK KEY (allowed by ALLOW_WEAK_KEY): %s; make one with: %s", warning, make)
+    """Refuse to serve with a key or secret shared between roles, or short or a placeholder (unless ALLOW_WEAK_KEY)."""
+    if shared := list(shared_key_errors(settings)):
+        raise SettingsError(f"{'; '.join(shared)} (make one with {MAKE_KEY}).")
+    for role, variable, keys in key_roles(settings):
+        weak = list(weak_key_warnings(keys, role))
+        if weak and not settings.allow_weak_key:
+            raise SettingsError(f"{'; '.join(weak)}: anyone could guess it. Make one with {MAKE_KEY} and put it in "
+                                f"{variable}" + (" and in the shop's webhook settings" if "webhook" in role else "")
+                                + " (ALLOW_WEAK_KEY=yes serves with it anyway, for trying out only).")
+        for warning in weak:
+            log.warning("WEAK KEY (allowed by ALLOW_WEAK_KEY): %s; make one with: %s", warning, MAKE_KEY)
 
 
 def is_loopback(host):

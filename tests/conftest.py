@@ -201,9 +201,9 @@ class Client:
     def __init__(self, wsgi):
         self.wsgi = wsgi
 
-    def request(self, method, path, query="", headers=None):
+    def request(self, method, path, query="", headers=None, body=b""):
         environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
-                   "wsgi.input": io.BytesIO(b""), "REMOTE_ADDR": "127.0.0.1"}
+                   "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1"}
         setup_testing_defaults(environ)
         environ["wsgi.errors"] = io.StringIO()
         for name, value in (headers or {}).items():
@@ -387,3 +387,29 @@ http {{
     finally:
         nginx.terminate()
         nginx.wait(10)
+
+
+# Caddy in front of the service, from a shipped Caddyfile (tests/test_deploy.py) ###############################
+
+CADDY = shutil.which("caddy")
+
+
+@contextlib.contextmanager
+def running_caddy(folder, caddyfile, port):
+    """caddy run on caddyfile (a shipped one, its paths swapped), admin API off, until the block ends.
+
+    Its data and config folders stay in folder; port is the one to wait for before yielding.
+    """
+    folder = Path(folder)
+    path = write(folder / "Caddyfile", "{\n\tadmin off\n\tauto_https disable_redirects\n}\n" + caddyfile)
+    env = {**os.environ, "XDG_DATA_HOME": str(folder / "caddy-data"), "XDG_CONFIG_HOME": str(folder / "caddy-config"),
+           "HOME": str(folder)}
+    caddy = subprocess.Popen([CADDY, "run", "--config", str(path), "--adapter", "caddyfile"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: port_open(port) or caddy.poll() is not None, what="caddy to listen")
+        assert caddy.poll() is None, caddy.stdout.read()
+        yield caddy
+    finally:
+        caddy.terminate()
+        caddy.wait(10)

@@ -3,6 +3,7 @@ failures that keep the data being served, and a token that never reaches a log.
 """
 
 import hashlib
+import http.client
 import http.server
 import json
 import os
@@ -28,6 +29,7 @@ class Origin:
 
     def __init__(self, folder, tls_context=None):
         self.folder, self.mode, self.requests = folder, "files", []
+        self.inner = 0  # the port of a service on this machine that a redirect must not reach
         origin = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -84,6 +86,21 @@ class Origin:
                         self.wfile.flush()
                         time.sleep(0.05)
                     self.close_connection = True
+                elif mode in ("bad-length", "bad-location", "to-loopback", "to-metadata"):
+                    # Answers a review found killed the fetcher: a length that is no number, a Location
+                    # urllib cannot parse; and redirects into this machine or a cloud's metadata service.
+                    self.send_response(200 if mode == "bad-length" else 302)
+                    self.send_header("Content-Length", "abc" if mode == "bad-length" else "0")
+                    if mode != "bad-length":
+                        self.send_header("Location", {"bad-location": "http://[::1",
+                                                      "to-loopback": f"http://localhost:{origin.inner}/healthz",
+                                                      "to-metadata": "http://169.254.169.254/latest/meta-data/"}[mode])
+                    self.end_headers()
+                    if mode == "bad-length":
+                        self.wfile.write(b"Name,Email\n")
+                    self.close_connection = True
+                elif mode == "auth" and self.headers.get("Authorization") != "Basic am86czNjcjN0LVB3":
+                    self.send_error(401)  # HTTP Basic, as a shop's protected export URL asks
                 elif mode.startswith("redirect"):
                     hops = int(mode[8:] or 1)
                     self.send_response(302)
@@ -178,13 +195,14 @@ def test_failed_fetches_are_tried_again_sooner_then_every_fetch_seconds(tmp_path
             return len(waits) > 8  # stop after eight rounds
 
     def failing():
-        fetcher.failures += 1
+        fetcher.job.failed("the server answered 500")
         return False
 
     fetcher.stopping, fetcher.fetch = Clock(), failing
     fetcher.run()
     assert waits == [900, 30, 60, 120, 300, 600, 600, 600, 600]  # at start: fetched already; then backing off
-    fetcher.failures, waits[:] = 0, []
+    fetcher.job.succeeded()
+    waits[:] = []
     fetcher.fetch = lambda: True
     fetcher.run()
     assert set(waits) == {900}  # once it works again: every FETCH_SECONDS
@@ -220,7 +238,7 @@ def test_a_failed_fetch_keeps_the_data_and_shows_on_healthz(tmp_path, contexts_f
     assert says in status["fetch"]["last_error"] and status["fetch"]["failures_in_a_row"] == 1
     assert TOKEN not in json.dumps(status) and "/orders.csv" not in json.dumps(status)
     assert service.health()[0]  # healthy still: a failure turns health 503 only after max_age_hours
-    service.fetcher.failing_since -= 27 * 3600
+    service.fetcher.job.failing_since -= 27 * 3600
     healthy, reasons, _ = service.health()
     assert not healthy and any("fetching the export has failed for more than 26 hours" in r for r in reasons)
 
@@ -229,7 +247,7 @@ def test_an_oversized_body_is_stopped_and_removed(tmp_path, contexts_file, origi
     write(origin.folder / "orders.csv", orders_csv(2000))
     service = fetching(tmp_path, contexts_file, origin.url, MAX_EXPORT_MB="0.01")
     assert not service.fetcher.fetch()
-    assert "larger than MAX_EXPORT_MB" in service.fetcher.last_error
+    assert "larger than MAX_EXPORT_MB" in service.fetcher.job.last_error
     assert list((tmp_path / "data").iterdir()) == []
 
 
@@ -238,7 +256,7 @@ def test_redirects_are_followed_up_to_five(tmp_path, contexts_file, origin):
     origin.mode = "redirect3"
     assert service.fetcher.fetch() and (tmp_path / "data" / "fetched.csv").exists()
     origin.mode = "redirect7"
-    assert not service.fetcher.fetch() and "redirected more than 5 times" in service.fetcher.last_error
+    assert not service.fetcher.fetch() and "redirected more than 5 times" in service.fetcher.job.last_error
 
 
 @pytest.mark.parametrize("url, says", [
@@ -306,7 +324,7 @@ def test_over_tls_the_certificate_is_checked(tmp_path, contexts_file, certificat
     try:
         service = fetching(tmp_path, contexts_file, secure.url)
         assert not service.fetcher.fetch()  # a certificate no one vouches for
-        assert "CERTIFICATE_VERIFY_FAILED" in service.fetcher.last_error
+        assert "CERTIFICATE_VERIFY_FAILED" in service.fetcher.job.last_error
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the machine trusts it: as a real one would be
         assert service.fetcher.fetch()
         service.start()
@@ -331,3 +349,78 @@ def test_a_web_page_saved_as_csv_is_refused_with_a_clear_reason(tmp_path, contex
     page = write(tmp_path / "orders.csv", "\ufeff<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n")
     with pytest.raises(app.ExportError, match="is a web page \\(HTML\\), not an export"):
         app.build_snapshot(app.load_config(contexts_file), page)
+
+
+@pytest.mark.parametrize("mode", ["bad-length", "bad-location"])
+def test_a_malformed_answer_is_a_counted_failure_and_the_fetcher_lives_on(tmp_path, contexts_file, origin, mode):
+    service = fetching(tmp_path, contexts_file, origin.url, FETCH_SECONDS="1")
+    assert service.fetcher.fetch()
+    service.start()
+    origin.mode = mode
+    service.fetcher.start()
+    try:
+        wait_for(lambda: service.fetcher.job.failures >= 1, what="the malformed answer to count as a failure")
+        status = service.status()["fetch"]
+        assert "cannot be read" in status["last_error"] or "not a number" in status["last_error"]
+        assert service.fetcher.thread.is_alive()  # it tries again after its backoff
+        origin.mode = "files"
+        write(origin.folder / "orders.csv", orders_csv(31))
+        service.fetcher.job.failures = 0  # skip the 30 s backoff: the next round comes at FETCH_SECONDS
+        wait_for(lambda: service.fetcher.outcomes["fetched"] == 2, timeout=15, what="the next fetch to work")
+    finally:
+        service.fetcher.stop()
+    assert service.health()[0]  # healthy: a failure degrades only once the data would go stale
+
+
+def test_a_malformed_first_answer_does_not_stop_a_start_with_an_export_in_the_folder(tmp_path, contexts_file, origin):
+    origin.mode = "bad-length"
+    write(tmp_path / "data" / "orders.csv", orders_csv(12))
+    env = {**os.environ, "API_KEY": KEY, "PORT": str(free_port()), "ORDERS_FILE": str(tmp_path / "data"),
+           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(tmp_path / "state"), "ORDERS_URL": origin.url}
+    with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
+        served.wait_for("INFO serving ")
+        assert "the export already in the data folder will be served" in served.output
+        assert "Traceback" not in served.output and TOKEN not in served.output
+
+
+@pytest.mark.parametrize("mode", ["to-loopback", "to-metadata"])
+def test_a_redirect_into_this_machine_or_a_private_network_is_refused(tmp_path, contexts_file, origin, mode):
+    # ORDERS_URL's own host may be this machine (here it is 127.0.0.1); a hop to another name is checked.
+    inner = Origin(tmp_path / "origin")  # stands for the service's own /healthz, or any local admin page
+    origin.inner = inner.server.server_address[1]
+    try:
+        service = fetching(tmp_path, contexts_file, origin.url)
+        origin.mode = mode
+        assert not service.fetcher.fetch()
+        assert "an address on this machine or a private network; refused" in service.fetcher.job.last_error
+        assert not inner.requests and not (tmp_path / "data" / "fetched.csv").exists()
+    finally:
+        inner.close()
+
+
+def test_a_name_that_resolves_to_this_machine_at_connect_time_is_refused(origin):
+    # DNS rebinding: checked on the address really connected to, not only when the redirect is read.
+    port = origin.server.server_address[1]
+    connection = app.guarded(http.client.HTTPConnection, "export.example.com")("127.0.0.1", port, timeout=5)
+    with pytest.raises(app.FetchError, match="private network; refused"):
+        connection.connect()
+    assert app.guarded(http.client.HTTPConnection, "127.0.0.1")("127.0.0.1", port, timeout=5).connect() is None
+
+
+def test_the_configured_host_may_be_this_machine(tmp_path, contexts_file, origin):
+    service = fetching(tmp_path, contexts_file, origin.url)  # http://127.0.0.1:...: the export on this machine
+    origin.mode = "redirect2"  # hops that stay on it
+    assert service.fetcher.fetch() and (tmp_path / "data" / "fetched.csv").exists()
+
+
+def test_credentials_go_in_orders_url_auth_and_only_to_its_host(tmp_path, contexts_file, origin):
+    with pytest.raises(app.SettingsError, match="ORDERS_URL_AUTH=user:password") as refused:
+        app.settings_from({}, env={"ORDERS_URL": "https://jo:s3cr3t-Pw@shop.example.com/orders.csv"})
+    assert "s3cr3t" not in str(refused.value) and "jo:" not in str(refused.value)
+    origin.mode = "auth"
+    service = fetching(tmp_path, contexts_file, origin.url, ORDERS_URL_AUTH="jo:s3cr3t-Pw")
+    assert service.fetcher.fetch() and (tmp_path / "data" / "fetched.csv").exists()
+    assert "s3cr3t" not in json.dumps(service.status()) and "am86czNjcjN0LVB3" not in json.dumps(service.status())
+    (tmp_path / "other").mkdir()
+    unauthorised = fetching(tmp_path / "other", contexts_file, origin.url)
+    assert not unauthorised.fetcher.fetch() and "401" in unauthorised.fetcher.job.last_error

@@ -2,6 +2,8 @@
 
 import contextlib
 import json
+import os
+import re
 import socket
 import threading
 import time
@@ -11,7 +13,7 @@ import urllib.request
 import pytest
 
 import app
-from conftest import KEY, Client, make_settings, serving, write
+from conftest import KEY, Client, free_port, make_settings, serving, write
 
 WRONG = "wrong-key-0123456789abcdef"
 
@@ -385,3 +387,40 @@ def test_a_tracking_link_must_be_a_plain_short_link(tmp_path, contexts_file, cel
 def test_the_status_page_lets_its_own_form_say_where_it_comes_from(client):
     # With no-referrer, a browser sends "Origin: null" with the page's own POST.
     assert client.get("/", key=None).headers["Referrer-Policy"] == "same-origin"
+
+
+STRONG = "kT3vQ9-xLp2_Rw8sYz4nB6"
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"UPLOAD_KEY": "x"}, "upload key 1 of 1 is shorter than 16 characters"),
+    ({"SHOPIFY_WEBHOOK_SECRET": "a"}, "Shopify webhook secret 1 of 1 is shorter than 16 characters"),
+    ({"WOOCOMMERCE_WEBHOOK_SECRET": "changeme-changeme-1"}, "WooCommerce webhook secret 1 of 1 is a well-known"),
+    ({"UPLOAD_KEY": STRONG}, "API_KEY and UPLOAD_KEY share a key: the API key would also work as the upload key"),
+    ({"SHOPIFY_WEBHOOK_SECRET": f"other-Hq4Lz8Wm2Xv6Tp9,{STRONG}"}, "API_KEY and SHOPIFY_WEBHOOK_SECRET share a key"),
+])
+def test_every_key_and_secret_is_checked_and_none_may_serve_two_roles(env, says):
+    settings = app.settings_from({}, env={"API_KEY": STRONG, **env})
+    with pytest.raises(app.SettingsError, match=re.escape(says)) as refused:
+        app.check_keys(settings)
+    assert not any(value in str(refused.value) for value in env.values() if len(value) > 3)
+
+
+def test_a_shared_key_is_refused_even_where_weak_keys_are_allowed():
+    settings = app.settings_from({}, env={"API_KEY": STRONG, "UPLOAD_KEY": STRONG, "ALLOW_WEAK_KEY": "yes"})
+    with pytest.raises(app.SettingsError, match="share a key"):
+        app.check_keys(settings)
+    app.check_keys(app.settings_from({}, env={"API_KEY": STRONG, "UPLOAD_KEY": "x", "ALLOW_WEAK_KEY": "yes"}))
+
+
+def test_a_forged_event_signed_with_a_weak_secret_never_gets_served(tmp_path, export, contexts_file):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "API_KEY": STRONG, "SHOPIFY_WEBHOOK_SECRET": "a", "PORT": str(free_port()),
+           "ORDERS_FILE": str(export), "CONTEXTS_FILE": str(contexts_file)}
+    refused = subprocess.run([sys.executable, str(app.HERE / "app.py")], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "error: Shopify webhook secret 1 of 1 is shorter than 16 characters" in refused.stderr
+    assert "SHOPIFY_WEBHOOK_SECRET and in the shop's webhook settings" in refused.stderr

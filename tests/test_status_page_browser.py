@@ -86,7 +86,7 @@ class Service:
         self.env = {**os.environ, "API_KEY": KEY, "PORT": str(self.port), "ORDERS_FILE": str(folder / "data"),
                     "CONTEXTS_FILE": str(self.contexts), "STATE_DIR": str(folder / "state"),
                     "SETTLE_SECONDS": "0.1", "POLL_SECONDS": "0.5",
-                    "SHOPIFY_WEBHOOK_SECRET": "browser-test-webhook-secret-0123456789"}
+                    "SHOPIFY_WEBHOOK_SECRET": "browser-test-webhook-Hq4Lz8Wm2Xv6Tp9Rk3"}
 
     def __enter__(self):
         self.served = Served([sys.executable, str(ROOT / "app.py")], self.env, self.folder).__enter__()

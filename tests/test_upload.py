@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -160,3 +161,98 @@ def test_without_an_upload_key_the_address_does_not_exist(export, contexts_file)
     for method in ("PUT", "POST", "GET"):
         r = client.request(method, "/export", headers={"x-upload-key": "anything"})
         assert r.status == 404 and r.body == client.request("GET", "/nothing-here").body
+
+
+@pytest.fixture
+def uploads(tmp_path, contexts_file):
+    """(service, client, the export dropped 5 hours ago) with an upload key and a Shopify webhook secret."""
+    from test_webhooks import SHOPIFY_SECRET
+
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(40))
+    os.utime(export, (time.time() - 5 * 3600,) * 2)
+    service = started(make_settings(export.parent, contexts_file, UPLOAD_KEY=UPLOAD_KEY, STATE_DIR=str(tmp_path / "state"),
+                                    SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET))
+    yield service, Client(app.create_app(service)), export
+    service.stopped()
+
+
+def put(client, body, **headers):
+    """(status, JSON answer) of an upload through the in-process client."""
+    r = client.request("PUT", "/export", headers={"x-upload-key": UPLOAD_KEY, **headers}, body=body)
+    return r.status, (json.loads(r.body) if r.body else None)
+
+
+def shipped_three_hours_ago(client):
+    """A signed Shopify event, 3 hours old: order #7 shipped with tracking, after the export was made."""
+    from test_webhooks import deliver, now_iso, shopify_order
+
+    order = dict(shopify_order(7, email="customer7@example.com", shipped=True, updated=now_iso(-3 * 3600)),
+                 name="#7", order_number=7)
+    assert deliver(client, order)[1]["outcome"] == "applied"
+    assert "has shipped" in client.lookup("#7", "customer7@example.com").context
+
+
+def test_an_identical_upload_changes_nothing(uploads):
+    service, client, export = uploads
+    shipped_three_hours_ago(client)
+    served, mtime = service.snapshot, export.stat().st_mtime_ns
+    status, answer = put(client, export.read_bytes())
+    assert status == 200 and answer["unchanged"] is True and answer["orders"] == 40
+    assert service.snapshot is served and export.stat().st_mtime_ns == mtime
+    assert not list(export.parent.glob("uploaded.*"))
+    assert "has shipped" in client.lookup("#7", "customer7@example.com").context
+
+
+@pytest.mark.parametrize("last_modified, kept", [
+    (None, True),  # dated by the newest day its orders name: older than the event
+    (5 * 3600, True),  # the sender says it was made 5 hours ago
+    (0, False),  # made now: the event is in it, or was undone since
+])
+def test_an_older_export_sent_again_keeps_the_newer_events(uploads, last_modified, kept):
+    from email.utils import formatdate
+
+    service, client, export = uploads
+    shipped_three_hours_ago(client)
+    again = export.read_bytes().replace(b"\n", b"\r\n")  # the same export, saved again: not byte for byte
+    headers = {} if last_modified is None else {"Last-Modified": formatdate(time.time() - last_modified, usegmt=True)}
+    status, answer = put(client, again, **headers)
+    assert status == 200 and answer["accepted"] and not answer.get("unchanged")
+    context = client.lookup("#7", "customer7@example.com").context
+    assert ("has shipped" in context) is kept
+    assert service.snapshot.data_time <= time.time() - (3 * 3600 if kept else 0) + 5
+    assert not service.health()[0] if last_modified is None else service.health()[0]  # orders of 2026-11-27: stale
+
+
+def test_an_upload_is_dated_the_same_after_a_restart(uploads, contexts_file):
+    service, client, export = uploads
+    again = export.read_bytes().replace(b"\n", b"\r\n")
+    assert put(client, again)[0] == 200
+    made = service.snapshot.made
+    restarted = started(service.settings)
+    assert restarted.snapshot.source.name == "uploaded.csv" and restarted.snapshot.made == made
+
+
+def test_the_right_upload_key_is_never_throttled(uploads):
+    service, client, export = uploads
+    statuses = [put(client, b"Name,Email\n", **{"x-upload-key": "upl-wrong-key-000000000000"})[0] for _ in range(12)]
+    assert statuses[:10] == [401] * 10 and statuses[10:] == [429, 429]
+    assert put(client, orders_csv(41).encode())[0] == 200  # the same address, the right key
+
+
+@pytest.mark.parametrize("way", ["upload", "folder"])
+def test_a_slow_ratchet_down_is_refused_like_a_single_cut(uploads, way):
+    service, client, export = uploads
+    sizes = [34, 29, 25, 21, 18]  # each 15% smaller than the one before: none is cut in half
+    outcomes = []
+    for count in sizes:
+        body = orders_csv(count)
+        if way == "upload":
+            outcomes.append(put(client, body.encode())[0])
+        else:
+            time.sleep(0.01)
+            write(export, body)
+            outcomes.append(200 if service.reload() else 422)
+    assert outcomes == [200, 200, 200, 200, 422]  # 18 is under half of the 40 a few exports ago
+    assert service.snapshot.orders == 21
+    if way == "folder":
+        assert "fewer than 50% of the 40 in the largest of the last 5 exports accepted" in service.refused["reason"]

@@ -108,7 +108,7 @@ class Shop:
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "API_KEY": KEY, "PORT": str(self.port), "ORDERS_FILE": str(self.data),
                     "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(self.state), "SETTLE_SECONDS": "0.1",
-                    "SHOPIFY_WEBHOOK_SECRET": f"old-secret-for-rotation,{SHOPIFY_SECRET}",
+                    "SHOPIFY_WEBHOOK_SECRET": f"old-Wq3xR8vN2mK7pL4tZ9sB,{SHOPIFY_SECRET}",
                     "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET}
 
     def __enter__(self):
@@ -509,3 +509,122 @@ def test_the_status_page_and_lookup_command_show_the_events(shop, capsys):
         del os.environ["STATE_DIR"]
     assert capsys.readouterr().out.startswith("200 OK\n{\"context\": \"Order #5010 was found and has shipped")
     assert (shop.state / "webhooks.sqlite3").stat().st_mtime_ns == stored
+
+
+# What the signature does not cover: the topic, the delivery id, the shop it says it comes from ##################
+
+def deliver(client, order, topic="orders/updated", delivery=None, shop_domain=None, body=None):
+    """(status, JSON answer) of one signed Shopify delivery through the in-process client."""
+    body = body or json.dumps(order).encode()
+    headers = {"x-shopify-topic": topic, "x-shopify-hmac-sha256": sign(SHOPIFY_SECRET, body)}
+    if delivery is not None:
+        headers["x-shopify-webhook-id"] = delivery
+    if shop_domain is not None:
+        headers["x-shopify-shop-domain"] = shop_domain
+    r = raw_post(client, "/webhooks/shopify", body, headers)
+    return r.status, (json.loads(r.body) if r.body else None)
+
+
+@pytest.mark.parametrize("topic, body", [
+    ("orders/delete", None),  # a captured order body, sent again as a deletion
+    ("orders/updated", {"id": 7000006301}),  # a captured deletion, sent again as an order
+])
+def test_a_signed_body_sent_again_under_another_topic_is_refused(in_process, topic, body):
+    service, client = in_process
+    order = shopify_order(6301, updated=now_iso(-60))
+    assert deliver(client, order, delivery="d-1")[1]["outcome"] == "applied"
+    status, answer = deliver(client, body or order, topic=topic, delivery="d-2")
+    assert status == 400 and ("deletion" in answer["context"])
+    assert client.lookup("6301", "new@example.com").status == 200  # still found
+    assert deliver(client, order, delivery="d-1")[1]["outcome"] == "replayed"  # the shop's own retry changes nothing
+
+
+def test_a_deletion_is_undone_only_by_a_later_signed_change(in_process):
+    service, client = in_process
+    order = shopify_order(6302, order_id=7000006302, updated=now_iso(-60))
+    deliver(client, order)
+    assert deliver(client, {"id": 7000006302}, topic="orders/delete")[1]["outcome"] == "applied"
+    assert client.lookup("6302", "new@example.com").status == 404
+    # The same change again, under a new delivery id and another topic: not newer than the deletion.
+    assert deliver(client, order, topic="orders/paid", delivery="late-retry")[1]["outcome"] in ("replayed", "stale")
+    assert client.lookup("6302", "new@example.com").status == 404
+    later = dict(order, updated_at=now_iso(), financial_status="refunded")  # a real later change: the order is back
+    assert deliver(client, later)[1]["outcome"] == "applied"
+    assert client.lookup("6302", "new@example.com").status == 200
+
+
+def test_an_export_made_after_a_deletion_that_still_holds_the_order_wins(tmp_path):
+    contexts = write(tmp_path / "contexts.toml", (ROOT / "contexts.toml").read_text().replace(
+        "export_lag_hours = 1", "export_lag_hours = 0"))
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(5))
+    os.utime(export, (time.time() - 600,) * 2)
+    service = started(make_settings(export.parent, contexts, WOOCOMMERCE_WEBHOOK_SECRET=WOO_SECRET,
+                                    STATE_DIR=str(tmp_path / "state")))
+    client = Client(app.create_app(service))
+    order = woo_order(3, "customer3@example.com", "completed", modified=now_iso(-60))
+    for topic, body in (("order.updated", order), ("order.deleted", {"id": 3})):
+        data = json.dumps(body).encode()
+        r = raw_post(client, "/webhooks/woocommerce", data, {"x-wc-webhook-topic": topic,
+                                                             "x-wc-webhook-signature": sign(WOO_SECRET, data)})
+        assert json.loads(r.body)["outcome"] == "applied"
+    assert client.lookup("3", "customer3@example.com").status == 404
+    time.sleep(1.1)
+    write(export, orders_csv(5))  # made after the deletion, and order 3 is still in it (restored from the trash)
+    assert service.reload()
+    assert client.lookup("3", "customer3@example.com").status == 200
+    service.stopped()
+
+
+def test_a_body_sent_again_with_fresh_delivery_ids_is_stored_once_and_long_ids_are_refused(in_process):
+    service, client = in_process
+    order = shopify_order(6303)
+    outcomes = [deliver(client, order, delivery=f"{n:04d}-" + "x" * 150)[1]["outcome"] for n in range(20)]
+    assert outcomes == ["applied"] + ["replayed"] * 19
+    status, answer = deliver(client, order, delivery="y" * 8000)
+    assert status == 400 and "longer than 200" in answer["context"]
+    with sqlite3.connect(service.settings.state / "webhooks.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 2  # its body's hash, its first id
+
+
+def test_the_remembered_deliveries_are_bounded_and_the_file_shrinks_back(tmp_path, monkeypatch):
+    store = app.WebhookStore(tmp_path / "webhooks.sqlite3")
+    monkeypatch.setattr(app, "MAX_DELIVERIES", 100)
+    event = app.shopify_event(shopify_order(6304), "orders/updated")
+    jobs = [store.apply(event, ("6304", "new@example.com"), [f"shopify:{n:06d}-{'z' * 190}"]) for n in range(4000)]
+    assert {job.outcome for job in jobs} == {"applied"}  # the same order, as new each time: one row
+    path = tmp_path / "webhooks.sqlite3"
+    grown = path.stat().st_size + (tmp_path / "webhooks.sqlite3-wal").stat().st_size
+    store.upkeep()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 100
+    assert path.stat().st_size + (tmp_path / "webhooks.sqlite3-wal").stat().st_size < grown / 4
+    store.close()
+
+
+@pytest.mark.parametrize("header, link, status", [
+    ("shop.myshopify.com", "https://shop.myshopify.com/1/orders/abc/authenticate?key=k", 200),
+    ("other.myshopify.com", "https://other.myshopify.com/1/orders/abc/authenticate?key=k", 403),
+    ("shop.myshopify.com", "https://other.myshopify.com/1/orders/abc/authenticate?key=k", 403),  # header forged
+    (None, None, 403),
+])
+def test_a_pinned_shop_refuses_events_of_another_shop_that_shares_its_secret(tmp_path, contexts_file, header, link,
+                                                                            status):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
+    service = started(make_settings(export.parent, contexts_file, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
+                                    STATE_DIR=str(tmp_path / "state"), SHOP_DOMAIN="shop.myshopify.com"))
+    order = dict(shopify_order(6305), order_status_url=link)
+    got, answer = deliver(Client(app.create_app(service)), order, shop_domain=header)
+    assert got == status and (status == 200 or "another shop" in answer["context"])
+    service.stopped()
+
+
+def test_check_warns_when_a_webhook_secret_is_set_and_no_shop_is_pinned(tmp_path, contexts_file, capsys, monkeypatch):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
+    monkeypatch.setenv("SHOPIFY_WEBHOOK_SECRET", SHOPIFY_SECRET)
+    monkeypatch.delenv("SHOP_DOMAIN", raising=False)
+    assert app.main(["check", "--data", str(export), "--contexts", str(contexts_file)]) == 0
+    out = capsys.readouterr().out
+    assert "warning  SHOPIFY_WEBHOOK_SECRET is set but SHOP_DOMAIN is not" in out and SHOPIFY_SECRET not in out
+    monkeypatch.setenv("SHOP_DOMAIN", "shop.myshopify.com")
+    app.main(["check", "--data", str(export), "--contexts", str(contexts_file)])
+    assert "SHOP_DOMAIN is not" not in capsys.readouterr().out
