@@ -42,7 +42,7 @@ from collections import Counter, OrderedDict, deque
 from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
 from itertools import accumulate, chain, groupby, islice, starmap, zip_longest
 from json.encoder import encode_basestring
@@ -465,8 +465,12 @@ class Config:
     sheet: str
     timezone: object  # a zoneinfo.ZoneInfo: the merchant's, for the times answers show
     layouts: tuple = ()  # Layouts, contexts.toml's first, then the shipped ones
-    headers: dict = None  # field -> headers in other languages (vocabulary.toml), looked for after [columns]'
+    headers: dict = None  # field -> exact headers of [vocabulary.headers], looked for after [columns]'
     meanings: dict = None  # status word in another language -> the word rules use (vocabulary.toml)
+    words: object = None  # HeaderWords: how headers say each field (vocabulary.toml [words], [fields])
+    dates: dict = None  # language -> (format, months) of the dates answers write (vocabulary.toml [dates])
+    language: str = "en"  # [settings] language: the language of the templates, for their dates
+    retired: tuple = ()  # (field, headers) of [columns] lines that are an earlier release's list, not the merchant's
 
     @property
     def fields_used(self):
@@ -487,10 +491,15 @@ def status_word(value):
 
 
 def unaccented(text):
-    """Text without accents ('Numéro' -> 'Numero'); ASCII text is returned at once."""
+    """Text without accents ('Numéro' -> 'Numero', 'wysłane' -> 'wyslane'); ASCII text is returned at once."""
     if text.isascii():
         return text
-    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return "".join(c for c in unicodedata.normalize("NFKD", text.translate(FOLDS)) if not unicodedata.combining(c))
+
+
+# Letters that carry no combining accent, so NFKD keeps them: folded by hand. "°" is the "o" of "N°".
+FOLDS = str.maketrans({"ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE",
+                       "ß": "ss", "đ": "d", "Đ": "D", "ı": "i", "°": "o"})
 
 
 def snake_case(header):
@@ -508,15 +517,16 @@ def header_key(header):
 
 
 LAYOUTS_FILE = HERE / "layouts.toml"  # the export layouts shipped with the service; contexts.toml adds its own
-VOCABULARY_FILE = HERE / "vocabulary.toml"  # headers and status words in other languages; contexts.toml adds its own
+VOCABULARY_FILE = HERE / "vocabulary.toml"  # header and status words of every language; contexts.toml adds its own
+HISTORY_FILE = HERE / "history.toml"  # what earlier releases shipped in contexts.toml, word for word
 
 
 def load_config(path):
-    """Read and check contexts.toml (and the shipped layouts.toml); raise ConfigError naming file, key and fix."""
+    """Read and check contexts.toml (and the shipped data files); raise ConfigError naming file, key and fix."""
     path = Path(path)
-    shipped = read_toml(LAYOUTS_FILE) if LAYOUTS_FILE.exists() else {}
-    words = read_toml(VOCABULARY_FILE) if VOCABULARY_FILE.exists() else {}
-    return parse_config(path, read_toml(path), shipped, words)
+    shipped = {name: read_toml(file) if file.exists() else {}
+               for name, file in (("layouts", LAYOUTS_FILE), ("vocabulary", VOCABULARY_FILE), ("history", HISTORY_FILE))}
+    return parse_config(path, read_toml(path), shipped["layouts"], shipped["vocabulary"], shipped["history"])
 
 
 def read_toml(path):
@@ -540,8 +550,8 @@ def read_toml(path):
                           "tables, texts and lists of texts; copy the shipped one and edit that.") from None
 
 
-def parse_config(path, doc, shipped=None, words=None):
-    """Turn a parsed contexts.toml (and the shipped layouts.toml and vocabulary.toml) into a Config, checking every key."""
+def parse_config(path, doc, shipped=None, words=None, history=None):
+    """Turn a parsed contexts.toml (and the shipped layouts, vocabulary and history) into a Config, checking every key."""
     shipped = shipped or {}
     for key in doc:
         if key not in SECTIONS:
@@ -550,7 +560,8 @@ def parse_config(path, doc, shipped=None, words=None):
         if key not in ("layouts",):
             config_error(LAYOUTS_FILE, f"[{key}]", "is not a section this file holds.", "It holds [layouts.*].")
     settings = parse_settings(path, doc.get("settings", {}))
-    columns = parse_columns(path, doc.get("columns", {}))
+    vocabulary = parse_vocabulary(path, doc.get("vocabulary", {}), words or {})
+    columns, retired = retired_columns(parse_columns(path, doc.get("columns", {})), (history or {}).get("columns", {}))
     # A layout in contexts.toml changes the shipped one of its name, key by key (its columns
     # field by field); the merchant's are tried first.
     own = table(path, "layouts", doc.get("layouts", {}))
@@ -574,29 +585,92 @@ def parse_config(path, doc, shipped=None, words=None):
         sheet=settings["sheet"],
         timezone=parse_timezone(path, settings["timezone"]),
         layouts=tuple(sorted(layouts.values(), key=lambda layout: layout.key not in own)),
-        **parse_vocabulary(path, doc.get("vocabulary", {}), words or {}),
+        language=language(path, settings["language"], vocabulary["dates"]), retired=retired, **vocabulary,
     )
 
 
-def parse_vocabulary(path, own, shipped):
-    """[vocabulary] of contexts.toml over the shipped vocabulary.toml: {"headers": ..., "meanings": ...}.
+def language(path, name, dates):
+    """[settings] language: one that vocabulary.toml [dates] (or contexts.toml's) knows how to write dates in."""
+    if dates and name not in dates:
+        config_error(path, "[settings] language", f"{name!r} is not a language whose dates the service can write.",
+                     f"Use one of {', '.join(sorted(dates))}, or add [vocabulary.dates.{name}].")
+    return name
 
-    headers: field -> headers (contexts.toml's first); meanings: status word -> the word rules
-    use (contexts.toml's win). A file's own [columns] and rule words always come first.
+
+VOCABULARY_SECTIONS = ("headers", "words", "fields", "statuses", "dates")
+
+
+def parse_vocabulary(path, own, shipped):
+    """[vocabulary] of contexts.toml over the shipped vocabulary.toml: headers, header words, meanings, dates.
+
+    headers: field -> exact headers (contexts.toml's only, looked for like [columns]);
+    words: a HeaderWords (contexts.toml's words added to the shipped groups, its ways of
+    saying a field tried first); meanings: status word -> the word rules use (contexts.toml's
+    win); dates: language -> (format, months). A file's own [columns] and rule words always
+    come first.
     """
-    headers, meanings = {}, {}
-    for source, doc in ((path, table(path, "vocabulary", own)), (VOCABULARY_FILE, shipped)):
+    sources = ((path, table(path, "vocabulary", own), "vocabulary."), (VOCABULARY_FILE, shipped, ""))
+    for source, doc, prefix in sources:
         for key in doc:
-            if key not in ("headers", "statuses"):
-                config_error(source, f"[vocabulary] {key}" if source == path else f"[{key}]", "is not a known section.",
-                             "It holds headers and statuses.")
-        prefix = "vocabulary." if source == path else ""
+            if key not in VOCABULARY_SECTIONS:
+                config_error(source, f"[{prefix}{key}]", "is not a known section.",
+                             f"It holds {', '.join(VOCABULARY_SECTIONS)}.")
+    headers, meanings, groups, sayings, never, dates = {}, {}, {}, {}, {}, {}
+    for source, doc, prefix in reversed(sources):  # the shipped words first, the merchant's added
+        for group, words in table(source, f"{prefix}words", doc.get("words", {})).items():
+            said = texts(source, f"[{prefix}words] {group}", words, '["tracking", "suivi"]')
+            groups[group] = groups.get(group, frozenset()) | frozenset(map(folded_phrase, said))
+    for source, doc, prefix in sources:  # the merchant's ways of saying a field tried first
+        for field_name, spec in table(source, f"{prefix}fields", doc.get("fields", {})).items():
+            where = f"[{prefix}fields.{field_name}]"
+            spec = expect(source, where, spec, dict, '{ says = ["tracking + number"], never = ["url"] }')
+            sayings[field_name] = (*sayings.get(field_name, ()),
+                                   *(parse_saying(source, where, text, groups)
+                                     for text in texts(source, f"{where} says", spec.get("says", []), '["order + number"]')))
+            never[field_name] = never.get(field_name, frozenset()) | frozenset(
+                word for text in texts(source, f"{where} never", spec.get("never", []), '["invoice"]')
+                for word in groups.get(text, {folded_phrase(text)}))
         for field_name, names in parse_columns(source, doc.get("headers", {}), f"{prefix}headers").items():
             headers[field_name] = (*headers.get(field_name, ()), *names)
         for meaning, said in table(source, f"{prefix}statuses", doc.get("statuses", {})).items():
             for word in texts(source, f"[{prefix}statuses] {meaning}", said, '["versendet", "expediee"]'):
                 meanings.setdefault(status_word(word), status_word(meaning))
-    return {"headers": headers, "meanings": meanings}
+        for language, style in table(source, f"{prefix}dates", doc.get("dates", {})).items():
+            dates.setdefault(language, parse_date_style(source, f"[{prefix}dates.{language}]", style))
+    return {"headers": headers, "meanings": meanings, "words": HeaderWords(groups, sayings, never), "dates": dates}
+
+
+def parse_saying(path, where, text, groups):
+    """One way of saying a field, "tracking + number" or "= status", its groups checked against [words]."""
+    only = text.strip().startswith("=")
+    names = tuple(name.strip() for name in text.strip().lstrip("=").split("+"))
+    for name in names:
+        if name not in groups:
+            config_error(path, f"{where} says", f"{text!r} names {name!r}, which is no group of [words].",
+                         f"Groups: {', '.join(sorted(groups))}.")
+    return Saying(names, only, text.strip())
+
+
+def parse_date_style(path, where, raw):
+    """[dates.LANGUAGE]: (format with {day} {month} {year}, the twelve month names)."""
+    raw = expect(path, where, raw, dict, '{ format = "{day} {month} {year}", months = ["Jan", ...] }')
+    months = texts(path, f"{where} months", raw.get("months", []), '["Jan", "Feb", ...]')
+    if len(months) != 12:
+        config_error(path, f"{where} months", f"holds {len(months)} names.", "Give the twelve months, January first.")
+    style = expect(path, f"{where} format", raw.get("format", "{day} {month} {year}"), str, '"{day} {month} {year}"')
+    placeholders(path, f"{where} format", style, {"day", "month", "year"})
+    return style, tuple(months)
+
+
+def retired_columns(columns, history):
+    """(the [columns] that are the merchant's own, [(field, its list)] that a release once shipped as it is)."""
+    own, retired = {}, []
+    for field_name, names in columns.items():
+        if list(names) in [list(shipped) for shipped in history.get(field_name, ())]:
+            retired.append((field_name, names))
+        else:
+            own[field_name] = names
+    return own, tuple(retired)
 
 
 def parse_timezone(path, name):
@@ -632,6 +706,7 @@ SETTING_DEFAULTS = {
     "export_lag_hours": 1.0,
     "sheet": "",
     "timezone": "UTC",
+    "language": "en",  # the templates': how their dates are written (vocabulary.toml [dates])
 }
 
 
@@ -671,10 +746,6 @@ def parse_columns(path, raw, section="columns"):
         for header in headers:
             expect(path, where, header, str, 'a list of headers such as ["Order Number", "Name"]')
         columns[name] = tuple(headers)
-    for name in REQUIRED_FIELDS if section == "columns" else ():
-        if not columns.get(name):
-            config_error(path, f"[columns] {name}", "is missing; the service cannot match orders without it.",
-                         f'Add e.g. {name} = ["Order Number"].' if name == "order_id" else f'Add e.g. {name} = ["Email"].')
     return columns
 
 
@@ -856,10 +927,12 @@ class Layout:
     tracking: Packed | None = None
     statuses: dict = None  # field -> {word as this export means it: the word rules use}
     ignore_leading_zeros: bool = False
-    help: str = ""
+    help: str = ""  # one line added when a required column is missing
+    refuse: str = ""  # why an export of this kind cannot answer lookups, and what to export instead
 
 
-LAYOUT_KEYS = ("name", "detect", "columns", "rows", "items", "tracking", "statuses", "ignore_leading_zeros", "help")
+LAYOUT_KEYS = ("name", "detect", "columns", "rows", "items", "tracking", "statuses", "ignore_leading_zeros", "help",
+               "refuse")
 PACKED_KEYS = {"items": ("name", "quantity"), "tracking": ("number", "carrier", "link")}
 
 
@@ -914,6 +987,7 @@ def parse_layout(path, key, raw):
         ignore_leading_zeros=expect(path, f"{where} ignore_leading_zeros", raw.get("ignore_leading_zeros", False), bool,
                                     "true or false"),
         help=expect(path, f"{where} help", raw.get("help", ""), str, "a sentence in quotes"),
+        refuse=expect(path, f"{where} refuse", raw.get("refuse", ""), str, "a sentence in quotes"),
     )
 
 
@@ -1191,7 +1265,7 @@ def open_xlsx(path, sheet, header_score):
             worksheet.reset_dimensions()
         # Line numbers are for CSV parse errors only; a workbook is not scanned, so each order is checked.
         lost = [0]
-        yield Table(sheet_rows(pick_sheet(path, book, sheet, header_score), lost, path), lost=lost)
+        yield Table(sheet_rows(pick_sheet(path, book, sheet, header_score), lost, path, header_score), lost=lost)
     finally:
         book.close()
 
@@ -1214,24 +1288,34 @@ def check_unpacked_size(path):
 
 
 HEADER_GAP = 20  # empty header cells after which a stray value far to the right is not a column
+HEADER_ROWS = 10  # rows looked at for the header: a title or a line of separators may stand before it
 
 
 EXCEL_ROWS = 1_048_576  # the most rows a sheet can have in Excel, LibreOffice and every exporter
 
 
-def sheet_rows(worksheet, lost=None, path=None):
-    """The sheet's first non-empty row, then every later row as wide as that header, empty rows left out."""
-    rows = worksheet.iter_rows(values_only=True)
+def sheet_rows(worksheet, lost=None, path=None, header_score=None):
+    """The sheet's header row (the first non-empty one that header_score reads as one, else the first non-empty),
+    with any rows above it, then every later row as wide as that header, empty rows left out."""
+    rows, above = worksheet.iter_rows(values_only=True), []
     for number, row in enumerate(rows, 1):
         if number > EXCEL_ROWS:
             break
         cells = [cell_text(v, lost) for v in row]
-        width = header_width(cells)
-        if width:
-            yield cells[:width]
+        if not header_width(cells):
+            continue
+        above.append((number, cells))
+        if header_score is None or header_score(cells) or len(above) == HEADER_ROWS:
             break
     else:
-        return
+        if not above:
+            return
+    if header_score and not header_score(above[-1][1]):
+        above = above[:1]  # no row reads as a header: the first is taken, as it always was
+    number, header = above[-1]
+    width = header_width(header)
+    for _, cells in above:
+        yield cells[:width]
     rows.close()
     empty = (None,) * width  # the row openpyxl makes up for every row missing from the file
     # openpyxl makes up every row missing before a row the file numbers: <row r="999999999999">
@@ -1312,205 +1396,315 @@ def cell_text(value, lost=None):
 
 
 ###############################################################################
-# Building the index ##########################################################
+# Dates: every form exports write, read per column ############################
 ###############################################################################
+#
+# '2026-11-28 10:00 -0400', '7/25/2018 21:06', '2/20/12 4:02 PM', '24/10/2025',
+# '16-05-2018 07:21:32', '05.11.2025', 'Jan-18-16', '18 Jan 2016', an Excel serial day.
+# A numeric date says the day first or the month first by its column: a value over 12
+# settles it; else the file's language, where that language has one convention (every
+# language but English writes the day first); else the date is shown as written, never
+# guessed. Answers write it as contexts.toml's [settings] language does (vocabulary.toml
+# [dates]).
+
+def spreadsheet_text(value):
+    """A cell without the marks spreadsheets and exporters add that change nothing: Excel's ="..." guard, a
+    leading ', quotes around the whole value ('"SG101"')."""
+    value = value.strip()
+    if value[:2] == '="' and value[-1:] == '"':
+        value = value[2:-1].replace('""', '"')
+    elif value[:1] == "'":
+        value = value[1:]
+    elif value[:1] == '"' and value[-1:] == '"' and len(value) > 2:
+        value = value[1:-1]
+    return value.strip()
+
+
+def damaged_number(value):
+    """True for a number a spreadsheet damaged for good: scientific notation (3,60003E+14) or a .0 added to a code."""
+    return bool(DAMAGED.fullmatch(value.strip()))
+
+
+PRODUCT_ID = re.compile(r"(?:\d+\s*x\s*)?[0-9a-fA-F-]{16,}(?:\|.*)?")  # "1x 0193a1e0ee4f..." : an id, not a name
+DAMAGED = re.compile(r"\d(?:[.,]\d+)?[eE][+]\d{1,3}|\d{6,}\.0")
+
+
+DATE_ISO = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ].*)?")
+DATE_YMD = re.compile(r"(\d{4})[/.](\d{1,2})[/.](\d{1,2})(?:[T ,].*)?")
+DATE_NUMERIC = re.compile(r"(\d{1,2})([/.\-])(\d{1,2})\2(\d{4}|\d{2})(?:[T ,].*)?")
+DATE_NAMED = re.compile(r"([A-Za-z]{3,9})\.?[\s\-]+(\d{1,2}),?[\s\-]+(\d{4}|\d{2})(?:[T ,].*)?"  # Jan-18-16, Jan 18, 2016
+                        r"|(\d{1,2})[\s\-.]+([A-Za-z]{3,9})\.?[\s\-.]+(\d{4}|\d{2})(?:[T ,].*)?")  # 18-Jan-2016
+DATE_SERIAL = re.compile(r"[3-7]\d{4}(?:\.\d+)?")  # Excel's day numbers of 1982 to 2173
+MONTHS = {name: number for number, names in enumerate((
+    ("jan", "january", "janv", "ene", "enero", "gen", "janeiro", "januar", "styczen", "sty"),
+    ("feb", "february", "fev", "fevr", "febrero", "fevereiro", "februar", "febbraio", "lut"),
+    ("mar", "march", "mars", "marz", "maerz", "marzo", "marco", "maart", "mrt"),
+    ("apr", "april", "avr", "avril", "abr", "abril", "aprile", "kwi"),
+    ("may", "mai", "mayo", "maio", "mag", "maggio", "mei", "maj"),
+    ("jun", "june", "juin", "junio", "junho", "juni", "giu", "giugno", "cze"),
+    ("jul", "july", "juil", "juillet", "julio", "julho", "juli", "lug", "luglio", "lip"),
+    ("aug", "august", "aout", "ago", "agosto", "augustus", "sie"),
+    ("sep", "sept", "september", "septembre", "septiembre", "set", "setembro", "settembre", "wrz"),
+    ("oct", "october", "octobre", "octubre", "out", "outubro", "okt", "oktober", "ott", "ottobre", "paz"),
+    ("nov", "november", "novembre", "noviembre", "novembro", "lis"),
+    ("dec", "december", "decembre", "dic", "diciembre", "dez", "dezembro", "dezember", "dicembre", "gru")), 1)
+    for name in names}
+
+
+def date_parts(text, day_first=None):
+    """(year, month, day) of a date in any form exports write, or None.
+
+    day_first: how the column writes a numeric date such as 05/06/2025 (see day_order);
+    None when it is not known, and then such a date is None: never guessed.
+    """
+    text = spreadsheet_text(text)
+    if match := DATE_ISO.fullmatch(text) or DATE_YMD.fullmatch(text):
+        parts = int(match[1]), int(match[2]), int(match[3])
+    elif match := DATE_NUMERIC.fullmatch(text):
+        first, second, year = int(match[1]), int(match[3]), full_year(match[4])
+        if match[2] == "." or first > 12 or second > 12:  # 05.11.2025 is written so only day first
+            day_first = match[2] == "." or first > 12
+        if day_first is None:
+            return None
+        parts = (year, second, first) if day_first else (year, first, second)
+    elif match := DATE_NAMED.fullmatch(text):
+        name, day, year = (match[1], match[2], match[3]) if match[1] else (match[5], match[4], match[6])
+        month = MONTHS.get(unaccented(name).casefold().rstrip("."))
+        if month is None:
+            return None
+        parts = (full_year(year), month, int(day))
+    else:
+        return None
+    return parts if valid_day(*parts) else None
+
+
+def looks_like_date(text):
+    """True for a cell that is a date in some form, even one whose day and month cannot be told apart yet."""
+    text = spreadsheet_text(text)
+    return bool(date_parts(text, day_first=False) or date_parts(text, day_first=True))
+
+
+def full_year(text):
+    """A year as written ('16', '2016') in full: two digits are 2000 to 2068, then 1969 to 1999, as Excel reads them."""
+    year = int(text)
+    return year if len(text) == 4 else year + (2000 if year < 69 else 1900)
+
+
+def valid_day(year, month, day):
+    """True for a real day from 1970 to 2199."""
+    try:
+        return 1970 <= year <= 2199 and bool(date(year, month, day))
+    except ValueError:
+        return False
+
+
+def day_order(values):
+    """True (day first), False (month first) or None (undecided) from a column's numeric dates.
+
+    Only a part over 12 tells; a dot says day first. Dates in other forms say nothing.
+    """
+    for text in values:
+        match = DATE_NUMERIC.fullmatch(spreadsheet_text(text))
+        if match is None:
+            continue
+        if match[2] == "." or int(match[1]) > 12:
+            return True
+        if int(match[3]) > 12:
+            return False
+    return None
+
+
+def serial_day(text):
+    """(year, month, day) of an Excel day number (45231 is 2023-11-01) in a date column, or None."""
+    if not DATE_SERIAL.fullmatch(text):
+        return None
+    day = date(1899, 12, 30) + timedelta(days=int(float(text)))
+    return day.year, day.month, day.day
+
+
+###############################################################################
+# Columns: header words and cell content ######################################
+###############################################################################
+#
+# Which column feeds which field. A layout (layouts.toml) or [columns] of contexts.toml
+# may name the header exactly; every other field is found by the words of the headers
+# (vocabulary.toml [words] and [fields]), then confirmed by what the cells hold. Uses the
+# configuration above: Config.words, its exact columns, layouts; and header_key.
+
+# Fields in the order they take a column: the specific before the general, so that
+# "Item Qty Shipped" is the shipped quantity before any quantity may take it.
+FIELD_ORDER = ("order_id", "email", "item_shipped_quantity", "item_refunded_quantity", "item_quantity",
+               "tracking_url", "tracking_number", "carrier", "status", "order_state", "financial_status",
+               "shipment_status", "item_status", "cancelled_at", "shipped_at", "estimated_delivery", "order_date",
+               "shipping_method", "item_name")
+# What the cells of each field must look like (see cells_fit).
+FIELD_CONTENT = {"order_id": "id", "email": "email", "status": "status", "order_state": "status",
+                 "financial_status": "status", "shipment_status": "status", "item_status": "status",
+                 "cancelled_at": "date", "order_date": "date", "shipped_at": "date", "estimated_delivery": "date",
+                 "tracking_number": "tracking", "tracking_url": "link", "carrier": "word", "shipping_method": "word",
+                 "item_name": "text", "item_quantity": "quantity", "item_shipped_quantity": "quantity",
+                 "item_refunded_quantity": "quantity"}
+# Small words a header may hold besides the ones that say its field ("Número de orden").
+FILLER = frozenset("de del la el los las do da dos das du des le les of the a an di della dell van het der die den "
+                   "y e et und and per por para pour zum zur von al au aux in en z w na do by".split())
+CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+NUMBER_SIGN = re.compile(r"#|\bn\s*\.?\s*o\b(?=\s*[^a-z]|\s+de\b|\s+di\b|$)")  # "#", "N°", "Nº", "N.º" (after folding)
+WORD_SPLIT = re.compile(r"[^0-9a-z]+")
+
+
+def header_words(header):
+    """A header's words as the vocabulary reads them: 'N° de suivi' -> ('number', 'de', 'suivi')."""
+    text = unaccented(CAMEL.sub(" ", str(header))).casefold()
+    text = NUMBER_SIGN.sub(" number ", text).replace("e-mail", "email").replace("e mail", "email")
+    return tuple(word for word in WORD_SPLIT.split(text) if word)
+
+
+def folded_phrase(text):
+    """A vocabulary entry as header_words reads it, its words joined by one space."""
+    return " ".join(header_words(text))
+
 
 @dataclass(frozen=True)
-class Plan:
-    """Which column feeds which field, and how rows are read, worked out once from the header row."""
+class Saying:
+    """One way a header says a field: a word of each group, in any order ("tracking + number"), or, when only,
+    nothing but them (a few small words aside: "= status")."""
 
-    chosen: dict  # field -> header text
-    order_fields: tuple[str, ...]  # per-order fields, in the order they are packed
-    order_columns: tuple[int, ...]
-    row_fields: tuple[str, ...]  # per-row fields (items, tracking numbers): the columns', then packed ones'
-    row_columns: tuple[int, ...]  # the columns of the first len(row_columns) row fields
-    layout: str  # its name, for check and /healthz
-    email_column: int  # read for the index's key; packed only when an answer shows {email}
-    email_fallback: tuple[int, ...] = ()  # other email columns, read where the first is empty (Customer: Email)
-    rules: Layout | None = None  # the layout recognised, if any: its rows, packed cells and statuses
-    type_column: int | None = None
-    item_columns: tuple[int, ...] = ()  # cells that pack items
-    tracking_columns: tuple[int, ...] = ()  # cells that pack tracking entries
-    competing: tuple = ()  # (field, header chosen, other headers that fit), for check
-    alike: tuple = ()  # (header, header, ...) of columns whose headers read alike, for check
-    ignore_leading_zeros: bool = False
-    ignore_rows: tuple = ()  # (column, status_word()s): rows left out, e.g. a cancelled parcel's
-    senses: dict = None  # the layout's statuses: field -> {its word: the word rules use}
-    header: tuple = ()  # the file's headers, for check
-    detected: tuple = ()  # (field, header, evidence) of columns served because their content fits
-    found: dict = None  # field -> [Fit]: columns whose content fits a field no header named, for check
-
-    @property
-    def rich(self):
-        """True when rows are read by the layout's rules, not only cell by cell."""
-        return self.type_column is not None or bool(self.item_columns or self.tracking_columns)
+    groups: tuple[str, ...]
+    only: bool
+    text: str  # as vocabulary.toml writes it
 
 
-def normalise_order_id(value):
-    """'#1001', ' # 1001 ', '1001' and the spreadsheet's '1001.0' are all '1001'."""
-    if value.isalnum():  # the usual case, without a regex: 1001, SO12
-        return value.casefold()
-    if value[1:].isalnum() and value[0] == "#":  # Shopify's #1001
-        return value[1:].casefold()
-    value = value.strip()
-    value = re.sub(r"^(#?\s*\d+)\.0+$", r"\1", value)
-    return re.sub(r"[\W_]+", "", value).casefold()
+@dataclass(frozen=True)
+class HeaderWords:
+    """vocabulary.toml's header words: groups of words by meaning, and how each field's headers combine them."""
+
+    groups: dict  # group -> frozenset of folded words and phrases
+    sayings: dict  # field -> tuple of Sayings, best first
+    never: dict  # field -> frozenset of folded words and phrases that keep a header away from it
+
+    def reading(self, field_name, words):
+        """(rank, words besides, evidence) of the best way words say the field, or None."""
+        if self.rules_out(field_name, words):
+            return None
+        for rank, saying in enumerate(self.sayings.get(field_name, ())):
+            used = self.covers(saying.groups, words)
+            if used is None:
+                continue
+            rest = [w for at, w in enumerate(words) if at not in used[1] and w not in FILLER]
+            if saying.only and rest:
+                continue
+            return rank, len(rest), "header words: " + " + ".join(f'"{term}"' for term in used[0])
+        return None
+
+    def rules_out(self, field_name, words):
+        """True when the header holds a word (or phrase) that keeps it away from the field."""
+        never = self.never.get(field_name, frozenset())
+        return any(term in never for term, _ in phrases(words))
+
+    def covers(self, groups, words):
+        """(terms, word positions) where a term of each group is in words, or None.
+
+        A word may stand for two groups next to each other in the saying: a German or Dutch
+        compound made of a word of each ("Sendungsnummer", "Betaalstatus").
+        """
+        terms, used, at = [], set(), 0
+        while at < len(groups):
+            group = self.groups.get(groups[at], frozenset())
+            found = next(((term, spot) for term, spot in phrases(words) if term in group and not spot & used), None)
+            if found is None and at + 1 < len(groups):
+                found = self.compound(groups[at], groups[at + 1], words, used)
+                at += found is not None
+            if found is None:
+                return None
+            terms.append(found[0])
+            used |= found[1]
+            at += 1
+        return terms, used
+
+    def compound(self, first, second, words, used):
+        """(word, its position) of a word made of a word of first and one of second ('zahlungs'+'status'), or None."""
+        heads, tails = self.groups.get(first, frozenset()), self.groups.get(second, frozenset())
+        for at, word in enumerate(words):
+            if at in used or len(word) < 6:
+                continue
+            for cut in range(3, len(word) - 1):
+                head, tail = word[:cut], word[cut:]
+                if (head in heads or head.endswith("s") and head[:-1] in heads) and tail in tails:
+                    return word, {at}
+        return None
 
 
-def without_leading_zeros(value):
-    """normalise_order_id, and an all-digit number without its leading zeros: 000000123 is 123."""
-    key = normalise_order_id(value)
-    return key.lstrip("0") or key if key.isdigit() else key
+def phrases(words):
+    """(phrase, its word positions) of every run of one to three words, for entries such as "track trace"."""
+    for size in (1, 2, 3):
+        for at in range(len(words) - size + 1):
+            yield " ".join(words[at:at + size]), set(range(at, at + size))
 
 
-def normalise_email(value):
-    """Emails compare trimmed and without case; a space inside is a "+" a caller left unencoded.
+# Cell content #################################################################
 
-    An address has no spaces, but a query string turns an unencoded "+" (jo+shop@example.com,
-    as many shoppers sign up) into one.
+EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+# Short codes, with at most one inner space ("AB 10023", as some ERPs write them).
+ID_SHAPE = re.compile(r"(?=.{1,40}$)#?[0-9A-Za-z][0-9A-Za-z#/_.\-]*(?: [0-9A-Za-z#/_.\-]+)?")
+NOT_AN_ID = re.compile(r"\d+[.,]\d{1,2}|\d{1,4}[-./]\d{1,2}[-./]\d{1,4}.*|\d{1,2}:\d{2}.*")  # amounts, dates, times
+TRACKING_SHAPE = re.compile(r"(?=\S*\d)[0-9A-Za-z][0-9A-Za-z.\-/]{1,45}")  # a parcel's number: a code with a digit
+NUMBER_TEXT = re.compile(r"[-+]?\d{1,12}(?:[.,]\d+)?")
+URL_SHAPE = re.compile(r"https?://\S+", re.I)
+
+
+def cells_fit(kind, values, known=frozenset()):
+    """(fits: True, False, or None when no cell is filled; evidence) of a column's sample values for a kind of field.
+
+    known: status words the rules or the vocabulary know, for a status column's evidence.
     """
-    return value.strip().casefold().replace(" ", "+")
+    filled = [v for v in (spreadsheet_text(v) for v in values) if v]
+    if not filled:
+        return None, "no cell filled in the first rows"
+    share = lambda test: sum(1 for v in filled if test(v)) / len(filled)  # noqa: E731
+    distinct = len(set(filled))
+    example = printable(max(filled, key=len))[:24]
+    if kind == "email":
+        ok = share(EMAIL_SHAPE.fullmatch) >= 0.8
+        return ok, f"{sum(1 for v in filled if EMAIL_SHAPE.fullmatch(v))} of {len(filled)} are e-mail addresses"
+    if kind == "id":
+        ok = share(ID_SHAPE.fullmatch) >= 0.9 and share(NOT_AN_ID.fullmatch) <= 0.2
+        return ok, f"{distinct} distinct values, shaped like {example!r}"
+    if kind == "link":
+        return share(URL_SHAPE.match) >= 0.8, f"{sum(1 for v in filled if URL_SHAPE.match(v))} of {len(filled)} are links"
+    if kind == "tracking":
+        ok = share(lambda v: bool(TRACKING_SHAPE.fullmatch(v.replace(" ", "")) or SEVERAL.search(v)
+                                  or damaged_number(v))) >= 0.6
+        return ok, f"{distinct} codes like {example!r}"
+    if kind == "quantity":
+        ok = share(lambda v: quantity_value(v) is not None) >= 0.6
+        return ok, f"numbers such as {example!r}"
+    if kind == "date":
+        ok = share(lambda v: looks_like_date(v) or bool(DATE_SERIAL.fullmatch(v))) >= 0.8
+        return ok, f"dates such as {example!r}"
+    wordy = share(lambda v: not (NUMBER_TEXT.fullmatch(v) or EMAIL_SHAPE.fullmatch(v) or URL_SHAPE.match(v))) >= 0.8
+    if kind == "status":
+        words = {status_word(v) for v in filled}
+        ok = wordy and distinct <= max(12, len(filled) // 2)
+        return ok, f"{distinct} values, {len(words & known)} known"
+    if kind == "word":
+        return wordy and distinct <= max(20, len(filled) * 2 // 3), f"{distinct} values such as {example!r}"
+    codes = share(lambda v: bool(NUMBER_TEXT.fullmatch(v) or PRODUCT_ID.fullmatch(v)))
+    return codes <= 0.5, f"texts such as {example!r}"
 
 
-def index_key(order_key, email_key):
-    """The index's key from a normalised order number and email: one probe finds both or neither.
-
-    Bytes, not text: 16 bytes less per order for Python's object header (8 MB at 500,000).
-    """
-    return f"{order_key}\x1f{email_key}".encode()
-
-
-def make_plan(config, header, name, sample=(), layout=None):
-    """Match the layout's and the mapping's headers to the file's; ExportError names what is missing.
-
-    sample: the first rows, so that an order-number column left empty (WooCommerce's
-    order_number without a numbering plugin) gives way to the next one named.
-    layout: given for webhook events (EVENT_LAYOUT), whose orders lack the export's other
-    columns: a placeholder that names one reads empty there.
-    """
-    forced = layout
-    positions, alike = header_positions(header)
-    layout = forced or detect_layout(config.layouts, positions)
-    chosen, competing = choose_columns(config, layout, positions, sample)
-    found = {} if forced else found_by_content(config, header, sample, chosen, layout)
-    detected = choose_found(config, layout, header, name, chosen, found)
-    by_snake = {}
-    for index, text in enumerate(header):
-        by_snake.setdefault(snake_case(text), index)
-    if not forced:
-        check_placeholders(config, by_snake, name, layout)
-    # Per order, beside its number: every field used that a column feeds. Derived names
-    # (items, tracking_url, ...) are computed, unless mapped to a column of their own.
-    per_row = {"order_id", *ROW_FIELDS}
-    packed_items = packed_columns(header, layout.items if layout else None)
-    packed_tracking = packed_columns(header, layout.tracking if layout else None)
-    # Packed tracking entries bring their carrier and link: those fields exist without a column.
-    from_entries = {"carrier", "tracking_url"} if packed_tracking else set()
-    order_fields = [f for f in sorted(config.fields_used - per_row)
-                    if f in chosen or f in from_entries or (f not in DERIVED and f in by_snake)]
-    row_fields = [f for f in ROW_FIELDS if f in chosen]
-    extra = [f for f in (("item_name", "item_quantity") if packed_items else ()) + (
-        ("tracking_number",) if packed_tracking else ()) if f not in row_fields]
-    type_column = positions.get(header_key(layout.row_type)) if layout and layout.row_type else None
-    plan = Plan(
-        chosen={f: header[i].strip() for f, i in chosen.items()},
-        order_fields=("order_id", *order_fields),
-        order_columns=(chosen["order_id"], *(chosen.get(f, None if f in from_entries else by_snake.get(f))
-                                             for f in order_fields)),
-        row_fields=(*row_fields, *extra), row_columns=tuple(chosen[f] for f in row_fields),
-        layout=layout.name if layout else "generic export", email_column=chosen["email"],
-        email_fallback=next((others for field_name, _, others in competing if field_name == "email"), ()),
-        rules=layout, type_column=type_column, item_columns=packed_items, tracking_columns=packed_tracking,
-        competing=tuple(competing), alike=tuple(map(tuple, alike.values())),
-        ignore_leading_zeros=bool(layout and layout.ignore_leading_zeros), senses=layout.statuses if layout else {},
-        ignore_rows=tuple((positions[header_key(h)], words) for h, words in (layout.ignore_rows if layout else ())
-                          if header_key(h) in positions),
-        header=tuple(h.strip() for h in header), detected=detected, found=found,
-    )
-    return plan
+def quantity_value(text):
+    """A quantity as a number: '3', '3.0000', '3,0' and '3.00' are 3; None when it is no small count."""
+    text = spreadsheet_text(text)
+    if not NUMBER_TEXT.fullmatch(text):
+        return None
+    try:
+        number = float(text.replace(",", "."))
+    except ValueError:
+        return None
+    return number if 0 <= number <= 1_000_000 else None
 
 
-def header_positions(header):
-    """({loose header key: its first column}, {key: the headers that read alike}) of a file's header."""
-    positions, alike = {}, {}
-    for index, text in enumerate(header):
-        key = header_key(text)
-        if key in positions:
-            alike.setdefault(key, [header[positions[key]].strip()]).append(text.strip())
-        else:
-            positions[key] = index
-    return positions, alike
-
-
-def choose_found(config, layout, header, name, chosen, found):
-    """Fill a required field no header names from the one column whose content fits; never a guess.
-
-    Returns what was found so (field, header, evidence), to be logged, shown on /healthz and by check.
-    """
-    for field_name in REQUIRED_FIELDS:
-        if field_name not in chosen:
-            if len(found.get(field_name, ())) != 1:  # none, or several that fit
-                raise missing_column(config, layout, header, name, field_name, found)
-            chosen[field_name] = found[field_name][0].column
-    if "status" not in chosen and len(found.get("status", ())) == 1:
-        chosen["status"] = found["status"][0].column
-    return tuple((f, header[fits[0].column].strip(), fits[0].evidence) for f, fits in found.items()
-                 if len(fits) == 1 and chosen.get(f) == fits[0].column)
-
-
-def candidates(config, layout, field_name):
-    """The headers that may feed a field: the layout's own alone where it names the field, else [columns]'.
-
-    Alone, because [columns]' general names may mean another thing in a known export:
-    Matrixify's "Fulfillment: Status" (a parcel's success or cancelled) reads as
-    "Fulfillment Status", which is not the order's.
-    """
-    own = layout.columns.get(field_name, ()) if layout else ()
-    return tuple(own or dict.fromkeys((*config.columns.get(field_name, ()), *(config.headers or {}).get(field_name, ()))))
-
-
-def missing_column(config, layout, header, name, field_name, found):
-    """The ExportError for a required column found neither by its header nor, unambiguously, by its content."""
-    looked = ", ".join(f'"{c}"' for c in candidates(config, layout, field_name))
-    fits = found.get(field_name, ())
-    if fits:
-        hint = (f" By their content, {' or '.join(repr(printable(header[f.column].strip())) for f in fits[:3])} could "
-                f"be it ({fits[0].evidence}); which, the service does not guess.")
-    else:
-        hint = ""
-    return ExportError(f"{name}: no column for {field_name} (looked for {looked}).{hint} Add your export's header "
-                       f"to {columns_key(layout, field_name)} in contexts.toml; `python app.py check` shows the file's "
-                       "columns" + (" and a [columns] block to paste." if fits else ".")
-                       + (f" {layout.help}" if layout and layout.help else ""),
-                       file=name, detail=shown_headers(header) + proposal_text(config, header, found))
-
-
-def columns_key(layout, field_name):
-    """Where in contexts.toml a field's headers are given: the layout's columns where it names the field."""
-    return f"[layouts.{layout.key}.columns] {field_name}" if layout and field_name in layout.columns \
-        else f"[columns] {field_name}"
-
-
-def choose_columns(config, layout, positions, sample):
-    """(field -> column, [(field, chosen header, other fitting headers)]): one column feeds one field.
-
-    Fields are served in [columns]' order (the layout's own fields after), so WooCommerce's
-    "Order Number" is the order and its "Name" the item, while Shopify's "Name" is the order.
-    """
-    fields = dict.fromkeys((*REQUIRED_FIELDS, *config.columns, *(layout.columns if layout else ())))
-    chosen, taken, competing = {}, set(), []
-    for field_name in fields:
-        present = [positions[k] for k in dict.fromkeys(map(header_key, candidates(config, layout, field_name)))
-                   if k in positions and positions[k] not in taken]
-        if field_name == "order_id" and sample:  # a number column left empty gives way to the next
-            present.sort(key=lambda i: not any(len(row) > i and row[i].strip() for row in sample))
-        if present:
-            chosen[field_name] = present[0]
-            taken.add(present[0])
-            if len(present) > 1:
-                competing.append((field_name, present[0], tuple(present[1:])))
-    return chosen, competing
-
+# Content alone: for a required field no header says ###########################
 
 @dataclass(frozen=True)
 class Fit:
@@ -1521,10 +1715,6 @@ class Fit:
     rank: tuple = ()  # higher is likelier
 
 
-EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-# Short codes, with at most one inner space ("AB 10023", as some ERPs write them).
-ID_SHAPE = re.compile(r"(?=.{1,40}$)#?[0-9A-Za-z][0-9A-Za-z#/_.\-]*(?: [0-9A-Za-z#/_.\-]+)?")
-NOT_AN_ID = re.compile(r"\d+[.,]\d{1,2}|\d{1,4}[-./]\d{1,2}[-./]\d{1,4}.*|\d{1,2}:\d{2}.*")  # amounts, dates, times
 
 
 def found_by_content(config, header, sample, chosen, layout=None):
@@ -1615,14 +1805,305 @@ def proposal_text(config, header, found):
     if not found:
         return ""
     # No "[columns]" line of its own: pasted below the file's own table, a second one is an error.
-    lines = ["", "Found by their content; in contexts.toml, under [columns], put these lines in place of "
-                 "the lines of the same fields:"]
+    lines = ["", "Found by their content; in contexts.toml, under [columns], add these lines (in place of "
+                 "any lines of the same fields):"]
     for field_name, fits in found.items():
         names = [header[fits[0].column].strip(), *config.columns.get(field_name, ())]
         others = f"; also fits: {', '.join(repr(header[f.column].strip()) for f in fits[1:3])}" if fits[1:] else ""
         lines.append(f"{field_name} = {json.dumps(list(dict.fromkeys(names)), ensure_ascii=False)}"
                      f"  # {fits[0].evidence}{others}")
     return "\n".join(lines)
+
+
+# Choosing ######################################################################
+
+def header_positions(header):
+    """({loose header key: its first column}, {key: the headers that read alike}) of a file's header."""
+    positions, alike = {}, {}
+    for index, text in enumerate(header):
+        key = header_key(text)
+        if key in positions:
+            alike.setdefault(key, [header[positions[key]].strip()]).append(text.strip())
+        else:
+            positions[key] = index
+    return positions, alike
+
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What feeds each field and why: (field -> column), (field -> evidence), and what else fitted."""
+
+    chosen: dict
+    evidence: dict
+    others: dict  # field -> columns that fit too, best first (a second order number, another email column)
+    contradicted: tuple = ()  # (field, header, why) of [columns] choices whose cells do not fit: kept, check warns
+    found: dict = None  # field -> [Fit]: columns whose content alone fits a field no header says (order_id, email, status)
+
+
+def choose_columns(config, layout, header, sample, previous=None, reserved=()):
+    """Choose a column for each field: a layout's or [columns]' exact header, else the header words, cells agreeing.
+
+    A field the layout names is read from its columns alone. previous: {field: header} of the
+    choice accepted last time for this same header row, kept as it was (see Service): a
+    column's content varies from night to night, the choice must not. reserved: columns the
+    layout reads by its own rules (packed items, row types), which no field takes.
+    """
+    positions, _ = header_positions(header)
+    sample = data_rows(sample)
+    values = lambda column: [row[column] if column < len(row) else "" for row in sample]  # noqa: E731
+    chosen, evidence, others, contradicted, taken = {}, {}, {}, [], set(reserved)
+
+    def take(field_name, column, why):
+        chosen[field_name], evidence[field_name] = column, why
+        taken.add(column)
+
+    for field_name, names in exact_columns(config, layout):
+        present = [positions[k] for k in dict.fromkeys(map(header_key, names)) if k in positions]
+        present = [c for c in present if c not in taken]
+        if field_name == "order_id" and sample:  # a number column left empty gives way to the next
+            present.sort(key=lambda c: not any(v.strip() for v in values(c)))
+        if not present:
+            continue
+        source = "[columns]" if field_name in config.columns else f"[layouts.{layout.key}]" \
+            if layout and field_name in layout.columns else "[vocabulary.headers]"
+        take(field_name, present[0], f"named in {source}")
+        others[field_name] = tuple(present[1:])
+        kind = FIELD_CONTENT.get(field_name)
+        if kind and source == "[columns]" and cells_fit(kind, values(present[0]))[0] is False:
+            contradicted.append((field_name, header[present[0]].strip(), cells_fit(kind, values(present[0]))[1]))
+    if previous:
+        for field_name, name in previous.items():
+            column = positions.get(header_key(name))
+            if field_name not in chosen and column is not None and column not in taken:
+                take(field_name, column, "as chosen for this header before")
+    firsts = set(positions.values())  # of headers that read alike, the first is the one read
+    words = [header_words(h) if column in firsts else () for column, h in enumerate(header)]
+    known = known_statuses(config, layout)
+    for field_name in FIELD_ORDER:
+        if field_name in chosen or layout and field_name in layout.columns:
+            continue
+        fitting = []
+        for column, column_words in enumerate(words):
+            reading = None if column in taken else config.words.reading(field_name, column_words)
+            if reading is None:
+                continue
+            fits, why = cells_fit(FIELD_CONTENT[field_name], values(column), known)
+            if fits is False:
+                continue  # its cells say it is something else
+            filled = sum(1 for v in values(column) if spreadsheet_text(v))
+            fitting.append(((reading[0], fits is None, -filled, reading[1], column), column,
+                            f"{reading[2]}; {why}"))
+        if fitting:
+            fitting.sort()
+            take(field_name, fitting[0][1], fitting[0][2])
+            # Other columns said the first way (a marketplace's order number beside the shop's): kept aside.
+            others[field_name] = tuple(column for rank, column, _ in fitting[1:]
+                                       if column not in taken and rank[0] == 0 and rank[1] is False)
+    found = found_by_content(config, header, sample, chosen, layout)
+    for field_name, fits in found.items():
+        if field_name not in chosen and len(fits) == 1:  # content alone, and only one column: never a guess
+            take(field_name, fits[0].column, f"found by its content: {fits[0].evidence}")
+    return Choice(chosen, evidence, others, tuple(contradicted), found)
+
+
+def data_rows(sample):
+    """The sample's rows that look like data: as filled as most, not a footer, a separator or a lone note."""
+    filled = [sum(1 for cell in row if cell.strip()) for row in sample]
+    if not filled:
+        return sample
+    typical = sorted(filled)[len(filled) // 2]
+    return [row for row, count in zip(sample, filled) if count * 2 >= typical and count]
+
+
+def exact_columns(config, layout):
+    """(field, headers) that contexts.toml's [columns], the layout or [vocabulary.headers] name exactly, in that order.
+
+    The merchant's [columns] line wins over everything; a field the layout names is read from
+    its columns alone, because a general name may mean another thing in a known export:
+    Matrixify's "Fulfillment: Status" (a parcel's success or cancelled) reads as
+    "Fulfillment Status", which is not the order's.
+    """
+    own = layout.columns if layout else {}
+    fields = dict.fromkeys((*config.columns, *own, *(config.headers or {})))
+    for field_name in fields:
+        names = config.columns.get(field_name) or own.get(field_name) or (config.headers or {}).get(field_name, ())
+        if names:
+            yield field_name, names
+
+
+def known_statuses(config, layout):
+    """The status words the rules name, the vocabulary's words for them, and the layout's own."""
+    known = {w for rule in config.rules for _, words in rule.conditions if words for w in words}
+    known |= {word for word, meaning in (config.meanings or {}).items() if meaning in known}
+    return known | {w for words in ((layout.statuses or {}) if layout else {}).values() for w in words}
+
+
+###############################################################################
+# Building the index ##########################################################
+###############################################################################
+
+@dataclass(frozen=True)
+class Plan:
+    """Which column feeds which field, and how rows are read, worked out once from the header row."""
+
+    chosen: dict  # field -> header text
+    order_fields: tuple[str, ...]  # per-order fields, in the order they are packed
+    order_columns: tuple[int, ...]
+    row_fields: tuple[str, ...]  # per-row fields (items, tracking numbers): the columns', then packed ones'
+    row_columns: tuple[int, ...]  # the columns of the first len(row_columns) row fields
+    layout: str  # its name, for check and /healthz
+    email_column: int  # read for the index's key; packed only when an answer shows {email}
+    email_fallback: tuple[int, ...] = ()  # other email columns, read where the first is empty (Customer: Email)
+    rules: Layout | None = None  # the layout recognised, if any: its rows, packed cells and statuses
+    type_column: int | None = None
+    item_columns: tuple[int, ...] = ()  # cells that pack items
+    tracking_columns: tuple[int, ...] = ()  # cells that pack tracking entries
+    competing: tuple = ()  # (field, header chosen, other headers that fit), for check
+    alike: tuple = ()  # (header, header, ...) of columns whose headers read alike, for check
+    ignore_leading_zeros: bool = False
+    ignore_rows: tuple = ()  # (column, status_word()s): rows left out, e.g. a cancelled parcel's
+    senses: dict = None  # the layout's statuses: field -> {its word: the word rules use}
+    header: tuple = ()  # the file's headers, for check
+    detected: tuple = ()  # (field, header, evidence) of columns served because their content fits
+    found: dict = None  # field -> [Fit]: columns whose content fits a field no header named, for check
+    other_ids: tuple[int, ...] = ()  # columns of other order numbers a customer may hold (a marketplace's)
+    evidence: dict = None  # field -> why its column was chosen ("header words: ...; 3 values, 2 known"), for check
+    contradicted: tuple = ()  # (field, header, why) of [columns] choices whose cells do not fit, for check
+
+    @property
+    def rich(self):
+        """True when rows are read by the layout's rules, not only cell by cell."""
+        return self.type_column is not None or bool(self.item_columns or self.tracking_columns)
+
+
+def normalise_order_id(value):
+    """'#1001', ' # 1001 ', '1001' and the spreadsheet's '1001.0' are all '1001'."""
+    if value.isalnum():  # the usual case, without a regex: 1001, SO12
+        return value.casefold()
+    if value[1:].isalnum() and value[0] == "#":  # Shopify's #1001
+        return value[1:].casefold()
+    value = value.strip()
+    value = re.sub(r"^(#?\s*\d+)\.0+$", r"\1", value)
+    return re.sub(r"[\W_]+", "", value).casefold()
+
+
+def without_leading_zeros(value):
+    """normalise_order_id, and an all-digit number without its leading zeros: 000000123 is 123."""
+    key = normalise_order_id(value)
+    return key.lstrip("0") or key if key.isdigit() else key
+
+
+def normalise_email(value):
+    """Emails compare trimmed and without case; a space inside is a "+" a caller left unencoded.
+
+    An address has no spaces, but a query string turns an unencoded "+" (jo+shop@example.com,
+    as many shoppers sign up) into one.
+    """
+    return value.strip().casefold().replace(" ", "+")
+
+
+def index_key(order_key, email_key):
+    """The index's key from a normalised order number and email: one probe finds both or neither.
+
+    Bytes, not text: 16 bytes less per order for Python's object header (8 MB at 500,000).
+    """
+    return f"{order_key}\x1f{email_key}".encode()
+
+
+def make_plan(config, header, name, sample=(), layout=None, previous=None):
+    """Match the layout's, the mapping's and the vocabulary's words to the file's headers; ExportError names what is
+    missing.
+
+    sample: the first rows, whose cells confirm each column (see choose_columns).
+    layout: given for webhook events (EVENT_LAYOUT), whose orders lack the export's other
+    columns: a placeholder that names one reads empty there. previous: the columns chosen
+    for this header row last time (see Service.previous_choice).
+    """
+    forced = layout
+    positions, alike = header_positions(header)
+    layout = forced or detect_layout(config.layouts, positions)
+    if layout and layout.refuse:
+        raise ExportError(f"{name}: this is a {layout.name}, which cannot answer lookups. {layout.refuse}", file=name)
+    packed_items = packed_columns(header, layout.items if layout else None)
+    packed_tracking = packed_columns(header, layout.tracking if layout else None)
+    type_column = positions.get(header_key(layout.row_type)) if layout and layout.row_type else None
+    reserved = (*packed_items, *packed_tracking, *(() if type_column is None else (type_column,)))
+    choice = choose_columns(config, layout, header, sample, previous, reserved)
+    chosen = choice.chosen
+    for field_name in REQUIRED_FIELDS:
+        if field_name not in chosen:
+            raise missing_column(config, layout, header, name, field_name, choice.found or {})
+    detected = tuple((f, header[c].strip(), choice.evidence[f].partition(": ")[2]) for f, c in chosen.items()
+                     if choice.evidence[f].startswith("found by its content"))
+    by_snake = {}
+    for index, text in enumerate(header):
+        by_snake.setdefault(snake_case(text), index)
+    if not forced:
+        check_placeholders(config, by_snake, name, layout)
+    # Per order, beside its number: every field used that a column feeds. Derived names
+    # (items, tracking_url, ...) are computed, unless mapped to a column of their own.
+    per_row = {"order_id", *ROW_FIELDS}
+    # Packed tracking entries bring their carrier and link: those fields exist without a column.
+    from_entries = {"carrier", "tracking_url"} if packed_tracking else set()
+    order_fields = [f for f in sorted(config.fields_used - per_row)
+                    if f in chosen or f in from_entries or (f not in DERIVED and f in by_snake)]
+    row_fields = [f for f in ROW_FIELDS if f in chosen]
+    extra = [f for f in (("item_name", "item_quantity") if packed_items else ()) + (
+        ("tracking_number",) if packed_tracking else ()) if f not in row_fields]
+    plan = Plan(
+        chosen={f: header[i].strip() for f, i in chosen.items()},
+        order_fields=("order_id", *order_fields),
+        order_columns=(chosen["order_id"], *(chosen.get(f, None if f in from_entries else by_snake.get(f))
+                                             for f in order_fields)),
+        row_fields=(*row_fields, *extra), row_columns=tuple(chosen[f] for f in row_fields),
+        layout=layout.name if layout else "generic export", email_column=chosen["email"],
+        email_fallback=choice.others.get("email", ()), other_ids=choice.others.get("order_id", ()),
+        rules=layout, type_column=type_column, item_columns=packed_items, tracking_columns=packed_tracking,
+        competing=tuple((f, chosen[f], others) for f, others in choice.others.items() if others and f in chosen),
+        alike=tuple(map(tuple, alike.values())), evidence={f: choice.evidence[f] for f in chosen},
+        contradicted=choice.contradicted,
+        ignore_leading_zeros=bool(layout and layout.ignore_leading_zeros), senses=layout.statuses if layout else {},
+        ignore_rows=tuple((positions[header_key(h)], words) for h, words in (layout.ignore_rows if layout else ())
+                          if header_key(h) in positions),
+        header=tuple(h.strip() for h in header), detected=detected, found=choice.found,
+    )
+    return plan
+
+
+REQUIRED_EXAMPLES = {"order_id": '"Order Number", "Número de orden", "Bestellnummer"',
+                     "email": '"Email", "Buyer Email", "Correo electrónico"'}
+
+
+def missing_column(config, layout, header, name, field_name, found):
+    """The ExportError for a required column found neither by its header nor, unambiguously, by its content.
+
+    A layout recognised for an export that carries no such column says which export of
+    its platform does (its help), before the general fix.
+    """
+    fits = found.get(field_name, ())
+    if layout and layout.help:
+        return ExportError(f"{name}: {layout.name} carries no {FIELD_NAMES[field_name]}. {layout.help}", file=name,
+                           detail=shown_headers(header))
+    if fits:
+        hint = (f" By their content, {' or '.join(repr(printable(header[f.column].strip())) for f in fits[:3])} could "
+                f"be it ({fits[0].evidence}); which, the service does not guess.")
+    else:
+        hint = ""
+    return ExportError(f"{name}: no column for {field_name}: no header says it (such as "
+                       f"{REQUIRED_EXAMPLES[field_name]}), and no column's cells alone tell it.{hint} Add your export's "
+                       f"header to {columns_key(layout, field_name)} in contexts.toml; `python app.py check` shows the "
+                       "file's columns" + (" and a [columns] block to paste." if fits else "."),
+                       file=name, detail=shown_headers(header) + proposal_text(config, header, found))
+
+
+FIELD_NAMES = {"order_id": "order number", "email": "buyer's e-mail address"}
+
+
+def columns_key(layout, field_name):
+    """Where in contexts.toml a field's headers are given: the layout's columns where it names the field."""
+    return f"[layouts.{layout.key}.columns] {field_name}" if layout and field_name in layout.columns \
+        else f"[columns] {field_name}"
 
 
 def packed_columns(header, spec):
@@ -1662,9 +2143,10 @@ def check_placeholders(config, by_snake, name, layout=None):
     One that is none of these is a column this export lacks (or a typo in contexts.toml):
     an ExportError, so that the data being served, or the last good copy, stays served.
     """
-    known = set(DERIVED) | set(config.columns) | set(by_snake) | set(layout.columns if layout else ())
-    examples = [c for c in by_snake if c not in config.columns and not PERSONAL & set(c.split("_"))][:3]
-    available = (f"Available: {', '.join('{%s}' % a for a in sorted(set(DERIVED) | set(config.columns)))}, "
+    fields = set(DERIVED) | set(config.columns) | set(config.words.sayings)  # a field no column says reads empty
+    known = fields | set(by_snake) | set(layout.columns if layout else ())
+    examples = [c for c in by_snake if c not in fields and not PERSONAL & set(c.split("_"))][:3]
+    available = (f"Available: {', '.join('{%s}' % a for a in sorted(fields))}, "
                  "or any column of the export in snake_case" + (f", e.g. {', '.join('{%s}' % e for e in examples)}"
                                                                  if examples else "") + ".")
     wanted = [(f"[templates] {template}", placeholder) for template, t in config.templates.items()
@@ -1704,7 +2186,7 @@ def getter(columns):
 class OrderReader:
     """Reads an export into orders: per order, its rows; the plan says which cells matter."""
 
-    def __init__(self, config, path, encoding=None, memory_limit_mb=None):
+    def __init__(self, config, path, encoding=None, memory_limit_mb=None, previous=None):
         self.config, self.path, self.encoding = config, path, encoding
         self.plan = None
         self.rows = self.skipped = 0
@@ -1713,15 +2195,20 @@ class OrderReader:
         self.lost = [0]  # how many workbook numbers were too long to be exact (see cell_text)
         self.progress = Progress(shown_name(path), memory_limit_mb)
         self.last_row = None  # the file's last row with a cell, as read: is it whole?
+        self.previous = previous  # the columns chosen for this header row last time (see make_plan)
+        self.preamble = []  # lines before the header (a title, a line of separators), for check
+        self.attached = 0  # item rows without an order number, taken as the order above's (see follow_on)
+        self.not_orders = Counter()  # rows that are no order (a footer, a totals line), by why
 
     def header_score(self, cells):
         """How surely a row is the orders' header: 2 for a known layout's, 1 for an order-number header, else 0."""
         keys = {header_key(c) for c in cells if c}
         if detect_layout(self.config.layouts, keys):
             return 2
-        wanted = {header_key(h) for h in (*candidates(self.config, None, "order_id"),
-                                          *(h for layout in self.config.layouts for h in layout.columns.get("order_id", ())))}
-        return 1 if keys & wanted else 0
+        named = {header_key(h) for h in (*self.config.columns.get("order_id", ()),
+                                         *(h for layout in self.config.layouts for h in layout.columns.get("order_id", ())))}
+        says = any(self.config.words.reading("order_id", header_words(c)) for c in cells if c and len(c) < 80)
+        return 1 if keys & named or says else 0
 
     def orders(self, careful=False):
         """Yield (order number key, rows) per order.
@@ -1730,25 +2217,36 @@ class OrderReader:
         rows are grouped as they stream by, at C speed, and memory holds one order. If
         that does not hold, Irregular is raised: read again with careful=True, which
         pads short rows and holds the needed cells of every order until the end of the file.
-        Rows with no order number (blank ones among them) are counted and let go at once.
+        Rows with no order number (blank ones among them) are counted and let go at once,
+        but for an item row right after an order's, which belongs to it (see follows); rows
+        that are no order at all (a footer, a totals line, a repeated header) are counted
+        in not_orders and let go.
         """
         with open_table(self.path, self.config.sheet, self.header_score, self.encoding) as table:
             self.line, self.plain, self.lost = table.line, table.plain, table.lost
             rows = iter(table.rows)
-            header = next((r for r in rows if any(c.strip() for c in r)), None)
+            header, self.preamble, read_past = header_row(rows, self.header_score)
+            rows = chain(read_past, rows)
             if header is None:
                 export_error(self.path, "is empty. Re-export the orders; the last good data stays served.")
             sample = list(islice(rows, SAMPLE_ROWS))
             rows = chain(sample, rows)
-            self.plan = make_plan(self.config, header, shown_name(self.path), sample)
+            self.plan = make_plan(self.config, header, shown_name(self.path), sample, previous=self.previous)
             self.normalise = without_leading_zeros if self.plan.ignore_leading_zeros else normalise_order_id
+            self.follows = follow_on(self.plan)
             groups = self.gathered(rows) if careful else self.adjacent(rows)
             # One loop, no layers: this runs for every order of a file of hundreds of thousands.
-            progress, next_tick = self.progress, PROGRESS_ROWS
+            progress, next_tick, not_orders = self.progress, PROGRESS_ROWS, self.not_orders
+            order_at = self.plan.order_columns[0]
             for key, group in groups:
                 if not key:
                     self.skipped += self.let_go(group)
                     continue
+                value = group[0][order_at]
+                if not (value.isalnum() or value[1:].isalnum()) or key in NOT_ORDER_WORDS:  # a quick look first
+                    if why := not_an_order(value, key):
+                        not_orders[why] += self.let_go(group)
+                        continue
                 self.rows += len(group)
                 if self.rows >= next_tick:
                     progress.tick(self.rows)
@@ -1780,17 +2278,36 @@ class OrderReader:
         # The numbers seen, as hashes in one flat array: a list of the numbers' own strings would
         # keep 500,000 small objects alive among the orders being packed, and leave that many
         # holes when freed. Two numbers of one hash (1 in 10^8 at 500,000) only cost a careful read.
-        written, key, normalise = array("q"), "", self.normalise
+        written, key, normalise, follows = array("q"), "", self.normalise, self.follows
+        held = None  # the order before, until the rows after it show whether item rows follow it
         for value, group in groupby(filter(None, rows), itemgetter(self.plan.order_columns[0])):
             key = normalise(value)
             written.append(hash(value))
-            if key and len(group := list(islice(group, MAX_ORDER_ROWS + 1))) > MAX_ORDER_ROWS:
+            if len(group := list(islice(group, MAX_ORDER_ROWS + 1))) > MAX_ORDER_ROWS and key:
                 too_many_rows(self.path, value)
-            yield key, group
+            if not key and follows and held is not None:
+                group = self.attach(held, group)
+            if held is not None:
+                yield held
+            held = (key, group) if key else None
+            if not key and group:
+                yield key, group
+        if held is not None:
+            yield held
         if key:  # else the last rows had no number, and let_go() saw them
             self.last_row = group[-1]
         if len(set(written)) != len(written):
             raise Irregular("rows of one order are apart")
+
+    def attach(self, held, rows):
+        """Add to the order held the item rows among rows that follow it; return the rest (no order's)."""
+        order_rows, follows = held[1], self.follows
+        taken = [row for row in rows if follows(row, order_rows[0])]
+        if taken:
+            order_rows.extend(taken)
+            self.attached += len(taken)
+            rows = [row for row in rows if not follows(row, order_rows[0])]
+        return rows
 
     def gathered(self, rows):
         """Every order's rows wherever they are in the file, each cut to the cells the plan needs.
@@ -1801,14 +2318,20 @@ class OrderReader:
         plan = self.plan
         needed = sorted({*plan.order_columns, *plan.row_columns, plan.email_column, *plan.email_fallback, *plan.item_columns,
                          *plan.tracking_columns, *(() if plan.type_column is None else (plan.type_column,)),
-                         *(column for column, _ in plan.ignore_rows)})
+                         *(column for column, _ in plan.ignore_rows), *plan.other_ids})
         take, width, at = getter(needed), needed[-1] + 1, plan.order_columns[0]
-        groups, progress, next_tick = {}, self.progress, PROGRESS_ROWS
+        groups, progress, next_tick, follows, last = {}, self.progress, PROGRESS_ROWS, self.follows, None
         for count, row in enumerate(rows, 1):
             if any(row):
                 self.last_row = row
                 row = row + [""] * (width - len(row)) if len(row) < width else row
-                groups.setdefault(row[at].strip(), []).append(take(row))
+                value = row[at].strip()
+                if not value and follows and last is not None and follows(row, last[0]):
+                    last[1].append(take(row))  # an item row of the order right above
+                    self.attached += 1
+                    continue
+                groups.setdefault(value, []).append(take(row))
+                last = (row, groups[value]) if value else None
             if count >= next_tick:
                 progress.tick(count)
                 next_tick += PROGRESS_ROWS
@@ -1819,6 +2342,7 @@ class OrderReader:
         self.plan = replace(plan, order_columns=tuple(place[c] for c in plan.order_columns),
                             row_columns=tuple(place[c] for c in plan.row_columns), email_column=place[plan.email_column],
                             email_fallback=tuple(place[c] for c in plan.email_fallback),
+                            other_ids=tuple(place[c] for c in plan.other_ids),
                             item_columns=tuple(place[c] for c in plan.item_columns),
                             tracking_columns=tuple(place[c] for c in plan.tracking_columns),
                             type_column=None if plan.type_column is None else place[plan.type_column],
@@ -1827,6 +2351,56 @@ class OrderReader:
 
 
 MAX_ORDER_ROWS = 10_000  # rows of one order; more means the order-number column is not one
+def header_row(rows, score):
+    """(the header, the lines before it, rows read past it): the first of the first rows with cells that reads as an
+    orders header (score).
+
+    A title ("Orders 1 Dec - 2 Dec") may stand before it; rows of empty cells are passed
+    over. Where none of the first rows reads as a header, the first row with cells is
+    the header, and the rows read after it are given back to be read as data.
+    """
+    seen = []
+    for row in rows:
+        if not any(c.strip() for c in row):
+            continue
+        seen.append(row)
+        if score(row):
+            return row, [printable(" ".join(c.strip() for c in r if c.strip()))[:60] for r in seen[:-1]], []
+        if len(seen) == HEADER_ROWS:
+            break
+    return (seen[0], [], seen[1:]) if seen else (None, [], [])
+
+
+# Order numbers that are the words of a totals or footer line, not an order's.
+NOT_ORDER_WORDS = frozenset("total totals summe gesamt gesamtsumme sum subtotal totaal suma somme totale razem "
+                            "grand".split())
+
+
+def not_an_order(value, key):
+    """Why a row whose order-number cell holds value is no order (a footer, a totals line), or "" when it is one."""
+    if key in NOT_ORDER_WORDS:
+        return "totals lines"
+    if not ID_SHAPE.fullmatch(spreadsheet_text(value)):
+        return "lines that are no order (a footer, a note, a repeated header)"
+    return ""
+
+
+def follow_on(plan):
+    """A test of whether a row without an order number is an item row of the order above it, or None.
+
+    ERPs (Odoo among them) write an order's further lines below its first with the order's
+    cells empty: a row with an item and no e-mail of another customer is one of those.
+    """
+    if "item_name" not in plan.row_fields[:len(plan.row_columns)]:
+        return None
+    item_at = plan.row_columns[plan.row_fields.index("item_name")]
+    email_at = plan.email_column
+
+    def follows(row, first):
+        email = row[email_at].strip() if email_at < len(row) else ""
+        return bool(row[item_at].strip()) and (not email or normalise_email(email) == normalise_email(first[email_at]))
+
+    return follows
 
 
 def too_many_rows(path, value):
@@ -2233,6 +2807,7 @@ class Snapshot:
     newest_day: float | None = None  # the start of the newest day its orders' dates name (when read dated)
     normalise: object = normalise_order_id  # how this export's order numbers, and the typed ones, compare
     made_at: float | None = None  # when an upload was made (upload_time), where its file's time is its arrival
+    reading: dict = None  # rows attached to the order above, rows that are no order, lines before the header
 
     @property
     def made(self):
@@ -2298,7 +2873,7 @@ def as_written(order_id):
     return order_id.strip().lstrip("#").strip().casefold()
 
 
-def build_snapshot(config, path, memory_limit_mb=None, dated=False):
+def build_snapshot(config, path, memory_limit_mb=None, dated=False, previous=None):
     """Read the export at path into an index of packed orders, ready to serve.
 
     The fast reading assumes what nearly every export is (UTF-8, an order's rows
@@ -2309,7 +2884,7 @@ def build_snapshot(config, path, memory_limit_mb=None, dated=False):
     careful, encoding, alike = False, None, False
     while True:
         try:
-            return build(config, path, careful, encoding, memory_limit_mb, alike, dated)
+            return build(config, path, careful, encoding, memory_limit_mb, alike, dated, previous)
         except Alike:
             alike = True
         except Irregular as why:
@@ -2322,28 +2897,31 @@ def build_snapshot(config, path, memory_limit_mb=None, dated=False):
             log.info("%s: not UTF-8; reading it again as %s", shown_name(path), encoding)
 
 
-def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, dated=False):
+def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, dated=False, previous=None):
     """One pass over the export: each order packed and indexed by (order number, email).
 
     Two orders whose numbers read alike and that share the email ('A-12' and 'A12' of
     one customer) would take one index entry: the count at the end finds them, and the
     file is read again with alike=True, where they share the entry as a tuple that
     Snapshot.render tells apart. Nearly every export has none, and pays nothing.
+    An order with other numbers a customer may hold (a marketplace's beside the shop's)
+    is indexed by each of them too; a row whose e-mail cell holds no address is no order.
     """
     started = time.perf_counter()
     try:
         stat = path.stat()
     except OSError as e:
         export_error(path, f"cannot be read ({e.strerror}).")
-    reader = OrderReader(config, path, encoding, memory_limit_mb)
+    reader = OrderReader(config, path, encoding, memory_limit_mb, previous)
     index, without_email, shared, example, count = {}, 0, 0, "", 0
     packer, pending = None, []  # pending: orders split off a number two customers share, indexed last
     days, dates_at = set(), ()  # the days the orders' dates name, when dated: a few hundred texts
+    aliases, alias_at, no_address = {}, (), 0  # index entries of orders' other numbers, added after the orders'
     try:
         for count, (key, rows) in enumerate(chain(reader.orders(careful), pending), 1):
             if packer is None:  # the first order: the plan is known now
                 packer = Packer(reader.plan, reader.plain)
-                email_at = packer.email_at
+                email_at, alias_at, normalise = packer.email_at, reader.plan.other_ids, reader.normalise
                 example = packer.order_cells(rows[0])[0].strip()  # its number as written, for `check`
                 dates_at = tuple(i for i, f in enumerate(reader.plan.order_fields) if f in PAST_DATES) if dated else ()
             try:
@@ -2355,9 +2933,18 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
             for at in dates_at:
                 days.add(values[at][:10])
             email = values[email_at].strip().casefold().replace(" ", "+")  # normalise_email, index_key: inline in the hottest loop
-            if not email:
+            if "@" not in email:
+                if email:  # "16:41:35" in a footer's e-mail cell: no order's
+                    reader.not_orders["rows whose e-mail cell holds no address"] += len(rows)
+                    reader.rows -= len(rows)
+                    no_address += 1
+                    continue
                 without_email += 1  # such an order can never be matched
-            elif not alike:
+                continue
+            for at in alias_at:
+                if (alias := normalise(spreadsheet_text(rows[0][at]))) and alias != key:
+                    aliases.setdefault(index_key(alias, email), packed)
+            if not alike:
                 index[f"{key}\x1f{email}".encode()] = packed
             elif (kept := index.setdefault(entry := index_key(key, email), packed)) is not packed:
                 index[entry] = (*kept, packed) if kept.__class__ is tuple else (kept, packed)
@@ -2372,18 +2959,22 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
     except Exception as e:  # a damaged file can fail in any layer (zip, XML, codec, memory): each means refuse it
         export_error(path, f"could not be read ({type(e).__name__}). "
                            "Re-export it; it may have been cut off while being written.")
-    if len(index) + without_email + shared != count:
+    if len(index) + without_email + shared + no_address != count:
         raise Alike()
+    for entry, packed in aliases.items():  # an order's own number wins over another's alias
+        index.setdefault(entry, packed)
     plan = reader.plan
     renderer = Renderer(config, plan)
     snapshot = Snapshot(
         config=config, index=index, source=path, file_mtime=stat.st_mtime, file_mtime_ns=stat.st_mtime_ns,
-        file_size=stat.st_size, rows=reader.rows, orders=count,
+        file_size=stat.st_size, rows=reader.rows, orders=count - no_address,
         orders_without_email=without_email, orders_sharing=shared,
         rows_without_order=reader.skipped, loaded_at=time.time(), seconds=time.perf_counter() - started,
         layout=plan.layout, columns=plan.chosen, example_order_id=example,
         packer=packer or Packer(plan), renderer=renderer, encoding=encoding, normalise=reader.normalise,
         newest_day=newest_day(days, config.timezone),
+        reading={"attached": reader.attached, "not_orders": dict(reader.not_orders), "preamble": reader.preamble,
+                 "aliases": len(aliases)},
     )
     renderer.records_text = local_time(snapshot.covers, config.timezone)
     return snapshot
@@ -2422,7 +3013,7 @@ def survey(snapshot):
                     order = dict(zip(reader.plan.order_fields, cells))
                     for name, counter in result.values.items():
                         counter[status_word(order.get(name, ""))] += 1
-                    if values[packer.email_at].strip():
+                    if "@" in values[packer.email_at]:
                         answer_name = snapshot.renderer.answer(cells, items, tracking)[0]
                         result.answers[answer_name] += 1
                         word = snapshot.renderer.word(order.get("status", ""), "status")
@@ -5703,12 +6294,12 @@ def check_summary(snapshot, surveyed):
     plan = snapshot.packer.plan
     header = plan.header
     others = {field_name: [header[i] for i in more] for field_name, _, more in plan.competing}
-    by_content = {field_name: evidence for field_name, _, evidence in plan.detected}
     for field_name, chosen in snapshot.columns.items():
-        also = f" (also fits: {', '.join(repr(printable(h)) for h in others[field_name])})" if field_name in others else ""
-        if field_name in by_content:
-            also = f" (found by its content: {by_content[field_name]})"
-        yield f"column   {field_name:<18} <- \"{printable(chosen)}\"{also}"
+        why = [(plan.evidence or {}).get(field_name, "")]
+        if field_name in others:
+            why.append(f"also fits: {', '.join(repr(printable(h)) for h in others[field_name])}")
+        said = "; ".join(filter(None, why))
+        yield f"column   {field_name:<18} <- \"{printable(chosen)}\"" + (f" ({said})" if said else "")
     for field_name, columns in (("items", plan.item_columns), ("tracking", plan.tracking_columns)):
         if columns:
             yield f"packed   {field_name:<18} <- " + ", ".join(repr(printable(header[i])) for i in columns)
@@ -5721,6 +6312,13 @@ def check_summary(snapshot, surveyed):
     if missing:
         yield f"no column for {', '.join(missing)} (their placeholders stay empty)"
     yield f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s"
+    reading = snapshot.reading or {}
+    if reading.get("attached"):
+        yield (f"rows     {plural(reading['attached'], 'item row')} without an order number belong to the order "
+               "above them (the export writes an order's further lines so)")
+    if reading.get("aliases"):
+        yield (f"rows     {plural(reading['aliases'], 'order')} can also be found by their "
+               f"{', '.join(repr(printable(plan.header[c])) for c in plan.other_ids)}")
     yield f"format   order numbers look like {snapshot.example_order_id!r}: give this format to the chat platform"
     for field_name, counts in surveyed.values.items():
         yield f"values   {field_name}: " + ", ".join(
@@ -5735,12 +6333,14 @@ def check_summary(snapshot, surveyed):
 def check_warnings(snapshot, surveyed):
     """What `check` warns about: answers that rest on a missing column or an unknown word, and data problems."""
     config = snapshot.config
-    looked = candidates(config, snapshot.packer.plan.rules, "status")
-    if looked and "status" not in snapshot.columns:
+    layout = snapshot.packer.plan.rules
+    if "status" not in snapshot.columns and any(name == "status" for rule in config.rules for name, _ in rule.conditions):
         answers = ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common())
-        yield f"no status column (looked for {', '.join(repr(h) for h in looked)}): every order " \
-              f"is answered as no status tells ({answers}). Add your export's status header to " \
-              f"{columns_key(snapshot.packer.plan.rules, 'status')}."
+        looked = (f"the {layout.name} layout reads it from {', '.join(repr(h) for h in layout.columns['status'])}"
+                  if layout and "status" in layout.columns else "no header says the order's state, such as \"Status\", "
+                  "\"Fulfillment Status\" or \"Estado del envío\"")
+        yield f"no status column ({looked}): every order is answered as no status tells ({answers}). If your export " \
+              f"has one, add its header to {columns_key(layout, 'status')}."
     named = {w for rule in config.rules for name, words in rule.conditions if name == "status" and words for w in words}
     for word, answers in sorted(surveyed.by_status.items(), key=lambda item: -sum(item[1].values())):
         if word and word not in named:
@@ -5780,7 +6380,13 @@ def check_warnings(snapshot, surveyed):
     if snapshot.orders_without_email:
         yield f"{snapshot.orders_without_email} orders have no email and can never be found"
     if snapshot.rows_without_order:
-        yield f"{snapshot.rows_without_order} rows have no order number and were skipped"
+        yield f"{plural(snapshot.rows_without_order, 'row')} have no order number and were skipped"
+    reading = snapshot.reading or {}
+    for why, count in (reading.get("not_orders") or {}).items():
+        yield f"{plural(count, 'row')} left out as {why}"
+    if reading.get("preamble"):
+        yield (f"{plural(len(reading['preamble']), 'line')} before the header left out: "
+               + ", ".join(repr(line) for line in reading["preamble"][:3]))
     if surveyed.alike:
         number, count = surveyed.alike.most_common(1)[0]
         yield (f"{len(surveyed.alike)} order numbers are written in ways that read alike (e.g. {count} orders read "
@@ -5795,6 +6401,11 @@ def check_warnings(snapshot, surveyed):
 FREE_TEXT = ("note", "comment", "instruction", "message", "remark", "memo", "request", "gift", "bemerkung",
              "kommentar", "notiz", "hinweis", "commentaire", "remarque", "nota", "opmerking", "comentario",
              "observacion")
+
+
+def plural(count, noun):
+    """'1 order', '3 orders': a count with its noun."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def free_text_fields(config, columns=None):

@@ -95,16 +95,19 @@ PLATFORMS = {
     # Odoo, Sales > Orders > Export as CSV; the same rows as XLSX in test_odoo_reads_the_same_from_its_workbook.
     "odoo_sale_orders.csv": ("Odoo sales orders export", [
         # "Fully Delivered" is Odoo's word for the delivery order validated: shipped, not received.
-        ("S00042", "anna.mueller@example.com", f"Order S00042 was found and has shipped. It contains the items "
-                                               f"ordered. {NO_LINK}", None),
+        # An order's further lines sit on rows of their own, order cells empty: they belong to it.
+        ("S00042", "anna.mueller@example.com", "Order S00042 was found and has shipped. It contains 1 x [FURN_7777] "
+                                               f"Office Chair, 2 x [FURN_8888] Desk Lamp. {NO_LINK}", None),
         ("s00043", "jan.devries@example.nl",
-         f"Order S00043 was found. It was placed on 28 Nov 2026. It contains the items ordered. {NOT_YET}", None),
+         f"Order S00043 was found. It was placed on 28 Nov 2026. It contains 1 x [FURN_0001] Standing Desk. {NOT_YET}",
+         None),
         ("S00044", "lucie.martin@example.fr",
-         f"Order S00044 was found. It was placed on 28 Nov 2026. It contains the items ordered. {NOT_SAID}", None),
+         f"Order S00044 was found. It was placed on 28 Nov 2026. It contains 1 x [FURN_0002] Cable Tray. {NOT_SAID}",
+         None),
         ("S00045", "marco.rossi@example.it", f"Order S00045 {CANCELLED}", None),
         ("S00046", "sofia.garcia@example.es",
-         "Order S00046 was found. Part of it has shipped and the rest will follow. It contains the items ordered.",
-         None),
+         "Order S00046 was found. Part of it has shipped and the rest will follow. It contains 1 x [FURN_7777] Office "
+         "Chair, 1 x [FURN_0001] Standing Desk.", None),
     ]),
     # plentymarkets, Data > Catalogues, format type Order, with the German column names of docs/EXPORTS.md.
     "plentymarkets_orders.csv": ("plentymarkets orders catalogue export", [
@@ -158,7 +161,8 @@ def test_each_platform_answers_its_orders(snapshots, name, order_id, email, text
 
 @pytest.mark.parametrize("name, warnings", [
     ("shopware_orders.csv", ["status 'returned' (1 orders) is named by no rule"]),
-    ("shopware_default_orders.csv", ["no status column (looked for 'delivery_state')"]),
+    ("shopware_default_orders.csv", ["no status column (the Shopware 6 orders export layout reads it from "
+                                     "'delivery_state')"]),
     ("prestashop_sql_orders.csv", ["status 'on backorder (paid)' (1 orders) is named by no rule"]),
     ("odoo_sale_orders.csv", []),
     ("plentymarkets_orders.csv", ["status 'gerade im versand' (1 orders)", "status 'retoure' (1 orders)"]),
@@ -269,11 +273,14 @@ def test_odoo_reads_the_same_from_its_workbook(tmp_path):
         assert ask(snapshot, order_id, email) == (200, text, url)
 
 
-def test_odoo_order_lines_on_rows_of_their_own_never_make_a_short_list(snapshots):
+def test_odoo_order_lines_on_rows_of_their_own_never_make_a_short_list(snapshots, capsys):
     # S00042 has two order lines, the second on a row whose order cells Odoo leaves empty. Naming
     # only the first ("It contains 1 x Office Chair") would be a confident wrong answer.
     context = ask(snapshots["odoo_sale_orders.csv"], "S00042", "anna.mueller@example.com")[1]
-    assert "Office Chair" not in context and "Desk Lamp" not in context and "the items ordered" in context
+    assert "1 x [FURN_7777] Office Chair, 2 x [FURN_8888] Desk Lamp." in context
+    assert snapshots["odoo_sale_orders.csv"].reading["attached"] == 3
+    out = check(capsys, FIXTURES / "odoo_sale_orders.csv")[1]
+    assert "rows     8; orders 5" in out and "3 item rows without an order number belong to the order above" in out
 
 
 def test_odoo_without_the_customer_email_says_how_to_export_it(tmp_path):
@@ -282,7 +289,8 @@ def test_odoo_without_the_customer_email_says_how_to_export_it(tmp_path):
     path = write_xlsx(tmp_path / "orders.xlsx", {"Sheet1": [row[:at] + row[at + 1:] for row in rows]})
     with pytest.raises(app.ExportError) as refused:
         served(path)
-    assert "no column for email" in str(refused.value) and "Customer > Email" in str(refused.value)
+    assert "Odoo sales orders export carries no buyer's e-mail address" in str(refused.value)
+    assert "Customer > Email" in str(refused.value)
 
 
 # plentymarkets ####################################################################################

@@ -99,7 +99,7 @@ def test_a_folder_serves_its_newest_export(tmp_path, contexts_file):
 
 def test_only_the_columns_used_are_kept(export, contexts_file):
     config = app.load_config(contexts_file)
-    header = ["Name", "Email", "Billing Street", "Phone", "Fulfillment Status", "Notes"]
+    header = ["Order Number", "Email", "Billing Street", "Phone", "Fulfillment Status", "Notes"]
     plan = app.make_plan(config, header, "orders.csv")
     assert "billing_street" not in plan.order_fields and "phone" not in plan.order_fields
     assert {"order_id", "status"} <= set(plan.order_fields)
@@ -122,11 +122,11 @@ def test_unusable_exports_are_refused_with_a_clear_message(tmp_path, contexts_fi
 
 
 def test_a_missing_column_message_lists_what_the_file_has_and_the_fix(tmp_path, contexts_file):
-    path = write(tmp_path / "o.csv", "Order Number,Mail Address\n1,a@example.com\n")
+    path = write(tmp_path / "o.csv", "Order Number,Kontaktperson\n1,Jane Roe\n")
     with pytest.raises(app.ExportError) as caught:
         snapshot_of(path, contexts_file)
-    assert '"Mail Address"' in caught.value.detail  # for `check` at a terminal, not for logs
-    assert "[columns] email" in str(caught.value) and "Mail Address" not in str(caught.value)
+    assert '"Kontaktperson"' in caught.value.detail  # for `check` at a terminal, not for logs
+    assert "[columns] email" in str(caught.value) and "Kontaktperson" not in str(caught.value)
 
 
 def test_an_empty_folder_says_where_to_drop_the_export(tmp_path):

@@ -102,7 +102,7 @@ def test_a_rolling_export_that_loses_its_oldest_3_percent_is_accepted(serving_20
 def test_a_contexts_edit_that_reads_numbers_from_another_column_is_applied(serving_200, contexts_file):
     # Every key changes (order numbers now from "Id"), which is no sign of a cut-off export.
     service, export = serving_200
-    contexts_file.write_text(contexts_file.read_text().replace('order_id = ["', 'order_id = ["Id", "', 1))
+    contexts_file.write_text(contexts_file.read_text().replace("\n[columns]\n", '\n[columns]\norder_id = ["Id"]\n', 1))
     assert service.reload() is True and service.snapshot.columns["order_id"] == "Id"
     assert app.answer(service.snapshot, str(6634244374859 + 1200), "c1200@example.com")[0] == 200
 
@@ -334,7 +334,7 @@ def check_output(capsys, text, tmp_path):
 def test_check_warns_that_no_status_column_means_no_state(capsys, tmp_path):
     code, out = check_output(capsys, NO_STATUS, tmp_path)
     assert code == 0
-    assert "warning  no status column (looked for 'Fulfillment Status', 'Order Status', 'Status', " in out
+    assert "warning  no status column (no header says the order's state, such as \"Status\"" in out
     assert "every order is answered as no status tells (found 2)" in out
 
 

@@ -190,8 +190,8 @@ def test_a_layouts_columns_are_the_only_ones_read_for_its_fields(tmp_path, capsy
     snapshot = app.build_snapshot(app.load_config(CONTEXTS), path)
     assert "status" not in snapshot.columns
     code, out = check(capsys, path)
-    assert "no status column (looked for 'Order Fulfillment Status')" in out
-    assert "Add your export's status header to [layouts.matrixify.columns] status." in out
+    assert "no status column (the Matrixify orders export (Shopify) layout reads it from 'Order Fulfillment Status')" in out
+    assert "add its header to [layouts.matrixify.columns] status." in out
 
 
 def test_a_shipped_layout_is_changed_key_by_key_from_contexts(tmp_path, contexts_file):
@@ -248,7 +248,8 @@ def test_columns_that_read_alike_or_compete_are_named_by_check(capsys, tmp_path)
     path = write(tmp_path / "orders.csv", "Order Number,Customer: Email,Customer Email,Email,Status\n"
                                           "1,a@example.com,b@example.com,c@example.com,shipped\n")
     code, out = check(capsys, path)
-    assert 'column   email              <- "Email" (also fits: \'Customer: Email\')' in out
+    assert 'column   email              <- "Email" (header words: "email"; 1 of 1 are e-mail addresses; also fits: ' \
+           "'Customer: Email')" in out
     assert "warning  columns 'Customer: Email' and 'Customer Email' read alike" in out
 
 
@@ -298,7 +299,8 @@ def test_magento_without_the_email_column_says_how_to_export_it(tmp_path):
     cut = [line.replace(",hana@example.com", "").replace('"Customer Email",', "") for line in lines[:2]]
     with pytest.raises(app.ExportError) as refused:
         app.build_snapshot(app.load_config(CONTEXTS), write(tmp_path / "grid.csv", "\n".join(cut) + "\n"))
-    assert "no column for email" in str(refused.value) and "Default View" in str(refused.value)
+    assert "Magento / Adobe Commerce order grid export carries no buyer's e-mail address" in str(refused.value)
+    assert "Default View" in str(refused.value)
 
 
 @pytest.mark.parametrize("text, says", [
