@@ -47,6 +47,7 @@ from functools import lru_cache
 from itertools import accumulate, chain, groupby, islice, starmap, zip_longest
 from json.encoder import encode_basestring
 from operator import itemgetter
+from typing import NamedTuple
 from pathlib import Path
 from string import Formatter
 from urllib.parse import quote, unquote_plus, unquote_to_bytes, urlsplit
@@ -366,10 +367,13 @@ def shared_key_errors(settings):
 # Placeholders computed from an order rather than read from one column.
 DERIVED = {
     "order_id": "the order number as written in the export, e.g. #1001",
-    "items": "the line items, e.g. 1 x Hat, 2 x Socks",
-    "item_count": "how many items in all",
-    "shipped_items": "the items whose own status says they shipped",
-    "unshipped_items": "the items not shipped yet",
+    "items": "the line items, e.g. 1 x Hat, 2 x Socks (without a count where the export gives none)",
+    "item_count": "how many items in all, where every line's count is known",
+    "shipped_items": "what of the items has left, as the lines' statuses or shipped quantities say",
+    "unshipped_items": "what of the items has not left and still needs to",
+    "parcels": "each tracking number with the items on its row, where the export ties them",
+    "needs_shipping": "'no' when every line needs no shipping (a download, a gift card), as the export says",
+    "overdue": "'yes' when the order was placed more than [settings] overdue_days before the export",
     "tracking_number": "the first tracking number",
     "tracking_numbers": "every tracking number, comma-separated",
     "tracking_url": "the tracking link (from a column, or built from [carriers])",
@@ -380,11 +384,18 @@ MESSAGES = {
     "not_found": {"order_id", "records_updated"},
     "missing": {"missing"},
     "invalid": set(),
+    "not_an_email": set(),
     "unavailable": set(),
+}
+# Messages added after contexts.toml files were made: a file without one answers with this.
+MESSAGE_DEFAULTS = {
+    "not_an_email": "No order could be looked up: what was given as the e-mail address is not one. Please ask the "
+                    "customer again for the e-mail address used for the order.",
 }
 REQUIRED_FIELDS = ("order_id", "email")
 # Fields read per line item; every other field is per order.
-ITEM_FIELDS = ("item_name", "item_quantity", "item_status")
+ITEM_FIELDS = ("item_name", "item_quantity", "item_status", "item_shipped_quantity", "item_refunded_quantity",
+               "item_needs_shipping")
 # Fields read from every row of an order: its items and any tracking numbers.
 ROW_FIELDS = (*ITEM_FIELDS, "tracking_number")
 # Fields that derived placeholders are made from: always read when present.
@@ -455,10 +466,12 @@ class Config:
     carriers: tuple
     default_template: str
     item_format: str
+    item_part: str
     item_separator: str
     no_items: str
     shipped_item_statuses: frozenset
     max_age_hours: float
+    overdue_days: float
     min_orders_ratio: float
     max_vanished_ratio: float
     export_lag_hours: float
@@ -578,9 +591,10 @@ def parse_config(path, doc, shipped=None, words=None, history=None):
     return Config(
         path=path, columns=columns, rules=rules, templates=templates,
         carriers=parse_carriers(path, doc.get("carriers", {})), default_template=default,
-        item_format=items["format"], item_separator=items["separator"], no_items=items["none"],
+        item_format=items["format"], item_part=items["part"], item_separator=items["separator"], no_items=items["none"],
         shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
-        max_age_hours=settings["max_age_hours"], min_orders_ratio=settings["min_orders_ratio"],
+        max_age_hours=settings["max_age_hours"], overdue_days=settings["overdue_days"],
+        min_orders_ratio=settings["min_orders_ratio"],
         max_vanished_ratio=settings["max_vanished_ratio"], export_lag_hours=settings["export_lag_hours"],
         sheet=settings["sheet"],
         timezone=parse_timezone(path, settings["timezone"]),
@@ -707,6 +721,7 @@ SETTING_DEFAULTS = {
     "sheet": "",
     "timezone": "UTC",
     "language": "en",  # the templates': how their dates are written (vocabulary.toml [dates])
+    "overdue_days": 30.0,  # an order not shipped this long after it was placed is not worded as if it ships soon
 }
 
 
@@ -751,6 +766,7 @@ def parse_columns(path, raw, section="columns"):
 
 ITEM_DEFAULTS = {
     "format": "{quantity} x {name}",
+    "part": "part of {item}",  # a line the export says left in part, without saying how much
     "separator": ", ",
     "none": "the items ordered",
     "shipped": ["fulfilled", "shipped", "delivered"],
@@ -768,6 +784,7 @@ def parse_items(path, raw):
         for word in out[key] if kind is list else ():
             expect(path, f"[items] {key}", word, str, f"a list of words like {ITEM_DEFAULTS[key]!r}")
     placeholders(path, "[items] format", out["format"], {"quantity", "name"})
+    placeholders(path, "[items] part", out["part"], {"item"})
     return out
 
 
@@ -798,6 +815,9 @@ def parse_templates(path, raw):
         where = f"[templates] {name}"
         expect(path, where, text, str, 'a text in quotes, e.g. "Order {order_id} was found."')
         templates[name] = template(path, where, name, text, MESSAGES.get(name))
+    for name, text in MESSAGE_DEFAULTS.items():
+        if name not in templates:
+            templates[name] = template(path, f"[templates] {name}", name, text, MESSAGES[name])
     for name, allowed in MESSAGES.items():
         if name not in templates:
             shown = f" It may use {', '.join('{%s}' % a for a in sorted(allowed))}." if allowed else ""
@@ -1514,6 +1534,39 @@ def day_order(values):
     return None
 
 
+class DayOrder:
+    """Whether each date column of an export writes the day or the month first, from its values (see day_order).
+
+    Decided from the first rows where they tell; a column still undecided whose dates are
+    numeric is watched as the export is read, until a value tells; then the file's language
+    decides (every language but English puts the day first); else it stays None: such a
+    date is shown as written, never guessed.
+    """
+
+    def __init__(self, plan, sample, day_first_language):
+        self.decided, self.watched = {}, {}
+        for place, field_name in enumerate(plan.order_fields):
+            if FIELD_CONTENT.get(field_name) != "date":
+                continue
+            column = plan.order_columns[place]
+            values = [row[column] for row in sample if column is not None and column < len(row)]
+            self.decided[field_name] = day_order(values)
+            if self.decided[field_name] is None and any(DATE_NUMERIC.fullmatch(spreadsheet_text(v)) for v in values):
+                self.watched[field_name] = place
+        self.fallback = True if day_first_language else None
+
+    def see(self, values):
+        """Look at one order's values of the columns still undecided."""
+        for field_name, place in list(self.watched.items()):
+            if (told := day_order((values[place],))) is not None:
+                self.decided[field_name] = told
+                del self.watched[field_name]
+
+    def result(self):
+        """{date field: True (day first), False (month first) or None (not known)}."""
+        return {name: self.fallback if told is None else told for name, told in self.decided.items()}
+
+
 def serial_day(text):
     """(year, month, day) of an Excel day number (45231 is 2023-11-01) in a date column, or None."""
     if not DATE_SERIAL.fullmatch(text):
@@ -1533,7 +1586,7 @@ def serial_day(text):
 
 # Fields in the order they take a column: the specific before the general, so that
 # "Item Qty Shipped" is the shipped quantity before any quantity may take it.
-FIELD_ORDER = ("order_id", "email", "item_shipped_quantity", "item_refunded_quantity", "item_quantity",
+FIELD_ORDER = ("order_id", "email", "item_shipped_quantity", "item_refunded_quantity", "item_quantity", "item_needs_shipping",
                "tracking_url", "tracking_number", "carrier", "status", "order_state", "financial_status",
                "shipment_status", "item_status", "cancelled_at", "shipped_at", "estimated_delivery", "order_date",
                "shipping_method", "item_name")
@@ -1543,7 +1596,7 @@ FIELD_CONTENT = {"order_id": "id", "email": "email", "status": "status", "order_
                  "cancelled_at": "date", "order_date": "date", "shipped_at": "date", "estimated_delivery": "date",
                  "tracking_number": "tracking", "tracking_url": "link", "carrier": "word", "shipping_method": "word",
                  "item_name": "text", "item_quantity": "quantity", "item_shipped_quantity": "quantity",
-                 "item_refunded_quantity": "quantity"}
+                 "item_refunded_quantity": "quantity", "item_needs_shipping": "flag"}
 # Small words a header may hold besides the ones that say its field ("Número de orden").
 FILLER = frozenset("de del la el los las do da dos das du des le les of the a an di della dell van het der die den "
                    "y e et und and per por para pour zum zur von al au aux in en z w na do by".split())
@@ -1676,8 +1729,10 @@ def cells_fit(kind, values, known=frozenset()):
                                   or damaged_number(v))) >= 0.6
         return ok, f"{distinct} codes like {example!r}"
     if kind == "quantity":
-        ok = share(lambda v: quantity_value(v) is not None) >= 0.6
+        ok = share(lambda v: quantity_value(v) is not None) >= 0.5
         return ok, f"numbers such as {example!r}"
+    if kind == "flag":
+        return share(lambda v: status_word(v) in FLAGS) >= 0.8, f"yes or no: {example!r}"
     if kind == "date":
         ok = share(lambda v: looks_like_date(v) or bool(DATE_SERIAL.fullmatch(v))) >= 0.8
         return ok, f"dates such as {example!r}"
@@ -2196,6 +2251,7 @@ class OrderReader:
         self.progress = Progress(shown_name(path), memory_limit_mb)
         self.last_row = None  # the file's last row with a cell, as read: is it whole?
         self.previous = previous  # the columns chosen for this header row last time (see make_plan)
+        self.sample, self.day_first_language = [], False  # the first rows, and whether the header's words write the day first
         self.preamble = []  # lines before the header (a title, a line of separators), for check
         self.attached = 0  # item rows without an order number, taken as the order above's (see follow_on)
         self.not_orders = Counter()  # rows that are no order (a footer, a totals line), by why
@@ -2229,8 +2285,10 @@ class OrderReader:
             rows = chain(read_past, rows)
             if header is None:
                 export_error(self.path, "is empty. Re-export the orders; the last good data stays served.")
-            sample = list(islice(rows, SAMPLE_ROWS))
+            sample = self.sample = list(islice(rows, SAMPLE_ROWS))
             rows = chain(sample, rows)
+            marks = self.config.words.groups.get("day_first", frozenset())
+            self.day_first_language = any(word in marks for text in header for word in header_words(text))
             self.plan = make_plan(self.config, header, shown_name(self.path), sample, previous=self.previous)
             self.normalise = without_leading_zeros if self.plan.ignore_leading_zeros else normalise_order_id
             self.follows = follow_on(self.plan)
@@ -2630,8 +2688,8 @@ class Packer:
             name, quantity = entry_value(entry, spec, "name"), entry_value(entry, spec, "quantity")
             if not name:  # shown as written, with no quantity: one made up would be a wrong fact
                 self.note_unread("items", entry.get("", text))
-                name, quantity = entry.get("", text), UNCOUNTED
-            found.append((name, quantity or "1"))
+                name, quantity = entry.get("", text), ""
+            found.append((name, quantity))
         return found
 
     def note_unread(self, kind, text):
@@ -2659,21 +2717,52 @@ class Packer:
             return [self.pack(part) for part in by_email(rows, self.email_of)]
 
     def unpack(self, packed):
-        """(order cells in plan.order_fields' order, items, tracking numbers) from a packed order."""
+        """(order cells in plan.order_fields' order, Items, tracking numbers) from a packed order.
+
+        A quantity that does not read as one is None: the item is named without a count. A
+        tracking number a spreadsheet damaged for good (3,6E+14) is withheld, never shown.
+        """
         head, *lines = packed.decode().split(RECORD)
         items, tracking = [], []
-        name_at, quantity_at, status_at, tracking_at = self.row_positions
+        name_at, quantity_at, status_at, shipped_at, refunded_at, ships_at, tracking_at = self.row_positions
         for line in lines:
             cells = line.split(FIELD)
+            numbers = ()
+            if tracking_at is not None and (text := cells[tracking_at].strip()):
+                numbers = tracking_numbers_in(text)
+                tracking.extend(n for n in numbers if n not in tracking)
             if name_at is not None and (name := one_line(cells[name_at])):
-                items.append((quantity_text(one_line(cells[quantity_at])) if quantity_at is not None else "1", name,
-                              cells[status_at].strip() if status_at is not None else ""))
-            if tracking_at is not None and (numbers := cells[tracking_at].strip()):
-                for number in SEVERAL.split(numbers):
-                    number = one_line(number)
-                    if number and number not in tracking:
-                        tracking.append(number)
+                items.append(Item(
+                    quantity_value(cells[quantity_at]) if quantity_at is not None else None, name,
+                    cells[status_at].strip() if status_at is not None else "",
+                    quantity_value(cells[shipped_at]) if shipped_at is not None else None,
+                    quantity_value(cells[refunded_at]) if refunded_at is not None else None,
+                    FLAGS.get(status_word(cells[ships_at])) if ships_at is not None else None, numbers))
         return head.split(FIELD), items, tracking
+
+
+class Item(NamedTuple):
+    """One line of an order as the answer tells it: counts are numbers, or None where the export says none."""
+
+    quantity: float | None
+    name: str
+    status: str  # the line's own status word, as written
+    shipped: float | None  # how many of it left (a done or shipped quantity), where the export says
+    refunded: float | None  # how many of it were refunded, where the export says
+    ships: bool | None  # False for a line that needs no shipping (a download, a gift card), where the export says
+    tracking: tuple = ()  # the tracking numbers on its own row: its parcel's
+
+
+# How exports write yes and no in a column such as "Lineitem requires shipping" or "Producto Físico".
+FLAGS = {**dict.fromkeys(("true", "yes", "y", "1", "si", "sim", "ja", "oui", "wahr", "tak"), True),
+         **dict.fromkeys(("false", "no", "n", "0", "nein", "non", "nao", "nee", "nie", "falsch"), False)}
+
+
+def tracking_numbers_in(text):
+    """The tracking numbers of a cell: several may share it (",", ";", "|", a line break); spreadsheet guards are
+    taken off; a number a spreadsheet damaged for good (3,60003E+14) is left out, never shown."""
+    numbers = (one_line(spreadsheet_text(n)) for n in SEVERAL.split(text))
+    return tuple(n for n in numbers if n and not damaged_number(n))
 
 
 SEVERAL = re.compile(r"[,;|\n]+")  # several tracking numbers in one cell
@@ -2776,9 +2865,9 @@ def clean_cell(text):
     return text.replace(FIELD, " ").replace(RECORD, " ")
 
 
-def quantity_text(value):
-    """Quantities read '2', never '2.0'; no quantity reads 1."""
-    return (value[:-2] if value.endswith(".0") else value) or "1"
+def count_text(number):
+    """A count as answers write it: 3 for 3.0000, 1.5 as it is."""
+    return str(int(number)) if number == int(number) else f"{number:g}"
 
 
 @dataclass(frozen=True)
@@ -2922,6 +3011,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
             if packer is None:  # the first order: the plan is known now
                 packer = Packer(reader.plan, reader.plain)
                 email_at, alias_at, normalise = packer.email_at, reader.plan.other_ids, reader.normalise
+                dating = DayOrder(reader.plan, reader.sample, reader.day_first_language)
                 example = packer.order_cells(rows[0])[0].strip()  # its number as written, for `check`
                 dates_at = tuple(i for i, f in enumerate(reader.plan.order_fields) if f in PAST_DATES) if dated else ()
             try:
@@ -2932,6 +3022,8 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
                 values, packed = packer.pack(first)
             for at in dates_at:
                 days.add(values[at][:10])
+            if dating.watched:
+                dating.see(values)
             email = values[email_at].strip().casefold().replace(" ", "+")  # normalise_email, index_key: inline in the hottest loop
             if "@" not in email:
                 if email:  # "16:41:35" in a footer's e-mail cell: no order's
@@ -2964,7 +3056,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
     for entry, packed in aliases.items():  # an order's own number wins over another's alias
         index.setdefault(entry, packed)
     plan = reader.plan
-    renderer = Renderer(config, plan)
+    renderer = Renderer(config, plan, dating.result() if packer else None)
     snapshot = Snapshot(
         config=config, index=index, source=path, file_mtime=stat.st_mtime, file_mtime_ns=stat.st_mtime_ns,
         file_size=stat.st_size, rows=reader.rows, orders=count - no_address,
@@ -2976,8 +3068,15 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
         reading={"attached": reader.attached, "not_orders": dict(reader.not_orders), "preamble": reader.preamble,
                  "aliases": len(aliases)},
     )
-    renderer.records_text = local_time(snapshot.covers, config.timezone)
+    dated_by(snapshot)
     return snapshot
+
+
+def dated_by(snapshot):
+    """Give the snapshot's answers its time: {records_updated}, and the export's day for {overdue}."""
+    renderer, config = snapshot.renderer, snapshot.config
+    renderer.records_text = records_time(snapshot.covers, config)
+    renderer.export_day = datetime.fromtimestamp(snapshot.data_time, config.timezone).date()
 
 
 class Alike(Exception):
@@ -3427,6 +3526,7 @@ class Overlay:
         self.plan = make_plan(snapshot.config, EVENT_HEADER, "webhooks", layout=EVENT_LAYOUT)
         self.packer, self.renderer = Packer(self.plan, plain=False), Renderer(snapshot.config, self.plan)
         self.renderer.records_text = snapshot.renderer.records_text
+        self.renderer.export_day = datetime.now(snapshot.config.timezone).date()  # events tell of now
         self.normalise = snapshot.normalise
         self.index = {}  # key -> packed order; changed one key at a time, or replaced whole
         self.times = {}  # key -> when its order last changed
@@ -3489,30 +3589,53 @@ class Overlay:
 ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?\s*(?:Z|[+-]\d{2}:?\d{2}|UTC)?")
 
 
-def readable(value):
-    """Dates read as people write them: '2026-11-28 10:00 -0400' -> '28 Nov 2026'."""
+ENGLISH = ("{day} {month} {year}", ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"))
+
+
+def readable(value, style=ENGLISH):
+    """ISO dates read as people write them: '2026-11-28 10:00 -0400' -> '28 Nov 2026' (style: vocabulary.toml's)."""
     # The pattern only where a date can start: most values ('#1001', '1 x Hat') skip it.
     match = ISO_DATE.fullmatch(value) if value[4:5] == "-" and value[:4].isdigit() else None
     if match is None and " and " in value and value[4:5] == "-":  # the days of an order's parcels (Packer.agreed)
-        return " and ".join(map(readable, value.split(" and ")))
-    return day_text(value[:10]) or value if match else value
+        return " and ".join(readable(part, style) for part in value.split(" and "))
+    return day_text(value[:10], style) or value if match else value
 
 
-def shown(cell):
-    """A cell as an answer shows it: one line (see one_line), a date made readable; the common case fast."""
+def shown(cell, style=ENGLISH):
+    """A cell as an answer shows it: without a spreadsheet's guard, one line (see one_line), an ISO date made
+    readable; the common case fast."""
     cell = cell.strip()
     if not cell.isprintable() or len(cell) > MAX_VALUE:
         cell = one_line(cell)
-    return readable(cell) if cell[4:5] == "-" else cell
+    if cell[:2] == '="':
+        cell = spreadsheet_text(cell)
+    return readable(cell, style) if cell[4:5] == "-" else cell
 
 
 @lru_cache(maxsize=4096)  # a shop's answers show a few hundred days, each many times over
-def day_text(iso_day):
-    """'2026-11-28' -> '28 Nov 2026', or "" when it is no real day."""
+def day_text(iso_day, style=ENGLISH):
+    """'2026-11-28' -> '28 Nov 2026' as style writes it, or "" when it is no real day."""
     try:
-        return date(int(iso_day[:4]), int(iso_day[5:7]), int(iso_day[8:10])).strftime("%-d %b %Y")
+        return written_day((int(iso_day[:4]), int(iso_day[5:7]), int(iso_day[8:10])), style)
     except ValueError:
         return ""
+
+
+def written_day(parts, style):
+    """(year, month, day) as a language writes it: '28 Nov 2026', '28. Nov. 2026'; ValueError for no real day."""
+    year, month, day = parts
+    date(year, month, day)  # raises for 2026-02-30
+    template, months = style
+    return template.format(day=day, month=months[month - 1], year=year)
+
+
+@lru_cache(maxsize=8192)
+def date_written(text, day_first, style):
+    """A date cell in any form exports write, as style writes it; as written where it cannot be read for sure."""
+    if " and " in text:  # the days of an order's parcels (Packer.agreed)
+        return " and ".join(date_written(part, day_first, style) for part in text.split(" and "))
+    parts = date_parts(text, day_first) or serial_day(spreadsheet_text(text))
+    return written_day(parts, style) if parts else text
 
 
 SAFE_URL = re.compile(r"https?://[!#-;=?-~]{1,2000}$")  # printable ASCII, without space, " < >
@@ -3532,13 +3655,17 @@ class Renderer:
     status words allow.
     """
 
-    def __init__(self, config, plan):
+    def __init__(self, config, plan, day_first=None):
         self.config = config
+        self.style = (config.dates or {}).get(config.language, ENGLISH)  # how dates are written: '28 Nov 2026'
         at = {name: i for i, name in enumerate(plan.order_fields)}
         self.own_url_at = at.pop("tracking_url", None)  # the column's text; {tracking_url} is derived from it
         self.carrier_at = at.get("carrier")
         derived = {name: getattr(self, name) for name in DERIVED if name != "order_id"}
-        self.source = {**at, **derived}  # a field -> its cell's position, or the method that derives it
+        # A date field's cells are read the way its column writes them (see DayOrder).
+        dates = {name: self.dated(i, (day_first or {}).get(name)) for name, i in at.items()
+                 if FIELD_CONTENT.get(name) == "date"}
+        self.source = {**at, **dates, **derived}  # a field -> its cell's position, or the method that derives it
         # Rules look at the words in a few fields, and an export has a handful of words per
         # field: the words narrow the rules down once. Whether a field is filled is checked
         # per order, only as far as the rules in order need it.
@@ -3557,17 +3684,22 @@ class Renderer:
         self.senses = plan.senses or {}  # field -> {this export's word: the word rules use}
         self.meanings = config.meanings or {}  # a word in another language -> the word rules use
         self.carrier_pages = {}  # carrier name as exported -> its tracking page ("" when none)
-        # [items] format with numbered places, so an item tuple (quantity, name, status) fills it as is.
+        # [items] format with numbered places: str.format(count, name) fills it.
         self.item_text = numbered(config.item_format, ("quantity", "name")).format
         self.records_text = ""  # {records_updated}: set by Snapshot, moved on by fresher sources
+        self.export_day = None  # the day the export was made, for {overdue}: set by Snapshot
+        placed_at, placed_first = at.get("order_date"), (day_first or {}).get("order_date")
+        self.placed = None if placed_at is None else (  # the order's (year, month, day), or None
+            lambda cells: date_parts(shown(cells[placed_at]).split(" and ")[0], placed_first))
 
     def answer(self, cells, items, tracking):
         """(template name, JSON body) for an order's cells, items and tracking numbers (Packer.unpack's)."""
         url = self.link(cells, tracking)
         template = self.pick(cells, items, tracking, url)
         # A source is a cell's position or a method: the one test that tells them apart, inline.
+        style = self.style
         text = template.fill({
-            field: shown(cells[source]) if source.__class__ is int else source(cells, items, tracking, url)
+            field: shown(cells[source], style) if source.__class__ is int else source(cells, items, tracking, url)
             for field, source in self.fills[template.name]})
         body = f'{{"context": {json_text(text)}, "tracking_url": {json_text(url) if url else "null"}}}'
         return template.name, body.encode()
@@ -3627,6 +3759,16 @@ class Renderer:
             page = self.carrier_pages[carrier] = carrier_page(self.config.carriers, carrier)
         return tracking_link(page, tracking[0]) if page else ""
 
+    def dated(self, at, day_first):
+        """The source of a date field: its cell at position at, written as the templates' language writes dates."""
+        style = self.style
+
+        def date_cell(cells, items, tracking, url):
+            text = shown(cells[at])
+            return date_written(text, day_first, style) if text else ""
+
+        return date_cell
+
     # The derived placeholders, each (cells, items, tracking numbers, tracking link) -> text.
 
     def tracking_url(self, cells, items, tracking, url):
@@ -3642,16 +3784,83 @@ class Renderer:
         return self.listing(items) or self.config.no_items
 
     def shipped_items(self, cells, items, tracking, url):
-        """The items whose own status is one of [items] shipped."""
-        return self.listing([i for i in items if self.word(i[2], "item_status") in self.config.shipped_item_statuses])
+        """What of the items has left, as the lines' own statuses or shipped quantities say; "" where none says."""
+        return self.listing(part for item in items if (part := self.shipped_part(item)))
 
     def unshipped_items(self, cells, items, tracking, url):
-        """The items not shipped yet."""
-        return self.listing([i for i in items if self.word(i[2], "item_status") not in self.config.shipped_item_statuses])
+        """What of the items has not left and still needs to; "" where no line's status or shipped quantity says."""
+        if not any(self.told(item) for item in items):
+            return ""  # unknown, not "all of it": the export says nothing of each line
+        return self.listing(part for item in items if (part := self.unshipped_part(item)))
 
     def item_count(self, cells, items, tracking, url):
-        """How many items in all; an item with no number counts as one."""
-        return str(sum(int(q) if q.isdecimal() else 1 for q, _, _ in items))
+        """How many items in all, where every line's count is a whole number; else ""."""
+        counts = [item.quantity for item in items]
+        if not counts or None in counts or any(c != int(c) for c in counts):
+            return ""
+        return str(int(sum(counts)))
+
+    def needs_shipping(self, cells, items, tracking, url):
+        """'no' when every line says it needs no shipping, 'yes' when one needs it, "" where the export says nothing."""
+        flags = [item.ships for item in items]
+        if flags and all(flag is False for flag in flags):
+            return "no"
+        return "yes" if True in flags else ""
+
+    def overdue(self, cells, items, tracking, url):
+        """'yes' when the order was placed more than [settings] overdue_days before the export was made, else ""."""
+        placed = self.placed(cells) if self.placed else None
+        if placed is None or not self.export_day:
+            return ""
+        return "yes" if (self.export_day - date(*placed)).days > self.config.overdue_days else ""
+
+    def parcels(self, cells, items, tracking, url):
+        """Each tracking number with the items on its row ('1Z99 (1 x Hat); 1Z98 (2 x Scarf)'), where the export ties
+        them and an order has more than one; else ""."""
+        tied = {}
+        for item in items:
+            for number in item.tracking:
+                tied.setdefault(number, []).append(item)
+        if len(tracking) < 2 or not tied:
+            return ""
+        return "; ".join(f"{number} ({self.listing(tied[number])})" if number in tied else number
+                         for number in tracking)
+
+    def told(self, item):
+        """True when the export says of a line whether it left: a status word, or a shipped quantity."""
+        return item.shipped is not None or bool(item.status)
+
+    def shipped_part(self, item):
+        """(count or None, name, part) of what of one line has left, or None."""
+        if item.shipped is not None:
+            if not item.shipped:
+                return None
+            whole = item.quantity is None or item.shipped >= item.quantity
+            return (item.quantity if whole else item.shipped), item.name, False
+        word = self.word(item.status, "item_status")
+        if word in self.config.shipped_item_statuses:
+            return item.quantity, item.name, False
+        return (item.quantity, item.name, True) if word in PARTIAL_WORDS else None
+
+    def unshipped_part(self, item):
+        """(count or None, name, part) of what of one line has not left and still needs to, or None."""
+        if item.ships is False:
+            return None  # a line that needs no shipping is never "not shipped yet"
+        refunded = item.refunded or 0
+        if item.shipped is not None:
+            if item.quantity is None:
+                return None if item.shipped else (None, item.name, False)
+            left = item.quantity - item.shipped - refunded
+            return (left, item.name, False) if left > 0 else None
+        # An empty status beside lines that have one is a line not fulfilled yet (Shopify leaves it empty).
+        word = self.word(item.status, "item_status")
+        if word in self.config.shipped_item_statuses:
+            return None
+        if word in PARTIAL_WORDS:
+            return item.quantity, item.name, True
+        if item.quantity is not None and refunded:
+            return (item.quantity - refunded, item.name, False) if item.quantity > refunded else None
+        return item.quantity, item.name, False
 
     def tracking_number(self, cells, items, tracking, url):
         """The first tracking number."""
@@ -3666,11 +3875,15 @@ class Renderer:
         return ""
 
     def item(self, item):
-        """One item as [items] format says ('2 x Hat'); one whose packed cell did not read, as written."""
-        return item[1] if item[0] == UNCOUNTED else self.item_text(*item)
+        """One item as [items] format says ('2 x Hat'); without a count where the export gives none; 'part of 2 x
+        Hat' as [items] part says, for a line the export says left in part without saying how much."""
+        quantity, name, part = item[0], item[1], len(item) == 3 and item[2]
+        text = name if quantity is None else self.item_text(count_text(quantity), name)
+        return self.config.item_part.replace("{item}", text) if part else text
 
     def listing(self, items):
         """'1 x Hat, 2 x Socks' as [items] format and separator say; past MAX_ITEMS, how many more."""
+        items = list(items)
         if len(items) <= MAX_ITEMS:
             return self.config.item_separator.join(map(self.item, items))
         shown = self.config.item_separator.join(map(self.item, items[:MAX_ITEMS]))
@@ -3678,7 +3891,7 @@ class Renderer:
 
 
 MAX_ITEMS = 30  # items listed in an answer; an order of hundreds of lines is summed up after these
-UNCOUNTED = "-"  # the quantity of an item whose packed cell did not read: its text alone is shown
+PARTIAL_WORDS = frozenset({"partial", "partially shipped", "partially fulfilled", "partially delivered"})
 
 
 def numbered(text, names):
@@ -3736,6 +3949,8 @@ def answer(snapshot, order_id, email, overlay=None):
         missing = [what for what, given in (("the order number", wanted), ("the email address used for the order", email))
                    if not given]
         return 400, message(config, "missing", missing=" and ".join(missing))
+    if "@" not in email:  # no order has it: the agent should ask again rather than say the order does not exist
+        return 404, message(config, "not_an_email")
     key = index_key(wanted, normalise_email(email))
     if overlay is not None and overlay.index and (packed := overlay.index.get(key)) is not None:
         if packed:  # else deleted in the shop since the export
@@ -4124,7 +4339,7 @@ class Service:
     def note_fresher(self, moment):
         """An event brought the records up to moment: {records_updated} says so, if it is newer than the export."""
         snapshot, overlay = self.snapshot, self.overlay
-        text = local_time(max(moment, snapshot.covers), snapshot.config.timezone)
+        text = records_time(max(moment, snapshot.covers), snapshot.config)
         snapshot.renderer.records_text = text
         if overlay:
             overlay.renderer.records_text = text
@@ -4263,7 +4478,7 @@ def upload_time(stated, newest_day, served, now=None):
 def made_at(snapshot, moment):
     """snapshot of an upload, dated when it was made (its file's own time is its arrival)."""
     snapshot = replace(snapshot, made_at=moment)
-    snapshot.renderer.records_text = local_time(snapshot.covers, snapshot.config.timezone)
+    dated_by(snapshot)
     return snapshot
 
 
@@ -4291,6 +4506,13 @@ def dated_upload(snapshot, path):
 def same_file_state(path, snapshot):
     """True when path has the size and mtime the snapshot was read from."""
     return file_state(path)[1:] == (snapshot.file_size, snapshot.file_mtime_ns)
+
+
+def records_time(timestamp, config):
+    """{records_updated}: a moment in the shop's time zone, its day as the templates' language writes days."""
+    moment = datetime.fromtimestamp(timestamp, config.timezone)
+    style = (config.dates or {}).get(config.language, ENGLISH)
+    return f"{written_day((moment.year, moment.month, moment.day), style)}, {moment:%H:%M %Z}"
 
 
 def local_time(timestamp, zone):

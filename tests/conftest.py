@@ -47,8 +47,9 @@ def orders_csv(count, status="unfulfilled", first=1, item="Item"):
     """A Shopify-shaped export of count orders, #first onwards, two rows each."""
     lines = [SHOPIFY_HEADER]
     for n in range(first, first + count):
-        lines.append(f"#{n},customer{n}@example.com,paid,{status},2026-11-27 09:00:00 +0000,1,{item} {n},pending,,,")
-        lines.append(f"#{n},,,,,2,Extra {n},pending,,,")
+        line_status = "fulfilled" if status == "fulfilled" else "pending"  # each line as Shopify writes it
+        lines.append(f"#{n},customer{n}@example.com,paid,{status},2026-11-27 09:00:00 +0000,1,{item} {n},{line_status},,,")
+        lines.append(f"#{n},,,,,2,Extra {n},{line_status},,,")
     return "\n".join(lines) + "\n"
 
 

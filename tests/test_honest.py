@@ -267,8 +267,9 @@ def test_an_answer_claims_only_the_state_the_export_shows(tmp_path, text, order_
 @pytest.mark.parametrize("status, financial, wanted", [
     ("partial", "pending", "Order #1 was found. Part of it has shipped on 20 Nov 2026: 1 x Board. Its payment has not "
                            "been confirmed yet; still to ship: 1 x Wax."),
-    ("fulfilled", "paid", "Order #1 was found and has shipped on 20 Nov 2026 with UPS (tracking number 1Z9). It can be "
-                          "followed with the tracking link. It contains 1 x Board, 1 x Wax."),
+    # The order says fulfilled, the Wax line says pending: never listed as shipped.
+    ("fulfilled", "paid", "Order #1 was found. Part of it has shipped on 20 Nov 2026 with UPS (tracking number 1Z9): "
+                          "1 x Board. Not shipped: 1 x Wax."),
 ])
 def test_shipped_answers_use_what_the_export_has(tmp_path, status, financial, wanted):
     text = ("Name,Email,Financial Status,Fulfillment Status,Fulfilled at,Lineitem quantity,Lineitem name,"
@@ -366,7 +367,7 @@ def test_check_says_ok_only_after_everything_passed(capsys, tmp_path, contexts_f
 def test_an_applied_contexts_edit_is_logged(tmp_path, contexts_file, logs):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
     service = started(make_settings(export.parent, contexts_file))
-    contexts_file.write_text(contexts_file.read_text().replace("orders normally ship", "we ship"))
+    contexts_file.write_text(contexts_file.read_text().replace("It has not shipped yet.", "It has not left yet."))
     assert service.reload()
     config = service.snapshot.config
     said = f"applied contexts.toml: {len(config.templates)} templates, {len(config.rules)} rules"

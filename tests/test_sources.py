@@ -51,19 +51,18 @@ def shopify(tmp_path_factory):
 
 @pytest.mark.parametrize("order_id, email, text", [
     ("#2001", "ann@example.com", "Order #2001 was found. It was placed on 27 Nov 2026. It contains 1 x Mug. "
-                                 "It has not shipped yet; orders normally ship within two business days."),
+                                 "It has not shipped yet."),
     ("#2002", "bob@example.com", "Order #2002 was found and has shipped on 21 Nov 2026. It contains 2 x Tea. "
                                  "No tracking link is available for it."),
     ("#2003", "cat@example.com", "Order #2003 was found. Part of it has shipped on 21 Nov 2026: 1 x Kettle. "
-                                 "Still to ship: 1 x Filter."),
-    ("#2004", "dan@example.com", "Order #2004 was found, but it was cancelled, so it will not ship. "
-                                 "Any payment is refunded to the original payment method."),
-    ("#2005", "eve@example.com", "Order #2005 was found. It has been refunded to the original payment method; "
-                                 "refunds can take 5 to 10 business days to appear."),
+                                 "Not shipped yet: 1 x Filter."),
+    # No refund method or duration: no export holds them, and the shipped answers promise none.
+    ("#2004", "dan@example.com", "Order #2004 was found, but it was cancelled, so it will not ship."),
+    ("#2005", "eve@example.com", "Order #2005 was found. It has been refunded."),
     ("#2006", "fay@example.com", "Order #2006 was found. It contains 1 x Lid. Its payment has not been confirmed yet, "
                                  "so it has not been prepared for shipping."),
     ("#2007", "gus@example.com", "Order #2007 was found, but it was cancelled, so it will not ship."),
-    ("#2008", "hal@example.com", "Order #2008 was found. Part of it has shipped and the rest will follow. "
+    ("#2008", "hal@example.com", "Order #2008 was found. Part of it has shipped; the rest has not shipped yet. "
                                  "It contains 1 x Jar."),
 ])
 def test_shopify_statuses_get_fitting_answers(shopify, order_id, email, text):
