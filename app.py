@@ -395,7 +395,7 @@ MESSAGE_DEFAULTS = {
 REQUIRED_FIELDS = ("order_id", "email")
 # Fields read per line item; every other field is per order.
 ITEM_FIELDS = ("item_name", "item_quantity", "item_status", "item_shipped_quantity", "item_refunded_quantity",
-               "item_needs_shipping")
+               "item_needs_shipping", "item_variant")
 # Fields read from every row of an order: its items and any tracking numbers.
 ROW_FIELDS = (*ITEM_FIELDS, "tracking_number")
 # Fields that derived placeholders are made from: always read when present.
@@ -417,6 +417,7 @@ class Template:
     fields: tuple[str, ...]
     parts: tuple = ()
     gates: tuple = ()  # the placeholders of the optional parts
+    written: str = dataclass_field(default="", compare=False)  # as contexts.toml writes it, [optional parts] and all
     # Per answer, which optional parts show is told by whether their placeholders are filled;
     # the text for each such combination is put together once, then only filled.
     composed: dict = dataclass_field(default_factory=dict, compare=False, repr=False)
@@ -484,6 +485,7 @@ class Config:
     dates: dict = None  # language -> (format, months) of the dates answers write (vocabulary.toml [dates])
     language: str = "en"  # [settings] language: the language of the templates, for their dates
     retired: tuple = ()  # (field, headers) of [columns] lines that are an earlier release's list, not the merchant's
+    promising: tuple = ()  # (template, what it promises) of templates that are word for word an earlier release's
 
     @property
     def fields_used(self):
@@ -600,7 +602,15 @@ def parse_config(path, doc, shipped=None, words=None, history=None):
         timezone=parse_timezone(path, settings["timezone"]),
         layouts=tuple(sorted(layouts.values(), key=lambda layout: layout.key not in own)),
         language=language(path, settings["language"], vocabulary["dates"]), retired=retired, **vocabulary,
+        promising=promising_templates(templates, (history or {}).get("templates", [])),
     )
+
+
+def promising_templates(templates, shipped):
+    """(name, promise) of each template that is word for word an earlier release's answer promising what no export
+    holds (history.toml [[templates]])."""
+    return tuple((entry["name"], entry["promises"]) for entry in shipped if isinstance(entry, dict)
+                 and entry.get("name") in templates and templates[entry["name"]].written == entry.get("text"))
 
 
 def language(path, name, dates):
@@ -837,9 +847,9 @@ def template(path, where, name, text, allowed):
     fields = tuple(dict.fromkeys(f for _, names, _ in parts for f in names))
     plain = "".join(part for part, _ in split)
     if not any(optional for _, optional in split):
-        return Template(name, plain, fields)
+        return Template(name, plain, fields, written=text)
     gates = tuple(dict.fromkeys(f for _, names, optional in parts if optional for f in names))
-    return Template(name, plain, fields, parts, gates)
+    return Template(name, plain, fields, parts, gates, written=text)
 
 
 def optional_parts(path, where, text):
@@ -953,7 +963,7 @@ class Layout:
 
 LAYOUT_KEYS = ("name", "detect", "columns", "rows", "items", "tracking", "statuses", "ignore_leading_zeros", "help",
                "refuse")
-PACKED_KEYS = {"items": ("name", "quantity"), "tracking": ("number", "carrier", "link")}
+PACKED_KEYS = {"items": ("name", "quantity", "option"), "tracking": ("number", "carrier", "link")}
 
 
 def merged_layout(shipped, raw):
@@ -1108,6 +1118,7 @@ class Table:
     rows: object
     line: object = lambda: None
     plain: bool = False
+    marked: bool = True  # a cell may hold a spreadsheet's mark or damage (see marks); a workbook's may
     cut_off: object = lambda last, width: ""
     lost: list = dataclass_field(default_factory=lambda: [0])  # [count] of a workbook's numbers too long to be exact
 
@@ -1190,7 +1201,7 @@ def open_csv(path, encoding=None):
                 return "a quoted cell is still open at the end of the file"
             return ""
 
-        yield Table(reader, lambda: reader.line_num + offset, scan.plain, cut_off)
+        yield Table(reader, lambda: reader.line_num + offset, scan.plain, scan.marked, cut_off)
 
 
 @dataclass(frozen=True)
@@ -1200,6 +1211,7 @@ class Scan:
     plain: bool  # no byte that separates packed cells (see Packer): orders need no check
     long_line: bool  # some line is longer than READ_BUFFER: refused before csv builds it in memory
     ends_open: bool  # the last byte is not a line end: the file may have been cut mid-row
+    marked: bool = True  # bytes of a spreadsheet's mark or damage (="..., E+, .0,): cells are looked at (see marks)
 
 
 def scan_csv(binary):
@@ -1211,15 +1223,24 @@ def scan_csv(binary):
     # otherwise be parsed into memory.
     needles = (FIELD.encode(), RECORD.encode())
     chunk = bytearray(READ_BUFFER)
-    plain, long_line, last = True, False, b"\n"
+    plain, long_line, marked, last = True, False, False, b"\n"
     while size := binary.readinto(chunk):
         if plain and any(chunk.find(needle, 0, size) >= 0 for needle in needles):
             plain = False
+        # A mark could straddle two chunks: then it is one most exports never have anyway, and
+        # an Excel guard is found again on the next row that has one.
+        if not marked and any(chunk.find(needle, 0, size) >= 0 for needle in MARK_BYTES):
+            marked = True
         if size == READ_BUFFER and chunk.find(b"\n") < 0 and chunk.find(b"\r") < 0:
             long_line = True
             break
         last = chunk[size - 1:size]
-    return Scan(plain, long_line, last not in (b"\n", b"\r"))
+    return Scan(plain, long_line, last not in (b"\n", b"\r"), marked)
+
+
+# What a spreadsheet leaves in a CSV's bytes: Excel's text guard, a number in scientific notation,
+# a code given a ".0". A file without any of them needs no look at its cells for these.
+MARK_BYTES = (b'="', b"E+", b"e+", b".0,", b".0;", b".0\t", b'.0"', b".0\n", b".0\r", b".0|")
 
 
 def open_quote_at_end(f, delimiter):
@@ -1587,6 +1608,7 @@ def serial_day(text):
 # Fields in the order they take a column: the specific before the general, so that
 # "Item Qty Shipped" is the shipped quantity before any quantity may take it.
 FIELD_ORDER = ("order_id", "email", "item_shipped_quantity", "item_refunded_quantity", "item_quantity", "item_needs_shipping",
+               "item_variant",
                "tracking_url", "tracking_number", "carrier", "status", "order_state", "financial_status",
                "shipment_status", "item_status", "cancelled_at", "shipped_at", "estimated_delivery", "order_date",
                "shipping_method", "item_name")
@@ -1596,7 +1618,7 @@ FIELD_CONTENT = {"order_id": "id", "email": "email", "status": "status", "order_
                  "cancelled_at": "date", "order_date": "date", "shipped_at": "date", "estimated_delivery": "date",
                  "tracking_number": "tracking", "tracking_url": "link", "carrier": "word", "shipping_method": "word",
                  "item_name": "text", "item_quantity": "quantity", "item_shipped_quantity": "quantity",
-                 "item_refunded_quantity": "quantity", "item_needs_shipping": "flag"}
+                 "item_refunded_quantity": "quantity", "item_needs_shipping": "flag", "item_variant": "text"}
 # Small words a header may hold besides the ones that say its field ("Número de orden").
 FILLER = frozenset("de del la el los las do da dos das du des le les of the a an di della dell van het der die den "
                    "y e et und and per por para pour zum zur von al au aux in en z w na do by".split())
@@ -2251,6 +2273,7 @@ class OrderReader:
         self.progress = Progress(shown_name(path), memory_limit_mb)
         self.last_row = None  # the file's last row with a cell, as read: is it whole?
         self.previous = previous  # the columns chosen for this header row last time (see make_plan)
+        self.marked = True  # cells may hold a spreadsheet's marks: open_table's scan says when they cannot
         self.sample, self.day_first_language = [], False  # the first rows, and whether the header's words write the day first
         self.preamble = []  # lines before the header (a title, a line of separators), for check
         self.attached = 0  # item rows without an order number, taken as the order above's (see follow_on)
@@ -2279,7 +2302,7 @@ class OrderReader:
         in not_orders and let go.
         """
         with open_table(self.path, self.config.sheet, self.header_score, self.encoding) as table:
-            self.line, self.plain, self.lost = table.line, table.plain, table.lost
+            self.line, self.plain, self.lost, self.marked = table.line, table.plain, table.lost, table.marked
             rows = iter(table.rows)
             header, self.preamble, read_past = header_row(rows, self.header_score)
             rows = chain(read_past, rows)
@@ -2686,6 +2709,8 @@ class Packer:
         found = []
         for entry in packed_entries(spec, text):
             name, quantity = entry_value(entry, spec, "name"), entry_value(entry, spec, "quantity")
+            if name and (option := entry_value(entry, spec, "option")):
+                name = f"{name} ({option})"  # Big Cartel's product_option_name: "Sour", "Mykonos"
             if not name:  # shown as written, with no quantity: one made up would be a wrong fact
                 self.note_unread("items", entry.get("", text))
                 name, quantity = entry.get("", text), ""
@@ -2724,7 +2749,7 @@ class Packer:
         """
         head, *lines = packed.decode().split(RECORD)
         items, tracking = [], []
-        name_at, quantity_at, status_at, shipped_at, refunded_at, ships_at, tracking_at = self.row_positions
+        name_at, quantity_at, status_at, shipped_at, refunded_at, ships_at, variant_at, tracking_at = self.row_positions
         for line in lines:
             cells = line.split(FIELD)
             numbers = ()
@@ -2732,6 +2757,8 @@ class Packer:
                 numbers = tracking_numbers_in(text)
                 tracking.extend(n for n in numbers if n not in tracking)
             if name_at is not None and (name := one_line(cells[name_at])):
+                if variant_at is not None and (variant := one_line(cells[variant_at])) and variant not in name:
+                    name = f"{name} ({variant})"  # Wix: "Sweatshirt" and its "Color:Navy | Size:S"
                 items.append(Item(
                     quantity_value(cells[quantity_at]) if quantity_at is not None else None, name,
                     cells[status_at].strip() if status_at is not None else "",
@@ -3006,6 +3033,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
     packer, pending = None, []  # pending: orders split off a number two customers share, indexed last
     days, dates_at = set(), ()  # the days the orders' dates name, when dated: a few hundred texts
     aliases, alias_at, no_address = {}, (), 0  # index entries of orders' other numbers, added after the orders'
+    cells = Counter()  # (what, field) -> cells a spreadsheet marked: guards taken off, damaged values withheld
     try:
         for count, (key, rows) in enumerate(chain(reader.orders(careful), pending), 1):
             if packer is None:  # the first order: the plan is known now
@@ -3024,6 +3052,9 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
                 days.add(values[at][:10])
             if dating.watched:
                 dating.see(values)
+            if reader.marked and (b'="' in packed or b"E+" in packed or b".0\x1f" in packed or b".0\x1e" in packed
+                                  or b"e+" in packed or packed.endswith(b".0")):
+                marks(packed, packer, cells)
             email = values[email_at].strip().casefold().replace(" ", "+")  # normalise_email, index_key: inline in the hottest loop
             if "@" not in email:
                 if email:  # "16:41:35" in a footer's e-mail cell: no order's
@@ -3066,10 +3097,31 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
         packer=packer or Packer(plan), renderer=renderer, encoding=encoding, normalise=reader.normalise,
         newest_day=newest_day(days, config.timezone),
         reading={"attached": reader.attached, "not_orders": dict(reader.not_orders), "preamble": reader.preamble,
-                 "aliases": len(aliases)},
+                 "aliases": len(aliases), "cells": {f"{what} {field}": n for (what, field), n in cells.items()}},
     )
     dated_by(snapshot)
     return snapshot
+
+
+def marks(packed, packer, cells):
+    """Count one order's cells that a spreadsheet marked: Excel's ="..." guard (taken off when shown: nothing lost),
+    and order and tracking numbers it damaged for good (3,60003E+14, a code given a .0): withheld, never shown."""
+    head, *rows = packed.decode().split(RECORD)
+    fields = packer.plan.order_fields
+    for field_name, cell in zip(fields, head.split(FIELD)):
+        if cell[:2] == '="':
+            cells[("guard", field_name)] += 1
+        if field_name == "order_id" and damaged_number(spreadsheet_text(cell)):
+            cells[("damaged", field_name)] += 1
+    tracking_at = packer.row_positions[-1]
+    for row in rows:
+        row_cells = row.split(FIELD)
+        for field_name, cell in zip(packer.plan.row_fields, row_cells):
+            if cell[:2] == '="':
+                cells[("guard", field_name)] += 1
+        if tracking_at is not None and tracking_at < len(row_cells):
+            cells[("damaged", "tracking_number")] += sum(
+                damaged_number(spreadsheet_text(n)) for n in SEVERAL.split(row_cells[tracking_at]) if n.strip())
 
 
 def dated_by(snapshot):
@@ -3884,8 +3936,8 @@ class Renderer:
     def listing(self, items):
         """'1 x Hat, 2 x Socks' as [items] format and separator say; past MAX_ITEMS, how many more."""
         items = list(items)
-        if len(items) <= MAX_ITEMS:
-            return self.config.item_separator.join(map(self.item, items))
+        if len(items) <= MAX_ITEMS:  # a name's own final stop would double the template's: "regalo.."
+            return self.config.item_separator.join(map(self.item, items)).removesuffix(".")
         shown = self.config.item_separator.join(map(self.item, items[:MAX_ITEMS]))
         return f"{shown} and {len(items) - MAX_ITEMS} more"
 
@@ -4435,6 +4487,7 @@ class Service:
             )
             if snapshot.packer.plan.detected:  # read because of their content, not a header: check them
                 out["columns_found_by_content"] = {field: header for field, header, _ in snapshot.packer.plan.detected}
+            out["rows_read"] = reading_counts(snapshot)
         out["last_refused"] = self.refused
         out["config"] = "ok" if not self.config_error else self.config_error
         if self.webhooks:
@@ -4501,6 +4554,17 @@ def dated_upload(snapshot, path):
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return snapshot
+
+
+def reading_counts(snapshot):
+    """What reading the export left out, attached or withheld, per reason: for /healthz and /metrics."""
+    reading = snapshot.reading or {}
+    cells = reading.get("cells") or {}
+    return {"attached_to_the_order_above": reading.get("attached", 0),
+            "left_out": {"no order number": snapshot.rows_without_order, **(reading.get("not_orders") or {}),
+                         **({"before the header": len(reading["preamble"])} if reading.get("preamble") else {})},
+            "cells_withheld": {key.split(" ", 1)[1]: n for key, n in cells.items() if key.startswith("damaged ")},
+            "cells_unguarded": sum(n for key, n in cells.items() if key.startswith("guard "))}
 
 
 def same_file_state(path, snapshot):
@@ -6047,6 +6111,21 @@ class MetricsCollector:
                 ("orders_last_load_duration_seconds", "How long the last accepted load took.",
                  snapshot.seconds if snapshot else math.nan)):
             yield GaugeMetricFamily(name, doc, value=value)
+        if snapshot is None:
+            return
+        counts = reading_counts(snapshot)
+        left_out = GaugeMetricFamily("orders_rows_left_out", "Rows of the export served that are no order, by reason.",
+                                     labels=["reason"])
+        for reason, count in counts["left_out"].items():
+            left_out.add_metric([reason], count)
+        yield left_out
+        yield GaugeMetricFamily("orders_rows_attached", "Item rows without an order number taken as the order above's.",
+                                value=counts["attached_to_the_order_above"])
+        withheld = GaugeMetricFamily("orders_cells_withheld", "Cells a spreadsheet damaged, withheld, by field.",
+                                     labels=["field"])
+        for field_name, count in counts["cells_withheld"].items():
+            withheld.add_metric([field_name], count)
+        yield withheld
 
     @staticmethod
     def sources(service):
@@ -6514,6 +6593,10 @@ def check_summary(snapshot, surveyed):
     """`check`'s lines on what was read: file, columns, counts, number format, words, answers."""
     yield f"export   {printable(snapshot.source)} ({snapshot.layout}, modified {iso_time(snapshot.made)})"
     plan = snapshot.packer.plan
+    if snapshot.config.retired:
+        names = ", ".join(field_name for field_name, _ in snapshot.config.retired)
+        yield (f"columns  [columns] {names}: each is a list an earlier release shipped, read as shipped data: these "
+               "fields are found by their headers' words now, as below (the lines may be deleted)")
     header = plan.header
     others = {field_name: [header[i] for i in more] for field_name, _, more in plan.competing}
     for field_name, chosen in snapshot.columns.items():
@@ -6538,6 +6621,9 @@ def check_summary(snapshot, surveyed):
     if reading.get("attached"):
         yield (f"rows     {plural(reading['attached'], 'item row')} without an order number belong to the order "
                "above them (the export writes an order's further lines so)")
+    guards = sum(n for key, n in (reading.get("cells") or {}).items() if key.startswith("guard "))
+    if guards:
+        yield f"cells    Excel's =\"...\" guard taken off {plural(guards, 'cell')} (nothing of their value is lost)"
     if reading.get("aliases"):
         yield (f"rows     {plural(reading['aliases'], 'order')} can also be found by their "
                f"{', '.join(repr(printable(plan.header[c])) for c in plan.other_ids)}")
@@ -6586,6 +6672,18 @@ def check_warnings(snapshot, surveyed):
         yield (f"{count} orders have rows that give {field_name} different words (e.g. one parcel delivered, one "
                "not): their answers name all of them and claim none; if one column holds the order's own "
                f"state, name it first in [columns] {field_name}")
+    for name, promise in config.promising:
+        yield (f"[templates] {name} is word for word an earlier release's answer, which promises {promise}: no export "
+               "holds that. Keep it only if your shop makes that promise; docs/UPDATING.md shows the new wording")
+    cells = (snapshot.reading or {}).get("cells", {})
+    for key, count in cells.items():
+        what, field_name = key.split(" ", 1)
+        if what == "damaged":
+            yield (f"{plural(count, f'{field_name} cell')} damaged by a spreadsheet (scientific notation such as "
+                   "3,60003E+14, lost digits, a .0 added): withheld, never shown"
+                   + (" (those orders cannot be found by their number)" if field_name == "order_id" else "")
+                   + ". Download the export again without opening it in a spreadsheet, or format the column as text "
+                     "before saving it")
     if surveyed.lost:
         yield (f"{surveyed.lost} cells held numbers of 16 or more digits, which a spreadsheet keeps to 15 only: they "
                "are read as empty rather than shown with wrong digits. Format those columns (tracking numbers, "

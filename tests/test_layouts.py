@@ -78,17 +78,18 @@ CASES = {
         ("1045", "dee@example.org", "Order 1045 was found and is ready to be picked up. It contains 1 x Trail Cap.", None),
     ]),
     "squarespace_orders.csv": ("Squarespace orders export", [
-        ("124", "dana@example.com", "Order 00124 was found. It was placed on 26 Nov 2026. It contains 1 x Wool Scarf, "
-                                    "1 x Knit Beanie. It has not shipped yet", None),
+        ("124", "dana@example.com", "Order 00124 was found. It was placed on 26 Nov 2026. It contains 1 x Wool Scarf "
+                                    "(Grey), 1 x Knit Beanie (Navy). It has not shipped yet", None),
         ("#00125", "eli@example.com", "Order 00125 was found and has shipped on 28 Nov 2026. It contains 1 x Wool "
-                                      "Scarf. No tracking link is available for it.", None),
+                                      "Scarf (Red). No tracking link is available for it.", None),
         ("00126", "flo@example.com", "Order 00126 was found, but it was cancelled", None),
     ]),
     "wix_orders.csv": ("Wix orders export", [
         ("10231", "fay@example.com", "Order 10231 was found and has shipped (tracking number 1Z999AA10123456784). It "
-                                     "contains 2 x Linen Apron, 1 x Tea Towel. No tracking link is available", None),
-        ("10232", "gus@example.com", "Order 10232 was found. It contains 1 x Linen Apron. Its payment has not been "
-                                     "confirmed yet", None),
+                                     "contains 2 x Linen Apron (Color:Sand | Size:M), 1 x Tea Towel. No tracking link is "
+                                     "available", None),
+        ("10232", "gus@example.com", "Order 10232 was found. It contains 1 x Linen Apron (Color:Olive | "
+                                     "Size:L). Its payment has not been confirmed yet", None),
         ("10233", "hal@example.com", "Order 10233 was found. It was placed on 28 Nov 2026. It contains 1 x Tea Towel. "
                                      "It has not shipped yet", None),
         ("10234", "ivy@example.com", "Order 10234 was found, but it was cancelled", None),

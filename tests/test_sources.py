@@ -59,8 +59,7 @@ def shopify(tmp_path_factory):
     # No refund method or duration: no export holds them, and the shipped answers promise none.
     ("#2004", "dan@example.com", "Order #2004 was found, but it was cancelled, so it will not ship."),
     ("#2005", "eve@example.com", "Order #2005 was found. It has been refunded."),
-    ("#2006", "fay@example.com", "Order #2006 was found. It contains 1 x Lid. Its payment has not been confirmed yet, "
-                                 "so it has not been prepared for shipping."),
+    ("#2006", "fay@example.com", "Order #2006 was found. It contains 1 x Lid. Its payment has not been confirmed yet."),
     ("#2007", "gus@example.com", "Order #2007 was found, but it was cancelled, so it will not ship."),
     ("#2008", "hal@example.com", "Order #2008 was found. Part of it has shipped; the rest has not shipped yet. "
                                  "It contains 1 x Jar."),
