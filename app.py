@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import bisect
+import codecs
 import copy
 import csv
+import ctypes
 import hashlib
 import hmac
 import html
@@ -44,7 +46,7 @@ from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
-from itertools import accumulate, chain, groupby, islice, starmap, zip_longest
+from itertools import accumulate, chain, groupby, islice, zip_longest
 from json.encoder import encode_basestring
 from operator import itemgetter
 from typing import NamedTuple
@@ -483,6 +485,7 @@ class Config:
     meanings: dict = None  # status word in another language -> the word rules use (vocabulary.toml)
     words: object = None  # HeaderWords: how headers say each field (vocabulary.toml [words], [fields])
     dates: dict = None  # language -> (format, months) of the dates answers write (vocabulary.toml [dates])
+    relays: dict = None  # a marketplace's relay e-mail domain -> its name (vocabulary.toml [relays])
     language: str = "en"  # [settings] language: the language of the templates, for their dates
     retired: tuple = ()  # (field, headers) of [columns] lines that are an earlier release's list, not the merchant's
     promising: tuple = ()  # (template, what it promises) of templates that are word for word an earlier release's
@@ -621,7 +624,7 @@ def language(path, name, dates):
     return name
 
 
-VOCABULARY_SECTIONS = ("headers", "words", "fields", "statuses", "dates")
+VOCABULARY_SECTIONS = ("headers", "words", "fields", "statuses", "dates", "relays")
 
 
 def parse_vocabulary(path, own, shipped):
@@ -630,8 +633,8 @@ def parse_vocabulary(path, own, shipped):
     headers: field -> exact headers (contexts.toml's only, looked for like [columns]);
     words: a HeaderWords (contexts.toml's words added to the shipped groups, its ways of
     saying a field tried first); meanings: status word -> the word rules use (contexts.toml's
-    win); dates: language -> (format, months). A file's own [columns] and rule words always
-    come first.
+    win); dates: language -> (format, months); relays: a marketplace's relay domain -> its
+    name. A file's own [columns] and rule words always come first.
     """
     sources = ((path, table(path, "vocabulary", own), "vocabulary."), (VOCABULARY_FILE, shipped, ""))
     for source, doc, prefix in sources:
@@ -639,7 +642,7 @@ def parse_vocabulary(path, own, shipped):
             if key not in VOCABULARY_SECTIONS:
                 config_error(source, f"[{prefix}{key}]", "is not a known section.",
                              f"It holds {', '.join(VOCABULARY_SECTIONS)}.")
-    headers, meanings, groups, sayings, never, dates = {}, {}, {}, {}, {}, {}
+    headers, meanings, groups, sayings, never, dates, relays = {}, {}, {}, {}, {}, {}, {}
     for source, doc, prefix in reversed(sources):  # the shipped words first, the merchant's added
         for group, words in table(source, f"{prefix}words", doc.get("words", {})).items():
             said = texts(source, f"[{prefix}words] {group}", words, '["tracking", "suivi"]')
@@ -661,7 +664,11 @@ def parse_vocabulary(path, own, shipped):
                 meanings.setdefault(status_word(word), status_word(meaning))
         for language, style in table(source, f"{prefix}dates", doc.get("dates", {})).items():
             dates.setdefault(language, parse_date_style(source, f"[{prefix}dates.{language}]", style))
-    return {"headers": headers, "meanings": meanings, "words": HeaderWords(groups, sayings, never), "dates": dates}
+        for domain, marketplace in table(source, f"{prefix}relays", doc.get("relays", {})).items():
+            relays.setdefault(domain.strip().lower().strip("@."), expect(
+                source, f"[{prefix}relays] {domain}", marketplace, str, '"Amazon"'))
+    return {"headers": headers, "meanings": meanings, "words": HeaderWords(groups, sayings, never), "dates": dates,
+            "relays": relays}
 
 
 def parse_saying(path, where, text, groups):
@@ -1055,11 +1062,27 @@ def parse_packed(path, where, raw, names):
 # Reading exports #############################################################
 ###############################################################################
 
-EXPORT_SUFFIXES = (".csv", ".xlsx")
+# A name that says "export" makes the file the merchant's export, whatever it holds (a
+# failed download named orders.csv is refused, visibly); a .txt or a name without an
+# extension (Amazon offers its reports only as .txt) is one when its content is a table.
+NAMED_EXPORTS = (".csv", ".tsv", ".tab", ".xlsx", ".xlsm", ".xls", ".ods")
+SNIFFED_EXPORTS = (".txt", "")
 READ_BUFFER = 1 << 20
 # An order is kept as one string (see Packer): these separate its cells, and its rows.
 FIELD, RECORD = "\x1f", "\x1e"
 DELIMITERS = ",;\t|"
+SNIFF_BYTES = 65536
+
+# Spreadsheet files recognised but not read, and what to do instead. Merchants meet .xls
+# and .ods rarely (every platform here writes CSV or XLSX); reading them would take a
+# library each (xlrd, odfpy) for what one "Save as" in Excel or LibreOffice does.
+SAVE_AS = "Open it in Excel or LibreOffice and save it as CSV (UTF-8) or Excel Workbook (.xlsx), or export the orders as CSV or XLSX."
+NOT_READ = {
+    "xls": f"is an old Excel workbook (.xls), which is not read here. {SAVE_AS}",
+    "ods": f"is an OpenDocument spreadsheet (.ods), which is not read here. {SAVE_AS}",
+    "zip": "is a zip archive, not an export. Unpack it and drop the export inside (CSV or XLSX) instead.",
+}
+OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # old Office files (.xls)
 
 
 FUTURE_SLACK = 300  # seconds a file's time may run ahead of this clock (written by another machine)
@@ -1071,29 +1094,87 @@ def find_export(location, follow_links=False):
     if location.is_dir():
         found = [p for p in location.iterdir() if is_export_name(p.name) and p.is_file()]
         candidates = [p for p in found if follow_links or not links_out(p, location)]
+        # Newest first: a stray text file is passed over, not refused in the export's place.
+        for path in sorted(candidates, key=newness, reverse=True):
+            if is_export(path):
+                return path
         if not candidates:
             outside = len(found) - len(candidates)
-            raise ExportError(f"{printable(location)}: no .csv or .xlsx export in this folder"
+            raise ExportError(f"{printable(location)}: no export (.csv, .tsv, .txt or .xlsx) in this folder"
                               + (f" ({outside} link(s) to files outside it are not followed; "
                                  "FOLLOW_SYMLINKS=yes allows them)" if outside else "")
                               + ". Drop the export there, or point ORDERS_FILE / --data at the file.")
-        return newest(candidates)
+        raise ExportError(f"{printable(location)}: no export in this folder: {', '.join(map(printable, passed_over(location)))} "
+                          "do not hold a table. Drop the export there (CSV, TSV or XLSX).")
     if not location.exists():
         raise ExportError(f"{printable(location)}: no such file or folder. Check ORDERS_FILE / --data.")
-    if location.suffix.lower() not in EXPORT_SUFFIXES:
-        export_error(location, "not a .csv or .xlsx file. Export the orders as CSV or XLSX.")
+    if location.suffix.lower() not in NAMED_EXPORTS and file_kind(location) != "table":
+        export_error(location, "is not a table. Export the orders as CSV or XLSX.")
     return location
 
 
-def newest(paths):
-    """The newest file; one dated in the future ranks below every other, so it cannot win for good."""
-    horizon = (time.time() + FUTURE_SLACK) * 1e9
+def newness(path):
+    """How new a file is, for choosing the newest: one dated in the future ranks below every other, so it
+    cannot win for good."""
+    mtime = path.stat().st_mtime_ns
+    return mtime <= (time.time() + FUTURE_SLACK) * 1e9, mtime, path.name
 
-    def rank(path):
-        mtime = path.stat().st_mtime_ns
-        return mtime <= horizon, mtime, path.name
 
-    return max(paths, key=rank)
+def is_export(path):
+    """True for a file to serve: named as an export, or a .txt or extensionless file that holds a table."""
+    return path.suffix.lower() in NAMED_EXPORTS or file_kind(path) == "table"
+
+
+def passed_over(folder):
+    """Files in folder that could have been the export by their name, but hold no table."""
+    return sorted(p.name for p in folder.iterdir() if is_export_name(p.name) and p.is_file() and not is_export(p))
+
+
+def file_kind(path):
+    """What a file holds, by its first bytes: "xlsx", "xls", "ods", "zip", "table" (delimited text) or ""."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError:
+        return ""
+    if head.startswith(b"PK\x03\x04"):
+        return zip_kind(path)
+    if head.startswith(OLE2_MAGIC):
+        return "xls"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = head[:len(head) & ~1].decode("utf-16", "replace")
+    elif b"\0" in head:
+        return ""
+    else:
+        text = head.decode("utf-8", "replace")
+    return "table" if is_delimited(text, whole=len(head) < SNIFF_BYTES) else ""
+
+
+def zip_kind(path):
+    """What a zip file is: an XLSX workbook (or a damaged one: openpyxl says why), an ODS, or another archive."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if "mimetype" in names and archive.read("mimetype").startswith(b"application/vnd.oasis.opendocument"):
+                return "ods"
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "xlsx"  # cut off while written: openpyxl's refusal says so
+    return "xlsx" if "[Content_Types].xml" in names else "zip"
+
+
+def is_delimited(text, whole):
+    """True when text reads as rows of two or more cells, most of them equally wide (a title line may stand above)."""
+    lines = text.splitlines()
+    if not whole:
+        lines = lines[:-1]  # cut mid-line by the sample
+    lines = [line for line in lines[:50] if line.strip()]
+    for delimiter in DELIMITERS:
+        widths = Counter(len(row) for row in csv.reader(lines, delimiter=delimiter) if len(row) > 1)
+        if widths and (common := widths.most_common(1)[0][1]) >= 2 and common * 2 >= len(lines):
+            return True
+    return False
 
 
 def links_out(path, folder):
@@ -1102,8 +1183,9 @@ def links_out(path, folder):
 
 
 def is_export_name(name):
-    """Exports end in .csv/.xlsx; hidden files and Excel's ~$ lock files are not exports."""
-    return name.lower().endswith(EXPORT_SUFFIXES) and not name.startswith((".", "~$"))
+    """A name an export may have (see NAMED_EXPORTS); hidden files, Excel's ~$ lock files and backups~ are not."""
+    return (Path(name).suffix.lower() in NAMED_EXPORTS + SNIFFED_EXPORTS
+            and not name.startswith((".", "~$")) and not name.endswith("~"))
 
 
 @dataclass
@@ -1125,8 +1207,11 @@ class Table:
 
 @contextmanager
 def open_table(path, sheet="", header_score=None, encoding=None):
-    """The export at path as a Table, closed after."""
-    if path.suffix.lower() == ".xlsx":
+    """The export at path as a Table, closed after; its content, not its name, says how it is read."""
+    kind = file_kind(path)
+    if kind in NOT_READ:
+        export_error(path, NOT_READ[kind])
+    if kind == "xlsx":
         with open_xlsx(path, sheet, header_score) as table:
             yield table
     else:
@@ -1158,12 +1243,13 @@ def open_csv(path, encoding=None):
     """
     with open(path, "rb") as f:
         head = f.read(4096)
-    if b"\0" in head:
+    wide = head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))  # Excel's "Unicode Text" (.txt)
+    if b"\0" in head and not wide:
         export_error(path, "is a binary file, not a CSV. Export the orders as CSV or XLSX.")
     if head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<!doctype html", b"<html")):
         export_error(path, "is a web page (HTML), not an export: a shared link that needs signing in, or a "
                            "preview page? Use the link that downloads the file itself.")
-    encoding = encoding or ("utf-8-sig" if head.startswith(b"\xef\xbb\xbf") else "utf-8")
+    encoding = encoding or ("utf-16" if wide else "utf-8-sig" if head.startswith(codecs.BOM_UTF8) else "utf-8")
     with open(path, newline="", encoding=encoding, buffering=READ_BUFFER) as f, utf8_or_retry(encoding):
         # Read 1 MB at a time, not 8 KB: each read releases the GIL for a moment, and when
         # that happens every few dozen rows the request threads' claim to the GIL is reset
@@ -1201,7 +1287,8 @@ def open_csv(path, encoding=None):
                 return "a quoted cell is still open at the end of the file"
             return ""
 
-        yield Table(reader, lambda: reader.line_num + offset, scan.plain, scan.marked, cut_off)
+        # MARK_BYTES are single bytes apart; in UTF-16 they are not: look at every cell.
+        yield Table(reader, lambda: reader.line_num + offset, scan.plain, scan.marked or wide, cut_off)
 
 
 @dataclass(frozen=True)
@@ -1294,21 +1381,23 @@ def open_xlsx(path, sheet, header_score):
     import openpyxl
 
     check_unpacked_size(path)
-    try:
-        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as e:  # openpyxl raises many kinds on a damaged file; all mean the same here
-        export_error(path, f"is not a readable XLSX workbook ({type(e).__name__}). "
-                           "Re-export it; it may have been cut off while being written.")
-    try:
-        for worksheet in book.worksheets:
-            # The declared size (<dimension ref="A1:XFD20000"/>) is the file's claim, not its
-            # content: a 6 KB file declaring 16,384 columns would pad every row to that width.
-            worksheet.reset_dimensions()
-        # Line numbers are for CSV parse errors only; a workbook is not scanned, so each order is checked.
-        lost = [0]
-        yield Table(sheet_rows(pick_sheet(path, book, sheet, header_score), lost, path, header_score), lost=lost)
-    finally:
-        book.close()
+    # Handed over open: openpyxl judges a file by its name, and content decides here (see file_kind).
+    with open(path, "rb") as source:
+        try:
+            book = openpyxl.load_workbook(source, read_only=True, data_only=True)
+        except Exception as e:  # openpyxl raises many kinds on a damaged file; all mean the same here
+            export_error(path, f"is not a readable XLSX workbook ({type(e).__name__}). "
+                               "Re-export it; it may have been cut off while being written.")
+        try:
+            for worksheet in book.worksheets:
+                # The declared size (<dimension ref="A1:XFD20000"/>) is the file's claim, not its
+                # content: a 6 KB file declaring 16,384 columns would pad every row to that width.
+                worksheet.reset_dimensions()
+            # Line numbers are for CSV parse errors only; a workbook is not scanned, so each order is checked.
+            lost = [0]
+            yield Table(sheet_rows(pick_sheet(path, book, sheet, header_score), lost, path, header_score), lost=lost)
+        finally:
+            book.close()
 
 
 MAX_UNPACKED_RATIO = 100  # a workbook's XML is 5 to 20 times its zip; a thousand times is a zip bomb
@@ -1993,6 +2082,33 @@ def data_rows(sample):
     return [row for row, count in zip(sample, filled) if count * 2 >= typical and count]
 
 
+def relay_domain(address, relays):
+    """The marketplace whose relay address this is (x@marketplace.amazon.de -> "Amazon"), or None."""
+    domain = address.rpartition("@")[2].strip().strip(">").lower()
+    return next((name for relay, name in relays.items() if domain == relay or domain.startswith(relay + ".")), None)
+
+
+def relay_addresses(config, plan, sample):
+    """{"marketplace", "addresses", "of"} when the sample's e-mails are a marketplace's relay addresses, else None.
+
+    Known by their domain (vocabulary.toml [relays]), or by a header that calls them so
+    ("Virtual email", "Anonymised e-mail"): then the export's platform is the marketplace.
+    """
+    emails = [row[plan.email_column].strip() for row in data_rows(sample) if plan.email_column < len(row)]
+    emails = [e for e in emails if "@" in e]
+    if not emails:
+        return None
+    by_domain = Counter(relay_domain(e, config.relays or {}) for e in emails)
+    by_domain.pop(None, None)
+    header = plan.header[plan.email_column] if plan.email_column < len(plan.header) else ""
+    if not by_domain and set(header_words(header)) & config.words.groups.get("relay", frozenset()):
+        by_domain[plan.rules.name if plan.rules else "the marketplace"] = len(emails)
+    if not by_domain:
+        return None
+    marketplace, count = by_domain.most_common(1)[0]
+    return {"marketplace": marketplace, "addresses": count, "of": len(emails)}
+
+
 def exact_columns(config, layout):
     """(field, headers) that contexts.toml's [columns], the layout or [vocabulary.headers] name exactly, in that order.
 
@@ -2095,13 +2211,13 @@ def make_plan(config, header, name, sample=(), layout=None, previous=None):
     sample: the first rows, whose cells confirm each column (see choose_columns).
     layout: given for webhook events (EVENT_LAYOUT), whose orders lack the export's other
     columns: a placeholder that names one reads empty there. previous: the columns chosen
-    for this header row last time (see Service.previous_choice).
+    for this header row last time (see OrderReader): kept, whatever tonight's cells say.
     """
     forced = layout
     positions, alike = header_positions(header)
     layout = forced or detect_layout(config.layouts, positions)
     if layout and layout.refuse:
-        raise ExportError(f"{name}: this is a {layout.name}, which cannot answer lookups. {layout.refuse}", file=name)
+        raise ExportError(f"{name}: this is the {layout.name}, which cannot answer lookups. {layout.refuse}", file=name)
     packed_items = packed_columns(header, layout.items if layout else None)
     packed_tracking = packed_columns(header, layout.tracking if layout else None)
     type_column = positions.get(header_key(layout.row_type)) if layout and layout.row_type else None
@@ -2260,6 +2376,12 @@ def getter(columns):
     return itemgetter(*columns) if columns else (lambda row: ())
 
 
+def columns_changed(before, now):
+    """(field, header before, header now) of each field whose column changed with the header row; "" for none."""
+    return tuple((f, before.get(f, ""), now.get(f, "")) for f in dict.fromkeys((*before, *now))
+                 if before.get(f) != now.get(f))
+
+
 class OrderReader:
     """Reads an export into orders: per order, its rows; the plan says which cells matter."""
 
@@ -2272,7 +2394,9 @@ class OrderReader:
         self.lost = [0]  # how many workbook numbers were too long to be exact (see cell_text)
         self.progress = Progress(shown_name(path), memory_limit_mb)
         self.last_row = None  # the file's last row with a cell, as read: is it whole?
-        self.previous = previous  # the columns chosen for this header row last time (see make_plan)
+        self.previous = previous  # {"header": [...], "chosen": {field: header}} of the export accepted last (see choice_of)
+        self.changed = ()  # (field, header chosen before, header chosen now) when the header row changed
+        self.relay = None  # a marketplace's relay addresses in the sample (see relay_addresses)
         self.marked = True  # cells may hold a spreadsheet's marks: open_table's scan says when they cannot
         self.sample, self.day_first_language = [], False  # the first rows, and whether the header's words write the day first
         self.preamble = []  # lines before the header (a title, a line of separators), for check
@@ -2312,7 +2436,12 @@ class OrderReader:
             rows = chain(sample, rows)
             marks = self.config.words.groups.get("day_first", frozenset())
             self.day_first_language = any(word in marks for text in header for word in header_words(text))
-            self.plan = make_plan(self.config, header, shown_name(self.path), sample, previous=self.previous)
+            same_header = bool(self.previous) and self.previous["header"] == [h.strip() for h in header]
+            self.plan = make_plan(self.config, header, shown_name(self.path), sample,
+                                  previous=self.previous["chosen"] if same_header else None)
+            if self.previous and not same_header:
+                self.changed = columns_changed(self.previous["chosen"], self.plan.chosen)
+            self.relay = relay_addresses(self.config, self.plan, sample)
             self.normalise = without_leading_zeros if self.plan.ignore_leading_zeros else normalise_order_id
             self.follows = follow_on(self.plan)
             groups = self.gathered(rows) if careful else self.adjacent(rows)
@@ -3097,7 +3226,8 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
         packer=packer or Packer(plan), renderer=renderer, encoding=encoding, normalise=reader.normalise,
         newest_day=newest_day(days, config.timezone),
         reading={"attached": reader.attached, "not_orders": dict(reader.not_orders), "preamble": reader.preamble,
-                 "aliases": len(aliases), "cells": {f"{what} {field}": n for (what, field), n in cells.items()}},
+                 "aliases": len(aliases), "cells": {f"{what} {field}": n for (what, field), n in cells.items()},
+                 "columns_changed": reader.changed, "relay": reader.relay},
     )
     dated_by(snapshot)
     return snapshot
@@ -4049,7 +4179,7 @@ def write_record(path, snapshot, history):
     """
     step = max(1, len(snapshot.index) // RECORD_SAMPLE)
     record = {"file_size": snapshot.file_size, "file_mtime_ns": snapshot.file_mtime_ns, "orders": snapshot.orders,
-              "keys_read_as": keys_read_as(snapshot), "history": list(history),
+              "keys_read_as": keys_read_as(snapshot), "history": list(history), "columns": choice_of(snapshot),
               "sample": [key.decode() for key in islice(snapshot.index, 0, None, step)]}
     partial = path.with_name(".partial-" + path.name)
     partial.write_text(json.dumps(record), encoding="utf-8")
@@ -4063,6 +4193,22 @@ def read_history(path):
         return deque((tuple(map(int, entry)) for entry in history), maxlen=HISTORY)
     except (OSError, ValueError, AttributeError, TypeError):
         return deque(maxlen=HISTORY)
+
+
+def choice_of(snapshot):
+    """The header row and the columns chosen for it: the next export with this header row is read the same way."""
+    return {"header": list(snapshot.packer.plan.header), "chosen": dict(snapshot.columns)}
+
+
+def read_choice(path):
+    """The column choice the record keeps (see choice_of), or None."""
+    try:
+        choice = json.loads(path.read_text(encoding="utf-8")).get("columns")
+        if isinstance(choice.get("header"), list) and isinstance(choice.get("chosen"), dict):
+            return {"header": [str(h) for h in choice["header"]], "chosen": {str(k): str(v) for k, v in choice["chosen"].items()}}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return None
 
 
 def remember_accepted(history, snapshot):
@@ -4178,6 +4324,7 @@ class Service:
         self.overlay = None  # orders from webhook events, newer than the export
         self.events_lock = threading.Lock()  # an event is stored and put into the overlay as one step
         self.history = deque(maxlen=HISTORY)  # the last exports accepted (see refuse_below_floor), read at start
+        self.choice = None  # the columns of the export accepted last (see choice_of): kept while the header is
         self.background = []  # the Jobs of the threads that feed it (watcher, fetcher, store upkeep), for /healthz
         self.webhooks = Webhooks(self) if settings.webhook_secrets else None
         self.fetcher = Fetcher(self) if settings.orders_url else None
@@ -4201,7 +4348,7 @@ class Service:
         config = load_config(self.settings.contexts)
         path = find_export(self.settings.data, self.settings.follow_symlinks)
         with self.loading(path, starting):
-            snapshot = dated_upload(build_snapshot(config, path, self.settings.memory_limit_mb),
+            snapshot = dated_upload(build_snapshot(config, path, self.settings.memory_limit_mb, previous=self.choice),
                                     self.settings.state / UPLOADED)
         self.guard(snapshot)
         return snapshot
@@ -4245,6 +4392,7 @@ class Service:
         a large export is served that much sooner.
         """
         self.history = read_history(self.settings.state / ACCEPTED)
+        self.choice = read_choice(self.settings.state / ACCEPTED)
         try:
             snapshot = self.build(starting=True)
             guard_against_record(snapshot, self.settings.state / ACCEPTED)
@@ -4289,7 +4437,7 @@ class Service:
         target = data / f"uploaded{path.suffix}" if data.is_dir() else data
         with self._lock, yielding():
             snapshot = build_snapshot(load_config(self.settings.contexts), path, self.settings.memory_limit_mb,
-                                      dated=stated is None)
+                                      dated=stated is None, previous=self.choice)
             snapshot = made_at(snapshot, upload_time(stated, snapshot.newest_day, self.snapshot))
             self.guard(snapshot)
             os.replace(path, target)
@@ -4341,6 +4489,10 @@ class Service:
         """Serve snapshot from now on (one assignment) and keep a copy of its file."""
         before, self.snapshot = self.snapshot, snapshot
         remember_accepted(self.history, snapshot)
+        self.choice = choice_of(snapshot)
+        for field_name, was, now in (snapshot.reading or {}).get("columns_changed", ()):
+            log.warning("%s: the header row changed, and %s is now read from %s (was %s)", shown_name(snapshot.source),
+                        field_name, repr(now) if now else "no column", repr(was) if was else "no column")
         self.loads["accepted"] += 1
         self.refused = None
         self.config_error = None
@@ -4488,6 +4640,11 @@ class Service:
             if snapshot.packer.plan.detected:  # read because of their content, not a header: check them
                 out["columns_found_by_content"] = {field: header for field, header, _ in snapshot.packer.plan.detected}
             out["rows_read"] = reading_counts(snapshot)
+            if changed := (snapshot.reading or {}).get("columns_changed"):  # the header row changed: check the new choice
+                out["columns_changed"] = [{"field": f, "was": was, "now": now} for f, was, now in changed]
+            if relay := (snapshot.reading or {}).get("relay"):
+                out["relay_addresses"] = relay
+            out["notes"] = list(data_notes(snapshot))
         out["last_refused"] = self.refused
         out["config"] = "ok" if not self.config_error else self.config_error
         if self.webhooks:
@@ -4565,6 +4722,21 @@ def reading_counts(snapshot):
                          **({"before the header": len(reading["preamble"])} if reading.get("preamble") else {})},
             "cells_withheld": {key.split(" ", 1)[1]: n for key, n in cells.items() if key.startswith("damaged ")},
             "cells_unguarded": sum(n for key, n in cells.items() if key.startswith("guard "))}
+
+
+def data_notes(snapshot):
+    """What the merchant should know about the export served that is no fault: for check, /healthz, the status page."""
+    reading = snapshot.reading or {}
+    if relay := reading.get("relay"):
+        share = "all" if relay["addresses"] == relay["of"] else f"{relay['addresses']} of {relay['of']}"
+        yield (f"{share} of the e-mail addresses looked at are {relay['marketplace']}'s relay addresses, which "
+               f"stand in for the buyer's own: customers do not know them, so lookups by a customer's e-mail will "
+               f"not find these orders. {relay['marketplace']}'s own order pages tell those buyers where their "
+               "order is.")
+    for field_name, was, now in reading.get("columns_changed", ()):
+        yield (f"the header row changed since the last export accepted: {field_name} is now read from "
+               f"{repr(now) if now else 'no column'} (was {repr(was) if was else 'no column'}). Check that it is "
+               f"right; [columns] {field_name} in contexts.toml names the column for good.")
 
 
 def same_file_state(path, snapshot):
@@ -4887,7 +5059,7 @@ class Fetcher:
                              "signing in, or that points to a preview? Use its direct download link.")
         started = time.monotonic()
         first = response.read1(READ_BUFFER)  # read1: at most one read from the socket, so the deadline is checked
-        suffix = ".xlsx" if first.startswith(b"PK\x03\x04") else ".csv"
+        suffix = ".xlsx" if first.startswith(b"PK\x03\x04") else ".csv"  # the name only: content decides (file_kind)
         hidden, target = self.folder / f".fetching-{os.getpid()}{suffix}", self.folder / f"fetched{suffix}"
         size = 0
         try:
@@ -5123,9 +5295,8 @@ def upload_body(environ, folder, limit):
                 raise UploadRefused(f"the upload is larger than MAX_EXPORT_MB ({limit / 1e6:g} MB).")
             out.write(chunk)
             digest.update(chunk)
-    with open(hidden, "rb") as f:
-        kind = ".xlsx" if f.read(4) == b"PK\x03\x04" else ".csv"
-    named = hidden.with_name(hidden.name + kind)
+    # The name only: content decides how it is read (file_kind); one a folder's reading recognises.
+    named = hidden.with_name(hidden.name + (".xlsx" if file_kind(hidden) == "xlsx" else ".csv"))
     os.replace(hidden, named)
     return named, size, digest.digest()
 
@@ -5455,6 +5626,20 @@ HEALTH_BODY = {
         "columns_found_by_content": {"type": "object", "additionalProperties": {"type": "string"},
                                      "description": "Fields read from a column chosen by its content, not a header."},
         "fetch": {"type": "object", "description": "ORDERS_URL: the last fetch, its outcome, failures."},
+        "rows_read": {"type": "object", "description": "What reading the export left out (rows by reason: no order "
+                                                       "number, a footer, lines before the header), item rows "
+                                                       "attached to the order above, cells withheld as damaged."},
+        "columns_changed": {"type": "array", "items": {
+            "type": "object", "properties": {"field": {"type": "string"}, "was": {"type": "string"},
+                                             "now": {"type": "string"}}},
+            "description": "The export's header row changed since the last export accepted, and these fields are "
+                           "now read from another column: check that each is right."},
+        "relay_addresses": {"type": "object", "description": "A marketplace's relay e-mail addresses in the export: "
+                                                             "customers do not know them, so lookups by their own "
+                                                             "address will not find those orders."},
+        "notes": {"type": "array", "items": {"type": "string"},
+                  "description": "What to know about the export served that is no fault (relay addresses, a "
+                                 "changed header row), as check and the status page say it."},
     },
 }
 
@@ -5849,6 +6034,13 @@ STATUS_PAGE = bottle.SimpleTemplate(page("Order lookup status", """
 <li>{{reason}}</li>
 % end
 </ul>
+% if status.get("notes"):
+<ul id="notes">
+% for note in status["notes"]:
+<li>{{note}}</li>
+% end
+</ul>
+% end
 <h2 id="try">Try a lookup</h2>
 <form method="post" action="/#tried" autocomplete="off">
 <label>Order number <input name="order_id" value="{{tried["order_id"] if tried and "order_id" in tried else ""}}"></label>
@@ -6405,6 +6597,20 @@ def other_instances_cpus():
             yield int(allowed)
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter for how many malloc arenas threads may spread over
+
+
+def limit_malloc_arenas(arenas=2):
+    """Have glibc's malloc keep to a few arenas, so that memory freed by one thread is reused by the next."""
+    # By default glibc gives threads up to 8 arenas a CPU; waitress's threads each take
+    # one, and buffers freed in one arena are not reused by a thread in another. Over a
+    # soak with steady lookups, events and uploads, resident memory grew 83 MB an hour;
+    # with two arenas it levelled off (bench/soak.py, docs/PERFORMANCE.md#soak). The GIL
+    # already serialises the threads, so they lose nothing by sharing.
+    with suppress(OSError, AttributeError):  # not glibc (musl, macOS): its malloc has no such knob
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)
+
+
 def make_server(app, settings, **overrides):
     """A waitress server for app, chosen so stalled clients cannot lock the platform out."""
     import waitress.server
@@ -6570,10 +6776,13 @@ def run_check(settings, args):
     """Load config and export as serving would; print what was found and what to fix."""
     config = load_config(settings.contexts)
     path = find_export(settings.data, settings.follow_symlinks)
-    snapshot = build_snapshot(config, path, settings.memory_limit_mb)
+    # As the service reads it: the columns of the export it accepted last are kept while the header row is the same.
+    snapshot = build_snapshot(config, path, settings.memory_limit_mb, previous=read_choice(settings.state / ACCEPTED))
     surveyed = survey(snapshot)
     # Said only now: a placeholder or rule field is checked against the export's columns.
     print(f"config   {printable(settings.contexts)}: ok ({len(config.templates)} templates, {len(config.rules)} rules)")
+    if settings.data.is_dir() and (stray := passed_over(settings.data)):
+        print(f"files    passed over, as they hold no table: {', '.join(map(printable, stray))}")
     for line in check_summary(snapshot, surveyed):
         print(line)
     for warning in chain(check_warnings(snapshot, surveyed), unpinned_warnings(settings)):
@@ -6716,6 +6925,7 @@ def check_warnings(snapshot, surveyed):
     for template, field_name in free_text_fields(config, snapshot.columns):
         yield (f"[templates] {template} uses {{{field_name}}}, text that customers or staff type freely: it reaches "
                "the AI as fact, instructions included. Keep it out of answers.")
+    yield from data_notes(snapshot)
 
 
 FREE_TEXT = ("note", "comment", "instruction", "message", "remark", "memo", "request", "gift", "bemerkung",
@@ -6882,6 +7092,7 @@ def report_tls(parts, answered):
 
 def run_serve(settings, args):
     """Load, then serve with waitress and reload on changes until stopped."""
+    limit_malloc_arenas()
     if settings.one_cpu and (cpu := keep_to_one_cpu(settings.cpu, settings.port)) is not None:
         log.info("kept on CPU %s (%s; ONE_CPU=no lets it move between CPUs)", cpu,
                  "as CPU= says" if settings.cpu is not None else "the one fewest other instances hold")

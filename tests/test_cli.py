@@ -70,7 +70,7 @@ def test_check_on_the_real_shopify_export(capsys):
 @pytest.mark.parametrize("setup, says", [
     (lambda d, c: c.write_text("[settings\n"), "contexts.toml: "),
     (lambda d, c: d.write_text("Order Number,Status\n1,x\n"), "no column for email"),
-    (lambda d, c: d.unlink(), "no .csv or .xlsx export"),
+    (lambda d, c: d.unlink(), "no export (.csv, .tsv, .txt or .xlsx)"),
 ])
 def test_check_reports_problems_in_one_line_without_traceback(capsys, export, contexts_file, setup, says):
     setup(export, contexts_file)

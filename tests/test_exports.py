@@ -1,4 +1,5 @@
-"""Reading exports: CSV and XLSX, line items grouped into orders, the newest file of a folder."""
+"""Reading exports: CSV, TSV and XLSX known by their content, line items grouped into orders, the newest file of a
+folder."""
 
 import datetime
 import os
@@ -6,7 +7,7 @@ import os
 import pytest
 
 import app
-from conftest import write, write_xlsx
+from conftest import checked, write, write_xlsx
 
 
 def snapshot_of(path, contexts):
@@ -95,6 +96,83 @@ def test_a_folder_serves_its_newest_export(tmp_path, contexts_file):
     assert app.find_export(tmp_path / "data") == new
     snap = snapshot_of(tmp_path / "data", contexts_file)
     assert snap.source == new and context(snap, "2", "b@example.com")[0] == 200
+
+
+TAB_SEPARATED = "order-id\tbuyer-email\tproduct-name\tquantity-purchased\n114-1\ta@example.com\tLamp\t2\n"
+
+
+@pytest.mark.parametrize("name", ["orders.txt", "orders.tsv", "orders.tab", "orders", "report.csv"])
+def test_a_table_is_read_whatever_its_name_says(tmp_path, contexts_file, name):
+    # Amazon offers its order reports only as tab-separated .txt; some systems write no extension.
+    write(tmp_path / "data" / name, TAB_SEPARATED)
+    snapshot = snapshot_of(tmp_path / "data", contexts_file)
+    assert snapshot.source.name == name
+    assert context(snapshot, "114-1", "a@example.com") == (
+        200, "Order 114-1 was found. It contains 2 x Lamp. The shop's records here do not say whether it has shipped yet.")
+
+
+def test_a_workbook_is_read_as_one_whatever_its_name(tmp_path, contexts_file):
+    path = write_xlsx(tmp_path / "book.xlsx", {"Orders": [["Order ID", "Email"], ["7", "a@example.com"]]})
+    renamed = path.rename(tmp_path / "orders.csv")  # a merchant's rename, or a download named by its link
+    assert context(snapshot_of(renamed, contexts_file), "7", "a@example.com")[0] == 200
+
+
+def test_excel_unicode_text_is_read(tmp_path, contexts_file):
+    # Excel's "Save as Unicode Text": UTF-16 with a byte order mark, tab-separated.
+    path = write(tmp_path / "orders.txt", TAB_SEPARATED.replace("Lamp", "Lámpara"), encoding="utf-16")
+    assert "It contains 2 x Lámpara." in context(snapshot_of(path, contexts_file), "114-1", "a@example.com")[1]
+
+
+def test_a_stray_text_file_is_passed_over_not_served(tmp_path, contexts_file, capsys):
+    export = write(tmp_path / "data" / "orders.csv", "Order ID,Email\n1,a@example.com\n")
+    os.utime(export, (1_000_000, 1_000_000))
+    write(tmp_path / "data" / "README.txt", "Exports land here every night.\nAsk Ana before deleting them.\n")
+    write(tmp_path / "data" / "notes", "nothing to see")
+    assert app.find_export(tmp_path / "data") == export
+    code, out = checked(capsys, tmp_path / "data", contexts_file)
+    assert code == 0 and "passed over, as they hold no table: README.txt, notes" in out
+
+
+def test_a_folder_of_only_stray_files_says_so(tmp_path):
+    write(tmp_path / "data" / "README.txt", "Exports land here.\n")
+    with pytest.raises(app.ExportError, match="README.txt do not hold a table"):
+        app.find_export(tmp_path / "data")
+
+
+def ods_bytes():
+    """The first bytes an OpenDocument spreadsheet starts with: a zip whose first entry names its kind."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet")
+        archive.writestr("content.xml", "<office:document-content/>")
+    return buffer.getvalue()
+
+
+def zip_of_csv():
+    """A zip archive holding a CSV, as some platforms e-mail their exports."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("orders.csv", "Order ID,Email\n1,a@example.com\n")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("orders.xls", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504), "old Excel workbook (.xls)"),
+    ("orders.ods", ods_bytes(), "OpenDocument spreadsheet (.ods)"),
+    ("orders.csv", zip_of_csv(), "zip archive"),
+])
+def test_spreadsheets_not_read_here_are_refused_with_how_to_save_them(tmp_path, contexts_file, name, content, says):
+    write(tmp_path / "data" / name, content)
+    with pytest.raises(app.ExportError) as caught:
+        snapshot_of(tmp_path / "data", contexts_file)
+    assert says in str(caught.value) and name in str(caught.value)
+    assert "save it as CSV" in str(caught.value) or "Unpack it" in str(caught.value)
 
 
 def test_only_the_columns_used_are_kept(export, contexts_file):

@@ -5,6 +5,7 @@ Headers here are in Finnish and Polish, languages the service ships no words for
 values can tell which column is which.
 """
 
+import base64
 import json
 
 import pytest
@@ -169,3 +170,41 @@ def test_a_row_counter_is_never_served_as_the_order_number(tmp_path):
     assert snapshot.packer.plan.chosen["order_id"] == "Beleg"
     assert ask(snapshot, "AB 10023", "k1@example.com")[0] == 200
     assert ask(snapshot, "1", "k1@example.com")[0] == 404
+
+
+# Two columns whose headers both say "tracking number": the fuller one tonight is chosen.
+TWO_TRACKING = "Order,Email,Status,Tracking Number,Tracking No\n{rows}"
+FULLER_FIRST = ("1,a@example.com,shipped,1Z999AA10123456784,\n2,b@example.com,shipped,1Z999AA10123456785,\n"
+                "3,c@example.com,shipped,,JJD000390007795467\n")
+FULLER_SECOND = ("1,a@example.com,shipped,,1Z999AA10123456784\n2,b@example.com,shipped,,1Z999AA10123456785\n"
+                 "3,c@example.com,shipped,JJD000390007795467,\n")
+
+
+def test_a_choice_stays_from_night_to_night_while_the_header_row_is_the_same(tmp_path, contexts_file, capsys):
+    export = write(tmp_path / "data" / "orders.csv", TWO_TRACKING.format(rows=FULLER_FIRST))
+    service = started(make_settings(tmp_path / "data", contexts_file))
+    assert service.snapshot.columns["tracking_number"] == "Tracking Number"
+    write(export, TWO_TRACKING.format(rows=FULLER_SECOND))  # tonight the other column is fuller
+    service.reload()
+    assert service.snapshot.columns["tracking_number"] == "Tracking Number"
+    assert "JJD000390007795467" in ask(service.snapshot, "3", "c@example.com")[1]
+    assert "1Z999AA10123456784" not in ask(service.snapshot, "1", "a@example.com")[1]  # that column's, as before
+    service.keep_copy(service.snapshot)  # as after every accepted load: the record keeps the choice for check
+    code, out = app.main(["check", "--data", str(export), "--contexts", str(contexts_file)]), capsys.readouterr().out
+    assert code == 0 and '"Tracking Number" (as chosen for this header before)' in out
+
+
+def test_a_changed_header_row_is_shown_where_the_merchant_looks(tmp_path, contexts_file, logs, capsys):
+    export = write(tmp_path / "data" / "orders.csv", TWO_TRACKING.format(rows=FULLER_FIRST))
+    service = started(make_settings(tmp_path / "data", contexts_file))
+    renamed = TWO_TRACKING.replace("Tracking Number", "Internal Ref").replace("Tracking No", "Tracking-Nr.")
+    write(export, renamed.format(rows=FULLER_FIRST))
+    service.reload()
+    assert service.snapshot.columns["tracking_number"] == "Tracking-Nr."
+    health = Client(app.create_app(service)).get("/healthz", key=KEY).json
+    assert health["columns_changed"] == [{"field": "tracking_number", "was": "Tracking Number", "now": "Tracking-Nr."}]
+    assert any("tracking_number is now read from 'Tracking-Nr.'" in note for note in health["notes"])
+    assert "the header row changed, and tracking_number is now read from 'Tracking-Nr.'" in logs.text
+    auth = {"Authorization": "Basic " + base64.b64encode(f"x:{KEY}".encode()).decode()}
+    page = Client(app.create_app(service)).get("/", headers=auth, key=None).body.decode()
+    assert "tracking_number is now read from &#039;Tracking-Nr.&#039;" in page

@@ -128,3 +128,36 @@ def test_one_customers_rows_interleaved_with_anothers_stay_one_order(tmp_path):
     assert status == 200 and body["context"].count("was found") == 1
     assert "Apron, Cap" in body["context"] and "Mug" not in body["context"]
     assert snapshot.orders == 2
+
+
+RELAYED = ("order-id\tbuyer-email\tproduct-name\tquantity-purchased\n"
+           "114-1\tx0kgf9fe5xy9gk@marketplace.amazon.de\tLamp\t1\n"
+           "114-2\t3af1ste55n8nrbj@marketplace.amazon.co.uk\tShade\t2\n")
+
+
+@pytest.mark.parametrize("header, addresses, marketplace", [
+    ("buyer-email", ("x0kgf9fe5xy9gk@marketplace.amazon.de", "3af1ste55n8nrbj@marketplace.amazon.co.uk"), "Amazon"),
+    ("Buyer Email", ("43ad1d549beae3625950@members.ebay.de", "74684c24ca049e0c2e13@members.ebay.com"), "eBay"),
+    ("Email", ("32818112E02443689A0744011F043312@relay.walmart.com", "4B20D3A3D3F8@relay.walmart.com"), "Walmart"),
+    ("Virtual email", ("a81f@orders.examplemarket.com", "b72c@orders.examplemarket.com"), "the marketplace"),
+])
+def test_a_marketplaces_relay_addresses_are_named_where_the_merchant_looks(tmp_path, capsys, header, addresses,
+                                                                          marketplace):
+    text = RELAYED.replace("buyer-email", header)
+    for old, new in zip(("x0kgf9fe5xy9gk@marketplace.amazon.de", "3af1ste55n8nrbj@marketplace.amazon.co.uk"), addresses):
+        text = text.replace(old, new)
+    export = write(tmp_path / "data" / "report.txt", text)
+    code = app.main(["check", "--data", str(export), "--contexts", str(ROOT / "contexts.toml")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"all of the e-mail addresses looked at are {marketplace}'s relay addresses" in out
+    assert "lookups by a customer's e-mail will not find these orders" in out
+    service = started(make_settings(export.parent, ROOT / "contexts.toml"))
+    health = Client(app.create_app(service)).get("/healthz", key=KEY).json
+    assert health["relay_addresses"] == {"marketplace": marketplace, "addresses": 2, "of": 2}
+
+
+def test_the_shops_own_addresses_are_no_relay(tmp_path, capsys):
+    export = write(tmp_path / "data" / "orders.csv", "Order,Email\n1,ana@amazon.com\n2,bo@ebay.de\n")
+    assert app.main(["check", "--data", str(export), "--contexts", str(ROOT / "contexts.toml")]) == 0
+    assert "relay" not in capsys.readouterr().out

@@ -110,7 +110,7 @@ def test_a_bad_export_is_refused_and_the_good_data_stays(live, name, content, re
 def test_a_deleted_export_keeps_being_served(live):
     live.export.unlink()
     body = refused(live)
-    assert "no .csv or .xlsx export" in body["last_refused"]["reason"]
+    assert "no export (.csv, .tsv, .txt or .xlsx)" in body["last_refused"]["reason"]
     assert context(live, "1", "customer1@example.com").status == 200
 
 
