@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -99,6 +100,18 @@ class SettingsError(UserError):
     """A command-line option or environment variable is wrong."""
 
 
+class StoreError(UserError):
+    """The webhook store cannot be used (a corrupt file, a full disk)."""
+
+
+class FetchError(UserError):
+    """A fetch of ORDERS_URL failed; the message never holds the URL's path or query."""
+
+
+class UploadRefused(UserError):
+    """An upload is refused before it is checked (busy, too large); the message is what the sender reads."""
+
+
 def config_error(path, where, problem, fix=""):
     """Raise a ConfigError shaped like every other one: file, key, problem, fix."""
     raise ConfigError(f"{shown_name(path)}: {where}: {problem}" + (f" {fix}" if fix else ""))
@@ -112,6 +125,12 @@ def export_error(path, problem):
 def shown_name(path):
     """A file's name as logs and pages show it (see printable)."""
     return printable(Path(path).name)[:120]
+
+
+def plural(count, noun, verbs=None):
+    """'1 order', '3 orders': a count with its noun; with verbs ("has", "have"), the one that agrees after it."""
+    said = f"{count:,} {noun}{'' if count == 1 else 's'}"
+    return said if verbs is None else f"{said} {verbs[0] if count == 1 else verbs[1]}"
 
 
 def printable(text):
@@ -379,7 +398,8 @@ DERIVED = {
     "tracking_number": "the first tracking number",
     "tracking_numbers": "every tracking number, comma-separated",
     "tracking_url": "the tracking link (from a column, or built from [carriers])",
-    "records_updated": "when the records were last brought up to date, e.g. 27 Nov 2026, 02:15 UTC",
+    "records_updated": "until when the records hold orders: the export's time less [settings] export_lag_hours "
+                       "(or a later webhook event's), e.g. 27 Nov 2026, 02:15 UTC",
 }
 # Templates the service answers with before or without finding an order.
 MESSAGES = {
@@ -805,6 +825,14 @@ def parse_items(path, raw):
     return out
 
 
+def nearest(name, known):
+    """' (did you mean {order_id}?)' for a name close to a known one, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f" (did you mean {{{close[0]}}}?)" if close else ""
+
+
 def placeholders(path, where, text, allowed=None):
     """The {names} in a template; only plain names, only allowed ones if given."""
     try:
@@ -818,10 +846,11 @@ def placeholders(path, where, text, allowed=None):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or spec or conversion:
             config_error(path, where, f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} "
                          "is not a placeholder.", "Placeholders are plain names such as {order_id}.")
-        if allowed is not None and name not in allowed:
-            config_error(path, where, f"uses the unknown placeholder {{{name}}}.",
-                         f"Available here: {', '.join('{%s}' % a for a in sorted(allowed)) or 'none'}.")
         names.append(name)
+    if allowed is not None and (unknown := [n for n in dict.fromkeys(names) if n not in allowed]):
+        config_error(path, where, f"uses the unknown placeholder{'s' if len(unknown) > 1 else ''} "
+                     + ", ".join(f"{{{n}}}{nearest(n, allowed)}" for n in unknown) + ".",
+                     f"Available here: {', '.join('{%s}' % a for a in sorted(allowed)) or 'none'}.")
     return tuple(dict.fromkeys(names))
 
 
@@ -2346,11 +2375,14 @@ def check_placeholders(config, by_snake, name, layout=None):
               if template not in MESSAGES for placeholder in t.fields]
     wanted += [(f"[[rules]] number {rule.number} when", field_name) for rule in config.rules
                for field_name, _ in rule.conditions]
-    for where, field_name in wanted:
-        if field_name not in known:
-            raise ExportError(f"{name}: has no column for {{{field_name}}}, which {shown_name(config.path)} "
-                              f"{where} uses. {available} Fix {where} in contexts.toml, or export the column.",
-                              file=name)
+    # Every one at once, each with the nearest known name: a merchant fixes them in one edit.
+    unknown = [(where, field_name) for where, field_name in wanted if field_name not in known]
+    if unknown:
+        said = "; ".join(f"{{{field_name}}}, which {shown_name(config.path)} {where} uses{nearest(field_name, known)}"
+                         for where, field_name in unknown)
+        wheres = " and ".join(dict.fromkeys(where for where, _ in unknown))
+        raise ExportError(f"{name}: has no column for {said}. {available} Fix {wheres} in contexts.toml, or export "
+                          f"the column{'s' if len(unknown) > 1 else ''}.", file=name)
 
 
 # Words of columns that hold a person's data: never offered as an example placeholder.
@@ -3075,7 +3107,7 @@ class Snapshot:
 
     def describe(self):
         """What was loaded, for logs and for `check`; no customer data."""
-        return (f"{shown_name(self.source)}: {self.rows} rows, {self.orders} orders "
+        return (f"{shown_name(self.source)}: {plural(self.rows, 'row')}, {plural(self.orders, 'order')} "
                 f"({self.layout}) in {self.seconds:.2f}s")
 
     def render(self, packed, typed=""):
@@ -3326,10 +3358,6 @@ EVENT_HEADER = (*EVENT_ORDER_FIELDS, "item_name", "item_quantity", "item_status"
 EVENT_LAYOUT = Layout(key="webhooks", name="webhook events", detect=("order_id",),
                       columns={name: (name,) for name in EVENT_HEADER})
 GONE = b""  # an order deleted in the shop after the export: not found, whatever the export says
-
-
-class StoreError(UserError):
-    """The webhook store cannot be used (a corrupt file, a full disk)."""
 
 
 @dataclass(frozen=True)
@@ -4257,7 +4285,7 @@ def refuse_shrunk(snapshot, orders, keys, whose, exact=True):
     name, config = shown_name(snapshot.source), snapshot.config
     if snapshot.orders < orders * config.min_orders_ratio:
         raise ExportError(
-            f"{name}: holds {snapshot.orders} orders, fewer than {config.min_orders_ratio:.0%} of the {orders} {whose}, "
+            f"{name}: holds {plural(snapshot.orders, 'order')}, fewer than {config.min_orders_ratio:.0%} of the {orders} {whose}, "
             "so it looks cut off. If the shrink is real, lower [settings] min_orders_ratio in contexts.toml: the edit "
             "is picked up at once.", file=name)
     if not keys:
@@ -4292,15 +4320,19 @@ def same_keys(a, b):
 # What a refusal's message says, as a word a metric's label can carry (the first that fits).
 REFUSAL_KINDS = (("min_orders_ratio", "shrunk"), ("max_vanished_ratio", "vanished"), ("looks cut off", "cut_off"),
                  ("holds no orders", "no_orders"), ("is empty", "no_orders"), ("no column for", "missing_column"),
-                 ("web page", "not_an_export"), ("binary file", "not_an_export"), ("not a .csv", "not_an_export"),
+                 ("web page", "not_an_export"), ("binary file", "not_an_export"), ("is not a table", "not_an_export"),
+                 ("not read here", "not_an_export"), ("zip archive", "not_an_export"),
                  ("took the service past", "memory"), ("when the service stopped", "stopped_a_load"),
-                 ("no such file", "missing_file"), ("no .csv or .xlsx", "missing_file"))
+                 ("no such file", "missing_file"), ("no export (", "missing_file"), ("do not hold a table", "missing_file"),
+                 ("larger than MAX_EXPORT_MB", "too_large"))
 
 
 def refusal_kind(error):
     """The kind of a refused load, for /metrics: contexts (a contexts.toml edit), cut_off, shrunk, ..."""
     if isinstance(error, ConfigError):
         return "contexts"
+    if isinstance(error, FetchError) and "MAX_EXPORT_MB" not in str(error):
+        return "fetch_failed"
     text = str(error)
     return next((kind for words, kind in REFUSAL_KINDS if words in text), "unreadable")
 
@@ -4311,7 +4343,7 @@ class Service:
     def __init__(self, settings):
         self.settings = settings
         self.snapshot = None  # replaced by one assignment; readers never see a mix
-        self.refused = None  # {"at", "file", "reason"} of the last refused load
+        self.refused = None  # {"at", "source", "file", "reason"} of the last refused export (see note_refusal)
         self.config_error = None  # why the last contexts.toml edit was refused
         self.copy_error = None  # why the last accepted export could not be copied to the state folder
         self.from_last_good = False
@@ -4480,10 +4512,14 @@ class Service:
         log.error("refused, still serving %s: %s",
                   shown_name(self.snapshot.source) if self.snapshot else "nothing", error)
 
-    def note_refusal(self, error):
-        """Remember a refused export for /healthz: when, which file, why."""
+    def note_refusal(self, error, source="folder", reason=None):
+        """Remember a refused export until a good one is served, for /healthz, the status page and /metrics.
+
+        source: how it came: "folder" (dropped or written there), "upload" or "fetch" (ORDERS_URL).
+        """
         self.loads[refusal_kind(error)] += 1
-        self.refused = {"at": iso_time(time.time()), "file": getattr(error, "file", ""), "reason": str(error)}
+        self.refused = {"at": iso_time(time.time()), "source": source, "file": getattr(error, "file", ""),
+                        "reason": reason or str(error)}
 
     def install(self, snapshot, keep_copy=True):
         """Serve snapshot from now on (one assignment) and keep a copy of its file."""
@@ -4494,6 +4530,7 @@ class Service:
             log.warning("%s: the header row changed, and %s is now read from %s (was %s)", shown_name(snapshot.source),
                         field_name, repr(now) if now else "no column", repr(was) if was else "no column")
         self.loads["accepted"] += 1
+        fixed = self.config_error is not None  # a refused contexts.toml edit was put right: say it is applied
         self.refused = None
         self.config_error = None
         self.from_last_good = False
@@ -4503,7 +4540,7 @@ class Service:
                         "[columns] %s of contexts.toml to make it sure", shown_name(snapshot.source), printable(header),
                         field_name, evidence, field_name)
         self.events(snapshot, caught_up=before is not None and not same_file(before, snapshot))
-        if before and before.config != snapshot.config:  # what contexts.toml says changed, not only its time
+        if before and (before.config != snapshot.config or fixed):  # what it says changed, not only its time
             log.info("applied %s: %d templates, %d rules", shown_name(snapshot.config.path),
                      len(snapshot.config.templates), len(snapshot.config.rules))
         if keep_copy:
@@ -4606,13 +4643,19 @@ class Service:
             reasons.append(f"the export's modification time ({iso_time(snapshot.made)}) is in the future, "
                            "so its age is unknown: check the clock of the machine that wrote it")
         elif age > snapshot.config.max_age_hours * 3600:
-            reasons.append(f"data is older than {snapshot.config.max_age_hours:g} hours")
+            reasons.append(f"the data is older than {snapshot.config.max_age_hours:g} hours: the nightly export did not "
+                           "arrive. Check the job that "
+                           + ("ORDERS_URL fetches it from (see the last fetch)" if self.fetcher else
+                              "writes or uploads it"))
         if self.from_last_good:
-            reasons.append("serving the last good copy after a refused export")
-        elif self.refused:
-            reasons.append("the last export was refused")
+            reasons.append(f"serving the last good copy after a refused export: {self.refused['reason']}"
+                           if self.refused else "serving the last good copy after a refused export")
+        elif self.refused and self.refused["source"] != "fetch":  # a fetch's failures count in its job's trouble
+            reasons.append(f"the last {'upload' if self.refused['source'] == 'upload' else 'export'} was refused: "
+                           f"{self.refused['reason']}")
         if self.config_error:
-            reasons.append("the last contexts.toml edit was refused")
+            reasons.append(f"the last contexts.toml edit was refused, and the wording before it is served: "
+                           f"{self.config_error}")
         if self.copy_error:
             reasons.append(self.copy_error)
         for job in self.background:
@@ -4725,8 +4768,19 @@ def reading_counts(snapshot):
 
 
 def data_notes(snapshot):
-    """What the merchant should know about the export served that is no fault: for check, /healthz, the status page."""
+    """What the merchant should know about the export and answers served: for check, /healthz, the status page."""
     reading = snapshot.reading or {}
+    for name, promise in snapshot.config.promising:
+        yield (f"[templates] {name} is word for word an earlier release's answer, which promises {promise}: no export "
+               "holds that. Keep it only if your shop makes that promise; docs/UPDATING.md shows the new wording")
+    for key, count in (reading.get("cells") or {}).items():
+        what, field_name = key.split(" ", 1)
+        if what == "damaged":
+            yield (f"{plural(count, f'{field_name} cell')} damaged by a spreadsheet (scientific notation such as "
+                   "3,60003E+14, lost digits, a .0 added): withheld, never shown"
+                   + (" (those orders cannot be found by their number)" if field_name == "order_id" else "")
+                   + ". Download the export again without opening it in a spreadsheet, or format the column as text "
+                     "before saving it")
     if relay := reading.get("relay"):
         share = "all" if relay["addresses"] == relay["of"] else f"{relay['addresses']} of {relay['of']}"
         yield (f"{share} of the e-mail addresses looked at are {relay['marketplace']}'s relay addresses, which "
@@ -4749,11 +4803,6 @@ def records_time(timestamp, config):
     moment = datetime.fromtimestamp(timestamp, config.timezone)
     style = (config.dates or {}).get(config.language, ENGLISH)
     return f"{written_day((moment.year, moment.month, moment.day), style)}, {moment:%H:%M %Z}"
-
-
-def local_time(timestamp, zone):
-    """'27 Nov 2026, 02:15 CET': a time as the shop's customers read it, in its time zone."""
-    return datetime.fromtimestamp(timestamp, zone).strftime("%-d %b %Y, %H:%M %Z")
 
 
 def iso_time(timestamp):
@@ -4949,10 +4998,6 @@ FETCH_REDIRECTS = 5  # Dropbox and Google send one or two
 FETCH_DEADLINE = 1800  # seconds for a whole body: a server dripping a byte at a time must not hold the fetcher
 
 
-class FetchError(UserError):
-    """A fetch of ORDERS_URL failed; the message never holds the URL's path or query."""
-
-
 class Fetcher:
     """Fetches ORDERS_URL into the data folder at start and every FETCH_SECONDS.
 
@@ -5003,9 +5048,12 @@ class Fetcher:
         else:
             self.outcomes[outcome] += 1
             job.succeeded()
+            if (self.service.refused or {}).get("source") == "fetch":  # the link works again
+                self.service.refused = None
             return True
         self.outcomes["failed"] += 1
         job.failed(reason)
+        self.service.note_refusal(FetchError(reason), "fetch", f"fetching ORDERS_URL failed: {reason}")
         log.error("fetching %s failed (%d in a row), %s: %s", shown_url(self.settings.orders_url), job.failures,
                   self.serving_instead(), reason)
         return False
@@ -5225,10 +5273,6 @@ class GuardedHTTPS(urllib.request.HTTPSHandler):
 ###############################################################################
 
 
-class UploadRefused(UserError):
-    """An upload is refused before it is checked (busy, too large); the message is what the sender reads."""
-
-
 def receive_upload(service, environ):
     """(HTTP status, JSON body) for an uploaded export: streamed aside, checked as `check` does, then served.
 
@@ -5258,11 +5302,12 @@ def receive_upload(service, environ):
             "warnings": list(check_warnings(snapshot, surveyed))}).encode()
     except UploadRefused as error:
         log.warning("upload: %d bytes: refused: %s", size, error)
+        service.note_refusal(error, "upload")
         return 413, json.dumps({"accepted": False, "reason": str(error)}).encode()
     except UserError as error:
-        service.loads[refusal_kind(error)] += 1
         # The sender knows no hidden file's name: "the upload" looks cut off.
         reason = str(error).replace(hidden.name, "the upload") if hidden else str(error)
+        service.note_refusal(error, "upload", reason)
         log.warning("upload: %d bytes: refused, still serving %s: %s", size, shown_name(service.snapshot.source)
                     if service.snapshot else "nothing", reason)
         return 422, json.dumps({"accepted": False, "reason": reason}).encode()
@@ -5942,12 +5987,26 @@ def status_view(service, tried):
     """Everything a key holder sees; customer data only in the lookup they asked for."""
     color, reasons, age = freshness(service)
     config = service.snapshot.config if service.snapshot else None
-    view = {"color": color, "word": FRESHNESS_WORDS[color], "reasons": reasons, "status": service.status(),
+    status, snapshot = service.status(), service.snapshot
+    view = {"color": color, "word": FRESHNESS_WORDS[color], "reasons": reasons, "status": status,
             "age": describe_age(age), "tried": tried, "rules": [], "templates": [],
-            "day": service.insights.day() if service.insights else None}
+            "day": service.insights.day() if service.insights else None, "times": {}}
+    refused = status["last_refused"]
+    view["times"] = {
+        "exported": plain_time(snapshot.made) if snapshot else "",
+        "records": snapshot.renderer.records_text if snapshot else "",
+        "loaded": plain_time(snapshot.loaded_at) if snapshot else "",
+        "refused": plain_time(moment_of(refused["at"])) if refused else "",
+        "fetched": plain_time(moment_of(status["fetch"]["last_success"])) if status.get("fetch") else "",
+        "lag": f" (the file's time less export_lag_hours = {config.export_lag_hours:g})"
+               if config and config.export_lag_hours else "",
+        "events": {platform: plain_time(moment_of(counts["last_event"])) if counts["last_event"] else "none yet"
+                   for platform, counts in (status.get("webhooks") or {}).items()},
+    }
+    view["rules_said"] = f"{plural(len(config.rules), 'rule')}, then the default" if config else ""
     if config:
         view["rules"] = [(rule.number, describe_when(rule), rule.template) for rule in config.rules]
-        view["rules"].append(("", "no rule matches", config.default_template))
+        view["rules"].append(("", "no rule matches: the default answer", config.default_template))
         view["templates"] = [(name, sample_text(template)) for name, template in config.templates.items()]
     return view
 
@@ -5967,11 +6026,34 @@ def sample_text(template):
 
 
 def describe_age(age):
-    """'3 h 12 min' for an age in seconds."""
+    """'3 min', '5 h 12 min', '3 days': an age in seconds as a person says it."""
     if age is None:
         return "no data"
     minutes = int(age // 60)
-    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+    if minutes < 1:
+        return "less than a minute"
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 48 * 60:
+        return f"{minutes // 60} h {minutes % 60} min" if minutes % 60 else f"{minutes // 60} h"
+    return f"{minutes // 1440} days"
+
+
+def plain_time(timestamp, now=None):
+    """'3 Dec, 03:35 UTC (3 min ago)': a moment as a person reads it; the year only when it is not this one."""
+    if timestamp is None:
+        return "never"
+    now = time.time() if now is None else now
+    moment, today = datetime.fromtimestamp(timestamp, timezone.utc), datetime.fromtimestamp(now, timezone.utc)
+    day = f"{moment.day} {moment:%b}" + (f" {moment.year}" if moment.year != today.year else "")
+    away = now - timestamp
+    when = f"in {describe_age(-away)}" if away < -60 else "just now" if away < 60 else f"{describe_age(away)} ago"
+    return f"{day}, {moment:%H:%M} UTC ({when})"
+
+
+def moment_of(iso):
+    """The timestamp of an ISO 8601 time that status() gave, or None."""
+    return datetime.fromisoformat(iso).timestamp() if iso else None
 
 
 def try_lookup(service, order_id, email):
@@ -5999,6 +6081,9 @@ td,th,li,code{overflow-wrap:break-word}
 #webhooks :is(td,th),#hours :is(td,th),#not-found :is(td,th){padding:.35rem .2rem}
 .wide{overflow-x:auto}
 #rules tr:first-child{display:none}
+#data tr{display:block;border-bottom:1px solid #ddd;padding:.35rem 0}
+#data th,#data td{display:block;border:0;padding:.1rem .35rem}
+#data th{font-weight:600;color:#555;font-size:.9rem}
 #rules tr,#templates tr{display:block;border-bottom:1px solid #ddd;padding:.35rem 0}
 #rules td,#templates th,#templates td{display:block;border:0;padding:.1rem .35rem}
 #rules td:first-child,#rules td:nth-child(2){display:inline}
@@ -6056,10 +6141,14 @@ STATUS_PAGE = bottle.SimpleTemplate(page("Order lookup status", """
 <table id="data">
 <tr><th>File served</th><td>{{status.get("file", "none")}}{{" (the last good copy)" if status.get("from_last_good_copy") else ""}}</td></tr>
 <tr><th>Kind of export</th><td>{{status.get("layout", "")}}</td></tr>
-<tr><th>Exported</th><td>{{status.get("file_modified", "")}} ({{age}} ago)</td></tr>
+<tr><th>Exported (the file's time)</th><td id="exported">{{times["exported"]}}</td></tr>
+<tr><th>Records hold orders until about (said when not found)</th><td id="records">{{times["records"]}}{{times["lag"]}}</td></tr>
 <tr><th>Orders / rows</th><td>{{status.get("orders", 0)}} / {{status.get("rows", 0)}}</td></tr>
-<tr><th>Last load</th><td>{{status.get("loaded_at", "")}}, took {{status.get("load_seconds", "")}} s</td></tr>
-<tr><th>Last refused</th><td>{{(status["last_refused"]["file"] + ": " + status["last_refused"]["reason"]) if status["last_refused"] else "none"}}</td></tr>
+<tr><th>Last load</th><td id="loaded">{{times["loaded"]}}, took {{status.get("load_seconds", "")}} s</td></tr>
+% if status.get("fetch"):
+<tr><th>Last fetch from ORDERS_URL</th><td id="fetched">{{times["fetched"]}}{{"; failing: " + status["fetch"]["last_error"] if status["fetch"]["failures_in_a_row"] else ""}}</td></tr>
+% end
+<tr><th>Last refused</th><td id="refused">{{(times["refused"] + (", for the reason at the top" if any(status["last_refused"]["reason"] in r for r in reasons) else ": " + status["last_refused"]["reason"])) if status["last_refused"] else "none since the last export was served"}}</td></tr>
 <tr><th>contexts.toml</th><td>{{status["config"]}}</td></tr>
 </table>
 % if status.get("webhooks"):
@@ -6069,10 +6158,10 @@ STATUS_PAGE = bottle.SimpleTemplate(page("Order lookup status", """
 <th>{{platform}}</th>
 % end
 </tr>
-% for label, key in (("received", "received"), ("applied", "applied"), ("rejected", "rejected"), ("last event", "last_event"), ("orders answered from events", "orders_from_events")):
+% for label, key in (("received since the service started", "received"), ("applied since the service started", "applied"), ("rejected since the service started", "rejected"), ("last event (stored)", "last_event"), ("orders answered from stored events", "orders_from_events")):
 <tr><th>{{label}}</th>
-% for counts in status["webhooks"].values():
-<td>{{counts[key] if key != "last_event" else counts[key] or "none yet"}}</td>
+% for platform, counts in status["webhooks"].items():
+<td>{{counts[key] if key != "last_event" else times["events"][platform]}}</td>
 % end
 </tr>
 % end
@@ -6099,7 +6188,7 @@ STATUS_PAGE = bottle.SimpleTemplate(page("Order lookup status", """
 </details>
 % end
 % end
-<details id="rules-fold"><summary>Rules: the first that matches picks the answer ({{len(rules)}})</summary>
+<details id="rules-fold"><summary>Rules: the first that matches picks the answer ({{rules_said}})</summary>
 <table id="rules"><tr><th>#</th><th>when</th><th>answer</th></tr>
 % for number, when, template in rules:
 <tr><td>{{number}}</td><td>{{when}}</td><td><code>{{template}}</code></td></tr>
@@ -6303,6 +6392,12 @@ class MetricsCollector:
                 ("orders_last_load_duration_seconds", "How long the last accepted load took.",
                  snapshot.seconds if snapshot else math.nan)):
             yield GaugeMetricFamily(name, doc, value=value)
+        refused = GaugeMetricFamily("orders_export_refused", "1 while the last export that came (dropped in the "
+                                    "folder, uploaded or fetched) stands refused, until a good one is served.",
+                                    labels=["source"])
+        for source in ("folder", "upload", "fetch"):
+            refused.add_metric([source], 1 if (service.refused or {}).get("source") == source else 0)
+        yield refused
         if snapshot is None:
             return
         counts = reading_counts(snapshot)
@@ -6628,6 +6723,21 @@ def make_server(app, settings, **overrides):
     return server
 
 
+def cannot_listen(settings, error):
+    """Why the server cannot listen, and what to do, in one line."""
+    import errno
+
+    where = f"{settings.host}:{settings.port}"
+    if error.errno == errno.EADDRINUSE:
+        return (f"port {settings.port} on {settings.host} is already in use (another instance of this service, or "
+                f"another program: `ss -ltnp 'sport = :{settings.port}'` names it). Stop it, or set PORT to a free port.")
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"not allowed to listen on {where}: ports below 1024 need root. Set PORT to 1024 or above (8080)."
+    if error.errno == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
+        return f"cannot listen on {where}: {settings.host} is not an address of this machine. Set HOST (127.0.0.1)."
+    return f"cannot listen on {where}: {error.strerror or error}. Check HOST and PORT."
+
+
 def listen_port(server):
     """The port a server listens on (a host with several addresses makes several servers)."""
     return getattr(server, "effective_port", None) or server.effective_listen[0][1]
@@ -6780,7 +6890,8 @@ def run_check(settings, args):
     snapshot = build_snapshot(config, path, settings.memory_limit_mb, previous=read_choice(settings.state / ACCEPTED))
     surveyed = survey(snapshot)
     # Said only now: a placeholder or rule field is checked against the export's columns.
-    print(f"config   {printable(settings.contexts)}: ok ({len(config.templates)} templates, {len(config.rules)} rules)")
+    print(f"config   {printable(settings.contexts)}: ok ({plural(len(config.templates), 'template')}, "
+          f"{plural(len(config.rules), 'rule')})")
     if settings.data.is_dir() and (stray := passed_over(settings.data)):
         print(f"files    passed over, as they hold no table: {', '.join(map(printable, stray))}")
     for line in check_summary(snapshot, surveyed):
@@ -6861,38 +6972,28 @@ def check_warnings(snapshot, surveyed):
     named = {w for rule in config.rules for name, words in rule.conditions if name == "status" and words for w in words}
     for word, answers in sorted(surveyed.by_status.items(), key=lambda item: -sum(item[1].values())):
         if word and word not in named:
-            yield f"status {printable(word)[:40]!r} ({sum(answers.values())} orders) is named by no rule: answered with " + \
+            yield f"status {printable(word)[:40]!r} ({plural(sum(answers.values()), 'order')}) is named by no rule: answered with " + \
                   ", ".join(answers) + ". Add it to a rule's words in contexts.toml if you know what it means."
     for headers in snapshot.packer.plan.alike:
         yield (f"columns {' and '.join(repr(printable(h)) for h in headers)} read alike (case, _, -, : and spaces "
                f"do not count); the first, {printable(headers[0])!r}, is the one read")
     for kind, count in (surveyed.kinds or Counter()).most_common():
-        yield (f"{count} rows of the kind {kind!r} are neither items nor tracking for this layout and were left "
-               "out; name the kind in its rows (items, tracking or other) in contexts.toml if they matter")
+        one = count == 1
+        yield (f"{plural(count, 'row')} of the kind {kind!r} {'is' if one else 'are'} neither items nor tracking for this "
+               f"layout and {'was' if one else 'were'} left out; name the kind in its rows (items, tracking or other) "
+               "in contexts.toml if they matter")
     for field_name, count in (surveyed.disagreed or Counter()).most_common():
         if field_name in DATES:
-            yield (f"{count} orders have rows that give {field_name} different dates (parcels sent on different "
+            yield (f"{plural(count, 'order', ('has', 'have'))} rows that give {field_name} different dates (parcels sent on different "
                    "days): their answers give every date")
             continue
         if field_name == "carrier":
-            yield (f"{count} orders have parcels with different carriers: their answers name every carrier, and "
+            yield (f"{plural(count, 'order', ('has', 'have'))} parcels with different carriers: their answers name every carrier, and "
                    "give a tracking link only where the export has one of its own")
             continue
-        yield (f"{count} orders have rows that give {field_name} different words (e.g. one parcel delivered, one "
+        yield (f"{plural(count, 'order', ('has', 'have'))} rows that give {field_name} different words (e.g. one parcel delivered, one "
                "not): their answers name all of them and claim none; if one column holds the order's own "
                f"state, name it first in [columns] {field_name}")
-    for name, promise in config.promising:
-        yield (f"[templates] {name} is word for word an earlier release's answer, which promises {promise}: no export "
-               "holds that. Keep it only if your shop makes that promise; docs/UPDATING.md shows the new wording")
-    cells = (snapshot.reading or {}).get("cells", {})
-    for key, count in cells.items():
-        what, field_name = key.split(" ", 1)
-        if what == "damaged":
-            yield (f"{plural(count, f'{field_name} cell')} damaged by a spreadsheet (scientific notation such as "
-                   "3,60003E+14, lost digits, a .0 added): withheld, never shown"
-                   + (" (those orders cannot be found by their number)" if field_name == "order_id" else "")
-                   + ". Download the export again without opening it in a spreadsheet, or format the column as text "
-                     "before saving it")
     if surveyed.lost:
         yield (f"{surveyed.lost} cells held numbers of 16 or more digits, which a spreadsheet keeps to 15 only: they "
                "are read as empty rather than shown with wrong digits. Format those columns (tracking numbers, "
@@ -6900,16 +7001,18 @@ def check_warnings(snapshot, surveyed):
     unread = surveyed.unread or {}
     if "items" in unread:
         count, example = unread["items"]
-        yield (f"{count} packed items did not read as the layout says (e.g. {example!r}); each is shown as written, "
+        yield (f"{plural(count, 'packed item')} did not read as the layout says (e.g. {example!r}); each is shown as written, "
                "with no quantity")
     if "tracking" in unread:
         count, example = unread["tracking"]
-        yield (f"{count} packed tracking entries had no tracking number the layout reads (e.g. {example!r}); they are "
+        yield (f"{count:,} packed tracking {'entry' if count == 1 else 'entries'} had no tracking number the layout reads (e.g. {example!r}); they are "
                "left out of the answers")
     if snapshot.orders_without_email:
-        yield f"{snapshot.orders_without_email} orders have no email and can never be found"
+        yield f"{plural(snapshot.orders_without_email, 'order', ('has', 'have'))} no email and can never be found"
     if snapshot.rows_without_order:
-        yield f"{plural(snapshot.rows_without_order, 'row')} have no order number and were skipped"
+        one = snapshot.rows_without_order == 1
+        yield (f"{plural(snapshot.rows_without_order, 'row', ('has', 'have'))} no order number and "
+               f"{'was' if one else 'were'} skipped")
     reading = snapshot.reading or {}
     for why, count in (reading.get("not_orders") or {}).items():
         yield f"{plural(count, 'row')} left out as {why}"
@@ -6918,7 +7021,7 @@ def check_warnings(snapshot, surveyed):
                + ", ".join(repr(line) for line in reading["preamble"][:3]))
     if surveyed.alike:
         number, count = surveyed.alike.most_common(1)[0]
-        yield (f"{len(surveyed.alike)} order numbers are written in ways that read alike (e.g. {count} orders read "
+        yield (f"{plural(len(surveyed.alike), 'order number')} are written in ways that read alike (e.g. {count} orders read "
                f"as {number!r}, such as '#{number}' and '{number}'): orders with different emails are kept apart; "
                f"{snapshot.orders_sharing} share an email with another, and a lookup of those answers with the one "
                "written as typed, else with all of them")
@@ -6931,11 +7034,6 @@ def check_warnings(snapshot, surveyed):
 FREE_TEXT = ("note", "comment", "instruction", "message", "remark", "memo", "request", "gift", "bemerkung",
              "kommentar", "notiz", "hinweis", "commentaire", "remarque", "nota", "opmerking", "comentario",
              "observacion")
-
-
-def plural(count, noun):
-    """'1 order', '3 orders': a count with its noun."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def free_text_fields(config, columns=None):
@@ -7119,7 +7217,11 @@ def run_serve(settings, args):
         print(f"\nWARNING: API_KEY is not set. For trying out only, this run accepts the key:\n\n    {key}\n\n"
               "Set API_KEY before serving real traffic.\n", file=sys.stderr, flush=True)
         key_status = "generated for this run"
-    server = make_server(create_app(service, request_writer(service.insights)), settings)
+    try:
+        server = make_server(create_app(service, request_writer(service.insights)), settings)
+    except OSError as error:  # the port is taken, or the address is not this machine's
+        service.stopped()
+        raise SettingsError(cannot_listen(settings, error)) from None
     watcher = Watcher(service).start()
     fetcher = service.fetcher.start() if service.fetcher else None
     log.info("serving %s on http://%s:%s/lookup (key: %s)", printable(service.snapshot.source),

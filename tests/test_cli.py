@@ -54,7 +54,7 @@ def test_check_summarises_the_export(capsys, export, contexts_file):
     assert 'order_id           <- "Name"' in out
     assert "rows     8; orders 6" in out
     assert "'#1001'" in out
-    assert "1 orders have no email" in out
+    assert "1 order has no email and can never be found" in out
     assert "status: " in out and "fulfilled 3" in out
     assert out.rstrip().endswith("OK")
 
@@ -104,6 +104,28 @@ def test_serve_without_a_key_makes_one_and_prints_it(tmp_path):
         with urllib.request.urlopen(request, timeout=5) as response:
             assert json.load(response)["context"].startswith("Order #1001 was found")
     assert "Traceback" not in served.output and "Logging error" not in served.output
+
+
+@pytest.mark.parametrize("host, says", [
+    ("127.0.0.1", "is already in use (another instance of this service, or another program"),
+    ("192.0.2.1", "192.0.2.1 is not an address of this machine. Set HOST"),
+])
+def test_a_port_it_cannot_listen_on_is_one_line_that_says_what_to_do(tmp_path, host, says):
+    import socket
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("ORDERS_FILE", "CONTEXTS_FILE")}
+        env.update(PORT=str(port), HOST=host, STATE_DIR=str(tmp_path / "state"), API_KEY="test-Kq7vX2mZp9LrT4wN8cB3",
+                   TRUSTED_PROXY="127.0.0.1")
+        run = subprocess.run([sys.executable, str(ROOT / "app.py")], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert len(errors) == 1 and says in errors[0]
 
 
 SEVERAL_CPUS = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,

@@ -209,3 +209,37 @@ def test_check_warns_about_free_text_by_the_header_it_reads_too(capsys, tmp_path
     assert app.main(["check", "--data", str(path), "--contexts", str(contexts_file)]) == 0
     assert "warning  [templates] found uses {delivery_info}, text that customers or staff type freely" in \
         capsys.readouterr().out
+
+
+def test_every_unknown_placeholder_is_reported_at_once_with_the_nearest_name(tmp_path, contexts_file):
+    edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {ordr_id} was found {trackng_url}.')
+    export = write(tmp_path / "data" / "orders.csv", "Order,Email\n1,a@example.com\n")
+    with pytest.raises(app.ExportError) as caught:
+        app.build_snapshot(app.load_config(contexts_file), export)
+    message = str(caught.value)
+    assert "{ordr_id}, which contexts.toml [templates] processing uses (did you mean {order_id}?)" in message
+    assert "{trackng_url}, which contexts.toml [templates] processing uses (did you mean {tracking_url}?)" in message
+
+
+def test_a_messages_unknown_placeholders_are_reported_at_once(contexts_file):
+    text = contexts_file.read_text()
+    start = text.index("not_found = ")
+    line = text[start:text.index("\n", start)]
+    edit(contexts_file, line, 'not_found = "No order {ordr_id} as of {record_updated}."')
+    with pytest.raises(app.ConfigError) as caught:
+        app.load_config(contexts_file)
+    assert ("uses the unknown placeholders {ordr_id} (did you mean {order_id}?), {record_updated} (did you mean "
+            "{records_updated}?)") in str(caught.value)
+
+
+def test_a_fixed_edit_is_logged_as_applied_even_when_it_restores_the_served_wording(tmp_path, contexts_file, logs):
+    from conftest import make_settings, orders_csv, started
+
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
+    service = started(make_settings(export.parent, contexts_file))
+    good = contexts_file.read_text()
+    contexts_file.write_text(good.replace("[settings]", "[settings\n", 1))  # a typo: refused, the old wording stays
+    assert not service.reload()
+    contexts_file.write_text(good)  # put right: the same wording as served
+    assert service.reload()
+    assert any(r.getMessage().startswith("applied contexts.toml: ") for r in logs.records)

@@ -163,9 +163,9 @@ def test_each_platform_answers_its_orders(snapshots, name, order_id, email, text
     ("shopware_orders.csv", []),  # its "returned" is answered by the rule for returned orders
     ("shopware_default_orders.csv", ["no status column (the Shopware 6 orders export layout reads it from "
                                      "'delivery_state')"]),
-    ("prestashop_sql_orders.csv", ["status 'on backorder (paid)' (1 orders) is named by no rule"]),
+    ("prestashop_sql_orders.csv", ["status 'on backorder (paid)' (1 order) is named by no rule"]),
     ("odoo_sale_orders.csv", []),
-    ("plentymarkets_orders.csv", ["status 'gerade im versand' (1 orders)", "status 'retoure' (1 orders)"]),
+    ("plentymarkets_orders.csv", ["status 'gerade im versand' (1 order)", "status 'retoure' (1 order)"]),
     ("shipstation_shipments.csv", ["no status column", "give shipped_at different dates"]),
 ])
 def test_check_names_the_platform_and_explains_every_warning(capsys, name, warnings):

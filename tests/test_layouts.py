@@ -124,8 +124,8 @@ def test_check_names_the_layout_and_explains_every_warning(capsys, name):
     code, out = check(capsys, FIXTURES / name)
     assert code == 0 and f"({CASES[name][0]}, modified " in out
     warnings = [line for line in out.splitlines() if line.startswith("warning")]
-    expected = {"matrixify_orders.csv": ["'gift card line' are neither items nor tracking"],
-                "webtoffee_orders.csv": ["1 packed items did not read as the layout says"]}.get(name, [])
+    expected = {"matrixify_orders.csv": ["'gift card line' is neither items nor tracking"],
+                "webtoffee_orders.csv": ["1 packed item did not read as the layout says"]}.get(name, [])
     assert len(warnings) == len(expected) and all(e in w for e, w in zip(expected, warnings)), warnings
 
 
@@ -322,7 +322,7 @@ def test_a_layout_with_a_mistake_is_a_clear_config_error(contexts_file, text, sa
 
 def test_an_unreadable_packed_cell_is_shown_as_written_and_counted(capsys):
     code, out = check(capsys, FIXTURES / "webtoffee_orders.csv")
-    assert "warning  1 packed items did not read as the layout says (e.g. 'Gift wrapping'); each is shown as " \
+    assert "warning  1 packed item did not read as the layout says (e.g. 'Gift wrapping'); each is shown as " \
            "written, with no quantity" in out
 
 
@@ -337,7 +337,7 @@ def test_a_packed_item_without_its_name_gets_no_made_up_quantity(tmp_path, capsy
     context = json.loads(app.answer(snapshot, "603", "ann@example.com")[1])["context"]
     assert "2 x Hat, sku:HAT-1|quantity:3" in context and "1 x sku" not in context
     code, out = check(capsys, tmp_path / "o.csv")
-    assert "1 packed items did not read as the layout says (e.g. 'sku:HAT-1|quantity:3')" in out
+    assert "1 packed item did not read as the layout says (e.g. 'sku:HAT-1|quantity:3')" in out
 
 
 def test_the_shopify_shaped_load_takes_the_plain_path():
@@ -352,7 +352,7 @@ def test_a_packed_tracking_entry_without_a_number_is_left_out_and_counted(tmp_pa
     assert broken != first
     path = write(tmp_path / "o.csv", header + broken + "".join(rest))
     code, out = check(capsys, path)
-    assert "warning  1 packed tracking entries had no tracking number the layout reads (e.g. " in out
+    assert "warning  1 packed tracking entry had no tracking number the layout reads (e.g. " in out
     snapshot = app.build_snapshot(app.load_config(CONTEXTS), path)
     context = json.loads(app.answer(snapshot, "1234", "ana@example.com")[1])["context"]
     assert "JD014600006281234567" not in context and "tracking number" not in context

@@ -93,11 +93,11 @@ def test_with_the_key_the_page_shows_data_rules_and_every_answer(live_server, se
     assert page.by_id["freshness"] == "healthy" and "green" in page.classes["freshness"]
     data = dict(page.tables["data"])
     assert data["File served"] == "orders.csv" and data["Orders / rows"] == "6 / 8"
-    assert data["Last refused"] == "none" and data["contexts.toml"] == "ok"
+    assert data["Last refused"] == "none since the last export was served" and data["contexts.toml"] == "ok"
     rules = page.tables["rules"][1:]
     assert len(rules) == len(service.snapshot.config.rules) + 1
     assert rules[0] == ["1", "cancelled_at is filled", "cancelled"]
-    assert rules[-1] == ["", "no rule matches", "found"]
+    assert rules[-1] == ["", "no rule matches: the default answer", "found"]
     answers = dict(page.tables["templates"])
     assert set(answers) == set(service.snapshot.config.templates)
     assert answers["shipped_tracked"].startswith("Order #1001 was found and has shipped on 28 Nov 2026 with UPS")

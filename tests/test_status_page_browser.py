@@ -266,3 +266,34 @@ def test_health_and_the_form_come_before_the_folded_rules(pages, healthy, viewpo
     for fold in ("#rules-fold", "#templates-fold"):
         assert page.locator(fold).evaluate("d => d.open") is False, f"{fold} is open by default"
         assert not page.locator(fold + " table").is_visible()
+
+
+@pytest.fixture(scope="module")
+def stale(tmp_path_factory):
+    """A service whose export is three days old: the nightly export stopped arriving."""
+    import time
+
+    folder = tmp_path_factory.mktemp("stale")
+    service = Service(folder)
+    old = time.time() - 3 * 86400
+    os.utime(folder / "data" / "orders.csv", (old, old))
+    with service:
+        yield service
+
+
+@pytest.mark.parametrize("viewport", VIEWPORTS)
+def test_the_reason_and_what_to_do_are_read_first_and_times_in_plain_words(pages, stale, viewport):
+    page = pages(viewport, stale)
+    assert page.locator("#freshness").inner_text() == "stale"
+    reason = page.locator("#reasons li").first
+    assert reason.inner_text().startswith("the data is older than 26 hours: the nightly export did not arrive. "
+                                          "Check the job that writes or uploads it")
+    box = reason.bounding_box()
+    assert box["y"] + box["height"] <= viewport[1], f"the reason is below the fold: {box}"
+    exported = page.locator("#exported")
+    assert exported.inner_text().endswith("(3 days ago)") and "T" not in exported.inner_text().split(",")[0]
+    line = exported.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)")
+    assert exported.bounding_box()["height"] <= 2.5 * line, "the file's time wraps over more than two lines"
+    assert page.locator("#records").inner_text().endswith("(the file's time less export_lag_hours = 1)")
+    assert_no_overflow(page)
+    screenshot(page, viewport, "stale", full_page=False)

@@ -5,6 +5,7 @@
 import json
 import os
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -103,26 +104,54 @@ def test_post_with_the_file_as_a_form_field_is_accepted_too(shop):
     assert status == 200 and json.loads(answer)["orders"] == 44
 
 
-@pytest.mark.parametrize("how, orders", [(["-T", "{file}"], 45), (["-F", "file=@{file}"], 46)])
-def test_the_documented_curl_commands_upload_the_export(shop, tmp_path, how, orders):
-    """docs/UPDATING.md's `curl -fsS -T orders.csv -H "x-upload-key: ..." .../export`, and its -F form."""
+def documented_commands():
+    """The shell blocks of docs/UPDATING.md's "Pushed" section, as a merchant copies them."""
+    import re
+
+    section = (ROOT / "docs" / "UPDATING.md").read_text().split("### Pushed", 1)[1].split("\n### ", 1)[0]
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```sh\n(.*?)```", section, re.S)]
+    blocks = [b.split("\n", 1)[1] if b.startswith("#!") else b for b in blocks]  # the cron script: its body
+    return [b for b in blocks if "curl" in b]
+
+
+@pytest.mark.parametrize("command", documented_commands(), ids=["fail-with-body", "older-curl", "cron-script"])
+def test_the_documented_upload_commands_upload_and_print_a_refusals_reason(shop, tmp_path, command):
     import shutil
     import subprocess
 
     if not shutil.which("curl"):
         pytest.skip("curl is not installed")
-    file = write(tmp_path / "orders.csv", orders_csv(orders))
-    documented = (ROOT / "docs" / "UPDATING.md").read_text()
-    assert 'curl -fsS -T orders.csv -H "x-upload-key: $UPLOAD_KEY" https://orders.example.com/export' in documented
-    assert "curl -F file=@orders.csv" in documented
-    done = subprocess.run(["curl", "-fsS", *(part.format(file=file) for part in how), "-H",
-                           f"x-upload-key: {UPLOAD_KEY}", f"{shop.url}/export"], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0 and json.loads(done.stdout)["orders"] == orders
-    cut = write(tmp_path / "cut.csv", orders_csv(orders)[:-200])
-    refused = subprocess.run(["curl", "-fsS", "-T", str(cut), "-H", f"x-upload-key: {UPLOAD_KEY}", f"{shop.url}/export"],
-                             capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 22 and "422" in refused.stderr  # -f: cron sees the refusal and mails it
+    if "--fail-with-body" in command and "fail-with-body" not in subprocess.run(
+            ["curl", "--help", "all"], capture_output=True, text=True).stdout:
+        pytest.skip("this curl is older than 7.76 (no --fail-with-body)")
+    script = (command.replace("https://orders.example.com", shop.url)
+              .replace('$(cat "$HOME/.orders-upload-key")', "$UPLOAD_KEY").replace("exec curl", "curl"))
+
+    def run(name, text):
+        file = write(tmp_path / name, text)
+        body = script.replace("orders.csv", str(file))  # the cron script takes the file as its argument, $1
+        return subprocess.run(["sh", "-c", body, "push-orders", str(file)], env={**os.environ, "UPLOAD_KEY": UPLOAD_KEY},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    done = run("orders.csv", orders_csv(45))
+    assert done.returncode == 0 and '"accepted": true' in done.stdout and '"orders": 45' in done.stdout
+    refused = run("cut.csv", orders_csv(45)[:-200])
+    assert refused.returncode != 0  # cron mails what a failing job printed: the reason must be in it
+    assert "looks cut off" in refused.stdout + refused.stderr
+
+
+def test_a_form_upload_as_documented_is_accepted(shop, tmp_path):
+    """docs/UPDATING.md: `curl -F file=@orders.csv ...` for tools that can only post a form."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    assert "curl -F file=@orders.csv" in (ROOT / "docs" / "UPDATING.md").read_text()
+    file = write(tmp_path / "orders.csv", orders_csv(46))
+    done = subprocess.run(["curl", "-fsS", "-F", f"file=@{file}", "-H", f"x-upload-key: {UPLOAD_KEY}",
+                           f"{shop.url}/export"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["orders"] == 46
 
 
 def test_an_xlsx_upload_is_read_as_a_workbook(shop, tmp_path):
@@ -256,3 +285,24 @@ def test_a_slow_ratchet_down_is_refused_like_a_single_cut(uploads, way):
     assert service.snapshot.orders == 21
     if way == "folder":
         assert "fewer than 50% of the 40 in the largest of the last 5 exports accepted" in service.refused["reason"]
+
+
+def test_a_refused_upload_shows_where_the_merchant_looks_until_a_good_export_is_served(uploads):
+    import base64
+
+    from test_metrics import scrape
+
+    service, client, _ = uploads
+    status, answer = put(client, orders_csv(5).encode())
+    assert status == 422
+    health = client.get("/healthz").json
+    assert health["status"] == "degraded" and health["last_refused"]["source"] == "upload"
+    assert health["last_refused"]["reason"] == answer["reason"] and "holds 5 orders, fewer than 50%" in answer["reason"]
+    assert f"the last upload was refused: {answer['reason']}" in health["reasons"]
+    auth = {"Authorization": "Basic " + base64.b64encode(f"x:{KEY}".encode()).decode()}
+    page = client.get("/", headers=auth, key=None).body.decode()
+    assert page.count("holds 5 orders, fewer than 50%") == 1  # at the top, said once
+    assert scrape(client)[("orders_export_refused", (("source", "upload"),))] == 1
+    assert put(client, orders_csv(41).encode())[0] == 200  # a good export: the refusal is history
+    assert client.get("/healthz").json["last_refused"] is None
+    assert scrape(client)[("orders_export_refused", (("source", "upload"),))] == 0
