@@ -388,7 +388,12 @@ def shared_key_errors(settings):
 # Placeholders computed from an order rather than read from one column.
 DERIVED = {
     "order_id": "the order number as written in the export, e.g. #1001",
-    "items": "the line items, e.g. 1 x Hat, 2 x Socks (without a count where the export gives none)",
+    "items": "the line items, e.g. 1 x Hat, 2 x Socks (without a count where the export gives none), less what the "
+             "export says was refunded",
+    "refunded_items": "what of the items was refunded, as the lines' refunded quantities say",
+    "refunds": "'all' when every line was refunded in full, 'some' when part of one was, as the lines' refunded "
+               "quantities say; else empty",
+    "no_shipping_items": "the lines that need no shipping (a download, a gift card), beside lines that do",
     "item_count": "how many items in all, where every line's count is known",
     "shipped_items": "what of the items has left, as the lines' statuses or shipped quantities say",
     "unshipped_items": "what of the items has not left and still needs to",
@@ -1356,7 +1361,8 @@ def scan_csv(binary):
 
 # What a spreadsheet leaves in a CSV's bytes: Excel's text guard, a number in scientific notation,
 # a code given a ".0". A file without any of them needs no look at its cells for these.
-MARK_BYTES = (b'="', b"E+", b"e+", b".0,", b".0;", b".0\t", b'.0"', b".0\n", b".0\r", b".0|")
+MARK_BYTES = (b'="', b"E+", b"e+", b".0,", b".0;", b".0\t", b'.0"', b".0\n", b".0\r", b".0|",
+              b",'", b";'", b"\t'", b"\n'", b"|'")
 
 
 def open_quote_at_end(f, delimiter):
@@ -1585,7 +1591,8 @@ def damaged_number(value):
 
 
 PRODUCT_ID = re.compile(r"(?:\d+\s*x\s*)?[0-9a-fA-F-]{16,}(?:\|.*)?")  # "1x 0193a1e0ee4f..." : an id, not a name
-DAMAGED = re.compile(r"\d(?:[.,]\d+)?[eE][+]\d{1,3}|\d{6,}\.0")
+DAMAGED = re.compile(r"\d+(?:[.,]\d+)?[eE][+]\d{1,3}|\d{6,}\.0")
+ADDED_ZERO = re.compile(r"(?<=\d)\.0+$")  # the .0 a spreadsheet adds to a number it took for a quantity
 
 
 DATE_ISO = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ].*)?")
@@ -2036,6 +2043,18 @@ class Choice:
     found: dict = None  # field -> [Fit]: columns whose content alone fits a field no header says (order_id, email, status)
 
 
+def data_rows(sample, header=()):
+    """The sample's rows that look like data: as filled as most, not a footer, a separator, a lone note or the
+    header row again (two exports pasted one under the other)."""
+    again = [h.strip().casefold() for h in header]
+    sample = [row for row in sample if [c.strip().casefold() for c in row[:len(again)]] != again] if again else sample
+    filled = [sum(1 for cell in row if cell.strip()) for row in sample]
+    if not filled:
+        return sample
+    typical = sorted(filled)[len(filled) // 2]
+    return [row for row, count in zip(sample, filled) if count * 2 >= typical and count]
+
+
 def choose_columns(config, layout, header, sample, previous=None, reserved=()):
     """Choose a column for each field: a layout's or [columns]' exact header, else the header words, cells agreeing.
 
@@ -2045,7 +2064,7 @@ def choose_columns(config, layout, header, sample, previous=None, reserved=()):
     layout reads by its own rules (packed items, row types), which no field takes.
     """
     positions, _ = header_positions(header)
-    sample = data_rows(sample)
+    sample = data_rows(sample, header)
     values = lambda column: [row[column] if column < len(row) else "" for row in sample]  # noqa: E731
     chosen, evidence, others, contradicted, taken = {}, {}, {}, [], set(reserved)
 
@@ -2100,15 +2119,6 @@ def choose_columns(config, layout, header, sample, previous=None, reserved=()):
         if field_name not in chosen and len(fits) == 1:  # content alone, and only one column: never a guess
             take(field_name, fits[0].column, f"found by its content: {fits[0].evidence}")
     return Choice(chosen, evidence, others, tuple(contradicted), found)
-
-
-def data_rows(sample):
-    """The sample's rows that look like data: as filled as most, not a footer, a separator or a lone note."""
-    filled = [sum(1 for cell in row if cell.strip()) for row in sample]
-    if not filled:
-        return sample
-    typical = sorted(filled)[len(filled) // 2]
-    return [row for row, count in zip(sample, filled) if count * 2 >= typical and count]
 
 
 def relay_domain(address, relays):
@@ -2620,9 +2630,10 @@ NOT_ORDER_WORDS = frozenset("total totals summe gesamt gesamtsumme sum subtotal 
 
 def not_an_order(value, key):
     """Why a row whose order-number cell holds value is no order (a footer, a totals line), or "" when it is one."""
-    if key in NOT_ORDER_WORDS:
-        return "totals lines"
-    if not ID_SHAPE.fullmatch(spreadsheet_text(value)):
+    text = spreadsheet_text(value)
+    if key in NOT_ORDER_WORDS or not any(c.isdigit() for c in text) and NOT_ORDER_WORDS & set(text.casefold().split()):
+        return "totals lines"  # "Total", "Grand Total", "Total general", "Summe gesamt"
+    if not ID_SHAPE.fullmatch(text) and not damaged_number(text):  # 1.00012E+8 is an order whose number was lost
         return "lines that are no order (a footer, a note, a repeated header)"
     return ""
 
@@ -2949,6 +2960,8 @@ FLAGS = {**dict.fromkeys(("true", "yes", "y", "1", "si", "sim", "ja", "oui", "wa
 def tracking_numbers_in(text):
     """The tracking numbers of a cell: several may share it (",", ";", "|", a line break); spreadsheet guards are
     taken off; a number a spreadsheet damaged for good (3,60003E+14) is left out, never shown."""
+    if damaged_number(spreadsheet_text(text)):  # the whole cell first: "3,60003E+14" is one number, not "3" and more
+        return ()
     numbers = (one_line(spreadsheet_text(n)) for n in SEVERAL.split(text))
     return tuple(n for n in numbers if n and not damaged_number(n))
 
@@ -3271,19 +3284,28 @@ def marks(packed, packer, cells):
     head, *rows = packed.decode().split(RECORD)
     fields = packer.plan.order_fields
     for field_name, cell in zip(fields, head.split(FIELD)):
-        if cell[:2] == '="':
+        if cell[:2] == '="' or cell[:1] == "'" and field_name in GUARDED_FIELDS:
             cells[("guard", field_name)] += 1
-        if field_name == "order_id" and damaged_number(spreadsheet_text(cell)):
-            cells[("damaged", field_name)] += 1
+        if field_name == "order_id" and damaged_number(text := spreadsheet_text(cell)):
+            # A .0 comes off (the number customers know is whole); scientific notation lost digits for good.
+            cells[("guard" if ADDED_ZERO.search(text) else "damaged", field_name)] += 1
     tracking_at = packer.row_positions[-1]
     for row in rows:
         row_cells = row.split(FIELD)
         for field_name, cell in zip(packer.plan.row_fields, row_cells):
-            if cell[:2] == '="':
+            if cell[:2] == '="' or cell[:1] == "'" and field_name in GUARDED_FIELDS:
                 cells[("guard", field_name)] += 1
         if tracking_at is not None and tracking_at < len(row_cells):
-            cells[("damaged", "tracking_number")] += sum(
-                damaged_number(spreadsheet_text(n)) for n in SEVERAL.split(row_cells[tracking_at]) if n.strip())
+            cell = row_cells[tracking_at]
+            damaged = 1 if damaged_number(spreadsheet_text(cell)) else sum(
+                damaged_number(spreadsheet_text(n)) for n in SEVERAL.split(cell) if n.strip())
+            if damaged:
+                cells[("damaged", "tracking_number")] += damaged
+
+
+# Fields whose cells a leading ' may guard (Excel's mark for "keep this number as text"); in names it is text.
+GUARDED_FIELDS = frozenset(("order_id", "tracking_number", "item_quantity", "item_shipped_quantity",
+                            "item_refunded_quantity", "order_date", "shipped_at", "cancelled_at", "estimated_delivery"))
 
 
 def dated_by(snapshot):
@@ -3822,6 +3844,11 @@ def shown(cell, style=ENGLISH):
     return readable(cell, style) if cell[4:5] == "-" else cell
 
 
+def order_number_text(cell):
+    """An order number as an answer shows it: without a spreadsheet's marks (="...", a leading ', a .0 added)."""
+    return ADDED_ZERO.sub("", spreadsheet_text(one_line(cell)))
+
+
 @lru_cache(maxsize=4096)  # a shop's answers show a few hundred days, each many times over
 def day_text(iso_day, style=ENGLISH):
     """'2026-11-28' -> '28 Nov 2026' as style writes it, or "" when it is no real day."""
@@ -3856,6 +3883,13 @@ def safe_url(value):
     return value if SAFE_URL.match(value) else None
 
 
+def kept_part(item):
+    """(count or None, name, part) of a line less what was refunded of it, or None when all of it was."""
+    if not item.refunded or item.quantity is None:
+        return item.quantity, item.name, False
+    return (item.quantity - item.refunded, item.name, False) if item.quantity > item.refunded else None
+
+
 class Renderer:
     """Words the answer of one order: the tracking link, the rule, the template.
 
@@ -3876,6 +3910,8 @@ class Renderer:
         dates = {name: self.dated(i, (day_first or {}).get(name)) for name, i in at.items()
                  if FIELD_CONTENT.get(name) == "date"}
         self.source = {**at, **dates, **derived}  # a field -> its cell's position, or the method that derives it
+        if "order_id" in at:  # shown without a spreadsheet's marks: '00123, ="00123", 100012345.0
+            self.source["order_id"] = lambda cells, items, tracking, url, i=at["order_id"]: order_number_text(cells[i])
         # Rules look at the words in a few fields, and an export has a handful of words per
         # field: the words narrow the rules down once. Whether a field is filled is checked
         # per order, only as far as the rules in order need it.
@@ -3901,6 +3937,9 @@ class Renderer:
         placed_at, placed_first = at.get("order_date"), (day_first or {}).get("order_date")
         self.placed = None if placed_at is None else (  # the order's (year, month, day), or None
             lambda cells: date_parts(shown(cells[placed_at]).split(" and ")[0], placed_first))
+        self.placed_either = None if placed_at is None else (  # both readings of a date such as 01/02/2026
+            lambda cells: [p for first in (True, False)
+                           if (p := date_parts(shown(cells[placed_at]).split(" and ")[0], first))])
 
     def answer(self, cells, items, tracking):
         """(template name, JSON body) for an order's cells, items and tracking numbers (Packer.unpack's)."""
@@ -3990,8 +4029,28 @@ class Renderer:
         return self.records_text
 
     def items(self, cells, items, tracking, url):
-        """Every line item, or [items] none when the order lists none."""
-        return self.listing(items) or self.config.no_items
+        """Every line item less what was refunded (all of them when all was), or [items] none when the order lists
+        none."""
+        return self.listing(kept_part(item) for item in items if kept_part(item)) or self.listing(items) \
+            or self.config.no_items
+
+    def refunded_items(self, cells, items, tracking, url):
+        """What of the items was refunded, as the lines' refunded quantities say; "" where none says."""
+        return self.listing((min(item.refunded, item.quantity or item.refunded), item.name, False)
+                            for item in items if item.refunded)
+
+    def refunds(self, cells, items, tracking, url):
+        """'all' when every line was refunded in full, 'some' when part of one was; "" where none says."""
+        refunded = [item for item in items if item.refunded]
+        if not refunded:
+            return ""
+        return "all" if all(kept_part(item) is None for item in items) else "some"
+
+    def no_shipping_items(self, cells, items, tracking, url):
+        """The lines that need no shipping, where other lines do (when none does, the answer says so itself)."""
+        if not any(item.ships is not False for item in items):
+            return ""
+        return self.listing(item for item in items if item.ships is False)
 
     def shipped_items(self, cells, items, tracking, url):
         """What of the items has left, as the lines' own statuses or shipped quantities say; "" where none says."""
@@ -4018,19 +4077,23 @@ class Renderer:
         return "yes" if True in flags else ""
 
     def overdue(self, cells, items, tracking, url):
-        """'yes' when the order was placed more than [settings] overdue_days before the export was made, else ""."""
-        placed = self.placed(cells) if self.placed else None
-        if placed is None or not self.export_day:
+        """'yes' when the order was placed more than [settings] overdue_days before the export was made, else "".
+
+        A date whose day and month cannot be told apart (01/02/2026) is overdue when both readings are.
+        """
+        if not self.placed or not self.export_day:
             return ""
-        return "yes" if (self.export_day - date(*placed)).days > self.config.overdue_days else ""
+        readings = [self.placed(cells)] if self.placed(cells) else self.placed_either(cells)
+        late = [(self.export_day - date(*placed)).days > self.config.overdue_days for placed in readings]
+        return "yes" if late and all(late) else ""
 
     def parcels(self, cells, items, tracking, url):
         """Each tracking number with the items on its row ('1Z99 (1 x Hat); 1Z98 (2 x Scarf)'), where the export ties
         them and an order has more than one; else ""."""
         tied = {}
         for item in items:
-            for number in item.tracking:
-                tied.setdefault(number, []).append(item)
+            if len(item.tracking) == 1:  # a row whose cell holds two numbers does not say which parcel holds it
+                tied.setdefault(item.tracking[0], []).append(item)
         if len(tracking) < 2 or not tied:
             return ""
         return "; ".join(f"{number} ({self.listing(tied[number])})" if number in tied else number
@@ -4101,6 +4164,7 @@ class Renderer:
 
 
 MAX_ITEMS = 30  # items listed in an answer; an order of hundreds of lines is summed up after these
+
 PARTIAL_WORDS = frozenset({"partial", "partially shipped", "partially fulfilled", "partially delivered"})
 
 

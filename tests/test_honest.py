@@ -366,7 +366,7 @@ def test_check_says_ok_only_after_everything_passed(capsys, tmp_path, contexts_f
 def test_an_applied_contexts_edit_is_logged(tmp_path, contexts_file, logs):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
     service = started(make_settings(export.parent, contexts_file))
-    contexts_file.write_text(contexts_file.read_text().replace("It has not shipped yet.", "It has not left yet."))
+    contexts_file.write_text(contexts_file.read_text().replace("It has not shipped yet[", "It has not left yet["))
     assert service.reload()
     config = service.snapshot.config
     said = f"applied contexts.toml: {len(config.templates)} templates, {len(config.rules)} rules"

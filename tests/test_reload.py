@@ -126,8 +126,8 @@ def test_duplicate_events_cause_one_reload(live, logs):
 
 def test_a_good_contexts_edit_changes_the_wording(live):
     # A promise the shop makes itself, written in: the shipped answers make none.
-    text = live.contexts.read_text().replace("It contains {items}. It has not shipped yet.",
-                                             "It contains {items}. It has not shipped yet; we ship on Mondays.")
+    text = live.contexts.read_text().replace("It has not shipped yet[ (no shipping is needed for {no_shipping_items})].",
+                                             "It has not shipped yet; we ship on Mondays.")
     temp = write(live.contexts.with_name("contexts.toml.swp"), text)
     os.replace(temp, live.contexts)  # editors save by rename
     wait_for(lambda: "we ship on Mondays" in context(live, "1", "customer1@example.com").context,
