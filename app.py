@@ -514,6 +514,7 @@ class Config:
     language: str = "en"  # [settings] language: the language of the templates, for their dates
     retired: tuple = ()  # (field, headers) of [columns] lines that are an earlier release's list, not the merchant's
     promising: tuple = ()  # (template, what it promises) of templates that are word for word an earlier release's
+    earlier_rules: bool = False  # [[rules]] are word for word an earlier release's list (history.toml [rules])
 
     @property
     def fields_used(self):
@@ -614,6 +615,7 @@ def parse_config(path, doc, shipped=None, words=None, history=None):
     items = parse_items(path, doc.get("items", {}))
     templates = parse_templates(path, doc.get("templates", {}))
     rules = parse_rules(path, doc.get("rules", []), templates)
+    check_meanings(path, table(path, "vocabulary", doc.get("vocabulary", {})).get("statuses", {}), rules)
     default = settings["default_template"] or ("found" if "found" in templates else "processing")
     if default not in templates:
         config_error(path, "[settings] default_template", f"names the template {default!r}, which does not exist.",
@@ -631,7 +633,26 @@ def parse_config(path, doc, shipped=None, words=None, history=None):
         layouts=tuple(sorted(layouts.values(), key=lambda layout: layout.key not in own)),
         language=language(path, settings["language"], vocabulary["dates"]), retired=retired, **vocabulary,
         promising=promising_templates(templates, (history or {}).get("templates", [])),
+        earlier_rules=rules_digest(doc.get("rules", [])) in (history or {}).get("rules", {}).get("earlier", ()),
     )
+
+
+def rules_digest(rules):
+    """The SHA-256 of a [[rules]] list as TOML reads it (JSON, keys sorted): how history.toml names a release's."""
+    return hashlib.sha256(json.dumps(rules, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+STATUS_MEANINGS = ("shipped", "processing", "delivered", "cancelled", "refunded", "on hold", "returned",
+                   "ready for pickup", "pending payment")
+
+
+def check_meanings(path, statuses, rules):
+    """Each meaning [vocabulary.statuses] gives a word must be a word some rule names, else the word changes nothing."""
+    named = {w for rule in rules for _, words in rule.conditions if words for w in words}
+    for meaning in statuses if isinstance(statuses, dict) else ():
+        if status_word(meaning) not in named:
+            config_error(path, f"[vocabulary.statuses] {meaning}", "is no word a rule names, so it would change no "
+                         "answer.", "Put the true meaning in its place, one of: " + ", ".join(STATUS_MEANINGS) + ".")
 
 
 def promising_templates(templates, shipped):
@@ -1203,12 +1224,25 @@ def is_delimited(text, whole):
     lines = text.splitlines()
     if not whole:
         lines = lines[:-1]  # cut mid-line by the sample
-    lines = [line for line in lines[:50] if line.strip()]
+    _, agreeing, _ = table_shape(lines)
+    return agreeing >= 2 and agreeing * 2 >= len([line for line in lines[:SNIFF_LINES] if line.strip()])
+
+
+SNIFF_LINES = 50  # lines of a file's start that its delimiter must agree with
+
+
+def table_shape(lines):
+    """(delimiter, lines agreeing, cells per line) of the delimiter that the most lines agree on, each cut into
+    as many cells: a title line or a note does not count. (",", 0, 0) when none gives two cells."""
+    lines = [line for line in lines[:SNIFF_LINES] if line.strip()]
+    best = (",", 0, 0)
     for delimiter in DELIMITERS:
         widths = Counter(len(row) for row in csv.reader(lines, delimiter=delimiter) if len(row) > 1)
-        if widths and (common := widths.most_common(1)[0][1]) >= 2 and common * 2 >= len(lines):
-            return True
-    return False
+        if widths:
+            width, agreeing = widths.most_common(1)[0]
+            if (agreeing, width) > best[1:]:
+                best = (delimiter, agreeing, width)
+    return best
 
 
 def links_out(path, folder):
@@ -1303,7 +1337,7 @@ def open_csv(path, encoding=None):
             delimiter, offset = first[4], 1
         else:
             f.seek(0)
-            delimiter = sniff_delimiter(first, f.read(65536))
+            delimiter = sniff_delimiter(f.read(65536))
             f.seek(0)
         reader = csv.reader(f, delimiter=delimiter)
 
@@ -1397,17 +1431,9 @@ def utf8_or_retry(encoding):
         raise
 
 
-def sniff_delimiter(header_line, sample):
-    """The delimiter csv.Sniffer finds, if the header uses it; else the one the header uses most."""
-    try:
-        found = csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
-        if found in header_line:
-            return found
-    except csv.Error:
-        pass
-    counts = {d: header_line.count(d) for d in DELIMITERS}
-    best = max(counts, key=counts.get)
-    return best if counts[best] else ","
+def sniff_delimiter(sample):
+    """The delimiter most of the sample's lines agree on (a title line above the header does not count), else ","."""
+    return table_shape(sample.splitlines())[0]
 
 
 @contextmanager
@@ -1598,8 +1624,8 @@ ADDED_ZERO = re.compile(r"(?<=\d)\.0+$")  # the .0 a spreadsheet adds to a numbe
 DATE_ISO = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ].*)?")
 DATE_YMD = re.compile(r"(\d{4})[/.](\d{1,2})[/.](\d{1,2})(?:[T ,].*)?")
 DATE_NUMERIC = re.compile(r"(\d{1,2})([/.\-])(\d{1,2})\2(\d{4}|\d{2})(?:[T ,].*)?")
-DATE_NAMED = re.compile(r"([A-Za-z]{3,9})\.?[\s\-]+(\d{1,2}),?[\s\-]+(\d{4}|\d{2})(?:[T ,].*)?"  # Jan-18-16, Jan 18, 2016
-                        r"|(\d{1,2})[\s\-.]+([A-Za-z]{3,9})\.?[\s\-.]+(\d{4}|\d{2})(?:[T ,].*)?")  # 18-Jan-2016
+DATE_NAMED = re.compile(r"([^\W\d_]{3,10})\.?[\s\-]+(\d{1,2}),?[\s\-]+(\d{4}|\d{2})(?:[T ,].*)?"  # Jan-18-16, Jan 18, 2016
+                        r"|(\d{1,2})[\s\-.]+([^\W\d_]{3,10})\.?[\s\-.]+(\d{4}|\d{2})(?:[T ,].*)?")  # 18-Jan-2016, 5. März 2025
 DATE_SERIAL = re.compile(r"[3-7]\d{4}(?:\.\d+)?")  # Excel's day numbers of 1982 to 2173
 MONTHS = {name: number for number, names in enumerate((
     ("jan", "january", "janv", "ene", "enero", "gen", "janeiro", "januar", "styczen", "sty"),
@@ -1754,7 +1780,7 @@ WORD_SPLIT = re.compile(r"[^0-9a-z]+")
 
 def header_words(header):
     """A header's words as the vocabulary reads them: 'N° de suivi' -> ('number', 'de', 'suivi')."""
-    text = unaccented(CAMEL.sub(" ", str(header))).casefold()
+    text = unaccented(CAMEL.sub(" ", str(header))).casefold().replace("_", " ")  # "Order_No" is "Order No"
     text = NUMBER_SIGN.sub(" number ", text).replace("e-mail", "email").replace("e mail", "email")
     return tuple(word for word in WORD_SPLIT.split(text) if word)
 
@@ -1863,8 +1889,8 @@ def cells_fit(kind, values, known=frozenset()):
     share = lambda test: sum(1 for v in filled if test(v)) / len(filled)  # noqa: E731
     distinct = len(set(filled))
     example = printable(max(filled, key=len))[:24]
-    if kind == "email":
-        ok = share(EMAIL_SHAPE.fullmatch) >= 0.8
+    if kind == "email":  # half: a shop's "n/a" or "-" for orders taken by phone does not make it another column
+        ok = share(EMAIL_SHAPE.fullmatch) >= 0.5
         return ok, f"{sum(1 for v in filled if EMAIL_SHAPE.fullmatch(v))} of {len(filled)} are e-mail addresses"
     if kind == "id":
         ok = share(ID_SHAPE.fullmatch) >= 0.9 and share(NOT_AN_ID.fullmatch) <= 0.2
@@ -2418,6 +2444,15 @@ def getter(columns):
     return itemgetter(*columns) if columns else (lambda row: ())
 
 
+def writes_day_first(config, header):
+    """True when the header's words are of a language that writes the day first (German, French, ...): a word of
+    vocabulary.toml's day_first group, alone or ending a compound ("Bestelldatum", "Besteldatum")."""
+    marks = config.words.groups.get("day_first", frozenset())
+    endings = tuple(mark for mark in marks if len(mark) >= 5)
+    return any(word in marks or len(word) >= 8 and word.endswith(endings)
+               for text in header for word in header_words(text))
+
+
 def columns_changed(before, now):
     """(field, header before, header now) of each field whose column changed with the header row; "" for none."""
     return tuple((f, before.get(f, ""), now.get(f, "")) for f in dict.fromkeys((*before, *now))
@@ -2443,6 +2478,7 @@ class OrderReader:
         self.sample, self.day_first_language = [], False  # the first rows, and whether the header's words write the day first
         self.preamble = []  # lines before the header (a title, a line of separators), for check
         self.attached = 0  # item rows without an order number, taken as the order above's (see follow_on)
+        self.untied = 0  # item rows without an order number that follow no order of theirs: left out, check warns
         self.not_orders = Counter()  # rows that are no order (a footer, a totals line), by why
 
     def header_score(self, cells):
@@ -2476,8 +2512,7 @@ class OrderReader:
                 export_error(self.path, "is empty. Re-export the orders; the last good data stays served.")
             sample = self.sample = list(islice(rows, SAMPLE_ROWS))
             rows = chain(sample, rows)
-            marks = self.config.words.groups.get("day_first", frozenset())
-            self.day_first_language = any(word in marks for text in header for word in header_words(text))
+            self.day_first_language = writes_day_first(self.config, header)
             same_header = bool(self.previous) and self.previous["header"] == [h.strip() for h in header]
             self.plan = make_plan(self.config, header, shown_name(self.path), sample,
                                   previous=self.previous["chosen"] if same_header else None)
@@ -2486,6 +2521,8 @@ class OrderReader:
             self.relay = relay_addresses(self.config, self.plan, sample)
             self.normalise = without_leading_zeros if self.plan.ignore_leading_zeros else normalise_order_id
             self.follows = follow_on(self.plan)
+            fields = self.plan.row_fields[:len(self.plan.row_columns)]
+            item_at = self.plan.row_columns[fields.index("item_name")] if "item_name" in fields else None
             groups = self.gathered(rows) if careful else self.adjacent(rows)
             # One loop, no layers: this runs for every order of a file of hundreds of thousands.
             progress, next_tick, not_orders = self.progress, PROGRESS_ROWS, self.not_orders
@@ -2493,6 +2530,8 @@ class OrderReader:
             for key, group in groups:
                 if not key:
                     self.skipped += self.let_go(group)
+                    if item_at is not None:  # an item with no order: the order it belongs to may look whole without it
+                        self.untied += sum(1 for row in group if item_at < len(row) and row[item_at].strip())
                     continue
                 value = group[0][order_at]
                 if not (value.isalnum() or value[1:].isalnum()) or key in NOT_ORDER_WORDS:  # a quick look first
@@ -3010,8 +3049,8 @@ def read_entry(spec, part):
     """One packed entry: key/value pairs, or "2x Hat"; {"": part} when it reads neither way."""
     if spec.format == "count":
         match = COUNTED.fullmatch(part)
-        if not match:
-            return {"name": part.strip(), "quantity": "1"}
+        if not match:  # "Gift wrapping" beside "2x Lamp": no count is written, so none is told
+            return {"name": part.strip()}
         quantity, name = (match[1], match[2]) if match[1] else (match[4], match[3])
         return {"name": name.strip(), "quantity": quantity}
     entry, last = {}, None
@@ -3059,6 +3098,11 @@ def one_line(value):
         return value
     value = " ".join("".join(c if c.isprintable() else " " for c in value).split())
     return value if len(value) <= MAX_VALUE else value[:MAX_VALUE - 1].rstrip() + "…"
+
+
+def order_number_text(cell):
+    """An order number as an answer shows it: without a spreadsheet's marks (="...", a leading ', a .0 added)."""
+    return ADDED_ZERO.sub("", spreadsheet_text(one_line(cell)))
 
 
 def clean_cell(text):
@@ -3127,7 +3171,11 @@ class Snapshot:
         """(template name, JSON body) of a packed order's answer; typed is the number as the caller wrote it."""
         if packed.__class__ is tuple:
             return self.render_shared(packed, typed)
-        return self.renderer.answer(*self.packer.unpack(packed))
+        cells, items, tracking = self.packer.unpack(packed)
+        if typed and self.normalise(cells[0]) != self.normalise(typed) and ALIAS_SHOWN.fullmatch(typed.strip()):
+            # Found by another number it carries (a marketplace's beside the shop's): said as the customer knows it.
+            cells = [typed.strip(), *cells[1:]]
+        return self.renderer.answer(cells, items, tracking)
 
     def render_shared(self, orders, typed):
         """One customer's orders whose numbers read alike: the one written as typed, else all of them."""
@@ -3156,6 +3204,9 @@ def newest_day(days, zone):
 
 
 ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+ALIAS_SHOWN = re.compile(r"[0-9A-Za-z#][0-9A-Za-z#/_.\-]{0,39}")  # a typed number an answer may repeat
 
 
 def as_written(order_id):
@@ -3214,7 +3265,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
                 packer = Packer(reader.plan, reader.plain)
                 email_at, alias_at, normalise = packer.email_at, reader.plan.other_ids, reader.normalise
                 dating = DayOrder(reader.plan, reader.sample, reader.day_first_language)
-                example = packer.order_cells(rows[0])[0].strip()  # its number as written, for `check`
+                example = order_number_text(packer.order_cells(rows[0])[0])  # its number as shown, for `check`
                 dates_at = tuple(i for i, f in enumerate(reader.plan.order_fields) if f in PAST_DATES) if dated else ()
             try:
                 values, packed = packer.pack(rows)
@@ -3227,7 +3278,8 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
             if dating.watched:
                 dating.see(values)
             if reader.marked and (b'="' in packed or b"E+" in packed or b".0\x1f" in packed or b".0\x1e" in packed
-                                  or b"e+" in packed or packed.endswith(b".0")):
+                                  or b"e+" in packed or packed.endswith(b".0") or b"\x1f'" in packed
+                                  or b"\x1e'" in packed or packed[:1] == b"'"):
                 marks(packed, packer, cells)
             email = values[email_at].strip().casefold().replace(" ", "+")  # normalise_email, index_key: inline in the hottest loop
             if "@" not in email:
@@ -3272,7 +3324,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
         newest_day=newest_day(days, config.timezone),
         reading={"attached": reader.attached, "not_orders": dict(reader.not_orders), "preamble": reader.preamble,
                  "aliases": len(aliases), "cells": {f"{what} {field}": n for (what, field), n in cells.items()},
-                 "columns_changed": reader.changed, "relay": reader.relay},
+                 "columns_changed": reader.changed, "relay": reader.relay, "untied": reader.untied},
     )
     dated_by(snapshot)
     return snapshot
@@ -3842,11 +3894,6 @@ def shown(cell, style=ENGLISH):
     if cell[:2] == '="':
         cell = spreadsheet_text(cell)
     return readable(cell, style) if cell[4:5] == "-" else cell
-
-
-def order_number_text(cell):
-    """An order number as an answer shows it: without a spreadsheet's marks (="...", a leading ', a .0 added)."""
-    return ADDED_ZERO.sub("", spreadsheet_text(one_line(cell)))
 
 
 @lru_cache(maxsize=4096)  # a shop's answers show a few hundred days, each many times over
@@ -4834,6 +4881,11 @@ def reading_counts(snapshot):
 def data_notes(snapshot):
     """What the merchant should know about the export and answers served: for check, /healthz, the status page."""
     reading = snapshot.reading or {}
+    if snapshot.config.earlier_rules:
+        yield ("[[rules]] are word for word an earlier release's: they lack the rules added since for partly "
+               "refunded and partly shipped orders, refunded lines, lines that need no shipping and orders open for "
+               "long, so such orders get a plainer answer. Copy [[rules]] and [templates] from the shipped "
+               "contexts.toml (docs/UPDATING.md)")
     for name, promise in snapshot.config.promising:
         yield (f"[templates] {name} is word for word an earlier release's answer, which promises {promise}: no export "
                "holds that. Keep it only if your shop makes that promise; docs/UPDATING.md shows the new wording")
@@ -6965,6 +7017,8 @@ def run_check(settings, args):
     plan = snapshot.packer.plan
     if plan.found:
         print(proposal_text(config, plan.header, plan.found).lstrip("\n"))
+    if pasted := status_paste(config, surveyed):
+        print(pasted.lstrip("\n"))
     if not snapshot.index:
         print("error    no order can be found: none has both an order number and an email", file=sys.stderr)
         print("FAILED")
@@ -7003,11 +7057,14 @@ def check_summary(snapshot, surveyed):
     yield f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s"
     reading = snapshot.reading or {}
     if reading.get("attached"):
-        yield (f"rows     {plural(reading['attached'], 'item row')} without an order number belong to the order "
-               "above them (the export writes an order's further lines so)")
+        one = reading["attached"] == 1
+        yield (f"rows     {plural(reading['attached'], 'item row')} without an order number "
+               f"{'belongs' if one else 'belong'} to the order above {'it' if one else 'them'} (the export writes an "
+               "order's further lines so)")
     guards = sum(n for key, n in (reading.get("cells") or {}).items() if key.startswith("guard "))
     if guards:
-        yield f"cells    Excel's =\"...\" guard taken off {plural(guards, 'cell')} (nothing of their value is lost)"
+        yield (f"cells    a spreadsheet's marks taken off {plural(guards, 'cell')} (Excel's =\"...\" guard, a leading ', "
+               "a .0 after a whole order number): nothing of their value is lost")
     if reading.get("aliases"):
         yield (f"rows     {plural(reading['aliases'], 'order')} can also be found by their "
                f"{', '.join(repr(printable(plan.header[c])) for c in plan.other_ids)}")
@@ -7033,11 +7090,12 @@ def check_warnings(snapshot, surveyed):
                   "\"Fulfillment Status\" or \"Estado del envío\"")
         yield f"no status column ({looked}): every order is answered as no status tells ({answers}). If your export " \
               f"has one, add its header to {columns_key(layout, 'status')}."
-    named = {w for rule in config.rules for name, words in rule.conditions if name == "status" and words for w in words}
-    for word, answers in sorted(surveyed.by_status.items(), key=lambda item: -sum(item[1].values())):
-        if word and word not in named:
-            yield f"status {printable(word)[:40]!r} ({plural(sum(answers.values()), 'order')}) is named by no rule: answered with " + \
-                  ", ".join(answers) + ". Add it to a rule's words in contexts.toml if you know what it means."
+    for word, answers in unknown_statuses(config, surveyed):
+        yield (f"status {printable(word)[:40]!r} ({plural(sum(answers.values()), 'order')}) is named by no rule: "
+               f"answered with {', '.join(answers)}. If you know what it means, paste the line below into contexts.toml")
+    for field_name, header, why in snapshot.packer.plan.contradicted:
+        yield (f"[columns] {field_name} names {printable(header)!r}, whose cells do not look like {field_name} ({why}): "
+               "it is read as you chose; check that the line names the right column")
     for headers in snapshot.packer.plan.alike:
         yield (f"columns {' and '.join(repr(printable(h)) for h in headers)} read alike (case, _, -, : and spaces "
                f"do not count); the first, {printable(headers[0])!r}, is the one read")
@@ -7073,6 +7131,13 @@ def check_warnings(snapshot, surveyed):
                "left out of the answers")
     if snapshot.orders_without_email:
         yield f"{plural(snapshot.orders_without_email, 'order', ('has', 'have'))} no email and can never be found"
+    if untied := (snapshot.reading or {}).get("untied"):
+        one = untied == 1
+        yield (f"{plural(untied, 'item row', ('has', 'have'))} no order number and "
+               f"{'follows' if one else 'follow'} no order of {'its' if one else 'their'} customer (another e-mail, "
+               f"or apart from any order), so no order could take {'it' if one else 'them'}: the orders near "
+               f"{'it' if one else 'them'} may be answered with fewer items than they hold. Export the order number "
+               "on every row, if the export can")
     if snapshot.rows_without_order:
         one = snapshot.rows_without_order == 1
         yield (f"{plural(snapshot.rows_without_order, 'row', ('has', 'have'))} no order number and "
@@ -7093,6 +7158,26 @@ def check_warnings(snapshot, surveyed):
         yield (f"[templates] {template} uses {{{field_name}}}, text that customers or staff type freely: it reaches "
                "the AI as fact, instructions included. Keep it out of answers.")
     yield from data_notes(snapshot)
+
+
+def unknown_statuses(config, surveyed):
+    """(status word, Counter of the answers its orders get) of the words no rule names, the commonest first."""
+    named = {w for rule in config.rules for name, words in rule.conditions if name == "status" and words for w in words}
+    for word, answers in sorted(surveyed.by_status.items(), key=lambda item: -sum(item[1].values())):
+        if word and word not in named:
+            yield word, answers
+
+
+def status_paste(config, surveyed):
+    """The [vocabulary.statuses] lines `check` prints for status words no rule names, one per word to complete."""
+    unknown = [word for word, _ in unknown_statuses(config, surveyed)]
+    if not unknown:
+        return ""
+    lines = ["", "Status words no rule names. To say what each means, put its word in the list of the meaning that "
+                 "is true, under [vocabulary.statuses] in contexts.toml (a table to add once; meanings: "
+                 + ", ".join(STATUS_MEANINGS) + "):", "[vocabulary.statuses]"]
+    lines += [f'"MEANING" = [{json.dumps(word, ensure_ascii=False)}]' for word in unknown[:20]]
+    return "\n".join(lines)
 
 
 FREE_TEXT = ("note", "comment", "instruction", "message", "remark", "memo", "request", "gift", "bemerkung",

@@ -243,3 +243,32 @@ def test_a_fixed_edit_is_logged_as_applied_even_when_it_restores_the_served_word
     contexts_file.write_text(good)  # put right: the same wording as served
     assert service.reload()
     assert any(r.getMessage().startswith("applied contexts.toml: ") for r in logs.records)
+
+
+def test_check_gives_the_line_to_paste_for_a_status_word_no_rule_names(tmp_path, capsys, contexts_file):
+    export = write(tmp_path / "orders.csv", "Order ID,Email,Status\n1,a@example.com,Gerade im Versand\n")
+    assert app.main(["check", "--data", str(export), "--contexts", str(contexts_file)]) == 0
+    out = capsys.readouterr().out
+    assert "status 'gerade im versand' (1 order) is named by no rule" in out
+    block = out[out.index("\n[vocabulary.statuses]\n") + 1:].splitlines()
+    assert block[:2] == ["[vocabulary.statuses]", '"MEANING" = ["gerade im versand"]']
+    pasted = contexts_file.read_text() + "\n" + "\n".join(block[:2]) + "\n"
+    contexts_file.write_text(pasted)  # as pasted, without choosing: refused, naming what to do
+    with pytest.raises(app.ConfigError, match=r"\[vocabulary.statuses\] MEANING: is no word a rule names"):
+        app.load_config(contexts_file)
+    contexts_file.write_text(pasted.replace('"MEANING"', '"shipped"'))
+    snapshot = app.build_snapshot(app.load_config(contexts_file), export)
+    status, body = app.answer(snapshot, "1", "a@example.com")
+    assert json.loads(body)["context"].startswith("Order 1 was found and has shipped.")
+
+
+def test_a_contexts_toml_of_an_earlier_release_is_told_what_it_lacks_and_promises(tmp_path, capsys):
+    # A shop that copied contexts.toml on 29 Nov 2026 and never edited it.
+    old = ROOT / "tests" / "fixtures" / "contexts_2026-11-29.toml"
+    export = ROOT / "tests" / "exports" / "shopify_partial_refund.csv"
+    assert app.main(["check", "--data", str(export), "--contexts", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "warning  [[rules]] are word for word an earlier release's: they lack the rules added since" in out
+    assert "[templates] processing is word for word an earlier release's answer, which promises a shipping time" in out
+    assert app.main(["check", "--data", str(export), "--contexts", str(ROOT / "contexts.toml")]) == 0
+    assert "earlier release" not in capsys.readouterr().out  # the shipped file itself: nothing to say

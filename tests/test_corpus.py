@@ -290,29 +290,24 @@ def wrong(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-INTERNAL_NUMBER = wrong("the answer names the marketplace app's internal Order# (11521241 for GO#1244) where the "
-                        "customer asked with the Store Order ID they know (docs/EXPORTS.md calls this intended)")
 # Answers the service gets wrong: what the file shows, marked xfail (see the reasons).
 WRONG = [
     pytest.param("shopify_multivendor_seller_orders.csv", "GO#1244", "adv.nusratakter@example.com", 200,
                  "Order GO#1244 was found and has been delivered. It contained 1 x Imported Printed Front Button Soft "
                  "Cotton Lingerie Bra - 40 / Multicolor, 1 x Printed Comfortable 3 Pieces Combo Cotton Panty For Women "
-                 f"- XXL / Multicolor. {CONTACT}", None, marks=INTERNAL_NUMBER, id="multivendor-GO#1244"),
+                 f"- XXL / Multicolor. {CONTACT}", None, id="multivendor-GO#1244"),
     pytest.param("shopify_multivendor_seller_orders.csv", "GO#1921", "petergomes62@example.com", 200,
                  "Order GO#1921 was found and has been delivered. It contained 2 x Thai Comfortable 3 Pieces Combo "
-                 f"Cotton Panty For Women - XL / Multicolor. {CONTACT}", None, marks=INTERNAL_NUMBER,
+                 f"Cotton Panty For Women - XL / Multicolor. {CONTACT}", None,
                  id="multivendor-GO#1921"),
     pytest.param("shopify_multivendor_seller_orders.csv", "GO#1760", "golam.hr-admin@example.com", 200,
                  "Order GO#1760 was found and has been delivered. It contained 1 x Thai Comfortable 3 Pieces Combo "
-                 f"Cotton Panty For Women - L / Multicolor. {CONTACT}", None, marks=INTERNAL_NUMBER,
+                 f"Cotton Panty For Women - L / Multicolor. {CONTACT}", None,
                  id="multivendor-GO#1760"),
     pytest.param("nuvemshop_vendas.csv", "5297", "claudiafarias@example.com", 200,
                  "Order 5297 was found. It contains 1 x Royale Blue - Aliança De Tungstênio Magnetizado A Titânio Com "
                  "Acabamento Fosco (20), 1 x Royale Blue - Aliança De Tungstênio Magnetizado A Titânio Com Acabamento "
-                 "Fosco (26). Its payment has not been confirmed yet.", None,
-                 marks=wrong('"Status do Pagamento" is "Pendente" (payment pending), which the service does not read '
-                             'as unpaid: it answers "It has not shipped yet." as if the order were paid'),
-                 id="nuvemshop-5297-payment-pending"),
+                 "Fosco (26). Its payment has not been confirmed yet.", None, id="nuvemshop-5297-payment-pending"),
 ]
 LOOKUPS = [pytest.param(name, *case, id=f"{name.split('.')[0]}-{case[0]}") for name, cases in SERVED.items()
            for case in cases] + WRONG
@@ -583,12 +578,7 @@ def test_hites_answers_the_same_whatever_its_headers_say_it_in(tmp_path, change)
     assert answers_to(path, lookups) == [(status, text, url) for _, _, status, text, url in lookups]
 
 
-@pytest.mark.parametrize("header", [
-    # "Order No" and "N° de commande" are read; joined with "_" their "No"/"N°" is no longer "number", and the
-    # street's house-number column ("Número") is taken for the order number: every lookup fails.
-    pytest.param(header, marks=wrong(f'"{header}" is not read as the order number; the address column "Número" '
-                                     "(house numbers) is served as the order number instead"))
-    for header in ("Order_No", "order_no", "N°_de_commande")])
+@pytest.mark.parametrize("header", ["Order_No", "order_no", "N°_de_commande"])
 def test_an_order_number_header_written_with_underscores_is_still_read(tmp_path, header):
     lookups = SERVED["tiendanube_ventas_utf8.csv"]
     width = len(read_rows("tiendanube_ventas_utf8.csv")[0])

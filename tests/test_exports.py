@@ -246,3 +246,14 @@ def test_several_tracking_numbers_in_one_cell_are_each_given(tmp_path, contexts_
     text = f"Order Number,Email,Status,Tracking Number,Carrier\nA-1,a@example.com,shipped,{cell},UPS\n"
     snap = snapshot_of(write(tmp_path / "o.csv", text), contexts_file)
     assert "(tracking number 1Z999AA10123456784, 1Z999AA10123456785)" in context(snap, "A-1", "a@example.com")[1]
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|", ","])
+def test_a_title_line_above_the_header_does_not_hide_the_delimiter(tmp_path, contexts_file, capsys, delimiter):
+    rows = [["Bestellnummer", "E-Mail", "Status", "Artikel"], ["1001", "a@example.de", "versendet", "Tasse"],
+            ["1002", "b@example.de", "offen", "Teller"]]
+    text = "Bestellungen Export 03.12.2026\n\n" + "".join(delimiter.join(row) + "\n" for row in rows)
+    path = write(tmp_path / "orders.csv", text)
+    assert context(snapshot_of(path, contexts_file), "1001", "a@example.de")[0] == 200
+    code, out = checked(capsys, path, contexts_file)
+    assert code == 0 and "1 line before the header left out: 'Bestellungen Export 03.12.2026'" in out

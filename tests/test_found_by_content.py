@@ -208,3 +208,11 @@ def test_a_changed_header_row_is_shown_where_the_merchant_looks(tmp_path, contex
     auth = {"Authorization": "Basic " + base64.b64encode(f"x:{KEY}".encode()).decode()}
     page = Client(app.create_app(service)).get("/", headers=auth, key=None).body.decode()
     assert "tracking_number is now read from &#039;Tracking-Nr.&#039;" in page
+
+
+def test_a_columns_line_whose_cells_contradict_it_is_kept_and_check_warns(tmp_path, contexts_file, capsys):
+    contexts_file.write_text(contexts_file.read_text().replace("[columns]", '[columns]\nemail = ["Phone"]', 1))
+    write(tmp_path / "data" / "orders.csv", "Order,Phone,Mail\n1,+49 30 1234567,a@example.com\n2,+49 30 7654321,b@x.de\n")
+    code, out = check(capsys, tmp_path, contexts_file)
+    assert "[columns] email names 'Phone', whose cells do not look like email (0 of 2 are e-mail addresses)" in out
+    assert "it is read as you chose" in out

@@ -79,6 +79,20 @@ def test_a_workbook_quantity_of_3_0_is_3(tmp_path):
     assert context(snap) == "Order 1 was found. It contains 3 x Hat. It has not shipped yet."
 
 
+def test_a_packed_item_written_without_a_count_gets_none(tmp_path):
+    # A layout that packs "2x Lamp, Gift wrapping" in one cell: the wrapping's count is not written, so none is told.
+    contexts = write(tmp_path / "contexts.toml", CONTEXTS.read_text() + """
+[layouts.bundles]
+name = "Bundles export"
+detect = ["Ref", "Bundle"]
+items = { columns = ["Bundle"], format = "count", between = "," }
+columns.order_id = ["Ref"]
+columns.email = ["Mail"]
+""")
+    snap = snapshot(tmp_path, 'Ref,Mail,Status,Bundle\nA-7,kim@example.com,shipped,"2x Lamp, Gift wrapping"\n', contexts)
+    assert "It contains 2 x Lamp, Gift wrapping." in context(snap, "A-7", "kim@example.com")
+
+
 def test_a_quantity_that_is_no_number_is_left_out_not_made_1(tmp_path):
     snap = snapshot(tmp_path, "Order ID,Email,Status,Item,Quantity\n1,a@example.com,processing,Hat,\n"
                               "1,a@example.com,processing,Scarf,two\n1,a@example.com,processing,Belt,2\n")
