@@ -176,6 +176,7 @@ class Settings:
     request_seconds: float = 3.0
     webhook_secrets: dict = None  # platform -> secrets (several, for rotation); a platform without is 404
     webhook_max_orders: int = 100_000
+    webhook_days: float = 30.0  # days an order from webhook events is kept at most, even if no export catches up
     orders_url: str = ""  # fetched into the data folder every fetch_seconds
     fetch_seconds: float = 900.0
     max_export_mb: float = 1024.0  # the largest export fetched or uploaded
@@ -274,6 +275,7 @@ def settings_from(options=None, env=None):
         webhook_secrets={platform: parse_keys(env.get(name)) for platform, name in WEBHOOK_SECRETS.items()
                          if parse_keys(env.get(name))},
         webhook_max_orders=env_number(env, "WEBHOOK_MAX_ORDERS", 100_000, most=10_000_000),
+        webhook_days=env_number(env, "WEBHOOK_DAYS", 30.0, most=3650),
         orders_url=check_orders_url(env.get("ORDERS_URL", "").strip()),
         fetch_seconds=env_number(env, "FETCH_SECONDS", 900.0, most=7 * 86400),
         max_export_mb=env_number(env, "MAX_EXPORT_MB", 1024.0, most=100_000),
@@ -3568,8 +3570,8 @@ class WebhookStore:
     ROW = "platform, order_key, email_key, fields, deleted, received, time"  # as rows() gives them
     FAILED_SECONDS = 900  # a failed write shows on /healthz this long, so a monitor polling it sees it
 
-    def __init__(self, path, max_orders=100_000):
-        self.path, self.max_orders = path, max_orders
+    def __init__(self, path, max_orders=100_000, days=30.0):
+        self.path, self.max_orders, self.days = path, max_orders, days
         self.lock = threading.Lock()  # one connection, one user at a time
         self.moved_aside = None  # why a corrupt file was moved aside, for /healthz
         self.failing, self.failed_at = None, 0.0  # why and when a write last failed, for /healthz
@@ -3577,6 +3579,8 @@ class WebhookStore:
         self.db = self.open()
         self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
         self.evicted = deque()  # (platform, order_key, email_key) of orders past the cap, for the overlay to drop
+        self.on_change = None  # called (from the writer) when orders went by age or by another process (purge)
+        self.version = None  # PRAGMA data_version when last looked: another connection's commit changes it
         self.pending, self.wake = deque(), threading.Event()
         threading.Thread(target=self.writer, name="webhook-store", daemon=True).start()
 
@@ -3596,6 +3600,7 @@ class WebhookStore:
                     db.execute("VACUUM")
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")  # 200 means stored: on disk, through a power cut
+                db.execute("PRAGMA secure_delete=ON")  # an order purged or expired leaves no copy in free pages
                 db.executescript(self.SCHEMA)
                 return db
             except sqlite3.DatabaseError as e:
@@ -3747,14 +3752,23 @@ class WebhookStore:
         self.upkeep()
 
     def upkeep(self):
-        """Bound what is kept between exports: delivery ids past their age or number go, and the file shrinks."""
+        """Bound what is kept between exports: orders past WEBHOOK_DAYS and delivery ids past their age or number go,
+        and the file shrinks. Orders gone by age, or by another process (`purge`), leave the overlay (on_change)."""
         with self.lock:
+            expired = self.db.execute("SELECT rowid, platform, order_key, email_key FROM orders WHERE received < ?",
+                                      (time.time() - self.days * 86400,)).fetchall()
+            self.db.executemany("DELETE FROM orders WHERE rowid = ?", [(row[0],) for row in expired])
+            self.count -= len(expired)
             self.db.execute("DELETE FROM deliveries WHERE received < ?", (time.time() - DELIVERY_DAYS * 86400,))
             self.db.execute("DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries "
                             "ORDER BY received DESC LIMIT -1 OFFSET ?)", (MAX_DELIVERIES,))
             self.db.executescript("PRAGMA incremental_vacuum;")  # run to its end: each step frees one page
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        elsewhere, self.version = self.version is not None and version != self.version, version
         self.upkept = time.monotonic()
+        if (expired or elsewhere) and self.on_change:
+            self.on_change()
 
     @staticmethod
     def read(path, since):
@@ -4668,7 +4682,9 @@ class Service:
             if self.store is None:
                 try:
                     self.settings.state.mkdir(parents=True, exist_ok=True)
-                    self.store = WebhookStore(self.settings.state / "webhooks.sqlite3", self.settings.webhook_max_orders)
+                    self.store = WebhookStore(self.settings.state / "webhooks.sqlite3", self.settings.webhook_max_orders,
+                                              self.settings.webhook_days)
+                    self.store.on_change = lambda: self.events(self.snapshot)  # the overlay as the store now is
                     self.store_error = None
                     for platform, moment in self.store.last_received().items() if self.webhooks else ():
                         self.webhooks.last.setdefault(platform, moment)
@@ -6950,7 +6966,7 @@ def waitress_options(settings):
 ###############################################################################
 
 def build_parser():
-    """python app.py [serve|check|lookup|probe] with the options each takes."""
+    """python app.py [serve|check|lookup|probe|purge] with the options each takes."""
     files = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option not given must not hide the environment variable.
     files.add_argument("--data", default=argparse.SUPPRESS, metavar="PATH",
@@ -6978,6 +6994,8 @@ def build_parser():
     probe.add_argument("--webhook", choices=sorted(WEBHOOK_SECRETS),
                        help="also send a signed test event to /webhooks/PLATFORM (it changes no order)")
     probe.add_argument("--secret", help="the webhook's secret, as the shop shows it")
+    purge = commands.add_parser("purge", help="delete every stored webhook event of an e-mail address (env STATE_DIR)")
+    purge.add_argument("email", help="the address the customer ordered with")
     return parser
 
 
@@ -7428,6 +7446,32 @@ def check_keys(settings):
             log.warning("WEAK KEY (allowed by ALLOW_WEAK_KEY): %s; make one with: %s", warning, MAKE_KEY)
 
 
+def run_purge(settings, args):
+    """Delete every stored webhook event of one e-mail address: the customer asked to be forgotten."""
+    import sqlite3
+
+    email = normalise_email(args.email)
+    if "@" not in email:
+        raise SettingsError(f"{args.email!r} is not an e-mail address. Give the address the customer ordered with.")
+    path = settings.state / "webhooks.sqlite3"
+    if not path.exists():
+        print(f"purge    no webhook events are stored ({printable(path)} does not exist): nothing of "
+              f"{mask_email(email)} is kept")
+        return 0
+    try:
+        with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as db:
+            db.execute("PRAGMA secure_delete=ON")  # the deleted rows' bytes are overwritten, not left in free pages
+            gone = db.execute("DELETE FROM orders WHERE email_key = ?", (email,)).rowcount
+            db.executescript("PRAGMA incremental_vacuum;")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # and no copy stays in the write-ahead log
+    except sqlite3.Error as e:
+        raise StoreError(f"{shown_name(path)}: cannot be changed ({e}). Check STATE_DIR and the disk.") from None
+    print(f"purge    {plural(gone, 'stored order')} of {mask_email(email)} deleted from {printable(path)}; a running "
+          f"service forgets {'it' if gone == 1 else 'them'} within {UPKEEP_SECONDS} s. The export itself is the shop's: "
+          "remove the customer there, and the next export no longer holds them")
+    return 0
+
+
 def is_loopback(host):
     """True for an address only this machine can reach."""
     if host == "localhost":
@@ -7437,7 +7481,7 @@ def is_loopback(host):
     return False
 
 
-COMMANDS = {"serve": run_serve, "check": run_check, "lookup": run_lookup, "probe": run_probe}
+COMMANDS = {"serve": run_serve, "check": run_check, "lookup": run_lookup, "probe": run_probe, "purge": run_purge}
 
 if __name__ == "__main__":
     sys.exit(main())

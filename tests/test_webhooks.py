@@ -630,3 +630,40 @@ def test_check_warns_when_a_webhook_secret_is_set_and_no_shop_is_pinned(tmp_path
     monkeypatch.setenv("SHOP_DOMAIN", "shop.myshopify.com")
     app.main(["check", "--data", str(export), "--contexts", str(contexts_file)])
     assert "SHOP_DOMAIN is not" not in capsys.readouterr().out
+
+
+def test_purge_forgets_every_stored_event_of_an_address(in_process, capsys, monkeypatch):
+    service, client = in_process
+    assert send(client, shopify_order(6101, email="forget.me@example.com")).status == 200
+    assert send(client, shopify_order(6102, email="keep.me@example.com")).status == 200
+    assert client.lookup("6101", "forget.me@example.com").status == 200
+    monkeypatch.setenv("STATE_DIR", str(service.settings.state))
+    assert app.main(["purge", "Forget.Me@example.com"]) == 0
+    out = capsys.readouterr().out
+    assert "1 stored order of f***@example.com deleted" in out and "forget.me" not in out
+    service.store.upkeep()  # what the store's writer does every minute: the running service forgets it
+    assert client.lookup("6101", "forget.me@example.com").status == 404
+    assert client.lookup("6102", "keep.me@example.com").status == 200
+    service.store.close()
+    stored = b"".join(p.read_bytes() for p in service.settings.state.glob("webhooks.sqlite3*"))
+    assert b"forget.me" not in stored and b"keep.me" in stored  # no copy left in free pages or the log
+
+
+def test_purge_refuses_what_is_no_address(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("STATE_DIR", str(tmp_path))
+    assert app.main(["purge", "#1001"]) == 1
+    assert "is not an e-mail address" in capsys.readouterr().err
+
+
+def test_orders_from_events_are_kept_no_longer_than_webhook_days(tmp_path, contexts_file):
+    export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
+    service = started(make_settings(export.parent, contexts_file, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
+                                    STATE_DIR=str(tmp_path / "state"), WEBHOOK_DAYS="30"))
+    client = Client(app.create_app(service))
+    assert send(client, shopify_order(6201)).status == 200
+    with sqlite3.connect(service.settings.state / "webhooks.sqlite3") as db:  # received 31 days ago
+        db.execute("UPDATE orders SET received = received - 31 * 86400")
+    service.store.upkeep()
+    assert client.lookup("6201", "new@example.com").status == 404
+    assert json.loads(client.get("/healthz").body)["webhooks"]["shopify"]["orders_from_events"] == 0
+    service.stopped()
