@@ -667,3 +667,28 @@ def test_orders_from_events_are_kept_no_longer_than_webhook_days(tmp_path, conte
     assert client.lookup("6201", "new@example.com").status == 404
     assert json.loads(client.get("/healthz").body)["webhooks"]["shopify"]["orders_from_events"] == 0
     service.stopped()
+
+
+def by_hand_examples():
+    """The shell blocks of docs/WEBHOOKS.md's "Try it by hand", as a merchant copies them."""
+    section = (ROOT / "docs" / "WEBHOOKS.md").read_text().split("### Try it by hand", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+@pytest.mark.parametrize("block, order, says", [
+    (by_hand_examples()[0], "5001", "Order #5001 was found and has shipped"),
+    (by_hand_examples()[1], "5002", "Order 5002 was found"),
+], ids=["shopify", "woocommerce"])
+def test_the_documented_by_hand_event_is_accepted_and_answered(shop, block, order, says):
+    import shutil
+    import subprocess
+
+    if not (shutil.which("openssl") and shutil.which("curl")):
+        pytest.skip("the documented commands need openssl and curl")
+    env = {**os.environ, "URL": shop.base, "KEY": KEY, "SHOPIFY_WEBHOOK_SECRET": SHOPIFY_SECRET,
+           "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET}
+    done = subprocess.run(["sh", "-c", block], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    stored, looked_up = [json.loads(line) for line in done.stdout.replace("}{", "}\n{").splitlines() if line.strip()]
+    assert stored == {"stored": True, "outcome": "applied"}
+    assert looked_up["context"].startswith(says)
