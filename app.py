@@ -1645,6 +1645,7 @@ MONTHS = {name: number for number, names in enumerate((
     for name in names}
 
 
+@lru_cache(maxsize=8192)  # an export's orders fall on a few hundred days, each written the same way
 def date_parts(text, day_first=None):
     """(year, month, day) of a date in any form exports write, or None.
 
@@ -3385,17 +3386,28 @@ class Survey:
     kinds: Counter = None  # kinds of typed rows the layout does not know
     disagreed: Counter = None  # field -> orders whose rows give it different words
     lost: int = 0  # workbook numbers too long to be exact, read as empty
+    counted: int = 0  # orders surveyed: all of them, or the first `limit`
 
 
-def survey(snapshot):
-    """For `check`: stream the export again as a load does, so a big export fits in memory."""
+def survey(snapshot, limit=None):
+    """For `check`: stream the export again as a load does, so a big export fits in memory.
+
+    limit: survey the first so many orders only (an upload's reply: answering it must not take
+    several loads' time); Survey.counted says how many were.
+    """
+    plan = snapshot.packer.plan
+    same_columns = {"header": list(plan.header), "chosen": dict(snapshot.columns)}  # as the load chose them
     for careful in (False, True):
-        result = Survey(Counter(), {f: Counter() for f in survey_fields(snapshot.config, snapshot.packer.plan)},
-                        Counter(), {})
-        reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding)
+        result = Survey(Counter(), {f: Counter() for f in survey_fields(snapshot.config, plan)}, Counter(), {})
+        reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding, previous=same_columns)
         packer = None
         try:
-            for key, rows in reader.orders(careful):  # every order, those without an email too
+            orders = reader.orders(careful)  # every order, those without an email too
+            for key, rows in orders:
+                if result.counted == limit:
+                    orders.close()  # the file with it
+                    break
+                result.counted += 1
                 packer = packer or Packer(reader.plan, reader.plain)
                 for values, packed in packer.pack_each(rows):
                     cells, items, tracking = packer.unpack(packed)
@@ -3403,7 +3415,7 @@ def survey(snapshot):
                     for name, counter in result.values.items():
                         counter[status_word(order.get(name, ""))] += 1
                     if "@" in values[packer.email_at]:
-                        answer_name = snapshot.renderer.answer(cells, items, tracking)[0]
+                        answer_name = snapshot.renderer.template_of(cells, items, tracking)
                         result.answers[answer_name] += 1
                         word = snapshot.renderer.word(order.get("status", ""), "status")
                         result.by_status.setdefault(word, Counter())[answer_name] += 1
@@ -4014,6 +4026,10 @@ class Renderer:
         body = f'{{"context": {json_text(text)}, "tracking_url": {json_text(url) if url else "null"}}}'
         return template.name, body.encode()
 
+    def template_of(self, cells, items, tracking):
+        """The name of the template an order's answer takes, without writing the answer (for `check`'s counts)."""
+        return self.pick(cells, items, tracking, self.link(cells, tracking)).name
+
     def pick(self, cells, items, tracking, url):
         """The first rule that matches picks the template; else the default."""
         words = self.words_of(cells)
@@ -4144,7 +4160,8 @@ class Renderer:
         """
         if not self.placed or not self.export_day:
             return ""
-        readings = [self.placed(cells)] if self.placed(cells) else self.placed_either(cells)
+        placed = self.placed(cells)
+        readings = [placed] if placed else self.placed_either(cells)
         late = [(self.export_day - date(*placed)).days > self.config.overdue_days for placed in readings]
         return "yes" if late and all(late) else ""
 
@@ -5405,6 +5422,11 @@ class GuardedHTTPS(urllib.request.HTTPSHandler):
 ###############################################################################
 
 
+# The upload's reply counts the answers of the first orders only: all of them would take several
+# loads' time (every answer's rule worked out); `check` counts them all.
+UPLOAD_SURVEY_ORDERS = 20_000
+
+
 def receive_upload(service, environ):
     """(HTTP status, JSON body) for an uploaded export: streamed aside, checked as `check` does, then served.
 
@@ -5426,11 +5448,11 @@ def receive_upload(service, environ):
                                     "layout": served.layout, "orders": served.orders, "rows": served.rows}).encode()
         snapshot, target = service.accept(hidden, http_time(environ.get("HTTP_LAST_MODIFIED")))
         hidden = None  # renamed into place
-        surveyed = survey(snapshot)
+        surveyed = survey(snapshot, UPLOAD_SURVEY_ORDERS)
         log.info("upload: %d bytes: accepted as %s (%d orders)", size, target.name, snapshot.orders)
         return 200, json.dumps({
             "accepted": True, "file": target.name, "layout": snapshot.layout, "orders": snapshot.orders,
-            "rows": snapshot.rows, "answers": dict(surveyed.answers.most_common()),
+            "rows": snapshot.rows, "answers": dict(surveyed.answers.most_common()), "answers_of": surveyed.counted,
             "warnings": list(check_warnings(snapshot, surveyed))}).encode()
     except UploadRefused as error:
         log.warning("upload: %d bytes: refused: %s", size, error)

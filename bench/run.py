@@ -571,9 +571,21 @@ def webhooks_under_load(server, args):
             "p99_during_ms": p99}
 
 
+def changed_copy(path, name):
+    """The export with one more order at its end: a new export, as the next night's (an identical one is only
+    compared, not loaded)."""
+    copy = path.with_name(name)
+    shutil.copyfile(path, copy)
+    with open(copy, "a", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerow([f"#9{time.time_ns() % 10**9:09d}", "late@example.com", "paid", "", "unfulfilled",
+                                *[""] * (len(HEADER) - 5)])
+    return copy
+
+
 def upload_under_load(server, path, args):
-    """PUT the whole export to /export while lookups run: how long until it is checked and served, and the
+    """PUT the next export to /export while lookups run: how long until it is checked and served, and the
     lookups' latency meanwhile."""
+    path = changed_copy(path, ".orders-uploaded.csv")
     samples, lookups = [], {}
     seconds = max(args.seconds, 6 + args.orders / 40_000)
     loader = threading.Thread(target=lambda: lookups.update(python_load(server.port, seconds, args.connections,
@@ -591,9 +603,50 @@ def upload_under_load(server, path, args):
     connection.close()
     loader.join()
     during = sorted(d * 1000 for t, d in samples if started <= t <= finished)
+    size = path.stat().st_size
+    path.unlink()
     return {"status": response.status, "accepted": answer.get("accepted"), "seconds": finished - started,
-            "mb": path.stat().st_size / 1e6, "lookup_failures": lookups["failures"], "peak_mb": server.mb("VmHWM"),
+            "mb": size / 1e6, "lookup_failures": lookups["failures"], "peak_mb": server.mb("VmHWM"),
             "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99)}
+
+
+def measure_fetch(path, args):
+    """ORDERS_URL at a local web server: from a new export there to the service serving it, FETCH_SECONDS apart."""
+    import http.server
+
+    site = OUT / "site"
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir()
+    shutil.copyfile(path, site / "orders.csv")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(site), **k)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    port, data = free_port(), OUT / "fetched-data"
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(OUT / "state", ignore_errors=True)
+    data.mkdir()
+    env = {**service_env(data, port), "ORDERS_URL": f"http://127.0.0.1:{origin.server_address[1]}/orders.csv",
+           "FETCH_SECONDS": str(FETCH_SECONDS)}
+    server = Process([sys.executable, str(ROOT / "app.py")], env, port)
+    try:
+        first = server.wait_ready()
+        before = json.loads(get(port, "/healthz")[1])
+        time.sleep(FETCH_SECONDS / 2)  # the change lands anywhere within the fetch interval
+        os.replace(changed_copy(site / "orders.csv", ".next.csv"), site / "orders.csv")
+        changed = time.perf_counter()
+        while json.loads(get(port, "/healthz")[1])["loaded_at"] == before["loaded_at"]:
+            if time.perf_counter() - changed > 600:
+                raise SystemExit("the changed export was never fetched")
+            time.sleep(0.05)
+        return {"start_to_serving_s": first, "change_to_served_s": time.perf_counter() - changed,
+                "fetch_seconds": FETCH_SECONDS, "load_s": json.loads(get(port, "/healthz")[1])["load_seconds"]}
+    finally:
+        server.stop()
+        origin.shutdown()
+
+
+FETCH_SECONDS = 10  # the benchmark's fetch interval (the service's default is 900)
 
 
 def post_events_child(port, events, rate):
@@ -733,6 +786,8 @@ def run(args):
     results["service_csv"] = measure_service(csv_path, args, "csv")
     # The floor the CSV load is measured against, timed as often as the load and beside it: the fastest of each.
     results["csv_pass"] = min([results["csv_pass"], *results["service_csv"].pop("passes")], key=lambda r: r["seconds"])
+    print("service fetching ORDERS_URL ...", flush=True)
+    results["fetch"] = measure_fetch(csv_path, args)
     print("service with metrics on and off, in turn ...", flush=True)
     results["metrics"] = measure_metrics(args)
     print("service on XLSX ...", flush=True)
@@ -761,6 +816,8 @@ def checks(r):
         ("p99 lookup latency during the webhook burst", s["webhooks"]["p99_during_ms"], "ms", 20, 10, "<"),
         ("p99 lookup latency while the export is uploaded and swapped in", s["upload"]["p99_during_ms"], "ms", 20, 10,
          "<"),
+        ("upload (PUT, checked, swapped in) vs a reload of the same size, both under lookups",
+         s["upload"]["seconds"] / s["reload"]["replace_to_served_s"], "x", 1.5, 1.2, "<="),
         ("failed lookups during the upload (and the upload accepted)",
          s["upload"]["lookup_failures"] + (0 if s["upload"]["accepted"] else 1), "", 0, 0, "<="),
         ("lookups with metrics on (scraped twice a second) vs off", r["metrics"]["ratio"], "x", 0.98, 1.0, ">="),
@@ -806,6 +863,9 @@ def table(r):
         f"| service: the {s['upload']['mb']:.0f} MB export uploaded (PUT /export), checked and swapped in "
         f"({'accepted' if s['upload']['accepted'] else 'REFUSED'}) | {s['upload']['seconds']:.2f} | "
         f"{s['upload']['peak_mb']:.0f} | | {s['upload']['p50_during_ms']:.1f} | {s['upload']['p99_during_ms']:.1f} |",
+        f"| service: ORDERS_URL fetched every {r['fetch']['fetch_seconds']} s: a new export there to served "
+        f"(at most the interval, plus download and load {r['fetch']['load_s']:.2f} s) | "
+        f"{r['fetch']['change_to_served_s']:.2f} | | | | |",
         f"| service: lookups with metrics on, /metrics scraped every 0.5 s ({r['metrics']['scrape_ms']:.1f} ms a "
         f"scrape), vs off; median of {r['metrics']['rounds']} rounds each | | | {r['metrics']['on_rps']:,.0f} vs "
         f"{r['metrics']['off_rps']:,.0f} | | |",

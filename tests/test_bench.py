@@ -15,9 +15,10 @@ def test_the_benchmark_runs_and_reports_every_bar(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["service_csv"]["orders"] == 300
     assert results["service_csv"]["reload"]["failures"] == 0
-    assert len(results["checks"]) == 13
+    assert len(results["checks"]) == 14
     assert results["metrics"]["scrapes"] > 0 and "with metrics on" in run.stdout
     assert results["service_csv"]["upload"]["accepted"] is True and "uploaded (PUT /export)" in run.stdout
+    assert results["fetch"]["change_to_served_s"] > 0 and "ORDERS_URL fetched every" in run.stdout
     assert results["service_csv"]["webhooks"]["applied"] == 100 and "signed Shopify events" in run.stdout
     assert "| lookups vs bare Bottle/waitress, same CPU terms |" in run.stdout
     assert "| lookups vs bare app at waitress defaults |" in run.stdout
