@@ -517,6 +517,7 @@ class Config:
     retired: tuple = ()  # (field, headers) of [columns] lines that are an earlier release's list, not the merchant's
     promising: tuple = ()  # (template, what it promises) of templates that are word for word an earlier release's
     earlier_rules: bool = False  # [[rules]] are word for word an earlier release's list (history.toml [rules])
+    retired_carriers: tuple = ()  # [carriers] names whose page is one the service ships or once shipped
 
     @property
     def fields_used(self):
@@ -565,14 +566,17 @@ def header_key(header):
 LAYOUTS_FILE = HERE / "layouts.toml"  # the export layouts shipped with the service; contexts.toml adds its own
 VOCABULARY_FILE = HERE / "vocabulary.toml"  # header and status words of every language; contexts.toml adds its own
 HISTORY_FILE = HERE / "history.toml"  # what earlier releases shipped in contexts.toml, word for word
+CARRIERS_FILE = HERE / "carriers.toml"  # carriers' tracking pages; contexts.toml's [carriers] adds or changes some
 
 
 def load_config(path):
     """Read and check contexts.toml (and the shipped data files); raise ConfigError naming file, key and fix."""
     path = Path(path)
     shipped = {name: read_toml(file) if file.exists() else {}
-               for name, file in (("layouts", LAYOUTS_FILE), ("vocabulary", VOCABULARY_FILE), ("history", HISTORY_FILE))}
-    return parse_config(path, read_toml(path), shipped["layouts"], shipped["vocabulary"], shipped["history"])
+               for name, file in (("layouts", LAYOUTS_FILE), ("vocabulary", VOCABULARY_FILE), ("history", HISTORY_FILE),
+                                  ("carriers", CARRIERS_FILE))}
+    return parse_config(path, read_toml(path), shipped["layouts"], shipped["vocabulary"], shipped["history"],
+                        shipped["carriers"])
 
 
 def read_toml(path):
@@ -596,8 +600,9 @@ def read_toml(path):
                           "tables, texts and lists of texts; copy the shipped one and edit that.") from None
 
 
-def parse_config(path, doc, shipped=None, words=None, history=None):
-    """Turn a parsed contexts.toml (and the shipped layouts, vocabulary and history) into a Config, checking every key."""
+def parse_config(path, doc, shipped=None, words=None, history=None, carriers=None):
+    """Turn a parsed contexts.toml (and the shipped layouts, vocabulary, history and carriers) into a Config,
+    checking every key."""
     shipped = shipped or {}
     for key in doc:
         if key not in SECTIONS:
@@ -605,6 +610,9 @@ def parse_config(path, doc, shipped=None, words=None, history=None):
     for key in shipped:
         if key not in ("layouts",):
             config_error(LAYOUTS_FILE, f"[{key}]", "is not a section this file holds.", "It holds [layouts.*].")
+    for key in carriers or {}:
+        if key != "carriers":
+            config_error(CARRIERS_FILE, f"[{key}]", "is not a section this file holds.", "It holds [carriers].")
     settings = parse_settings(path, doc.get("settings", {}))
     vocabulary = parse_vocabulary(path, doc.get("vocabulary", {}), words or {})
     columns, retired = retired_columns(parse_columns(path, doc.get("columns", {})), (history or {}).get("columns", {}))
@@ -617,6 +625,8 @@ def parse_config(path, doc, shipped=None, words=None, history=None):
     items = parse_items(path, doc.get("items", {}))
     templates = parse_templates(path, doc.get("templates", {}))
     rules = parse_rules(path, doc.get("rules", []), templates)
+    own_carriers, retired_carriers = own_carrier_lines(
+        path, doc.get("carriers", {}), (carriers or {}).get("carriers", {}), (history or {}).get("carriers", {}))
     check_meanings(path, table(path, "vocabulary", doc.get("vocabulary", {})).get("statuses", {}), rules)
     default = settings["default_template"] or ("found" if "found" in templates else "processing")
     if default not in templates:
@@ -624,7 +634,8 @@ def parse_config(path, doc, shipped=None, words=None, history=None):
                      f"Templates: {', '.join(templates)}.")
     return Config(
         path=path, columns=columns, rules=rules, templates=templates,
-        carriers=parse_carriers(path, doc.get("carriers", {})), default_template=default,
+        carriers=merged_carriers(parse_carriers(CARRIERS_FILE, (carriers or {}).get("carriers", {})), own_carriers),
+        retired_carriers=retired_carriers, default_template=default,
         item_format=items["format"], item_part=items["part"], item_separator=items["separator"], no_items=items["none"],
         shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
         max_age_hours=settings["max_age_hours"], overdue_days=settings["overdue_days"],
@@ -984,6 +995,23 @@ def parse_carriers(path, raw):
             placeholders(path, where, url, {"tracking_number"})
         carriers.append((carrier_key(name), url))
     return tuple(sorted(carriers, key=lambda c: -len(c[0])))
+
+
+def own_carrier_lines(path, own, shipped, history):
+    """(the merchant's [carriers] as parsed, names of lines equal to a page the service ships or once shipped)."""
+    own = table(path, "carriers", own)
+    shipped_pages = {carrier_key(name): {url} for name, url in shipped.items()}
+    for name, urls in history.items():
+        shipped_pages.setdefault(carrier_key(name), set()).update(urls if isinstance(urls, list) else ())
+    retired = [name for name, url in own.items() if url in shipped_pages.get(carrier_key(name), ())]
+    return parse_carriers(path, {name: url for name, url in own.items() if name not in retired}), tuple(retired)
+
+
+def merged_carriers(shipped, own):
+    """carriers.toml's pages with the merchant's own in place of (or beside) them; longest name first."""
+    pages = dict(shipped)
+    pages.update(own)
+    return tuple(sorted(pages.items(), key=lambda c: -len(c[0])))
 
 
 def carrier_key(name):
@@ -1357,7 +1385,7 @@ def open_csv(path, encoding=None):
                 return "a quoted cell is still open at the end of the file"
             return ""
 
-        # MARK_BYTES are single bytes apart; in UTF-16 they are not: look at every cell.
+        # The scan's marks are single bytes apart; in UTF-16 they are not: look at every order.
         yield Table(reader, lambda: reader.line_num + offset, scan.plain, scan.marked or wide, cut_off)
 
 
@@ -1386,8 +1414,8 @@ def scan_csv(binary):
             plain = False
         # A mark could straddle two chunks: then it is one most exports never have anyway, and
         # an Excel guard is found again on the next row that has one.
-        if not marked and any(chunk.find(needle, 0, size) >= 0 for needle in MARK_BYTES):
-            marked = True
+        if not marked:
+            marked = has_marks(chunk, size)
         if size == READ_BUFFER and chunk.find(b"\n") < 0 and chunk.find(b"\r") < 0:
             long_line = True
             break
@@ -1395,10 +1423,21 @@ def scan_csv(binary):
     return Scan(plain, long_line, last not in (b"\n", b"\r"), marked)
 
 
-# What a spreadsheet leaves in a CSV's bytes: Excel's text guard, a number in scientific notation,
-# a code given a ".0". A file without any of them needs no look at its cells for these.
-MARK_BYTES = (b'="', b"E+", b"e+", b".0,", b".0;", b".0\t", b'.0"', b".0\n", b".0\r", b".0|",
-              b",'", b";'", b"\t'", b"\n'", b"|'")
+ZERO_ADDED = re.compile(rb"\.0[,;\t\"\r\n|]")  # a code a spreadsheet gave a .0; the literal ".0" first keeps it fast
+
+
+def has_marks(chunk, size):
+    """True when a CSV's bytes hold a spreadsheet's mark or damage: Excel's ="..." guard, a number in
+    scientific notation, a code given a .0, a cell guarded by a leading '. Each looked for the fast way:
+    needles with a rare first byte, never a search that stops at every comma."""
+    if chunk.find(b'="', 0, size) >= 0 or chunk.find(b"E+", 0, size) >= 0 or ZERO_ADDED.search(chunk, 0, size):
+        return True
+    at = chunk.find(b"'", 0, size)
+    while at >= 0:  # an apostrophe is rare, and most are inside names ("Women's"): one with a cell's start before it
+        if at == 0 or chunk[at - 1] in b",;\t\n|":
+            return True
+        at = chunk.find(b"'", at + 1, size)
+    return False
 
 
 def open_quote_at_end(f, delimiter):
@@ -2477,8 +2516,8 @@ class OrderReader:
         self.previous = previous  # {"header": [...], "chosen": {field: header}} of the export accepted last (see choice_of)
         self.changed = ()  # (field, header chosen before, header chosen now) when the header row changed
         self.relay = None  # a marketplace's relay addresses in the sample (see relay_addresses)
-        self.marked = True  # cells may hold a spreadsheet's marks: open_table's scan says when they cannot
         self.sample, self.day_first_language = [], False  # the first rows, and whether the header's words write the day first
+        self.marked = True  # cells may hold a spreadsheet's marks: open_table's scan says when they cannot
         self.preamble = []  # lines before the header (a title, a line of separators), for check
         self.attached = 0  # item rows without an order number, taken as the order above's (see follow_on)
         self.untied = 0  # item rows without an order number that follow no order of theirs: left out, check warns
@@ -2529,7 +2568,7 @@ class OrderReader:
             groups = self.gathered(rows) if careful else self.adjacent(rows)
             # One loop, no layers: this runs for every order of a file of hundreds of thousands.
             progress, next_tick, not_orders = self.progress, PROGRESS_ROWS, self.not_orders
-            order_at = self.plan.order_columns[0]
+            order_at, read = self.plan.order_columns[0], 0
             for key, group in groups:
                 if not key:
                     self.skipped += self.let_go(group)
@@ -2537,15 +2576,17 @@ class OrderReader:
                         self.untied += sum(1 for row in group if item_at < len(row) and row[item_at].strip())
                     continue
                 value = group[0][order_at]
-                if not (value.isalnum() or value[1:].isalnum()) or key in NOT_ORDER_WORDS:  # a quick look first
-                    if why := not_an_order(value, key):
-                        not_orders[why] += self.let_go(group)
-                        continue
-                self.rows += len(group)
-                if self.rows >= next_tick:
-                    progress.tick(self.rows)
+                # A quick look first: "1001" and "#1001" are orders (normalised, "#1001" loses its "#" only).
+                if (not (value.isalnum() or value[:1] == "#" and len(value) - len(key) == 1) or key in NOT_ORDER_WORDS) \
+                        and (why := not_an_order(value, key)):
+                    not_orders[why] += self.let_go(group)
+                    continue
+                read += len(group)
+                if read >= next_tick:
+                    progress.tick(read)
                     next_tick += PROGRESS_ROWS
                 yield key, group
+            self.rows = read
             if why := table.cut_off(self.last_row, len(header)):
                 export_error(self.path, f"looks cut off: {why}. It was probably still being written or "
                                         "uploaded; the data being served stays. Export or upload it again.")
@@ -3105,6 +3146,8 @@ def one_line(value):
 
 def order_number_text(cell):
     """An order number as an answer shows it: without a spreadsheet's marks (="...", a leading ', a .0 added)."""
+    if cell.isalnum() or cell[1:].isalnum() and cell[:1] == "#":  # nearly every one: #1001, SO12
+        return cell
     return ADDED_ZERO.sub("", spreadsheet_text(one_line(cell)))
 
 
@@ -3147,6 +3190,11 @@ class Snapshot:
     reading: dict = None  # rows attached to the order above, rows that are no order, lines before the header
 
     @property
+    def aliased(self):
+        """True when some order can be found by another number it carries (see build)."""
+        return bool((self.reading or {}).get("aliases"))
+
+    @property
     def made(self):
         """When the export was made: an upload's made_at, else its file's modification time."""
         return self.file_mtime if self.made_at is None else self.made_at
@@ -3175,7 +3223,7 @@ class Snapshot:
         if packed.__class__ is tuple:
             return self.render_shared(packed, typed)
         cells, items, tracking = self.packer.unpack(packed)
-        if typed and self.normalise(cells[0]) != self.normalise(typed) and ALIAS_SHOWN.fullmatch(typed.strip()):
+        if self.aliased and self.normalise(cells[0]) != self.normalise(typed) and ALIAS_SHOWN.fullmatch(typed.strip()):
             # Found by another number it carries (a marketplace's beside the shop's): said as the customer knows it.
             cells = [typed.strip(), *cells[1:]]
         return self.renderer.answer(cells, items, tracking)
@@ -3260,7 +3308,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
     index, without_email, shared, example, count = {}, 0, 0, "", 0
     packer, pending = None, []  # pending: orders split off a number two customers share, indexed last
     days, dates_at = set(), ()  # the days the orders' dates name, when dated: a few hundred texts
-    aliases, alias_at, no_address = {}, (), 0  # index entries of orders' other numbers, added after the orders'
+    aliases, alias_at, no_address, no_address_rows = {}, (), 0, 0  # index entries of orders' other numbers, added after
     cells = Counter()  # (what, field) -> cells a spreadsheet marked: guards taken off, damaged values withheld
     try:
         for count, (key, rows) in enumerate(chain(reader.orders(careful), pending), 1):
@@ -3270,32 +3318,35 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
                 dating = DayOrder(reader.plan, reader.sample, reader.day_first_language)
                 example = order_number_text(packer.order_cells(rows[0])[0])  # its number as shown, for `check`
                 dates_at = tuple(i for i, f in enumerate(reader.plan.order_fields) if f in PAST_DATES) if dated else ()
+                watching, marked = dating.watched, reader.marked  # locals: this loop runs once an order
             try:
                 values, packed = packer.pack(rows)
             except SeveralCustomers:
                 first, *others = by_email(rows, packer.email_of)
                 pending.extend((key, part) for part in others)
                 values, packed = packer.pack(first)
-            for at in dates_at:
-                days.add(values[at][:10])
-            if dating.watched:
+            if dates_at:
+                days.update(values[at][:10] for at in dates_at)
+            if watching:  # a dict that empties as the columns' day order is told
                 dating.see(values)
-            if reader.marked and (b'="' in packed or b"E+" in packed or b".0\x1f" in packed or b".0\x1e" in packed
-                                  or b"e+" in packed or packed.endswith(b".0") or b"\x1f'" in packed
-                                  or b"\x1e'" in packed or packed[:1] == b"'"):
+            # A spreadsheet's marks (see marks): only in a file whose bytes hold some, a look at an order's bytes.
+            if marked and (b'="' in packed or b"E+" in packed or b".0\x1f" in packed or b".0\x1e" in packed
+                                  or packed.endswith(b".0") or b"\x1f'" in packed or b"\x1e'" in packed
+                                  or packed[:1] == b"'"):
                 marks(packed, packer, cells)
             email = values[email_at].strip().casefold().replace(" ", "+")  # normalise_email, index_key: inline in the hottest loop
             if "@" not in email:
                 if email:  # "16:41:35" in a footer's e-mail cell: no order's
                     reader.not_orders["rows whose e-mail cell holds no address"] += len(rows)
-                    reader.rows -= len(rows)
+                    no_address_rows += len(rows)
                     no_address += 1
                     continue
                 without_email += 1  # such an order can never be matched
                 continue
-            for at in alias_at:
-                if (alias := normalise(spreadsheet_text(rows[0][at]))) and alias != key:
-                    aliases.setdefault(index_key(alias, email), packed)
+            if alias_at:
+                for at in alias_at:
+                    if (alias := normalise(spreadsheet_text(rows[0][at]))) and alias != key:
+                        aliases.setdefault(index_key(alias, email), packed)
             if not alike:
                 index[f"{key}\x1f{email}".encode()] = packed
             elif (kept := index.setdefault(entry := index_key(key, email), packed)) is not packed:
@@ -3319,7 +3370,7 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
     renderer = Renderer(config, plan, dating.result() if packer else None)
     snapshot = Snapshot(
         config=config, index=index, source=path, file_mtime=stat.st_mtime, file_mtime_ns=stat.st_mtime_ns,
-        file_size=stat.st_size, rows=reader.rows, orders=count - no_address,
+        file_size=stat.st_size, rows=reader.rows - no_address_rows, orders=count - no_address,
         orders_without_email=without_email, orders_sharing=shared,
         rows_without_order=reader.skipped, loaded_at=time.time(), seconds=time.perf_counter() - started,
         layout=plan.layout, columns=plan.chosen, example_order_id=example,
@@ -3993,9 +4044,13 @@ class Renderer:
                  if name in self.source]  # a field the export lacks reads "" in every order
         columns = [name for name in names if name in at]
         self.words_of = getter(tuple(at[name] for name in columns))
-        # Words compared with a derived value (item_count = "1") are worked out per order.
-        self.derived_words = tuple(derived[name] for name in names if name not in at)
-        self.word_fields = (*columns, *(name for name in names if name not in at))
+        self.word_fields = tuple(columns)
+        # Words compared with a derived value (needs_shipping = "no", overdue = "yes") are worked out per
+        # order, and only when a rule the columns' words allow asks: most orders never need an order date read.
+        self.derived = {name: derived[name] for name in names if name not in at}
+        # Whether a derived list is filled ("*"), without writing the list out.
+        self.filled = {"shipped_items": self.any_shipped, "unshipped_items": self.any_unshipped,
+                       "refunded_items": self.any_refunded}
         self.fills = {name: tuple((field, self.source.get(field, self.nothing)) for field in template.fields)
                       for name, template in config.templates.items() if name not in MESSAGES}
         self.choices = {}  # the word fields' values as exported -> ((sources to be filled, Template), ...)
@@ -4033,12 +4088,22 @@ class Renderer:
     def pick(self, cells, items, tracking, url):
         """The first rule that matches picks the template; else the default."""
         words = self.words_of(cells)
-        if self.derived_words:
-            words += tuple(make(cells, items, tracking, url) for make in self.derived_words)
         choices = self.choices.get(words)
         if choices is None:
             choices = self.choices[words] = self.narrow(words)
-        for needed, template in choices:
+        known = None  # derived words worked out for this order, as rules ask for them
+        for asks, needed, template in choices:
+            if asks:
+                known = {} if known is None else known
+                for name, make, wanted in asks:
+                    if name not in known:
+                        known[name] = self.word(make(cells, items, tracking, url), name)
+                    if known[name] not in wanted:
+                        break
+                else:
+                    asks = ()
+                if asks:
+                    continue
             for source in needed:
                 if not (cells[source].strip() if source.__class__ is int else source(cells, items, tracking, url)):
                     break
@@ -4047,18 +4112,22 @@ class Renderer:
         raise AssertionError("narrow() always ends with a choice that needs nothing")
 
     def narrow(self, words):
-        """The rules that these words allow, in order, each with the sources it needs filled; the default last."""
+        """The rules that the columns' words allow, in order: each with the derived words it asks for (name,
+        method, words wanted) and the sources it needs filled; the default last."""
         seen = {name: self.word(value, name) for name, value in zip(self.word_fields, words)}
         choices = []
         for rule in self.config.rules:
-            needed = tuple(self.source.get(name) for name in rule.needs_filled)
+            needed = tuple(self.filled.get(name) or self.source.get(name) for name in rule.needs_filled)
             if None in needed:
                 continue  # it needs a column this export lacks: it never matches
-            if rule.allows(seen):
-                choices.append((needed, self.config.templates[rule.template]))
-                if not needed:
+            asks = tuple((name, self.derived[name], wanted) for name, wanted in rule.conditions
+                         if wanted is not None and name in self.derived)
+            if all(seen.get(name, "") in wanted for name, wanted in rule.conditions
+                   if wanted is not None and name not in self.derived):
+                choices.append((asks, needed, self.config.templates[rule.template]))
+                if not needed and not asks:
                     return tuple(choices)  # no rule after this one can be reached
-        choices.append(((), self.config.templates[self.config.default_template]))
+        choices.append(((), (), self.config.templates[self.config.default_template]))
         return tuple(choices)
 
     def word(self, value, field_name=""):
@@ -4108,8 +4177,9 @@ class Renderer:
     def items(self, cells, items, tracking, url):
         """Every line item less what was refunded (all of them when all was), or [items] none when the order lists
         none."""
-        return self.listing(kept_part(item) for item in items if kept_part(item)) or self.listing(items) \
-            or self.config.no_items
+        if any(item.refunded for item in items):
+            return self.listing(part for item in items if (part := kept_part(item))) or self.listing(items)
+        return self.listing(items) or self.config.no_items
 
     def refunded_items(self, cells, items, tracking, url):
         """What of the items was refunded, as the lines' refunded quantities say; "" where none says."""
@@ -4176,6 +4246,18 @@ class Renderer:
             return ""
         return "; ".join(f"{number} ({self.listing(tied[number])})" if number in tied else number
                          for number in tracking)
+
+    def any_shipped(self, cells, items, tracking, url):
+        """True when some of the items has left ({shipped_items} is filled), without writing them out."""
+        return any(self.shipped_part(item) for item in items)
+
+    def any_unshipped(self, cells, items, tracking, url):
+        """True when {unshipped_items} is filled, without writing them out."""
+        return any(self.told(item) for item in items) and any(self.unshipped_part(item) for item in items)
+
+    def any_refunded(self, cells, items, tracking, url):
+        """True when {refunded_items} is filled."""
+        return any(item.refunded for item in items)
 
     def told(self, item):
         """True when the export says of a line whether it left: a status word, or a shipped quantity."""
@@ -7075,6 +7157,10 @@ def check_summary(snapshot, surveyed):
         names = ", ".join(field_name for field_name, _ in snapshot.config.retired)
         yield (f"columns  [columns] {names}: each is a list an earlier release shipped, read as shipped data: these "
                "fields are found by their headers' words now, as below (the lines may be deleted)")
+    if retired := snapshot.config.retired_carriers:
+        yield (f"carriers [carriers] {', '.join(retired[:5])}{' and more' if len(retired) > 5 else ''}: "
+               f"{plural(len(retired), 'line')} equal to a page the service ships (carriers.toml) or once shipped: "
+               "carriers.toml's serves, so its fixes reach you (the lines may be deleted)")
     header = plan.header
     others = {field_name: [header[i] for i in more] for field_name, _, more in plan.competing}
     for field_name, chosen in snapshot.columns.items():

@@ -101,9 +101,9 @@ def test_a_rule_on_any_column_picks_its_template(tmp_path, contexts_file):
     ('min_orders_ratio = 0.5', 'min_orders_ratio = -nan', "min_orders_ratio: should be"),
     ('[columns]\n', '[columns]\norder_id = [1, "Order Number"]\n', "[columns] order_id"),
     ('[columns]\n', '[columns]\nE-mail = ["Mail"]\n', "[columns] E-mail: field names are lower case"),
-    ('UPS = "https://', 'UPS = "http://', "[carriers] UPS: must start with https://"),
-    ('UPS = "https://www.ups.com/track?tracknum={tracking_number}"',
-     'UPS = "https://www.ups.com/track?tracknum={number}"', "{number}"),
+    ('\n[carriers]\n', '\n[carriers]\nUPS = "http://www.ups.com/track?tracknum={tracking_number}"\n',
+     "[carriers] UPS: must start with https://"),
+    ('\n[carriers]\n', '\n[carriers]\nUPS = "https://www.ups.com/track?tracknum={number}"\n', "{number}"),
     ('[[rules]]\nwhen = { cancelled_at = "*" }\ntemplate = "cancelled"',
      '[[rules]]\nwhen = { cancelled_at = "*" }\ntemplate = "cancelled"\ntempalte = "x"', "unknown key 'tempalte'"),
 ])
@@ -272,3 +272,23 @@ def test_a_contexts_toml_of_an_earlier_release_is_told_what_it_lacks_and_promise
     assert "[templates] processing is word for word an earlier release's answer, which promises a shipping time" in out
     assert app.main(["check", "--data", str(export), "--contexts", str(ROOT / "contexts.toml")]) == 0
     assert "earlier release" not in capsys.readouterr().out  # the shipped file itself: nothing to say
+
+
+SHIPPED_UPS = "https://www.ups.com/track?tracknum={tracking_number}"
+EARLIER_DHL = "https://www.dhl.com/global-en/home/tracking/tracking-express.html?submit=1&tracking-id={tracking_number}"
+SHIPPED_DHL = "https://www.dhl.com/global-en/home/tracking/tracking-parcel.html?submit=1&tracking-id={tracking_number}"
+
+
+@pytest.mark.parametrize("lines, carrier, page, retired", [
+    ("", "UPS", SHIPPED_UPS, ()),  # nothing of its own: carriers.toml's page
+    (f'UPS = "{SHIPPED_UPS}"\n', "UPS", SHIPPED_UPS, ("UPS",)),  # a copy of the shipped line: shipped data
+    (f'DHL = "{EARLIER_DHL}"\n', "DHL", SHIPPED_DHL, ("DHL",)),  # an earlier release's page: the fix reaches it
+    ('UPS = "https://ups.example/{tracking_number}"\n', "UPS", "https://ups.example/{tracking_number}", ()),
+    ('"Acme Freight" = "https://acme.example/?n={tracking_number}"\n', "acme freight",
+     "https://acme.example/?n={tracking_number}", ()),  # a carrier of its own, beside the shipped ones
+])
+def test_carriers_ship_as_data_and_a_shops_own_line_wins(contexts_file, lines, carrier, page, retired):
+    config = app.load_config(edit(contexts_file, "\n[carriers]\n", "\n[carriers]\n" + lines))
+    assert app.carrier_page(config.carriers, carrier) == page
+    assert config.retired_carriers == retired
+    assert app.carrier_page(config.carriers, "FedEx").startswith("https://www.fedex.com/")  # the others stay

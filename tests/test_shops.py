@@ -278,10 +278,12 @@ def test_a_replica_added_as_documented_serves_its_shops_export_with_its_own_port
 
 def systemd_units(root):
     """The units in root/units, where the documented commands put the replica's drop-in, with /opt/orders at this
-    checkout (systemd checks that ExecStart= exists)."""
+    checkout and its Python the one running the tests, wherever its virtual environment is (systemd checks that
+    ExecStart= exists)."""
     folder = root / "units"
-    write(folder / "orders@.service", TEMPLATE.read_text().replace("/opt/orders", str(ROOT)))
-    write(folder / "orders.service", SINGLE.read_text().replace("/opt/orders", str(ROOT)))
+    for name, unit in (("orders@.service", TEMPLATE), ("orders.service", SINGLE)):
+        text = unit.read_text().replace("/opt/orders/.venv/bin/python", sys.executable)
+        write(folder / name, text.replace("/opt/orders", str(ROOT)))
     return folder
 
 
