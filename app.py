@@ -60,9 +60,11 @@ try:
 except ModuleNotFoundError as missing:  # `python3 app.py` outside the virtual environment
     if __name__ != "__main__":
         raise
-    sys.exit(f"error: the package {missing.name!r} is not installed for {sys.executable}. Run the service with "
-             ".venv/bin/python app.py, after setting it up once with: "
-             "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt")
+    sys.exit(
+        f"error: the package {missing.name!r} is not installed for {sys.executable}. Run the service with "
+        ".venv/bin/python app.py, after setting it up once with: "
+        "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+    )
 
 __version__ = "1.0.0"
 
@@ -144,8 +146,23 @@ def printable(text):
 ###############################################################################
 
 # Words of the placeholders that people copy from documentation instead of making a key.
-WEAK_KEY_WORDS = ("changeme", "yourapikey", "apikey", "example", "password", "placeholder", "secret", "replaceme",
-                  "paste", "yourkey", "keyhere", "qwerty", "asdf", "12345", "abcdef")
+WEAK_KEY_WORDS = (
+    "changeme",
+    "yourapikey",
+    "apikey",
+    "example",
+    "password",
+    "placeholder",
+    "secret",
+    "replaceme",
+    "paste",
+    "yourkey",
+    "keyhere",
+    "qwerty",
+    "asdf",
+    "12345",
+    "abcdef",
+)
 
 
 @dataclass(frozen=True)
@@ -203,8 +220,10 @@ def env_number(env, name, default, example=None, most=1_000_000):
     except ValueError:
         number = None
     if number is None or not math.isfinite(number) or not 0 < number <= most:
-        raise SettingsError(f"{name}={value!r} is not a {'whole ' if isinstance(default, int) else ''}number "
-                            f"above 0 and up to {most:,}; set it to e.g. {example or default}.")
+        raise SettingsError(
+            f"{name}={value!r} is not a {'whole ' if isinstance(default, int) else ''}number "
+            f"above 0 and up to {most:,}; set it to e.g. {example or default}."
+        )
     return number
 
 
@@ -226,8 +245,10 @@ def env_cpu(env):
     if not value:
         return None
     if not value.isdigit() or int(value) > 4095:
-        raise SettingsError(f"CPU={value!r} is not a CPU number; set it to e.g. 0 or 1, or leave it unset to let "
-                            "the service choose one no other instance holds.")
+        raise SettingsError(
+            f"CPU={value!r} is not a CPU number; set it to e.g. 0 or 1, or leave it unset to let "
+            "the service choose one no other instance holds."
+        )
     return int(value)
 
 
@@ -265,15 +286,20 @@ def settings_from(options=None, env=None):
         or "x-forwarded-for",
         log_format=log_format,
         key_failures_per_minute=env_number(env, "KEY_FAILURES_PER_MINUTE", 10),
-        one_cpu=env_switch(env, "ONE_CPU", True), cpu=env_cpu(env), metrics=env_switch(env, "METRICS", True),
+        one_cpu=env_switch(env, "ONE_CPU", True),
+        cpu=env_cpu(env),
+        metrics=env_switch(env, "METRICS", True),
         follow_symlinks=env_switch(env, "FOLLOW_SYMLINKS", False),
         memory_limit_mb=env_number(env, "MEMORY_LIMIT_MB", 0.0, example=800) or default_memory_limit_mb(),
         allow_weak_key=env_switch(env, "ALLOW_WEAK_KEY", False),
         # 3 s: the sweep then runs every second, so a lookup stuck behind clients sending a byte at a time
         # still gets its answer within the chat platform's 5 s; a real request arrives in milliseconds.
         request_seconds=env_number(env, "REQUEST_SECONDS", 3.0),
-        webhook_secrets={platform: parse_keys(env.get(name)) for platform, name in WEBHOOK_SECRETS.items()
-                         if parse_keys(env.get(name))},
+        webhook_secrets={
+            platform: parse_keys(env.get(name))
+            for platform, name in WEBHOOK_SECRETS.items()
+            if parse_keys(env.get(name))
+        },
         webhook_max_orders=env_number(env, "WEBHOOK_MAX_ORDERS", 100_000, most=10_000_000),
         webhook_days=env_number(env, "WEBHOOK_DAYS", 30.0, most=3650),
         orders_url=check_orders_url(env.get("ORDERS_URL", "").strip()),
@@ -297,8 +323,10 @@ def authorization(value):
     if not value or " " in value.split(":", 1)[0]:
         return value
     if ":" not in value:
-        raise SettingsError("ORDERS_URL_AUTH: give user:password (sent as HTTP Basic auth) or a whole header "
-                            "value such as \"Bearer TOKEN\".")
+        raise SettingsError(
+            "ORDERS_URL_AUTH: give user:password (sent as HTTP Basic auth) or a whole header "
+            'value such as "Bearer TOKEN".'
+        )
     return "Basic " + base64.b64encode(value.encode()).decode()
 
 
@@ -312,15 +340,21 @@ def check_orders_url(url):
     except ValueError:
         raise SettingsError("ORDERS_URL is not a URL that can be read (check its brackets and port).") from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise SettingsError(f"ORDERS_URL ({shown_url(url)}) is not an https:// URL. Give the export's link, e.g. a "
-                            "Google Sheets 'Publish to web' CSV link.")
+        raise SettingsError(
+            f"ORDERS_URL ({shown_url(url)}) is not an https:// URL. Give the export's link, e.g. a "
+            "Google Sheets 'Publish to web' CSV link."
+        )
     if parts.username is not None or parts.password is not None:
-        raise SettingsError(f"ORDERS_URL ({shown_url(url)}) holds a user name or password (user:pass@), which is "
-                            "not supported: it would be sent to every host a redirect leads to. Put them in "
-                            "ORDERS_URL_AUTH=user:password instead (sent as HTTP Basic auth, to that host only).")
+        raise SettingsError(
+            f"ORDERS_URL ({shown_url(url)}) holds a user name or password (user:pass@), which is "
+            "not supported: it would be sent to every host a redirect leads to. Put them in "
+            "ORDERS_URL_AUTH=user:password instead (sent as HTTP Basic auth, to that host only)."
+        )
     if parts.scheme == "http" and not is_loopback(parts.hostname):
-        raise SettingsError(f"ORDERS_URL ({shown_url(url)}) is plain http://: the export and any token in the link "
-                            "would cross the internet readable. Use its https:// link.")
+        raise SettingsError(
+            f"ORDERS_URL ({shown_url(url)}) is plain http://: the export and any token in the link "
+            "would cross the internet readable. Use its https:// link."
+        )
     return url
 
 
@@ -368,8 +402,10 @@ def weak_key_warnings(keys, role="API key"):
 def key_roles(settings):
     """(role, variable, keys) of every key and secret set: each lets its holder do something else."""
     roles = [("API key", "API_KEY", settings.api_keys), ("upload key", "UPLOAD_KEY", settings.upload_keys)]
-    roles += [(f"{PLATFORM_NAMES[platform]} webhook secret", variable, (settings.webhook_secrets or {}).get(platform, ()))
-              for platform, variable in WEBHOOK_SECRETS.items()]
+    roles += [
+        (f"{PLATFORM_NAMES[platform]} webhook secret", variable, (settings.webhook_secrets or {}).get(platform, ()))
+        for platform, variable in WEBHOOK_SECRETS.items()
+    ]
     return [(role, variable, keys) for role, variable, keys in roles if keys]
 
 
@@ -377,10 +413,12 @@ def shared_key_errors(settings):
     """Where one role's key is also another's: the chat platform's key must never change data, nor sign events."""
     roles = key_roles(settings)
     for at, (role, variable, keys) in enumerate(roles):
-        for other_role, other_variable, other_keys in roles[at + 1:]:
+        for other_role, other_variable, other_keys in roles[at + 1 :]:
             if set(keys) & set(other_keys):
-                yield (f"{variable} and {other_variable} share a key: the {role} would also work as the "
-                       f"{other_role}. Give each its own")
+                yield (
+                    f"{variable} and {other_variable} share a key: the {role} would also work as the "
+                    f"{other_role}. Give each its own"
+                )
 
 
 ###############################################################################
@@ -391,10 +429,10 @@ def shared_key_errors(settings):
 DERIVED = {
     "order_id": "the order number as written in the export, e.g. #1001",
     "items": "the line items, e.g. 1 x Hat, 2 x Socks (without a count where the export gives none), less what the "
-             "export says was refunded",
+    "export says was refunded",
     "refunded_items": "what of the items was refunded, as the lines' refunded quantities say",
     "refunds": "'all' when every line was refunded in full, 'some' when part of one was, as the lines' refunded "
-               "quantities say; else empty",
+    "quantities say; else empty",
     "no_shipping_items": "the lines that need no shipping (a download, a gift card), beside lines that do",
     "item_count": "how many items in all, where every line's count is known",
     "shipped_items": "what of the items has left, as the lines' statuses or shipped quantities say",
@@ -406,7 +444,7 @@ DERIVED = {
     "tracking_numbers": "every tracking number, comma-separated",
     "tracking_url": "the tracking link (from a column, or built from [carriers])",
     "records_updated": "until when the records hold orders: the export's time less [settings] export_lag_hours "
-                       "(or a later webhook event's), e.g. 27 Nov 2026, 02:15 UTC",
+    "(or a later webhook event's), e.g. 27 Nov 2026, 02:15 UTC",
 }
 # Templates the service answers with before or without finding an order.
 MESSAGES = {
@@ -419,12 +457,19 @@ MESSAGES = {
 # Messages added after contexts.toml files were made: a file without one answers with this.
 MESSAGE_DEFAULTS = {
     "not_an_email": "No order could be looked up: what was given as the e-mail address is not one. Please ask the "
-                    "customer again for the e-mail address used for the order.",
+    "customer again for the e-mail address used for the order.",
 }
 REQUIRED_FIELDS = ("order_id", "email")
 # Fields read per line item; every other field is per order.
-ITEM_FIELDS = ("item_name", "item_quantity", "item_status", "item_shipped_quantity", "item_refunded_quantity",
-               "item_needs_shipping", "item_variant")
+ITEM_FIELDS = (
+    "item_name",
+    "item_quantity",
+    "item_status",
+    "item_shipped_quantity",
+    "item_refunded_quantity",
+    "item_needs_shipping",
+    "item_variant",
+)
 # Fields read from every row of an order: its items and any tracking numbers.
 ROW_FIELDS = (*ITEM_FIELDS, "tracking_number")
 # Fields that derived placeholders are made from: always read when present.
@@ -458,8 +503,9 @@ class Template:
         filled = tuple(map(bool, map(values.__getitem__, self.gates)))
         text = self.composed.get(filled)
         if text is None:
-            text = self.composed[filled] = "".join(part for part, fields, optional in self.parts
-                                                   if not optional or all(map(values.__getitem__, fields)))
+            text = self.composed[filled] = "".join(
+                part for part, fields, optional in self.parts if not optional or all(map(values.__getitem__, fields))
+            )
         return text.format_map(values)
 
     def render(self, values):
@@ -545,8 +591,23 @@ def unaccented(text):
 
 
 # Letters that carry no combining accent, so NFKD keeps them: folded by hand. "°" is the "o" of "N°".
-FOLDS = str.maketrans({"ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE",
-                       "ß": "ss", "đ": "d", "Đ": "D", "ı": "i", "°": "o"})
+FOLDS = str.maketrans(
+    {
+        "ł": "l",
+        "Ł": "L",
+        "ø": "o",
+        "Ø": "O",
+        "æ": "ae",
+        "Æ": "AE",
+        "œ": "oe",
+        "Œ": "OE",
+        "ß": "ss",
+        "đ": "d",
+        "Đ": "D",
+        "ı": "i",
+        "°": "o",
+    }
+)
 
 
 def snake_case(header):
@@ -572,11 +633,18 @@ CARRIERS_FILE = HERE / "carriers.toml"  # carriers' tracking pages; contexts.tom
 def load_config(path):
     """Read and check contexts.toml (and the shipped data files); raise ConfigError naming file, key and fix."""
     path = Path(path)
-    shipped = {name: read_toml(file) if file.exists() else {}
-               for name, file in (("layouts", LAYOUTS_FILE), ("vocabulary", VOCABULARY_FILE), ("history", HISTORY_FILE),
-                                  ("carriers", CARRIERS_FILE))}
-    return parse_config(path, read_toml(path), shipped["layouts"], shipped["vocabulary"], shipped["history"],
-                        shipped["carriers"])
+    shipped = {
+        name: read_toml(file) if file.exists() else {}
+        for name, file in (
+            ("layouts", LAYOUTS_FILE),
+            ("vocabulary", VOCABULARY_FILE),
+            ("history", HISTORY_FILE),
+            ("carriers", CARRIERS_FILE),
+        )
+    }
+    return parse_config(
+        path, read_toml(path), shipped["layouts"], shipped["vocabulary"], shipped["history"], shipped["carriers"]
+    )
 
 
 def read_toml(path):
@@ -585,7 +653,9 @@ def read_toml(path):
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{printable(path)}: file not found. Copy it from the project or set CONTEXTS_FILE.") from None
+        raise ConfigError(
+            f"{printable(path)}: file not found. Copy it from the project or set CONTEXTS_FILE."
+        ) from None
     except OSError as e:
         raise ConfigError(f"{printable(path)}: cannot be read ({e.strerror}).") from None
     except UnicodeDecodeError:
@@ -596,8 +666,10 @@ def read_toml(path):
             'e.g. processing = "Order {order_id} was found."'
         ) from None
     except (RecursionError, MemoryError):  # e.g. an array nested thousands deep
-        raise ConfigError(f"{shown_name(path)}: is nested too deeply to read. contexts.toml needs only "
-                          "tables, texts and lists of texts; copy the shipped one and edit that.") from None
+        raise ConfigError(
+            f"{shown_name(path)}: is nested too deeply to read. contexts.toml needs only "
+            "tables, texts and lists of texts; copy the shipped one and edit that."
+        ) from None
 
 
 def parse_config(path, doc, shipped=None, words=None, history=None, carriers=None):
@@ -620,31 +692,49 @@ def parse_config(path, doc, shipped=None, words=None, history=None, carriers=Non
     # field by field); the merchant's are tried first.
     own = table(path, "layouts", doc.get("layouts", {}))
     ours = table(LAYOUTS_FILE, "layouts", shipped.get("layouts", {}))
-    layouts = {**parse_layouts(LAYOUTS_FILE, ours),
-               **parse_layouts(path, {key: merged_layout(ours.get(key), raw) for key, raw in own.items()})}
+    layouts = {
+        **parse_layouts(LAYOUTS_FILE, ours),
+        **parse_layouts(path, {key: merged_layout(ours.get(key), raw) for key, raw in own.items()}),
+    }
     items = parse_items(path, doc.get("items", {}))
     templates = parse_templates(path, doc.get("templates", {}))
     rules = parse_rules(path, doc.get("rules", []), templates)
     own_carriers, retired_carriers = own_carrier_lines(
-        path, doc.get("carriers", {}), (carriers or {}).get("carriers", {}), (history or {}).get("carriers", {}))
+        path, doc.get("carriers", {}), (carriers or {}).get("carriers", {}), (history or {}).get("carriers", {})
+    )
     check_meanings(path, table(path, "vocabulary", doc.get("vocabulary", {})).get("statuses", {}), rules)
     default = settings["default_template"] or ("found" if "found" in templates else "processing")
     if default not in templates:
-        config_error(path, "[settings] default_template", f"names the template {default!r}, which does not exist.",
-                     f"Templates: {', '.join(templates)}.")
+        config_error(
+            path,
+            "[settings] default_template",
+            f"names the template {default!r}, which does not exist.",
+            f"Templates: {', '.join(templates)}.",
+        )
     return Config(
-        path=path, columns=columns, rules=rules, templates=templates,
+        path=path,
+        columns=columns,
+        rules=rules,
+        templates=templates,
         carriers=merged_carriers(parse_carriers(CARRIERS_FILE, (carriers or {}).get("carriers", {})), own_carriers),
-        retired_carriers=retired_carriers, default_template=default,
-        item_format=items["format"], item_part=items["part"], item_separator=items["separator"], no_items=items["none"],
+        retired_carriers=retired_carriers,
+        default_template=default,
+        item_format=items["format"],
+        item_part=items["part"],
+        item_separator=items["separator"],
+        no_items=items["none"],
         shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
-        max_age_hours=settings["max_age_hours"], overdue_days=settings["overdue_days"],
+        max_age_hours=settings["max_age_hours"],
+        overdue_days=settings["overdue_days"],
         min_orders_ratio=settings["min_orders_ratio"],
-        max_vanished_ratio=settings["max_vanished_ratio"], export_lag_hours=settings["export_lag_hours"],
+        max_vanished_ratio=settings["max_vanished_ratio"],
+        export_lag_hours=settings["export_lag_hours"],
         sheet=settings["sheet"],
         timezone=parse_timezone(path, settings["timezone"]),
         layouts=tuple(sorted(layouts.values(), key=lambda layout: layout.key not in own)),
-        language=language(path, settings["language"], vocabulary["dates"]), retired=retired, **vocabulary,
+        language=language(path, settings["language"], vocabulary["dates"]),
+        retired=retired,
+        **vocabulary,
         promising=promising_templates(templates, (history or {}).get("templates", [])),
         earlier_rules=rules_digest(doc.get("rules", [])) in (history or {}).get("rules", {}).get("earlier", ()),
     )
@@ -655,8 +745,17 @@ def rules_digest(rules):
     return hashlib.sha256(json.dumps(rules, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-STATUS_MEANINGS = ("shipped", "processing", "delivered", "cancelled", "refunded", "on hold", "returned",
-                   "ready for pickup", "pending payment")
+STATUS_MEANINGS = (
+    "shipped",
+    "processing",
+    "delivered",
+    "cancelled",
+    "refunded",
+    "on hold",
+    "returned",
+    "ready for pickup",
+    "pending payment",
+)
 
 
 def check_meanings(path, statuses, rules):
@@ -664,22 +763,35 @@ def check_meanings(path, statuses, rules):
     named = {w for rule in rules for _, words in rule.conditions if words for w in words}
     for meaning in statuses if isinstance(statuses, dict) else ():
         if status_word(meaning) not in named:
-            config_error(path, f"[vocabulary.statuses] {meaning}", "is no word a rule names, so it would change no "
-                         "answer.", "Put the true meaning in its place, one of: " + ", ".join(STATUS_MEANINGS) + ".")
+            config_error(
+                path,
+                f"[vocabulary.statuses] {meaning}",
+                "is no word a rule names, so it would change no answer.",
+                "Put the true meaning in its place, one of: " + ", ".join(STATUS_MEANINGS) + ".",
+            )
 
 
 def promising_templates(templates, shipped):
     """(name, promise) of each template that is word for word an earlier release's answer promising what no export
     holds (history.toml [[templates]])."""
-    return tuple((entry["name"], entry["promises"]) for entry in shipped if isinstance(entry, dict)
-                 and entry.get("name") in templates and templates[entry["name"]].written == entry.get("text"))
+    return tuple(
+        (entry["name"], entry["promises"])
+        for entry in shipped
+        if isinstance(entry, dict)
+        and entry.get("name") in templates
+        and templates[entry["name"]].written == entry.get("text")
+    )
 
 
 def language(path, name, dates):
     """[settings] language: one that vocabulary.toml [dates] (or contexts.toml's) knows how to write dates in."""
     if dates and name not in dates:
-        config_error(path, "[settings] language", f"{name!r} is not a language whose dates the service can write.",
-                     f"Use one of {', '.join(sorted(dates))}, or add [vocabulary.dates.{name}].")
+        config_error(
+            path,
+            "[settings] language",
+            f"{name!r} is not a language whose dates the service can write.",
+            f"Use one of {', '.join(sorted(dates))}, or add [vocabulary.dates.{name}].",
+        )
     return name
 
 
@@ -699,8 +811,9 @@ def parse_vocabulary(path, own, shipped):
     for source, doc, prefix in sources:
         for key in doc:
             if key not in VOCABULARY_SECTIONS:
-                config_error(source, f"[{prefix}{key}]", "is not a known section.",
-                             f"It holds {', '.join(VOCABULARY_SECTIONS)}.")
+                config_error(
+                    source, f"[{prefix}{key}]", "is not a known section.", f"It holds {', '.join(VOCABULARY_SECTIONS)}."
+                )
     headers, meanings, groups, sayings, never, dates, relays = {}, {}, {}, {}, {}, {}, {}
     for source, doc, prefix in reversed(sources):  # the shipped words first, the merchant's added
         for group, words in table(source, f"{prefix}words", doc.get("words", {})).items():
@@ -710,12 +823,18 @@ def parse_vocabulary(path, own, shipped):
         for field_name, spec in table(source, f"{prefix}fields", doc.get("fields", {})).items():
             where = f"[{prefix}fields.{field_name}]"
             spec = expect(source, where, spec, dict, '{ says = ["tracking + number"], never = ["url"] }')
-            sayings[field_name] = (*sayings.get(field_name, ()),
-                                   *(parse_saying(source, where, text, groups)
-                                     for text in texts(source, f"{where} says", spec.get("says", []), '["order + number"]')))
+            sayings[field_name] = (
+                *sayings.get(field_name, ()),
+                *(
+                    parse_saying(source, where, text, groups)
+                    for text in texts(source, f"{where} says", spec.get("says", []), '["order + number"]')
+                ),
+            )
             never[field_name] = never.get(field_name, frozenset()) | frozenset(
-                word for text in texts(source, f"{where} never", spec.get("never", []), '["invoice"]')
-                for word in groups.get(text, {folded_phrase(text)}))
+                word
+                for text in texts(source, f"{where} never", spec.get("never", []), '["invoice"]')
+                for word in groups.get(text, {folded_phrase(text)})
+            )
         for field_name, names in parse_columns(source, doc.get("headers", {}), f"{prefix}headers").items():
             headers[field_name] = (*headers.get(field_name, ()), *names)
         for meaning, said in table(source, f"{prefix}statuses", doc.get("statuses", {})).items():
@@ -724,10 +843,17 @@ def parse_vocabulary(path, own, shipped):
         for language, style in table(source, f"{prefix}dates", doc.get("dates", {})).items():
             dates.setdefault(language, parse_date_style(source, f"[{prefix}dates.{language}]", style))
         for domain, marketplace in table(source, f"{prefix}relays", doc.get("relays", {})).items():
-            relays.setdefault(domain.strip().lower().strip("@."), expect(
-                source, f"[{prefix}relays] {domain}", marketplace, str, '"Amazon"'))
-    return {"headers": headers, "meanings": meanings, "words": HeaderWords(groups, sayings, never), "dates": dates,
-            "relays": relays}
+            relays.setdefault(
+                domain.strip().lower().strip("@."),
+                expect(source, f"[{prefix}relays] {domain}", marketplace, str, '"Amazon"'),
+            )
+    return {
+        "headers": headers,
+        "meanings": meanings,
+        "words": HeaderWords(groups, sayings, never),
+        "dates": dates,
+        "relays": relays,
+    }
 
 
 def parse_saying(path, where, text, groups):
@@ -736,8 +862,12 @@ def parse_saying(path, where, text, groups):
     names = tuple(name.strip() for name in text.strip().lstrip("=").split("+"))
     for name in names:
         if name not in groups:
-            config_error(path, f"{where} says", f"{text!r} names {name!r}, which is no group of [words].",
-                         f"Groups: {', '.join(sorted(groups))}.")
+            config_error(
+                path,
+                f"{where} says",
+                f"{text!r} names {name!r}, which is no group of [words].",
+                f"Groups: {', '.join(sorted(groups))}.",
+            )
     return Saying(names, only, text.strip())
 
 
@@ -770,8 +900,12 @@ def parse_timezone(path, name):
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        config_error(path, "[settings] timezone", f"{name!r} is not a time zone this machine knows.",
-                     'Use an IANA name such as "Europe/Berlin", "America/New_York" or "UTC".')
+        config_error(
+            path,
+            "[settings] timezone",
+            f"{name!r} is not a time zone this machine knows.",
+            'Use an IANA name such as "Europe/Berlin", "America/New_York" or "UTC".',
+        )
 
 
 def expect(path, where, value, kind, example):
@@ -814,13 +948,23 @@ def parse_settings(path, raw):
     if out["max_age_hours"] <= 0:
         config_error(path, "[settings] max_age_hours", "must be more than 0.", "A nightly export wants 26.")
     if not 0 <= out["min_orders_ratio"] <= 1:
-        config_error(path, "[settings] min_orders_ratio", "must be between 0 and 1.", "0.5 refuses an export half the size.")
+        config_error(
+            path, "[settings] min_orders_ratio", "must be between 0 and 1.", "0.5 refuses an export half the size."
+        )
     if not 0 <= out["max_vanished_ratio"] <= 1:
-        config_error(path, "[settings] max_vanished_ratio", "must be between 0 and 1.",
-                     "0.2 refuses an export that lacks a fifth of the orders being served.")
+        config_error(
+            path,
+            "[settings] max_vanished_ratio",
+            "must be between 0 and 1.",
+            "0.2 refuses an export that lacks a fifth of the orders being served.",
+        )
     if not 0 <= out["export_lag_hours"] <= 48:
-        config_error(path, "[settings] export_lag_hours", "must be between 0 and 48.",
-                     "1 suits an export that takes up to an hour to make.")
+        config_error(
+            path,
+            "[settings] export_lag_hours",
+            "must be between 0 and 48.",
+            "1 suits an export that takes up to an hour to make.",
+        )
     return out
 
 
@@ -883,13 +1027,22 @@ def placeholders(path, where, text, allowed=None):
         if name is None:
             continue
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or spec or conversion:
-            config_error(path, where, f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} "
-                         "is not a placeholder.", "Placeholders are plain names such as {order_id}.")
+            config_error(
+                path,
+                where,
+                f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} is not a placeholder.",
+                "Placeholders are plain names such as {order_id}.",
+            )
         names.append(name)
     if allowed is not None and (unknown := [n for n in dict.fromkeys(names) if n not in allowed]):
-        config_error(path, where, f"uses the unknown placeholder{'s' if len(unknown) > 1 else ''} "
-                     + ", ".join(f"{{{n}}}{nearest(n, allowed)}" for n in unknown) + ".",
-                     f"Available here: {', '.join('{%s}' % a for a in sorted(allowed)) or 'none'}.")
+        config_error(
+            path,
+            where,
+            f"uses the unknown placeholder{'s' if len(unknown) > 1 else ''} "
+            + ", ".join(f"{{{n}}}{nearest(n, allowed)}" for n in unknown)
+            + ".",
+            f"Available here: {', '.join('{%s}' % a for a in sorted(allowed)) or 'none'}.",
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -906,8 +1059,12 @@ def parse_templates(path, raw):
     for name, allowed in MESSAGES.items():
         if name not in templates:
             shown = f" It may use {', '.join('{%s}' % a for a in sorted(allowed))}." if allowed else ""
-            config_error(path, f"[templates] {name}", "is missing; the service needs it to answer.",
-                         f"Add {name} = \"...\".{shown}")
+            config_error(
+                path,
+                f"[templates] {name}",
+                "is missing; the service needs it to answer.",
+                f'Add {name} = "...".{shown}',
+            )
     return templates
 
 
@@ -917,8 +1074,12 @@ def template(path, where, name, text, allowed):
     parts = tuple((part, placeholders(path, where, part, allowed), optional) for part, optional in split)
     for part, fields, optional in parts:
         if optional and not fields:
-            config_error(path, where, f"[{part}] has no placeholder, so it would always show.",
-                         "Write [[ and ]] for square brackets that are part of the text.")
+            config_error(
+                path,
+                where,
+                f"[{part}] has no placeholder, so it would always show.",
+                "Write [[ and ]] for square brackets that are part of the text.",
+            )
     fields = tuple(dict.fromkeys(f for _, names, _ in parts for f in names))
     plain = "".join(part for part, _ in split)
     if not any(optional for _, optional in split):
@@ -931,21 +1092,25 @@ def optional_parts(path, where, text):
     """text split at [ and ] into (part, optional) pairs; [[ and ]] stand for the brackets themselves."""
     parts, current, optional, i = [], "", False, 0
     while i < len(text):
-        pair, char = text[i:i + 2], text[i]
+        pair, char = text[i : i + 2], text[i]
         if pair in ("[[", "]]"):
             current, i = current + char, i + 2
             continue
         if char in "[]":
             if (char == "[") == optional:
                 problem = "has a [ inside another [ ]" if optional else "has a ] without its ["
-                config_error(path, where, f"{problem}.", "Write [[ and ]] for square brackets that are part of the text.")
+                config_error(
+                    path, where, f"{problem}.", "Write [[ and ]] for square brackets that are part of the text."
+                )
             parts.append((current, optional))
             current, optional = "", not optional
         else:
             current += char
         i += 1
     if optional:
-        config_error(path, where, "has a [ without its ].", "Close the optional part with ], or write [[ for a bracket.")
+        config_error(
+            path, where, "has a [ without its ].", "Close the optional part with ], or write [[ for a bracket."
+        )
     parts.append((current, False))
     return [(part, optional) for part, optional in parts if part]
 
@@ -959,13 +1124,21 @@ def parse_rules(path, raw, templates):
         expect(path, where, rule, dict, "a table with when and template")
         unknown = set(rule) - {"when", "template"}
         if unknown:
-            config_error(path, where, f"has the unknown key {sorted(unknown)[0]!r}.", "A rule has only when and template.")
+            config_error(
+                path, where, f"has the unknown key {sorted(unknown)[0]!r}.", "A rule has only when and template."
+            )
         name = expect(path, f"{where} template", rule.get("template"), str, 'a template name, e.g. "shipped"')
         if name not in templates or name in MESSAGES:
-            config_error(path, f"{where} template", f"names the template {name!r}, which does not exist.",
-                         f"Templates: {', '.join(t for t in templates if t not in MESSAGES)}.")
+            config_error(
+                path,
+                f"{where} template",
+                f"names the template {name!r}, which does not exist.",
+                f"Templates: {', '.join(t for t in templates if t not in MESSAGES)}.",
+            )
         conditions = []
-        for field_name, wanted in expect(path, f"{where} when", rule.get("when", {}), dict, "a table, e.g. { status = \"shipped\" }").items():
+        for field_name, wanted in expect(
+            path, f"{where} when", rule.get("when", {}), dict, 'a table, e.g. { status = "shipped" }'
+        ).items():
             conditions.append((field_name, condition(path, f"{where} when.{field_name}", wanted)))
         rules.append(Rule(number, tuple(conditions), name))
     return tuple(rules)
@@ -1053,8 +1226,18 @@ class Layout:
     refuse: str = ""  # why an export of this kind cannot answer lookups, and what to export instead
 
 
-LAYOUT_KEYS = ("name", "detect", "columns", "rows", "items", "tracking", "statuses", "ignore_leading_zeros", "help",
-               "refuse")
+LAYOUT_KEYS = (
+    "name",
+    "detect",
+    "columns",
+    "rows",
+    "items",
+    "tracking",
+    "statuses",
+    "ignore_leading_zeros",
+    "help",
+    "refuse",
+)
 PACKED_KEYS = {"items": ("name", "quantity", "option"), "tracking": ("number", "carrier", "link")}
 
 
@@ -1084,30 +1267,54 @@ def parse_layout(path, key, raw):
     if not detect:
         config_error(path, f"{where} detect", "is empty.", "List the headers that only this kind of export has.")
     rows = expect(path, f"{where} rows", raw.get("rows", {}), dict, '{ type = "Line: Type", items = ["Line Item"] }')
-    words = lambda name: frozenset(map(status_word, texts(path, f"{where} rows.{name}", rows.get(name, []), '["Line Item"]')))
+    words = lambda name: frozenset(
+        map(status_word, texts(path, f"{where} rows.{name}", rows.get(name, []), '["Line Item"]'))
+    )
     if set(rows) - {"type", "items", "tracking", "other", "ignore"}:
-        config_error(path, f"{where} rows", f"has the unknown key {sorted(set(rows) - {'type', 'items', 'tracking', 'other', 'ignore'})[0]!r}.",
-                     "It takes type, items, tracking, other and ignore.")
-    ignore = expect(path, f"{where} rows.ignore", rows.get("ignore", {}), dict,
-                    '{ "Fulfillment: Status" = ["cancelled", "error"] }')
+        config_error(
+            path,
+            f"{where} rows",
+            f"has the unknown key {sorted(set(rows) - {'type', 'items', 'tracking', 'other', 'ignore'})[0]!r}.",
+            "It takes type, items, tracking, other and ignore.",
+        )
+    ignore = expect(
+        path, f"{where} rows.ignore", rows.get("ignore", {}), dict, '{ "Fulfillment: Status" = ["cancelled", "error"] }'
+    )
     if set(rows) - {"ignore"} and not isinstance(rows.get("type"), str):
-        config_error(path, f"{where} rows.type", "should name the column that says what each row is.",
-                     'e.g. type = "Line: Type".')
-    statuses = expect(path, f"{where} statuses", raw.get("statuses", {}), dict, "{ status = { pending = \"unfulfilled\" } }")
+        config_error(
+            path,
+            f"{where} rows.type",
+            "should name the column that says what each row is.",
+            'e.g. type = "Line: Type".',
+        )
+    statuses = expect(
+        path, f"{where} statuses", raw.get("statuses", {}), dict, '{ status = { pending = "unfulfilled" } }'
+    )
     return Layout(
-        key=key, name=expect(path, f"{where} name", raw.get("name", key), str, '"Matrixify orders export"'),
-        detect=detect, columns=parse_columns(path, raw.get("columns", {}), f"layouts.{key}.columns"),
-        row_type=rows.get("type", ""), item_rows=words("items"), tracking_rows=words("tracking"), other_rows=words("other"),
-        ignore_rows=tuple((header, frozenset(map(status_word, texts(path, f"{where} rows.ignore.{header}", said,
-                                                                    '["cancelled"]'))))
-                          for header, said in ignore.items()),
+        key=key,
+        name=expect(path, f"{where} name", raw.get("name", key), str, '"Matrixify orders export"'),
+        detect=detect,
+        columns=parse_columns(path, raw.get("columns", {}), f"layouts.{key}.columns"),
+        row_type=rows.get("type", ""),
+        item_rows=words("items"),
+        tracking_rows=words("tracking"),
+        other_rows=words("other"),
+        ignore_rows=tuple(
+            (header, frozenset(map(status_word, texts(path, f"{where} rows.ignore.{header}", said, '["cancelled"]'))))
+            for header, said in ignore.items()
+        ),
         items=parse_packed(path, f"{where} items", raw.get("items"), PACKED_KEYS["items"]),
         tracking=parse_packed(path, f"{where} tracking", raw.get("tracking"), PACKED_KEYS["tracking"]),
-        statuses={field: {status_word(k): status_word(expect(path, f"{where} statuses.{field}.{k}", v, str, '"unfulfilled"'))
-                          for k, v in expect(path, f"{where} statuses.{field}", words_of, dict, "a table of words").items()}
-                  for field, words_of in statuses.items()},
-        ignore_leading_zeros=expect(path, f"{where} ignore_leading_zeros", raw.get("ignore_leading_zeros", False), bool,
-                                    "true or false"),
+        statuses={
+            field: {
+                status_word(k): status_word(expect(path, f"{where} statuses.{field}.{k}", v, str, '"unfulfilled"'))
+                for k, v in expect(path, f"{where} statuses.{field}", words_of, dict, "a table of words").items()
+            }
+            for field, words_of in statuses.items()
+        },
+        ignore_leading_zeros=expect(
+            path, f"{where} ignore_leading_zeros", raw.get("ignore_leading_zeros", False), bool, "true or false"
+        ),
         help=expect(path, f"{where} help", raw.get("help", ""), str, "a sentence in quotes"),
         refuse=expect(path, f"{where} refuse", raw.get("refuse", ""), str, "a sentence in quotes"),
     )
@@ -1133,9 +1340,13 @@ def parse_packed(path, where, raw, names):
     text = lambda name, default: expect(path, f"{where} {name}", raw.get(name, default), str, repr(default))
     packed = Packed(
         columns=texts(path, f"{where} columns", raw.get("columns"), '["line_item_*"]'),
-        format=text("format", "pairs"), between=text("between", ""), pairs=text("pairs", "|"), key=text("key", ":"),
+        format=text("format", "pairs"),
+        between=text("between", ""),
+        pairs=text("pairs", "|"),
+        key=text("key", ":"),
         escape=text("escape", ""),
-        keys=tuple((name, texts(path, f"{where} {name}", raw.get(name, name), '"name"')) for name in names))
+        keys=tuple((name, texts(path, f"{where} {name}", raw.get(name, name), '"name"')) for name in names),
+    )
     if packed.format not in ("pairs", "count", "json"):
         config_error(path, f"{where} format", f"is {packed.format!r}.", 'Use "pairs", "count" or "json".')
     if not packed.columns:
@@ -1185,12 +1396,19 @@ def find_export(location, follow_links=False):
                 return path
         if not candidates:
             outside = len(found) - len(candidates)
-            raise ExportError(f"{printable(location)}: no export (.csv, .tsv, .txt or .xlsx) in this folder"
-                              + (f" ({outside} link(s) to files outside it are not followed; "
-                                 "FOLLOW_SYMLINKS=yes allows them)" if outside else "")
-                              + ". Drop the export there, or point ORDERS_FILE / --data at the file.")
-        raise ExportError(f"{printable(location)}: no export in this folder: {', '.join(map(printable, passed_over(location)))} "
-                          "do not hold a table. Drop the export there (CSV, TSV or XLSX).")
+            raise ExportError(
+                f"{printable(location)}: no export (.csv, .tsv, .txt or .xlsx) in this folder"
+                + (
+                    f" ({outside} link(s) to files outside it are not followed; FOLLOW_SYMLINKS=yes allows them)"
+                    if outside
+                    else ""
+                )
+                + ". Drop the export there, or point ORDERS_FILE / --data at the file."
+            )
+        raise ExportError(
+            f"{printable(location)}: no export in this folder: {', '.join(map(printable, passed_over(location)))} "
+            "do not hold a table. Drop the export there (CSV, TSV or XLSX)."
+        )
     if not location.exists():
         raise ExportError(f"{printable(location)}: no such file or folder. Check ORDERS_FILE / --data.")
     if location.suffix.lower() not in NAMED_EXPORTS and file_kind(location) != "table":
@@ -1227,7 +1445,7 @@ def file_kind(path):
     if head.startswith(OLE2_MAGIC):
         return "xls"
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        text = head[:len(head) & ~1].decode("utf-16", "replace")
+        text = head[: len(head) & ~1].decode("utf-16", "replace")
     elif b"\0" in head:
         return ""
     else:
@@ -1282,8 +1500,11 @@ def links_out(path, folder):
 
 def is_export_name(name):
     """A name an export may have (see NAMED_EXPORTS); hidden files, Excel's ~$ lock files and backups~ are not."""
-    return (Path(name).suffix.lower() in NAMED_EXPORTS + SNIFFED_EXPORTS
-            and not name.startswith((".", "~$")) and not name.endswith("~"))
+    return (
+        Path(name).suffix.lower() in NAMED_EXPORTS + SNIFFED_EXPORTS
+        and not name.startswith((".", "~$"))
+        and not name.endswith("~")
+    )
 
 
 @dataclass
@@ -1345,8 +1566,11 @@ def open_csv(path, encoding=None):
     if b"\0" in head and not wide:
         export_error(path, "is a binary file, not a CSV. Export the orders as CSV or XLSX.")
     if head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<!doctype html", b"<html")):
-        export_error(path, "is a web page (HTML), not an export: a shared link that needs signing in, or a "
-                           "preview page? Use the link that downloads the file itself.")
+        export_error(
+            path,
+            "is a web page (HTML), not an export: a shared link that needs signing in, or a "
+            "preview page? Use the link that downloads the file itself.",
+        )
     encoding = encoding or ("utf-16" if wide else "utf-8-sig" if head.startswith(codecs.BOM_UTF8) else "utf-8")
     with open(path, newline="", encoding=encoding, buffering=READ_BUFFER) as f, utf8_or_retry(encoding):
         # Read 1 MB at a time, not 8 KB: each read releases the GIL for a moment, and when
@@ -1358,8 +1582,11 @@ def open_csv(path, encoding=None):
         # The same open file is scanned, then parsed, so a file replaced meanwhile cannot slip past.
         scan = scan_csv(f.buffer)
         if scan.long_line:
-            export_error(path, f"has a line longer than {READ_BUFFER >> 20} MB, which no orders export has. "
-                               "Export the orders as CSV again.")
+            export_error(
+                path,
+                f"has a line longer than {READ_BUFFER >> 20} MB, which no orders export has. "
+                "Export the orders as CSV again.",
+            )
         f.seek(0)
         first = f.readline(READ_BUFFER)
         offset = 0
@@ -1419,7 +1646,7 @@ def scan_csv(binary):
         if size == READ_BUFFER and chunk.find(b"\n") < 0 and chunk.find(b"\r") < 0:
             long_line = True
             break
-        last = chunk[size - 1:size]
+        last = chunk[size - 1 : size]
     return Scan(plain, long_line, last not in (b"\n", b"\r"), marked)
 
 
@@ -1488,8 +1715,11 @@ def open_xlsx(path, sheet, header_score):
         try:
             book = openpyxl.load_workbook(source, read_only=True, data_only=True)
         except Exception as e:  # openpyxl raises many kinds on a damaged file; all mean the same here
-            export_error(path, f"is not a readable XLSX workbook ({type(e).__name__}). "
-                               "Re-export it; it may have been cut off while being written.")
+            export_error(
+                path,
+                f"is not a readable XLSX workbook ({type(e).__name__}). "
+                "Re-export it; it may have been cut off while being written.",
+            )
         try:
             for worksheet in book.worksheets:
                 # The declared size (<dimension ref="A1:XFD20000"/>) is the file's claim, not its
@@ -1515,8 +1745,11 @@ def check_unpacked_size(path):
     except (zipfile.BadZipFile, OSError, ValueError):
         return  # openpyxl says it better: the workbook is damaged
     if unpacked > path.stat().st_size * MAX_UNPACKED_RATIO:
-        export_error(path, f"unpacks to {unpacked / 1e6:,.0f} MB, over {MAX_UNPACKED_RATIO} times its own size: "
-                           "no spreadsheet program writes that. Export the orders again.")
+        export_error(
+            path,
+            f"unpacks to {unpacked / 1e6:,.0f} MB, over {MAX_UNPACKED_RATIO} times its own size: "
+            "no spreadsheet program writes that. Export the orders again.",
+        )
 
 
 HEADER_GAP = 20  # empty header cells after which a stray value far to the right is not a column
@@ -1554,8 +1787,11 @@ def sheet_rows(worksheet, lost=None, path=None, header_score=None):
     # in a 6 KB file would be a day of made-up rows. No sheet has more than EXCEL_ROWS.
     for number, row in enumerate(worksheet.iter_rows(min_row=number + 1, max_col=width, values_only=True), number + 1):
         if number > EXCEL_ROWS:
-            export_error(path or "the workbook", f"numbers a row past {EXCEL_ROWS:,}, the most a sheet can have: it is damaged or "
-                               "was not written by a spreadsheet program. Export the orders again.")
+            export_error(
+                path or "the workbook",
+                f"numbers a row past {EXCEL_ROWS:,}, the most a sheet can have: it is damaged or "
+                "was not written by a spreadsheet program. Export the orders again.",
+            )
         if row != empty:
             cells = [cell_text(v, lost) for v in row]
             if any(cells):
@@ -1581,12 +1817,16 @@ def pick_sheet(path, book, sheet, header_score):
     """
     if sheet:
         if sheet not in book.sheetnames:
-            export_error(path, f"has no sheet {sheet!r}. Sheets: {', '.join(map(printable, book.sheetnames))}. "
-                               "Fix [settings] sheet in contexts.toml.")
+            export_error(
+                path,
+                f"has no sheet {sheet!r}. Sheets: {', '.join(map(printable, book.sheetnames))}. "
+                "Fix [settings] sheet in contexts.toml.",
+            )
         return book[sheet]
     if not book.worksheets:
-        export_error(path, "holds no worksheet: it is damaged, or was cut off while being written. "
-                           "Export the orders again.")
+        export_error(
+            path, "holds no worksheet: it is damaged, or was cut off while being written. Export the orders again."
+        )
     if header_score is None or len(book.worksheets) == 1:
         return book.worksheets[0]
     best, best_score = book.worksheets[0], 0
@@ -1639,6 +1879,7 @@ def cell_text(value, lost=None):
 # guessed. Answers write it as contexts.toml's [settings] language does (vocabulary.toml
 # [dates]).
 
+
 def spreadsheet_text(value):
     """A cell without the marks spreadsheets and exporters add that change nothing: Excel's ="..." guard, a
     leading ', quotes around the whole value ('"SG101"')."""
@@ -1665,23 +1906,32 @@ ADDED_ZERO = re.compile(r"(?<=\d)\.0+$")  # the .0 a spreadsheet adds to a numbe
 DATE_ISO = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ].*)?")
 DATE_YMD = re.compile(r"(\d{4})[/.](\d{1,2})[/.](\d{1,2})(?:[T ,].*)?")
 DATE_NUMERIC = re.compile(r"(\d{1,2})([/.\-])(\d{1,2})\2(\d{4}|\d{2})(?:[T ,].*)?")
-DATE_NAMED = re.compile(r"([^\W\d_]{3,10})\.?[\s\-]+(\d{1,2}),?[\s\-]+(\d{4}|\d{2})(?:[T ,].*)?"  # Jan-18-16, Jan 18, 2016
-                        r"|(\d{1,2})[\s\-.]+([^\W\d_]{3,10})\.?[\s\-.]+(\d{4}|\d{2})(?:[T ,].*)?")  # 18-Jan-2016, 5. März 2025
+DATE_NAMED = re.compile(
+    r"([^\W\d_]{3,10})\.?[\s\-]+(\d{1,2}),?[\s\-]+(\d{4}|\d{2})(?:[T ,].*)?"  # Jan-18-16, Jan 18, 2016
+    r"|(\d{1,2})[\s\-.]+([^\W\d_]{3,10})\.?[\s\-.]+(\d{4}|\d{2})(?:[T ,].*)?"
+)  # 18-Jan-2016, 5. März 2025
 DATE_SERIAL = re.compile(r"[3-7]\d{4}(?:\.\d+)?")  # Excel's day numbers of 1982 to 2173
-MONTHS = {name: number for number, names in enumerate((
-    ("jan", "january", "janv", "ene", "enero", "gen", "janeiro", "januar", "styczen", "sty"),
-    ("feb", "february", "fev", "fevr", "febrero", "fevereiro", "februar", "febbraio", "lut"),
-    ("mar", "march", "mars", "marz", "maerz", "marzo", "marco", "maart", "mrt"),
-    ("apr", "april", "avr", "avril", "abr", "abril", "aprile", "kwi"),
-    ("may", "mai", "mayo", "maio", "mag", "maggio", "mei", "maj"),
-    ("jun", "june", "juin", "junio", "junho", "juni", "giu", "giugno", "cze"),
-    ("jul", "july", "juil", "juillet", "julio", "julho", "juli", "lug", "luglio", "lip"),
-    ("aug", "august", "aout", "ago", "agosto", "augustus", "sie"),
-    ("sep", "sept", "september", "septembre", "septiembre", "set", "setembro", "settembre", "wrz"),
-    ("oct", "october", "octobre", "octubre", "out", "outubro", "okt", "oktober", "ott", "ottobre", "paz"),
-    ("nov", "november", "novembre", "noviembre", "novembro", "lis"),
-    ("dec", "december", "decembre", "dic", "diciembre", "dez", "dezembro", "dezember", "dicembre", "gru")), 1)
-    for name in names}
+MONTHS = {
+    name: number
+    for number, names in enumerate(
+        (
+            ("jan", "january", "janv", "ene", "enero", "gen", "janeiro", "januar", "styczen", "sty"),
+            ("feb", "february", "fev", "fevr", "febrero", "fevereiro", "februar", "febbraio", "lut"),
+            ("mar", "march", "mars", "marz", "maerz", "marzo", "marco", "maart", "mrt"),
+            ("apr", "april", "avr", "avril", "abr", "abril", "aprile", "kwi"),
+            ("may", "mai", "mayo", "maio", "mag", "maggio", "mei", "maj"),
+            ("jun", "june", "juin", "junio", "junho", "juni", "giu", "giugno", "cze"),
+            ("jul", "july", "juil", "juillet", "julio", "julho", "juli", "lug", "luglio", "lip"),
+            ("aug", "august", "aout", "ago", "agosto", "augustus", "sie"),
+            ("sep", "sept", "september", "septembre", "septiembre", "set", "setembro", "settembre", "wrz"),
+            ("oct", "october", "octobre", "octubre", "out", "outubro", "okt", "oktober", "ott", "ottobre", "paz"),
+            ("nov", "november", "novembre", "noviembre", "novembro", "lis"),
+            ("dec", "december", "decembre", "dic", "diciembre", "dez", "dezembro", "dezember", "dicembre", "gru"),
+        ),
+        1,
+    )
+    for name in names
+}
 
 
 @lru_cache(maxsize=8192)  # an export's orders fall on a few hundred days, each written the same way
@@ -1800,21 +2050,58 @@ def serial_day(text):
 
 # Fields in the order they take a column: the specific before the general, so that
 # "Item Qty Shipped" is the shipped quantity before any quantity may take it.
-FIELD_ORDER = ("order_id", "email", "item_shipped_quantity", "item_refunded_quantity", "item_quantity", "item_needs_shipping",
-               "item_variant",
-               "tracking_url", "tracking_number", "carrier", "status", "order_state", "financial_status",
-               "shipment_status", "item_status", "cancelled_at", "shipped_at", "estimated_delivery", "order_date",
-               "shipping_method", "item_name")
+FIELD_ORDER = (
+    "order_id",
+    "email",
+    "item_shipped_quantity",
+    "item_refunded_quantity",
+    "item_quantity",
+    "item_needs_shipping",
+    "item_variant",
+    "tracking_url",
+    "tracking_number",
+    "carrier",
+    "status",
+    "order_state",
+    "financial_status",
+    "shipment_status",
+    "item_status",
+    "cancelled_at",
+    "shipped_at",
+    "estimated_delivery",
+    "order_date",
+    "shipping_method",
+    "item_name",
+)
 # What the cells of each field must look like (see cells_fit).
-FIELD_CONTENT = {"order_id": "id", "email": "email", "status": "status", "order_state": "status",
-                 "financial_status": "status", "shipment_status": "status", "item_status": "status",
-                 "cancelled_at": "date", "order_date": "date", "shipped_at": "date", "estimated_delivery": "date",
-                 "tracking_number": "tracking", "tracking_url": "link", "carrier": "word", "shipping_method": "word",
-                 "item_name": "text", "item_quantity": "quantity", "item_shipped_quantity": "quantity",
-                 "item_refunded_quantity": "quantity", "item_needs_shipping": "flag", "item_variant": "text"}
+FIELD_CONTENT = {
+    "order_id": "id",
+    "email": "email",
+    "status": "status",
+    "order_state": "status",
+    "financial_status": "status",
+    "shipment_status": "status",
+    "item_status": "status",
+    "cancelled_at": "date",
+    "order_date": "date",
+    "shipped_at": "date",
+    "estimated_delivery": "date",
+    "tracking_number": "tracking",
+    "tracking_url": "link",
+    "carrier": "word",
+    "shipping_method": "word",
+    "item_name": "text",
+    "item_quantity": "quantity",
+    "item_shipped_quantity": "quantity",
+    "item_refunded_quantity": "quantity",
+    "item_needs_shipping": "flag",
+    "item_variant": "text",
+}
 # Small words a header may hold besides the ones that say its field ("Número de orden").
-FILLER = frozenset("de del la el los las do da dos das du des le les of the a an di della dell van het der die den "
-                   "y e et und and per por para pour zum zur von al au aux in en z w na do by".split())
+FILLER = frozenset(
+    "de del la el los las do da dos das du des le les of the a an di della dell van het der die den "
+    "y e et und and per por para pour zum zur von al au aux in en z w na do by".split()
+)
 CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 NUMBER_SIGN = re.compile(r"#|\bn\s*\.?\s*o\b(?=\s*[^a-z]|\s+de\b|\s+di\b|$)")  # "#", "N°", "Nº", "N.º" (after folding)
 WORD_SPLIT = re.compile(r"[^0-9a-z]+")
@@ -1906,7 +2193,7 @@ def phrases(words):
     """(phrase, its word positions) of every run of one to three words, for entries such as "track trace"."""
     for size in (1, 2, 3):
         for at in range(len(words) - size + 1):
-            yield " ".join(words[at:at + size]), set(range(at, at + size))
+            yield " ".join(words[at : at + size]), set(range(at, at + size))
 
 
 # Cell content #################################################################
@@ -1938,10 +2225,16 @@ def cells_fit(kind, values, known=frozenset()):
         ok = share(ID_SHAPE.fullmatch) >= 0.9 and share(NOT_AN_ID.fullmatch) <= 0.2
         return ok, f"{distinct} distinct values, shaped like {example!r}"
     if kind == "link":
-        return share(URL_SHAPE.match) >= 0.8, f"{sum(1 for v in filled if URL_SHAPE.match(v))} of {len(filled)} are links"
+        return share(
+            URL_SHAPE.match
+        ) >= 0.8, f"{sum(1 for v in filled if URL_SHAPE.match(v))} of {len(filled)} are links"
     if kind == "tracking":
-        ok = share(lambda v: bool(TRACKING_SHAPE.fullmatch(v.replace(" ", "")) or SEVERAL.search(v)
-                                  or damaged_number(v))) >= 0.6
+        ok = (
+            share(
+                lambda v: bool(TRACKING_SHAPE.fullmatch(v.replace(" ", "")) or SEVERAL.search(v) or damaged_number(v))
+            )
+            >= 0.6
+        )
         return ok, f"{distinct} codes like {example!r}"
     if kind == "quantity":
         ok = share(lambda v: quantity_value(v) is not None) >= 0.5
@@ -1976,6 +2269,7 @@ def quantity_value(text):
 
 # Content alone: for a required field no header says ###########################
 
+
 @dataclass(frozen=True)
 class Fit:
     """A column whose values fit a field, and why: what `check` shows and the log names."""
@@ -1983,8 +2277,6 @@ class Fit:
     column: int
     evidence: str
     rank: tuple = ()  # higher is likelier
-
-
 
 
 def found_by_content(config, header, sample, chosen, layout=None):
@@ -2030,8 +2322,9 @@ def order_fits(values, count, emails):
         filled = [c for c in cells if c]
         if len(filled) < 0.9 * count or not all(ID_SHAPE.fullmatch(c) for c in filled):
             continue
-        if sum(any(ch.isdigit() for ch in c) for c in filled) < 0.8 * len(filled) or \
-                sum(bool(NOT_AN_ID.fullmatch(c)) for c in filled) > 0.2 * len(filled):
+        if sum(any(ch.isdigit() for ch in c) for c in filled) < 0.8 * len(filled) or sum(
+            bool(NOT_AN_ID.fullmatch(c)) for c in filled
+        ) > 0.2 * len(filled):
             continue
         if counts_rows(cells):
             continue
@@ -2041,15 +2334,24 @@ def order_fits(values, count, emails):
             continue
         repeats = distinct < len(filled)  # item rows of one order: the likeliest sign of an order number
         example = max(filled, key=len)
-        fits.append(Fit(column, f"{distinct} distinct values over {count} rows, shaped like {printable(example)[:20]!r}",
-                        (repeats, -len(example) // 8, -column)))
+        fits.append(
+            Fit(
+                column,
+                f"{distinct} distinct values over {count} rows, shaped like {printable(example)[:20]!r}",
+                (repeats, -len(example) // 8, -column),
+            )
+        )
     return sorted(fits, key=lambda f: f.rank, reverse=True)
 
 
 def counts_rows(cells):
     """True for a column that numbers the rows (1, 2, 3, ... from the first): a row counter, not orders."""
-    return len(cells) > 2 and all(c.isdecimal() for c in cells) and \
-        [int(c) for c in cells] == list(range(int(cells[0]), int(cells[0]) + len(cells))) and int(cells[0]) <= 1
+    return (
+        len(cells) > 2
+        and all(c.isdecimal() for c in cells)
+        and [int(c) for c in cells] == list(range(int(cells[0]), int(cells[0]) + len(cells)))
+        and int(cells[0]) <= 1
+    )
 
 
 def status_fits(config, values, count, layout):
@@ -2064,7 +2366,12 @@ def status_fits(config, values, count, layout):
         filled = [c for c in cells if c]
         words = [status_word(c) for c in filled]
         hits = sum(w in known for w in words)
-        if filled and hits >= 0.8 * len(filled) and len(filled) >= 0.5 * count and len(set(words)) <= 0.5 * len(words) + 1:
+        if (
+            filled
+            and hits >= 0.8 * len(filled)
+            and len(filled) >= 0.5 * count
+            and len(set(words)) <= 0.5 * len(words) + 1
+        ):
             seen = ", ".join(dict.fromkeys(printable(c)[:20] for c in filled))
             fits.append(Fit(column, f"{hits} of {len(filled)} values are status words ({seen[:60]})", (hits,)))
     return sorted(fits, key=lambda f: f.rank, reverse=True)
@@ -2075,17 +2382,22 @@ def proposal_text(config, header, found):
     if not found:
         return ""
     # No "[columns]" line of its own: pasted below the file's own table, a second one is an error.
-    lines = ["", "Found by their content; in contexts.toml, under [columns], add these lines (in place of "
-                 "any lines of the same fields):"]
+    lines = [
+        "",
+        "Found by their content; in contexts.toml, under [columns], add these lines (in place of "
+        "any lines of the same fields):",
+    ]
     for field_name, fits in found.items():
         names = [header[fits[0].column].strip(), *config.columns.get(field_name, ())]
         others = f"; also fits: {', '.join(repr(header[f.column].strip()) for f in fits[1:3])}" if fits[1:] else ""
-        lines.append(f"{field_name} = {json.dumps(list(dict.fromkeys(names)), ensure_ascii=False)}"
-                     f"  # {fits[0].evidence}{others}")
+        lines.append(
+            f"{field_name} = {json.dumps(list(dict.fromkeys(names)), ensure_ascii=False)}  # {fits[0].evidence}{others}"
+        )
     return "\n".join(lines)
 
 
 # Choosing ######################################################################
+
 
 def header_positions(header):
     """({loose header key: its first column}, {key: the headers that read alike}) of a file's header."""
@@ -2099,7 +2411,6 @@ def header_positions(header):
     return positions, alike
 
 
-
 @dataclass(frozen=True)
 class Choice:
     """What feeds each field and why: (field -> column), (field -> evidence), and what else fitted."""
@@ -2108,14 +2419,16 @@ class Choice:
     evidence: dict
     others: dict  # field -> columns that fit too, best first (a second order number, another email column)
     contradicted: tuple = ()  # (field, header, why) of [columns] choices whose cells do not fit: kept, check warns
-    found: dict = None  # field -> [Fit]: columns whose content alone fits a field no header says (order_id, email, status)
+    found: dict = (
+        None  # field -> [Fit]: columns whose content alone fits a field no header says (order_id, email, status)
+    )
 
 
 def data_rows(sample, header=()):
     """The sample's rows that look like data: as filled as most, not a footer, a separator, a lone note or the
     header row again (two exports pasted one under the other)."""
     again = [h.strip().casefold() for h in header]
-    sample = [row for row in sample if [c.strip().casefold() for c in row[:len(again)]] != again] if again else sample
+    sample = [row for row in sample if [c.strip().casefold() for c in row[: len(again)]] != again] if again else sample
     filled = [sum(1 for cell in row if cell.strip()) for row in sample]
     if not filled:
         return sample
@@ -2147,8 +2460,13 @@ def choose_columns(config, layout, header, sample, previous=None, reserved=()):
             present.sort(key=lambda c: not any(v.strip() for v in values(c)))
         if not present:
             continue
-        source = "[columns]" if field_name in config.columns else f"[layouts.{layout.key}]" \
-            if layout and field_name in layout.columns else "[vocabulary.headers]"
+        source = (
+            "[columns]"
+            if field_name in config.columns
+            else f"[layouts.{layout.key}]"
+            if layout and field_name in layout.columns
+            else "[vocabulary.headers]"
+        )
         take(field_name, present[0], f"named in {source}")
         others[field_name] = tuple(present[1:])
         kind = FIELD_CONTENT.get(field_name)
@@ -2174,14 +2492,14 @@ def choose_columns(config, layout, header, sample, previous=None, reserved=()):
             if fits is False:
                 continue  # its cells say it is something else
             filled = sum(1 for v in values(column) if spreadsheet_text(v))
-            fitting.append(((reading[0], fits is None, -filled, reading[1], column), column,
-                            f"{reading[2]}; {why}"))
+            fitting.append(((reading[0], fits is None, -filled, reading[1], column), column, f"{reading[2]}; {why}"))
         if fitting:
             fitting.sort()
             take(field_name, fitting[0][1], fitting[0][2])
             # Other columns said the first way (a marketplace's order number beside the shop's): kept aside.
-            others[field_name] = tuple(column for rank, column, _ in fitting[1:]
-                                       if column not in taken and rank[0] == 0 and rank[1] is False)
+            others[field_name] = tuple(
+                column for rank, column, _ in fitting[1:] if column not in taken and rank[0] == 0 and rank[1] is False
+            )
     found = found_by_content(config, header, sample, chosen, layout)
     for field_name, fits in found.items():
         if field_name not in chosen and len(fits) == 1:  # content alone, and only one column: never a guess
@@ -2242,6 +2560,7 @@ def known_statuses(config, layout):
 ###############################################################################
 # Building the index ##########################################################
 ###############################################################################
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -2334,8 +2653,11 @@ def make_plan(config, header, name, sample=(), layout=None, previous=None):
     for field_name in REQUIRED_FIELDS:
         if field_name not in chosen:
             raise missing_column(config, layout, header, name, field_name, choice.found or {})
-    detected = tuple((f, header[c].strip(), choice.evidence[f].partition(": ")[2]) for f, c in chosen.items()
-                     if choice.evidence[f].startswith("found by its content"))
+    detected = tuple(
+        (f, header[c].strip(), choice.evidence[f].partition(": ")[2])
+        for f, c in chosen.items()
+        if choice.evidence[f].startswith("found by its content")
+    )
     by_snake = {}
     for index, text in enumerate(header):
         by_snake.setdefault(snake_case(text), index)
@@ -2346,33 +2668,57 @@ def make_plan(config, header, name, sample=(), layout=None, previous=None):
     per_row = {"order_id", *ROW_FIELDS}
     # Packed tracking entries bring their carrier and link: those fields exist without a column.
     from_entries = {"carrier", "tracking_url"} if packed_tracking else set()
-    order_fields = [f for f in sorted(config.fields_used - per_row)
-                    if f in chosen or f in from_entries or (f not in DERIVED and f in by_snake)]
+    order_fields = [
+        f
+        for f in sorted(config.fields_used - per_row)
+        if f in chosen or f in from_entries or (f not in DERIVED and f in by_snake)
+    ]
     row_fields = [f for f in ROW_FIELDS if f in chosen]
-    extra = [f for f in (("item_name", "item_quantity") if packed_items else ()) + (
-        ("tracking_number",) if packed_tracking else ()) if f not in row_fields]
+    extra = [
+        f
+        for f in (("item_name", "item_quantity") if packed_items else ())
+        + (("tracking_number",) if packed_tracking else ())
+        if f not in row_fields
+    ]
     plan = Plan(
         chosen={f: header[i].strip() for f, i in chosen.items()},
         order_fields=("order_id", *order_fields),
-        order_columns=(chosen["order_id"], *(chosen.get(f, None if f in from_entries else by_snake.get(f))
-                                             for f in order_fields)),
-        row_fields=(*row_fields, *extra), row_columns=tuple(chosen[f] for f in row_fields),
-        layout=layout.name if layout else "generic export", email_column=chosen["email"],
-        email_fallback=choice.others.get("email", ()), other_ids=choice.others.get("order_id", ()),
-        rules=layout, type_column=type_column, item_columns=packed_items, tracking_columns=packed_tracking,
+        order_columns=(
+            chosen["order_id"],
+            *(chosen.get(f, None if f in from_entries else by_snake.get(f)) for f in order_fields),
+        ),
+        row_fields=(*row_fields, *extra),
+        row_columns=tuple(chosen[f] for f in row_fields),
+        layout=layout.name if layout else "generic export",
+        email_column=chosen["email"],
+        email_fallback=choice.others.get("email", ()),
+        other_ids=choice.others.get("order_id", ()),
+        rules=layout,
+        type_column=type_column,
+        item_columns=packed_items,
+        tracking_columns=packed_tracking,
         competing=tuple((f, chosen[f], others) for f, others in choice.others.items() if others and f in chosen),
-        alike=tuple(map(tuple, alike.values())), evidence={f: choice.evidence[f] for f in chosen},
+        alike=tuple(map(tuple, alike.values())),
+        evidence={f: choice.evidence[f] for f in chosen},
         contradicted=choice.contradicted,
-        ignore_leading_zeros=bool(layout and layout.ignore_leading_zeros), senses=layout.statuses if layout else {},
-        ignore_rows=tuple((positions[header_key(h)], words) for h, words in (layout.ignore_rows if layout else ())
-                          if header_key(h) in positions),
-        header=tuple(h.strip() for h in header), detected=detected, found=choice.found,
+        ignore_leading_zeros=bool(layout and layout.ignore_leading_zeros),
+        senses=layout.statuses if layout else {},
+        ignore_rows=tuple(
+            (positions[header_key(h)], words)
+            for h, words in (layout.ignore_rows if layout else ())
+            if header_key(h) in positions
+        ),
+        header=tuple(h.strip() for h in header),
+        detected=detected,
+        found=choice.found,
     )
     return plan
 
 
-REQUIRED_EXAMPLES = {"order_id": '"Order Number", "Número de orden", "Bestellnummer"',
-                     "email": '"Email", "Buyer Email", "Correo electrónico"'}
+REQUIRED_EXAMPLES = {
+    "order_id": '"Order Number", "Número de orden", "Bestellnummer"',
+    "email": '"Email", "Buyer Email", "Correo electrónico"',
+}
 
 
 def missing_column(config, layout, header, name, field_name, found):
@@ -2383,18 +2729,26 @@ def missing_column(config, layout, header, name, field_name, found):
     """
     fits = found.get(field_name, ())
     if layout and layout.help:
-        return ExportError(f"{name}: {layout.name} carries no {FIELD_NAMES[field_name]}. {layout.help}", file=name,
-                           detail=shown_headers(header))
+        return ExportError(
+            f"{name}: {layout.name} carries no {FIELD_NAMES[field_name]}. {layout.help}",
+            file=name,
+            detail=shown_headers(header),
+        )
     if fits:
-        hint = (f" By their content, {' or '.join(repr(printable(header[f.column].strip())) for f in fits[:3])} could "
-                f"be it ({fits[0].evidence}); which, the service does not guess.")
+        hint = (
+            f" By their content, {' or '.join(repr(printable(header[f.column].strip())) for f in fits[:3])} could "
+            f"be it ({fits[0].evidence}); which, the service does not guess."
+        )
     else:
         hint = ""
-    return ExportError(f"{name}: no column for {field_name}: no header says it (such as "
-                       f"{REQUIRED_EXAMPLES[field_name]}), and no column's cells alone tell it.{hint} Add your export's "
-                       f"header to {columns_key(layout, field_name)} in contexts.toml; `python app.py check` shows the "
-                       "file's columns" + (" and a [columns] block to paste." if fits else "."),
-                       file=name, detail=shown_headers(header) + proposal_text(config, header, found))
+    return ExportError(
+        f"{name}: no column for {field_name}: no header says it (such as "
+        f"{REQUIRED_EXAMPLES[field_name]}), and no column's cells alone tell it.{hint} Add your export's "
+        f"header to {columns_key(layout, field_name)} in contexts.toml; `python app.py check` shows the "
+        "file's columns" + (" and a [columns] block to paste." if fits else "."),
+        file=name,
+        detail=shown_headers(header) + proposal_text(config, header, found),
+    )
 
 
 FIELD_NAMES = {"order_id": "order number", "email": "buyer's e-mail address"}
@@ -2402,8 +2756,11 @@ FIELD_NAMES = {"order_id": "order number", "email": "buyer's e-mail address"}
 
 def columns_key(layout, field_name):
     """Where in contexts.toml a field's headers are given: the layout's columns where it names the field."""
-    return f"[layouts.{layout.key}.columns] {field_name}" if layout and field_name in layout.columns \
+    return (
+        f"[layouts.{layout.key}.columns] {field_name}"
+        if layout and field_name in layout.columns
         else f"[columns] {field_name}"
+    )
 
 
 def packed_columns(header, spec):
@@ -2433,8 +2790,13 @@ def plausible_header(text):
     """True when a cell reads like a column name: words, with at most a little punctuation ('Line: Type')."""
     letters = sum(c.isalpha() for c in text)
     odd = sum(not (c.isalnum() or c in " _-.#()&°'") for c in text)
-    return text.isprintable() and letters > 0 and sum(c.isdigit() for c in text) <= letters and odd <= 2 \
+    return (
+        text.isprintable()
+        and letters > 0
+        and sum(c.isdigit() for c in text) <= letters
+        and odd <= 2
         and "@" not in text
+    )
 
 
 def check_placeholders(config, by_snake, name, layout=None):
@@ -2446,27 +2808,64 @@ def check_placeholders(config, by_snake, name, layout=None):
     fields = set(DERIVED) | set(config.columns) | set(config.words.sayings)  # a field no column says reads empty
     known = fields | set(by_snake) | set(layout.columns if layout else ())
     examples = [c for c in by_snake if c not in fields and not PERSONAL & set(c.split("_"))][:3]
-    available = (f"Available: {', '.join('{%s}' % a for a in sorted(fields))}, "
-                 "or any column of the export in snake_case" + (f", e.g. {', '.join('{%s}' % e for e in examples)}"
-                                                                 if examples else "") + ".")
-    wanted = [(f"[templates] {template}", placeholder) for template, t in config.templates.items()
-              if template not in MESSAGES for placeholder in t.fields]
-    wanted += [(f"[[rules]] number {rule.number} when", field_name) for rule in config.rules
-               for field_name, _ in rule.conditions]
+    available = (
+        f"Available: {', '.join('{%s}' % a for a in sorted(fields))}, "
+        "or any column of the export in snake_case"
+        + (f", e.g. {', '.join('{%s}' % e for e in examples)}" if examples else "")
+        + "."
+    )
+    wanted = [
+        (f"[templates] {template}", placeholder)
+        for template, t in config.templates.items()
+        if template not in MESSAGES
+        for placeholder in t.fields
+    ]
+    wanted += [
+        (f"[[rules]] number {rule.number} when", field_name)
+        for rule in config.rules
+        for field_name, _ in rule.conditions
+    ]
     # Every one at once, each with the nearest known name: a merchant fixes them in one edit.
     unknown = [(where, field_name) for where, field_name in wanted if field_name not in known]
     if unknown:
-        said = "; ".join(f"{{{field_name}}}, which {shown_name(config.path)} {where} uses{nearest(field_name, known)}"
-                         for where, field_name in unknown)
+        said = "; ".join(
+            f"{{{field_name}}}, which {shown_name(config.path)} {where} uses{nearest(field_name, known)}"
+            for where, field_name in unknown
+        )
         wheres = " and ".join(dict.fromkeys(where for where, _ in unknown))
-        raise ExportError(f"{name}: has no column for {said}. {available} Fix {wheres} in contexts.toml, or export "
-                          f"the column{'s' if len(unknown) > 1 else ''}.", file=name)
+        raise ExportError(
+            f"{name}: has no column for {said}. {available} Fix {wheres} in contexts.toml, or export "
+            f"the column{'s' if len(unknown) > 1 else ''}.",
+            file=name,
+        )
 
 
 # Words of columns that hold a person's data: never offered as an example placeholder.
-PERSONAL = {"name", "street", "address", "address1", "address2", "phone", "city", "zip", "postal", "postcode",
-            "province", "country", "company", "mail", "email", "first", "last", "billing", "birth", "ip", "customer",
-            "note", "notes"}
+PERSONAL = {
+    "name",
+    "street",
+    "address",
+    "address1",
+    "address2",
+    "phone",
+    "city",
+    "zip",
+    "postal",
+    "postcode",
+    "province",
+    "country",
+    "company",
+    "mail",
+    "email",
+    "first",
+    "last",
+    "billing",
+    "birth",
+    "ip",
+    "customer",
+    "note",
+    "notes",
+}
 
 
 def detect_layout(layouts, positions):
@@ -2491,14 +2890,16 @@ def writes_day_first(config, header):
     vocabulary.toml's day_first group, alone or ending a compound ("Bestelldatum", "Besteldatum")."""
     marks = config.words.groups.get("day_first", frozenset())
     endings = tuple(mark for mark in marks if len(mark) >= 5)
-    return any(word in marks or len(word) >= 8 and word.endswith(endings)
-               for text in header for word in header_words(text))
+    return any(
+        word in marks or len(word) >= 8 and word.endswith(endings) for text in header for word in header_words(text)
+    )
 
 
 def columns_changed(before, now):
     """(field, header before, header now) of each field whose column changed with the header row; "" for none."""
-    return tuple((f, before.get(f, ""), now.get(f, "")) for f in dict.fromkeys((*before, *now))
-                 if before.get(f) != now.get(f))
+    return tuple(
+        (f, before.get(f, ""), now.get(f, "")) for f in dict.fromkeys((*before, *now)) if before.get(f) != now.get(f)
+    )
 
 
 class OrderReader:
@@ -2513,10 +2914,15 @@ class OrderReader:
         self.lost = [0]  # how many workbook numbers were too long to be exact (see cell_text)
         self.progress = Progress(shown_name(path), memory_limit_mb)
         self.last_row = None  # the file's last row with a cell, as read: is it whole?
-        self.previous = previous  # {"header": [...], "chosen": {field: header}} of the export accepted last (see choice_of)
+        self.previous = (
+            previous  # {"header": [...], "chosen": {field: header}} of the export accepted last (see choice_of)
+        )
         self.changed = ()  # (field, header chosen before, header chosen now) when the header row changed
         self.relay = None  # a marketplace's relay addresses in the sample (see relay_addresses)
-        self.sample, self.day_first_language = [], False  # the first rows, and whether the header's words write the day first
+        self.sample, self.day_first_language = (
+            [],
+            False,
+        )  # the first rows, and whether the header's words write the day first
         self.marked = True  # cells may hold a spreadsheet's marks: open_table's scan says when they cannot
         self.preamble = []  # lines before the header (a title, a line of separators), for check
         self.attached = 0  # item rows without an order number, taken as the order above's (see follow_on)
@@ -2528,8 +2934,13 @@ class OrderReader:
         keys = {header_key(c) for c in cells if c}
         if detect_layout(self.config.layouts, keys):
             return 2
-        named = {header_key(h) for h in (*self.config.columns.get("order_id", ()),
-                                         *(h for layout in self.config.layouts for h in layout.columns.get("order_id", ())))}
+        named = {
+            header_key(h)
+            for h in (
+                *self.config.columns.get("order_id", ()),
+                *(h for layout in self.config.layouts for h in layout.columns.get("order_id", ())),
+            )
+        }
         says = any(self.config.words.reading("order_id", header_words(c)) for c in cells if c and len(c) < 80)
         return 1 if keys & named or says else 0
 
@@ -2556,14 +2967,19 @@ class OrderReader:
             rows = chain(sample, rows)
             self.day_first_language = writes_day_first(self.config, header)
             same_header = bool(self.previous) and self.previous["header"] == [h.strip() for h in header]
-            self.plan = make_plan(self.config, header, shown_name(self.path), sample,
-                                  previous=self.previous["chosen"] if same_header else None)
+            self.plan = make_plan(
+                self.config,
+                header,
+                shown_name(self.path),
+                sample,
+                previous=self.previous["chosen"] if same_header else None,
+            )
             if self.previous and not same_header:
                 self.changed = columns_changed(self.previous["chosen"], self.plan.chosen)
             self.relay = relay_addresses(self.config, self.plan, sample)
             self.normalise = without_leading_zeros if self.plan.ignore_leading_zeros else normalise_order_id
             self.follows = follow_on(self.plan)
-            fields = self.plan.row_fields[:len(self.plan.row_columns)]
+            fields = self.plan.row_fields[: len(self.plan.row_columns)]
             item_at = self.plan.row_columns[fields.index("item_name")] if "item_name" in fields else None
             groups = self.gathered(rows) if careful else self.adjacent(rows)
             # One loop, no layers: this runs for every order of a file of hundreds of thousands.
@@ -2577,8 +2993,9 @@ class OrderReader:
                     continue
                 value = group[0][order_at]
                 # A quick look first: "1001" and "#1001" are orders (normalised, "#1001" loses its "#" only).
-                if (not (value.isalnum() or value[:1] == "#" and len(value) - len(key) == 1) or key in NOT_ORDER_WORDS) \
-                        and (why := not_an_order(value, key)):
+                if (
+                    not (value.isalnum() or value[:1] == "#" and len(value) - len(key) == 1) or key in NOT_ORDER_WORDS
+                ) and (why := not_an_order(value, key)):
                     not_orders[why] += self.let_go(group)
                     continue
                 read += len(group)
@@ -2588,8 +3005,11 @@ class OrderReader:
                 yield key, group
             self.rows = read
             if why := table.cut_off(self.last_row, len(header)):
-                export_error(self.path, f"looks cut off: {why}. It was probably still being written or "
-                                        "uploaded; the data being served stays. Export or upload it again.")
+                export_error(
+                    self.path,
+                    f"looks cut off: {why}. It was probably still being written or "
+                    "uploaded; the data being served stays. Export or upload it again.",
+                )
 
     def let_go(self, rows):
         """How many of rows have a cell filled; none is kept but the last (see cut_off)."""
@@ -2651,9 +3071,19 @@ class OrderReader:
         times the memory, and this reading is for files that are already unusual.
         """
         plan = self.plan
-        needed = sorted({*plan.order_columns, *plan.row_columns, plan.email_column, *plan.email_fallback, *plan.item_columns,
-                         *plan.tracking_columns, *(() if plan.type_column is None else (plan.type_column,)),
-                         *(column for column, _ in plan.ignore_rows), *plan.other_ids})
+        needed = sorted(
+            {
+                *plan.order_columns,
+                *plan.row_columns,
+                plan.email_column,
+                *plan.email_fallback,
+                *plan.item_columns,
+                *plan.tracking_columns,
+                *(() if plan.type_column is None else (plan.type_column,)),
+                *(column for column, _ in plan.ignore_rows),
+                *plan.other_ids,
+            }
+        )
         take, width, at = getter(needed), needed[-1] + 1, plan.order_columns[0]
         groups, progress, next_tick, follows, last = {}, self.progress, PROGRESS_ROWS, self.follows, None
         for count, row in enumerate(rows, 1):
@@ -2674,18 +3104,24 @@ class OrderReader:
             if len(group) > MAX_ORDER_ROWS:
                 too_many_rows(self.path, value)
         place = {column: i for i, column in enumerate(needed)}
-        self.plan = replace(plan, order_columns=tuple(place[c] for c in plan.order_columns),
-                            row_columns=tuple(place[c] for c in plan.row_columns), email_column=place[plan.email_column],
-                            email_fallback=tuple(place[c] for c in plan.email_fallback),
-                            other_ids=tuple(place[c] for c in plan.other_ids),
-                            item_columns=tuple(place[c] for c in plan.item_columns),
-                            tracking_columns=tuple(place[c] for c in plan.tracking_columns),
-                            type_column=None if plan.type_column is None else place[plan.type_column],
-                            ignore_rows=tuple((place[c], words) for c, words in plan.ignore_rows))
+        self.plan = replace(
+            plan,
+            order_columns=tuple(place[c] for c in plan.order_columns),
+            row_columns=tuple(place[c] for c in plan.row_columns),
+            email_column=place[plan.email_column],
+            email_fallback=tuple(place[c] for c in plan.email_fallback),
+            other_ids=tuple(place[c] for c in plan.other_ids),
+            item_columns=tuple(place[c] for c in plan.item_columns),
+            tracking_columns=tuple(place[c] for c in plan.tracking_columns),
+            type_column=None if plan.type_column is None else place[plan.type_column],
+            ignore_rows=tuple((place[c], words) for c, words in plan.ignore_rows),
+        )
         return ((self.normalise(value), group) for value, group in groups.items())
 
 
 MAX_ORDER_ROWS = 10_000  # rows of one order; more means the order-number column is not one
+
+
 def header_row(rows, score):
     """(the header, the lines before it, rows read past it): the first of the first rows with cells that reads as an
     orders header (score).
@@ -2707,8 +3143,9 @@ def header_row(rows, score):
 
 
 # Order numbers that are the words of a totals or footer line, not an order's.
-NOT_ORDER_WORDS = frozenset("total totals summe gesamt gesamtsumme sum subtotal totaal suma somme totale razem "
-                            "grand".split())
+NOT_ORDER_WORDS = frozenset(
+    "total totals summe gesamt gesamtsumme sum subtotal totaal suma somme totale razem grand".split()
+)
 
 
 def not_an_order(value, key):
@@ -2727,7 +3164,7 @@ def follow_on(plan):
     ERPs (Odoo among them) write an order's further lines below its first with the order's
     cells empty: a row with an item and no e-mail of another customer is one of those.
     """
-    if "item_name" not in plan.row_fields[:len(plan.row_columns)]:
+    if "item_name" not in plan.row_fields[: len(plan.row_columns)]:
         return None
     item_at = plan.row_columns[plan.row_fields.index("item_name")]
     email_at = plan.email_column
@@ -2741,8 +3178,11 @@ def follow_on(plan):
 
 def too_many_rows(path, value):
     """Refuse an export with an order of more than MAX_ORDER_ROWS rows, before it fills memory."""
-    export_error(path, f"has an order with more than {MAX_ORDER_ROWS:,} rows (number {printable(value)[:20]!r}): "
-                       "is the order-number column really the order number? Check [columns] order_id.")
+    export_error(
+        path,
+        f"has an order with more than {MAX_ORDER_ROWS:,} rows (number {printable(value)[:20]!r}): "
+        "is the order-number column really the order number? Check [columns] order_id.",
+    )
 
 
 class SeveralCustomers(Exception):
@@ -2776,10 +3216,13 @@ class Progress:
     def tick(self, rows):
         """Log when `every` seconds have passed; raise ExportError past the memory limit."""
         if self.memory_limit_mb and resident_mb() > self.memory_limit_mb:
-            raise ExportError(f"{self.name}: reading it took the service past {self.memory_limit_mb:,.0f} MB of "
-                              f"memory at row {rows:,} (MEMORY_LIMIT_MB), so it was stopped. The export is far "
-                              "larger than the one served, or not an orders export; if it is right, raise "
-                              "MEMORY_LIMIT_MB on a machine that has the memory.", file=self.name)
+            raise ExportError(
+                f"{self.name}: reading it took the service past {self.memory_limit_mb:,.0f} MB of "
+                f"memory at row {rows:,} (MEMORY_LIMIT_MB), so it was stopped. The export is far "
+                "larger than the one served, or not an orders export; if it is right, raise "
+                "MEMORY_LIMIT_MB on a machine that has the memory.",
+                file=self.name,
+            )
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now
@@ -2802,8 +3245,9 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # delivered, one on its way), the answer must not take one row's word for the order's.
 # All are given: "fulfilled / unfulfilled"; dates "on 26 Nov 2026 and 27 Nov 2026".
 # The carrier too: two parcels with DHL and Hermes were not both sent "with DHL".
-AGREED_FIELDS = frozenset({"status", "financial_status", "shipment_status", "shipped_at", "estimated_delivery",
-                           "carrier"})
+AGREED_FIELDS = frozenset(
+    {"status", "financial_status", "shipment_status", "shipped_at", "estimated_delivery", "carrier"}
+)
 BETWEEN = " / "  # between the words of rows that differ (see Packer.agreed)
 DATES = frozenset({"shipped_at", "estimated_delivery"})
 
@@ -2819,12 +3263,21 @@ class Packer:
         self.email_apart = "email" not in plan.order_fields
         columns = (*plan.order_columns, plan.email_column) if self.email_apart else plan.order_columns
         # A field fed only by packed entries has no column (None): its cell starts empty.
-        self.order_cells = getter(columns) if None not in columns else (
-            lambda row: tuple(row[c] if c is not None else "" for c in columns))
+        self.order_cells = (
+            getter(columns)
+            if None not in columns
+            else (lambda row: tuple(row[c] if c is not None else "" for c in columns))
+        )
         self.email_at = len(plan.order_fields) if self.email_apart else plan.order_fields.index("email")
-        self.email_of = itemgetter(plan.email_column) if not plan.email_fallback else (
-            lambda row, at=plan.email_column, fallback=plan.email_fallback:
-            row[at] if row[at].strip() else next((row[c] for c in fallback if row[c].strip()), ""))
+        self.email_of = (
+            itemgetter(plan.email_column)
+            if not plan.email_fallback
+            else (
+                lambda row, at=plan.email_column, fallback=plan.email_fallback: (
+                    row[at] if row[at].strip() else next((row[c] for c in fallback if row[c].strip()), "")
+                )
+            )
+        )
         self.row_cells = getter(plan.row_columns)
         self.extra = ("",) * (len(plan.row_fields) - len(plan.row_columns))  # packed fields' places in a row
         self.rich, self.email_fallback = plan.rich, plan.email_fallback
@@ -3014,12 +3467,17 @@ class Packer:
             if name_at is not None and (name := one_line(cells[name_at])):
                 if variant_at is not None and (variant := one_line(cells[variant_at])) and variant not in name:
                     name = f"{name} ({variant})"  # Wix: "Sweatshirt" and its "Color:Navy | Size:S"
-                items.append(Item(
-                    quantity_value(cells[quantity_at]) if quantity_at is not None else None, name,
-                    cells[status_at].strip() if status_at is not None else "",
-                    quantity_value(cells[shipped_at]) if shipped_at is not None else None,
-                    quantity_value(cells[refunded_at]) if refunded_at is not None else None,
-                    FLAGS.get(status_word(cells[ships_at])) if ships_at is not None else None, numbers))
+                items.append(
+                    Item(
+                        quantity_value(cells[quantity_at]) if quantity_at is not None else None,
+                        name,
+                        cells[status_at].strip() if status_at is not None else "",
+                        quantity_value(cells[shipped_at]) if shipped_at is not None else None,
+                        quantity_value(cells[refunded_at]) if refunded_at is not None else None,
+                        FLAGS.get(status_word(cells[ships_at])) if ships_at is not None else None,
+                        numbers,
+                    )
+                )
         return head.split(FIELD), items, tracking
 
 
@@ -3036,8 +3494,10 @@ class Item(NamedTuple):
 
 
 # How exports write yes and no in a column such as "Lineitem requires shipping" or "Producto Físico".
-FLAGS = {**dict.fromkeys(("true", "yes", "y", "1", "si", "sim", "ja", "oui", "wahr", "tak"), True),
-         **dict.fromkeys(("false", "no", "n", "0", "nein", "non", "nao", "nee", "nie", "falsch"), False)}
+FLAGS = {
+    **dict.fromkeys(("true", "yes", "y", "1", "si", "sim", "ja", "oui", "wahr", "tak"), True),
+    **dict.fromkeys(("false", "no", "n", "0", "nein", "non", "nao", "nee", "nie", "falsch"), False),
+}
 
 
 def tracking_numbers_in(text):
@@ -3065,8 +3525,12 @@ def packed_entries(spec, text):
         data = [data] if isinstance(data, dict) else data
         if not isinstance(data, list):
             return [{"": text}]
-        return [{str(k): "" if v is None else str(v) for k, v in entry.items()} if isinstance(entry, dict)
-                else {"": str(entry)} for entry in data]
+        return [
+            {str(k): "" if v is None else str(v) for k, v in entry.items()}
+            if isinstance(entry, dict)
+            else {"": str(entry)}
+            for entry in data
+        ]
     parts = split_unescaped(text, spec.between, spec.escape) if spec.between else [text]
     if spec.format == "pairs" and len(parts) > 1:
         parts = rejoined(parts, spec)
@@ -3141,7 +3605,7 @@ def one_line(value):
     if value.isprintable() and len(value) <= MAX_VALUE:  # nearly every cell: one C-speed test
         return value
     value = " ".join("".join(c if c.isprintable() else " " for c in value).split())
-    return value if len(value) <= MAX_VALUE else value[:MAX_VALUE - 1].rstrip() + "…"
+    return value if len(value) <= MAX_VALUE else value[: MAX_VALUE - 1].rstrip() + "…"
 
 
 def order_number_text(cell):
@@ -3215,8 +3679,10 @@ class Snapshot:
 
     def describe(self):
         """What was loaded, for logs and for `check`; no customer data."""
-        return (f"{shown_name(self.source)}: {plural(self.rows, 'row')}, {plural(self.orders, 'order')} "
-                f"({self.layout}) in {self.seconds:.2f}s")
+        return (
+            f"{shown_name(self.source)}: {plural(self.rows, 'row')}, {plural(self.orders, 'order')} "
+            f"({self.layout}) in {self.seconds:.2f}s"
+        )
 
     def render(self, packed, typed=""):
         """(template name, JSON body) of a packed order's answer; typed is the number as the caller wrote it."""
@@ -3236,7 +3702,10 @@ class Snapshot:
             return self.renderer.answer(*exact[0])
         answers = [json.loads(self.renderer.answer(*order)[1]) for order in unpacked]
         links = {a["tracking_url"] for a in answers} - {None}
-        body = {"context": " ".join(a["context"] for a in answers), "tracking_url": links.pop() if len(links) == 1 else None}
+        body = {
+            "context": " ".join(a["context"] for a in answers),
+            "tracking_url": links.pop() if len(links) == 1 else None,
+        }
         return "several", json.dumps(body, ensure_ascii=False).encode()
 
 
@@ -3330,11 +3799,20 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
             if watching:  # a dict that empties as the columns' day order is told
                 dating.see(values)
             # A spreadsheet's marks (see marks): only in a file whose bytes hold some, a look at an order's bytes.
-            if marked and (b'="' in packed or b"E+" in packed or b".0\x1f" in packed or b".0\x1e" in packed
-                                  or packed.endswith(b".0") or b"\x1f'" in packed or b"\x1e'" in packed
-                                  or packed[:1] == b"'"):
+            if marked and (
+                b'="' in packed
+                or b"E+" in packed
+                or b".0\x1f" in packed
+                or b".0\x1e" in packed
+                or packed.endswith(b".0")
+                or b"\x1f'" in packed
+                or b"\x1e'" in packed
+                or packed[:1] == b"'"
+            ):
                 marks(packed, packer, cells)
-            email = values[email_at].strip().casefold().replace(" ", "+")  # normalise_email, index_key: inline in the hottest loop
+            email = (
+                values[email_at].strip().casefold().replace(" ", "+")
+            )  # normalise_email, index_key: inline in the hottest loop
             if "@" not in email:
                 if email:  # "16:41:35" in a footer's e-mail cell: no order's
                     reader.not_orders["rows whose e-mail cell holds no address"] += len(rows)
@@ -3357,11 +3835,15 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
     except IndexError:  # a row too short for a needed cell
         raise Irregular("a row is shorter than the header") from None
     except csv.Error as e:  # its message names the problem, never a cell's contents
-        export_error(path, f"line {reader.line()}: not a readable CSV ({e}). "
-                           "Re-export the file; it may have been cut off while being written.")
+        export_error(
+            path,
+            f"line {reader.line()}: not a readable CSV ({e}). "
+            "Re-export the file; it may have been cut off while being written.",
+        )
     except Exception as e:  # a damaged file can fail in any layer (zip, XML, codec, memory): each means refuse it
-        export_error(path, f"could not be read ({type(e).__name__}). "
-                           "Re-export it; it may have been cut off while being written.")
+        export_error(
+            path, f"could not be read ({type(e).__name__}). Re-export it; it may have been cut off while being written."
+        )
     if len(index) + without_email + shared + no_address != count:
         raise Alike()
     for entry, packed in aliases.items():  # an order's own number wins over another's alias
@@ -3369,16 +3851,37 @@ def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, da
     plan = reader.plan
     renderer = Renderer(config, plan, dating.result() if packer else None)
     snapshot = Snapshot(
-        config=config, index=index, source=path, file_mtime=stat.st_mtime, file_mtime_ns=stat.st_mtime_ns,
-        file_size=stat.st_size, rows=reader.rows - no_address_rows, orders=count - no_address,
-        orders_without_email=without_email, orders_sharing=shared,
-        rows_without_order=reader.skipped, loaded_at=time.time(), seconds=time.perf_counter() - started,
-        layout=plan.layout, columns=plan.chosen, example_order_id=example,
-        packer=packer or Packer(plan), renderer=renderer, encoding=encoding, normalise=reader.normalise,
+        config=config,
+        index=index,
+        source=path,
+        file_mtime=stat.st_mtime,
+        file_mtime_ns=stat.st_mtime_ns,
+        file_size=stat.st_size,
+        rows=reader.rows - no_address_rows,
+        orders=count - no_address,
+        orders_without_email=without_email,
+        orders_sharing=shared,
+        rows_without_order=reader.skipped,
+        loaded_at=time.time(),
+        seconds=time.perf_counter() - started,
+        layout=plan.layout,
+        columns=plan.chosen,
+        example_order_id=example,
+        packer=packer or Packer(plan),
+        renderer=renderer,
+        encoding=encoding,
+        normalise=reader.normalise,
         newest_day=newest_day(days, config.timezone),
-        reading={"attached": reader.attached, "not_orders": dict(reader.not_orders), "preamble": reader.preamble,
-                 "aliases": len(aliases), "cells": {f"{what} {field}": n for (what, field), n in cells.items()},
-                 "columns_changed": reader.changed, "relay": reader.relay, "untied": reader.untied},
+        reading={
+            "attached": reader.attached,
+            "not_orders": dict(reader.not_orders),
+            "preamble": reader.preamble,
+            "aliases": len(aliases),
+            "cells": {f"{what} {field}": n for (what, field), n in cells.items()},
+            "columns_changed": reader.changed,
+            "relay": reader.relay,
+            "untied": reader.untied,
+        },
     )
     dated_by(snapshot)
     return snapshot
@@ -3403,15 +3906,29 @@ def marks(packed, packer, cells):
                 cells[("guard", field_name)] += 1
         if tracking_at is not None and tracking_at < len(row_cells):
             cell = row_cells[tracking_at]
-            damaged = 1 if damaged_number(spreadsheet_text(cell)) else sum(
-                damaged_number(spreadsheet_text(n)) for n in SEVERAL.split(cell) if n.strip())
+            damaged = (
+                1
+                if damaged_number(spreadsheet_text(cell))
+                else sum(damaged_number(spreadsheet_text(n)) for n in SEVERAL.split(cell) if n.strip())
+            )
             if damaged:
                 cells[("damaged", "tracking_number")] += damaged
 
 
 # Fields whose cells a leading ' may guard (Excel's mark for "keep this number as text"); in names it is text.
-GUARDED_FIELDS = frozenset(("order_id", "tracking_number", "item_quantity", "item_shipped_quantity",
-                            "item_refunded_quantity", "order_date", "shipped_at", "cancelled_at", "estimated_delivery"))
+GUARDED_FIELDS = frozenset(
+    (
+        "order_id",
+        "tracking_number",
+        "item_quantity",
+        "item_shipped_quantity",
+        "item_refunded_quantity",
+        "order_date",
+        "shipped_at",
+        "cancelled_at",
+        "estimated_delivery",
+    )
+)
 
 
 def dated_by(snapshot):
@@ -3491,11 +4008,22 @@ def survey_fields(config, plan):
 ###############################################################################
 
 # The fields an event keeps, as a webhook-built "export" names them: answers use no more.
-EVENT_ORDER_FIELDS = ("order_id", "email", "status", "financial_status", "cancelled_at", "order_date", "shipped_at",
-                      "carrier", "tracking_url", "shipment_status")
+EVENT_ORDER_FIELDS = (
+    "order_id",
+    "email",
+    "status",
+    "financial_status",
+    "cancelled_at",
+    "order_date",
+    "shipped_at",
+    "carrier",
+    "tracking_url",
+    "shipment_status",
+)
 EVENT_HEADER = (*EVENT_ORDER_FIELDS, "item_name", "item_quantity", "item_status", "tracking_number")
-EVENT_LAYOUT = Layout(key="webhooks", name="webhook events", detect=("order_id",),
-                      columns={name: (name,) for name in EVENT_HEADER})
+EVENT_LAYOUT = Layout(
+    key="webhooks", name="webhook events", detect=("order_id",), columns={name: (name,) for name in EVENT_HEADER}
+)
 GONE = b""  # an order deleted in the shop after the export: not found, whatever the export says
 
 
@@ -3514,31 +4042,48 @@ def shopify_event(order, topic):
     """An Event from a Shopify order payload (REST Admin API, orders/* topics)."""
     if topic == "orders/delete":
         return Event("shopify", str(order["id"]), {}, time.time(), deleted=True)
-    fulfillments = [f for f in order.get("fulfillments") or () if isinstance(f, dict)
-                    and str(f.get("status") or "").lower() not in ("cancelled", "error", "failure")]
-    tracking = [[number, text(f.get("tracking_company")), link]
-                for f in fulfillments
-                for number, link in zip_longest(strings(f.get("tracking_numbers")) or strings([f.get("tracking_number")]),
-                                                strings(f.get("tracking_urls")) or strings([f.get("tracking_url")]),
-                                                fillvalue="")
-                if number]
+    fulfillments = [
+        f
+        for f in order.get("fulfillments") or ()
+        if isinstance(f, dict) and str(f.get("status") or "").lower() not in ("cancelled", "error", "failure")
+    ]
+    tracking = [
+        [number, text(f.get("tracking_company")), link]
+        for f in fulfillments
+        for number, link in zip_longest(
+            strings(f.get("tracking_numbers")) or strings([f.get("tracking_number")]),
+            strings(f.get("tracking_urls")) or strings([f.get("tracking_url")]),
+            fillvalue="",
+        )
+        if number
+    ]
     customer = order.get("customer") if isinstance(order.get("customer"), dict) else {}
     fields = {
         "order_id": text(order.get("name")) or text(order.get("order_number")),
         "email": text(order.get("email")) or text(order.get("contact_email")) or text(customer.get("email")),
         # Shopify leaves fulfillment_status empty until something of the order ships.
         "status": text(order.get("fulfillment_status")) or "unfulfilled",
-        "financial_status": text(order.get("financial_status")), "cancelled_at": text(order.get("cancelled_at")),
+        "financial_status": text(order.get("financial_status")),
+        "cancelled_at": text(order.get("cancelled_at")),
         "order_date": text(order.get("created_at")),
         "shipped_at": next((text(f.get("created_at")) for f in fulfillments if f.get("created_at")), ""),
-        "carrier": BETWEEN.join(dict.fromkeys(text(f.get("tracking_company")) for f in fulfillments
-                                              if text(f.get("tracking_company")))),
+        "carrier": BETWEEN.join(
+            dict.fromkeys(text(f.get("tracking_company")) for f in fulfillments if text(f.get("tracking_company")))
+        ),
         "tracking_url": next((link for _, _, link in tracking if link), ""),
         # Each parcel's own: "delivered" only when every parcel is, as with an export's rows.
         "shipment_status": " / ".join(dict.fromkeys(text(f.get("shipment_status")) or "unknown" for f in fulfillments))
-                           if any(f.get("shipment_status") for f in fulfillments) else "",
-        "items": [[text(i.get("quantity")) or "1", text(i.get("name")) or text(i.get("title")), text(i.get("fulfillment_status"))]
-                  for i in order.get("line_items") or () if isinstance(i, dict)],
+        if any(f.get("shipment_status") for f in fulfillments)
+        else "",
+        "items": [
+            [
+                text(i.get("quantity")) or "1",
+                text(i.get("name")) or text(i.get("title")),
+                text(i.get("fulfillment_status")),
+            ]
+            for i in order.get("line_items") or ()
+            if isinstance(i, dict)
+        ],
         "tracking": tracking,
     }
     return Event("shopify", str(order["id"]), fields, event_time(order.get("updated_at")))
@@ -3549,19 +4094,33 @@ def woocommerce_event(order, topic):
     if topic == "order.deleted":  # the order went to the trash; order.restored brings it back
         return Event("woocommerce", str(order["id"]), {}, time.time(), deleted=True)
     billing = order.get("billing") if isinstance(order.get("billing"), dict) else {}
-    tracking = [[text(t.get("tracking_number")), unescaped(t.get("custom_tracking_provider")) or text(t.get("tracking_provider")),
-                 text(t.get("custom_tracking_link"))]
-                for meta in order.get("meta_data") or () if isinstance(meta, dict)
-                and meta.get("key") == "_wc_shipment_tracking_items"
-                for t in tracking_items(meta.get("value")) if text(t.get("tracking_number"))]
+    tracking = [
+        [
+            text(t.get("tracking_number")),
+            unescaped(t.get("custom_tracking_provider")) or text(t.get("tracking_provider")),
+            text(t.get("custom_tracking_link")),
+        ]
+        for meta in order.get("meta_data") or ()
+        if isinstance(meta, dict) and meta.get("key") == "_wc_shipment_tracking_items"
+        for t in tracking_items(meta.get("value"))
+        if text(t.get("tracking_number"))
+    ]
     fields = {
-        "order_id": text(order.get("number")) or text(order.get("id")), "email": text(billing.get("email")),
-        "status": text(order.get("status")), "financial_status": "", "cancelled_at": "",
-        "order_date": text(order.get("date_created")), "shipped_at": text(order.get("date_completed")),
+        "order_id": text(order.get("number")) or text(order.get("id")),
+        "email": text(billing.get("email")),
+        "status": text(order.get("status")),
+        "financial_status": "",
+        "cancelled_at": "",
+        "order_date": text(order.get("date_created")),
+        "shipped_at": text(order.get("date_completed")),
         "carrier": BETWEEN.join(dict.fromkeys(carrier for _, carrier, _ in tracking if carrier)),
-        "tracking_url": next((link for _, _, link in tracking if link), ""), "shipment_status": "",
-        "items": [[text(i.get("quantity")) or "1", unescaped(i.get("name")), ""]
-                  for i in order.get("line_items") or () if isinstance(i, dict)],
+        "tracking_url": next((link for _, _, link in tracking if link), ""),
+        "shipment_status": "",
+        "items": [
+            [text(i.get("quantity")) or "1", unescaped(i.get("name")), ""]
+            for i in order.get("line_items") or ()
+            if isinstance(i, dict)
+        ],
         "tracking": tracking,
     }
     modified = text(order.get("date_modified_gmt"))
@@ -3668,13 +4227,17 @@ class WebhookStore:
                 return db
             except sqlite3.DatabaseError as e:
                 if attempt == 2:
-                    raise StoreError(f"{shown_name(self.path)}: cannot be used ({e}). Check the disk and STATE_DIR.") from None
+                    raise StoreError(
+                        f"{shown_name(self.path)}: cannot be used ({e}). Check the disk and STATE_DIR."
+                    ) from None
                 aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
                 for suffix in ("", "-wal", "-shm"):
                     with suppress(OSError):
                         os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-                self.moved_aside = (f"the webhook store {shown_name(self.path)} could not be read ({e}) and was moved "
-                                    f"aside as {shown_name(aside)}: events received before are lost; the export is served")
+                self.moved_aside = (
+                    f"the webhook store {shown_name(self.path)} could not be read ({e}) and was moved "
+                    f"aside as {shown_name(aside)}: events received before are lost; the export is served"
+                )
                 log.error("%s", self.moved_aside)
 
     def apply(self, event, key, deliveries):
@@ -3711,8 +4274,9 @@ class WebhookStore:
             except Exception as e:  # noqa: BLE001 - this thread must outlive anything one round sets off
                 self.note_failure(e)
                 for job in jobs:
-                    job.error = job.error or StoreError(f"{shown_name(self.path)}: the event could not be stored "
-                                                        f"({type(e).__name__}).")
+                    job.error = job.error or StoreError(
+                        f"{shown_name(self.path)}: the event could not be stored ({type(e).__name__})."
+                    )
             finally:
                 for job in jobs:
                     job.done.set()
@@ -3727,8 +4291,10 @@ class WebhookStore:
 
     def note_failure(self, error):
         """Remember a failed write or upkeep for /healthz (see trouble) and log it."""
-        self.failing, self.failed_at = (f"webhook events cannot be stored: {shown_name(self.path)}: "
-                                        f"{type(error).__name__}"), time.time()
+        self.failing, self.failed_at = (
+            (f"webhook events cannot be stored: {shown_name(self.path)}: {type(error).__name__}"),
+            time.time(),
+        )
         log.error("%s (%s)", self.failing, printable(str(error))[:200])
 
     def round(self, jobs):
@@ -3763,8 +4329,9 @@ class WebhookStore:
         """Delete the excess oldest orders, inside the round: the cap holds between exports too."""
         if excess <= 0:
             return []
-        oldest = self.db.execute("SELECT rowid, platform, order_key, email_key FROM orders ORDER BY time LIMIT ?",
-                                 (excess,)).fetchall()
+        oldest = self.db.execute(
+            "SELECT rowid, platform, order_key, email_key FROM orders ORDER BY time LIMIT ?", (excess,)
+        ).fetchall()
         self.db.executemany("DELETE FROM orders WHERE rowid = ?", [(row[0],) for row in oldest])
         return [row[1:] for row in oldest]
 
@@ -3775,30 +4342,43 @@ class WebhookStore:
             if db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (delivery, now)).rowcount == 0:
                 return "replayed"
         if event.deleted:  # dated by the order's newest signed change, which is no later than now
-            return "applied" if db.execute(
-                "UPDATE orders SET deleted = 1, received = ? WHERE platform = ? AND platform_id = ?",
-                (now, event.platform, event.platform_id)).rowcount else "unknown"
+            return (
+                "applied"
+                if db.execute(
+                    "UPDATE orders SET deleted = 1, received = ? WHERE platform = ? AND platform_id = ?",
+                    (now, event.platform, event.platform_id),
+                ).rowcount
+                else "unknown"
+            )
         # A change as new as the one stored replaces it; a deleted order comes back only with a later one.
-        return "applied" if db.execute(
-            """INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?, 0)
+        return (
+            "applied"
+            if db.execute(
+                """INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?, 0)
                ON CONFLICT (platform, platform_id) DO UPDATE SET order_key = excluded.order_key,
                email_key = excluded.email_key, fields = excluded.fields, time = excluded.time,
                received = excluded.received, deleted = 0
                WHERE excluded.time > orders.time OR (excluded.time = orders.time AND NOT orders.deleted)""",
-            (event.platform, event.platform_id, *job.key, json.dumps(event.fields), event.time, now)).rowcount \
+                (event.platform, event.platform_id, *job.key, json.dumps(event.fields), event.time, now),
+            ).rowcount
             else "stale"
+        )
 
     def current(self, platform, platform_id, locked=False):
         """(order_key, email_key, fields, deleted, time) of a stored order as it stands now, or None."""
         with nullcontext() if locked else self.lock:
-            return self.db.execute("SELECT order_key, email_key, fields, deleted, time FROM orders "
-                                   "WHERE platform = ? AND platform_id = ?", (platform, platform_id)).fetchone()
+            return self.db.execute(
+                "SELECT order_key, email_key, fields, deleted, time FROM orders WHERE platform = ? AND platform_id = ?",
+                (platform, platform_id),
+            ).fetchone()
 
     def key_of(self, platform, platform_id, locked=False):
         """(order_key, email_key) of a stored order, or None."""
         with nullcontext() if locked else self.lock:
-            return self.db.execute("SELECT order_key, email_key FROM orders WHERE platform = ? AND platform_id = ?",
-                                   (platform, platform_id)).fetchone()
+            return self.db.execute(
+                "SELECT order_key, email_key FROM orders WHERE platform = ? AND platform_id = ?",
+                (platform, platform_id),
+            ).fetchone()
 
     def prune(self, older_than):
         """Forget events an export has caught up with, and orders past the cap; then the upkeep.
@@ -3807,10 +4387,14 @@ class WebhookStore:
         the order shows it was not deleted for good (WooCommerce's restore from the trash).
         """
         with self.lock:
-            self.db.execute("DELETE FROM orders WHERE (deleted = 0 AND time < ?) OR (deleted = 1 AND received < ?)",
-                            (older_than, older_than))
-            self.db.execute("DELETE FROM orders WHERE rowid IN (SELECT rowid FROM orders ORDER BY time DESC "
-                            "LIMIT -1 OFFSET ?)", (self.max_orders,))
+            self.db.execute(
+                "DELETE FROM orders WHERE (deleted = 0 AND time < ?) OR (deleted = 1 AND received < ?)",
+                (older_than, older_than),
+            )
+            self.db.execute(
+                "DELETE FROM orders WHERE rowid IN (SELECT rowid FROM orders ORDER BY time DESC LIMIT -1 OFFSET ?)",
+                (self.max_orders,),
+            )
             self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
         self.upkeep()
 
@@ -3818,13 +4402,18 @@ class WebhookStore:
         """Bound what is kept between exports: orders past WEBHOOK_DAYS and delivery ids past their age or number go,
         and the file shrinks. Orders gone by age, or by another process (`purge`), leave the overlay (on_change)."""
         with self.lock:
-            expired = self.db.execute("SELECT rowid, platform, order_key, email_key FROM orders WHERE received < ?",
-                                      (time.time() - self.days * 86400,)).fetchall()
+            expired = self.db.execute(
+                "SELECT rowid, platform, order_key, email_key FROM orders WHERE received < ?",
+                (time.time() - self.days * 86400,),
+            ).fetchall()
             self.db.executemany("DELETE FROM orders WHERE rowid = ?", [(row[0],) for row in expired])
             self.count -= len(expired)
             self.db.execute("DELETE FROM deliveries WHERE received < ?", (time.time() - DELIVERY_DAYS * 86400,))
-            self.db.execute("DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries "
-                            "ORDER BY received DESC LIMIT -1 OFFSET ?)", (MAX_DELIVERIES,))
+            self.db.execute(
+                "DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries "
+                "ORDER BY received DESC LIMIT -1 OFFSET ?)",
+                (MAX_DELIVERIES,),
+            )
             self.db.executescript("PRAGMA incremental_vacuum;")  # run to its end: each step frees one page
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             version = self.db.execute("PRAGMA data_version").fetchone()[0]
@@ -4031,8 +4620,11 @@ class Renderer:
         self.carrier_at = at.get("carrier")
         derived = {name: getattr(self, name) for name in DERIVED if name != "order_id"}
         # A date field's cells are read the way its column writes them (see DayOrder).
-        dates = {name: self.dated(i, (day_first or {}).get(name)) for name, i in at.items()
-                 if FIELD_CONTENT.get(name) == "date"}
+        dates = {
+            name: self.dated(i, (day_first or {}).get(name))
+            for name, i in at.items()
+            if FIELD_CONTENT.get(name) == "date"
+        }
         self.source = {**at, **dates, **derived}  # a field -> its cell's position, or the method that derives it
         if "order_id" in at:  # shown without a spreadsheet's marks: '00123, ="00123", 100012345.0
             self.source["order_id"] = lambda cells, items, tracking, url, i=at["order_id"]: order_number_text(cells[i])
@@ -4040,8 +4632,9 @@ class Renderer:
         # field: the words narrow the rules down once. Whether a field is filled is checked
         # per order, only as far as the rules in order need it.
         wanted = (c for rule in config.rules for c in rule.conditions)
-        names = [name for name in dict.fromkeys(n for n, words in wanted if words is not None)
-                 if name in self.source]  # a field the export lacks reads "" in every order
+        names = [
+            name for name in dict.fromkeys(n for n, words in wanted if words is not None) if name in self.source
+        ]  # a field the export lacks reads "" in every order
         columns = [name for name in names if name in at]
         self.words_of = getter(tuple(at[name] for name in columns))
         self.word_fields = tuple(columns)
@@ -4049,10 +4642,16 @@ class Renderer:
         # order, and only when a rule the columns' words allow asks: most orders never need an order date read.
         self.derived = {name: derived[name] for name in names if name not in at}
         # Whether a derived list is filled ("*"), without writing the list out.
-        self.filled = {"shipped_items": self.any_shipped, "unshipped_items": self.any_unshipped,
-                       "refunded_items": self.any_refunded}
-        self.fills = {name: tuple((field, self.source.get(field, self.nothing)) for field in template.fields)
-                      for name, template in config.templates.items() if name not in MESSAGES}
+        self.filled = {
+            "shipped_items": self.any_shipped,
+            "unshipped_items": self.any_unshipped,
+            "refunded_items": self.any_refunded,
+        }
+        self.fills = {
+            name: tuple((field, self.source.get(field, self.nothing)) for field in template.fields)
+            for name, template in config.templates.items()
+            if name not in MESSAGES
+        }
         self.choices = {}  # the word fields' values as exported -> ((sources to be filled, Template), ...)
         self.words = {}  # memo of word()
         self.senses = plan.senses or {}  # field -> {this export's word: the word rules use}
@@ -4063,11 +4662,22 @@ class Renderer:
         self.records_text = ""  # {records_updated}: set by Snapshot, moved on by fresher sources
         self.export_day = None  # the day the export was made, for {overdue}: set by Snapshot
         placed_at, placed_first = at.get("order_date"), (day_first or {}).get("order_date")
-        self.placed = None if placed_at is None else (  # the order's (year, month, day), or None
-            lambda cells: date_parts(shown(cells[placed_at]).split(" and ")[0], placed_first))
-        self.placed_either = None if placed_at is None else (  # both readings of a date such as 01/02/2026
-            lambda cells: [p for first in (True, False)
-                           if (p := date_parts(shown(cells[placed_at]).split(" and ")[0], first))])
+        self.placed = (
+            None
+            if placed_at is None
+            # the order's (year, month, day), or None
+            else (lambda cells: date_parts(shown(cells[placed_at]).split(" and ")[0], placed_first))
+        )
+        self.placed_either = (
+            None
+            if placed_at is None
+            # both readings of a date such as 01/02/2026
+            else (
+                lambda cells: [
+                    p for first in (True, False) if (p := date_parts(shown(cells[placed_at]).split(" and ")[0], first))
+                ]
+            )
+        )
 
     def answer(self, cells, items, tracking):
         """(template name, JSON body) for an order's cells, items and tracking numbers (Packer.unpack's)."""
@@ -4075,9 +4685,12 @@ class Renderer:
         template = self.pick(cells, items, tracking, url)
         # A source is a cell's position or a method: the one test that tells them apart, inline.
         style = self.style
-        text = template.fill({
-            field: shown(cells[source], style) if source.__class__ is int else source(cells, items, tracking, url)
-            for field, source in self.fills[template.name]})
+        text = template.fill(
+            {
+                field: shown(cells[source], style) if source.__class__ is int else source(cells, items, tracking, url)
+                for field, source in self.fills[template.name]
+            }
+        )
         body = f'{{"context": {json_text(text)}, "tracking_url": {json_text(url) if url else "null"}}}'
         return template.name, body.encode()
 
@@ -4120,10 +4733,16 @@ class Renderer:
             needed = tuple(self.filled.get(name) or self.source.get(name) for name in rule.needs_filled)
             if None in needed:
                 continue  # it needs a column this export lacks: it never matches
-            asks = tuple((name, self.derived[name], wanted) for name, wanted in rule.conditions
-                         if wanted is not None and name in self.derived)
-            if all(seen.get(name, "") in wanted for name, wanted in rule.conditions
-                   if wanted is not None and name not in self.derived):
+            asks = tuple(
+                (name, self.derived[name], wanted)
+                for name, wanted in rule.conditions
+                if wanted is not None and name in self.derived
+            )
+            if all(
+                seen.get(name, "") in wanted
+                for name, wanted in rule.conditions
+                if wanted is not None and name not in self.derived
+            ):
                 choices.append((asks, needed, self.config.templates[rule.template]))
                 if not needed and not asks:
                     return tuple(choices)  # no rule after this one can be reached
@@ -4183,8 +4802,9 @@ class Renderer:
 
     def refunded_items(self, cells, items, tracking, url):
         """What of the items was refunded, as the lines' refunded quantities say; "" where none says."""
-        return self.listing((min(item.refunded, item.quantity or item.refunded), item.name, False)
-                            for item in items if item.refunded)
+        return self.listing(
+            (min(item.refunded, item.quantity or item.refunded), item.name, False) for item in items if item.refunded
+        )
 
     def refunds(self, cells, items, tracking, url):
         """'all' when every line was refunded in full, 'some' when part of one was; "" where none says."""
@@ -4244,8 +4864,9 @@ class Renderer:
                 tied.setdefault(item.tracking[0], []).append(item)
         if len(tracking) < 2 or not tied:
             return ""
-        return "; ".join(f"{number} ({self.listing(tied[number])})" if number in tied else number
-                         for number in tracking)
+        return "; ".join(
+            f"{number} ({self.listing(tied[number])})" if number in tied else number for number in tracking
+        )
 
     def any_shipped(self, cells, items, tracking, url):
         """True when some of the items has left ({shipped_items} is filled), without writing them out."""
@@ -4330,8 +4951,10 @@ PARTIAL_WORDS = frozenset({"partial", "partially shipped", "partially fulfilled"
 
 def numbered(text, names):
     """text with each {name} as {i}, i its place in names: str.format(*values) then fills it."""
-    return "".join(literal.replace("{", "{{").replace("}", "}}") + ("" if name is None else f"{{{names.index(name)}}}")
-                   for literal, name, _, _ in Formatter().parse(text))
+    return "".join(
+        literal.replace("{", "{{").replace("}", "}}") + ("" if name is None else f"{{{names.index(name)}}}")
+        for literal, name, _, _ in Formatter().parse(text)
+    )
 
 
 def json_text(text):
@@ -4380,8 +5003,11 @@ def answer(snapshot, order_id, email, overlay=None):
         return 400, message(config, "invalid")
     wanted = snapshot.normalise(order_id)
     if not wanted or not email:
-        missing = [what for what, given in (("the order number", wanted), ("the email address used for the order", email))
-                   if not given]
+        missing = [
+            what
+            for what, given in (("the order number", wanted), ("the email address used for the order", email))
+            if not given
+        ]
         return 400, message(config, "missing", missing=" and ".join(missing))
     if "@" not in email:  # no order has it: the agent should ask again rather than say the order does not exist
         return 404, message(config, "not_an_email")
@@ -4430,9 +5056,15 @@ def write_record(path, snapshot, history):
     history: the order counts of the last HISTORY exports accepted, this one's last (see history_floor).
     """
     step = max(1, len(snapshot.index) // RECORD_SAMPLE)
-    record = {"file_size": snapshot.file_size, "file_mtime_ns": snapshot.file_mtime_ns, "orders": snapshot.orders,
-              "keys_read_as": keys_read_as(snapshot), "history": list(history), "columns": choice_of(snapshot),
-              "sample": [key.decode() for key in islice(snapshot.index, 0, None, step)]}
+    record = {
+        "file_size": snapshot.file_size,
+        "file_mtime_ns": snapshot.file_mtime_ns,
+        "orders": snapshot.orders,
+        "keys_read_as": keys_read_as(snapshot),
+        "history": list(history),
+        "columns": choice_of(snapshot),
+        "sample": [key.decode() for key in islice(snapshot.index, 0, None, step)],
+    }
     partial = path.with_name(".partial-" + path.name)
     partial.write_text(json.dumps(record), encoding="utf-8")
     os.replace(partial, path)
@@ -4457,7 +5089,10 @@ def read_choice(path):
     try:
         choice = json.loads(path.read_text(encoding="utf-8")).get("columns")
         if isinstance(choice.get("header"), list) and isinstance(choice.get("chosen"), dict):
-            return {"header": [str(h) for h in choice["header"]], "chosen": {str(k): str(v) for k, v in choice["chosen"].items()}}
+            return {
+                "header": [str(h) for h in choice["header"]],
+                "chosen": {str(k): str(v) for k, v in choice["chosen"].items()},
+            }
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     return None
@@ -4474,8 +5109,12 @@ def refuse_below_floor(snapshot, history):
     """Refuse an export far smaller than the largest of the last exports accepted: each a little smaller than the one
     before (15% a night) passes the comparison with the one being served, but not this one."""
     if history:
-        refuse_shrunk(snapshot, max(orders for *_, orders in history), (),
-                      f"in the largest of the last {len(history)} exports accepted")
+        refuse_shrunk(
+            snapshot,
+            max(orders for *_, orders in history),
+            (),
+            f"in the largest of the last {len(history)} exports accepted",
+        )
 
 
 def keys_read_as(snapshot):
@@ -4511,19 +5150,26 @@ def refuse_shrunk(snapshot, orders, keys, whose, exact=True):
         raise ExportError(
             f"{name}: holds {plural(snapshot.orders, 'order')}, fewer than {config.min_orders_ratio:.0%} of the {orders} {whose}, "
             "so it looks cut off. If the shrink is real, lower [settings] min_orders_ratio in contexts.toml: the edit "
-            "is picked up at once.", file=name)
+            "is picked up at once.",
+            file=name,
+        )
     if not keys:
         return
     # Counted, not a set of differences: a set of 500,000 keys would be 30 MB more at the peak.
     vanished = len(keys) - sum(map(snapshot.index.__contains__, keys))
     if vanished > len(keys) * config.max_vanished_ratio:
         share = vanished / len(keys)
-        missing = f"{vanished} of the {len(keys)} orders {whose} ({share:.0%})" if exact else \
-            f"about {share:.0%} of the orders {whose}"
+        missing = (
+            f"{vanished} of the {len(keys)} orders {whose} ({share:.0%})"
+            if exact
+            else f"about {share:.0%} of the orders {whose}"
+        )
         raise ExportError(
             f"{name}: {missing} are not in it, more than max_vanished_ratio ({config.max_vanished_ratio:.0%}) allows: "
             "it looks cut off or filtered. If those orders really left the export, raise [settings] "
-            "max_vanished_ratio in contexts.toml: the edit is picked up at once.", file=name)
+            "max_vanished_ratio in contexts.toml: the edit is picked up at once.",
+            file=name,
+        )
 
 
 def same_file(a, b):
@@ -4537,18 +5183,33 @@ def same_keys(a, b):
     A contexts.toml edit that picks another order-number or email column changes every key;
     that is no sign of a cut-off export, so the count of vanished orders means nothing then.
     """
-    return (a.columns.get("order_id"), a.columns.get("email"), a.normalise) == \
-        (b.columns.get("order_id"), b.columns.get("email"), b.normalise)
+    return (a.columns.get("order_id"), a.columns.get("email"), a.normalise) == (
+        b.columns.get("order_id"),
+        b.columns.get("email"),
+        b.normalise,
+    )
 
 
 # What a refusal's message says, as a word a metric's label can carry (the first that fits).
-REFUSAL_KINDS = (("min_orders_ratio", "shrunk"), ("max_vanished_ratio", "vanished"), ("looks cut off", "cut_off"),
-                 ("holds no orders", "no_orders"), ("is empty", "no_orders"), ("no column for", "missing_column"),
-                 ("web page", "not_an_export"), ("binary file", "not_an_export"), ("is not a table", "not_an_export"),
-                 ("not read here", "not_an_export"), ("zip archive", "not_an_export"),
-                 ("took the service past", "memory"), ("when the service stopped", "stopped_a_load"),
-                 ("no such file", "missing_file"), ("no export (", "missing_file"), ("do not hold a table", "missing_file"),
-                 ("larger than MAX_EXPORT_MB", "too_large"))
+REFUSAL_KINDS = (
+    ("min_orders_ratio", "shrunk"),
+    ("max_vanished_ratio", "vanished"),
+    ("looks cut off", "cut_off"),
+    ("holds no orders", "no_orders"),
+    ("is empty", "no_orders"),
+    ("no column for", "missing_column"),
+    ("web page", "not_an_export"),
+    ("binary file", "not_an_export"),
+    ("is not a table", "not_an_export"),
+    ("not read here", "not_an_export"),
+    ("zip archive", "not_an_export"),
+    ("took the service past", "memory"),
+    ("when the service stopped", "stopped_a_load"),
+    ("no such file", "missing_file"),
+    ("no export (", "missing_file"),
+    ("do not hold a table", "missing_file"),
+    ("larger than MAX_EXPORT_MB", "too_large"),
+)
 
 
 def refusal_kind(error):
@@ -4604,8 +5265,10 @@ class Service:
         config = load_config(self.settings.contexts)
         path = find_export(self.settings.data, self.settings.follow_symlinks)
         with self.loading(path, starting):
-            snapshot = dated_upload(build_snapshot(config, path, self.settings.memory_limit_mb, previous=self.choice),
-                                    self.settings.state / UPLOADED)
+            snapshot = dated_upload(
+                build_snapshot(config, path, self.settings.memory_limit_mb, previous=self.choice),
+                self.settings.state / UPLOADED,
+            )
         self.guard(snapshot)
         return snapshot
 
@@ -4621,15 +5284,21 @@ class Service:
         if starting and mark.exists():
             with suppress(OSError, ValueError):
                 if tuple(json.loads(mark.read_text())) == state:
-                    export_error(path, "was being loaded when the service stopped last time (killed, perhaps for "
-                                       "memory), so it is skipped. Replace the export, or delete "
-                                       f"{printable(mark)} to have it read again.")
+                    export_error(
+                        path,
+                        "was being loaded when the service stopped last time (killed, perhaps for "
+                        "memory), so it is skipped. Replace the export, or delete "
+                        f"{printable(mark)} to have it read again.",
+                    )
         try:
             self.settings.state.mkdir(parents=True, exist_ok=True)
             mark.write_text(json.dumps(state))
         except OSError as e:
-            log.warning("could not mark the load in %s (%s); a file that kills the service would be read "
-                        "again at every start", printable(self.settings.state), e.strerror)
+            log.warning(
+                "could not mark the load in %s (%s); a file that kills the service would be read again at every start",
+                printable(self.settings.state),
+                e.strerror,
+            )
         try:
             yield
         finally:
@@ -4662,8 +5331,12 @@ class Service:
             self.install(build_snapshot(load_config(self.settings.contexts), fallback), keep_copy=False)
             self.from_last_good = True
             self.note_refusal(error)
-            log.error("SERVING THE LAST GOOD COPY of the export (%s, modified %s): %s",
-                      printable(fallback), iso_time(self.snapshot.file_mtime), error)
+            log.error(
+                "SERVING THE LAST GOOD COPY of the export (%s, modified %s): %s",
+                printable(fallback),
+                iso_time(self.snapshot.file_mtime),
+                error,
+            )
         return self.snapshot
 
     def reload(self):
@@ -4675,8 +5348,11 @@ class Service:
                 self.refuse(error)
                 return False
             except Exception as error:  # whatever went wrong, the thread that reloads must live on
-                self.refuse(ExportError(f"the export could not be loaded ({type(error).__name__}); "
-                                        "the data being served stays served."))
+                self.refuse(
+                    ExportError(
+                        f"the export could not be loaded ({type(error).__name__}); the data being served stays served."
+                    )
+                )
                 return False
             self.install(snapshot)
             return True
@@ -4692,8 +5368,13 @@ class Service:
         data = self.settings.data
         target = data / f"uploaded{path.suffix}" if data.is_dir() else data
         with self._lock, yielding():
-            snapshot = build_snapshot(load_config(self.settings.contexts), path, self.settings.memory_limit_mb,
-                                      dated=stated is None, previous=self.choice)
+            snapshot = build_snapshot(
+                load_config(self.settings.contexts),
+                path,
+                self.settings.memory_limit_mb,
+                dated=stated is None,
+                previous=self.choice,
+            )
             snapshot = made_at(snapshot, upload_time(stated, snapshot.newest_day, self.snapshot))
             self.guard(snapshot)
             os.replace(path, target)
@@ -4711,8 +5392,10 @@ class Service:
         """Refuse an export with no orders, far fewer than the one being served, or than the last ones accepted."""
         name = shown_name(snapshot.source)
         if not snapshot.orders:
-            export_error(snapshot.source, "holds no orders (only a header?). "
-                                          "Re-export the orders; the last good data stays served.")
+            export_error(
+                snapshot.source,
+                "holds no orders (only a header?). Re-export the orders; the last good data stays served.",
+            )
         current = self.snapshot
         if current:
             # The same file read anew (a contexts.toml edit) was whole before; keys read another way cannot be compared.
@@ -4721,9 +5404,13 @@ class Service:
         if not (current and same_file(current, snapshot)):
             refuse_below_floor(snapshot, self.history)
         if snapshot.file_mtime > time.time() + FUTURE_SLACK:
-            log.warning("%s: its modification time, %s, is in the future: its age cannot be told, and a newer "
-                        "export will be served as soon as one arrives. Check the clock of the machine that "
-                        "wrote it.", name, iso_time(snapshot.file_mtime))
+            log.warning(
+                "%s: its modification time, %s, is in the future: its age cannot be told, and a newer "
+                "export will be served as soon as one arrives. Check the clock of the machine that "
+                "wrote it.",
+                name,
+                iso_time(snapshot.file_mtime),
+            )
 
     def refuse(self, error):
         """Keep what is served; remember and log why the new files were refused."""
@@ -4733,8 +5420,9 @@ class Service:
         else:  # the config loaded before the export failed, so it is fine now
             self.config_error = None
             self.note_refusal(error)
-        log.error("refused, still serving %s: %s",
-                  shown_name(self.snapshot.source) if self.snapshot else "nothing", error)
+        log.error(
+            "refused, still serving %s: %s", shown_name(self.snapshot.source) if self.snapshot else "nothing", error
+        )
 
     def note_refusal(self, error, source="folder", reason=None):
         """Remember a refused export until a good one is served, for /healthz, the status page and /metrics.
@@ -4742,8 +5430,12 @@ class Service:
         source: how it came: "folder" (dropped or written there), "upload" or "fetch" (ORDERS_URL).
         """
         self.loads[refusal_kind(error)] += 1
-        self.refused = {"at": iso_time(time.time()), "source": source, "file": getattr(error, "file", ""),
-                        "reason": reason or str(error)}
+        self.refused = {
+            "at": iso_time(time.time()),
+            "source": source,
+            "file": getattr(error, "file", ""),
+            "reason": reason or str(error),
+        }
 
     def install(self, snapshot, keep_copy=True):
         """Serve snapshot from now on (one assignment) and keep a copy of its file."""
@@ -4751,8 +5443,13 @@ class Service:
         remember_accepted(self.history, snapshot)
         self.choice = choice_of(snapshot)
         for field_name, was, now in (snapshot.reading or {}).get("columns_changed", ()):
-            log.warning("%s: the header row changed, and %s is now read from %s (was %s)", shown_name(snapshot.source),
-                        field_name, repr(now) if now else "no column", repr(was) if was else "no column")
+            log.warning(
+                "%s: the header row changed, and %s is now read from %s (was %s)",
+                shown_name(snapshot.source),
+                field_name,
+                repr(now) if now else "no column",
+                repr(was) if was else "no column",
+            )
         self.loads["accepted"] += 1
         fixed = self.config_error is not None  # a refused contexts.toml edit was put right: say it is applied
         self.refused = None
@@ -4760,13 +5457,23 @@ class Service:
         self.from_last_good = False
         log.info("loaded %s", snapshot.describe())
         for field_name, header, evidence in snapshot.packer.plan.detected:
-            log.warning("%s: column %r read as %s because of its content (%s), not its header; name it in "
-                        "[columns] %s of contexts.toml to make it sure", shown_name(snapshot.source), printable(header),
-                        field_name, evidence, field_name)
+            log.warning(
+                "%s: column %r read as %s because of its content (%s), not its header; name it in "
+                "[columns] %s of contexts.toml to make it sure",
+                shown_name(snapshot.source),
+                printable(header),
+                field_name,
+                evidence,
+                field_name,
+            )
         self.events(snapshot, caught_up=before is not None and not same_file(before, snapshot))
         if before and (before.config != snapshot.config or fixed):  # what it says changed, not only its time
-            log.info("applied %s: %d templates, %d rules", shown_name(snapshot.config.path),
-                     len(snapshot.config.templates), len(snapshot.config.rules))
+            log.info(
+                "applied %s: %d templates, %d rules",
+                shown_name(snapshot.config.path),
+                len(snapshot.config.templates),
+                len(snapshot.config.rules),
+            )
         if keep_copy:
             self.keep_copy(snapshot)
 
@@ -4781,8 +5488,11 @@ class Service:
             if self.store is None:
                 try:
                     self.settings.state.mkdir(parents=True, exist_ok=True)
-                    self.store = WebhookStore(self.settings.state / "webhooks.sqlite3", self.settings.webhook_max_orders,
-                                              self.settings.webhook_days)
+                    self.store = WebhookStore(
+                        self.settings.state / "webhooks.sqlite3",
+                        self.settings.webhook_max_orders,
+                        self.settings.webhook_days,
+                    )
                     self.store.on_change = lambda: self.events(self.snapshot)  # the overlay as the store now is
                     self.store_error = None
                     for platform, moment in self.store.last_received().items() if self.webhooks else ():
@@ -4843,8 +5553,10 @@ class Service:
             with suppress(OSError):
                 partial.unlink()  # a full disk must not keep half a copy
             self.copy_error = f"could not keep a copy of the export in {printable(state)} ({e.strerror})"
-            log.warning("%s; a restart after a bad export would fall back to an older copy, if any; tried again "
-                        "at every poll", self.copy_error)
+            log.warning(
+                "%s; a restart after a bad export would fall back to an older copy, if any; tried again at every poll",
+                self.copy_error,
+            )
 
     def last_good_copy(self):
         """The copy of the last accepted export, if there is one."""
@@ -4866,22 +5578,31 @@ class Service:
         age = max(0.0, now - snapshot.made)
         reasons = []
         if snapshot.made > now + FUTURE_SLACK:
-            reasons.append(f"the export's modification time ({iso_time(snapshot.made)}) is in the future, "
-                           "so its age is unknown: check the clock of the machine that wrote it")
+            reasons.append(
+                f"the export's modification time ({iso_time(snapshot.made)}) is in the future, "
+                "so its age is unknown: check the clock of the machine that wrote it"
+            )
         elif age > snapshot.config.max_age_hours * 3600:
-            reasons.append(f"the data is older than {snapshot.config.max_age_hours:g} hours: the nightly export did not "
-                           "arrive. Check the job that "
-                           + ("ORDERS_URL fetches it from (see the last fetch)" if self.fetcher else
-                              "writes or uploads it"))
+            reasons.append(
+                f"the data is older than {snapshot.config.max_age_hours:g} hours: the nightly export did not "
+                "arrive. Check the job that "
+                + ("ORDERS_URL fetches it from (see the last fetch)" if self.fetcher else "writes or uploads it")
+            )
         if self.from_last_good:
-            reasons.append(f"serving the last good copy after a refused export: {self.refused['reason']}"
-                           if self.refused else "serving the last good copy after a refused export")
+            reasons.append(
+                f"serving the last good copy after a refused export: {self.refused['reason']}"
+                if self.refused
+                else "serving the last good copy after a refused export"
+            )
         elif self.refused and self.refused["source"] != "fetch":  # a fetch's failures count in its job's trouble
-            reasons.append(f"the last {'upload' if self.refused['source'] == 'upload' else 'export'} was refused: "
-                           f"{self.refused['reason']}")
+            reasons.append(
+                f"the last {'upload' if self.refused['source'] == 'upload' else 'export'} was refused: "
+                f"{self.refused['reason']}"
+            )
         if self.config_error:
-            reasons.append(f"the last contexts.toml edit was refused, and the wording before it is served: "
-                           f"{self.config_error}")
+            reasons.append(
+                f"the last contexts.toml edit was refused, and the wording before it is served: {self.config_error}"
+            )
         if self.copy_error:
             reasons.append(self.copy_error)
         for job in self.background:
@@ -4896,20 +5617,30 @@ class Service:
     def status(self, now=None):
         """The details shown to a key holder: files, counts, timings, refusals; no customer data."""
         healthy, reasons, age = self.health(now)
-        out = {"status": "ok" if healthy else "degraded", "reasons": reasons,
-               "data_age_seconds": None if age is None else round(age)}
+        out = {
+            "status": "ok" if healthy else "degraded",
+            "reasons": reasons,
+            "data_age_seconds": None if age is None else round(age),
+        }
         snapshot = self.snapshot
         if snapshot:
             out.update(
-                file=shown_name(snapshot.source), file_modified=iso_time(snapshot.made),
-                from_last_good_copy=self.from_last_good, layout=snapshot.layout,
-                orders=snapshot.orders, rows=snapshot.rows, loaded_at=iso_time(snapshot.loaded_at),
-                load_seconds=round(snapshot.seconds, 3), max_age_hours=snapshot.config.max_age_hours,
+                file=shown_name(snapshot.source),
+                file_modified=iso_time(snapshot.made),
+                from_last_good_copy=self.from_last_good,
+                layout=snapshot.layout,
+                orders=snapshot.orders,
+                rows=snapshot.rows,
+                loaded_at=iso_time(snapshot.loaded_at),
+                load_seconds=round(snapshot.seconds, 3),
+                max_age_hours=snapshot.config.max_age_hours,
             )
             if snapshot.packer.plan.detected:  # read because of their content, not a header: check them
                 out["columns_found_by_content"] = {field: header for field, header, _ in snapshot.packer.plan.detected}
             out["rows_read"] = reading_counts(snapshot)
-            if changed := (snapshot.reading or {}).get("columns_changed"):  # the header row changed: check the new choice
+            if changed := (snapshot.reading or {}).get(
+                "columns_changed"
+            ):  # the header row changed: check the new choice
                 out["columns_changed"] = [{"field": f, "was": was, "now": now} for f, was, now in changed]
             if relay := (snapshot.reading or {}).get("relay"):
                 out["relay_addresses"] = relay
@@ -4967,8 +5698,11 @@ UPLOADED = "uploaded.json"  # in STATE_DIR: when the upload being served was mad
 def write_upload_record(path, snapshot):
     """Note when an accepted upload was made, so that a restart dates it the same (see dated_upload)."""
     with suppress(OSError):
-        path.write_text(json.dumps({"file_size": snapshot.file_size, "file_mtime_ns": snapshot.file_mtime_ns,
-                                    "made_at": snapshot.made_at}))
+        path.write_text(
+            json.dumps(
+                {"file_size": snapshot.file_size, "file_mtime_ns": snapshot.file_mtime_ns, "made_at": snapshot.made_at}
+            )
+        )
 
 
 def dated_upload(snapshot, path):
@@ -4986,42 +5720,57 @@ def reading_counts(snapshot):
     """What reading the export left out, attached or withheld, per reason: for /healthz and /metrics."""
     reading = snapshot.reading or {}
     cells = reading.get("cells") or {}
-    return {"attached_to_the_order_above": reading.get("attached", 0),
-            "left_out": {"no order number": snapshot.rows_without_order, **(reading.get("not_orders") or {}),
-                         **({"before the header": len(reading["preamble"])} if reading.get("preamble") else {})},
-            "cells_withheld": {key.split(" ", 1)[1]: n for key, n in cells.items() if key.startswith("damaged ")},
-            "cells_unguarded": sum(n for key, n in cells.items() if key.startswith("guard "))}
+    return {
+        "attached_to_the_order_above": reading.get("attached", 0),
+        "left_out": {
+            "no order number": snapshot.rows_without_order,
+            **(reading.get("not_orders") or {}),
+            **({"before the header": len(reading["preamble"])} if reading.get("preamble") else {}),
+        },
+        "cells_withheld": {key.split(" ", 1)[1]: n for key, n in cells.items() if key.startswith("damaged ")},
+        "cells_unguarded": sum(n for key, n in cells.items() if key.startswith("guard ")),
+    }
 
 
 def data_notes(snapshot):
     """What the merchant should know about the export and answers served: for check, /healthz, the status page."""
     reading = snapshot.reading or {}
     if snapshot.config.earlier_rules:
-        yield ("[[rules]] are word for word an earlier release's: they lack the rules added since for partly "
-               "refunded and partly shipped orders, refunded lines, lines that need no shipping and orders open for "
-               "long, so such orders get a plainer answer. Copy [[rules]] and [templates] from the shipped "
-               "contexts.toml (docs/UPDATING.md)")
+        yield (
+            "[[rules]] are word for word an earlier release's: they lack the rules added since for partly "
+            "refunded and partly shipped orders, refunded lines, lines that need no shipping and orders open for "
+            "long, so such orders get a plainer answer. Copy [[rules]] and [templates] from the shipped "
+            "contexts.toml (docs/UPDATING.md)"
+        )
     for name, promise in snapshot.config.promising:
-        yield (f"[templates] {name} is word for word an earlier release's answer, which promises {promise}: no export "
-               "holds that. Keep it only if your shop makes that promise; docs/UPDATING.md shows the new wording")
+        yield (
+            f"[templates] {name} is word for word an earlier release's answer, which promises {promise}: no export "
+            "holds that. Keep it only if your shop makes that promise; docs/UPDATING.md shows the new wording"
+        )
     for key, count in (reading.get("cells") or {}).items():
         what, field_name = key.split(" ", 1)
         if what == "damaged":
-            yield (f"{plural(count, f'{field_name} cell')} damaged by a spreadsheet (scientific notation such as "
-                   "3,60003E+14, lost digits, a .0 added): withheld, never shown"
-                   + (" (those orders cannot be found by their number)" if field_name == "order_id" else "")
-                   + ". Download the export again without opening it in a spreadsheet, or format the column as text "
-                     "before saving it")
+            yield (
+                f"{plural(count, f'{field_name} cell')} damaged by a spreadsheet (scientific notation such as "
+                "3,60003E+14, lost digits, a .0 added): withheld, never shown"
+                + (" (those orders cannot be found by their number)" if field_name == "order_id" else "")
+                + ". Download the export again without opening it in a spreadsheet, or format the column as text "
+                "before saving it"
+            )
     if relay := reading.get("relay"):
         share = "all" if relay["addresses"] == relay["of"] else f"{relay['addresses']} of {relay['of']}"
-        yield (f"{share} of the e-mail addresses looked at are {relay['marketplace']}'s relay addresses, which "
-               f"stand in for the buyer's own: customers do not know them, so lookups by a customer's e-mail will "
-               f"not find these orders. {relay['marketplace']}'s own order pages tell those buyers where their "
-               "order is.")
+        yield (
+            f"{share} of the e-mail addresses looked at are {relay['marketplace']}'s relay addresses, which "
+            f"stand in for the buyer's own: customers do not know them, so lookups by a customer's e-mail will "
+            f"not find these orders. {relay['marketplace']}'s own order pages tell those buyers where their "
+            "order is."
+        )
     for field_name, was, now in reading.get("columns_changed", ()):
-        yield (f"the header row changed since the last export accepted: {field_name} is now read from "
-               f"{repr(now) if now else 'no column'} (was {repr(was) if was else 'no column'}). Check that it is "
-               f"right; [columns] {field_name} in contexts.toml names the column for good.")
+        yield (
+            f"the header row changed since the last export accepted: {field_name} is now read from "
+            f"{repr(now) if now else 'no column'} (was {repr(was) if was else 'no column'}). Check that it is "
+            f"right; [columns] {field_name} in contexts.toml names the column for good."
+        )
 
 
 def same_file_state(path, snapshot):
@@ -5096,10 +5845,13 @@ class Job:
 
     def status(self):
         """For /healthz with the key: the last success and attempt, the failures, the last reason."""
-        return {"last_success": iso_time(self.last_success) if self.last_success else None,
-                "last_attempt": iso_time(self.last_attempt) if self.last_attempt else None,
-                "last_error": self.last_error, "failures_in_a_row": self.failures,
-                "failing_since": iso_time(self.failing_since) if self.failing_since else None}
+        return {
+            "last_success": iso_time(self.last_success) if self.last_success else None,
+            "last_attempt": iso_time(self.last_attempt) if self.last_attempt else None,
+            "last_error": self.last_error,
+            "failures_in_a_row": self.failures,
+            "failing_since": iso_time(self.failing_since) if self.failing_since else None,
+        }
 
 
 ###############################################################################
@@ -5285,8 +6037,13 @@ class Fetcher:
         self.outcomes["failed"] += 1
         job.failed(reason)
         self.service.note_refusal(FetchError(reason), "fetch", f"fetching ORDERS_URL failed: {reason}")
-        log.error("fetching %s failed (%d in a row), %s: %s", shown_url(self.settings.orders_url), job.failures,
-                  self.serving_instead(), reason)
+        log.error(
+            "fetching %s failed (%d in a row), %s: %s",
+            shown_url(self.settings.orders_url),
+            job.failures,
+            self.serving_instead(),
+            reason,
+        )
         return False
 
     def serving_instead(self):
@@ -5324,8 +6081,10 @@ class Fetcher:
         except (TimeoutError, OSError, http.client.HTTPException) as e:
             raise FetchError(f"the download from {host} broke off ({type(e).__name__}).") from None
         except ValueError:  # a header urllib cannot read, such as a redirect to "http://[::1"
-            raise FetchError(f"the answer from {host} has a header that cannot be read (a malformed redirect "
-                             "or length); ask whoever runs that server, or use another link.") from None
+            raise FetchError(
+                f"the answer from {host} has a header that cannot be read (a malformed redirect "
+                "or length); ask whoever runs that server, or use another link."
+            ) from None
 
     def save(self, response):
         """Stream the body into a hidden file, check its size and kind, rename it into the data folder."""
@@ -5334,8 +6093,10 @@ class Fetcher:
         if declared > limit:
             raise FetchError(f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB).")
         if "html" in (response.headers.get_content_type() or ""):
-            raise FetchError("the link answered with a web page, not an export: a shared link that needs "
-                             "signing in, or that points to a preview? Use its direct download link.")
+            raise FetchError(
+                "the link answered with a web page, not an export: a shared link that needs "
+                "signing in, or that points to a preview? Use its direct download link."
+            )
         started = time.monotonic()
         first = response.read1(READ_BUFFER)  # read1: at most one read from the socket, so the deadline is checked
         suffix = ".xlsx" if first.startswith(b"PK\x03\x04") else ".csv"  # the name only: content decides (file_kind)
@@ -5347,12 +6108,16 @@ class Fetcher:
                 while chunk:
                     size += len(chunk)
                     if size > limit:
-                        raise FetchError(f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB); "
-                                         "the download was stopped.")
+                        raise FetchError(
+                            f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB); "
+                            "the download was stopped."
+                        )
                     out.write(chunk)
                     if time.monotonic() - started > FETCH_DEADLINE:
-                        raise FetchError(f"the download took longer than {FETCH_DEADLINE // 60} minutes "
-                                         f"({size:,} bytes so far) and was stopped.")
+                        raise FetchError(
+                            f"the download took longer than {FETCH_DEADLINE // 60} minutes "
+                            f"({size:,} bytes so far) and was stopped."
+                        )
                     chunk = response.read1(READ_BUFFER)
             if declared and size < declared:  # http.client ends a cut body quietly
                 raise FetchError(f"the download broke off after {size:,} of {declared:,} bytes.")
@@ -5389,8 +6154,12 @@ class Fetcher:
 
     def status(self):
         """For /healthz with the key: where from (host only), the last success, the last error."""
-        return {"source": shown_url(self.settings.orders_url), "every_seconds": self.settings.fetch_seconds,
-                **self.job.status(), "outcomes": dict(self.outcomes)}
+        return {
+            "source": shown_url(self.settings.orders_url),
+            "every_seconds": self.settings.fetch_seconds,
+            **self.job.status(),
+            "outcomes": dict(self.outcomes),
+        }
 
 
 def declared_length(headers):
@@ -5399,8 +6168,10 @@ def declared_length(headers):
     if not text:
         return 0
     if not text.isdigit():
-        raise FetchError(f"the server announced a length that is not a number ({printable(text)[:20]!r}); "
-                         "ask whoever runs that server, or use another link.")
+        raise FetchError(
+            f"the server announced a length that is not a number ({printable(text)[:20]!r}); "
+            "ask whoever runs that server, or use another link."
+        )
     return int(text)
 
 
@@ -5446,8 +6217,10 @@ def addresses_of(host):
 
 def private_hop(host):
     """The FetchError of a hop to this machine or a private network."""
-    return FetchError(f"the link led on to {printable(host)[:60]}, an address on this machine or a private network; "
-                      "refused. Only ORDERS_URL's own host may be such an address.")
+    return FetchError(
+        f"the link led on to {printable(host)[:60]}, an address on this machine or a private network; "
+        "refused. Only ORDERS_URL's own host may be such an address."
+    )
 
 
 def is_public(address):
@@ -5518,24 +6291,41 @@ def receive_upload(service, environ):
     size = int(environ.get("CONTENT_LENGTH") or 0)  # as announced; as received once it is
     if not service.uploading.acquire(blocking=False):
         log.warning("upload: %d bytes: refused, another upload is being checked", size)
-        return 409, json.dumps({"accepted": False, "reason": "Another upload is being checked; send it again "
-                                                             "in a minute."}).encode()
+        return 409, json.dumps(
+            {"accepted": False, "reason": "Another upload is being checked; send it again in a minute."}
+        ).encode()
     hidden = None
     try:
         folder = service.settings.data if service.settings.data.is_dir() else service.settings.data.parent
         hidden, size, digest = upload_body(environ, folder, int(service.settings.max_export_mb * 1e6))
         if (served := service.snapshot) and served.file_size == size and file_digest(served.source) == digest:
             log.info("upload: %d bytes: the export being served, unchanged", size)
-            return 200, json.dumps({"accepted": True, "unchanged": True, "file": served.source.name,
-                                    "layout": served.layout, "orders": served.orders, "rows": served.rows}).encode()
+            return 200, json.dumps(
+                {
+                    "accepted": True,
+                    "unchanged": True,
+                    "file": served.source.name,
+                    "layout": served.layout,
+                    "orders": served.orders,
+                    "rows": served.rows,
+                }
+            ).encode()
         snapshot, target = service.accept(hidden, http_time(environ.get("HTTP_LAST_MODIFIED")))
         hidden = None  # renamed into place
         surveyed = survey(snapshot, UPLOAD_SURVEY_ORDERS)
         log.info("upload: %d bytes: accepted as %s (%d orders)", size, target.name, snapshot.orders)
-        return 200, json.dumps({
-            "accepted": True, "file": target.name, "layout": snapshot.layout, "orders": snapshot.orders,
-            "rows": snapshot.rows, "answers": dict(surveyed.answers.most_common()), "answers_of": surveyed.counted,
-            "warnings": list(check_warnings(snapshot, surveyed))}).encode()
+        return 200, json.dumps(
+            {
+                "accepted": True,
+                "file": target.name,
+                "layout": snapshot.layout,
+                "orders": snapshot.orders,
+                "rows": snapshot.rows,
+                "answers": dict(surveyed.answers.most_common()),
+                "answers_of": surveyed.counted,
+                "warnings": list(check_warnings(snapshot, surveyed)),
+            }
+        ).encode()
     except UploadRefused as error:
         log.warning("upload: %d bytes: refused: %s", size, error)
         service.note_refusal(error, "upload")
@@ -5544,8 +6334,12 @@ def receive_upload(service, environ):
         # The sender knows no hidden file's name: "the upload" looks cut off.
         reason = str(error).replace(hidden.name, "the upload") if hidden else str(error)
         service.note_refusal(error, "upload", reason)
-        log.warning("upload: %d bytes: refused, still serving %s: %s", size, shown_name(service.snapshot.source)
-                    if service.snapshot else "nothing", reason)
+        log.warning(
+            "upload: %d bytes: refused, still serving %s: %s",
+            size,
+            shown_name(service.snapshot.source) if service.snapshot else "nothing",
+            reason,
+        )
         return 422, json.dumps({"accepted": False, "reason": reason}).encode()
     finally:
         if hidden:
@@ -5597,23 +6391,43 @@ def file_digest(path):
 
 WEBHOOK_MAX_BYTES = 2 << 20  # Shopify's largest orders are a few hundred KB
 WEBHOOK_HEADERS = {  # platform -> (signature, topic, delivery id, the shop it comes from), as WSGI names them
-    "shopify": ("HTTP_X_SHOPIFY_HMAC_SHA256", "HTTP_X_SHOPIFY_TOPIC", "HTTP_X_SHOPIFY_WEBHOOK_ID",
-                "HTTP_X_SHOPIFY_SHOP_DOMAIN"),
-    "woocommerce": ("HTTP_X_WC_WEBHOOK_SIGNATURE", "HTTP_X_WC_WEBHOOK_TOPIC", "HTTP_X_WC_WEBHOOK_DELIVERY_ID",
-                    "HTTP_X_WC_WEBHOOK_SOURCE"),
+    "shopify": (
+        "HTTP_X_SHOPIFY_HMAC_SHA256",
+        "HTTP_X_SHOPIFY_TOPIC",
+        "HTTP_X_SHOPIFY_WEBHOOK_ID",
+        "HTTP_X_SHOPIFY_SHOP_DOMAIN",
+    ),
+    "woocommerce": (
+        "HTTP_X_WC_WEBHOOK_SIGNATURE",
+        "HTTP_X_WC_WEBHOOK_TOPIC",
+        "HTTP_X_WC_WEBHOOK_DELIVERY_ID",
+        "HTTP_X_WC_WEBHOOK_SOURCE",
+    ),
 }
 DELETE_TOPICS = {"orders/delete", "order.deleted"}
 # A deletion's body is the order's id alone; an order's body has these besides (the platforms' own fields).
 DELETE_KEYS = {"id", "admin_graphql_api_id"}
-ORDER_KEYS = {"shopify": {"name", "order_number", "line_items", "email"},
-              "woocommerce": {"number", "line_items", "billing", "status"}}
+ORDER_KEYS = {
+    "shopify": {"name", "order_number", "line_items", "email"},
+    "woocommerce": {"number", "line_items", "billing", "status"},
+}
 MAX_DELIVERY_ID = 200  # Shopify's are UUIDs, WooCommerce's numbers: a longer one is no platform's
 WEBHOOK_TOPICS = {  # the topics that change an order; any other is answered 200 and ignored
-    "shopify": {"orders/create": shopify_event, "orders/updated": shopify_event, "orders/paid": shopify_event,
-                "orders/fulfilled": shopify_event, "orders/partially_fulfilled": shopify_event,
-                "orders/cancelled": shopify_event, "orders/delete": shopify_event},
-    "woocommerce": {"order.created": woocommerce_event, "order.updated": woocommerce_event,
-                    "order.restored": woocommerce_event, "order.deleted": woocommerce_event},
+    "shopify": {
+        "orders/create": shopify_event,
+        "orders/updated": shopify_event,
+        "orders/paid": shopify_event,
+        "orders/fulfilled": shopify_event,
+        "orders/partially_fulfilled": shopify_event,
+        "orders/cancelled": shopify_event,
+        "orders/delete": shopify_event,
+    },
+    "woocommerce": {
+        "order.created": woocommerce_event,
+        "order.updated": woocommerce_event,
+        "order.restored": woocommerce_event,
+        "order.deleted": woocommerce_event,
+    },
 }
 PING = re.compile(rb"webhook_id=\d+")  # WooCommerce's unsigned ping when a webhook is saved
 
@@ -5662,7 +6476,10 @@ class Webhooks:
             outcome, status, reason = refusal
             return self.told(platform, outcome, status, json.dumps({"context": reason}).encode())
         # The topic and the delivery id are not signed: the body's own hash also marks it as seen.
-        seen = (f"{platform}:body:{hashlib.sha256(body).hexdigest()}", *([f"{platform}:{delivery}"] if delivery else []))
+        seen = (
+            f"{platform}:body:{hashlib.sha256(body).hexdigest()}",
+            *([f"{platform}:{delivery}"] if delivery else []),
+        )
         return self.store(platform, topic, event, seen)
 
     def refusal(self, platform, topic, order, delivery, shop):
@@ -5677,8 +6494,15 @@ class Webhooks:
         if len(delivery) > MAX_DELIVERY_ID:
             return "bad_delivery_id", 400, f"The delivery id is longer than {MAX_DELIVERY_ID} characters."
         if (topic in DELETE_TOPICS) != (set(order) <= DELETE_KEYS):
-            return "wrong_topic", 400, ("A deletion's body holds only the order's id." if topic in DELETE_TOPICS
-                                        else "The body holds only an id, which is a deletion, not an order.")
+            return (
+                "wrong_topic",
+                400,
+                (
+                    "A deletion's body holds only the order's id."
+                    if topic in DELETE_TOPICS
+                    else "The body holds only an id, which is a deletion, not an order."
+                ),
+            )
         if topic not in DELETE_TOPICS and not ORDER_KEYS[platform] & set(order):
             return "not_an_order", 400, "The body is not an order: it has none of an order's fields."
         domains = self.service.settings.shop_domains
@@ -5692,24 +6516,42 @@ class Webhooks:
         snapshot, overlay, store = service.snapshot, service.overlay, service.store
         if store is None or snapshot is None or overlay is None:
             counts["rejected"] += 1
-            return self.told(platform, "unavailable", 503, json.dumps(
-                {"context": "Events cannot be stored right now; the shop will send it again."}).encode())
+            return self.told(
+                platform,
+                "unavailable",
+                503,
+                json.dumps({"context": "Events cannot be stored right now; the shop will send it again."}).encode(),
+            )
         key = None  # a deletion names only the shop's id: the store knows the order's key
         if not event.deleted:
             key = (snapshot.normalise(event.fields["order_id"]), normalise_email(event.fields["email"]))
             if not all(key):
-                return self.told(platform, "no_number_or_email", 200, json.dumps(
-                    {"stored": False, "reason": "the order has no number or no email, so no lookup could find it"}).encode())
+                return self.told(
+                    platform,
+                    "no_number_or_email",
+                    200,
+                    json.dumps(
+                        {"stored": False, "reason": "the order has no number or no email, so no lookup could find it"}
+                    ).encode(),
+                )
             if event.time < snapshot.covers:
-                return self.told(platform, "older_than_export", 200, json.dumps(
-                    {"stored": False, "reason": "the export being served is newer"}).encode())
+                return self.told(
+                    platform,
+                    "older_than_export",
+                    200,
+                    json.dumps({"stored": False, "reason": "the export being served is newer"}).encode(),
+                )
         try:
             job = store.apply(event, key, deliveries)
         except StoreError as e:
             counts["rejected"] += 1
             log.error("webhook %s %s not stored: %s", platform, topic, e)
-            return self.told(platform, "store_failed", 503, json.dumps(
-                {"context": "The event could not be stored; the shop will send it again."}).encode())
+            return self.told(
+                platform,
+                "store_failed",
+                503,
+                json.dumps({"context": "The event could not be stored; the shop will send it again."}).encode(),
+            )
         outcome = job.outcome
         if outcome == "applied":
             with service.events_lock:  # as the store had it once written, newest first
@@ -5719,21 +6561,30 @@ class Webhooks:
                         service.overlay.drop(gone_platform, gone_key)
                 if job.now and service.overlay:
                     order_key, email_key, fields, deleted, moment = job.now
-                    service.overlay.put(platform, (order_key, email_key), None if deleted else json.loads(fields),
-                                        moment, job.before)
+                    service.overlay.put(
+                        platform, (order_key, email_key), None if deleted else json.loads(fields), moment, job.before
+                    )
                 service.note_fresher(time.time())
             counts["applied"] += 1
             self.last[platform] = time.time()
         log.info("webhook %s %s order=%s: %s", platform, topic, printable((job.now or key or ("?",))[0])[:20], outcome)
-        return self.told(platform, outcome, 200, json.dumps({"stored": outcome == "applied", "outcome": outcome}).encode())
+        return self.told(
+            platform, outcome, 200, json.dumps({"stored": outcome == "applied", "outcome": outcome}).encode()
+        )
 
     def status(self):
         """Per platform: events received, applied, rejected; the last one's time; orders answered from events."""
         overlay = self.service.overlay
-        return {platform: {"received": counts["received"], "applied": counts["applied"], "rejected": counts["rejected"],
-                           "last_event": iso_time(self.last[platform]) if platform in self.last else None,
-                           "orders_from_events": overlay.platforms[platform] if overlay else 0}
-                for platform, counts in self.counts.items()}
+        return {
+            platform: {
+                "received": counts["received"],
+                "applied": counts["applied"],
+                "rejected": counts["rejected"],
+                "last_event": iso_time(self.last[platform]) if platform in self.last else None,
+                "orders_from_events": overlay.platforms[platform] if overlay else 0,
+            }
+            for platform, counts in self.counts.items()
+        }
 
 
 def from_shop(platform, order, shop, domains):
@@ -5746,9 +6597,17 @@ def from_shop(platform, order, shop, domains):
     if header_host not in domains:
         return False
     described = order.get("_links") if isinstance(order.get("_links"), dict) else {}
-    links = [order.get("order_status_url")] if platform == "shopify" else [
-        link.get("href") for links in described.values() if isinstance(links, list)
-        for link in links if isinstance(link, dict)]
+    links = (
+        [order.get("order_status_url")]
+        if platform == "shopify"
+        else [
+            link.get("href")
+            for links in described.values()
+            if isinstance(links, list)
+            for link in links
+            if isinstance(link, dict)
+        ]
+    )
     hosts = {urlsplit(link).hostname for link in links if isinstance(link, str) and "//" in link}
     return hosts <= domains
 
@@ -5879,48 +6738,85 @@ def lookup_params(query_string):
 
 
 CONTEXT_BODY = {
-    "type": "object", "required": ["context"], "additionalProperties": False,
-    "properties": {"context": {"type": "string", "description": "What the chat agent words its answer from; "
-                                                                "always says whether the order was found."}},
+    "type": "object",
+    "required": ["context"],
+    "additionalProperties": False,
+    "properties": {
+        "context": {
+            "type": "string",
+            "description": "What the chat agent words its answer from; always says whether the order was found.",
+        }
+    },
 }
 FOUND_BODY = {
-    "type": "object", "required": ["context", "tracking_url"], "additionalProperties": False,
+    "type": "object",
+    "required": ["context", "tracking_url"],
+    "additionalProperties": False,
     "properties": {
         "context": {"type": "string"},
-        "tracking_url": {"type": ["string", "null"], "pattern": "^https?://", "description": "A tracking link, or null."},
+        "tracking_url": {
+            "type": ["string", "null"],
+            "pattern": "^https?://",
+            "description": "A tracking link, or null.",
+        },
     },
 }
 HEALTH_BODY = {
-    "type": "object", "required": ["status", "data_age_seconds"],
+    "type": "object",
+    "required": ["status", "data_age_seconds"],
     "properties": {
         "status": {"enum": ["ok", "degraded"]},
         "data_age_seconds": {"type": ["integer", "null"]},
         "reasons": {"type": "array", "items": {"type": "string"}},
-        "file": {"type": "string"}, "file_modified": {"type": "string"},
-        "from_last_good_copy": {"type": "boolean"}, "layout": {"type": "string"},
-        "orders": {"type": "integer"}, "rows": {"type": "integer"},
-        "loaded_at": {"type": "string"}, "load_seconds": {"type": "number"},
+        "file": {"type": "string"},
+        "file_modified": {"type": "string"},
+        "from_last_good_copy": {"type": "boolean"},
+        "layout": {"type": "string"},
+        "orders": {"type": "integer"},
+        "rows": {"type": "integer"},
+        "loaded_at": {"type": "string"},
+        "load_seconds": {"type": "number"},
         "max_age_hours": {"type": "number"},
-        "webhooks": {"type": "object", "description": "Per shop platform: events received, applied, rejected, the "
-                                                      "last event's time, orders answered from events."},
-        "last_refused": {"type": ["object", "null"]}, "config": {"type": "string"},
-        "columns_found_by_content": {"type": "object", "additionalProperties": {"type": "string"},
-                                     "description": "Fields read from a column chosen by its content, not a header."},
+        "webhooks": {
+            "type": "object",
+            "description": "Per shop platform: events received, applied, rejected, the "
+            "last event's time, orders answered from events.",
+        },
+        "last_refused": {"type": ["object", "null"]},
+        "config": {"type": "string"},
+        "columns_found_by_content": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Fields read from a column chosen by its content, not a header.",
+        },
         "fetch": {"type": "object", "description": "ORDERS_URL: the last fetch, its outcome, failures."},
-        "rows_read": {"type": "object", "description": "What reading the export left out (rows by reason: no order "
-                                                       "number, a footer, lines before the header), item rows "
-                                                       "attached to the order above, cells withheld as damaged."},
-        "columns_changed": {"type": "array", "items": {
-            "type": "object", "properties": {"field": {"type": "string"}, "was": {"type": "string"},
-                                             "now": {"type": "string"}}},
+        "rows_read": {
+            "type": "object",
+            "description": "What reading the export left out (rows by reason: no order "
+            "number, a footer, lines before the header), item rows "
+            "attached to the order above, cells withheld as damaged.",
+        },
+        "columns_changed": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"field": {"type": "string"}, "was": {"type": "string"}, "now": {"type": "string"}},
+            },
             "description": "The export's header row changed since the last export accepted, and these fields are "
-                           "now read from another column: check that each is right."},
-        "relay_addresses": {"type": "object", "description": "A marketplace's relay e-mail addresses in the export: "
-                                                             "customers do not know them, so lookups by their own "
-                                                             "address will not find those orders."},
-        "notes": {"type": "array", "items": {"type": "string"},
-                  "description": "What to know about the export served that is no fault (relay addresses, a "
-                                 "changed header row), as check and the status page say it."},
+            "now read from another column: check that each is right.",
+        },
+        "relay_addresses": {
+            "type": "object",
+            "description": "A marketplace's relay e-mail addresses in the export: "
+            "customers do not know them, so lookups by their own "
+            "address will not find those orders.",
+        },
+        "notes": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "What to know about the export served that is no fault (relay addresses, a "
+            "changed header row), as check and the status page say it.",
+        },
     },
 }
 
@@ -5935,44 +6831,69 @@ def json_response(description, schema, headers=None):
 
 OPENAPI = {
     "openapi": "3.1.0",
-    "info": {"title": "Order lookup", "version": __version__,
-             "description": "Answers a chat agent's order-tracking lookups from a shop's orders export."},
+    "info": {
+        "title": "Order lookup",
+        "version": __version__,
+        "description": "Answers a chat agent's order-tracking lookups from a shop's orders export.",
+    },
     "components": {"securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
     "paths": {
-        "/lookup": {"get": {
-            "summary": "Look an order up by its number and the customer's email",
-            "security": [{"apiKey": []}],
-            "parameters": [
-                {"name": "order_id", "in": "query", "required": True,
-                 "schema": {"type": "string", "maxLength": MAX_ORDER_ID}, "example": "#1001",
-                 "description": "The order number; '#', spaces, punctuation and case are ignored."},
-                {"name": "customer_email", "in": "query", "required": True,
-                 "schema": {"type": "string", "maxLength": MAX_EMAIL}, "example": "jane@example.com",
-                 "description": "The email of the order; case and surrounding spaces are ignored."},
-            ],
-            "responses": {
-                "200": json_response("The order was found.", FOUND_BODY),
-                "400": json_response("A parameter is missing, blank or not valid; the context says what to ask for.",
-                                     CONTEXT_BODY),
-                "401": {"description": "The x-api-key header is missing or wrong. Empty body.",
-                        "content": {JSON: {"schema": {"type": "string", "maxLength": 0}}}},
-                "404": json_response("No order with that number and that email. The same whether or not the "
-                                     "number exists.", CONTEXT_BODY),
-                "429": json_response("Too many wrong keys from this address.", CONTEXT_BODY,
-                                     {"Retry-After": {"schema": {"type": "string"}}}),
-                "500": json_response("The service has a fault.", CONTEXT_BODY),
-                "503": json_response("No data is loaded yet.", CONTEXT_BODY),
-            },
-        }},
-        "/healthz": {"get": {
-            "summary": "Health and data age for uptime monitors; details with a valid key",
-            "security": [{}, {"apiKey": []}],
-            "responses": {
-                "200": json_response("Healthy: data loaded, fresh, nothing refused.", HEALTH_BODY),
-                "503": json_response("Degraded: stale data, a refused export or config, or no data.", HEALTH_BODY),
-                "429": json_response("Too many wrong keys from this address.", CONTEXT_BODY),
-            },
-        }},
+        "/lookup": {
+            "get": {
+                "summary": "Look an order up by its number and the customer's email",
+                "security": [{"apiKey": []}],
+                "parameters": [
+                    {
+                        "name": "order_id",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string", "maxLength": MAX_ORDER_ID},
+                        "example": "#1001",
+                        "description": "The order number; '#', spaces, punctuation and case are ignored.",
+                    },
+                    {
+                        "name": "customer_email",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string", "maxLength": MAX_EMAIL},
+                        "example": "jane@example.com",
+                        "description": "The email of the order; case and surrounding spaces are ignored.",
+                    },
+                ],
+                "responses": {
+                    "200": json_response("The order was found.", FOUND_BODY),
+                    "400": json_response(
+                        "A parameter is missing, blank or not valid; the context says what to ask for.", CONTEXT_BODY
+                    ),
+                    "401": {
+                        "description": "The x-api-key header is missing or wrong. Empty body.",
+                        "content": {JSON: {"schema": {"type": "string", "maxLength": 0}}},
+                    },
+                    "404": json_response(
+                        "No order with that number and that email. The same whether or not the number exists.",
+                        CONTEXT_BODY,
+                    ),
+                    "429": json_response(
+                        "Too many wrong keys from this address.",
+                        CONTEXT_BODY,
+                        {"Retry-After": {"schema": {"type": "string"}}},
+                    ),
+                    "500": json_response("The service has a fault.", CONTEXT_BODY),
+                    "503": json_response("No data is loaded yet.", CONTEXT_BODY),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Health and data age for uptime monitors; details with a valid key",
+                "security": [{}, {"apiKey": []}],
+                "responses": {
+                    "200": json_response("Healthy: data loaded, fresh, nothing refused.", HEALTH_BODY),
+                    "503": json_response("Degraded: stale data, a refused export or config, or no data.", HEALTH_BODY),
+                    "429": json_response("Too many wrong keys from this address.", CONTEXT_BODY),
+                },
+            }
+        },
     },
 }
 
@@ -6021,8 +6942,11 @@ def create_app(service, write_request=None):
     `serve` passes the log thread's queue, which counts them off the request's path.
     """
     if write_request is None:
-        write_request = RequestLog.log_request if service.insights is None else (
-            lambda entry: (RequestLog.log_request(entry), service.insights.observe((entry,))))
+        write_request = (
+            RequestLog.log_request
+            if service.insights is None
+            else (lambda entry: (RequestLog.log_request(entry), service.insights.observe((entry,))))
+        )
     app = bottle.Bottle()
     app.config["catchall"] = True
     # Every route returns its body ready-made: the JSON and template plugins would only wrap
@@ -6063,8 +6987,9 @@ def add_lookup_routes(app, service, gate):
         bottle.response.status = 200 if healthy else 503
         if detailed:
             return json.dumps(service.status())
-        return json.dumps({"status": "ok" if healthy else "degraded",
-                           "data_age_seconds": None if age is None else round(age)})
+        return json.dumps(
+            {"status": "ok" if healthy else "degraded", "data_age_seconds": None if age is None else round(age)}
+        )
 
     @app.get("/livez")
     def livez():
@@ -6107,7 +7032,9 @@ def add_source_routes(app, service, gate):
         # The key first, as for lookups: the right one is never throttled, whoever else shares its address.
         if not key_ok(gate.upload_keys, environ.get("HTTP_X_UPLOAD_KEY")):  # the chat platform's key changes no data
             gate.failed(environ)
-            log.warning("upload: %s bytes: refused, a wrong or missing x-upload-key", environ.get("CONTENT_LENGTH") or 0)
+            log.warning(
+                "upload: %s bytes: refused, a wrong or missing x-upload-key", environ.get("CONTENT_LENGTH") or 0
+            )
             raise bottle.HTTPResponse(b"", 401, content_type=JSON)
         status, body = receive_upload(service, environ)
         bottle.response.status = status
@@ -6125,8 +7052,9 @@ def add_page_routes(app, service, gate):
         if service.insights is None:
             raise bottle.HTTPError(404)  # METRICS=no: no such address
         if not gate.signed_in(bottle.request.environ)[0]:  # Prometheus: basic_auth with the key as password
-            raise bottle.HTTPResponse(b"", 401, content_type=JSON,
-                                      WWW_Authenticate='Basic realm="Order lookup metrics", charset="UTF-8"')
+            raise bottle.HTTPResponse(
+                b"", 401, content_type=JSON, WWW_Authenticate='Basic realm="Order lookup metrics", charset="UTF-8"'
+            )
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         with making:
@@ -6175,8 +7103,10 @@ def same_origin(environ):
 PAGE_HEADERS = [
     ("Content-Type", "text/html; charset=utf-8"),
     # One page, no external assets: nothing may load, frame it, or be sent elsewhere.
-    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-                                "frame-ancestors 'none'; base-uri 'none'"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
     ("X-Frame-Options", "DENY"),
     # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" with the form's
     # own POST, and over plain HTTP no Sec-Fetch-Site either, so same_origin() could not tell.
@@ -6185,12 +7115,21 @@ PAGE_HEADERS = [
 
 # Made-up values to show each template the way the chat agent would read it.
 SAMPLE = {
-    "order_id": "#1001", "items": "2 x Merino Wool Socks, 1 x Beanie", "item_count": "3",
-    "shipped_items": "2 x Merino Wool Socks", "unshipped_items": "1 x Beanie",
-    "tracking_number": "1Z999AA10123456784", "tracking_numbers": "1Z999AA10123456784",
-    "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784", "carrier": "UPS",
-    "estimated_delivery": "2026-12-02", "order_date": "2026-11-27", "shipped_at": "2026-11-28",
-    "status": "fulfilled", "financial_status": "paid", "missing": "the email address used for the order",
+    "order_id": "#1001",
+    "items": "2 x Merino Wool Socks, 1 x Beanie",
+    "item_count": "3",
+    "shipped_items": "2 x Merino Wool Socks",
+    "unshipped_items": "1 x Beanie",
+    "tracking_number": "1Z999AA10123456784",
+    "tracking_numbers": "1Z999AA10123456784",
+    "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784",
+    "carrier": "UPS",
+    "estimated_delivery": "2026-12-02",
+    "order_date": "2026-11-27",
+    "shipped_at": "2026-11-28",
+    "status": "fulfilled",
+    "financial_status": "paid",
+    "missing": "the email address used for the order",
     "records_updated": "28 Nov 2026, 02:15 UTC",
 }
 
@@ -6224,9 +7163,18 @@ def status_view(service, tried):
     color, reasons, age = freshness(service)
     config = service.snapshot.config if service.snapshot else None
     status, snapshot = service.status(), service.snapshot
-    view = {"color": color, "word": FRESHNESS_WORDS[color], "reasons": reasons, "status": status,
-            "age": describe_age(age), "tried": tried, "rules": [], "templates": [],
-            "day": service.insights.day() if service.insights else None, "times": {}}
+    view = {
+        "color": color,
+        "word": FRESHNESS_WORDS[color],
+        "reasons": reasons,
+        "status": status,
+        "age": describe_age(age),
+        "tried": tried,
+        "rules": [],
+        "templates": [],
+        "day": service.insights.day() if service.insights else None,
+        "times": {},
+    }
     refused = status["last_refused"]
     view["times"] = {
         "exported": plain_time(snapshot.made) if snapshot else "",
@@ -6235,9 +7183,12 @@ def status_view(service, tried):
         "refused": plain_time(moment_of(refused["at"])) if refused else "",
         "fetched": plain_time(moment_of(status["fetch"]["last_success"])) if status.get("fetch") else "",
         "lag": f" (the file's time less export_lag_hours = {config.export_lag_hours:g})"
-               if config and config.export_lag_hours else "",
-        "events": {platform: plain_time(moment_of(counts["last_event"])) if counts["last_event"] else "none yet"
-                   for platform, counts in (status.get("webhooks") or {}).items()},
+        if config and config.export_lag_hours
+        else "",
+        "events": {
+            platform: plain_time(moment_of(counts["last_event"])) if counts["last_event"] else "none yet"
+            for platform, counts in (status.get("webhooks") or {}).items()
+        },
     }
     view["rules_said"] = f"{plural(len(config.rules), 'rule')}, then the default" if config else ""
     if config:
@@ -6251,8 +7202,10 @@ def describe_when(rule):
     """A rule's conditions in words: status is shipped or delivered, tracking_url is filled."""
     if not rule.conditions:
         return "always"
-    parts = [f"{name} is filled" if wanted is None else f"{name} is {' or '.join(sorted(wanted))}"
-             for name, wanted in rule.conditions]
+    parts = [
+        f"{name} is filled" if wanted is None else f"{name} is {' or '.join(sorted(wanted))}"
+        for name, wanted in rule.conditions
+    ]
     return ", and ".join(parts)
 
 
@@ -6299,8 +7252,12 @@ def try_lookup(service, order_id, email):
     if service.snapshot is None:
         return {"status": "503 Service Unavailable", "body": service.unavailable().decode()}
     status, body = answer(service.snapshot, order_id, email, service.overlay)
-    return {"status": f"{status} {HTTPStatus(status).phrase}", "body": body.decode(),
-            "order_id": order_id, "email": email}
+    return {
+        "status": f"{status} {HTTPStatus(status).phrase}",
+        "body": body.decode(),
+        "order_id": order_id,
+        "email": email,
+    }
 
 
 PAGE_STYLE = """<style>
@@ -6334,21 +7291,31 @@ summary{cursor:pointer;font-weight:600;margin-top:1.5rem}
 
 def page(title, body):
     """An HTML page: the doctype first (else browsers render in quirks mode), then the head, then body."""
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
-            f"{PAGE_STYLE}</head><body>{body}</body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
+        f"{PAGE_STYLE}</head><body>{body}</body></html>\n"
+    )
 
 
-PUBLIC_PAGE = bottle.SimpleTemplate(page("Order lookup", """
+PUBLIC_PAGE = bottle.SimpleTemplate(
+    page(
+        "Order lookup",
+        """
 <h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
 <p>Data age: {{age}}.</p>
 <p>Details are for the shop's staff: <a href="/?login">sign in</a> with any user name and the
 API key as the password.</p>
-"""))
+""",
+    )
+)
 
 # Freshness, its problem and the lookup form first: what a merchant checks on a phone. The
 # form posts to #tried, so the browser lands on the result; rules and answers are folded.
-STATUS_PAGE = bottle.SimpleTemplate(page("Order lookup status", """
+STATUS_PAGE = bottle.SimpleTemplate(
+    page(
+        "Order lookup status",
+        """
 <h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
 <ul id="reasons">
 % for reason in reasons:
@@ -6438,17 +7405,23 @@ STATUS_PAGE = bottle.SimpleTemplate(page("Order lookup status", """
 % end
 </table>
 </details>
-"""))
+""",
+    )
+)
 
 
-FORBIDDEN_PAGE = page("Order lookup", """
+FORBIDDEN_PAGE = page(
+    "Order lookup",
+    """
 <h1>Not sent from this page</h1><p>The lookup form works only from the status page itself.
 <a href="/">Open it</a> and try again.</p>
-""")
+""",
+)
 
 # Before any contexts.toml has loaded, a fault is worded as the shipped `unavailable` template.
-UNAVAILABLE = json.dumps({"context": "The order could not be checked right now. Please try again in a few "
-                                     "minutes or contact support."}).encode()
+UNAVAILABLE = json.dumps(
+    {"context": "The order could not be checked right now. Please try again in a few minutes or contact support."}
+).encode()
 
 ERROR_TEXTS = {
     404: "There is nothing at this address. Orders are looked up at /lookup.",
@@ -6476,8 +7449,15 @@ LOOKUP_OUTCOMES = ("found", "not_found", "missing", "invalid", "unauthorized", "
 # Upper bounds in milliseconds: for /metrics' histogram and the status page's p50 and p99.
 LATENCY_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 250, 500, 1000, 2500, 5000)
 # The status page's headings for them: short, so that a phone shows every column.
-OUTCOME_HEADINGS = {"found": "found", "not_found": "not found", "missing": "left out", "invalid": "unreadable",
-                    "unauthorized": "wrong key", "throttled": "throttled", "error": "error"}
+OUTCOME_HEADINGS = {
+    "found": "found",
+    "not_found": "not found",
+    "missing": "left out",
+    "invalid": "unreadable",
+    "unauthorized": "wrong key",
+    "throttled": "throttled",
+    "error": "error",
+}
 INSIGHT_HOURS = 24
 RECENT_NOT_FOUND = 20
 
@@ -6552,21 +7532,28 @@ class Insights:
         now = time.time() if now is None else now
         first = int(now // 3600) - INSIGHT_HOURS + 1
         with self.lock:
-            hours = [(hour, Counter(outcomes), list(buckets)) for hour, (outcomes, buckets) in self.hours.items()
-                     if hour >= first]
+            hours = [
+                (hour, Counter(outcomes), list(buckets))
+                for hour, (outcomes, buckets) in self.hours.items()
+                if hour >= first
+            ]
             recent = list(reversed(self.not_found))
         total, buckets = Counter(), [0] * (len(LATENCY_MS) + 1)
         for _, outcomes, counts in hours:
             total.update(outcomes)
             buckets = [a + b for a, b in zip(buckets, counts)]
         answered = total["found"] + total["not_found"]
-        return {"hours": [(iso_time(hour * 3600)[11:16], outcomes) for hour, outcomes, _ in hours],
-                # found and not found always; the other outcomes only where the day had any
-                "columns": [(o, OUTCOME_HEADINGS[o]) for o in LOOKUP_OUTCOMES if o in ("found", "not_found") or total[o]],
-                "total": total, "lookups": sum(total.values()),
-                "not_found_share": total["not_found"] / answered if answered else None,
-                "p50_ms": percentile(buckets, 0.50), "p99_ms": percentile(buckets, 0.99),
-                "recent_not_found": [(iso_time(moment), number, email) for moment, number, email in recent]}
+        return {
+            "hours": [(iso_time(hour * 3600)[11:16], outcomes) for hour, outcomes, _ in hours],
+            # found and not found always; the other outcomes only where the day had any
+            "columns": [(o, OUTCOME_HEADINGS[o]) for o in LOOKUP_OUTCOMES if o in ("found", "not_found") or total[o]],
+            "total": total,
+            "lookups": sum(total.values()),
+            "not_found_share": total["not_found"] / answered if answered else None,
+            "p50_ms": percentile(buckets, 0.50),
+            "p99_ms": percentile(buckets, 0.99),
+            "recent_not_found": [(iso_time(moment), number, email) for moment, number, email in recent],
+        }
 
 
 def percentile(buckets, share):
@@ -6600,17 +7587,23 @@ class MetricsCollector:
             lookups.add_metric([outcome], outcomes[outcome])
         yield lookups
         cumulative = list(accumulate(latency))
-        yield HistogramMetricFamily("orders_lookup_duration_seconds", "Time to answer a lookup.",
-                                    buckets=[(f"{bound / 1000:g}", n) for bound, n in zip(LATENCY_MS, cumulative)]
-                                    + [("+Inf", cumulative[-1])], sum_value=latency_sum)
+        yield HistogramMetricFamily(
+            "orders_lookup_duration_seconds",
+            "Time to answer a lookup.",
+            buckets=[(f"{bound / 1000:g}", n) for bound, n in zip(LATENCY_MS, cumulative)] + [("+Inf", cumulative[-1])],
+            sum_value=latency_sum,
+        )
         yield from self.data(service)
-        loads = CounterMetricFamily("orders_loads_refused", "Exports or contexts.toml edits refused, by reason.",
-                                    labels=["reason"])
+        loads = CounterMetricFamily(
+            "orders_loads_refused", "Exports or contexts.toml edits refused, by reason.", labels=["reason"]
+        )
         for kind, count in sorted(service.loads.items()):
             if kind != "accepted":
                 loads.add_metric([kind], count)
         yield loads
-        yield CounterMetricFamily("orders_loads_accepted", "Exports loaded and served.", value=service.loads["accepted"])
+        yield CounterMetricFamily(
+            "orders_loads_accepted", "Exports loaded and served.", value=service.loads["accepted"]
+        )
         yield from self.sources(service)
 
     @staticmethod
@@ -6620,32 +7613,47 @@ class MetricsCollector:
 
         snapshot, (_, _, age) = service.snapshot, service.health()
         for name, doc, value in (
-                ("orders_served_orders", "Orders in the export being served.", snapshot.orders if snapshot else 0),
-                ("orders_served_rows", "Rows in the export being served.", snapshot.rows if snapshot else 0),
-                ("orders_data_age_seconds", "Age of the export being served.", age if age is not None else math.nan),
-                ("orders_max_age_seconds", "[settings] max_age_hours: older data is stale.",
-                 snapshot.config.max_age_hours * 3600 if snapshot else math.nan),
-                ("orders_last_load_duration_seconds", "How long the last accepted load took.",
-                 snapshot.seconds if snapshot else math.nan)):
+            ("orders_served_orders", "Orders in the export being served.", snapshot.orders if snapshot else 0),
+            ("orders_served_rows", "Rows in the export being served.", snapshot.rows if snapshot else 0),
+            ("orders_data_age_seconds", "Age of the export being served.", age if age is not None else math.nan),
+            (
+                "orders_max_age_seconds",
+                "[settings] max_age_hours: older data is stale.",
+                snapshot.config.max_age_hours * 3600 if snapshot else math.nan,
+            ),
+            (
+                "orders_last_load_duration_seconds",
+                "How long the last accepted load took.",
+                snapshot.seconds if snapshot else math.nan,
+            ),
+        ):
             yield GaugeMetricFamily(name, doc, value=value)
-        refused = GaugeMetricFamily("orders_export_refused", "1 while the last export that came (dropped in the "
-                                    "folder, uploaded or fetched) stands refused, until a good one is served.",
-                                    labels=["source"])
+        refused = GaugeMetricFamily(
+            "orders_export_refused",
+            "1 while the last export that came (dropped in the "
+            "folder, uploaded or fetched) stands refused, until a good one is served.",
+            labels=["source"],
+        )
         for source in ("folder", "upload", "fetch"):
             refused.add_metric([source], 1 if (service.refused or {}).get("source") == source else 0)
         yield refused
         if snapshot is None:
             return
         counts = reading_counts(snapshot)
-        left_out = GaugeMetricFamily("orders_rows_left_out", "Rows of the export served that are no order, by reason.",
-                                     labels=["reason"])
+        left_out = GaugeMetricFamily(
+            "orders_rows_left_out", "Rows of the export served that are no order, by reason.", labels=["reason"]
+        )
         for reason, count in counts["left_out"].items():
             left_out.add_metric([reason], count)
         yield left_out
-        yield GaugeMetricFamily("orders_rows_attached", "Item rows without an order number taken as the order above's.",
-                                value=counts["attached_to_the_order_above"])
-        withheld = GaugeMetricFamily("orders_cells_withheld", "Cells a spreadsheet damaged, withheld, by field.",
-                                     labels=["field"])
+        yield GaugeMetricFamily(
+            "orders_rows_attached",
+            "Item rows without an order number taken as the order above's.",
+            value=counts["attached_to_the_order_above"],
+        )
+        withheld = GaugeMetricFamily(
+            "orders_cells_withheld", "Cells a spreadsheet damaged, withheld, by field.", labels=["field"]
+        )
         for field_name, count in counts["cells_withheld"].items():
             withheld.add_metric([field_name], count)
         yield withheld
@@ -6656,8 +7664,9 @@ class MetricsCollector:
         from prometheus_client.core import CounterMetricFamily
 
         if service.webhooks:
-            events = CounterMetricFamily("orders_webhook_events", "Webhook deliveries by platform and outcome.",
-                                         labels=["platform", "outcome"])
+            events = CounterMetricFamily(
+                "orders_webhook_events", "Webhook deliveries by platform and outcome.", labels=["platform", "outcome"]
+            )
             for platform, outcomes in service.webhooks.outcomes.items():
                 for outcome, count in sorted(outcomes.items()):
                     events.add_metric([platform, outcome], count)
@@ -6717,12 +7726,21 @@ class RequestLog:
                 fault = self.unavailable()
             except Exception:  # the fault's own wording must not be a second fault
                 fault = UNAVAILABLE
-            start_response(seen[-1], [("Content-Type", JSON), ("Content-Length", str(len(fault)))]
-                           + COMMON_HEADERS, sys.exc_info())
+            start_response(
+                seen[-1], [("Content-Type", JSON), ("Content-Length", str(len(fault)))] + COMMON_HEADERS, sys.exc_info()
+            )
             body = [fault]
-        self.write_request((time.time(), environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", "-"),
-                            environ.get("PATH_INFO", ""), seen[-1] if seen else "-",
-                            (time.perf_counter() - started) * 1000, environ.get("orders.lookup")))
+        self.write_request(
+            (
+                time.time(),
+                environ.get("REMOTE_ADDR", "-"),
+                environ.get("REQUEST_METHOD", "-"),
+                environ.get("PATH_INFO", ""),
+                seen[-1] if seen else "-",
+                (time.perf_counter() - started) * 1000,
+                environ.get("orders.lookup"),
+            )
+        )
         return body
 
 
@@ -6875,6 +7893,7 @@ def setup_logging(log_format, quiet=False):
 # The server: waitress, its limits, one CPU ###################################
 ###############################################################################
 
+
 def keep_to_one_cpu(chosen=None, port=0):
     """Keep every thread of this process on one CPU: chosen, else the one fewest other instances hold.
 
@@ -6887,8 +7906,9 @@ def keep_to_one_cpu(chosen=None, port=0):
         return None
     allowed = sorted(os.sched_getaffinity(0))
     if chosen is not None and chosen not in allowed:
-        raise SettingsError(f"CPU={chosen}: this process may use CPU {', '.join(map(str, allowed))} only; "
-                            "choose one of them.")
+        raise SettingsError(
+            f"CPU={chosen}: this process may use CPU {', '.join(map(str, allowed))} only; choose one of them."
+        )
     if chosen is None and len(allowed) < 2:
         return None
     if chosen is None:
@@ -6916,9 +7936,14 @@ def other_instances_cpus():
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                 argv = f.read().decode(errors="replace").split("\0")
-            if not any(arg.endswith("app.py") and os.path.realpath(os.path.join(
-                    os.readlink(f"/proc/{entry.name}/cwd") if not os.path.isabs(arg) else "/", arg)) == ours
-                       for arg in argv):
+            if not any(
+                arg.endswith("app.py")
+                and os.path.realpath(
+                    os.path.join(os.readlink(f"/proc/{entry.name}/cwd") if not os.path.isabs(arg) else "/", arg)
+                )
+                == ours
+                for arg in argv
+            ):
                 continue
             with open(f"/proc/{entry.name}/status") as f:
                 allowed = next(line.split(":", 1)[1].strip() for line in f if line.startswith("Cpus_allowed_list:"))
@@ -6950,8 +7975,9 @@ def make_server(app, settings, **overrides):
     options.update(overrides)
     server = waitress.server.create_server(app, **options)
     # A host with several addresses (localhost: ::1 and 127.0.0.1) makes one server per address.
-    listening = [server] if hasattr(server, "maintenance") else [s for s in server.map.values()
-                                                                   if hasattr(s, "maintenance")]
+    listening = (
+        [server] if hasattr(server, "maintenance") else [s for s in server.map.values() if hasattr(s, "maintenance")]
+    )
     channel = guarded_channel(settings)
     for each in listening:
         each.channel_class = channel
@@ -6965,8 +7991,10 @@ def cannot_listen(settings, error):
 
     where = f"{settings.host}:{settings.port}"
     if error.errno == errno.EADDRINUSE:
-        return (f"port {settings.port} on {settings.host} is already in use (another instance of this service, or "
-                f"another program: `ss -ltnp 'sport = :{settings.port}'` names it). Stop it, or set PORT to a free port.")
+        return (
+            f"port {settings.port} on {settings.host} is already in use (another instance of this service, or "
+            f"another program: `ss -ltnp 'sport = :{settings.port}'` names it). Stop it, or set PORT to a free port."
+        )
     if error.errno in (errno.EACCES, errno.EPERM):
         return f"not allowed to listen on {where}: ports below 1024 need root. Set PORT to 1024 or above (8080)."
     if error.errno == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
@@ -7043,8 +8071,12 @@ def close_slow_requests(server, seconds):
         cutoff = time.monotonic() - seconds
         for channel in list(server.active_channels.values()):
             request = channel.request
-            if request is not None and not request.completed and getattr(request, "began", cutoff) < cutoff \
-                    and not getattr(request, "patient", False):
+            if (
+                request is not None
+                and not request.completed
+                and getattr(request, "began", cutoff) < cutoff
+                and not getattr(request, "patient", False)
+            ):
                 channel.will_close = True
 
     server.maintenance = maintenance
@@ -7053,11 +8085,17 @@ def close_slow_requests(server, seconds):
 def waitress_options(settings):
     """The server's settings, chosen so stalled clients cannot lock the platform out."""
     options = dict(
-        host=settings.host, port=settings.port, threads=settings.threads, ident="orders",
-        connection_limit=settings.connection_limit, channel_timeout=settings.channel_timeout,
+        host=settings.host,
+        port=settings.port,
+        threads=settings.threads,
+        ident="orders",
+        connection_limit=settings.connection_limit,
+        channel_timeout=settings.channel_timeout,
         # The sweep that closes idle and slow connections runs this often (whole seconds).
         cleanup_interval=max(1, int(min(settings.channel_timeout, settings.request_seconds) / 2)),
-        asyncore_use_poll=True, max_request_header_size=16384, max_request_body_size=65536,
+        asyncore_use_poll=True,
+        max_request_header_size=16384,
+        max_request_body_size=65536,
         clear_untrusted_proxy_headers=True,
     )
     if settings.trusted_proxy:
@@ -7069,20 +8107,31 @@ def waitress_options(settings):
 # Command line ################################################################
 ###############################################################################
 
+
 def build_parser():
     """python app.py [serve|check|lookup|probe|purge] with the options each takes."""
     files = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option not given must not hide the environment variable.
-    files.add_argument("--data", default=argparse.SUPPRESS, metavar="PATH",
-                       help="export file, or folder whose newest .csv/.xlsx is served (env ORDERS_FILE; default data/)")
-    files.add_argument("--contexts", default=argparse.SUPPRESS, metavar="FILE",
-                       help="answers and column mapping (env CONTEXTS_FILE; default contexts.toml beside app.py)")
+    files.add_argument(
+        "--data",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="export file, or folder whose newest .csv/.xlsx is served (env ORDERS_FILE; default data/)",
+    )
+    files.add_argument(
+        "--contexts",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="answers and column mapping (env CONTEXTS_FILE; default contexts.toml beside app.py)",
+    )
     listen = argparse.ArgumentParser(add_help=False)
     listen.add_argument("--host", default=argparse.SUPPRESS, help="address to listen on (env HOST; default 127.0.0.1)")
     listen.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (env PORT; default 8080)")
     parser = argparse.ArgumentParser(
-        prog="app.py", parents=[files, listen],
-        description="Answer a chat agent's order lookups from a shop's orders export.")
+        prog="app.py",
+        parents=[files, listen],
+        description="Answer a chat agent's order lookups from a shop's orders export.",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", parents=[files, listen], help="serve the lookup endpoint (the default)")
@@ -7095,8 +8144,11 @@ def build_parser():
     probe.add_argument("--key", required=True, help="the API key given to the chat platform")
     probe.add_argument("--order", help="an order number that exists, to check a found answer")
     probe.add_argument("--email", help="that order's email")
-    probe.add_argument("--webhook", choices=sorted(WEBHOOK_SECRETS),
-                       help="also send a signed test event to /webhooks/PLATFORM (it changes no order)")
+    probe.add_argument(
+        "--webhook",
+        choices=sorted(WEBHOOK_SECRETS),
+        help="also send a signed test event to /webhooks/PLATFORM (it changes no order)",
+    )
     probe.add_argument("--secret", help="the webhook's secret, as the shop shows it")
     purge = commands.add_parser("purge", help="delete every stored webhook event of an e-mail address (env STATE_DIR)")
     purge.add_argument("email", help="the address the customer ordered with")
@@ -7128,8 +8180,10 @@ def run_check(settings, args):
     snapshot = build_snapshot(config, path, settings.memory_limit_mb, previous=read_choice(settings.state / ACCEPTED))
     surveyed = survey(snapshot)
     # Said only now: a placeholder or rule field is checked against the export's columns.
-    print(f"config   {printable(settings.contexts)}: ok ({plural(len(config.templates), 'template')}, "
-          f"{plural(len(config.rules), 'rule')})")
+    print(
+        f"config   {printable(settings.contexts)}: ok ({plural(len(config.templates), 'template')}, "
+        f"{plural(len(config.rules), 'rule')})"
+    )
     if settings.data.is_dir() and (stray := passed_over(settings.data)):
         print(f"files    passed over, as they hold no table: {', '.join(map(printable, stray))}")
     for line in check_summary(snapshot, surveyed):
@@ -7155,12 +8209,16 @@ def check_summary(snapshot, surveyed):
     plan = snapshot.packer.plan
     if snapshot.config.retired:
         names = ", ".join(field_name for field_name, _ in snapshot.config.retired)
-        yield (f"columns  [columns] {names}: each is a list an earlier release shipped, read as shipped data: these "
-               "fields are found by their headers' words now, as below (the lines may be deleted)")
+        yield (
+            f"columns  [columns] {names}: each is a list an earlier release shipped, read as shipped data: these "
+            "fields are found by their headers' words now, as below (the lines may be deleted)"
+        )
     if retired := snapshot.config.retired_carriers:
-        yield (f"carriers [carriers] {', '.join(retired[:5])}{' and more' if len(retired) > 5 else ''}: "
-               f"{plural(len(retired), 'line')} equal to a page the service ships (carriers.toml) or once shipped: "
-               "carriers.toml's serves, so its fixes reach you (the lines may be deleted)")
+        yield (
+            f"carriers [carriers] {', '.join(retired[:5])}{' and more' if len(retired) > 5 else ''}: "
+            f"{plural(len(retired), 'line')} equal to a page the service ships (carriers.toml) or once shipped: "
+            "carriers.toml's serves, so its fixes reach you (the lines may be deleted)"
+        )
     header = plan.header
     others = {field_name: [header[i] for i in more] for field_name, _, more in plan.competing}
     for field_name, chosen in snapshot.columns.items():
@@ -7168,40 +8226,53 @@ def check_summary(snapshot, surveyed):
         if field_name in others:
             why.append(f"also fits: {', '.join(repr(printable(h)) for h in others[field_name])}")
         said = "; ".join(filter(None, why))
-        yield f"column   {field_name:<18} <- \"{printable(chosen)}\"" + (f" ({said})" if said else "")
+        yield f'column   {field_name:<18} <- "{printable(chosen)}"' + (f" ({said})" if said else "")
     for field_name, columns in (("items", plan.item_columns), ("tracking", plan.tracking_columns)):
         if columns:
             yield f"packed   {field_name:<18} <- " + ", ".join(repr(printable(header[i])) for i in columns)
     if plan.type_column is not None:
-        yield f"typed    rows by \"{printable(header[plan.type_column])}\": only {', '.join(sorted(plan.rules.item_rows))} " \
-              f"rows are items; tracking from {', '.join(sorted(plan.rules.tracking_rows))} rows"
+        yield (
+            f'typed    rows by "{printable(header[plan.type_column])}": only {", ".join(sorted(plan.rules.item_rows))} '
+            f"rows are items; tracking from {', '.join(sorted(plan.rules.tracking_rows))} rows"
+        )
     from_entries = ("carrier", "tracking_url") if plan.tracking_columns else ()
-    missing = [f for f, names in snapshot.config.columns.items() if names and f not in snapshot.columns
-               and f not in plan.row_fields and f not in from_entries]
+    missing = [
+        f
+        for f, names in snapshot.config.columns.items()
+        if names and f not in snapshot.columns and f not in plan.row_fields and f not in from_entries
+    ]
     if missing:
         yield f"no column for {', '.join(missing)} (their placeholders stay empty)"
     yield f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s"
     reading = snapshot.reading or {}
     if reading.get("attached"):
         one = reading["attached"] == 1
-        yield (f"rows     {plural(reading['attached'], 'item row')} without an order number "
-               f"{'belongs' if one else 'belong'} to the order above {'it' if one else 'them'} (the export writes an "
-               "order's further lines so)")
+        yield (
+            f"rows     {plural(reading['attached'], 'item row')} without an order number "
+            f"{'belongs' if one else 'belong'} to the order above {'it' if one else 'them'} (the export writes an "
+            "order's further lines so)"
+        )
     guards = sum(n for key, n in (reading.get("cells") or {}).items() if key.startswith("guard "))
     if guards:
-        yield (f"cells    a spreadsheet's marks taken off {plural(guards, 'cell')} (Excel's =\"...\" guard, a leading ', "
-               "a .0 after a whole order number): nothing of their value is lost")
+        yield (
+            f"cells    a spreadsheet's marks taken off {plural(guards, 'cell')} (Excel's =\"...\" guard, a leading ', "
+            "a .0 after a whole order number): nothing of their value is lost"
+        )
     if reading.get("aliases"):
-        yield (f"rows     {plural(reading['aliases'], 'order')} can also be found by their "
-               f"{', '.join(repr(printable(plan.header[c])) for c in plan.other_ids)}")
+        yield (
+            f"rows     {plural(reading['aliases'], 'order')} can also be found by their "
+            f"{', '.join(repr(printable(plan.header[c])) for c in plan.other_ids)}"
+        )
     yield f"format   order numbers look like {snapshot.example_order_id!r}: give this format to the chat platform"
     for field_name, counts in surveyed.values.items():
         yield f"values   {field_name}: " + ", ".join(
-            f"{printable(v)[:40] or '(empty)'} {n}" +
-            (f" (= {meaning})" if (meaning := snapshot.renderer.word(v, field_name)) != v else "")
-            for v, n in counts.most_common(12))
-    unmatched = f" ({snapshot.orders_without_email} without an email are not counted)" \
-        if snapshot.orders_without_email else ""
+            f"{printable(v)[:40] or '(empty)'} {n}"
+            + (f" (= {meaning})" if (meaning := snapshot.renderer.word(v, field_name)) != v else "")
+            for v, n in counts.most_common(12)
+        )
+    unmatched = (
+        f" ({snapshot.orders_without_email} without an email are not counted)" if snapshot.orders_without_email else ""
+    )
     yield "answers  " + ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common()) + unmatched
 
 
@@ -7209,80 +8280,116 @@ def check_warnings(snapshot, surveyed):
     """What `check` warns about: answers that rest on a missing column or an unknown word, and data problems."""
     config = snapshot.config
     layout = snapshot.packer.plan.rules
-    if "status" not in snapshot.columns and any(name == "status" for rule in config.rules for name, _ in rule.conditions):
+    if "status" not in snapshot.columns and any(
+        name == "status" for rule in config.rules for name, _ in rule.conditions
+    ):
         answers = ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common())
-        looked = (f"the {layout.name} layout reads it from {', '.join(repr(h) for h in layout.columns['status'])}"
-                  if layout and "status" in layout.columns else "no header says the order's state, such as \"Status\", "
-                  "\"Fulfillment Status\" or \"Estado del envío\"")
-        yield f"no status column ({looked}): every order is answered as no status tells ({answers}). If your export " \
-              f"has one, add its header to {columns_key(layout, 'status')}."
+        looked = (
+            f"the {layout.name} layout reads it from {', '.join(repr(h) for h in layout.columns['status'])}"
+            if layout and "status" in layout.columns
+            else 'no header says the order\'s state, such as "Status", "Fulfillment Status" or "Estado del envío"'
+        )
+        yield (
+            f"no status column ({looked}): every order is answered as no status tells ({answers}). If your export "
+            f"has one, add its header to {columns_key(layout, 'status')}."
+        )
     for word, answers in unknown_statuses(config, surveyed):
-        yield (f"status {printable(word)[:40]!r} ({plural(sum(answers.values()), 'order')}) is named by no rule: "
-               f"answered with {', '.join(answers)}. If you know what it means, paste the line below into contexts.toml")
+        yield (
+            f"status {printable(word)[:40]!r} ({plural(sum(answers.values()), 'order')}) is named by no rule: "
+            f"answered with {', '.join(answers)}. If you know what it means, paste the line below into contexts.toml"
+        )
     for field_name, header, why in snapshot.packer.plan.contradicted:
-        yield (f"[columns] {field_name} names {printable(header)!r}, whose cells do not look like {field_name} ({why}): "
-               "it is read as you chose; check that the line names the right column")
+        yield (
+            f"[columns] {field_name} names {printable(header)!r}, whose cells do not look like {field_name} ({why}): "
+            "it is read as you chose; check that the line names the right column"
+        )
     for headers in snapshot.packer.plan.alike:
-        yield (f"columns {' and '.join(repr(printable(h)) for h in headers)} read alike (case, _, -, : and spaces "
-               f"do not count); the first, {printable(headers[0])!r}, is the one read")
+        yield (
+            f"columns {' and '.join(repr(printable(h)) for h in headers)} read alike (case, _, -, : and spaces "
+            f"do not count); the first, {printable(headers[0])!r}, is the one read"
+        )
     for kind, count in (surveyed.kinds or Counter()).most_common():
         one = count == 1
-        yield (f"{plural(count, 'row')} of the kind {kind!r} {'is' if one else 'are'} neither items nor tracking for this "
-               f"layout and {'was' if one else 'were'} left out; name the kind in its rows (items, tracking or other) "
-               "in contexts.toml if they matter")
+        yield (
+            f"{plural(count, 'row')} of the kind {kind!r} {'is' if one else 'are'} neither items nor tracking for this "
+            f"layout and {'was' if one else 'were'} left out; name the kind in its rows (items, tracking or other) "
+            "in contexts.toml if they matter"
+        )
     for field_name, count in (surveyed.disagreed or Counter()).most_common():
         if field_name in DATES:
-            yield (f"{plural(count, 'order', ('has', 'have'))} rows that give {field_name} different dates (parcels sent on different "
-                   "days): their answers give every date")
+            yield (
+                f"{plural(count, 'order', ('has', 'have'))} rows that give {field_name} different dates (parcels sent on different "
+                "days): their answers give every date"
+            )
             continue
         if field_name == "carrier":
-            yield (f"{plural(count, 'order', ('has', 'have'))} parcels with different carriers: their answers name every carrier, and "
-                   "give a tracking link only where the export has one of its own")
+            yield (
+                f"{plural(count, 'order', ('has', 'have'))} parcels with different carriers: their answers name every carrier, and "
+                "give a tracking link only where the export has one of its own"
+            )
             continue
-        yield (f"{plural(count, 'order', ('has', 'have'))} rows that give {field_name} different words (e.g. one parcel delivered, one "
-               "not): their answers name all of them and claim none; if one column holds the order's own "
-               f"state, name it first in [columns] {field_name}")
+        yield (
+            f"{plural(count, 'order', ('has', 'have'))} rows that give {field_name} different words (e.g. one parcel delivered, one "
+            "not): their answers name all of them and claim none; if one column holds the order's own "
+            f"state, name it first in [columns] {field_name}"
+        )
     if surveyed.lost:
-        yield (f"{surveyed.lost} cells held numbers of 16 or more digits, which a spreadsheet keeps to 15 only: they "
-               "are read as empty rather than shown with wrong digits. Format those columns (tracking numbers, "
-               "long order numbers) as text before exporting, or export CSV")
+        yield (
+            f"{surveyed.lost} cells held numbers of 16 or more digits, which a spreadsheet keeps to 15 only: they "
+            "are read as empty rather than shown with wrong digits. Format those columns (tracking numbers, "
+            "long order numbers) as text before exporting, or export CSV"
+        )
     unread = surveyed.unread or {}
     if "items" in unread:
         count, example = unread["items"]
-        yield (f"{plural(count, 'packed item')} did not read as the layout says (e.g. {example!r}); each is shown as written, "
-               "with no quantity")
+        yield (
+            f"{plural(count, 'packed item')} did not read as the layout says (e.g. {example!r}); each is shown as written, "
+            "with no quantity"
+        )
     if "tracking" in unread:
         count, example = unread["tracking"]
-        yield (f"{count:,} packed tracking {'entry' if count == 1 else 'entries'} had no tracking number the layout reads (e.g. {example!r}); they are "
-               "left out of the answers")
+        yield (
+            f"{count:,} packed tracking {'entry' if count == 1 else 'entries'} had no tracking number the layout reads (e.g. {example!r}); they are "
+            "left out of the answers"
+        )
     if snapshot.orders_without_email:
         yield f"{plural(snapshot.orders_without_email, 'order', ('has', 'have'))} no email and can never be found"
     if untied := (snapshot.reading or {}).get("untied"):
         one = untied == 1
-        yield (f"{plural(untied, 'item row', ('has', 'have'))} no order number and "
-               f"{'follows' if one else 'follow'} no order of {'its' if one else 'their'} customer (another e-mail, "
-               f"or apart from any order), so no order could take {'it' if one else 'them'}: the orders near "
-               f"{'it' if one else 'them'} may be answered with fewer items than they hold. Export the order number "
-               "on every row, if the export can")
+        yield (
+            f"{plural(untied, 'item row', ('has', 'have'))} no order number and "
+            f"{'follows' if one else 'follow'} no order of {'its' if one else 'their'} customer (another e-mail, "
+            f"or apart from any order), so no order could take {'it' if one else 'them'}: the orders near "
+            f"{'it' if one else 'them'} may be answered with fewer items than they hold. Export the order number "
+            "on every row, if the export can"
+        )
     if snapshot.rows_without_order:
         one = snapshot.rows_without_order == 1
-        yield (f"{plural(snapshot.rows_without_order, 'row', ('has', 'have'))} no order number and "
-               f"{'was' if one else 'were'} skipped")
+        yield (
+            f"{plural(snapshot.rows_without_order, 'row', ('has', 'have'))} no order number and "
+            f"{'was' if one else 'were'} skipped"
+        )
     reading = snapshot.reading or {}
     for why, count in (reading.get("not_orders") or {}).items():
         yield f"{plural(count, 'row')} left out as {why}"
     if reading.get("preamble"):
-        yield (f"{plural(len(reading['preamble']), 'line')} before the header left out: "
-               + ", ".join(repr(line) for line in reading["preamble"][:3]))
+        yield (
+            f"{plural(len(reading['preamble']), 'line')} before the header left out: "
+            + ", ".join(repr(line) for line in reading["preamble"][:3])
+        )
     if surveyed.alike:
         number, count = surveyed.alike.most_common(1)[0]
-        yield (f"{plural(len(surveyed.alike), 'order number')} are written in ways that read alike (e.g. {count} orders read "
-               f"as {number!r}, such as '#{number}' and '{number}'): orders with different emails are kept apart; "
-               f"{snapshot.orders_sharing} share an email with another, and a lookup of those answers with the one "
-               "written as typed, else with all of them")
+        yield (
+            f"{plural(len(surveyed.alike), 'order number')} are written in ways that read alike (e.g. {count} orders read "
+            f"as {number!r}, such as '#{number}' and '{number}'): orders with different emails are kept apart; "
+            f"{snapshot.orders_sharing} share an email with another, and a lookup of those answers with the one "
+            "written as typed, else with all of them"
+        )
     for template, field_name in free_text_fields(config, snapshot.columns):
-        yield (f"[templates] {template} uses {{{field_name}}}, text that customers or staff type freely: it reaches "
-               "the AI as fact, instructions included. Keep it out of answers.")
+        yield (
+            f"[templates] {template} uses {{{field_name}}}, text that customers or staff type freely: it reaches "
+            "the AI as fact, instructions included. Keep it out of answers."
+        )
     yield from data_notes(snapshot)
 
 
@@ -7299,16 +8406,38 @@ def status_paste(config, surveyed):
     unknown = [word for word, _ in unknown_statuses(config, surveyed)]
     if not unknown:
         return ""
-    lines = ["", "Status words no rule names. To say what each means, put its word in the list of the meaning that "
-                 "is true, under [vocabulary.statuses] in contexts.toml (a table to add once; meanings: "
-                 + ", ".join(STATUS_MEANINGS) + "):", "[vocabulary.statuses]"]
+    lines = [
+        "",
+        "Status words no rule names. To say what each means, put its word in the list of the meaning that "
+        "is true, under [vocabulary.statuses] in contexts.toml (a table to add once; meanings: "
+        + ", ".join(STATUS_MEANINGS)
+        + "):",
+        "[vocabulary.statuses]",
+    ]
     lines += [f'"MEANING" = [{json.dumps(word, ensure_ascii=False)}]' for word in unknown[:20]]
     return "\n".join(lines)
 
 
-FREE_TEXT = ("note", "comment", "instruction", "message", "remark", "memo", "request", "gift", "bemerkung",
-             "kommentar", "notiz", "hinweis", "commentaire", "remarque", "nota", "opmerking", "comentario",
-             "observacion")
+FREE_TEXT = (
+    "note",
+    "comment",
+    "instruction",
+    "message",
+    "remark",
+    "memo",
+    "request",
+    "gift",
+    "bemerkung",
+    "kommentar",
+    "notiz",
+    "hinweis",
+    "commentaire",
+    "remarque",
+    "nota",
+    "opmerking",
+    "comentario",
+    "observacion",
+)
 
 
 def free_text_fields(config, columns=None):
@@ -7351,34 +8480,51 @@ def run_probe(settings, args):
         raise SettingsError("give --order and --email together, for an order that exists.")
     parts = urlsplit(args.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SettingsError(f"{args.url!r} is not an http(s) URL; give the lookup endpoint, "
-                            "e.g. https://orders.example.com/lookup.")
+        raise SettingsError(
+            f"{args.url!r} is not an http(s) URL; give the lookup endpoint, e.g. https://orders.example.com/lookup."
+        )
     base = args.url.split("?", 1)[0]
     unknown = "PROBE" + secrets.token_hex(4).upper()
     checks = [
         ("no key is refused with 401", {"order_id": "1", "customer_email": "probe@example.invalid"}, None, 401, None),
         ("missing parameters get 400 and a context", {}, args.key, 400, "context"),
-        ("an unknown order gets 404 and a context", {"order_id": unknown, "customer_email": "probe@example.invalid"},
-         args.key, 404, "context"),
+        (
+            "an unknown order gets 404 and a context",
+            {"order_id": unknown, "customer_email": "probe@example.invalid"},
+            args.key,
+            404,
+            "context",
+        ),
     ]
     if args.order:
-        checks.append((f"order {args.order} is found: 200, context and tracking_url",
-                       {"order_id": args.order, "customer_email": args.email}, args.key, 200, "found"))
+        checks.append(
+            (
+                f"order {args.order} is found: 200, context and tracking_url",
+                {"order_id": args.order, "customer_email": args.email},
+                args.key,
+                200,
+                "found",
+            )
+        )
     failures = answered = 0
     for what, query, key, wanted, shape in checks:
         problem, seconds = probe_once(f"{base}?{urlencode(query)}" if query else base, key, wanted, shape)
         failures += bool(problem)
         answered += not problem.startswith("no answer")
         if key and problem.startswith("got 401"):  # every check with the key would fail the same way
-            print(f"FAIL  the key given with --key is refused (401 in {seconds * 1000:.0f} ms): it is not one of "
-                  "the keys in the service's API_KEY. The checks that need it were not run.")
+            print(
+                f"FAIL  the key given with --key is refused (401 in {seconds * 1000:.0f} ms): it is not one of "
+                "the keys in the service's API_KEY. The checks that need it were not run."
+            )
             break
         print(f"{'FAIL' if problem else 'PASS'}  {what} ({seconds * 1000:.0f} ms){': ' + problem if problem else ''}")
     if args.webhook:
         problem, seconds = probe_webhook(base.rsplit("/lookup", 1)[0], args.webhook, args.secret or "")
         failures += bool(problem)
-        print(f"{'FAIL' if problem else 'PASS'}  a signed {args.webhook} test event gets 200 ({seconds * 1000:.0f} ms)"
-              + (f": {problem}" if problem else ""))
+        print(
+            f"{'FAIL' if problem else 'PASS'}  a signed {args.webhook} test event gets 200 ({seconds * 1000:.0f} ms)"
+            + (f": {problem}" if problem else "")
+        )
     failures += report_tls(parts, answered)
     print("all checks passed: give the platform this URL and key" if not failures else f"{failures} check(s) failed")
     return 1 if failures else 0
@@ -7391,8 +8537,12 @@ def probe_webhook(base, platform, secret):
     body = json.dumps({"id": 0, "test": True}).encode()
     signature = signature_of(secret, body).decode()
     signature_header, topic_header, *_ = (h[5:].replace("_", "-") for h in WEBHOOK_HEADERS[platform])
-    request = urllib.request.Request(f"{base}/webhooks/{platform}", data=body, method="POST", headers={
-        "Content-Type": JSON, signature_header: signature, topic_header: "probe/test"})
+    request = urllib.request.Request(
+        f"{base}/webhooks/{platform}",
+        data=body,
+        method="POST",
+        headers={"Content-Type": JSON, signature_header: signature, topic_header: "probe/test"},
+    )
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -7401,8 +8551,10 @@ def probe_webhook(base, platform, secret):
         status = e.code
     except (urllib.error.URLError, OSError) as e:
         return f"no answer ({getattr(e, 'reason', e)})", time.perf_counter() - started
-    problem = {401: "the signature was refused: check --secret against the service's webhook secret",
-               404: "not enabled on the service: set its webhook secret"}.get(status, f"got {status}")
+    problem = {
+        401: "the signature was refused: check --secret against the service's webhook secret",
+        404: "not enabled on the service: set its webhook secret",
+    }.get(status, f"got {status}")
     return ("" if status == 200 else problem), time.perf_counter() - started
 
 
@@ -7451,8 +8603,10 @@ def report_tls(parts, answered):
     """Print the TLS check; 1 if it failed. Plain HTTP passes only on this machine."""
     if parts.scheme == "https":
         if not answered:
-            print("FAIL  TLS: no request got an answer over TLS (see above: a certificate not valid for "
-                  "the host, or nothing listening)")
+            print(
+                "FAIL  TLS: no request got an answer over TLS (see above: a certificate not valid for "
+                "the host, or nothing listening)"
+            )
             return 1
         print("PASS  TLS certificate is valid for the host (checked on every request above)")
         return 0
@@ -7467,8 +8621,11 @@ def run_serve(settings, args):
     """Load, then serve with waitress and reload on changes until stopped."""
     limit_malloc_arenas()
     if settings.one_cpu and (cpu := keep_to_one_cpu(settings.cpu, settings.port)) is not None:
-        log.info("kept on CPU %s (%s; ONE_CPU=no lets it move between CPUs)", cpu,
-                 "as CPU= says" if settings.cpu is not None else "the one fewest other instances hold")
+        log.info(
+            "kept on CPU %s (%s; ONE_CPU=no lets it move between CPUs)",
+            cpu,
+            "as CPU= says" if settings.cpu is not None else "the one fewest other instances hold",
+        )
     check_keys(settings)
     for warning in unpinned_warnings(settings):
         log.warning("%s", warning)
@@ -7480,17 +8637,23 @@ def run_serve(settings, args):
         prepare_fetching(settings)
         # At start, so that a fresh export is what the first load reads.
         if not service.fetcher.fetch() and not any(is_export_name(p.name) for p in settings.data.iterdir()):
-            raise SettingsError(f"the first fetch of ORDERS_URL ({shown_url(settings.orders_url)}) failed, and "
-                                f"{printable(settings.data)} holds no export yet: {service.fetcher.job.last_error.rstrip('.')}. "
-                                "Check the link in a browser; the service serves once one fetch has succeeded.")
+            raise SettingsError(
+                f"the first fetch of ORDERS_URL ({shown_url(settings.orders_url)}) failed, and "
+                f"{printable(settings.data)} holds no export yet: {service.fetcher.job.last_error.rstrip('.')}. "
+                "Check the link in a browser; the service serves once one fetch has succeeded."
+            )
     service.start()
     if settings.api_keys:
         key_status = f"{len(settings.api_keys)} key(s) from API_KEY"
     else:
         key = secrets.token_urlsafe(24)
         settings = service.settings = replace(settings, api_keys=(key,))
-        print(f"\nWARNING: API_KEY is not set. For trying out only, this run accepts the key:\n\n    {key}\n\n"
-              "Set API_KEY before serving real traffic.\n", file=sys.stderr, flush=True)
+        print(
+            f"\nWARNING: API_KEY is not set. For trying out only, this run accepts the key:\n\n    {key}\n\n"
+            "Set API_KEY before serving real traffic.\n",
+            file=sys.stderr,
+            flush=True,
+        )
         key_status = "generated for this run"
     try:
         server = make_server(create_app(service, request_writer(service.insights)), settings)
@@ -7499,12 +8662,20 @@ def run_serve(settings, args):
         raise SettingsError(cannot_listen(settings, error)) from None
     watcher = Watcher(service).start()
     fetcher = service.fetcher.start() if service.fetcher else None
-    log.info("serving %s on http://%s:%s/lookup (key: %s)", printable(service.snapshot.source),
-             settings.host, listen_port(server), key_status)
+    log.info(
+        "serving %s on http://%s:%s/lookup (key: %s)",
+        printable(service.snapshot.source),
+        settings.host,
+        listen_port(server),
+        key_status,
+    )
     if not is_loopback(settings.host) and not settings.trusted_proxy:
-        log.warning("EXPOSED: listening on %s with no reverse proxy declared (TRUSTED_PROXY). Clients reach "
-                    "waitress directly, without TLS, and thousands of slow connections can hold it up. Put "
-                    "Caddy or nginx in front (deploy/) and keep HOST=127.0.0.1.", settings.host)
+        log.warning(
+            "EXPOSED: listening on %s with no reverse proxy declared (TRUSTED_PROXY). Clients reach "
+            "waitress directly, without TLS, and thousands of slow connections can hold it up. Put "
+            "Caddy or nginx in front (deploy/) and keep HOST=127.0.0.1.",
+            settings.host,
+        )
     try:
         server.run()
     finally:
@@ -7519,13 +8690,18 @@ def run_serve(settings, args):
 def prepare_fetching(settings):
     """ORDERS_URL fetches into the data folder: it must be a folder; other exports in it would compete."""
     if not settings.data.is_dir():
-        raise SettingsError(f"ORDERS_URL is set, so ORDERS_FILE ({printable(settings.data)}) must be a folder for the "
-                            "fetched export, e.g. /srv/orders/data.")
+        raise SettingsError(
+            f"ORDERS_URL is set, so ORDERS_FILE ({printable(settings.data)}) must be a folder for the "
+            "fetched export, e.g. /srv/orders/data."
+        )
     others = [p.name for p in settings.data.iterdir() if is_export_name(p.name) and not p.name.startswith("fetched.")]
     if others:
-        log.warning("ORDERS_URL is set, and %s also holds %s: the newest file is served, which may not be the "
-                    "fetched one. Keep the fetched export in a folder of its own.", printable(settings.data),
-                    ", ".join(map(printable, others[:3])))
+        log.warning(
+            "ORDERS_URL is set, and %s also holds %s: the newest file is served, which may not be the "
+            "fetched one. Keep the fetched export in a folder of its own.",
+            printable(settings.data),
+            ", ".join(map(printable, others[:3])),
+        )
 
 
 MAKE_KEY = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
@@ -7534,10 +8710,12 @@ MAKE_KEY = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
 def unpinned_warnings(settings):
     """Webhook secrets set with no SHOP_DOMAIN: another shop whose events that secret signs would be believed."""
     for platform in (settings.webhook_secrets or {}) if not settings.shop_domains else ():
-        yield (f"{WEBHOOK_SECRETS[platform]} is set but SHOP_DOMAIN is not: if that secret also signs another "
-               f"shop's {PLATFORM_NAMES[platform]} webhooks (a Shopify app's client secret is shared by every shop "
-               "that installs the app), that shop's events would change the answers here. Set SHOP_DOMAIN to this "
-               "shop's domain(s)")
+        yield (
+            f"{WEBHOOK_SECRETS[platform]} is set but SHOP_DOMAIN is not: if that secret also signs another "
+            f"shop's {PLATFORM_NAMES[platform]} webhooks (a Shopify app's client secret is shared by every shop "
+            "that installs the app), that shop's events would change the answers here. Set SHOP_DOMAIN to this "
+            "shop's domain(s)"
+        )
 
 
 def check_keys(settings):
@@ -7547,9 +8725,12 @@ def check_keys(settings):
     for role, variable, keys in key_roles(settings):
         weak = list(weak_key_warnings(keys, role))
         if weak and not settings.allow_weak_key:
-            raise SettingsError(f"{'; '.join(weak)}: anyone could guess it. Make one with {MAKE_KEY} and put it in "
-                                f"{variable}" + (" and in the shop's webhook settings" if "webhook" in role else "")
-                                + " (ALLOW_WEAK_KEY=yes serves with it anyway, for trying out only).")
+            raise SettingsError(
+                f"{'; '.join(weak)}: anyone could guess it. Make one with {MAKE_KEY} and put it in "
+                f"{variable}"
+                + (" and in the shop's webhook settings" if "webhook" in role else "")
+                + " (ALLOW_WEAK_KEY=yes serves with it anyway, for trying out only)."
+            )
         for warning in weak:
             log.warning("WEAK KEY (allowed by ALLOW_WEAK_KEY): %s; make one with: %s", warning, MAKE_KEY)
 
@@ -7563,8 +8744,10 @@ def run_purge(settings, args):
         raise SettingsError(f"{args.email!r} is not an e-mail address. Give the address the customer ordered with.")
     path = settings.state / "webhooks.sqlite3"
     if not path.exists():
-        print(f"purge    no webhook events are stored ({printable(path)} does not exist): nothing of "
-              f"{mask_email(email)} is kept")
+        print(
+            f"purge    no webhook events are stored ({printable(path)} does not exist): nothing of "
+            f"{mask_email(email)} is kept"
+        )
         return 0
     try:
         with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as db:
@@ -7574,9 +8757,11 @@ def run_purge(settings, args):
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # and no copy stays in the write-ahead log
     except sqlite3.Error as e:
         raise StoreError(f"{shown_name(path)}: cannot be changed ({e}). Check STATE_DIR and the disk.") from None
-    print(f"purge    {plural(gone, 'stored order')} of {mask_email(email)} deleted from {printable(path)}; a running "
-          f"service forgets {'it' if gone == 1 else 'them'} within {UPKEEP_SECONDS} s. The export itself is the shop's: "
-          "remove the customer there, and the next export no longer holds them")
+    print(
+        f"purge    {plural(gone, 'stored order')} of {mask_email(email)} deleted from {printable(path)}; a running "
+        f"service forgets {'it' if gone == 1 else 'them'} within {UPKEEP_SECONDS} s. The export itself is the shop's: "
+        "remove the customer there, and the next export no longer holds them"
+    )
     return 0
 
 

@@ -40,12 +40,35 @@ ROOT = HERE.parent
 OUT = HERE / "out"  # --out changes it
 KEY = "bench-7Hq2xV9mLp4ZrT8wK3nB"
 
-HEADER = ["Name", "Email", "Financial Status", "Paid at", "Fulfillment Status", "Fulfilled at", "Currency",
-          "Subtotal", "Shipping", "Taxes", "Total", "Created at", "Lineitem quantity", "Lineitem name",
-          "Lineitem price", "Lineitem sku", "Lineitem fulfillment status", "Billing Name", "Shipping City",
-          "Cancelled at", "Tracking Number", "Tracking Company"]
-PRODUCTS = [f"{a} {b}" for a in ("Wool", "Down", "Trail", "Rain", "Fleece", "Merino", "Canvas", "Leather")
-            for b in ("Socks", "Jacket", "Runners", "Shell", "Pullover", "Beanie", "Tote", "Boots", "Cap")]
+HEADER = [
+    "Name",
+    "Email",
+    "Financial Status",
+    "Paid at",
+    "Fulfillment Status",
+    "Fulfilled at",
+    "Currency",
+    "Subtotal",
+    "Shipping",
+    "Taxes",
+    "Total",
+    "Created at",
+    "Lineitem quantity",
+    "Lineitem name",
+    "Lineitem price",
+    "Lineitem sku",
+    "Lineitem fulfillment status",
+    "Billing Name",
+    "Shipping City",
+    "Cancelled at",
+    "Tracking Number",
+    "Tracking Company",
+]
+PRODUCTS = [
+    f"{a} {b}"
+    for a in ("Wool", "Down", "Trail", "Rain", "Fleece", "Merino", "Canvas", "Leather")
+    for b in ("Socks", "Jacket", "Runners", "Shell", "Pullover", "Beanie", "Tote", "Boots", "Cap")
+]
 CITIES = ["Boston", "Austin", "Denver", "Ottawa", "Leeds", "Lyon", "Turin", "Graz", "Porto", "Ghent"]
 CARRIERS = ["UPS", "USPS", "FedEx", "DHL Express", "Canada Post"]
 
@@ -66,15 +89,30 @@ def export_rows(orders, seed):
             first = i == 0
             qty = rng.choice((1, 1, 1, 2, 3))
             price = rng.choice((12.5, 19.0, 45.0, 89.0, 129.0))
-            yield [f"#{n}", f"customer{n}@example.com" if first or rng.random() < 0.3 else "",
-                   financial if first else "", day if first else "", status if first else "",
-                   day if first and status == "fulfilled" else "", "USD" if first else "",
-                   f"{price * qty:.2f}" if first else "", "5.00" if first else "", "0.00" if first else "",
-                   f"{price * qty + 5:.2f}" if first else "", day, str(qty), rng.choice(PRODUCTS), f"{price:.2f}",
-                   f"SKU-{rng.randrange(9999):04d}", "fulfilled" if status == "fulfilled" else "pending",
-                   f"Customer {n}" if first else "", rng.choice(CITIES) if first else "",
-                   day if first and status == "restocked" else "", tracking if first else "",
-                   rng.choice(CARRIERS) if first and tracking else ""]
+            yield [
+                f"#{n}",
+                f"customer{n}@example.com" if first or rng.random() < 0.3 else "",
+                financial if first else "",
+                day if first else "",
+                status if first else "",
+                day if first and status == "fulfilled" else "",
+                "USD" if first else "",
+                f"{price * qty:.2f}" if first else "",
+                "5.00" if first else "",
+                "0.00" if first else "",
+                f"{price * qty + 5:.2f}" if first else "",
+                day,
+                str(qty),
+                rng.choice(PRODUCTS),
+                f"{price:.2f}",
+                f"SKU-{rng.randrange(9999):04d}",
+                "fulfilled" if status == "fulfilled" else "pending",
+                f"Customer {n}" if first else "",
+                rng.choice(CITIES) if first else "",
+                day if first and status == "restocked" else "",
+                tracking if first else "",
+                rng.choice(CARRIERS) if first and tracking else "",
+            ]
 
 
 def make_exports(out, orders, xlsx_orders, seed):
@@ -124,9 +162,21 @@ def baseline_naive(path):
 
 def baseline_tuples(path):
     """A careful load: only the needed columns, as tuples, repeated strings interned."""
-    wanted = [HEADER.index(h) for h in ("Name", "Email", "Financial Status", "Fulfillment Status",
-                                        "Lineitem quantity", "Lineitem name", "Lineitem fulfillment status",
-                                        "Cancelled at", "Tracking Number", "Tracking Company")]
+    wanted = [
+        HEADER.index(h)
+        for h in (
+            "Name",
+            "Email",
+            "Financial Status",
+            "Fulfillment Status",
+            "Lineitem quantity",
+            "Lineitem name",
+            "Lineitem fulfillment status",
+            "Cancelled at",
+            "Tracking Number",
+            "Tracking Company",
+        )
+    ]
     orders = {}
     intern = sys.intern
     with open(path, newline="", encoding="utf-8") as f:
@@ -147,14 +197,22 @@ def baseline_openpyxl(path):
     book.close()
 
 
-BASELINES = {"csv_pass": baseline_csv_pass, "naive": baseline_naive, "tuples": baseline_tuples,
-             "openpyxl": baseline_openpyxl}
+BASELINES = {
+    "csv_pass": baseline_csv_pass,
+    "naive": baseline_naive,
+    "tuples": baseline_tuples,
+    "openpyxl": baseline_openpyxl,
+}
 
 
 def run_baseline(name, path):
     """Time one baseline in a child process; (seconds, peak MB) as the OS saw it."""
-    out = subprocess.run([sys.executable, __file__, "--baseline", name, str(path), "--out", str(OUT)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--baseline", name, str(path), "--out", str(OUT)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -163,8 +221,11 @@ def baseline_child(name, path):
     started = time.perf_counter()
     kept = BASELINES[name](path)
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "peak_mb": proc_mb(os.getpid(), "VmHWM"),
-                      "rss_mb": proc_mb(os.getpid(), "VmRSS")}))
+    print(
+        json.dumps(
+            {"seconds": seconds, "peak_mb": proc_mb(os.getpid(), "VmHWM"), "rss_mb": proc_mb(os.getpid(), "VmRSS")}
+        )
+    )
     del kept
 
 
@@ -201,8 +262,13 @@ def bare_app(spin_us=0.0):
     import bottle
 
     app = bottle.Bottle()
-    body = json.dumps({"context": "Order #1001 was found. It contains 1 x Wool Socks. It has not shipped yet; "
-                                  "orders normally ship within two business days.", "tracking_url": None}).encode()
+    body = json.dumps(
+        {
+            "context": "Order #1001 was found. It contains 1 x Wool Socks. It has not shipped yet; "
+            "orders normally ship within two business days.",
+            "tracking_url": None,
+        }
+    ).encode()
 
     def spin(loops):
         """An empty loop; its time per pass calibrates --spin."""
@@ -253,22 +319,36 @@ def in_process_child(path, orders):
     sys.path.insert(0, str(ROOT))
     import app as service_app
 
-    settings = service_app.settings_from({}, env={"ORDERS_FILE": str(path), "API_KEY": KEY,
-                                                  "STATE_DIR": str(OUT / "state")})
+    settings = service_app.settings_from(
+        {}, env={"ORDERS_FILE": str(path), "API_KEY": KEY, "STATE_DIR": str(OUT / "state")}
+    )
     service = service_app.Service(settings)
     service.start()
     queued = deque()
     service_wsgi = service_app.create_app(service, queued.append)  # as `serve` does: lines made off the path
     rng = random.Random(1)
-    environs = [{"REQUEST_METHOD": "GET", "PATH_INFO": "/lookup", "QUERY_STRING": lookup_path(n).split("?", 1)[1],
-                 "HTTP_X_API_KEY": KEY, "REMOTE_ADDR": "127.0.0.1", "SERVER_NAME": "bench", "SERVER_PORT": "80",
-                 "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO()}
-                for n in (1001 + rng.randrange(orders) for _ in range(20_000))]
+    environs = [
+        {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/lookup",
+            "QUERY_STRING": lookup_path(n).split("?", 1)[1],
+            "HTTP_X_API_KEY": KEY,
+            "REMOTE_ADDR": "127.0.0.1",
+            "SERVER_NAME": "bench",
+            "SERVER_PORT": "80",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(),
+        }
+        for n in (1001 + rng.randrange(orders) for _ in range(20_000))
+    ]
 
     def per_request(wsgi):
         """Best of three passes over the lookups, in µs per request."""
+
         def start_response(status, headers, exc_info=None):
             pass
+
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
@@ -279,7 +359,7 @@ def in_process_child(path, orders):
         return best
 
     bare_us, service_us = per_request(bare_app()), per_request(service_wsgi)
-    formatter, entries = service_app.TextLines(), list(queued)[:len(environs)]
+    formatter, entries = service_app.TextLines(), list(queued)[: len(environs)]
     started = time.perf_counter()
     for entry in entries:  # what the log's flush thread does for each
         formatter.line(entry[0], "INFO", "orders.access", service_app.request_line(entry))
@@ -293,8 +373,9 @@ class Process:
     def __init__(self, argv, env, port):
         self.port = port
         self.log = open(OUT / f"server-{port}.log", "w")
-        self.process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd=ROOT)
+        self.process = subprocess.Popen(
+            argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
         self.started = time.perf_counter()
 
     def wait_ready(self, path="/healthz", timeout=600):
@@ -340,6 +421,7 @@ def get(port, path, key=KEY):
 
 # --- load ---------------------------------------------------------------------------
 
+
 def lookup_path(n):
     """The lookup of order #n, as the chat platform sends it."""
     return f"/lookup?order_id=%23{n}&customer_email=customer{n}%40example.com"
@@ -361,18 +443,39 @@ def wrk(port, seconds, connections, orders, threads=2):
     """Throughput and latency with wrk."""
     script = OUT / "lookups.lua"
     script.write_text(WRK_SCRIPT)
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
-                          "-H", f"x-api-key: {KEY}", f"http://127.0.0.1:{port}/lookup"],
-                         capture_output=True, text=True, check=True, env={**os.environ, "BENCH_ORDERS": str(orders)}).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            "-H",
+            f"x-api-key: {KEY}",
+            f"http://127.0.0.1:{port}/lookup",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BENCH_ORDERS": str(orders)},
+    ).stdout
+
     def latency(label):
         match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         value, unit = float(match.group(1)), match.group(2)
         return value * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"tool": "wrk", "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50_ms": latency("50"), "p99_ms": latency("99"),
-            "failures": (int(errors.group(1)) if errors else 0) + (sum(map(int, sockets.groups())) if sockets else 0)}
+    return {
+        "tool": "wrk",
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "failures": (int(errors.group(1)) if errors else 0) + (sum(map(int, sockets.groups())) if sockets else 0),
+    }
 
 
 def python_load(port, seconds, connections, orders, record=None):
@@ -410,8 +513,14 @@ def python_load(port, seconds, connections, orders, record=None):
     latencies = sorted(s[1] * 1000 for s in samples)
     if record is not None:
         record.extend(samples)
-    return {"tool": "python", "rps": len(samples) / elapsed, "p50_ms": percentile(latencies, 50),
-            "p99_ms": percentile(latencies, 99), "failures": failures[0], "requests": len(samples)}
+    return {
+        "tool": "python",
+        "rps": len(samples) / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "failures": failures[0],
+        "requests": len(samples),
+    }
 
 
 def percentile(values, p):
@@ -441,9 +550,17 @@ ROUNDS = 3  # lookups of the bare app and of the service: rounds in turn, the me
 
 def service_env(path, port):
     """The service's environment in the benchmark: python app.py as a user starts it, on the bare app's CPU."""
-    return {"ORDERS_FILE": str(path), "API_KEY": KEY, "PORT": str(port), "STATE_DIR": str(OUT / "state"),
-            "SETTLE_SECONDS": "0.2", "LOG_FORMAT": "text", "SHOPIFY_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "UPLOAD_KEY": UPLOAD_KEY, "CPU": our_cpu()}
+    return {
+        "ORDERS_FILE": str(path),
+        "API_KEY": KEY,
+        "PORT": str(port),
+        "STATE_DIR": str(OUT / "state"),
+        "SETTLE_SECONDS": "0.2",
+        "LOG_FORMAT": "text",
+        "SHOPIFY_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "UPLOAD_KEY": UPLOAD_KEY,
+        "CPU": our_cpu(),
+    }
 
 
 def our_cpu():
@@ -470,7 +587,7 @@ def lookups_in_turn(service_port, args):
     rounds = {"bare": [], "service": []}
     try:
         bare.wait_ready("/lookup")
-        for which in ("bare", "service", "service", "bare", "bare", "service")[:2 * ROUNDS]:  # drift falls on both
+        for which in ("bare", "service", "service", "bare", "bare", "service")[: 2 * ROUNDS]:  # drift falls on both
             measured = load(port if which == "bare" else service_port, args.seconds, args.connections, args.orders)
             rounds[which].append({**measured, "cpus": bare.cpus()} if which == "bare" else measured)
     finally:
@@ -487,9 +604,15 @@ def measure_service(path, args, label):
     try:
         start_to_serving = server.wait_ready()
         status = json.loads(get(port, "/healthz")[1])
-        result = {"start_to_serving_s": start_to_serving, "load_s": status["load_seconds"],
-                  "orders": status["orders"], "rows": status["rows"], "rss_mb": server.mb("VmRSS"),
-                  "peak_after_load_mb": server.mb("VmHWM"), "cpus": server.cpus()}
+        result = {
+            "start_to_serving_s": start_to_serving,
+            "load_s": status["load_seconds"],
+            "orders": status["orders"],
+            "rows": status["rows"],
+            "rss_mb": server.mb("VmRSS"),
+            "peak_after_load_mb": server.mb("VmHWM"),
+            "cpus": server.cpus(),
+        }
         if label == "csv":
             result["bare"], result["load"], result["rounds_rps"] = lookups_in_turn(port, args)
             result["reload"] = reload_under_load(server, path, args)
@@ -512,8 +635,9 @@ def reload_under_load(server, path, args):
     before = json.loads(get(server.port, "/healthz")[1])["loaded_at"]
     samples = []
     seconds = max(args.seconds, 4 + args.orders / 60_000)
-    loader = threading.Thread(target=lambda: result.update(python_load(server.port, seconds, args.connections,
-                                                                       args.orders, samples)))
+    loader = threading.Thread(
+        target=lambda: result.update(python_load(server.port, seconds, args.connections, args.orders, samples))
+    )
     result = {}
     loader.start()
     time.sleep(1)
@@ -529,10 +653,15 @@ def reload_under_load(server, path, args):
     loader.join()
     status = json.loads(get(server.port, "/healthz")[1])
     during = sorted(d * 1000 for t, d in samples if replaced <= t <= served)
-    return {"replace_to_served_s": served - replaced, "load_s": status["load_seconds"],
-            "failures": result["failures"], "requests_during": len(during),
-            "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99),
-            "max_during_ms": during[-1] if during else float("nan")}
+    return {
+        "replace_to_served_s": served - replaced,
+        "load_s": status["load_seconds"],
+        "failures": result["failures"],
+        "requests_during": len(during),
+        "p50_during_ms": percentile(during, 50),
+        "p99_during_ms": percentile(during, 99),
+        "max_during_ms": during[-1] if during else float("nan"),
+    }
 
 
 def webhooks_under_load(server, args):
@@ -553,8 +682,22 @@ def webhooks_under_load(server, args):
     loader = threading.Thread(target=run)
     loader.start()
     started = time.perf_counter()
-    child = subprocess.run([sys.executable, __file__, "--post-events", str(server.port), "--events", str(args.events),
-                            "--event-rate", str(args.event_rate), "--out", str(OUT)], capture_output=True, text=True)
+    child = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--post-events",
+            str(server.port),
+            "--events",
+            str(args.events),
+            "--event-rate",
+            str(args.event_rate),
+            "--out",
+            str(OUT),
+        ],
+        capture_output=True,
+        text=True,
+    )
     finished = time.perf_counter()
     loader.join()
     if child.returncode:
@@ -565,10 +708,17 @@ def webhooks_under_load(server, args):
     else:
         during = sorted(d * 1000 for t, d in samples if started <= t <= finished)
         p50, p99 = percentile(during, 50), percentile(during, 99)
-    return {"events": args.events, "rate": args.event_rate, "applied": posted["applied"],
-            "failed": args.events - posted["applied"], "events_per_s": posted["applied"] / posted["seconds"],
-            "lookup_failures": lookups["failures"], "lookups_by": lookups["tool"], "p50_during_ms": p50,
-            "p99_during_ms": p99}
+    return {
+        "events": args.events,
+        "rate": args.event_rate,
+        "applied": posted["applied"],
+        "failed": args.events - posted["applied"],
+        "events_per_s": posted["applied"] / posted["seconds"],
+        "lookup_failures": lookups["failures"],
+        "lookups_by": lookups["tool"],
+        "p50_during_ms": p50,
+        "p99_during_ms": p99,
+    }
 
 
 def changed_copy(path, name):
@@ -577,8 +727,16 @@ def changed_copy(path, name):
     copy = path.with_name(name)
     shutil.copyfile(path, copy)
     with open(copy, "a", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerow([f"#9{time.time_ns() % 10**9:09d}", "late@example.com", "paid", "", "unfulfilled",
-                                *[""] * (len(HEADER) - 5)])
+        csv.writer(f).writerow(
+            [
+                f"#9{time.time_ns() % 10**9:09d}",
+                "late@example.com",
+                "paid",
+                "",
+                "unfulfilled",
+                *[""] * (len(HEADER) - 5),
+            ]
+        )
     return copy
 
 
@@ -588,15 +746,20 @@ def upload_under_load(server, path, args):
     path = changed_copy(path, ".orders-uploaded.csv")
     samples, lookups = [], {}
     seconds = max(args.seconds, 6 + args.orders / 40_000)
-    loader = threading.Thread(target=lambda: lookups.update(python_load(server.port, seconds, args.connections,
-                                                                        args.orders, samples)))
+    loader = threading.Thread(
+        target=lambda: lookups.update(python_load(server.port, seconds, args.connections, args.orders, samples))
+    )
     loader.start()
     time.sleep(1)
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
     with open(path, "rb") as body:
-        connection.request("PUT", "/export", body, {"x-upload-key": UPLOAD_KEY, "Content-Type": "text/csv",
-                                                    "Content-Length": str(path.stat().st_size)})
+        connection.request(
+            "PUT",
+            "/export",
+            body,
+            {"x-upload-key": UPLOAD_KEY, "Content-Type": "text/csv", "Content-Length": str(path.stat().st_size)},
+        )
         response = connection.getresponse()
         answer = json.loads(response.read())
     finished = time.perf_counter()
@@ -605,9 +768,16 @@ def upload_under_load(server, path, args):
     during = sorted(d * 1000 for t, d in samples if started <= t <= finished)
     size = path.stat().st_size
     path.unlink()
-    return {"status": response.status, "accepted": answer.get("accepted"), "seconds": finished - started,
-            "mb": size / 1e6, "lookup_failures": lookups["failures"], "peak_mb": server.mb("VmHWM"),
-            "p50_during_ms": percentile(during, 50), "p99_during_ms": percentile(during, 99)}
+    return {
+        "status": response.status,
+        "accepted": answer.get("accepted"),
+        "seconds": finished - started,
+        "mb": size / 1e6,
+        "lookup_failures": lookups["failures"],
+        "peak_mb": server.mb("VmHWM"),
+        "p50_during_ms": percentile(during, 50),
+        "p99_during_ms": percentile(during, 99),
+    }
 
 
 def measure_fetch(path, args):
@@ -626,8 +796,11 @@ def measure_fetch(path, args):
     shutil.rmtree(data, ignore_errors=True)
     shutil.rmtree(OUT / "state", ignore_errors=True)
     data.mkdir()
-    env = {**service_env(data, port), "ORDERS_URL": f"http://127.0.0.1:{origin.server_address[1]}/orders.csv",
-           "FETCH_SECONDS": str(FETCH_SECONDS)}
+    env = {
+        **service_env(data, port),
+        "ORDERS_URL": f"http://127.0.0.1:{origin.server_address[1]}/orders.csv",
+        "FETCH_SECONDS": str(FETCH_SECONDS),
+    }
     server = Process([sys.executable, str(ROOT / "app.py")], env, port)
     try:
         first = server.wait_ready()
@@ -639,8 +812,12 @@ def measure_fetch(path, args):
             if time.perf_counter() - changed > 600:
                 raise SystemExit("the changed export was never fetched")
             time.sleep(0.05)
-        return {"start_to_serving_s": first, "change_to_served_s": time.perf_counter() - changed,
-                "fetch_seconds": FETCH_SECONDS, "load_s": json.loads(get(port, "/healthz")[1])["load_seconds"]}
+        return {
+            "start_to_serving_s": first,
+            "change_to_served_s": time.perf_counter() - changed,
+            "fetch_seconds": FETCH_SECONDS,
+            "load_s": json.loads(get(port, "/healthz")[1])["load_seconds"],
+        }
     finally:
         server.stop()
         origin.shutdown()
@@ -671,9 +848,17 @@ def post_events_child(port, events, rate):
         for n, (body, signature) in enumerate(share):
             if (wait := began + n * every - time.perf_counter()) > 0:  # on schedule; behind it, at once
                 time.sleep(wait)
-            connection.request("POST", "/webhooks/shopify", body, {
-                "Content-Type": "application/json", "X-Shopify-Topic": "orders/create",
-                "X-Shopify-Hmac-Sha256": signature, "X-Shopify-Webhook-Id": signature[:24].decode()})
+            connection.request(
+                "POST",
+                "/webhooks/shopify",
+                body,
+                {
+                    "Content-Type": "application/json",
+                    "X-Shopify-Topic": "orders/create",
+                    "X-Shopify-Hmac-Sha256": signature,
+                    "X-Shopify-Webhook-Id": signature[:24].decode(),
+                },
+            )
             response = connection.getresponse()
             outcome = json.loads(response.read() or b"{}").get("outcome", str(response.status))
             with lock:
@@ -707,8 +892,14 @@ def measure_metrics(args, rounds=4):
     try:
         for setting in ("yes", "no"):
             port = free_port()
-            env = {"ORDERS_FILE": str(folder / "orders.csv"), "API_KEY": KEY, "PORT": str(port),
-                   "STATE_DIR": str(folder / f"state-{setting}"), "METRICS": setting, "CPU": our_cpu()}
+            env = {
+                "ORDERS_FILE": str(folder / "orders.csv"),
+                "API_KEY": KEY,
+                "PORT": str(port),
+                "STATE_DIR": str(folder / f"state-{setting}"),
+                "METRICS": setting,
+                "CPU": our_cpu(),
+            }
             servers[setting] = Process([sys.executable, str(ROOT / "app.py")], env, port)
             servers[setting].wait_ready()
         for setting in ("yes", "no", "no", "yes") * (rounds // 2):
@@ -733,15 +924,25 @@ def measure_metrics(args, rounds=4):
         for server in servers.values():
             server.stop()
     on, off = statistics.median(rps["yes"]), statistics.median(rps["no"])
-    return {"on_rps": on, "off_rps": off, "ratio": on / off, "rounds": rounds, "all_rps": rps,
-            "scrapes": len(scrapes), "scrape_ms": statistics.median(scrapes) if scrapes else math.nan}
+    return {
+        "on_rps": on,
+        "off_rps": off,
+        "ratio": on / off,
+        "rounds": rounds,
+        "all_rps": rps,
+        "scrapes": len(scrapes),
+        "scrape_ms": statistics.median(scrapes) if scrapes else math.nan,
+    }
 
 
 def measure_bare(args, spin_us=0.0):
     """The bare Bottle/waitress app, same settings, same load."""
     port = free_port()
-    server = Process([sys.executable, __file__, "--bare", str(port), "--spin", str(spin_us), "--out", str(OUT)],
-                     {"CPU": our_cpu()}, port)
+    server = Process(
+        [sys.executable, __file__, "--bare", str(port), "--spin", str(spin_us), "--out", str(OUT)],
+        {"CPU": our_cpu()},
+        port,
+    )
     try:
         server.wait_ready("/lookup")
         return {**load(port, args.seconds, args.connections, args.orders), "cpus": server.cpus()}
@@ -764,8 +965,14 @@ def run(args):
     out = OUT
     print(f"generating {args.orders:,} orders (CSV) and {args.xlsx_orders:,} (XLSX), seed {args.seed} ...", flush=True)
     csv_path, xlsx_path = make_exports(out, args.orders, args.xlsx_orders, args.seed)
-    results = {"orders": args.orders, "xlsx_orders": args.xlsx_orders, "csv_mb": csv_path.stat().st_size / 1e6,
-               "connections": args.connections, "seconds": args.seconds, "load_tool": "wrk" if shutil.which("wrk") else "python"}
+    results = {
+        "orders": args.orders,
+        "xlsx_orders": args.xlsx_orders,
+        "csv_mb": csv_path.stat().st_size / 1e6,
+        "connections": args.connections,
+        "seconds": args.seconds,
+        "load_tool": "wrk" if shutil.which("wrk") else "python",
+    }
     for name, path in (("csv_pass", csv_path), ("naive", csv_path), ("tuples", csv_path), ("openpyxl", xlsx_path)):
         print(f"baseline {name} ...", flush=True)
         results[name] = run_baseline(name, path)
@@ -777,8 +984,11 @@ def run(args):
         print(f"bare app plus {args.spin:g} µs of Python per request ...", flush=True)
         results["bare_spin"] = {"spin_us": args.spin, **measure_bare(args, args.spin)}
     print("both apps in-process ...", flush=True)
-    child = subprocess.run([sys.executable, __file__, "--in-process", str(csv_path), "--orders", str(args.orders),
-                            "--out", str(OUT)], capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, __file__, "--in-process", str(csv_path), "--orders", str(args.orders), "--out", str(OUT)],
+        capture_output=True,
+        text=True,
+    )
     if child.returncode:
         raise SystemExit(f"the in-process measurement failed:\n{child.stderr}")
     results["in_process"] = json.loads(child.stdout.splitlines()[-1])
@@ -804,7 +1014,14 @@ def checks(r):
     """Each bar and goal of the performance issue, with the figure measured."""
     s, x = r["service_csv"], r["service_xlsx"]
     rows = [
-        ("CSV load, start to serving, vs csv.reader pass", s["start_to_serving_s"] / r["csv_pass"]["seconds"], "x", 3.0, 2.0, "<="),
+        (
+            "CSV load, start to serving, vs csv.reader pass",
+            s["start_to_serving_s"] / r["csv_pass"]["seconds"],
+            "x",
+            3.0,
+            2.0,
+            "<=",
+        ),
         ("XLSX load vs openpyxl read_only pass", x["load_s"] / r["openpyxl"]["seconds"], "x", 1.3, 1.1, "<="),
         ("resident memory with the orders loaded", s["rss_mb"], "MB", 212, 200, "<="),
         ("peak resident memory across a full reload", s["peak_mb"], "MB", 400, 350, "<"),
@@ -814,17 +1031,46 @@ def checks(r):
         ("p99 lookup latency during the reload", s["reload"]["p99_during_ms"], "ms", 20, 10, "<"),
         ("webhook events applied per second, under lookups", s["webhooks"]["events_per_s"], "/s", 200, 500, ">="),
         ("p99 lookup latency during the webhook burst", s["webhooks"]["p99_during_ms"], "ms", 20, 10, "<"),
-        ("p99 lookup latency while the export is uploaded and swapped in", s["upload"]["p99_during_ms"], "ms", 20, 10,
-         "<"),
-        ("upload (PUT, checked, swapped in) vs a reload of the same size, both under lookups",
-         s["upload"]["seconds"] / s["reload"]["replace_to_served_s"], "x", 1.5, 1.2, "<="),
-        ("failed lookups during the upload (and the upload accepted)",
-         s["upload"]["lookup_failures"] + (0 if s["upload"]["accepted"] else 1), "", 0, 0, "<="),
+        (
+            "p99 lookup latency while the export is uploaded and swapped in",
+            s["upload"]["p99_during_ms"],
+            "ms",
+            20,
+            10,
+            "<",
+        ),
+        (
+            "upload (PUT, checked, swapped in) vs a reload of the same size, both under lookups",
+            s["upload"]["seconds"] / s["reload"]["replace_to_served_s"],
+            "x",
+            1.5,
+            1.2,
+            "<=",
+        ),
+        (
+            "failed lookups during the upload (and the upload accepted)",
+            s["upload"]["lookup_failures"] + (0 if s["upload"]["accepted"] else 1),
+            "",
+            0,
+            0,
+            "<=",
+        ),
         ("lookups with metrics on (scraped twice a second) vs off", r["metrics"]["ratio"], "x", 0.98, 1.0, ">="),
     ]
     ok = lambda v, limit, op: {"<=": v <= limit, "<": v < limit, ">=": v >= limit, ">": v > limit}[op]
-    return [{"what": w, "value": v, "unit": u, "bar": b, "goal": g, "op": op, "bar_ok": ok(v, b, op),
-             "goal_ok": ok(v, g, op)} for w, v, u, b, g, op in rows]
+    return [
+        {
+            "what": w,
+            "value": v,
+            "unit": u,
+            "bar": b,
+            "goal": g,
+            "op": op,
+            "bar_ok": ok(v, b, op),
+            "goal_ok": ok(v, g, op),
+        }
+        for w, v, u, b, g, op in rows
+    ]
 
 
 def table(r):
@@ -845,10 +1091,16 @@ def table(r):
         f"{s['bare']['rps']:,.0f} | {s['bare']['p50_ms']:.1f} | {s['bare']['p99_ms']:.1f} |",
         f"| the same at waitress defaults (4 threads, any CPU) | | | {r['bare_defaults']['rps']:,.0f} | "
         f"{r['bare_defaults']['p50_ms']:.1f} | {r['bare_defaults']['p99_ms']:.1f} |",
-        *([f"| the same, plus {r['bare_spin']['spin_us']:g} µs of Python per request "
-           f"({r['bare_spin']['rps'] / r['bare']['rps']:.2f}x of the bare app's {r['bare']['rps']:,.0f} just before) | | | "
-           f"{r['bare_spin']['rps']:,.0f} | "
-           f"{r['bare_spin']['p50_ms']:.1f} | {r['bare_spin']['p99_ms']:.1f} |"] if "bare_spin" in r else []),
+        *(
+            [
+                f"| the same, plus {r['bare_spin']['spin_us']:g} µs of Python per request "
+                f"({r['bare_spin']['rps'] / r['bare']['rps']:.2f}x of the bare app's {r['bare']['rps']:,.0f} just before) | | | "
+                f"{r['bare_spin']['rps']:,.0f} | "
+                f"{r['bare_spin']['p50_ms']:.1f} | {r['bare_spin']['p99_ms']:.1f} |"
+            ]
+            if "bare_spin" in r
+            else []
+        ),
         f"| service: CSV start to serving (load {s['load_s']:.2f} s; fastest of {len(s['starts_s'])} starts) | "
         f"{s['start_to_serving_s']:.2f} | "
         f"{s['peak_after_load_mb']:.0f} | | | |",
@@ -882,7 +1134,9 @@ def table(r):
         unit = c["unit"]
         value = f"{c['value']:.2f}{unit}" if unit == "x" else f"{c['value']:,.0f}{(' ' + unit) if unit else ''}"
         verdict = "goal met" if c["goal_ok"] else ("bar met" if c["bar_ok"] else "BAR MISSED")
-        lines.append(f"| {c['what']} | {value} | {c['op']} {c['bar']}{unit} | {c['op']} {c['goal']}{unit} | {verdict} |")
+        lines.append(
+            f"| {c['what']} | {value} | {c['op']} {c['bar']}{unit} | {c['op']} {c['goal']}{unit} | {verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -894,13 +1148,24 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--seconds", type=int, default=5, help="seconds of load per measurement")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--events", type=int, default=10_000, help="signed webhook events in the burst (default 10,000)")
-    parser.add_argument("--event-rate", type=float, default=500,
-                        help="events sent a second, steadily, during the burst (default 500, the goal)")
+    parser.add_argument(
+        "--events", type=int, default=10_000, help="signed webhook events in the burst (default 10,000)"
+    )
+    parser.add_argument(
+        "--event-rate",
+        type=float,
+        default=500,
+        help="events sent a second, steadily, during the burst (default 500, the goal)",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the exports and results (default bench/out)")
     parser.add_argument("--baseline", nargs=2, metavar=("NAME", "FILE"), help=argparse.SUPPRESS)
-    parser.add_argument("--spin", type=float, default=0.0, metavar="MICROSECONDS",
-                        help="also measure the bare app with this much plain Python added to each request")
+    parser.add_argument(
+        "--spin",
+        type=float,
+        default=0.0,
+        metavar="MICROSECONDS",
+        help="also measure the bare app with this much plain Python added to each request",
+    )
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--bare-defaults", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--post-events", type=int, metavar="PORT", help=argparse.SUPPRESS)

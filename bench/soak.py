@@ -89,7 +89,9 @@ class Traffic:
 
         def one(_):
             n = 1001 + rng.randrange(self.args.orders)
-            self.outcomes[f"lookup {self.send(connection, 'GET', bench.lookup_path(n), headers={'x-api-key': bench.KEY})}"] += 1
+            self.outcomes[
+                f"lookup {self.send(connection, 'GET', bench.lookup_path(n), headers={'x-api-key': bench.KEY})}"
+            ] += 1
 
         paced(self.args.lookup_rate / 4, self.stop, one)
 
@@ -100,13 +102,28 @@ class Traffic:
         def one(n):
             number = n % self.args.event_orders
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-            order = dict(self.sample, id=9_000_000 + number, name=f"#W{number}", email=f"webhook{number}@example.com",
-                         updated_at=stamp, financial_status=("paid", "pending")[n % 2])
+            order = dict(
+                self.sample,
+                id=9_000_000 + number,
+                name=f"#W{number}",
+                email=f"webhook{number}@example.com",
+                updated_at=stamp,
+                financial_status=("paid", "pending")[n % 2],
+            )
             body = json.dumps(order).encode()
             signature = base64.b64encode(hmac.new(secret, body, hashlib.sha256).digest()).decode()
-            status = self.send(connection, "POST", "/webhooks/shopify", body, {
-                "Content-Type": "application/json", "X-Shopify-Topic": "orders/updated",
-                "X-Shopify-Hmac-Sha256": signature, "X-Shopify-Webhook-Id": f"soak-{n}-{os.urandom(6).hex()}"})
+            status = self.send(
+                connection,
+                "POST",
+                "/webhooks/shopify",
+                body,
+                {
+                    "Content-Type": "application/json",
+                    "X-Shopify-Topic": "orders/updated",
+                    "X-Shopify-Hmac-Sha256": signature,
+                    "X-Shopify-Webhook-Id": f"soak-{n}-{os.urandom(6).hex()}",
+                },
+            )
             self.outcomes[f"event {status}"] += 1
 
         paced(self.args.event_rate, self.stop, one)
@@ -123,9 +140,17 @@ class Traffic:
             if elapsed >= (uploaded + 1) * self.args.upload_every:
                 uploaded += 1
                 body = self.upload_body(uploaded % 2)
-                status = self.send(self.connection(), "PUT", "/export", body, {
-                    "x-upload-key": bench.UPLOAD_KEY, "Content-Type": "text/csv",
-                    "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())})
+                status = self.send(
+                    self.connection(),
+                    "PUT",
+                    "/export",
+                    body,
+                    {
+                        "x-upload-key": bench.UPLOAD_KEY,
+                        "Content-Type": "text/csv",
+                        "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()),
+                    },
+                )
                 self.outcomes[f"upload {status}"] += 1
 
     def upload_body(self, which, made={}):
@@ -138,7 +163,10 @@ class Traffic:
 
     def start(self):
         threads = [threading.Thread(target=self.lookups, args=(n,), daemon=True) for n in range(4)]
-        threads += [threading.Thread(target=self.events, daemon=True), threading.Thread(target=self.exports, daemon=True)]
+        threads += [
+            threading.Thread(target=self.events, daemon=True),
+            threading.Thread(target=self.exports, daemon=True),
+        ]
         for thread in threads:
             thread.start()
         return threads
@@ -185,11 +213,21 @@ def figures(readings, outcomes, args):
 
     middle, end = mean(args.minutes / 2 - width / 2), mean(args.minutes - width)
     growth = end - middle
-    return {"minutes": args.minutes, "orders": args.orders, "event_rate": args.event_rate,
-            "lookup_rate": args.lookup_rate, "readings": readings, "outcomes": dict(outcomes),
-            "rss_first_mb": readings[0][1], "rss_middle_mb": middle, "rss_end_mb": end,
-            "second_half_growth_mb": growth, "growth_mb_per_hour": growth / (args.minutes / 2) * 60,
-            "bar_mb": GROWTH_BAR_MB, "met": args.minutes >= 60 and growth < GROWTH_BAR_MB}
+    return {
+        "minutes": args.minutes,
+        "orders": args.orders,
+        "event_rate": args.event_rate,
+        "lookup_rate": args.lookup_rate,
+        "readings": readings,
+        "outcomes": dict(outcomes),
+        "rss_first_mb": readings[0][1],
+        "rss_middle_mb": middle,
+        "rss_end_mb": end,
+        "second_half_growth_mb": growth,
+        "growth_mb_per_hour": growth / (args.minutes / 2) * 60,
+        "bar_mb": GROWTH_BAR_MB,
+        "met": args.minutes >= 60 and growth < GROWTH_BAR_MB,
+    }
 
 
 def main():
@@ -207,10 +245,12 @@ def main():
     (bench.OUT / "soak.json").write_text(json.dumps(result, indent=1))
     for minute, mb in result["readings"][::20]:
         print(f"{minute:5.1f} min  {mb:6.1f} MB")
-    print(f"second half: {result['rss_middle_mb']:.1f} -> {result['rss_end_mb']:.1f} MB, "
-          f"{result['second_half_growth_mb']:+.1f} MB ({result['growth_mb_per_hour']:+.1f} MB/h); "
-          f"bar < {GROWTH_BAR_MB:g} MB over the second half of an hour: "
-          + ("met" if result["met"] else "not met" if args.minutes >= 60 else "(a run shorter than an hour)"))
+    print(
+        f"second half: {result['rss_middle_mb']:.1f} -> {result['rss_end_mb']:.1f} MB, "
+        f"{result['second_half_growth_mb']:+.1f} MB ({result['growth_mb_per_hour']:+.1f} MB/h); "
+        f"bar < {GROWTH_BAR_MB:g} MB over the second half of an hour: "
+        + ("met" if result["met"] else "not met" if args.minutes >= 60 else "(a run shorter than an hour)")
+    )
     print(f"outcomes: {result['outcomes']}")
     return 0
 

@@ -27,8 +27,10 @@ import app  # noqa: E402
 KEY = "test-Kq7vX2mZp9LrT4wN8cB3"
 OTHER_KEY = "rotated-Hn4Qz8Wm2Xv6Tp9Rk3Ls"
 
-SHOPIFY_HEADER = ("Name,Email,Financial Status,Fulfillment Status,Created at,Lineitem quantity,"
-                  "Lineitem name,Lineitem fulfillment status,Cancelled at,Tracking Number,Tracking Company")
+SHOPIFY_HEADER = (
+    "Name,Email,Financial Status,Fulfillment Status,Created at,Lineitem quantity,"
+    "Lineitem name,Lineitem fulfillment status,Cancelled at,Tracking Number,Tracking Company"
+)
 
 # A small Shopify-shaped export: order-level fields on the first row only.
 SHOPIFY_CSV = f"""{SHOPIFY_HEADER}
@@ -48,7 +50,9 @@ def orders_csv(count, status="unfulfilled", first=1, item="Item"):
     lines = [SHOPIFY_HEADER]
     for n in range(first, first + count):
         line_status = "fulfilled" if status == "fulfilled" else "pending"  # each line as Shopify writes it
-        lines.append(f"#{n},customer{n}@example.com,paid,{status},2026-11-27 09:00:00 +0000,1,{item} {n},{line_status},,,")
+        lines.append(
+            f"#{n},customer{n}@example.com,paid,{status},2026-11-27 09:00:00 +0000,1,{item} {n},{line_status},,,"
+        )
         lines.append(f"#{n},,,,,2,Extra {n},{line_status},,,")
     return "\n".join(lines) + "\n"
 
@@ -105,8 +109,9 @@ def checked(capsys, path, contexts=ROOT / "contexts.toml"):
 
 def lookup_over_http(base, order_id, email):
     """(status, JSON body) of a lookup sent over HTTP to a running service, with the key."""
-    request = urllib.request.Request(f"{base}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}",
-                                     headers={"x-api-key": KEY})
+    request = urllib.request.Request(
+        f"{base}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}", headers={"x-api-key": KEY}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
@@ -203,8 +208,14 @@ class Client:
         self.wsgi = wsgi
 
     def request(self, method, path, query="", headers=None, body=b""):
-        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
-                   "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1"}
+        environ = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "wsgi.input": io.BytesIO(body),
+            "CONTENT_LENGTH": str(len(body)),
+            "REMOTE_ADDR": "127.0.0.1",
+        }
         setup_testing_defaults(environ)
         environ["wsgi.errors"] = io.StringIO()
         for name, value in (headers or {}).items():
@@ -347,9 +358,28 @@ def port_open(port):
 def make_certificate(folder):
     """(certificate, key) for 127.0.0.1 and localhost, self-signed, in folder."""
     cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -363,7 +393,9 @@ def running_nginx(folder, site, port):
     folder = Path(folder)
     write(folder / "site.conf", site)
     temp = {name: folder / name for name in ("client", "proxy", "fastcgi", "uwsgi", "scgi")}
-    write(folder / "nginx.conf", f"""
+    write(
+        folder / "nginx.conf",
+        f"""
 user root;
 worker_processes 1;
 daemon off;
@@ -371,16 +403,21 @@ pid {folder}/nginx.pid;
 error_log {folder}/error.log;
 events {{ worker_connections 256; }}
 http {{
-    client_body_temp_path {temp['client']};
-    proxy_temp_path {temp['proxy']};
-    fastcgi_temp_path {temp['fastcgi']};
-    uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
+    client_body_temp_path {temp["client"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
     include {folder}/site.conf;
 }}
-""")
-    nginx = subprocess.Popen([NGINX, "-p", str(folder), "-c", str(folder / "nginx.conf")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+""",
+    )
+    nginx = subprocess.Popen(
+        [NGINX, "-p", str(folder), "-c", str(folder / "nginx.conf")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: port_open(port) or nginx.poll() is not None, what="nginx to listen")
         assert nginx.poll() is None, nginx.stdout.read() + (folder / "error.log").read_text()
@@ -403,10 +440,19 @@ def running_caddy(folder, caddyfile, port):
     """
     folder = Path(folder)
     path = write(folder / "Caddyfile", "{\n\tadmin off\n\tauto_https disable_redirects\n}\n" + caddyfile)
-    env = {**os.environ, "XDG_DATA_HOME": str(folder / "caddy-data"), "XDG_CONFIG_HOME": str(folder / "caddy-config"),
-           "HOME": str(folder)}
-    caddy = subprocess.Popen([CADDY, "run", "--config", str(path), "--adapter", "caddyfile"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "XDG_DATA_HOME": str(folder / "caddy-data"),
+        "XDG_CONFIG_HOME": str(folder / "caddy-config"),
+        "HOME": str(folder),
+    }
+    caddy = subprocess.Popen(
+        [CADDY, "run", "--config", str(path), "--adapter", "caddyfile"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: port_open(port) or caddy.poll() is not None, what="caddy to listen")
         assert caddy.poll() is None, caddy.stdout.read()

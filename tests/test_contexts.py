@@ -16,16 +16,29 @@ def edit(contexts_file, old, new):
     return contexts_file
 
 
-@pytest.mark.parametrize("order_id, email, wanted", [
-    ("1001", "jane@example.com",
-     "Order #1001 was found. It was placed on 27 Nov 2026. It contains 2 x Wool Socks, 1 x Beanie. It has not "
-     "shipped yet."),
-    ("1002", "sam@example.com", "Order #1002 was found and has shipped with UPS (tracking number 1Z999AA10123456784)."),
-    ("1003", "alex@example.com",
-     "Order #1003 was found. Part of it has shipped: 1 x Trail Runners. Not shipped yet: 3 x Running Socks."),
-    ("1004", "maria@example.com", "Order #1004 was found, but it was cancelled"),
-    ("1005", "li@example.com", "Order #1005 was found. It has been refunded"),
-])
+@pytest.mark.parametrize(
+    "order_id, email, wanted",
+    [
+        (
+            "1001",
+            "jane@example.com",
+            "Order #1001 was found. It was placed on 27 Nov 2026. It contains 2 x Wool Socks, 1 x Beanie. It has not "
+            "shipped yet.",
+        ),
+        (
+            "1002",
+            "sam@example.com",
+            "Order #1002 was found and has shipped with UPS (tracking number 1Z999AA10123456784).",
+        ),
+        (
+            "1003",
+            "alex@example.com",
+            "Order #1003 was found. Part of it has shipped: 1 x Trail Runners. Not shipped yet: 3 x Running Socks.",
+        ),
+        ("1004", "maria@example.com", "Order #1004 was found, but it was cancelled"),
+        ("1005", "li@example.com", "Order #1005 was found. It has been refunded"),
+    ],
+)
 def test_default_templates_read_like_the_platforms_examples(client, order_id, email, wanted):
     assert client.lookup(order_id, email).context.startswith(wanted)
 
@@ -33,15 +46,21 @@ def test_default_templates_read_like_the_platforms_examples(client, order_id, em
 def test_the_shipped_sample_data_shows_every_state(tmp_path):
     config = app.load_config(ROOT / "contexts.toml")
     snap = app.build_snapshot(config, app.find_export(ROOT / "data"))
-    assert {"processing", "shipped_tracked", "partial_items", "cancelled", "refunded", "shipped",
-            "awaiting_payment"} <= set(app.survey(snap).answers)
+    assert {
+        "processing",
+        "shipped_tracked",
+        "partial_items",
+        "cancelled",
+        "refunded",
+        "shipped",
+        "awaiting_payment",
+    } <= set(app.survey(snap).answers)
     status, body = app.answer(snap, "#1001", "jane@example.com")
     assert status == 200 and json.loads(body)["context"].startswith("Order #1001 was found")
 
 
 def test_any_column_is_a_placeholder_by_its_snake_case_header(tmp_path, contexts_file):
-    edit(contexts_file, 'found = "Order {order_id} was found.',
-         'found = "Order {order_id} goes by {ship_via_service}.')
+    edit(contexts_file, 'found = "Order {order_id} was found.', 'found = "Order {order_id} goes by {ship_via_service}.')
     path = write(tmp_path / "o.csv", "Order ID,Email,Ship Via (Service)\n5,a@example.com,Bike courier\n")
     snap = app.build_snapshot(app.load_config(contexts_file), path)
     assert json.loads(app.answer(snap, "5", "a@example.com")[1])["context"].startswith("Order 5 goes by Bike courier.")
@@ -55,19 +74,28 @@ def test_dates_in_templates_are_readable(tmp_path, contexts_file):
 
 
 def test_a_rule_can_compare_words_with_a_derived_value(tmp_path, contexts_file):
-    text = contexts_file.read_text().replace("[[rules]]", '[[rules]]\nwhen = { item_count = "1" }\ntemplate = "single"\n\n[[rules]]', 1)
-    contexts_file.write_text(text.replace("[templates]\n", '[templates]\nsingle = "Order {order_id} holds one item."\n'))
-    path = write(tmp_path / "o.csv", "Order ID,Email,Item Name,Qty\n5,a@example.com,Hat,1\n6,b@example.com,Hat,1\n6,,Scarf,1\n")
+    text = contexts_file.read_text().replace(
+        "[[rules]]", '[[rules]]\nwhen = { item_count = "1" }\ntemplate = "single"\n\n[[rules]]', 1
+    )
+    contexts_file.write_text(
+        text.replace("[templates]\n", '[templates]\nsingle = "Order {order_id} holds one item."\n')
+    )
+    path = write(
+        tmp_path / "o.csv", "Order ID,Email,Item Name,Qty\n5,a@example.com,Hat,1\n6,b@example.com,Hat,1\n6,,Scarf,1\n"
+    )
     snap = app.build_snapshot(app.load_config(contexts_file), path)
     assert json.loads(app.answer(snap, "5", "a@example.com")[1])["context"] == "Order 5 holds one item."
     assert json.loads(app.answer(snap, "6", "b@example.com")[1])["context"].startswith("Order 6 was found.")
 
 
-@pytest.mark.parametrize("item_format, separator, wanted", [
-    ("{quantity} x {name}", ", ", "It contains 2 x Hat, Scarf."),
-    ("{name} ({quantity})", " and ", "It contains Hat (2) and Scarf."),
-    ("{{{name}}} x{quantity}", "; ", "It contains {Hat} x2; Scarf."),
-])
+@pytest.mark.parametrize(
+    "item_format, separator, wanted",
+    [
+        ("{quantity} x {name}", ", ", "It contains 2 x Hat, Scarf."),
+        ("{name} ({quantity})", " and ", "It contains Hat (2) and Scarf."),
+        ("{{{name}}} x{quantity}", "; ", "It contains {Hat} x2; Scarf."),
+    ],
+)
 def test_items_are_listed_as_the_items_format_says(tmp_path, contexts_file, item_format, separator, wanted):
     edit(contexts_file, 'format = "{quantity} x {name}"', f'format = "{item_format}"')
     edit(contexts_file, 'separator = ", "', f'separator = "{separator}"')
@@ -78,35 +106,56 @@ def test_items_are_listed_as_the_items_format_says(tmp_path, contexts_file, item
 
 
 def test_a_rule_on_any_column_picks_its_template(tmp_path, contexts_file):
-    text = contexts_file.read_text().replace("[[rules]]", '[[rules]]\nwhen = { tags = "vip" }\ntemplate = "vip"\n\n[[rules]]', 1)
-    contexts_file.write_text(text.replace("[templates]\n", '[templates]\nvip = "Order {order_id} was found; VIPs get it first."\n'))
+    text = contexts_file.read_text().replace(
+        "[[rules]]", '[[rules]]\nwhen = { tags = "vip" }\ntemplate = "vip"\n\n[[rules]]', 1
+    )
+    contexts_file.write_text(
+        text.replace("[templates]\n", '[templates]\nvip = "Order {order_id} was found; VIPs get it first."\n')
+    )
     path = write(tmp_path / "o.csv", "Order ID,Email,Tags\n5,a@example.com,VIP\n6,b@example.com,\n")
     snap = app.build_snapshot(app.load_config(contexts_file), path)
     assert app.survey(snap).answers == {"vip": 1, "found": 1}
 
 
-@pytest.mark.parametrize("old, new, says", [
-    ('processing = "Order {order_id} was found.', 'processing = "Order {order_id was found.', "stray brace"),
-    ('processing = "Order {order_id} was found.', 'processing = "Order {order_id.__class__} was found.', "is not a placeholder"),
-    ('processing = "Order {order_id} was found.', 'processing = "Order {order_id!r} was found.', "is not a placeholder"),
-    ('template = "cancelled"', 'template = "canceled"', "names the template 'canceled', which does not exist"),
-    ('default_template = "found"', 'default_template = "fund"', "default_template"),
-    ('not_found = "No order was found with the number {order_id}', 'not_found = "No order {email}', "{email}"),
-    ('[settings]', '[setting]', "[setting]: is not a known section"),
-    ('max_age_hours = 26', 'max_age_hours = "26"', "max_age_hours"),
-    ('max_age_hours = 26', 'max_age_hours = -1', "must be more than 0"),
-    ('min_orders_ratio = 0.5', 'min_orders_ratio = 5', "between 0 and 1"),
-    ('max_age_hours = 26', 'max_age_hours = nan', "max_age_hours: should be like 26.0, not nan"),
-    ('max_age_hours = 26', 'max_age_hours = inf', "max_age_hours: should be like 26.0, not inf"),
-    ('min_orders_ratio = 0.5', 'min_orders_ratio = -nan', "min_orders_ratio: should be"),
-    ('[columns]\n', '[columns]\norder_id = [1, "Order Number"]\n', "[columns] order_id"),
-    ('[columns]\n', '[columns]\nE-mail = ["Mail"]\n', "[columns] E-mail: field names are lower case"),
-    ('\n[carriers]\n', '\n[carriers]\nUPS = "http://www.ups.com/track?tracknum={tracking_number}"\n',
-     "[carriers] UPS: must start with https://"),
-    ('\n[carriers]\n', '\n[carriers]\nUPS = "https://www.ups.com/track?tracknum={number}"\n', "{number}"),
-    ('[[rules]]\nwhen = { cancelled_at = "*" }\ntemplate = "cancelled"',
-     '[[rules]]\nwhen = { cancelled_at = "*" }\ntemplate = "cancelled"\ntempalte = "x"', "unknown key 'tempalte'"),
-])
+@pytest.mark.parametrize(
+    "old, new, says",
+    [
+        ('processing = "Order {order_id} was found.', 'processing = "Order {order_id was found.', "stray brace"),
+        (
+            'processing = "Order {order_id} was found.',
+            'processing = "Order {order_id.__class__} was found.',
+            "is not a placeholder",
+        ),
+        (
+            'processing = "Order {order_id} was found.',
+            'processing = "Order {order_id!r} was found.',
+            "is not a placeholder",
+        ),
+        ('template = "cancelled"', 'template = "canceled"', "names the template 'canceled', which does not exist"),
+        ('default_template = "found"', 'default_template = "fund"', "default_template"),
+        ('not_found = "No order was found with the number {order_id}', 'not_found = "No order {email}', "{email}"),
+        ("[settings]", "[setting]", "[setting]: is not a known section"),
+        ("max_age_hours = 26", 'max_age_hours = "26"', "max_age_hours"),
+        ("max_age_hours = 26", "max_age_hours = -1", "must be more than 0"),
+        ("min_orders_ratio = 0.5", "min_orders_ratio = 5", "between 0 and 1"),
+        ("max_age_hours = 26", "max_age_hours = nan", "max_age_hours: should be like 26.0, not nan"),
+        ("max_age_hours = 26", "max_age_hours = inf", "max_age_hours: should be like 26.0, not inf"),
+        ("min_orders_ratio = 0.5", "min_orders_ratio = -nan", "min_orders_ratio: should be"),
+        ("[columns]\n", '[columns]\norder_id = [1, "Order Number"]\n', "[columns] order_id"),
+        ("[columns]\n", '[columns]\nE-mail = ["Mail"]\n', "[columns] E-mail: field names are lower case"),
+        (
+            "\n[carriers]\n",
+            '\n[carriers]\nUPS = "http://www.ups.com/track?tracknum={tracking_number}"\n',
+            "[carriers] UPS: must start with https://",
+        ),
+        ("\n[carriers]\n", '\n[carriers]\nUPS = "https://www.ups.com/track?tracknum={number}"\n', "{number}"),
+        (
+            '[[rules]]\nwhen = { cancelled_at = "*" }\ntemplate = "cancelled"',
+            '[[rules]]\nwhen = { cancelled_at = "*" }\ntemplate = "cancelled"\ntempalte = "x"',
+            "unknown key 'tempalte'",
+        ),
+    ],
+)
 def test_config_mistakes_name_the_file_the_key_and_the_fix(contexts_file, old, new, says):
     edit(contexts_file, old, new)
     with pytest.raises(app.ConfigError) as caught:
@@ -131,7 +180,9 @@ def test_an_unknown_placeholder_is_reported_with_what_is_available(tmp_path, con
     with pytest.raises(app.ExportError) as caught:  # the data being served stays served
         app.build_snapshot(app.load_config(contexts_file), path)
     message = str(caught.value)
-    assert message.startswith("o.csv: has no column for {order_number}, which contexts.toml [templates] processing uses.")
+    assert message.startswith(
+        "o.csv: has no column for {order_number}, which contexts.toml [templates] processing uses."
+    )
     assert "{order_id}" in message and "{items}" in message and "{ship_date}" in message
 
 
@@ -150,24 +201,34 @@ def test_message_templates_are_required(contexts_file, name):
         app.load_config(contexts_file)
 
 
-@pytest.mark.parametrize("carrier, number, url", [
-    ("UPS", "1Z 999", "https://www.ups.com/track?tracknum=1Z%20999"),
-    ("DHL Express", "123", "https://www.dhl.com/global-en/home/tracking/tracking-express.html?submit=1&tracking-id=123"),
-    ("usps", "9400", "https://tools.usps.com/go/TrackConfirmAction?tLabels=9400"),
-    ("Royal Mail Tracked 24", "AB1GB", "https://www.royalmail.com/track-your-item#/tracking-results/AB1GB"),
-    ("Pigeon Post", "1", None),
-    ("", "1", None),
-])
+@pytest.mark.parametrize(
+    "carrier, number, url",
+    [
+        ("UPS", "1Z 999", "https://www.ups.com/track?tracknum=1Z%20999"),
+        (
+            "DHL Express",
+            "123",
+            "https://www.dhl.com/global-en/home/tracking/tracking-express.html?submit=1&tracking-id=123",
+        ),
+        ("usps", "9400", "https://tools.usps.com/go/TrackConfirmAction?tLabels=9400"),
+        ("Royal Mail Tracked 24", "AB1GB", "https://www.royalmail.com/track-your-item#/tracking-results/AB1GB"),
+        ("Pigeon Post", "1", None),
+        ("", "1", None),
+    ],
+)
 def test_tracking_links_are_built_from_loosely_matched_carriers(carrier, number, url):
     page = app.carrier_page(app.load_config(ROOT / "contexts.toml").carriers, carrier)
     assert (app.tracking_link(page, number) if page else None) == url
 
 
-@pytest.mark.parametrize("cell, url", [
-    ("https://track.example.com/abc", "https://track.example.com/abc"),
-    ("javascript:alert(1)", None),
-    ("track.example.com/abc", None),
-])
+@pytest.mark.parametrize(
+    "cell, url",
+    [
+        ("https://track.example.com/abc", "https://track.example.com/abc"),
+        ("javascript:alert(1)", None),
+        ("track.example.com/abc", None),
+    ],
+)
 def test_only_http_links_from_the_export_reach_the_agent(tmp_path, contexts_file, cell, url):
     path = write(tmp_path / "o.csv", f"Order ID,Email,Status,Tracking URL\n5,a@example.com,shipped,{cell}\n")
     snap = app.build_snapshot(app.load_config(contexts_file), path)
@@ -178,17 +239,29 @@ def test_check_warns_when_an_answer_shows_free_text(capsys, tmp_path, contexts_f
     edit(contexts_file, 'found = "Order {order_id} was found.', 'found = "Order {order_id} was found ({notes}).')
     path = write(tmp_path / "o.csv", "Order ID,Email,Notes\n5,a@example.com,leave at the door\n")
     assert app.main(["check", "--data", str(path), "--contexts", str(contexts_file)]) == 0
-    assert "warning  [templates] found uses {notes}, text that customers or staff type freely" in \
-        capsys.readouterr().out
+    assert (
+        "warning  [templates] found uses {notes}, text that customers or staff type freely" in capsys.readouterr().out
+    )
 
 
-@pytest.mark.parametrize("quantity, items, count", [
-    ("\u00b2", "Hat, 2 x Cap", None), ("\u0662", "2 x Hat, 2 x Cap", "4"), ("1.5", "1.5 x Hat, 2 x Cap", None),
-    ("two", "Hat, 2 x Cap", None), ("3.0000", "3 x Hat, 2 x Cap", "5"), ("3,0", "3 x Hat, 2 x Cap", "5"),
-])
+@pytest.mark.parametrize(
+    "quantity, items, count",
+    [
+        ("\u00b2", "Hat, 2 x Cap", None),
+        ("\u0662", "2 x Hat, 2 x Cap", "4"),
+        ("1.5", "1.5 x Hat, 2 x Cap", None),
+        ("two", "Hat, 2 x Cap", None),
+        ("3.0000", "3 x Hat, 2 x Cap", "5"),
+        ("3,0", "3 x Hat, 2 x Cap", "5"),
+    ],
+)
 def test_an_odd_quantity_is_named_without_a_count_and_never_counted(tmp_path, contexts_file, quantity, items, count):
     # "1 x Hat" for a quantity that does not read would be a made-up fact; so would a total of all items.
-    edit(contexts_file, 'found = "Order {order_id} was found.', 'found = "Order {order_id}[ ({item_count} items)] was found.')
+    edit(
+        contexts_file,
+        'found = "Order {order_id} was found.',
+        'found = "Order {order_id}[ ({item_count} items)] was found.',
+    )
     path = write(tmp_path / "o.csv", f"Order ID,Email,Item,Qty\n5,a@example.com,Hat,{quantity}\n5,,Cap,2\n")
     status, body = app.answer(app.build_snapshot(app.load_config(contexts_file), path), "5", "a@example.com")
     context = json.loads(body)["context"]
@@ -204,15 +277,23 @@ def test_item_statuses_must_be_words(contexts_file):
 
 def test_check_warns_about_free_text_by_the_header_it_reads_too(capsys, tmp_path, contexts_file):
     edit(contexts_file, "[columns]\n", '[columns]\ndelivery_info = ["Customer Note"]\n')
-    edit(contexts_file, 'found = "Order {order_id} was found.', 'found = "Order {order_id} was found ({delivery_info}).')
+    edit(
+        contexts_file, 'found = "Order {order_id} was found.', 'found = "Order {order_id} was found ({delivery_info}).'
+    )
     path = write(tmp_path / "o.csv", "Order ID,Email,Customer Note\n5,a@example.com,leave it\n")
     assert app.main(["check", "--data", str(path), "--contexts", str(contexts_file)]) == 0
-    assert "warning  [templates] found uses {delivery_info}, text that customers or staff type freely" in \
-        capsys.readouterr().out
+    assert (
+        "warning  [templates] found uses {delivery_info}, text that customers or staff type freely"
+        in capsys.readouterr().out
+    )
 
 
 def test_every_unknown_placeholder_is_reported_at_once_with_the_nearest_name(tmp_path, contexts_file):
-    edit(contexts_file, 'processing = "Order {order_id} was found.', 'processing = "Order {ordr_id} was found {trackng_url}.')
+    edit(
+        contexts_file,
+        'processing = "Order {order_id} was found.',
+        'processing = "Order {ordr_id} was found {trackng_url}.',
+    )
     export = write(tmp_path / "data" / "orders.csv", "Order,Email\n1,a@example.com\n")
     with pytest.raises(app.ExportError) as caught:
         app.build_snapshot(app.load_config(contexts_file), export)
@@ -224,12 +305,14 @@ def test_every_unknown_placeholder_is_reported_at_once_with_the_nearest_name(tmp
 def test_a_messages_unknown_placeholders_are_reported_at_once(contexts_file):
     text = contexts_file.read_text()
     start = text.index("not_found = ")
-    line = text[start:text.index("\n", start)]
+    line = text[start : text.index("\n", start)]
     edit(contexts_file, line, 'not_found = "No order {ordr_id} as of {record_updated}."')
     with pytest.raises(app.ConfigError) as caught:
         app.load_config(contexts_file)
-    assert ("uses the unknown placeholders {ordr_id} (did you mean {order_id}?), {record_updated} (did you mean "
-            "{records_updated}?)") in str(caught.value)
+    assert (
+        "uses the unknown placeholders {ordr_id} (did you mean {order_id}?), {record_updated} (did you mean "
+        "{records_updated}?)"
+    ) in str(caught.value)
 
 
 def test_a_fixed_edit_is_logged_as_applied_even_when_it_restores_the_served_wording(tmp_path, contexts_file, logs):
@@ -250,7 +333,7 @@ def test_check_gives_the_line_to_paste_for_a_status_word_no_rule_names(tmp_path,
     assert app.main(["check", "--data", str(export), "--contexts", str(contexts_file)]) == 0
     out = capsys.readouterr().out
     assert "status 'gerade im versand' (1 order) is named by no rule" in out
-    block = out[out.index("\n[vocabulary.statuses]\n") + 1:].splitlines()
+    block = out[out.index("\n[vocabulary.statuses]\n") + 1 :].splitlines()
     assert block[:2] == ["[vocabulary.statuses]", '"MEANING" = ["gerade im versand"]']
     pasted = contexts_file.read_text() + "\n" + "\n".join(block[:2]) + "\n"
     contexts_file.write_text(pasted)  # as pasted, without choosing: refused, naming what to do
@@ -279,14 +362,21 @@ EARLIER_DHL = "https://www.dhl.com/global-en/home/tracking/tracking-express.html
 SHIPPED_DHL = "https://www.dhl.com/global-en/home/tracking/tracking-parcel.html?submit=1&tracking-id={tracking_number}"
 
 
-@pytest.mark.parametrize("lines, carrier, page, retired", [
-    ("", "UPS", SHIPPED_UPS, ()),  # nothing of its own: carriers.toml's page
-    (f'UPS = "{SHIPPED_UPS}"\n', "UPS", SHIPPED_UPS, ("UPS",)),  # a copy of the shipped line: shipped data
-    (f'DHL = "{EARLIER_DHL}"\n', "DHL", SHIPPED_DHL, ("DHL",)),  # an earlier release's page: the fix reaches it
-    ('UPS = "https://ups.example/{tracking_number}"\n', "UPS", "https://ups.example/{tracking_number}", ()),
-    ('"Acme Freight" = "https://acme.example/?n={tracking_number}"\n', "acme freight",
-     "https://acme.example/?n={tracking_number}", ()),  # a carrier of its own, beside the shipped ones
-])
+@pytest.mark.parametrize(
+    "lines, carrier, page, retired",
+    [
+        ("", "UPS", SHIPPED_UPS, ()),  # nothing of its own: carriers.toml's page
+        (f'UPS = "{SHIPPED_UPS}"\n', "UPS", SHIPPED_UPS, ("UPS",)),  # a copy of the shipped line: shipped data
+        (f'DHL = "{EARLIER_DHL}"\n', "DHL", SHIPPED_DHL, ("DHL",)),  # an earlier release's page: the fix reaches it
+        ('UPS = "https://ups.example/{tracking_number}"\n', "UPS", "https://ups.example/{tracking_number}", ()),
+        (
+            '"Acme Freight" = "https://acme.example/?n={tracking_number}"\n',
+            "acme freight",
+            "https://acme.example/?n={tracking_number}",
+            (),
+        ),  # a carrier of its own, beside the shipped ones
+    ],
+)
 def test_carriers_ship_as_data_and_a_shops_own_line_wins(contexts_file, lines, carrier, page, retired):
     config = app.load_config(edit(contexts_file, "\n[carriers]\n", "\n[carriers]\n" + lines))
     assert app.carrier_page(config.carriers, carrier) == page

@@ -10,16 +10,19 @@ import app
 from conftest import KEY, OTHER_KEY, ROOT, SHOPIFY_CSV, Client, make_settings, started, write
 
 
-@pytest.mark.parametrize("headers, query", [
-    ({}, ""),
-    ({"x-api-key": ""}, ""),
-    ({"x-api-key": "wrong-key-0123456789abcdef"}, ""),
-    ({"x-api-key": KEY[:-1]}, ""),
-    ({"x-api-key": KEY + "x"}, ""),
-    ({"x-api-key": f"{KEY},{OTHER_KEY}"}, ""),
-    ({"authorization": f"Bearer {KEY}"}, ""),
-    ({}, f"api_key={KEY}&x-api-key={KEY}"),  # a key in the query string is not accepted
-])
+@pytest.mark.parametrize(
+    "headers, query",
+    [
+        ({}, ""),
+        ({"x-api-key": ""}, ""),
+        ({"x-api-key": "wrong-key-0123456789abcdef"}, ""),
+        ({"x-api-key": KEY[:-1]}, ""),
+        ({"x-api-key": KEY + "x"}, ""),
+        ({"x-api-key": f"{KEY},{OTHER_KEY}"}, ""),
+        ({"authorization": f"Bearer {KEY}"}, ""),
+        ({}, f"api_key={KEY}&x-api-key={KEY}"),  # a key in the query string is not accepted
+    ],
+)
 def test_missing_or_wrong_key_is_401_with_empty_json_body(client, headers, query):
     q = "order_id=1001&customer_email=jane@example.com&" + query
     r = client.request("GET", "/lookup", q, headers)
@@ -34,14 +37,17 @@ def test_every_rotated_key_is_accepted(client, key):
     assert r.status == 200
 
 
-@pytest.mark.parametrize("query, asks_for", [
-    ("", "the order number and the email address"),
-    ("order_id=1001", "the email address"),
-    ("customer_email=jane@example.com", "the order number"),
-    ("order_id=%20%20&customer_email=jane@example.com", "the order number"),
-    ("order_id=1001&customer_email=%20", "the email address"),
-    ("order_id=%23%23%23&customer_email=jane@example.com", "the order number"),
-])
+@pytest.mark.parametrize(
+    "query, asks_for",
+    [
+        ("", "the order number and the email address"),
+        ("order_id=1001", "the email address"),
+        ("customer_email=jane@example.com", "the order number"),
+        ("order_id=%20%20&customer_email=jane@example.com", "the order number"),
+        ("order_id=1001&customer_email=%20", "the email address"),
+        ("order_id=%23%23%23&customer_email=jane@example.com", "the order number"),
+    ],
+)
 def test_missing_or_blank_parameter_is_400_saying_what_to_ask(client, query, asks_for):
     r = client.get("/lookup", query)
     assert r.status == 400
@@ -54,7 +60,7 @@ def test_found_order_is_200_with_context_and_tracking_url(client):
     assert r.status == 200
     assert r.json == {
         "context": "Order #1002 was found and has shipped with UPS (tracking number 1Z999AA10123456784). "
-                   "It can be followed with the tracking link. It contains 1 x Down Jacket.",
+        "It can be followed with the tracking link. It contains 1 x Down Jacket.",
         "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784",
     }
 
@@ -68,8 +74,10 @@ def test_found_order_without_tracking_has_null_tracking_url(client):
 
 def test_a_404_does_not_reveal_whether_the_order_number_exists(client, tmp_path, contexts_file):
     # The same request against an export with #1001 (wrong email) and one without #1001 at all.
-    without = write(tmp_path / "other" / "orders.csv",
-                    "\n".join(l for l in SHOPIFY_CSV.splitlines() if not l.startswith("#1001")) + "\n")
+    without = write(
+        tmp_path / "other" / "orders.csv",
+        "\n".join(l for l in SHOPIFY_CSV.splitlines() if not l.startswith("#1001")) + "\n",
+    )
     other = app.Service(make_settings(without.parent, contexts_file))
     other.start()
     other_client = Client(app.create_app(other))
@@ -95,13 +103,20 @@ def test_other_methods_are_405_json(client, method):
     assert r.context == "This address only answers GET requests."
 
 
-@pytest.mark.parametrize("path, says, allow", [
-    ("/export", "This address only answers PUT or POST requests.", "PUT,POST"),
-    ("/webhooks/shopify", "This address only answers POST requests.", "POST"),
-])
+@pytest.mark.parametrize(
+    "path, says, allow",
+    [
+        ("/export", "This address only answers PUT or POST requests.", "PUT,POST"),
+        ("/webhooks/shopify", "This address only answers POST requests.", "POST"),
+    ],
+)
 def test_the_upload_and_webhook_addresses_name_their_own_methods(export, contexts_file, path, says, allow):
-    settings = make_settings(export.parent, contexts_file, UPLOAD_KEY="upl-contract-test-key-5Hq8Zr2Lw",
-                             SHOPIFY_WEBHOOK_SECRET="shpss-contract-test-4Tn7Vb")
+    settings = make_settings(
+        export.parent,
+        contexts_file,
+        UPLOAD_KEY="upl-contract-test-key-5Hq8Zr2Lw",
+        SHOPIFY_WEBHOOK_SECRET="shpss-contract-test-4Tn7Vb",
+    )
     r = Client(app.create_app(started(settings))).request("GET", path)
     assert (r.status, json.loads(r.body)["context"], r.headers["Allow"]) == (405, says, allow)
 
@@ -199,7 +214,8 @@ def test_healthz_with_wrong_key_is_the_public_view(client):
 
 def test_through_a_real_waitress_server(live_server):
     request = urllib.request.Request(
-        f"{live_server}/lookup?order_id=%231001&customer_email=JANE@example.com", headers={"x-api-key": KEY})
+        f"{live_server}/lookup?order_id=%231001&customer_email=JANE@example.com", headers={"x-api-key": KEY}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "application/json"

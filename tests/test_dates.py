@@ -65,19 +65,28 @@ def test_each_form_of_order_date_is_written_as_the_template_writes_dates(tmp_pat
 
 @pytest.mark.parametrize("written, day", DATE_FORMS)
 def test_each_form_of_ship_date_is_written_as_the_template_writes_dates(tmp_path, written, day):
-    snap = snapshot(tmp_path, f"Order ID,Email,Status,Ship Date,Item\n1,a@example.com,shipped,{csv_cell(written)},Hat\n")
+    snap = snapshot(
+        tmp_path, f"Order ID,Email,Status,Ship Date,Item\n1,a@example.com,shipped,{csv_cell(written)},Hat\n"
+    )
     assert context(snap) == SHIPPED.format(day)
 
 
-@pytest.mark.parametrize("cell", [
-    datetime.datetime(2025, 11, 5, 14, 3),  # a date cell with a time
-    datetime.datetime(2025, 11, 5),  # a date cell at midnight
-    45966,  # a date column formatted as a number: Excel's day 45966
-    45966.59375,
-], ids=["datetime", "date", "serial", "serial-with-time"])
+@pytest.mark.parametrize(
+    "cell",
+    [
+        datetime.datetime(2025, 11, 5, 14, 3),  # a date cell with a time
+        datetime.datetime(2025, 11, 5),  # a date cell at midnight
+        45966,  # a date column formatted as a number: Excel's day 45966
+        45966.59375,
+    ],
+    ids=["datetime", "date", "serial", "serial-with-time"],
+)
 def test_workbook_dates_are_written_as_the_template_writes_dates(tmp_path, cell):
-    snap = snapshot(tmp_path, {"Orders": [["Order ID", "Email", "Order Date", "Item"], ["1", "a@example.com", cell, "Hat"]]},
-                    name="orders.xlsx")
+    snap = snapshot(
+        tmp_path,
+        {"Orders": [["Order ID", "Email", "Order Date", "Item"], ["1", "a@example.com", cell, "Hat"]]},
+        name="orders.xlsx",
+    )
     assert context(snap) == PLACED.format("5 Nov 2025")
 
 
@@ -106,8 +115,10 @@ def test_day_or_month_first_is_decided_by_the_values_of_the_column(tmp_path, val
 def test_a_value_far_down_the_file_still_decides_its_column(tmp_path, late, day):
     # 80 orders whose dates do not tell, then one that does: the first order's date follows it.
     rows = "".join(f"{n},c{n}@example.com,01/02/2025,Hat\n" for n in range(2, 80))
-    snap = snapshot(tmp_path, "Order ID,Email,Order Date,Item\n1,a@example.com,05/06/2025,Hat\n" + rows
-                    + f"99,z@example.com,{late},Cap\n")
+    snap = snapshot(
+        tmp_path,
+        "Order ID,Email,Order Date,Item\n1,a@example.com,05/06/2025,Hat\n" + rows + f"99,z@example.com,{late},Cap\n",
+    )
     assert context(snap) == PLACED.format(day)
 
 
@@ -115,12 +126,16 @@ def test_each_date_column_is_decided_on_its_own(tmp_path):
     # The order dates are day first (13/06), the ship dates month first (07/14): one file, two conventions.
     contexts = CONTEXTS.read_text().replace(
         'shipped = "Order {order_id} was found and has shipped[ on {shipped_at}]',
-        'shipped = "Order {order_id} of {order_date} was found and has shipped[ on {shipped_at}]')
+        'shipped = "Order {order_id} of {order_date} was found and has shipped[ on {shipped_at}]',
+    )
     assert contexts != CONTEXTS.read_text()
-    snap = snapshot(tmp_path, "Order ID,Email,Status,Order Date,Ship Date,Item\n"
-                              "1,a@example.com,shipped,05/06/2025,05/07/2025,Hat\n"
-                              "2,b@example.com,shipped,13/06/2025,07/14/2025,Cap\n",
-                    contexts=write(tmp_path / "contexts.toml", contexts))
+    snap = snapshot(
+        tmp_path,
+        "Order ID,Email,Status,Order Date,Ship Date,Item\n"
+        "1,a@example.com,shipped,05/06/2025,05/07/2025,Hat\n"
+        "2,b@example.com,shipped,13/06/2025,07/14/2025,Cap\n",
+        contexts=write(tmp_path / "contexts.toml", contexts),
+    )
     assert context(snap).startswith("Order 1 of 5 Jun 2025 was found and has shipped on 7 May 2025.")
 
 
@@ -151,14 +166,18 @@ def test_a_day_first_language_decides_a_column_its_values_leave_open(tmp_path, l
 
 
 def test_the_values_win_over_the_language_of_the_headers(tmp_path):
-    snap = snapshot(tmp_path, "Bestellnummer,E-Mail,Bestelldatum,Artikel\n"
-                              "1,a@example.com,05/06/2025,Hat\n2,b@example.com,06/13/2025,Cap\n")
+    snap = snapshot(
+        tmp_path,
+        "Bestellnummer,E-Mail,Bestelldatum,Artikel\n1,a@example.com,05/06/2025,Hat\n2,b@example.com,06/13/2025,Cap\n",
+    )
     assert context(snap) == PLACED.format("6 May 2025")
 
 
 def test_an_english_export_that_does_not_tell_is_never_guessed(tmp_path):
-    snap = snapshot(tmp_path, "Order Number,Email,Order Date,Product\n1,a@example.com,05/06/2025,Hat\n"
-                              "2,b@example.com,07/08/2025,Cap\n")
+    snap = snapshot(
+        tmp_path,
+        "Order Number,Email,Order Date,Product\n1,a@example.com,05/06/2025,Hat\n2,b@example.com,07/08/2025,Cap\n",
+    )
     assert context(snap) == PLACED.format("05/06/2025")
     assert "It was placed on 07/08/2025." in context(snap, "2", "b@example.com")
 
@@ -181,10 +200,14 @@ def test_dates_are_written_in_the_language_of_the_templates(tmp_path, language, 
     contexts = CONTEXTS.read_text()
     assert 'language = "en"' in contexts
     contexts = write(tmp_path / "contexts.toml", contexts.replace('language = "en"', f'language = "{language}"'))
-    snap = snapshot(tmp_path, "Order ID,Email,Order Date,Status,Ship Date,Item\n"
-                              "1,a@example.com,2025-06-05 10:00:00 +0200,,,Hat\n"
-                              "2,b@example.com,05.03.2025,shipped,03/05/2025,Cap\n"
-                              "3,c@example.com,2025-03-01,shipped,03/13/2025,Cap\n", contexts=contexts)
+    snap = snapshot(
+        tmp_path,
+        "Order ID,Email,Order Date,Status,Ship Date,Item\n"
+        "1,a@example.com,2025-06-05 10:00:00 +0200,,,Hat\n"
+        "2,b@example.com,05.03.2025,shipped,03/05/2025,Cap\n"
+        "3,c@example.com,2025-03-01,shipped,03/13/2025,Cap\n",
+        contexts=contexts,
+    )
     assert f" {june}." in context(snap)
     assert f" on {march}." in context(snap, "2", "b@example.com")  # the ship dates are month first (03/13)
 
@@ -197,7 +220,9 @@ def test_german_dates_never_get_english_month_names(tmp_path):
 
 @pytest.mark.parametrize("language", ["xx", "english", "DE", ""])
 def test_an_unknown_language_is_a_config_error_naming_the_key(tmp_path, language):
-    contexts = write(tmp_path / "contexts.toml", CONTEXTS.read_text().replace('language = "en"', f'language = "{language}"'))
+    contexts = write(
+        tmp_path / "contexts.toml", CONTEXTS.read_text().replace('language = "en"', f'language = "{language}"')
+    )
     with pytest.raises(app.ConfigError) as refused:
         app.load_config(contexts)
     message = str(refused.value)
@@ -205,19 +230,22 @@ def test_an_unknown_language_is_a_config_error_naming_the_key(tmp_path, language
     assert "de, en, es, fr, it, nl, pl, pt" in message  # what to write instead
 
 
-@pytest.mark.parametrize("text, day_first, written", [
-    ("05/06/2025", None, "05/06/2025"),
-    ("05/06/2025", True, "5 Jun 2025"),
-    ("05/06/2025", False, "6 May 2025"),
-    ("13/06/2025", False, "13 Jun 2025"),  # a value over 12 tells, whatever the column says
-    ("05.06.2025", False, "5 Jun 2025"),  # dots are day first
-    ("31/02/2025", True, "31/02/2025"),  # no such day: as written
-    ("not a date", None, "not a date"),
-    ("2025-06-05 and 2025-06-07", None, "5 Jun 2025 and 7 Jun 2025"),  # parcels sent on two days
-    ("5. März 2025", None, "5 Mar 2025"),  # month names with their accents, as German and French exports write them
-    ("3 févr. 2025", None, "3 Feb 2025"),
-    ("12 Décembre 2025", None, "12 Dec 2025"),
-    ("5 de março de 2025", None, "5 de março de 2025"),  # a form not read: as written, never guessed
-])
+@pytest.mark.parametrize(
+    "text, day_first, written",
+    [
+        ("05/06/2025", None, "05/06/2025"),
+        ("05/06/2025", True, "5 Jun 2025"),
+        ("05/06/2025", False, "6 May 2025"),
+        ("13/06/2025", False, "13 Jun 2025"),  # a value over 12 tells, whatever the column says
+        ("05.06.2025", False, "5 Jun 2025"),  # dots are day first
+        ("31/02/2025", True, "31/02/2025"),  # no such day: as written
+        ("not a date", None, "not a date"),
+        ("2025-06-05 and 2025-06-07", None, "5 Jun 2025 and 7 Jun 2025"),  # parcels sent on two days
+        ("5. März 2025", None, "5 Mar 2025"),  # month names with their accents, as German and French exports write them
+        ("3 févr. 2025", None, "3 Feb 2025"),
+        ("12 Décembre 2025", None, "12 Dec 2025"),
+        ("5 de março de 2025", None, "5 de março de 2025"),  # a form not read: as written, never guessed
+    ],
+)
 def test_date_written(text, day_first, written):
     assert app.date_written(text, day_first, app.ENGLISH) == written

@@ -15,8 +15,21 @@ import time
 
 import pytest
 
-from conftest import (CADDY, KEY, ROOT, Served, free_port, make_certificate, nginx_missing, orders_csv,
-                      running_caddy, running_nginx, upload, wait_for, write)
+from conftest import (
+    CADDY,
+    KEY,
+    ROOT,
+    Served,
+    free_port,
+    make_certificate,
+    nginx_missing,
+    orders_csv,
+    running_caddy,
+    running_nginx,
+    upload,
+    wait_for,
+    write,
+)
 from conftest import swap as swap_in
 
 SHIPPED = ROOT / "deploy" / "nginx" / "orders.conf"
@@ -38,11 +51,20 @@ def deployed(tmp_path):
     data = tmp_path / "data"
     write(data / "orders.csv", orders_csv(200))
     app_port, http_port, https_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "API_KEY": KEY, "PORT": str(app_port), "ORDERS_FILE": str(data),
-           "CONTEXTS_FILE": str(ROOT / "contexts.toml"), "TRUSTED_PROXY": "127.0.0.1",
-           "TRUSTED_PROXY_HEADERS": "x-forwarded-for x-forwarded-proto", "SETTLE_SECONDS": "0.1",
-           "UPLOAD_KEY": UPLOAD_KEY, "STATE_DIR": str(tmp_path / "state"),
-           "SHOPIFY_WEBHOOK_SECRET": SHOPIFY_SECRET, "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "PORT": str(app_port),
+        "ORDERS_FILE": str(data),
+        "CONTEXTS_FILE": str(ROOT / "contexts.toml"),
+        "TRUSTED_PROXY": "127.0.0.1",
+        "TRUSTED_PROXY_HEADERS": "x-forwarded-for x-forwarded-proto",
+        "SETTLE_SECONDS": "0.1",
+        "UPLOAD_KEY": UPLOAD_KEY,
+        "STATE_DIR": str(tmp_path / "state"),
+        "SHOPIFY_WEBHOOK_SECRET": SHOPIFY_SECRET,
+        "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET,
+    }
     cert, key = make_certificate(tmp_path)
     site = SHIPPED.read_text()
     site = swap(site, "server 127.0.0.1:8080;", f"server 127.0.0.1:{app_port};")
@@ -56,17 +78,31 @@ def deployed(tmp_path):
         service.wait_for("INFO serving ")
         with running_nginx(tmp_path, site, https_port):
             context = ssl.create_default_context(cafile=str(cert))
-            yield type("Deployed", (), {"https": https_port, "http": http_port, "context": context,
-                                        "service": service, "data": data, "tmp": tmp_path})
+            yield type(
+                "Deployed",
+                (),
+                {
+                    "https": https_port,
+                    "http": http_port,
+                    "context": context,
+                    "service": service,
+                    "data": data,
+                    "tmp": tmp_path,
+                },
+            )
 
 
 def lookup(deployed, order=1, source="127.0.0.1"):
     """(status, headers, body) of a lookup through nginx over TLS, from a chosen client address."""
-    connection = http.client.HTTPSConnection("127.0.0.1", deployed.https, context=deployed.context,
-                                             timeout=5, source_address=(source, 0))
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", deployed.https, context=deployed.context, timeout=5, source_address=(source, 0)
+    )
     try:
-        connection.request("GET", f"/lookup?order_id=%23{order}&customer_email=customer{order}%40example.com",
-                           headers={"x-api-key": KEY})
+        connection.request(
+            "GET",
+            f"/lookup?order_id=%23{order}&customer_email=customer{order}%40example.com",
+            headers={"x-api-key": KEY},
+        )
         response = connection.getresponse()
         return response.status, response.headers, response.read()
     finally:
@@ -87,8 +123,10 @@ def test_the_service_logs_the_real_client_address(deployed):
 def test_nginx_logs_no_emails_keys_or_signatures(deployed):
     lookup(deployed, 9)
     secrets = secret_bearing_requests(deployed.https, deployed.context)
-    wait_for(lambda: (deployed.tmp / "access.log").exists() and (deployed.tmp / "access.log").read_text().count("\n") >= 6,
-             what="nginx's access log")
+    wait_for(
+        lambda: (deployed.tmp / "access.log").exists() and (deployed.tmp / "access.log").read_text().count("\n") >= 6,
+        what="nginx's access log",
+    )
     text = (deployed.tmp / "access.log").read_text()
     assert '"GET /lookup" 200' in text and '"PUT /export" 200' in text and '"POST /webhooks/shopify" 200' in text
     assert "customer9" not in text and "example.com" not in text
@@ -124,11 +162,14 @@ def test_an_export_of_several_megabytes_is_uploaded_through_nginx(deployed):
 
 @pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy is not installed (apt-get install caddy)")
 def test_the_shipped_caddyfile_is_valid():
-    result = subprocess.run(["caddy", "validate", "--config", str(ROOT / "deploy" / "Caddyfile"),
-                             "--adapter", "caddyfile"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["caddy", "validate", "--config", str(ROOT / "deploy" / "Caddyfile"), "--adapter", "caddyfile"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Valid configuration" in result.stdout + result.stderr
-
 
 
 def secret_bearing_requests(port, context):
@@ -151,17 +192,52 @@ def secret_bearing_requests(port, context):
     shopify_body = json.dumps(shopify_order(5001, email="hooked@example.com")).encode()
     woo_body = json.dumps(woo_order(5002, "woo@example.com", "completed")).encode()
     basic = b64encode(f"prometheus:{KEY}".encode()).decode()
-    assert send("GET", "/lookup?order_id=%231&customer_email=customer1%40example.com", headers={"x-api-key": KEY})[0] == 200
+    assert (
+        send("GET", "/lookup?order_id=%231&customer_email=customer1%40example.com", headers={"x-api-key": KEY})[0]
+        == 200
+    )
     assert send("PUT", "/export", orders_csv(200, status="fulfilled").encode(), {"x-upload-key": UPLOAD_KEY})[0] == 200
-    assert send("POST", "/webhooks/shopify", shopify_body, {
-        "X-Shopify-Topic": "orders/updated", "X-Shopify-Hmac-Sha256": sign(SHOPIFY_SECRET, shopify_body),
-        "X-Shopify-Webhook-Id": "a1b2c3d4-0000-4000-8000-000000000001", "Content-Type": "application/json"})[0] == 200
-    assert send("POST", "/webhooks/woocommerce", woo_body, {
-        "X-WC-Webhook-Topic": "order.updated", "X-WC-Webhook-Signature": sign(WOO_SECRET, woo_body),
-        "X-WC-Webhook-Delivery-ID": "77", "Content-Type": "application/json"})[0] == 200
+    assert (
+        send(
+            "POST",
+            "/webhooks/shopify",
+            shopify_body,
+            {
+                "X-Shopify-Topic": "orders/updated",
+                "X-Shopify-Hmac-Sha256": sign(SHOPIFY_SECRET, shopify_body),
+                "X-Shopify-Webhook-Id": "a1b2c3d4-0000-4000-8000-000000000001",
+                "Content-Type": "application/json",
+            },
+        )[0]
+        == 200
+    )
+    assert (
+        send(
+            "POST",
+            "/webhooks/woocommerce",
+            woo_body,
+            {
+                "X-WC-Webhook-Topic": "order.updated",
+                "X-WC-Webhook-Signature": sign(WOO_SECRET, woo_body),
+                "X-WC-Webhook-Delivery-ID": "77",
+                "Content-Type": "application/json",
+            },
+        )[0]
+        == 200
+    )
     assert send("GET", "/metrics", headers={"Authorization": f"Basic {basic}"})[0] == 200
-    return [KEY, UPLOAD_KEY, SHOPIFY_SECRET, WOO_SECRET, sign(SHOPIFY_SECRET, shopify_body),
-            sign(WOO_SECRET, woo_body), basic, "customer1", "hooked@example.com", "woo@example.com"]
+    return [
+        KEY,
+        UPLOAD_KEY,
+        SHOPIFY_SECRET,
+        WOO_SECRET,
+        sign(SHOPIFY_SECRET, shopify_body),
+        sign(WOO_SECRET, woo_body),
+        basic,
+        "customer1",
+        "hooked@example.com",
+        "woo@example.com",
+    ]
 
 
 @pytest.mark.skipif(CADDY is None, reason="caddy is not installed (apt-get install caddy; .ci/run does)")
@@ -172,10 +248,19 @@ def test_caddy_logs_no_key_secret_signature_or_email(tmp_path, shipped):
     data = tmp_path / "data"
     write(data / "orders.csv", orders_csv(50))
     app_port, https_port = free_port(), free_port()
-    env = {**os.environ, "API_KEY": KEY, "PORT": str(app_port), "ORDERS_FILE": str(data),
-           "CONTEXTS_FILE": str(ROOT / "contexts.toml"), "STATE_DIR": str(tmp_path / "state"),
-           "TRUSTED_PROXY": "127.0.0.1", "SETTLE_SECONDS": "0.1", "UPLOAD_KEY": UPLOAD_KEY,
-           "SHOPIFY_WEBHOOK_SECRET": SHOPIFY_SECRET, "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "PORT": str(app_port),
+        "ORDERS_FILE": str(data),
+        "CONTEXTS_FILE": str(ROOT / "contexts.toml"),
+        "STATE_DIR": str(tmp_path / "state"),
+        "TRUSTED_PROXY": "127.0.0.1",
+        "SETTLE_SECONDS": "0.1",
+        "UPLOAD_KEY": UPLOAD_KEY,
+        "SHOPIFY_WEBHOOK_SECRET": SHOPIFY_SECRET,
+        "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET,
+    }
     cert, key = make_certificate(tmp_path)
     text = (ROOT / "deploy" / shipped).read_text()
     site = f"https://127.0.0.1:{https_port} {{\n\ttls {cert} {key}\n"
@@ -184,7 +269,7 @@ def test_caddy_logs_no_key_secret_signature_or_email(tmp_path, shipped):
         text = swap_in(text, "127.0.0.1:8080", f"127.0.0.1:{app_port}", shipped)
         text = swap_in(text, "/var/log/caddy/orders.log", str(tmp_path / "orders.log"), shipped)
     else:
-        sites = text[text.index("shop-a.orders.example.com {"):]
+        sites = text[text.index("shop-a.orders.example.com {") :]
         text = swap_in(text, sites, f"{site}\timport orders shop-a {app_port}\n}}\n", shipped)
         text = swap_in(text, "/var/log/caddy/orders-{args.0}.log", str(tmp_path / "orders-{args.0}.log"), shipped)
     with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as service:

@@ -34,10 +34,9 @@ def test_line_items_are_grouped_into_one_order(export, contexts_file):
 def test_order_fields_come_from_the_first_row_that_has_them(tmp_path, contexts_file):
     # The first row has no status; the second has it, the third repeats it: the order is shipped.
     # (Rows that give different words are in test_honest: then no one of them is taken.)
-    csv_text = ("Order Number,Email,Status,Item,Qty\n"
-                "A-1,a@example.com,,Hat,1\n"
-                "A-1,,shipped,Scarf,2\n"
-                "A-1,,Shipped,Gloves,1\n")
+    csv_text = (
+        "Order Number,Email,Status,Item,Qty\nA-1,a@example.com,,Hat,1\nA-1,,shipped,Scarf,2\nA-1,,Shipped,Gloves,1\n"
+    )
     snap = snapshot_of(write(tmp_path / "o.csv", csv_text), contexts_file)
     status, text = context(snap, "a1", "a@example.com")
     assert "has shipped" in text and "1 x Hat, 2 x Scarf, 1 x Gloves" in text
@@ -51,11 +50,16 @@ def test_rows_of_one_order_need_not_be_adjacent(tmp_path, contexts_file):
 
 
 def test_xlsx_numeric_order_numbers_read_as_integers(tmp_path, contexts_file):
-    path = write_xlsx(tmp_path / "orders.xlsx", {"Orders": [
-        ["Order Number", "Email", "Status", "Product", "Quantity"],
-        [1001, "jane@example.com", "processing", "Hat", 2.0],
-        [1002.0, "sam@example.com", "shipped", "Cap", 1],
-    ]})
+    path = write_xlsx(
+        tmp_path / "orders.xlsx",
+        {
+            "Orders": [
+                ["Order Number", "Email", "Status", "Product", "Quantity"],
+                [1001, "jane@example.com", "processing", "Hat", 2.0],
+                [1002.0, "sam@example.com", "shipped", "Cap", 1],
+            ]
+        },
+    )
     snap = snapshot_of(path, contexts_file)
     status, text = context(snap, "#1002", "sam@example.com")
     assert status == 200 and text.startswith("Order 1002 was found")
@@ -64,11 +68,16 @@ def test_xlsx_numeric_order_numbers_read_as_integers(tmp_path, contexts_file):
 
 def test_xlsx_numbers_too_long_to_be_exact_are_never_shown(tmp_path, contexts_file, capsys):
     # A USPS tracking number typed into a numeric cell: Excel keeps 15 digits and stores 9.4001118992232e+21.
-    path = write_xlsx(tmp_path / "orders.xlsx", {"Orders": [
-        ["Order Number", "Email", "Status", "Product", "Tracking Number", "Carrier"],
-        [1001, "jane@example.com", "shipped", "Hat", 9.4001118992232e+21, "USPS"],
-        [1002, "sam@example.com", "shipped", "Cap", 123456789012345, "USPS"],  # 15 digits are exact
-    ]})
+    path = write_xlsx(
+        tmp_path / "orders.xlsx",
+        {
+            "Orders": [
+                ["Order Number", "Email", "Status", "Product", "Tracking Number", "Carrier"],
+                [1001, "jane@example.com", "shipped", "Hat", 9.4001118992232e21, "USPS"],
+                [1002, "sam@example.com", "shipped", "Cap", 123456789012345, "USPS"],  # 15 digits are exact
+            ]
+        },
+    )
     snap = snapshot_of(path, contexts_file)
     status, text = context(snap, "1001", "jane@example.com")
     assert status == 200 and "has shipped" in text and "94001118992232" not in text and "tracking number" not in text
@@ -78,12 +87,20 @@ def test_xlsx_numbers_too_long_to_be_exact_are_never_shown(tmp_path, contexts_fi
 
 
 def test_xlsx_dates_read_as_dates(tmp_path, contexts_file):
-    contexts_file.write_text(contexts_file.read_text().replace(
-        'found = "Order {order_id} was found.', 'found = "Order {order_id} of {order_date} was found.'))
-    path = write_xlsx(tmp_path / "orders.xlsx", {"Sheet1": [
-        ["Order ID", "Email", "Order Date"],
-        ["7", "a@example.com", datetime.datetime(2026, 11, 28, 0, 0)],
-    ]})
+    contexts_file.write_text(
+        contexts_file.read_text().replace(
+            'found = "Order {order_id} was found.', 'found = "Order {order_id} of {order_date} was found.'
+        )
+    )
+    path = write_xlsx(
+        tmp_path / "orders.xlsx",
+        {
+            "Sheet1": [
+                ["Order ID", "Email", "Order Date"],
+                ["7", "a@example.com", datetime.datetime(2026, 11, 28, 0, 0)],
+            ]
+        },
+    )
     assert "Order 7 of 28 Nov 2026 was found" in context(snapshot_of(path, contexts_file), "7", "a@example.com")[1]
 
 
@@ -108,7 +125,9 @@ def test_a_table_is_read_whatever_its_name_says(tmp_path, contexts_file, name):
     snapshot = snapshot_of(tmp_path / "data", contexts_file)
     assert snapshot.source.name == name
     assert context(snapshot, "114-1", "a@example.com") == (
-        200, "Order 114-1 was found. It contains 2 x Lamp. The shop's records here do not say whether it has shipped yet.")
+        200,
+        "Order 114-1 was found. It contains 2 x Lamp. The shop's records here do not say whether it has shipped yet.",
+    )
 
 
 def test_a_workbook_is_read_as_one_whatever_its_name(tmp_path, contexts_file):
@@ -162,11 +181,14 @@ def zip_of_csv():
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("name, content, says", [
-    ("orders.xls", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504), "old Excel workbook (.xls)"),
-    ("orders.ods", ods_bytes(), "OpenDocument spreadsheet (.ods)"),
-    ("orders.csv", zip_of_csv(), "zip archive"),
-])
+@pytest.mark.parametrize(
+    "name, content, says",
+    [
+        ("orders.xls", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504), "old Excel workbook (.xls)"),
+        ("orders.ods", ods_bytes(), "OpenDocument spreadsheet (.ods)"),
+        ("orders.csv", zip_of_csv(), "zip archive"),
+    ],
+)
 def test_spreadsheets_not_read_here_are_refused_with_how_to_save_them(tmp_path, contexts_file, name, content, says):
     write(tmp_path / "data" / name, content)
     with pytest.raises(app.ExportError) as caught:
@@ -184,13 +206,16 @@ def test_only_the_columns_used_are_kept(export, contexts_file):
     assert "email" not in plan.order_fields and plan.email_column == 1  # read for the key, not kept twice
 
 
-@pytest.mark.parametrize("name, content, says", [
-    ("orders.csv", "Order Number,Status\n1,shipped\n", "no column for email"),
-    ("orders.csv", "Customer,Email\nJane,jane@example.com\n", "no column for order_id"),
-    ("orders.csv", "", "is empty"),
-    ("orders.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file"),
-    ("orders.xlsx", b"PK\x03\x04 this is not really a workbook", "not a readable XLSX"),
-])
+@pytest.mark.parametrize(
+    "name, content, says",
+    [
+        ("orders.csv", "Order Number,Status\n1,shipped\n", "no column for email"),
+        ("orders.csv", "Customer,Email\nJane,jane@example.com\n", "no column for order_id"),
+        ("orders.csv", "", "is empty"),
+        ("orders.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file"),
+        ("orders.xlsx", b"PK\x03\x04 this is not really a workbook", "not a readable XLSX"),
+    ],
+)
 def test_unusable_exports_are_refused_with_a_clear_message(tmp_path, contexts_file, name, content, says):
     path = write(tmp_path / name, content)
     with pytest.raises(app.ExportError) as caught:
@@ -216,23 +241,30 @@ def test_an_empty_folder_says_where_to_drop_the_export(tmp_path):
 SHIPPED = "Order 1 was found and has shipped. It contains {}. No tracking link is available for it."
 
 
-@pytest.mark.parametrize("row, wanted", [
-    ("1,a@example.com,paid,shipped,Hat\x1fRed", SHIPPED.format("Hat Red")),  # the character between kept cells
-    ("1,a@example.com,paid,shipped,Hat\x1eRed", SHIPPED.format("Hat Red")),  # the one between kept rows
-    ("1,a@example.com,pa\x1fid,shipped,Hat", SHIPPED.format("Hat")),  # an order cell before the status
-])
+@pytest.mark.parametrize(
+    "row, wanted",
+    [
+        ("1,a@example.com,paid,shipped,Hat\x1fRed", SHIPPED.format("Hat Red")),  # the character between kept cells
+        ("1,a@example.com,paid,shipped,Hat\x1eRed", SHIPPED.format("Hat Red")),  # the one between kept rows
+        ("1,a@example.com,pa\x1fid,shipped,Hat", SHIPPED.format("Hat")),  # an order cell before the status
+    ],
+)
 def test_a_cell_holding_a_separator_cannot_shift_the_others(tmp_path, contexts_file, row, wanted):
-    path = write(tmp_path / "o.csv", f"Order ID,Email,Financial Status,Status,Item\n{row}\n"
-                                     "2,b@example.com,paid,shipped,Cap\n")
+    path = write(
+        tmp_path / "o.csv", f"Order ID,Email,Financial Status,Status,Item\n{row}\n2,b@example.com,paid,shipped,Cap\n"
+    )
     snap = snapshot_of(path, contexts_file)
     assert context(snap, "1", "a@example.com") == (200, wanted)
     assert context(snap, "2", "b@example.com")[1].startswith("Order 2 was found and has shipped. It contains Cap.")
 
 
-@pytest.mark.parametrize("csv_text", [
-    "Order ID,Email,Status,Item\n1,a@example.com,shipped\n2,b@example.com,processing,Hat\n",  # a short row
-    "Order ID,Email,Status,Item\n1,a@example.com\n2,b@example.com,processing,Hat,extra,cells\n",
-])
+@pytest.mark.parametrize(
+    "csv_text",
+    [
+        "Order ID,Email,Status,Item\n1,a@example.com,shipped\n2,b@example.com,processing,Hat\n",  # a short row
+        "Order ID,Email,Status,Item\n1,a@example.com\n2,b@example.com,processing,Hat,extra,cells\n",
+    ],
+)
 def test_ragged_rows_are_read_without_shifting_cells(tmp_path, contexts_file, csv_text):
     snap = snapshot_of(write(tmp_path / "o.csv", csv_text), contexts_file)
     assert snap.orders == 2
@@ -240,8 +272,14 @@ def test_ragged_rows_are_read_without_shifting_cells(tmp_path, contexts_file, cs
     assert context(snap, "1", "a@example.com")[0] == 200
 
 
-@pytest.mark.parametrize("cell", ['"1Z999AA10123456784, 1Z999AA10123456785"', '1Z999AA10123456784;1Z999AA10123456785',
-                                  '1Z999AA10123456784|1Z999AA10123456785'])
+@pytest.mark.parametrize(
+    "cell",
+    [
+        '"1Z999AA10123456784, 1Z999AA10123456785"',
+        "1Z999AA10123456784;1Z999AA10123456785",
+        "1Z999AA10123456784|1Z999AA10123456785",
+    ],
+)
 def test_several_tracking_numbers_in_one_cell_are_each_given(tmp_path, contexts_file, cell):
     text = f"Order Number,Email,Status,Tracking Number,Carrier\nA-1,a@example.com,shipped,{cell},UPS\n"
     snap = snapshot_of(write(tmp_path / "o.csv", text), contexts_file)
@@ -250,8 +288,11 @@ def test_several_tracking_numbers_in_one_cell_are_each_given(tmp_path, contexts_
 
 @pytest.mark.parametrize("delimiter", [";", "\t", "|", ","])
 def test_a_title_line_above_the_header_does_not_hide_the_delimiter(tmp_path, contexts_file, capsys, delimiter):
-    rows = [["Bestellnummer", "E-Mail", "Status", "Artikel"], ["1001", "a@example.de", "versendet", "Tasse"],
-            ["1002", "b@example.de", "offen", "Teller"]]
+    rows = [
+        ["Bestellnummer", "E-Mail", "Status", "Artikel"],
+        ["1001", "a@example.de", "versendet", "Tasse"],
+        ["1002", "b@example.de", "offen", "Teller"],
+    ]
     text = "Bestellungen Export 03.12.2026\n\n" + "".join(delimiter.join(row) + "\n" for row in rows)
     path = write(tmp_path / "orders.csv", text)
     assert context(snapshot_of(path, contexts_file), "1001", "a@example.de")[0] == 200

@@ -92,9 +92,14 @@ class Origin:
                     self.send_response(200 if mode == "bad-length" else 302)
                     self.send_header("Content-Length", "abc" if mode == "bad-length" else "0")
                     if mode != "bad-length":
-                        self.send_header("Location", {"bad-location": "http://[::1",
-                                                      "to-loopback": f"http://localhost:{origin.inner}/healthz",
-                                                      "to-metadata": "http://169.254.169.254/latest/meta-data/"}[mode])
+                        self.send_header(
+                            "Location",
+                            {
+                                "bad-location": "http://[::1",
+                                "to-loopback": f"http://localhost:{origin.inner}/healthz",
+                                "to-metadata": "http://169.254.169.254/latest/meta-data/",
+                            }[mode],
+                        )
                     self.end_headers()
                     if mode == "bad-length":
                         self.wfile.write(b"Name,Email\n")
@@ -165,8 +170,11 @@ def test_fetches_are_counted_by_outcome_in_the_metrics(tmp_path, contexts_file, 
     origin.mode = "error"
     service.fetcher.fetch()
     metrics = scrape(Client(app.create_app(service)), basic(KEY))
-    assert {labels[0][1]: value for (name, labels), value in metrics.items() if name == "orders_fetches_total"} == \
-        {"fetched": 1, "not_modified": 1, "failed": 1}
+    assert {labels[0][1]: value for (name, labels), value in metrics.items() if name == "orders_fetches_total"} == {
+        "fetched": 1,
+        "not_modified": 1,
+        "failed": 1,
+    }
     assert TOKEN not in repr(metrics)
 
 
@@ -216,13 +224,16 @@ def test_the_fetched_files_time_is_the_exports(tmp_path, contexts_file, origin):
     assert abs((tmp_path / "data" / "fetched.csv").stat().st_mtime - yesterday) < 2
 
 
-@pytest.mark.parametrize("mode, says", [
-    ("error", "the server answered 500"),
-    ("slow", "broke off (TimeoutError)"),
-    ("drip", "the download took longer than"),
-    ("cut", "the download broke off after"),
-    ("html", "answered with a web page"),
-])
+@pytest.mark.parametrize(
+    "mode, says",
+    [
+        ("error", "the server answered 500"),
+        ("slow", "broke off (TimeoutError)"),
+        ("drip", "the download took longer than"),
+        ("cut", "the download broke off after"),
+        ("html", "answered with a web page"),
+    ],
+)
 def test_a_failed_fetch_keeps_the_data_and_shows_on_healthz(tmp_path, contexts_file, origin, monkeypatch, mode, says):
     monkeypatch.setattr(app, "FETCH_TIMEOUT", 1)
     monkeypatch.setattr(app, "FETCH_DEADLINE", 1)
@@ -259,10 +270,13 @@ def test_redirects_are_followed_up_to_five(tmp_path, contexts_file, origin):
     assert not service.fetcher.fetch() and "redirected more than 5 times" in service.fetcher.job.last_error
 
 
-@pytest.mark.parametrize("url, says", [
-    ("http://orders.example.com/export.csv?token=abc", "plain http://"),
-    ("ftp://orders.example.com/export.csv", "is not an https:// URL"),
-])
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("http://orders.example.com/export.csv?token=abc", "plain http://"),
+        ("ftp://orders.example.com/export.csv", "is not an https:// URL"),
+    ],
+)
 def test_plain_http_to_another_machine_is_refused_at_start(url, says):
     with pytest.raises(app.SettingsError) as refused:
         app.settings_from({}, env={"ORDERS_URL": url})
@@ -271,9 +285,17 @@ def test_plain_http_to_another_machine_is_refused_at_start(url, says):
 
 def test_the_service_fetches_at_start_and_every_fetch_seconds_and_never_logs_the_token(tmp_path, contexts_file, origin):
     port = free_port()
-    env = {**os.environ, "API_KEY": KEY, "PORT": str(port), "ORDERS_FILE": str(tmp_path / "data"),
-           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(tmp_path / "state"), "ORDERS_URL": origin.url,
-           "FETCH_SECONDS": "1", "SETTLE_SECONDS": "0.1"}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "PORT": str(port),
+        "ORDERS_FILE": str(tmp_path / "data"),
+        "CONTEXTS_FILE": str(contexts_file),
+        "STATE_DIR": str(tmp_path / "state"),
+        "ORDERS_URL": origin.url,
+        "FETCH_SECONDS": "1",
+        "SETTLE_SECONDS": "0.1",
+    }
     (tmp_path / "data").mkdir()
     with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
         served.wait_for("INFO serving ")
@@ -295,8 +317,15 @@ def test_a_first_fetch_that_fails_with_nothing_to_serve_says_so_in_one_line(tmp_
 
     origin.mode = "error"
     (tmp_path / "data").mkdir()
-    env = {**os.environ, "API_KEY": KEY, "PORT": str(free_port()), "ORDERS_FILE": str(tmp_path / "data"),
-           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(tmp_path / "state"), "ORDERS_URL": origin.url}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "PORT": str(free_port()),
+        "ORDERS_FILE": str(tmp_path / "data"),
+        "CONTEXTS_FILE": str(contexts_file),
+        "STATE_DIR": str(tmp_path / "state"),
+        "ORDERS_URL": origin.url,
+    }
     done = subprocess.run([sys.executable, str(ROOT / "app.py")], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "error: the first fetch of ORDERS_URL (http://127.0.0.1/…) failed, and" in done.stderr
@@ -309,9 +338,28 @@ def certificate(tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed (apt-get install openssl): the TLS test needs a certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     return context, cert
@@ -375,8 +423,15 @@ def test_a_malformed_answer_is_a_counted_failure_and_the_fetcher_lives_on(tmp_pa
 def test_a_malformed_first_answer_does_not_stop_a_start_with_an_export_in_the_folder(tmp_path, contexts_file, origin):
     origin.mode = "bad-length"
     write(tmp_path / "data" / "orders.csv", orders_csv(12))
-    env = {**os.environ, "API_KEY": KEY, "PORT": str(free_port()), "ORDERS_FILE": str(tmp_path / "data"),
-           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(tmp_path / "state"), "ORDERS_URL": origin.url}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "PORT": str(free_port()),
+        "ORDERS_FILE": str(tmp_path / "data"),
+        "CONTEXTS_FILE": str(contexts_file),
+        "STATE_DIR": str(tmp_path / "state"),
+        "ORDERS_URL": origin.url,
+    }
     with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
         served.wait_for("INFO serving ")
         assert "the export already in the data folder will be served" in served.output

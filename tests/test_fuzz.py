@@ -69,8 +69,31 @@ def decoded_in_full(query):
 
 
 # Pieces of query values, the usual escapes among them and the ones that must not be taken for them.
-PIECES = st.sampled_from(["%23", "%40", "%25", "%2540", "%2523", "%", "%4", "%g1", "+", "%2B", "%C3%A9", "%FF", "é",
-                          "a", "1", "#", "@", " ", "%0A", "&", "="])
+PIECES = st.sampled_from(
+    [
+        "%23",
+        "%40",
+        "%25",
+        "%2540",
+        "%2523",
+        "%",
+        "%4",
+        "%g1",
+        "+",
+        "%2B",
+        "%C3%A9",
+        "%FF",
+        "é",
+        "a",
+        "1",
+        "#",
+        "@",
+        " ",
+        "%0A",
+        "&",
+        "=",
+    ]
+)
 
 
 @given(st.lists(PIECES, max_size=6).map("".join), st.lists(PIECES, max_size=6).map("".join))

@@ -22,10 +22,13 @@ def test_a_request_logs_status_time_order_and_masked_email(client, logs):
     assert "jane@" not in line and "order_id=" not in line
 
 
-@pytest.mark.parametrize("order_id, email", [
-    ("1001", "jane@example.com"),
-    ("9999\r\nFAKE LOG LINE", "evil@example.com\nINFO forged"),
-])
+@pytest.mark.parametrize(
+    "order_id, email",
+    [
+        ("1001", "jane@example.com"),
+        ("9999\r\nFAKE LOG LINE", "evil@example.com\nINFO forged"),
+    ],
+)
 def test_keys_full_emails_and_raw_input_never_reach_the_log(client, logs, order_id, email):
     client.lookup(order_id, email)
     client.lookup(order_id, email, key="wrong-key-0123456789abcdef")
@@ -44,12 +47,15 @@ def test_a_load_logs_file_rows_orders_and_seconds(export, contexts_file, logs):
     assert any(l.startswith("loaded orders.csv: 8 rows, 6 orders") and l.endswith("s") for l in lines(logs))
 
 
-@pytest.mark.parametrize("email, masked", [
-    ("jane@example.com", "j***@example.com"),
-    ("J@x.io", "J***@x.io"),
-    ("no-at-sign", "***"),
-    ("a@b\r\nc", "a***@bc"),
-])
+@pytest.mark.parametrize(
+    "email, masked",
+    [
+        ("jane@example.com", "j***@example.com"),
+        ("J@x.io", "J***@x.io"),
+        ("no-at-sign", "***"),
+        ("a@b\r\nc", "a***@bc"),
+    ],
+)
 def test_masking(email, masked):
     assert app.mask_email(email) == masked
 
@@ -78,8 +84,15 @@ def test_a_queued_request_line_reads_as_a_logged_one(formatter):
     handler = app.LogHandler(interval=3600)
     handler.setFormatter(formatter())
     handler.stream = io.StringIO()
-    entry = (1_700_000_000.5, "127.0.0.1", "GET", "/lookup\x1b[2J", "200 OK", 0.42,
-             ("#1001\r\nINFO forged", "jane@example.com"))
+    entry = (
+        1_700_000_000.5,
+        "127.0.0.1",
+        "GET",
+        "/lookup\x1b[2J",
+        "200 OK",
+        0.42,
+        ("#1001\r\nINFO forged", "jane@example.com"),
+    )
     handler.queue_request(entry)
     handler.flush_now()
     record = logging.LogRecord("orders.access", logging.INFO, __file__, 1, "%s", (app.request_line(entry),), None)
@@ -112,12 +125,20 @@ def test_json_lines_for_log_collectors_and_start_up_facts(tmp_path, export, cont
     from conftest import ROOT, Served, free_port
 
     port = free_port()
-    env = {**os.environ, "API_KEY": KEY, "LOG_FORMAT": "json", "PORT": str(port), "ORDERS_FILE": str(export),
-           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(tmp_path / "state")}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "LOG_FORMAT": "json",
+        "PORT": str(port),
+        "ORDERS_FILE": str(export),
+        "CONTEXTS_FILE": str(contexts_file),
+        "STATE_DIR": str(tmp_path / "state"),
+    }
     with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
         served.wait_for('"message": "serving ')
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/lookup?order_id=1001&customer_email=jane@example.com",
-                                         headers={"x-api-key": KEY})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/lookup?order_id=1001&customer_email=jane@example.com", headers={"x-api-key": KEY}
+        )
         urllib.request.urlopen(request, timeout=5).read()
         served.wait_for("GET /lookup 200")
     lines = [json.loads(line) for line in served.output.splitlines() if line.strip()]

@@ -24,12 +24,15 @@ def test_only_a_trailing_point_zero_is_dropped(typed):
     assert app.normalise_order_id(typed) != "1001"
 
 
-@pytest.mark.parametrize("order_id, email", [
-    ("#1001", "jane@example.com"),
-    ("1001", " JANE@Example.COM "),
-    (" # 1001 ", "jane@example.com"),
-    ("1001.0", "Jane@example.com"),
-])
+@pytest.mark.parametrize(
+    "order_id, email",
+    [
+        ("#1001", "jane@example.com"),
+        ("1001", " JANE@Example.COM "),
+        (" # 1001 ", "jane@example.com"),
+        ("1001.0", "Jane@example.com"),
+    ],
+)
 def test_lookup_matches_typed_variants(client, order_id, email):
     assert client.lookup(order_id, email).status == 200
 
@@ -45,13 +48,16 @@ def test_a_plus_address_matches_whether_or_not_the_caller_encoded_it(tmp_path, c
     assert client.get("/lookup", f"order_id=5&customer_email={query}", key=KEY).status == 200
 
 
-@pytest.mark.parametrize("order_id, email", [
-    ("1001", "sam@example.com"),      # another customer's email
-    ("1002", "jane@example.com"),     # the other way round
-    ("10011", "jane@example.com"),
-    ("100", "jane@example.com"),
-    ("1001", "jane@example.co"),
-])
+@pytest.mark.parametrize(
+    "order_id, email",
+    [
+        ("1001", "sam@example.com"),  # another customer's email
+        ("1002", "jane@example.com"),  # the other way round
+        ("10011", "jane@example.com"),
+        ("100", "jane@example.com"),
+        ("1001", "jane@example.co"),
+    ],
+)
 def test_both_must_belong_to_the_same_order(client, order_id, email):
     assert client.lookup(order_id, email).status == 404
 
@@ -83,13 +89,16 @@ def ask(snapshot, order_id, email):
     return status, json.loads(body)
 
 
-@pytest.mark.parametrize("order_id, email, has, lacks", [
-    ("#1001", "jane@example.com", "Wool Socks", "Snow Boots"),
-    ("1001", "jane@example.com", "Wool Socks", "Snow Boots"),
-    ("1001", "bob@example.com", "Snow Boots", "Wool Socks"),
-    ("7", "lee@example.com", "Hat", "Gloves"),
-    ("7", "ann@example.com", "Gloves", "Hat"),
-])
+@pytest.mark.parametrize(
+    "order_id, email, has, lacks",
+    [
+        ("#1001", "jane@example.com", "Wool Socks", "Snow Boots"),
+        ("1001", "jane@example.com", "Wool Socks", "Snow Boots"),
+        ("1001", "bob@example.com", "Snow Boots", "Wool Socks"),
+        ("7", "lee@example.com", "Hat", "Gloves"),
+        ("7", "ann@example.com", "Gloves", "Hat"),
+    ],
+)
 def test_orders_of_different_customers_never_merge(alike, order_id, email, has, lacks):
     status, body = ask(alike, order_id, email)
     assert status == 200 and has in body["context"] and lacks not in body["context"]
@@ -121,8 +130,11 @@ def test_check_reports_numbers_that_read_alike(capsys, tmp_path):
 
 
 def test_one_customers_rows_interleaved_with_anothers_stay_one_order(tmp_path):
-    path = write(tmp_path / "o.csv", "Order Number,Email,Status,Item\n#1001,jane@shop-a.com,fulfilled,Apron\n"
-                                     "#1001,bob@shop-b.com,unfulfilled,Mug\n#1001,jane@shop-a.com,,Cap\n")
+    path = write(
+        tmp_path / "o.csv",
+        "Order Number,Email,Status,Item\n#1001,jane@shop-a.com,fulfilled,Apron\n"
+        "#1001,bob@shop-b.com,unfulfilled,Mug\n#1001,jane@shop-a.com,,Cap\n",
+    )
     snapshot = app.build_snapshot(app.load_config(ROOT / "contexts.toml"), path)
     status, body = ask(snapshot, "1001", "jane@shop-a.com")
     assert status == 200 and body["context"].count("was found") == 1
@@ -130,21 +142,29 @@ def test_one_customers_rows_interleaved_with_anothers_stay_one_order(tmp_path):
     assert snapshot.orders == 2
 
 
-RELAYED = ("order-id\tbuyer-email\tproduct-name\tquantity-purchased\n"
-           "114-1\tx0kgf9fe5xy9gk@marketplace.amazon.de\tLamp\t1\n"
-           "114-2\t3af1ste55n8nrbj@marketplace.amazon.co.uk\tShade\t2\n")
+RELAYED = (
+    "order-id\tbuyer-email\tproduct-name\tquantity-purchased\n"
+    "114-1\tx0kgf9fe5xy9gk@marketplace.amazon.de\tLamp\t1\n"
+    "114-2\t3af1ste55n8nrbj@marketplace.amazon.co.uk\tShade\t2\n"
+)
 
 
-@pytest.mark.parametrize("header, addresses, marketplace", [
-    ("buyer-email", ("x0kgf9fe5xy9gk@marketplace.amazon.de", "3af1ste55n8nrbj@marketplace.amazon.co.uk"), "Amazon"),
-    ("Buyer Email", ("43ad1d549beae3625950@members.ebay.de", "74684c24ca049e0c2e13@members.ebay.com"), "eBay"),
-    ("Email", ("32818112E02443689A0744011F043312@relay.walmart.com", "4B20D3A3D3F8@relay.walmart.com"), "Walmart"),
-    ("Virtual email", ("a81f@orders.examplemarket.com", "b72c@orders.examplemarket.com"), "the marketplace"),
-])
-def test_a_marketplaces_relay_addresses_are_named_where_the_merchant_looks(tmp_path, capsys, header, addresses,
-                                                                          marketplace):
+@pytest.mark.parametrize(
+    "header, addresses, marketplace",
+    [
+        ("buyer-email", ("x0kgf9fe5xy9gk@marketplace.amazon.de", "3af1ste55n8nrbj@marketplace.amazon.co.uk"), "Amazon"),
+        ("Buyer Email", ("43ad1d549beae3625950@members.ebay.de", "74684c24ca049e0c2e13@members.ebay.com"), "eBay"),
+        ("Email", ("32818112E02443689A0744011F043312@relay.walmart.com", "4B20D3A3D3F8@relay.walmart.com"), "Walmart"),
+        ("Virtual email", ("a81f@orders.examplemarket.com", "b72c@orders.examplemarket.com"), "the marketplace"),
+    ],
+)
+def test_a_marketplaces_relay_addresses_are_named_where_the_merchant_looks(
+    tmp_path, capsys, header, addresses, marketplace
+):
     text = RELAYED.replace("buyer-email", header)
-    for old, new in zip(("x0kgf9fe5xy9gk@marketplace.amazon.de", "3af1ste55n8nrbj@marketplace.amazon.co.uk"), addresses):
+    for old, new in zip(
+        ("x0kgf9fe5xy9gk@marketplace.amazon.de", "3af1ste55n8nrbj@marketplace.amazon.co.uk"), addresses
+    ):
         text = text.replace(old, new)
     export = write(tmp_path / "data" / "report.txt", text)
     code = app.main(["check", "--data", str(export), "--contexts", str(ROOT / "contexts.toml")])

@@ -41,15 +41,18 @@ def test_the_document_is_openapi_3_1_with_valid_schemas(spec):
                 jsonschema.Draft202012Validator.check_schema(media["schema"])
 
 
-@pytest.mark.parametrize("query, key, status", [
-    ("order_id=1001&customer_email=jane@example.com", "key", 200),
-    ("order_id=1002&customer_email=sam@example.com", "key", 200),
-    ("order_id=1001", "key", 400),
-    ("order_id=" + "9" * 80 + "&customer_email=a@b.c", "key", 400),
-    ("order_id=1001&customer_email=nobody@example.com", "key", 404),
-    ("order_id=1001&customer_email=jane@example.com", None, 401),
-    ("order_id=1001&customer_email=jane@example.com", WRONG, 401),
-])
+@pytest.mark.parametrize(
+    "query, key, status",
+    [
+        ("order_id=1001&customer_email=jane@example.com", "key", 200),
+        ("order_id=1002&customer_email=sam@example.com", "key", 200),
+        ("order_id=1001", "key", 400),
+        ("order_id=" + "9" * 80 + "&customer_email=a@b.c", "key", 400),
+        ("order_id=1001&customer_email=nobody@example.com", "key", 404),
+        ("order_id=1001&customer_email=jane@example.com", None, 401),
+        ("order_id=1001&customer_email=jane@example.com", WRONG, 401),
+    ],
+)
 def test_lookup_responses_conform(client, spec, query, key, status):
     r = client.get("/lookup", query, key=KEY if key == "key" else key)
     assert r.status == status

@@ -43,9 +43,15 @@ def test_an_endpoint_that_does_not_answer_fails(capsys):
     assert code == 1 and "no answer" in out
 
 
-@pytest.mark.parametrize("url, answered, failed", [
-    ("https://orders.example.com/lookup", 3, 0), ("https://orders.example.com/lookup", 0, 1),
-    ("http://127.0.0.1/lookup", 3, 0), ("http://orders.example.com/lookup", 3, 1)])
+@pytest.mark.parametrize(
+    "url, answered, failed",
+    [
+        ("https://orders.example.com/lookup", 3, 0),
+        ("https://orders.example.com/lookup", 0, 1),
+        ("http://127.0.0.1/lookup", 3, 0),
+        ("http://orders.example.com/lookup", 3, 1),
+    ],
+)
 def test_tls_passes_only_when_answered_over_https_or_on_this_machine(capsys, url, answered, failed):
     from urllib.parse import urlsplit
 
@@ -60,8 +66,26 @@ def test_a_certificate_that_is_not_trusted_fails_the_tls_check(capsys, tmp_path,
     import threading
 
     # A TLS server with a self-signed certificate: the probe must not call it valid.
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(tmp_path / "k.pem"),
+            "-out",
+            str(tmp_path / "c.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
     listener = socket.create_server(("127.0.0.1", 0))
@@ -81,8 +105,13 @@ def test_a_certificate_that_is_not_trusted_fails_the_tls_check(capsys, tmp_path,
     assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in out and "FAIL  TLS" in out
 
 
-@pytest.mark.parametrize("argv, says", [(["ftp://x/lookup", "--key", KEY], "not an http(s) URL"),
-                                        (["http://127.0.0.1/lookup", "--key", KEY, "--order", "1"], "together")])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["ftp://x/lookup", "--key", KEY], "not an http(s) URL"),
+        (["http://127.0.0.1/lookup", "--key", KEY, "--order", "1"], "together"),
+    ],
+)
 def test_bad_probe_arguments_are_one_clear_line(capsys, argv, says):
     code = app.main(["probe", *argv])
     assert code == 1 and says in capsys.readouterr().err

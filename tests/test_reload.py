@@ -28,8 +28,16 @@ def live(tmp_path, contexts_file):
     watcher = app.Watcher(service).start()
     lookups = LookupLoop(wsgi, "#1", "customer1@example.com")
     lookups.start()
-    yield SimpleNamespace(service=service, export=export, data=data, contexts=contexts_file,
-                          client=Client(wsgi), lookups=lookups, watcher=watcher, tmp=tmp_path)
+    yield SimpleNamespace(
+        service=service,
+        export=export,
+        data=data,
+        contexts=contexts_file,
+        client=Client(wsgi),
+        lookups=lookups,
+        watcher=watcher,
+        tmp=tmp_path,
+    )
     watcher.stop()
     assert lookups.finish() == [], "a lookup failed while files changed"
 
@@ -54,8 +62,10 @@ def refused(live):
     wait_for(lambda: live.service.refused is not None, what="the refusal")
     status, body = health(live)
     assert status == 503
-    assert live.client.get("/healthz", key=None).json == {"status": "degraded",
-                                                          "data_age_seconds": body["data_age_seconds"]}
+    assert live.client.get("/healthz", key=None).json == {
+        "status": "degraded",
+        "data_age_seconds": body["data_age_seconds"],
+    }
     return body
 
 
@@ -72,9 +82,11 @@ def test_a_slow_write_in_place_ends_with_the_whole_file(live):
         f.write(text[: len(text) // 2])
         f.flush()
         time.sleep(0.3)  # the export job pauses mid-file: longer than the settle time
-        f.write(text[len(text) // 2:])
-    wait_for(lambda: context(live, f"#{ORDERS + 20}", f"customer{ORDERS + 20}@example.com").status == 200,
-             what="the last order of the complete file")
+        f.write(text[len(text) // 2 :])
+    wait_for(
+        lambda: context(live, f"#{ORDERS + 20}", f"customer{ORDERS + 20}@example.com").status == 200,
+        what="the last order of the complete file",
+    )
     assert live.service.snapshot.orders == ORDERS + 20
     wait_for(lambda: health(live)[0] == 200, what="healthy again")
 
@@ -85,14 +97,17 @@ def test_a_newer_dated_file_in_the_folder_is_served(live):
     assert "1 x Fresh 1" in context(live, "1", "customer1@example.com").context
 
 
-@pytest.mark.parametrize("name, content, reason", [
-    ("orders_2026-11-29.xlsx", b"PK\x03\x04\x14\x00garbage, cut off", "not a readable XLSX workbook"),
-    ("orders.csv", orders_csv(0), "holds no orders"),
-    ("orders.csv", orders_csv(10), "holds 10 orders, fewer than 50% of the 100 being served"),
-    ("orders.csv", "<html><body>502 Bad Gateway</body></html>\n", "is a web page (HTML), not an export"),
-    ("orders.csv", "Customer,Total\nJane,10\n", "no column for order_id"),
-    ("orders.csv", b"Name,Email\n#1,\xff\xfe\x00\x00binary\x00junk\n", "binary file"),
-])
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("orders_2026-11-29.xlsx", b"PK\x03\x04\x14\x00garbage, cut off", "not a readable XLSX workbook"),
+        ("orders.csv", orders_csv(0), "holds no orders"),
+        ("orders.csv", orders_csv(10), "holds 10 orders, fewer than 50% of the 100 being served"),
+        ("orders.csv", "<html><body>502 Bad Gateway</body></html>\n", "is a web page (HTML), not an export"),
+        ("orders.csv", "Customer,Total\nJane,10\n", "no column for order_id"),
+        ("orders.csv", b"Name,Email\n#1,\xff\xfe\x00\x00binary\x00junk\n", "binary file"),
+    ],
+)
 def test_a_bad_export_is_refused_and_the_good_data_stays(live, name, content, reason):
     before = context(live, "1", "customer1@example.com").body
     write(live.data / name, content)
@@ -126,12 +141,15 @@ def test_duplicate_events_cause_one_reload(live, logs):
 
 def test_a_good_contexts_edit_changes_the_wording(live):
     # A promise the shop makes itself, written in: the shipped answers make none.
-    text = live.contexts.read_text().replace("It has not shipped yet[ (no shipping is needed for {no_shipping_items})].",
-                                             "It has not shipped yet; we ship on Mondays.")
+    text = live.contexts.read_text().replace(
+        "It has not shipped yet[ (no shipping is needed for {no_shipping_items})].",
+        "It has not shipped yet; we ship on Mondays.",
+    )
     temp = write(live.contexts.with_name("contexts.toml.swp"), text)
     os.replace(temp, live.contexts)  # editors save by rename
-    wait_for(lambda: "we ship on Mondays" in context(live, "1", "customer1@example.com").context,
-             what="the new wording")
+    wait_for(
+        lambda: "we ship on Mondays" in context(live, "1", "customer1@example.com").context, what="the new wording"
+    )
 
 
 def test_a_bad_contexts_edit_keeps_the_last_good_config(live):
@@ -142,8 +160,10 @@ def test_a_bad_contexts_edit_keeps_the_last_good_config(live):
     assert status == 503 and "line" in body["config"] and "contexts.toml" in body["config"]
     assert context(live, "1", "customer1@example.com").body == before
     live.contexts.write_text(live.contexts.read_text().replace("processing = Order", 'processing = "Fixed: Order'))
-    wait_for(lambda: context(live, "1", "customer1@example.com").context.startswith("Fixed: Order #1"),
-             what="the fixed config")
+    wait_for(
+        lambda: context(live, "1", "customer1@example.com").context.startswith("Fixed: Order #1"),
+        what="the fixed config",
+    )
     assert health(live)[0] == 200
 
 
@@ -205,7 +225,10 @@ def test_stale_data_makes_healthz_503_but_lookups_go_on(tmp_path, contexts_file)
     service.start()
     client = Client(app.create_app(service))
     r = client.get("/healthz")
-    assert r.status == 503 and any(reason.startswith("the data is older than 26 hours: the nightly export did not arrive") for reason in r.json["reasons"])
+    assert r.status == 503 and any(
+        reason.startswith("the data is older than 26 hours: the nightly export did not arrive")
+        for reason in r.json["reasons"]
+    )
     assert r.json["data_age_seconds"] >= 27 * 3600
     assert client.get("/healthz", key=None).json["status"] == "degraded"
     assert client.get("/livez").status == 200
@@ -252,15 +275,21 @@ def broken_xlsx(path, good_rows=20):
     """A workbook whose sheet XML breaks off after good_rows rows, as a crashed writer leaves it."""
     import zipfile
 
-    source = write_xlsx(path.with_name("whole.xlsx"), {"Orders": [
-        ["Name", "Email", "Fulfillment Status"],
-        *([f"#{n}", f"customer{n}@example.com", "fulfilled"] for n in range(1, 60))]})
+    source = write_xlsx(
+        path.with_name("whole.xlsx"),
+        {
+            "Orders": [
+                ["Name", "Email", "Fulfillment Status"],
+                *([f"#{n}", f"customer{n}@example.com", "fulfilled"] for n in range(1, 60)),
+            ]
+        },
+    )
     with zipfile.ZipFile(source) as whole, zipfile.ZipFile(path, "w") as cut:
         for item in whole.infolist():
             data = whole.read(item)
             if item.filename == "xl/worksheets/sheet1.xml":
                 rows = data.split(b"</row>")
-                data = b"</row>".join(rows[:good_rows + 1]) + b"<row r=\"99\"><c r=\"A99\" t=\"s\"><v>1</c></row>"
+                data = b"</row>".join(rows[: good_rows + 1]) + b'<row r="99"><c r="A99" t="s"><v>1</c></row>'
             cut.writestr(item, data)
     source.unlink()
     return path

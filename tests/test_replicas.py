@@ -32,8 +32,20 @@ import time
 
 import pytest
 
-from conftest import (KEY, ROOT, Served, free_port, make_certificate, nginx_missing, orders_csv, running_nginx,
-                      swap, upload, wait_for, write)
+from conftest import (
+    KEY,
+    ROOT,
+    Served,
+    free_port,
+    make_certificate,
+    nginx_missing,
+    orders_csv,
+    running_nginx,
+    swap,
+    upload,
+    wait_for,
+    write,
+)
 from test_webhooks import SHOPIFY_SECRET, shopify_order, sign
 
 SHIPPED = ROOT / "deploy" / "nginx" / "replicas.conf"
@@ -46,10 +58,19 @@ class Instance:
 
     def __init__(self, tmp_path, name, data):
         self.name, self.port, self.state, self.tmp = name, free_port(), tmp_path / f"state-{name}", tmp_path
-        self.env = {**os.environ, "API_KEY": KEY, "PORT": str(self.port), "ORDERS_FILE": str(data),
-                    "STATE_DIR": str(self.state), "CONTEXTS_FILE": str(ROOT / "contexts.toml"),
-                    "TRUSTED_PROXY": "127.0.0.1", "TRUSTED_PROXY_HEADERS": "x-forwarded-for x-forwarded-proto",
-                    "SETTLE_SECONDS": "0.1", "SHOPIFY_WEBHOOK_SECRET": SHOPIFY_SECRET, "UPLOAD_KEY": UPLOAD_KEY}
+        self.env = {
+            **os.environ,
+            "API_KEY": KEY,
+            "PORT": str(self.port),
+            "ORDERS_FILE": str(data),
+            "STATE_DIR": str(self.state),
+            "CONTEXTS_FILE": str(ROOT / "contexts.toml"),
+            "TRUSTED_PROXY": "127.0.0.1",
+            "TRUSTED_PROXY_HEADERS": "x-forwarded-for x-forwarded-proto",
+            "SETTLE_SECONDS": "0.1",
+            "SHOPIFY_WEBHOOK_SECRET": SHOPIFY_SECRET,
+            "UPLOAD_KEY": UPLOAD_KEY,
+        }
         self.served = None
 
     def start(self):
@@ -90,20 +111,26 @@ def replicas(tmp_path):
     http_port, https_port = free_port(), free_port()
     cert, key = make_certificate(tmp_path)
     site = SHIPPED.read_text()
-    for old, new in [("127.0.0.1:8081", f"127.0.0.1:{first.port}"), ("127.0.0.1:8082", f"127.0.0.1:{second.port}"),
-                     ("listen 80;", f"listen 127.0.0.1:{http_port};"),
-                     ("listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;"),
-                     ("/etc/letsencrypt/live/orders.example.com/fullchain.pem", str(cert)),
-                     ("/etc/letsencrypt/live/orders.example.com/privkey.pem", str(key)),
-                     ("/var/log/nginx/orders.log", str(tmp_path / "access.log")),
-                     ("root /var/www/html;", f"root {tmp_path};")]:
+    for old, new in [
+        ("127.0.0.1:8081", f"127.0.0.1:{first.port}"),
+        ("127.0.0.1:8082", f"127.0.0.1:{second.port}"),
+        ("listen 80;", f"listen 127.0.0.1:{http_port};"),
+        ("listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;"),
+        ("/etc/letsencrypt/live/orders.example.com/fullchain.pem", str(cert)),
+        ("/etc/letsencrypt/live/orders.example.com/privkey.pem", str(key)),
+        ("/var/log/nginx/orders.log", str(tmp_path / "access.log")),
+        ("root /var/www/html;", f"root {tmp_path};"),
+    ]:
         site = swap(site, old, new, "deploy/nginx/replicas.conf")
     try:
         first.start(), second.start()
         with running_nginx(tmp_path, site, https_port):
             context = ssl.create_default_context(cafile=str(cert))
-            yield type("Replicas", (), {"first": first, "second": second, "https": https_port,
-                                        "context": context, "tmp": tmp_path})
+            yield type(
+                "Replicas",
+                (),
+                {"first": first, "second": second, "https": https_port, "context": context, "tmp": tmp_path},
+            )
     finally:
         first.close(), second.close()
 
@@ -129,8 +156,11 @@ class Load(threading.Thread):
         while not self.stopping.is_set():
             self.order = self.order % ORDERS + 1
             try:
-                connection.request("GET", f"/lookup?order_id=%23{self.order}&customer_email=customer{self.order}"
-                                          "%40example.com", headers={"x-api-key": KEY})
+                connection.request(
+                    "GET",
+                    f"/lookup?order_id=%23{self.order}&customer_email=customer{self.order}%40example.com",
+                    headers={"x-api-key": KEY},
+                )
                 response = connection.getresponse()
                 status, body = response.status, response.read()
                 if status != 200 or not json.loads(body)["context"].startswith(f"Order #{self.order} was found"):
@@ -154,13 +184,19 @@ def under_load(replicas, action):
         load.start()
     try:
         # Both instances answer before one stops: otherwise stopping one would prove nothing.
-        wait_for(lambda: served_lookups(replicas.first) >= 20 and served_lookups(replicas.second) >= 20,
-                 timeout=30, what="lookups through nginx to reach both instances")
+        wait_for(
+            lambda: served_lookups(replicas.first) >= 20 and served_lookups(replicas.second) >= 20,
+            timeout=30,
+            what="lookups through nginx to reach both instances",
+        )
         action()
         stopped_at = sum(load.count for load in loads)
         # Counted, not timed: a slow machine only takes longer.
-        wait_for(lambda: sum(load.count for load in loads) >= stopped_at + 400, timeout=60,
-                 what="400 lookups after the instance stopped")
+        wait_for(
+            lambda: sum(load.count for load in loads) >= stopped_at + 400,
+            timeout=60,
+            what="400 lookups after the instance stopped",
+        )
     finally:
         for load in loads:
             load.stopping.set()
@@ -212,10 +248,18 @@ def post_event(replicas, order, delivery):
     body = json.dumps(order).encode()
     connection = connect(replicas)
     try:
-        connection.request("POST", "/webhooks/shopify", body=body, headers={
-            "Content-Type": "application/json", "X-Shopify-Topic": "orders/create",
-            "X-Shopify-Hmac-Sha256": sign(SHOPIFY_SECRET, body), "X-Shopify-Shop-Domain": "shop.myshopify.com",
-            "X-Shopify-Webhook-Id": delivery})
+        connection.request(
+            "POST",
+            "/webhooks/shopify",
+            body=body,
+            headers={
+                "Content-Type": "application/json",
+                "X-Shopify-Topic": "orders/create",
+                "X-Shopify-Hmac-Sha256": sign(SHOPIFY_SECRET, body),
+                "X-Shopify-Shop-Domain": "shop.myshopify.com",
+                "X-Shopify-Webhook-Id": delivery,
+            },
+        )
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -265,8 +309,11 @@ def test_an_export_uploaded_through_nginx_is_served_by_every_instance(replicas):
     assert status == 200 and answer["orders"] == ORDERS + 10, answer
     order = ORDERS + 5  # only in the upload
     for instance in (replicas.first, replicas.second):  # one took it in, the other read it from the folder
-        wait_for(lambda: instance.get(f"/lookup?order_id={order}&customer_email=customer{order}%40example.com")[0]
-                 == 200, timeout=20, what=f"the {instance.name} instance to serve the upload")
+        wait_for(
+            lambda: instance.get(f"/lookup?order_id={order}&customer_email=customer{order}%40example.com")[0] == 200,
+            timeout=20,
+            what=f"the {instance.name} instance to serve the upload",
+        )
 
 
 def test_prometheus_scrapes_each_instance_at_its_own_path(replicas):

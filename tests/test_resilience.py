@@ -15,7 +15,19 @@ import zipfile
 import pytest
 
 import app
-from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, wait_for, write, write_xlsx
+from conftest import (
+    KEY,
+    ROOT,
+    Client,
+    Served,
+    free_port,
+    make_settings,
+    orders_csv,
+    started,
+    wait_for,
+    write,
+    write_xlsx,
+)
 
 CONTEXTS = ROOT / "contexts.toml"
 
@@ -88,8 +100,13 @@ def test_a_file_of_one_endless_line_is_refused_before_it_is_parsed(tmp_path):
 
 def test_a_load_past_the_memory_limit_is_stopped_with_a_clear_error(tmp_path):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(150_000))
-    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "check", "--data", str(export)],
-                         env={**os.environ, "MEMORY_LIMIT_MB": "60"}, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "check", "--data", str(export)],
+        env={**os.environ, "MEMORY_LIMIT_MB": "60"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "reading it took the service past 60 MB of memory" in run.stderr and "MEMORY_LIMIT_MB" in run.stderr
 
@@ -99,9 +116,17 @@ def test_under_a_hard_memory_limit_the_budget_stops_a_too_big_load_first(tmp_pat
     data = tmp_path / "data"
     write(data / "orders.csv", orders_csv(50))
     port = free_port()
-    env = {**os.environ, "API_KEY": KEY, "PORT": str(port), "ORDERS_FILE": str(data),
-           "CONTEXTS_FILE": str(contexts_file), "MALLOC_ARENA_MAX": "2", "MEMORY_LIMIT_MB": "250",
-           "SETTLE_SECONDS": "0.1", "THREADS": "2"}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "PORT": str(port),
+        "ORDERS_FILE": str(data),
+        "CONTEXTS_FILE": str(contexts_file),
+        "MALLOC_ARENA_MAX": "2",
+        "MEMORY_LIMIT_MB": "250",
+        "SETTLE_SECONDS": "0.1",
+        "THREADS": "2",
+    }
 
     def limit():  # as a container or ulimit would: past it, any allocation of any thread fails
         resource.setrlimit(resource.RLIMIT_AS, (700 << 20, 700 << 20))
@@ -115,6 +140,7 @@ def test_under_a_hard_memory_limit_the_budget_stops_a_too_big_load_first(tmp_pat
         served.wait_for("refused, still serving orders.csv", timeout=120)
         assert "past 250 MB of memory" in served.output and "Traceback" not in served.output
         import urllib.request
+
         lookup = f"http://127.0.0.1:{port}/lookup?order_id=7&customer_email=customer7%40example.com"
         with urllib.request.urlopen(urllib.request.Request(lookup, headers={"x-api-key": KEY}), timeout=5) as r:
             assert r.status == 200
@@ -125,8 +151,14 @@ def test_under_a_hard_memory_limit_the_budget_stops_a_too_big_load_first(tmp_pat
 def test_a_file_that_killed_the_service_while_loading_is_skipped_at_the_next_start(tmp_path, contexts_file):
     data, state = tmp_path / "data", tmp_path / "state"
     write(data / "orders.csv", orders_csv(30))
-    env = {**os.environ, "API_KEY": KEY, "PORT": str(free_port()), "ORDERS_FILE": str(data),
-           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(state)}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "PORT": str(free_port()),
+        "ORDERS_FILE": str(data),
+        "CONTEXTS_FILE": str(contexts_file),
+        "STATE_DIR": str(state),
+    }
     with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
         served.wait_for("INFO serving ")  # a good night: its copy is kept
     write(data / "orders_2026-12-01.csv", orders_csv(300_000))
@@ -177,11 +209,14 @@ def test_a_link_out_of_the_data_folder_is_not_followed_unless_allowed(tmp_path, 
     assert app.find_export(data).parent == data
 
 
-@pytest.mark.parametrize("first_line, explained", [
-    ("jane@example.com,#1001,paid", "not shown"),
-    ("root:x:0:0:root:/root:/bin/bash,x", "not shown"),
-    ("<html><head><title>Sign in</title></head>,x", "is a web page (HTML)"),
-])
+@pytest.mark.parametrize(
+    "first_line, explained",
+    [
+        ("jane@example.com,#1001,paid", "not shown"),
+        ("root:x:0:0:root:/root:/bin/bash,x", "not shown"),
+        ("<html><head><title>Sign in</title></head>,x", "is a web page (HTML)"),
+    ],
+)
 def test_a_first_row_that_is_not_a_header_is_never_quoted(tmp_path, first_line, explained):
     path = write(tmp_path / "o.csv", first_line + "\n1,2,3\n")
     with pytest.raises(app.ExportError) as refused:
@@ -194,8 +229,14 @@ def test_a_file_name_cannot_forge_a_log_line_or_break_the_status_page(tmp_path, 
     data = tmp_path / "data"
     write(data / "orders.csv", orders_csv(3))
     port = free_port()
-    env = {**os.environ, "API_KEY": KEY, "PORT": str(port), "ORDERS_FILE": str(data),
-           "CONTEXTS_FILE": str(contexts_file), "SETTLE_SECONDS": "0.1"}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "PORT": str(port),
+        "ORDERS_FILE": str(data),
+        "CONTEXTS_FILE": str(contexts_file),
+        "SETTLE_SECONDS": "0.1",
+    }
     with Served([sys.executable, str(ROOT / "app.py")], env, tmp_path) as served:
         served.wait_for("INFO serving ")
         # A name with a line break that reads like a log line of its own, and bytes that are not UTF-8.
@@ -205,16 +246,21 @@ def test_a_file_name_cannot_forge_a_log_line_or_break_the_status_page(tmp_path, 
         served.wait_for("refused, still serving", timeout=20)
         import base64
         import urllib.request
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={
-            "Authorization": "Basic " + base64.b64encode(f"x:{KEY}".encode()).decode()})
+
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/",
+            headers={"Authorization": "Basic " + base64.b64encode(f"x:{KEY}".encode()).decode()},
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 200 and "text/html" in response.headers["Content-Type"]
             page = response.read().decode("utf-8")
         assert "orders-??2026-11-29 00:00:00,000 INFO loaded forged.csv" in page
         import urllib.error
+
         with pytest.raises(urllib.error.HTTPError) as degraded:
-            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/healthz",
-                                                          headers={"x-api-key": KEY}), timeout=5)
+            urllib.request.urlopen(
+                urllib.request.Request(f"http://127.0.0.1:{port}/healthz", headers={"x-api-key": KEY}), timeout=5
+            )
         assert degraded.value.code == 503
         assert json.loads(degraded.value.read())["last_refused"]["file"].startswith("orders-??2026-11-29")
     assert not any(line.startswith("2026-11-29 00:00:00,000 INFO loaded forged") for line in served.output.splitlines())
@@ -235,19 +281,22 @@ def test_a_full_state_folder_leaves_no_partial_copy_and_health_says_so(tmp_path,
     assert list((tmp_path / "state").iterdir()) == []
     r = Client(app.create_app(service)).get("/healthz")
     assert r.status == 503
-    assert any("could not keep a copy of the export" in reason and "No space left" in reason
-               for reason in r.json["reasons"])
+    assert any(
+        "could not keep a copy of the export" in reason and "No space left" in reason for reason in r.json["reasons"]
+    )
 
 
 def test_a_workbook_that_unpacks_a_thousandfold_is_refused_unread(tmp_path):
-    source = write_xlsx(tmp_path / "small.xlsx", {"Orders": [["Order ID", "Email", "Item"], ["1", "a@example.com", "x"]]})
+    source = write_xlsx(
+        tmp_path / "small.xlsx", {"Orders": [["Order ID", "Email", "Item"], ["1", "a@example.com", "x"]]}
+    )
     bomb = tmp_path / "bomb.xlsx"
     cell = b'<c r="C2" t="inlineStr"><is><t>' + b"x" * 30_000_000 + b"</t></is></c>"  # one cell of 30 MB
     with zipfile.ZipFile(source) as small, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
         for item in small.infolist():
             data = small.read(item)
             if item.filename == "xl/worksheets/sheet1.xml":
-                data = data.replace(b"</row></sheetData>", b"</row><row r=\"3\">" + cell + b"</row></sheetData>")
+                data = data.replace(b"</row></sheetData>", b'</row><row r="3">' + cell + b"</row></sheetData>")
             out.writestr(item, data)
     assert bomb.stat().st_size < 100_000
     with pytest.raises(app.ExportError, match="over 100 times its own size"):
@@ -282,8 +331,14 @@ def test_an_order_of_more_rows_than_any_order_has_is_refused(tmp_path):
 def test_a_clean_stop_during_a_load_does_not_skip_the_file_next_time(tmp_path, contexts_file):
     data, state = tmp_path / "data", tmp_path / "state"
     write(data / "orders.csv", orders_csv(300_000))
-    env = {**os.environ, "API_KEY": KEY, "PORT": str(free_port()), "ORDERS_FILE": str(data),
-           "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(state)}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "PORT": str(free_port()),
+        "ORDERS_FILE": str(data),
+        "CONTEXTS_FILE": str(contexts_file),
+        "STATE_DIR": str(state),
+    }
     stopped = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, cwd=tmp_path, stderr=subprocess.DEVNULL)
     wait_for(lambda: (state / "loading.json").exists(), timeout=30, what="the load to begin")
     stopped.send_signal(signal.SIGTERM)  # systemctl restart, in the middle of the load
@@ -295,8 +350,11 @@ def test_a_clean_stop_during_a_load_does_not_skip_the_file_next_time(tmp_path, c
 
 
 def test_an_export_without_a_column_a_template_needs_falls_back_at_start(tmp_path, contexts_file):
-    contexts_file.write_text(contexts_file.read_text().replace(
-        'found = "Order {order_id} was found.', 'found = "Order {order_id} ({total}) was found.'))
+    contexts_file.write_text(
+        contexts_file.read_text().replace(
+            'found = "Order {order_id} was found.', 'found = "Order {order_id} ({total}) was found.'
+        )
+    )
     data = tmp_path / "data"
     write(data / "orders.csv", "Order ID,Email,Total\n1,a@example.com,10.00\n")
     started(make_settings(data, contexts_file))  # a good night
@@ -358,12 +416,17 @@ def row_far_down(name, data):
     return data
 
 
-@pytest.mark.parametrize("change, says", [
-    (lambda name, data: None if name.startswith("xl/worksheets/") else data, "holds no worksheet"),
-    (row_far_down, "numbers a row past 1,048,576"),
-])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda name, data: None if name.startswith("xl/worksheets/") else data, "holds no worksheet"),
+        (row_far_down, "numbers a row past 1,048,576"),
+    ],
+)
 def test_a_damaged_workbook_is_refused_at_once_and_the_next_export_loads(tmp_path, contexts_file, change, says):
-    source = write_xlsx(tmp_path / "good.xlsx", {"Orders": [["Order ID", "Email", "Status"], ["1", "a@example.com", "shipped"]]})
+    source = write_xlsx(
+        tmp_path / "good.xlsx", {"Orders": [["Order ID", "Email", "Status"], ["1", "a@example.com", "shipped"]]}
+    )
     data = tmp_path / "data"
     write(data / "orders.csv", orders_csv(20))
     service = started(make_settings(data, contexts_file))

@@ -17,8 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 import app
 
 CONTEXTS = ROOT / "contexts.toml"
-NOT_AN_EMAIL = ("No order could be looked up: what was given as the e-mail address is not one. Please ask the "
-                "customer again for the e-mail address used for the order.")
+NOT_AN_EMAIL = (
+    "No order could be looked up: what was given as the e-mail address is not one. Please ask the "
+    "customer again for the e-mail address used for the order."
+)
 NOT_FOUND = "No order was found with the number "
 
 
@@ -49,8 +51,11 @@ def scrape(client):
     """{(name, labels as a sorted tuple): value} of /metrics."""
     r = client.request("GET", "/metrics", headers=basic())
     assert r.status == 200
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(r.body.decode()) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.body.decode())
+        for s in family.samples
+    }
 
 
 def page_notes(client):
@@ -65,10 +70,12 @@ def page_notes(client):
 
 # The footer of the issue: an export that ends with how many records it holds, when and at what time. The
 # "4" lands in the order-number column and "16:41:35" in the e-mail column.
-FOOTER_EXPORT = ("Order Number,Customer Name,Status,Order Date,Email,Item\n"
-                 "1001,Ann,shipped,Jan-15-16,a@example.com,Hat\n1002,Bo,shipped,Jan-16-16,b@example.com,Hat\n"
-                 "1003,Cy,shipped,Jan-17-16,c@example.com,Hat\n1004,Di,shipped,Jan-17-16,d@example.com,Hat\n"
-                 "4, record(s) downloaded,from ,Jan-18-16,16:41:35,\n")
+FOOTER_EXPORT = (
+    "Order Number,Customer Name,Status,Order Date,Email,Item\n"
+    "1001,Ann,shipped,Jan-15-16,a@example.com,Hat\n1002,Bo,shipped,Jan-16-16,b@example.com,Hat\n"
+    "1003,Cy,shipped,Jan-17-16,c@example.com,Hat\n1004,Di,shipped,Jan-17-16,d@example.com,Hat\n"
+    "4, record(s) downloaded,from ,Jan-18-16,16:41:35,\n"
+)
 
 
 def test_a_footer_line_never_becomes_an_order(tmp_path, capsys):
@@ -84,14 +91,30 @@ def test_a_footer_line_never_becomes_an_order(tmp_path, capsys):
 
 
 # Totals lines as exports and spreadsheets write them under the orders, in the order-number column.
-TOTALS = ["Total", "Totals", "TOTAL", "Total:", "Subtotal", "Sub-Total", "Summe", "Gesamtsumme", "Totaal", "Razem",
-          "Suma", "Totale", "Grand Total", "Total general"]
+TOTALS = [
+    "Total",
+    "Totals",
+    "TOTAL",
+    "Total:",
+    "Subtotal",
+    "Sub-Total",
+    "Summe",
+    "Gesamtsumme",
+    "Totaal",
+    "Razem",
+    "Suma",
+    "Totale",
+    "Grand Total",
+    "Total general",
+]
 
 
 @pytest.mark.parametrize("word", TOTALS)
 def test_a_totals_line_never_becomes_an_order(tmp_path, capsys, word):
-    path = write(tmp_path / "orders.csv", "Order ID,Email,Status,Item,Total\n"
-                 + ten_orders().replace("\n", ",5.00\n") + f"{word},,,,50.00\n")
+    path = write(
+        tmp_path / "orders.csv",
+        "Order ID,Email,Status,Item,Total\n" + ten_orders().replace("\n", ",5.00\n") + f"{word},,,,50.00\n",
+    )
     assert answered(snapshot(path), word, "c1@example.com")[0] == 404
     code, out = checked(capsys, path)
     assert code == 0 and "rows     10; orders 10;" in out
@@ -112,8 +135,13 @@ def test_a_repeated_header_never_becomes_an_order(tmp_path, capsys):
 
 
 def test_a_repeated_header_in_a_small_export_is_left_out_too(tmp_path):
-    path = write(tmp_path / "orders.csv", HEADER + "1,a@example.com,shipped,Hat\n2,b@example.com,shipped,Cap\n"
-                 + HEADER + "3,c@example.com,shipped,Cap\n")
+    path = write(
+        tmp_path / "orders.csv",
+        HEADER
+        + "1,a@example.com,shipped,Hat\n2,b@example.com,shipped,Cap\n"
+        + HEADER
+        + "3,c@example.com,shipped,Cap\n",
+    )
     snap = snapshot(path)
     assert snap.orders == 3 and answered(snap, "3", "c@example.com")[0] == 200
 
@@ -134,8 +162,10 @@ def test_a_separator_line_never_becomes_an_order(tmp_path, capsys, separator):
 
 
 def test_rows_left_out_are_counted_by_reason_on_healthz_and_metrics(tmp_path):
-    client = served(tmp_path, HEADER + ten_orders() + "2001,n/a,shipped,Cap\n-----,-----,-----,-----\n"
-                    + ten_orders(3001) + "Total,,,\n")
+    client = served(
+        tmp_path,
+        HEADER + ten_orders() + "2001,n/a,shipped,Cap\n-----,-----,-----,-----\n" + ten_orders(3001) + "Total,,,\n",
+    )
     left_out = client.get("/healthz", key=KEY).json["rows_read"]["left_out"]
     assert left_out == {"no order number": 1, "rows whose e-mail cell holds no address": 1, "totals lines": 1}
     metrics = scrape(client)
@@ -171,9 +201,11 @@ def test_the_shipped_not_an_email_answer_is_the_one_served():
 
 # --- follow-on rows (Odoo and other ERPs) ---------------------------------------------------------------
 
-ODOO = ("Order Reference,Customer Email,Status,Product,Quantity\n"
-        "S00012,a@example.com,shipped,Desk,1\n,,,Chair,4\n,,,Lamp,2\n"
-        "S00013,b@example.com,shipped,Shelf,1\n,,,Hook,6\n")
+ODOO = (
+    "Order Reference,Customer Email,Status,Product,Quantity\n"
+    "S00012,a@example.com,shipped,Desk,1\n,,,Chair,4\n,,,Lamp,2\n"
+    "S00013,b@example.com,shipped,Shelf,1\n,,,Hook,6\n"
+)
 
 
 def test_item_rows_without_an_order_number_belong_to_the_order_above(tmp_path, capsys):
@@ -181,12 +213,15 @@ def test_item_rows_without_an_order_number_belong_to_the_order_above(tmp_path, c
     snap = snapshot(path)
     assert answered(snap, "S00012", "a@example.com")[1] == (
         "Order S00012 was found and has shipped. It contains 1 x Desk, 4 x Chair, 2 x Lamp. "
-        "No tracking link is available for it.")
+        "No tracking link is available for it."
+    )
     assert "It contains 1 x Shelf, 6 x Hook." in answered(snap, "S00013", "b@example.com")[1]
     code, out = checked(capsys, path)
     assert code == 0 and "rows     5; orders 2;" in out
-    assert ("rows     3 item rows without an order number belong to the order above them (the export writes an "
-            "order's further lines so)") in out
+    assert (
+        "rows     3 item rows without an order number belong to the order above them (the export writes an "
+        "order's further lines so)"
+    ) in out
     assert "no order number and were skipped" not in out
 
 
@@ -197,32 +232,42 @@ def test_follow_on_rows_are_counted_on_healthz_and_metrics(tmp_path):
 
 
 def test_an_item_row_with_another_customer_s_email_is_not_attached(tmp_path, capsys):
-    path = write(tmp_path / "orders.csv", "Order Reference,Customer Email,Status,Product,Quantity\n"
-                                          "S00012,a@example.com,shipped,Desk,1\n,,,Chair,4\n,b@example.com,,Lamp,2\n"
-                                          "S00013,b@example.com,shipped,Shelf,1\n")
+    path = write(
+        tmp_path / "orders.csv",
+        "Order Reference,Customer Email,Status,Product,Quantity\n"
+        "S00012,a@example.com,shipped,Desk,1\n,,,Chair,4\n,b@example.com,,Lamp,2\n"
+        "S00013,b@example.com,shipped,Shelf,1\n",
+    )
     snap = snapshot(path)
     assert "It contains 1 x Desk, 4 x Chair." in answered(snap, "S00012", "a@example.com")[1]
     assert "Lamp" not in answered(snap, "S00013", "b@example.com")[1]
     _, out = checked(capsys, path)
     assert "rows     1 item row without an order number belongs to the order above it" in out
     assert "warning  1 row has no order number and was skipped" in out
-    assert ("warning  1 item row has no order number and follows no order of its customer (another e-mail, or apart "
-            "from any order), so no order could take it: the orders near it may be answered with fewer items") in out
+    assert (
+        "warning  1 item row has no order number and follows no order of its customer (another e-mail, or apart "
+        "from any order), so no order could take it: the orders near it may be answered with fewer items"
+    ) in out
 
 
 def test_follow_on_rows_are_attached_when_an_order_s_rows_are_apart(tmp_path):
     # S00012 comes back after S00013: the file is read the careful way, and follow-on rows still join.
-    snap = snapshot(write(tmp_path / "orders.csv", "Order Reference,Customer Email,Status,Product,Quantity\n"
-                                                   "S00012,a@example.com,shipped,Desk,1\n,,,Lamp,2\n"
-                                                   "S00013,b@example.com,shipped,Shelf,1\n"
-                                                   "S00012,a@example.com,shipped,Rug,1\n"))
+    snap = snapshot(
+        write(
+            tmp_path / "orders.csv",
+            "Order Reference,Customer Email,Status,Product,Quantity\n"
+            "S00012,a@example.com,shipped,Desk,1\n,,,Lamp,2\n"
+            "S00013,b@example.com,shipped,Shelf,1\n"
+            "S00012,a@example.com,shipped,Rug,1\n",
+        )
+    )
     assert "It contains 1 x Desk, 2 x Lamp, 1 x Rug." in answered(snap, "S00012", "a@example.com")[1]
     assert snap.reading["attached"] == 1
 
 
 # --- lines before the header ----------------------------------------------------------------------------
 
-PREAMBLE = ("Orders export\nShop: Example GmbH, 1 Dec - 2 Dec 2026\n\n" + HEADER + "1,a@example.com,shipped,Hat\n")
+PREAMBLE = "Orders export\nShop: Example GmbH, 1 Dec - 2 Dec 2026\n\n" + HEADER + "1,a@example.com,shipped,Hat\n"
 
 
 def test_lines_before_the_header_are_passed_over_and_named(tmp_path, capsys):
@@ -232,7 +277,9 @@ def test_lines_before_the_header_are_passed_over_and_named(tmp_path, capsys):
     assert snap.orders == 1
     code, out = checked(capsys, path)
     assert code == 0
-    assert "warning  2 lines before the header left out: 'Orders export', 'Shop: Example GmbH 1 Dec - 2 Dec 2026'" in out
+    assert (
+        "warning  2 lines before the header left out: 'Orders export', 'Shop: Example GmbH 1 Dec - 2 Dec 2026'" in out
+    )
 
 
 def test_lines_before_the_header_show_on_healthz(tmp_path):
@@ -243,8 +290,10 @@ def test_lines_before_the_header_show_on_healthz(tmp_path):
 # --- spreadsheet damage: guards taken off, damaged numbers withheld ------------------------------------
 
 TRACKED = "Order ID,Email,Status,Item,Tracking Number,Carrier\n"
-SHOWN = ("Order 1 was found and has shipped with UPS (tracking number 1Z999AA10123456784). It can be followed with "
-         "the tracking link. It contains Hat.")
+SHOWN = (
+    "Order 1 was found and has shipped with UPS (tracking number 1Z999AA10123456784). It can be followed with "
+    "the tracking link. It contains Hat."
+)
 
 
 @pytest.mark.parametrize("cell", ['"=""1Z999AA10123456784"""', "'1Z999AA10123456784", '"1Z999AA10123456784"'])
@@ -253,10 +302,13 @@ def test_a_spreadsheet_s_guard_on_a_tracking_number_is_taken_off(tmp_path, cell)
     assert answered(snap, "1", "a@example.com") == (200, SHOWN, "https://www.ups.com/track?tracknum=1Z999AA10123456784")
 
 
-@pytest.mark.parametrize("cell", [
-    '"=""00123"""',
-    "'00123",
-])
+@pytest.mark.parametrize(
+    "cell",
+    [
+        '"=""00123"""',
+        "'00123",
+    ],
+)
 def test_a_spreadsheet_s_guard_on_an_order_number_is_taken_off(tmp_path, cell):
     snap = snapshot(write(tmp_path / "orders.csv", HEADER + f"{cell},a@example.com,shipped,Hat\n"))
     status, text, _ = answered(snap, "00123", "a@example.com")
@@ -264,8 +316,10 @@ def test_a_spreadsheet_s_guard_on_an_order_number_is_taken_off(tmp_path, cell):
 
 
 def test_guards_taken_off_are_counted_in_check_and_healthz(tmp_path, capsys):
-    text = (TRACKED + '"=""1001""",a@example.com,shipped,Hat,"=""1Z999AA10123456784""",UPS\n'
-            "1002,b@example.com,shipped,Cap,1Z999AA10123456785,UPS\n")
+    text = (
+        TRACKED + '"=""1001""",a@example.com,shipped,Hat,"=""1Z999AA10123456784""",UPS\n'
+        "1002,b@example.com,shipped,Cap,1Z999AA10123456785,UPS\n"
+    )
     code, out = checked(capsys, write(tmp_path / "orders.csv", text))
     assert code == 0
     assert "cells    a spreadsheet's marks taken off 2 cells (Excel's =\"...\" guard, a leading '" in out
@@ -310,9 +364,11 @@ def test_a_damaged_tracking_number_is_withheld_and_counted_in_check(tmp_path, ca
     assert answered(snap, "1", "a@example.com")[1] == SHOWN
     code, out = checked(capsys, path)
     assert code == 0
-    assert ("warning  1 tracking_number cell damaged by a spreadsheet (scientific notation such as 3,60003E+14, lost "
-            "digits, a .0 added): withheld, never shown. Download the export again without opening it in a "
-            "spreadsheet, or format the column as text before saving it") in out
+    assert (
+        "warning  1 tracking_number cell damaged by a spreadsheet (scientific notation such as 3,60003E+14, lost "
+        "digits, a .0 added): withheld, never shown. Download the export again without opening it in a "
+        "spreadsheet, or format the column as text before saving it"
+    ) in out
 
 
 @pytest.mark.parametrize("row", DAMAGED)
@@ -327,8 +383,9 @@ def test_damaged_cells_show_on_healthz_metrics_and_the_status_page(tmp_path, row
 
 
 def test_a_damaged_number_beside_a_good_one_in_one_cell_leaves_the_good_one(tmp_path):
-    snap = snapshot(write(tmp_path / "orders.csv",
-                          TRACKED + '3,c@example.com,shipped,Cap,"3.60003E+14; 1Z999AA10123456785",UPS\n'))
+    snap = snapshot(
+        write(tmp_path / "orders.csv", TRACKED + '3,c@example.com,shipped,Cap,"3.60003E+14; 1Z999AA10123456785",UPS\n')
+    )
     status, text, url = answered(snap, "3", "c@example.com")
     assert status == 200
     assert "(tracking number 1Z999AA10123456785)" in text and "E+14" not in text

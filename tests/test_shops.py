@@ -36,16 +36,20 @@ NO_SYSTEMD = "systemd-analyze is not installed (it comes with the systemd packag
 
 # systemd, as far as these files use it ######################################################################
 
+
 def render(text, shop):
     """The unit text for instance shop, its specifiers replaced as systemd does (%i: the name as given, %%: %).
 
     Comments are left as they are: systemd does not read them.
     """
+
     def specifier(match):
         assert match.group(1) in "i%", f"orders@.service uses %{match.group(1)}, which render() does not know"
         return shop if match.group(1) == "i" else "%"
-    return "\n".join(line if line.startswith(("#", ";")) else re.sub(r"%(.)", specifier, line)
-                     for line in text.splitlines())
+
+    return "\n".join(
+        line if line.startswith(("#", ";")) else re.sub(r"%(.)", specifier, line) for line in text.splitlines()
+    )
 
 
 def settings(*texts):
@@ -61,8 +65,7 @@ def settings(*texts):
                 continue
             key, _, value = line.partition("=")
             if key == "Environment":
-                found.setdefault("Environment", {}).update(
-                    dict(item.split("=", 1) for item in shlex.split(value)))
+                found.setdefault("Environment", {}).update(dict(item.split("=", 1) for item in shlex.split(value)))
             elif not value:
                 found[key] = []
             else:
@@ -90,6 +93,7 @@ def within(path, folders):
 
 # The documented commands, run against temporary folders ####################################################
 
+
 def documented(section, marker):
     """The shell block of docs/DEPLOY.md's section that contains marker."""
     text = GUIDE.read_text()
@@ -111,8 +115,12 @@ def run_documented(block, root, **values):
     assert re.fullmatch(r"shop=[\w-]+ port=\d+", first), f"the block no longer starts with shop= port=: {first!r}"
     script = " ".join(f"{name}={value}" for name, value in values.items()) + "\n" + rest
     script = script.replace("sudo ", "").replace("-o orders -g orders ", "")
-    for system, moved in (("/etc/systemd/system", root / "units"), ("/etc/orders", root / "etc" / "orders"),
-                          ("/srv/orders", root / "srv" / "orders"), ("/opt/orders", ROOT)):
+    for system, moved in (
+        ("/etc/systemd/system", root / "units"),
+        ("/etc/orders", root / "etc" / "orders"),
+        ("/srv/orders", root / "srv" / "orders"),
+        ("/opt/orders", ROOT),
+    ):
         script = script.replace(system, str(moved))
     script = "\n".join(line for line in script.splitlines() if "systemctl " not in line)
     (root / "etc" / "orders").mkdir(parents=True, exist_ok=True)  # step 4 of the guide
@@ -122,8 +130,11 @@ def run_documented(block, root, **values):
 
 def moved(text, root):
     """A unit's text with its system folders moved as run_documented moves them, and the code at ROOT."""
-    for system, new in (("/etc/orders", root / "etc" / "orders"), ("/srv/orders", root / "srv" / "orders"),
-                        ("/opt/orders", ROOT)):
+    for system, new in (
+        ("/etc/orders", root / "etc" / "orders"),
+        ("/srv/orders", root / "srv" / "orders"),
+        ("/opt/orders", ROOT),
+    ):
         text = text.replace(system, str(new))
     return text
 
@@ -133,6 +144,7 @@ REPLICA_BLOCK = ("Replicas: no single point of failure", "orders@$shop-2.service
 
 
 # The template ##############################################################################################
+
 
 @pytest.mark.parametrize("one, other", [("shop-a", "shop-b"), ("shop", "shop-2")])  # a name that starts another
 def test_two_shops_units_share_no_path_and_write_only_their_own_folders(one, other):
@@ -150,8 +162,9 @@ def test_two_shops_units_share_no_path_and_write_only_their_own_folders(one, oth
     paths = {shop: {*found["Environment"].values(), *found["EnvironmentFile"]} for shop, found in units.items()}
     assert not paths[one] & paths[other]
     for shop, neighbour in ((one, other), (other, one)):
-        assert not any(within(path, read_write_paths(units[shop])) for path in paths[neighbour]), \
+        assert not any(within(path, read_write_paths(units[shop])) for path in paths[neighbour]), (
             f"{shop} may write where {neighbour} keeps its files"
+        )
 
 
 def test_the_template_keeps_every_setting_of_orders_service_but_its_paths():
@@ -160,7 +173,9 @@ def test_the_template_keeps_every_setting_of_orders_service_but_its_paths():
     differ = {"Description", "Documentation", "EnvironmentFile", "ReadWritePaths"}
     for key, values in single.items():
         if key not in differ:
-            assert template.get(key) == values, f"orders@.service has {key}={template.get(key)}, orders.service {values}"
+            assert template.get(key) == values, (
+                f"orders@.service has {key}={template.get(key)}, orders.service {values}"
+            )
     assert set(template) - set(single) == {"Environment"}, "a setting orders.service does not have"
 
 
@@ -183,6 +198,7 @@ def test_the_example_env_file_sets_what_a_shop_needs_and_leaves_the_paths_to_the
 
 
 # The documented commands ###################################################################################
+
 
 @pytest.fixture
 def two_shops(tmp_path):
@@ -227,8 +243,11 @@ def served_as_unit(root, shop, *dropins):
     env, found = unit_environment(root, shop, *dropins)
     for path in (env["ORDERS_FILE"], env["STATE_DIR"]):
         assert within(path, read_write_paths(found)), f"{shop} would write {path}, which its unit keeps read-only"
-    with Served([sys.executable, str(ROOT / "app.py"), "serve"], {"PATH": os.environ["PATH"], **env},
-                found["WorkingDirectory"][0]) as served:
+    with Served(
+        [sys.executable, str(ROOT / "app.py"), "serve"],
+        {"PATH": os.environ["PATH"], **env},
+        found["WorkingDirectory"][0],
+    ) as served:
         served.wait_for("INFO serving ")
         yield env
 
@@ -237,8 +256,11 @@ def lookup(env, order, key=None):
     """The status of a lookup of order #order (customer<order>@example.com) from a served shop."""
     connection = http.client.HTTPConnection("127.0.0.1", int(env["PORT"]), timeout=10)
     try:
-        connection.request("GET", f"/lookup?order_id=%23{order}&customer_email=customer{order}%40example.com",
-                           headers={"x-api-key": key or env["API_KEY"]})
+        connection.request(
+            "GET",
+            f"/lookup?order_id=%23{order}&customer_email=customer{order}%40example.com",
+            headers={"x-api-key": key or env["API_KEY"]},
+        )
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -255,8 +277,10 @@ def test_two_shops_served_as_their_units_say_answer_only_their_own_orders(two_sh
         assert lookup(env_b, 101, key=env_a["API_KEY"])[0] == 401  # and its key
         # Each keeps its copy of the last good export in its own state folder.
         for shop in ("shop-a", "shop-b"):
-            wait_for(lambda: (root / "srv" / "orders" / shop / "state" / "last-good.csv").exists(),
-                     what=f"{shop}'s last good copy")
+            wait_for(
+                lambda: (root / "srv" / "orders" / shop / "state" / "last-good.csv").exists(),
+                what=f"{shop}'s last good copy",
+            )
 
 
 def test_a_replica_added_as_documented_serves_its_shops_export_with_its_own_port_and_state(two_shops):
@@ -275,6 +299,7 @@ def test_a_replica_added_as_documented_serves_its_shops_export_with_its_own_port
 
 
 # systemd's own checks ######################################################################################
+
 
 def systemd_units(root):
     """The units in root/units, where the documented commands put the replica's drop-in, with /opt/orders at this
@@ -305,8 +330,12 @@ def test_systemd_rates_the_template_as_hardened_as_orders_service(tmp_path):
     folder = systemd_units(tmp_path)
 
     def exposure(unit):
-        result = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(folder / unit)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(folder / unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if result.returncode and "offline" in result.stderr:
             pytest.skip(f"this systemd-analyze cannot rate a unit file offline: {result.stderr.strip()[:200]}")
         assert "Overall exposure level" in result.stdout, result.stdout + result.stderr
@@ -321,8 +350,9 @@ CADDY = shutil.which("caddy")
 
 
 def adapted(path):
-    result = subprocess.run([CADDY, "adapt", "--config", str(path), "--adapter", "caddyfile"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [CADDY, "adapt", "--config", str(path), "--adapter", "caddyfile"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -331,14 +361,20 @@ def sites(config):
     """{host: (its handlers as JSON text, its log's settings)} of an adapted Caddyfile."""
     server = config["apps"]["http"]["servers"]["srv0"]
     loggers, logs = server["logs"]["logger_names"], config["logging"]["logs"]
-    return {route["match"][0]["host"][0]: (json.dumps(route["handle"]), logs[loggers[route["match"][0]["host"][0]]])
-            for route in server["routes"]}
+    return {
+        route["match"][0]["host"][0]: (json.dumps(route["handle"]), logs[loggers[route["match"][0]["host"][0]]])
+        for route in server["routes"]
+    }
 
 
 @pytest.mark.skipif(CADDY is None, reason="caddy is not installed (apt-get install caddy; .ci/run does)")
 def test_the_shops_caddyfile_is_valid():
-    result = subprocess.run([CADDY, "validate", "--config", str(DEPLOY / "Caddyfile.shops"), "--adapter", "caddyfile"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [CADDY, "validate", "--config", str(DEPLOY / "Caddyfile.shops"), "--adapter", "caddyfile"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0 and "Valid configuration" in result.stdout + result.stderr, result.stderr
 
 
@@ -346,7 +382,7 @@ def test_the_shops_caddyfile_is_valid():
 def test_each_shops_site_does_what_the_single_shop_caddyfile_does_on_its_own_port():
     # Compared as Caddy reads them: the same body limits, timeouts and log filter as
     # deploy/Caddyfile, only the port and the log file the shop's own.
-    (single_handlers, single_log), = sites(adapted(DEPLOY / "Caddyfile")).values()
+    ((single_handlers, single_log),) = sites(adapted(DEPLOY / "Caddyfile")).values()
     shops = sites(adapted(DEPLOY / "Caddyfile.shops"))
     assert set(shops) == {"shop-a.orders.example.com", "shop-b.orders.example.com"}
     for (host, (handlers, log)), name, port in zip(sorted(shops.items()), ("shop-a", "shop-b"), (8081, 8082)):
@@ -361,6 +397,8 @@ def test_the_readme_adds_a_shop_with_the_same_commands_as_the_guide():
     (block,) = re.findall(r"```sh\n(.*?)```", readme, re.S)
 
     def commands(text):
-        return [line.split("  #")[0].rstrip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return [
+            line.split("  #")[0].rstrip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+        ]
 
     assert commands(block) == commands(documented(*SHOP_BLOCK))

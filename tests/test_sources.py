@@ -49,21 +49,41 @@ def shopify(tmp_path_factory):
     return served(write(tmp_path_factory.mktemp("shopify") / "orders_export_1.csv", SHOPIFY))
 
 
-@pytest.mark.parametrize("order_id, email, text", [
-    ("#2001", "ann@example.com", "Order #2001 was found. It was placed on 27 Nov 2026. It contains 1 x Mug. "
-                                 "It has not shipped yet."),
-    ("#2002", "bob@example.com", "Order #2002 was found and has shipped on 21 Nov 2026. It contains 2 x Tea. "
-                                 "No tracking link is available for it."),
-    ("#2003", "cat@example.com", "Order #2003 was found. Part of it has shipped on 21 Nov 2026: 1 x Kettle. "
-                                 "Not shipped yet: 1 x Filter."),
-    # No refund method or duration: no export holds them, and the shipped answers promise none.
-    ("#2004", "dan@example.com", "Order #2004 was found, but it was cancelled, so it will not ship."),
-    ("#2005", "eve@example.com", "Order #2005 was found. It has been refunded."),
-    ("#2006", "fay@example.com", "Order #2006 was found. It contains 1 x Lid. Its payment has not been confirmed yet."),
-    ("#2007", "gus@example.com", "Order #2007 was found, but it was cancelled, so it will not ship."),
-    ("#2008", "hal@example.com", "Order #2008 was found. Part of it has shipped; the rest has not shipped yet. "
-                                 "It contains 1 x Jar."),
-])
+@pytest.mark.parametrize(
+    "order_id, email, text",
+    [
+        (
+            "#2001",
+            "ann@example.com",
+            "Order #2001 was found. It was placed on 27 Nov 2026. It contains 1 x Mug. It has not shipped yet.",
+        ),
+        (
+            "#2002",
+            "bob@example.com",
+            "Order #2002 was found and has shipped on 21 Nov 2026. It contains 2 x Tea. "
+            "No tracking link is available for it.",
+        ),
+        (
+            "#2003",
+            "cat@example.com",
+            "Order #2003 was found. Part of it has shipped on 21 Nov 2026: 1 x Kettle. Not shipped yet: 1 x Filter.",
+        ),
+        # No refund method or duration: no export holds them, and the shipped answers promise none.
+        ("#2004", "dan@example.com", "Order #2004 was found, but it was cancelled, so it will not ship."),
+        ("#2005", "eve@example.com", "Order #2005 was found. It has been refunded."),
+        (
+            "#2006",
+            "fay@example.com",
+            "Order #2006 was found. It contains 1 x Lid. Its payment has not been confirmed yet.",
+        ),
+        ("#2007", "gus@example.com", "Order #2007 was found, but it was cancelled, so it will not ship."),
+        (
+            "#2008",
+            "hal@example.com",
+            "Order #2008 was found. Part of it has shipped; the rest has not shipped yet. It contains 1 x Jar.",
+        ),
+    ],
+)
 def test_shopify_statuses_get_fitting_answers(shopify, order_id, email, text):
     status, context, url = ask(shopify, order_id, email)
     assert status == 200 and context.startswith(text) and url is None
@@ -94,17 +114,35 @@ def woo(tmp_path_factory):
     return served(write(tmp_path_factory.mktemp("woo") / "orders-2026-11-28.csv", WOO))
 
 
-@pytest.mark.parametrize("order_id, email, text", [
-    ("5001", "ann@example.com", "Order 5001 was found. It was placed on 27 Nov 2026. It contains 1 x Hoodie - M. "
-                                "It has not shipped yet"),
-    ("5002", "bob@example.com", "Order 5002 was found and has shipped. It contains 2 x Cap."),
-    ("5003", "cat@example.com", "Order 5003 was found. It contains 1 x Scarf. It is on hold and has not shipped yet"),
-    ("5004", "dan@example.com", "Order 5004 was found, but it was cancelled"),
-    ("5005", "eve@example.com", "Order 5005 was found. It has been refunded"),
-    ("5006", "fay@example.com", "Order 5006 was found, but its payment failed, so it will not ship."),
-    ("#5007", "gus@example.com", "Order 5007 was found. It contains 1 x Belt. Its payment has not been confirmed yet"),
-    ("5008", "hal@example.com", "Order 5008 was found. It was placed on 27 Nov 2026. It contains 2 x Tee - S, 1 x Tote."),
-])
+@pytest.mark.parametrize(
+    "order_id, email, text",
+    [
+        (
+            "5001",
+            "ann@example.com",
+            "Order 5001 was found. It was placed on 27 Nov 2026. It contains 1 x Hoodie - M. It has not shipped yet",
+        ),
+        ("5002", "bob@example.com", "Order 5002 was found and has shipped. It contains 2 x Cap."),
+        (
+            "5003",
+            "cat@example.com",
+            "Order 5003 was found. It contains 1 x Scarf. It is on hold and has not shipped yet",
+        ),
+        ("5004", "dan@example.com", "Order 5004 was found, but it was cancelled"),
+        ("5005", "eve@example.com", "Order 5005 was found. It has been refunded"),
+        ("5006", "fay@example.com", "Order 5006 was found, but its payment failed, so it will not ship."),
+        (
+            "#5007",
+            "gus@example.com",
+            "Order 5007 was found. It contains 1 x Belt. Its payment has not been confirmed yet",
+        ),
+        (
+            "5008",
+            "hal@example.com",
+            "Order 5008 was found. It was placed on 27 Nov 2026. It contains 2 x Tee - S, 1 x Tote.",
+        ),
+    ],
+)
 def test_woocommerce_statuses_get_fitting_answers(woo, order_id, email, text):
     status, context, _ = ask(woo, order_id, email)
     assert status == 200 and context.startswith(text)
@@ -134,21 +172,40 @@ def generic(tmp_path_factory):
     return served(write(tmp_path_factory.mktemp("erp") / "erp.csv", GENERIC))
 
 
-@pytest.mark.parametrize("order_id, email, text, url", [
-    ("a100", "ann@example.com", "Order A-100 was found and has shipped with UPS (tracking number 1Z999AA10123456784). "
-                                "It can be followed with the tracking link; it is expected to arrive on 2 Dec 2026. "
-                                "It contains 1 x Desk.",
-     "https://www.ups.com/track?tracknum=1Z999AA10123456784"),
-    ("A-101", "bob@example.com", "Order A-101 was found and has shipped with DHL Express (tracking number "
-                                 "JD0002, JD0003). It can be followed with the tracking link. It contains 2 x Chair.",
-     "https://www.dhl.com/global-en/home/tracking/tracking-express.html?submit=1&tracking-id=JD0002"),
-    ("A102", "cat@example.com", "Order A-102 was found and has been delivered. It contained 1 x Lamp.", None),
-    ("A103", "dan@example.com", "Order A-103 was found. It contains 1 x Shelf. It has not shipped yet", None),
-    ("A104", "eve@example.com", "Order A-104 was found and has shipped with Pigeon Post (tracking number X1).",
-     "https://pigeon.example/track/X1"),
-    ("A105", "fay@example.com", "Order A-105 was found and has shipped. It contains 1 x Stool. "
-                                "No tracking link is available for it.", None),
-])
+@pytest.mark.parametrize(
+    "order_id, email, text, url",
+    [
+        (
+            "a100",
+            "ann@example.com",
+            "Order A-100 was found and has shipped with UPS (tracking number 1Z999AA10123456784). "
+            "It can be followed with the tracking link; it is expected to arrive on 2 Dec 2026. "
+            "It contains 1 x Desk.",
+            "https://www.ups.com/track?tracknum=1Z999AA10123456784",
+        ),
+        (
+            "A-101",
+            "bob@example.com",
+            "Order A-101 was found and has shipped with DHL Express (tracking number "
+            "JD0002, JD0003). It can be followed with the tracking link. It contains 2 x Chair.",
+            "https://www.dhl.com/global-en/home/tracking/tracking-express.html?submit=1&tracking-id=JD0002",
+        ),
+        ("A102", "cat@example.com", "Order A-102 was found and has been delivered. It contained 1 x Lamp.", None),
+        ("A103", "dan@example.com", "Order A-103 was found. It contains 1 x Shelf. It has not shipped yet", None),
+        (
+            "A104",
+            "eve@example.com",
+            "Order A-104 was found and has shipped with Pigeon Post (tracking number X1).",
+            "https://pigeon.example/track/X1",
+        ),
+        (
+            "A105",
+            "fay@example.com",
+            "Order A-105 was found and has shipped. It contains 1 x Stool. No tracking link is available for it.",
+            None,
+        ),
+    ],
+)
 def test_generic_exports_get_fitting_answers_and_links(generic, order_id, email, text, url):
     status, context, tracking_url = ask(generic, order_id, email)
     assert status == 200 and context.startswith(text) and tracking_url == url
@@ -171,20 +228,23 @@ def test_delivered_and_estimated_dates_read_well_in_check(capsys, tmp_path):
 PLAIN = "Order Number,Email,Status,Item,Qty\n1001,jane@example.com,shipped,Café crème,2\n1002,sam@example.com,processing,Hat,1\n"
 
 
-@pytest.mark.parametrize("name, data", [
-    ("utf-8", PLAIN.encode()),
-    ("utf-8 with BOM", b"\xef\xbb\xbf" + PLAIN.encode()),
-    ("windows-1252", PLAIN.encode("cp1252")),
-    ("latin-1 with a byte cp1252 lacks", PLAIN.replace("Hat", "Hat\x81").encode("latin-1")),
-    ("semicolons", PLAIN.replace(",", ";").encode()),
-    ("semicolons and decimal commas", PLAIN.replace(",", ";").replace("Hat;1", 'Hat;1;"12,50"').encode()),
-    ("excel sep= line", ("sep=;\n" + PLAIN.replace(",", ";")).encode()),
-    ("tabs", PLAIN.replace(",", "\t").encode()),
-    ("CRLF", PLAIN.replace("\n", "\r\n").encode()),
-    ("lone CR", PLAIN.replace("\n", "\r").encode()),
-    ("blank trailing rows", (PLAIN + ",,,,\n,,,,\r\n\n").encode()),
-    ("headers with stray spaces and case", PLAIN.replace("Order Number,Email", "  order  NUMBER ,EMAIL ").encode()),
-])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("utf-8", PLAIN.encode()),
+        ("utf-8 with BOM", b"\xef\xbb\xbf" + PLAIN.encode()),
+        ("windows-1252", PLAIN.encode("cp1252")),
+        ("latin-1 with a byte cp1252 lacks", PLAIN.replace("Hat", "Hat\x81").encode("latin-1")),
+        ("semicolons", PLAIN.replace(",", ";").encode()),
+        ("semicolons and decimal commas", PLAIN.replace(",", ";").replace("Hat;1", 'Hat;1;"12,50"').encode()),
+        ("excel sep= line", ("sep=;\n" + PLAIN.replace(",", ";")).encode()),
+        ("tabs", PLAIN.replace(",", "\t").encode()),
+        ("CRLF", PLAIN.replace("\n", "\r\n").encode()),
+        ("lone CR", PLAIN.replace("\n", "\r").encode()),
+        ("blank trailing rows", (PLAIN + ",,,,\n,,,,\r\n\n").encode()),
+        ("headers with stray spaces and case", PLAIN.replace("Order Number,Email", "  order  NUMBER ,EMAIL ").encode()),
+    ],
+)
 def test_csv_quirks_read_the_same(tmp_path, name, data):
     snap = served(write(tmp_path / "orders.csv", data))
     assert snap.orders == 2
@@ -195,14 +255,18 @@ def test_csv_quirks_read_the_same(tmp_path, name, data):
 
 # --- XLSX ----------------------------------------------------------------------
 
+
 def with_cached_values(path, values):
     """Give formula cells the cached values Excel would have saved (openpyxl writes none)."""
     with zipfile.ZipFile(path) as z:
         parts = {n: z.read(n) for n in z.namelist()}
     sheet = parts["xl/worksheets/sheet1.xml"].decode()
     for formula, value in values.items():
-        sheet = re.sub(rf'<c r="([A-Z]+\d+)"><f>{re.escape(formula)}</f><v\s*/>',
-                       rf'<c r="\1" t="str"><f>{formula}</f><v>{value}</v>', sheet)
+        sheet = re.sub(
+            rf'<c r="([A-Z]+\d+)"><f>{re.escape(formula)}</f><v\s*/>',
+            rf'<c r="\1" t="str"><f>{formula}</f><v>{value}</v>',
+            sheet,
+        )
     parts["xl/worksheets/sheet1.xml"] = sheet.encode()
     with zipfile.ZipFile(path, "w") as z:
         for name, data in parts.items():
@@ -211,17 +275,33 @@ def with_cached_values(path, values):
 
 
 def test_xlsx_numbers_text_and_dates(tmp_path):
-    path = write_xlsx(tmp_path / "orders.xlsx", {"Orders": [
-        ["Order Number", "Email", "Status", "Product", "Quantity", "Tracking Number", "Carrier", "Estimated Delivery"],
-        [1001, "ann@example.com", "shipped", "Desk", 1.0, 123456789012, "FedEx", datetime.date(2026, 12, 2)],
-        [1002.0, "bob@example.com", "processing", "Lamp", 2, None, None, None],
-        ["00123", "cat@example.com", "processing", "Rug", 1, None, None, None],
-    ]})
+    path = write_xlsx(
+        tmp_path / "orders.xlsx",
+        {
+            "Orders": [
+                [
+                    "Order Number",
+                    "Email",
+                    "Status",
+                    "Product",
+                    "Quantity",
+                    "Tracking Number",
+                    "Carrier",
+                    "Estimated Delivery",
+                ],
+                [1001, "ann@example.com", "shipped", "Desk", 1.0, 123456789012, "FedEx", datetime.date(2026, 12, 2)],
+                [1002.0, "bob@example.com", "processing", "Lamp", 2, None, None, None],
+                ["00123", "cat@example.com", "processing", "Rug", 1, None, None, None],
+            ]
+        },
+    )
     snap = served(path)
     status, context, url = ask(snap, "#1001", "ann@example.com")
-    assert status == 200 and context.startswith("Order 1001 was found and has shipped with FedEx (tracking number "
-                                                "123456789012). It can be followed with the tracking link; it is "
-                                                "expected to arrive on 2 Dec 2026.")
+    assert status == 200 and context.startswith(
+        "Order 1001 was found and has shipped with FedEx (tracking number "
+        "123456789012). It can be followed with the tracking link; it is "
+        "expected to arrive on 2 Dec 2026."
+    )
     assert url == "https://www.fedex.com/fedextrack/?trknbr=123456789012"
     assert ask(snap, "1002", "bob@example.com")[1].startswith("Order 1002 was found. It contains 2 x Lamp.")
     assert ask(snap, "00123", "cat@example.com")[1].startswith("Order 00123 was found")
@@ -229,19 +309,25 @@ def test_xlsx_numbers_text_and_dates(tmp_path):
 
 
 def test_xlsx_orders_on_a_later_sheet_are_found(tmp_path):
-    path = write_xlsx(tmp_path / "orders.xlsx", {
-        "Read me": [["This workbook was exported on 28 Nov 2026"], ["Do not edit"]],
-        "Orders": [["Order ID", "Email", "Status"], ["7", "a@example.com", "delivered"]],
-    })
+    path = write_xlsx(
+        tmp_path / "orders.xlsx",
+        {
+            "Read me": [["This workbook was exported on 28 Nov 2026"], ["Do not edit"]],
+            "Orders": [["Order ID", "Email", "Status"], ["7", "a@example.com", "delivered"]],
+        },
+    )
     assert ask(served(path), "7", "a@example.com")[1].startswith("Order 7 was found and has been delivered.")
 
 
 def test_xlsx_named_sheet_from_settings(tmp_path, contexts_file):
     contexts_file.write_text(contexts_file.read_text().replace('sheet = ""', 'sheet = "Shipped"'))
-    path = write_xlsx(tmp_path / "orders.xlsx", {
-        "Open": [["Order ID", "Email", "Status"], ["1", "a@example.com", "processing"]],
-        "Shipped": [["Order ID", "Email", "Status"], ["2", "b@example.com", "shipped"]],
-    })
+    path = write_xlsx(
+        tmp_path / "orders.xlsx",
+        {
+            "Open": [["Order ID", "Email", "Status"], ["1", "a@example.com", "processing"]],
+            "Shipped": [["Order ID", "Email", "Status"], ["2", "b@example.com", "shipped"]],
+        },
+    )
     snap = app.build_snapshot(app.load_config(contexts_file), path)
     assert snap.orders == 1 and ask(snap, "2", "b@example.com")[0] == 200
     contexts_file.write_text(contexts_file.read_text().replace('sheet = "Shipped"', 'sheet = "Orders"'))
@@ -250,10 +336,15 @@ def test_xlsx_named_sheet_from_settings(tmp_path, contexts_file):
 
 
 def test_xlsx_formulas_read_as_their_cached_values(tmp_path):
-    path = write_xlsx(tmp_path / "orders.xlsx", {"Sheet1": [
-        ["Order Number", "Email", "Status", "Product"],
-        ['=CONCAT("#",1001)', "ann@example.com", "=LOWER(\"SHIPPED\")", "Desk"],
-    ]})
+    path = write_xlsx(
+        tmp_path / "orders.xlsx",
+        {
+            "Sheet1": [
+                ["Order Number", "Email", "Status", "Product"],
+                ['=CONCAT("#",1001)', "ann@example.com", '=LOWER("SHIPPED")', "Desk"],
+            ]
+        },
+    )
     with_cached_values(path, {'CONCAT("#",1001)': "#1001", 'LOWER("SHIPPED")': "shipped"})
     status, context, _ = ask(served(path), "1001", "ann@example.com")
     assert status == 200 and context.startswith("Order #1001 was found and has shipped.")

@@ -107,8 +107,9 @@ def test_with_the_key_the_page_shows_data_rules_and_every_answer(live_server, se
 
 
 def test_try_a_lookup_shows_exactly_what_the_platform_gets(live_server, client):
-    status, _, html = fetch(live_server + "/", password=KEY,
-                            form={"order_id": "#1002", "customer_email": "sam@example.com"})
+    status, _, html = fetch(
+        live_server + "/", password=KEY, form={"order_id": "#1002", "customer_email": "sam@example.com"}
+    )
     page = Page(html)
     assert status == 200 and page.by_id["tried-status"] == "200 OK"
     assert json.loads(page.by_id["tried-body"]) == client.lookup("#1002", "sam@example.com").json
@@ -117,18 +118,24 @@ def test_try_a_lookup_shows_exactly_what_the_platform_gets(live_server, client):
 
 
 def test_the_page_escapes_what_it_shows(tmp_path, contexts_file):
-    contexts_file.write_text(contexts_file.read_text().replace(
-        'processing = "Order {order_id} was found.', 'processing = "<script>alert(1)</script> Order {order_id} was found.'))
+    contexts_file.write_text(
+        contexts_file.read_text().replace(
+            'processing = "Order {order_id} was found.',
+            'processing = "<script>alert(1)</script> Order {order_id} was found.',
+        )
+    )
     export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
     service = app.Service(make_settings(export.parent, contexts_file))
     service.start()
-    r = Client(app.create_app(service)).get("/", headers={"Authorization": "Basic " + base64.b64encode(
-        f"x:{KEY}".encode()).decode()}, key=None)
+    r = Client(app.create_app(service)).get(
+        "/", headers={"Authorization": "Basic " + base64.b64encode(f"x:{KEY}".encode()).decode()}, key=None
+    )
     assert b"<script>" not in r.body and b"&lt;script&gt;" in r.body
 
 
-@pytest.mark.parametrize("age_hours, refused, color", [(1, False, "green"), (22, False, "amber"),
-                                                       (30, False, "red"), (1, True, "amber")])
+@pytest.mark.parametrize(
+    "age_hours, refused, color", [(1, False, "green"), (22, False, "amber"), (30, False, "red"), (1, True, "amber")]
+)
 def test_freshness_is_green_amber_or_red(tmp_path, contexts_file, age_hours, refused, color):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
     old = time.time() - age_hours * 3600
@@ -146,8 +153,9 @@ def test_freshness_is_green_amber_or_red(tmp_path, contexts_file, age_hours, ref
 
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", False])
 def test_a_lookup_posted_from_another_page_is_refused(live_server, origin):
-    status, _, html = fetch(live_server + "/", password=KEY, origin=origin,
-                            form={"order_id": "#1002", "customer_email": "sam@example.com"})
+    status, _, html = fetch(
+        live_server + "/", password=KEY, origin=origin, form={"order_id": "#1002", "customer_email": "sam@example.com"}
+    )
     assert status == 403 and "sam@example.com" not in html and "tried-body" not in html
 
 

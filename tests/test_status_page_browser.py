@@ -24,7 +24,9 @@ import pytest
 from conftest import KEY, ROOT, Served, free_port, orders_csv, wait_for, write
 
 sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="the browser tests need Playwright: pip install playwright (then apt-get install chromium)")
+    "playwright.sync_api",
+    reason="the browser tests need Playwright: pip install playwright (then apt-get install chromium)",
+)
 
 
 def system_chromium():
@@ -36,11 +38,20 @@ def system_chromium():
 
 CHROMIUM = system_chromium()
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="the browser tests need a system Chromium: apt-get install chromium")
+    CHROMIUM is None, reason="the browser tests need a system Chromium: apt-get install chromium"
+)
 
 # No internet here: without the background-networking flags Chromium keeps trying (and failing) to call home.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIEWPORTS = [pytest.param((390, 844), id="phone"), pytest.param((1280, 800), id="desktop")]
 TIMEOUT_MS = 30_000  # generous: a loaded CI machine may be slow to start Chromium or render
 
@@ -83,10 +94,17 @@ class Service:
         self.contexts = Path(shutil.copy(ROOT / "contexts.toml", folder / "contexts.toml"))
         write(folder / "data" / "orders.csv", orders_csv(20))
         # A webhook secret, so the page also shows its webhooks table (the widest one).
-        self.env = {**os.environ, "API_KEY": KEY, "PORT": str(self.port), "ORDERS_FILE": str(folder / "data"),
-                    "CONTEXTS_FILE": str(self.contexts), "STATE_DIR": str(folder / "state"),
-                    "SETTLE_SECONDS": "0.1", "POLL_SECONDS": "0.5",
-                    "SHOPIFY_WEBHOOK_SECRET": "browser-test-webhook-Hq4Lz8Wm2Xv6Tp9Rk3"}
+        self.env = {
+            **os.environ,
+            "API_KEY": KEY,
+            "PORT": str(self.port),
+            "ORDERS_FILE": str(folder / "data"),
+            "CONTEXTS_FILE": str(self.contexts),
+            "STATE_DIR": str(folder / "state"),
+            "SETTLE_SECONDS": "0.1",
+            "POLL_SECONDS": "0.5",
+            "SHOPIFY_WEBHOOK_SECRET": "browser-test-webhook-Hq4Lz8Wm2Xv6Tp9Rk3",
+        }
 
     def __enter__(self):
         self.served = Served([sys.executable, str(ROOT / "app.py")], self.env, self.folder).__enter__()
@@ -101,8 +119,9 @@ class Service:
 def browser():
     """One Chromium for the whole module."""
     with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
-                                              timeout=TIMEOUT_MS)
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=TIMEOUT_MS
+        )
         yield chromium
         chromium.close()
 
@@ -124,13 +143,24 @@ def healthy(tmp_path_factory):
     """
     with Service(tmp_path_factory.mktemp("healthy")) as service:
         # Every outcome but an error, so the hour's table has all its columns.
-        for order_id, email, key in [(ORDER_ID, EMAIL, KEY), (LONG_NUMBER, LONG_EMAIL, KEY),
-                                     ("#404", "nobody@example.com", KEY), ("", EMAIL, KEY), ("#1\x07", EMAIL, KEY),
-                                     (ORDER_ID, EMAIL, "not-the-key-not-the-key")]:
-            get(f"{service.base}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}", {"x-api-key": key})
+        for order_id, email, key in [
+            (ORDER_ID, EMAIL, KEY),
+            (LONG_NUMBER, LONG_EMAIL, KEY),
+            ("#404", "nobody@example.com", KEY),
+            ("", EMAIL, KEY),
+            ("#1\x07", EMAIL, KEY),
+            (ORDER_ID, EMAIL, "not-the-key-not-the-key"),
+        ]:
+            get(
+                f"{service.base}/lookup?{urlencode({'order_id': order_id, 'customer_email': email})}",
+                {"x-api-key": key},
+            )
         signed_in = {"Authorization": "Basic " + base64.b64encode(f"staff:{KEY}".encode()).decode()}
-        wait_for(lambda: 'id="not-found"' in get(service.base + "/", signed_in), timeout=30,
-                 what="the status page to list the lookups not found")
+        wait_for(
+            lambda: 'id="not-found"' in get(service.base + "/", signed_in),
+            timeout=30,
+            what="the status page to list the lookups not found",
+        )
         yield service
 
 
@@ -140,16 +170,20 @@ def broken(tmp_path_factory):
     with Service(tmp_path_factory.mktemp("broken")) as service:
         text = service.contexts.read_text(encoding="utf-8")
         service.contexts.write_text(text.replace("[settings]\n", f"[settings]\n{LONG_KEY} = 1\n", 1), encoding="utf-8")
-        wait_for(lambda: LONG_KEY in healthz(service.base).get("config", ""), timeout=30,
-                 what="/healthz to report the contexts.toml mistake")
+        wait_for(
+            lambda: LONG_KEY in healthz(service.base).get("config", ""),
+            timeout=30,
+            what="/healthz to report the contexts.toml mistake",
+        )
         yield service
 
 
 def open_page(browser, viewport, service, signed_in=True):
     """A new page at / of service, signed in as staff would be: "sign in" and the key as the password."""
     width, height = viewport
-    context = browser.new_context(viewport={"width": width, "height": height},
-                                  http_credentials={"username": "staff", "password": KEY})
+    context = browser.new_context(
+        viewport={"width": width, "height": height}, http_credentials={"username": "staff", "password": KEY}
+    )
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     page.goto(service.base + ("/?login" if signed_in else "/"))
@@ -185,7 +219,9 @@ def wider_than_viewport(page):
 
 def assert_no_overflow(page):
     scroll_width, inner_width = overflow(page)
-    assert scroll_width <= inner_width, f"scrolls sideways ({scroll_width} > {inner_width}): {wider_than_viewport(page)}"
+    assert scroll_width <= inner_width, (
+        f"scrolls sideways ({scroll_width} > {inner_width}): {wider_than_viewport(page)}"
+    )
 
 
 def top(page, selector):
@@ -250,7 +286,8 @@ def test_look_up_lands_on_the_result(pages, healthy, viewport):
     assert "was found" in page.locator("#tried-body").inner_text()
     # In view after the navigation, as the person sees it: the box against the visible area.
     rect = page.locator("#tried").evaluate(
-        "e => { const r = e.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, height: window.innerHeight} }")
+        "e => { const r = e.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, height: window.innerHeight} }"
+    )
     assert rect["top"] < rect["height"] and rect["bottom"] > 0, f"#tried is out of view after Look up: {rect}"
     assert_no_overflow(page)
     screenshot(page, viewport, "tried", full_page=False)  # what is on screen right after "Look up"
@@ -286,8 +323,9 @@ def test_the_reason_and_what_to_do_are_read_first_and_times_in_plain_words(pages
     page = pages(viewport, stale)
     assert page.locator("#freshness").inner_text() == "stale"
     reason = page.locator("#reasons li").first
-    assert reason.inner_text().startswith("the data is older than 26 hours: the nightly export did not arrive. "
-                                          "Check the job that writes or uploads it")
+    assert reason.inner_text().startswith(
+        "the data is older than 26 hours: the nightly export did not arrive. Check the job that writes or uploads it"
+    )
     box = reason.bounding_box()
     assert box["y"] + box["height"] <= viewport[1], f"the reason is below the fold: {box}"
     exported = page.locator("#exported")

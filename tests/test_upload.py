@@ -14,7 +14,18 @@ import urllib.request
 import pytest
 
 import app
-from conftest import KEY, ROOT, Client, Served, lookup_over_http as lookup, free_port, make_settings, orders_csv, started, write
+from conftest import (
+    KEY,
+    ROOT,
+    Client,
+    Served,
+    lookup_over_http as lookup,
+    free_port,
+    make_settings,
+    orders_csv,
+    started,
+    write,
+)
 
 UPLOAD_KEY = "upl-Wq4zV8nX2rT6mK9pL3sB"
 
@@ -38,9 +49,17 @@ def shop(tmp_path_factory):
     write(root / "data" / "orders.csv", orders_csv(40))
     contexts = write(root / "contexts.toml", (ROOT / "contexts.toml").read_text())
     port = free_port()
-    env = {**os.environ, "API_KEY": KEY, "UPLOAD_KEY": UPLOAD_KEY, "PORT": str(port), "ORDERS_FILE": str(root / "data"),
-           "CONTEXTS_FILE": str(contexts), "STATE_DIR": str(root / "state"), "MAX_EXPORT_MB": "5",
-           "SETTLE_SECONDS": "0.1"}
+    env = {
+        **os.environ,
+        "API_KEY": KEY,
+        "UPLOAD_KEY": UPLOAD_KEY,
+        "PORT": str(port),
+        "ORDERS_FILE": str(root / "data"),
+        "CONTEXTS_FILE": str(contexts),
+        "STATE_DIR": str(root / "state"),
+        "MAX_EXPORT_MB": "5",
+        "SETTLE_SECONDS": "0.1",
+    }
     with Served([sys.executable, str(ROOT / "app.py")], env, root) as served:
         served.wait_for("INFO serving ")
         served.url, served.data = f"http://127.0.0.1:{port}", root / "data"
@@ -57,12 +76,15 @@ def test_a_good_file_gets_200_with_the_check_summary_and_is_then_served(shop):
     assert "upload: " in shop.output and "bytes: accepted as uploaded.csv (42 orders)" in shop.output
 
 
-@pytest.mark.parametrize("body, says", [
-    (orders_csv(42).encode()[:-300], "looks cut off"),
-    (orders_csv(5).encode(), "holds 5 orders, fewer than 50%"),
-    (b"<!DOCTYPE html><html>Sign in</html>", "is a web page"),
-    (b"", "is empty"),
-])
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        (orders_csv(42).encode()[:-300], "looks cut off"),
+        (orders_csv(5).encode(), "holds 5 orders, fewer than 50%"),
+        (b"<!DOCTYPE html><html>Sign in</html>", "is a web page"),
+        (b"", "is empty"),
+    ],
+)
 def test_a_bad_file_gets_422_and_changes_nothing(shop, body, says):
     before = lookup(shop.url, "#1", "customer1@example.com")
     status, answer = send(shop.url, body)
@@ -89,8 +111,10 @@ def test_a_body_over_the_cap_gets_413_before_it_is_sent(shop, key, length):
 
     port = int(shop.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"PUT /export HTTP/1.1\r\nHost: x\r\nx-upload-key: {key}\r\nContent-Type: text/csv\r\n"
-                  f"Content-Length: {length}\r\n\r\n".encode())
+        s.sendall(
+            f"PUT /export HTTP/1.1\r\nHost: x\r\nx-upload-key: {key}\r\nContent-Type: text/csv\r\n"
+            f"Content-Length: {length}\r\n\r\n".encode()
+        )
         head = s.recv(65536)
     assert head.startswith(b"HTTP/1.1 413") and b"application/json" in head  # MAX_EXPORT_MB=5; 64 KB without the key
     assert lookup(shop.url, "#1", "customer1@example.com")[0] == 200
@@ -98,8 +122,10 @@ def test_a_body_over_the_cap_gets_413_before_it_is_sent(shop, key, length):
 
 def test_post_with_the_file_as_a_form_field_is_accepted_too(shop):
     boundary = "----order-lookup-test"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"orders.csv\"\r\n"
-            f"Content-Type: text/csv\r\n\r\n{orders_csv(44)}\r\n--{boundary}--\r\n").encode()
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="orders.csv"\r\n'
+        f"Content-Type: text/csv\r\n\r\n{orders_csv(44)}\r\n--{boundary}--\r\n"
+    ).encode()
     status, answer = send(shop.url, body, method="POST", content_type=f"multipart/form-data; boundary={boundary}")
     assert status == 200 and json.loads(answer)["orders"] == 44
 
@@ -121,17 +147,28 @@ def test_the_documented_upload_commands_upload_and_print_a_refusals_reason(shop,
 
     if not shutil.which("curl"):
         pytest.skip("curl is not installed")
-    if "--fail-with-body" in command and "fail-with-body" not in subprocess.run(
-            ["curl", "--help", "all"], capture_output=True, text=True).stdout:
+    if (
+        "--fail-with-body" in command
+        and "fail-with-body" not in subprocess.run(["curl", "--help", "all"], capture_output=True, text=True).stdout
+    ):
         pytest.skip("this curl is older than 7.76 (no --fail-with-body)")
-    script = (command.replace("https://orders.example.com", shop.url)
-              .replace('$(cat "$HOME/.orders-upload-key")', "$UPLOAD_KEY").replace("exec curl", "curl"))
+    script = (
+        command.replace("https://orders.example.com", shop.url)
+        .replace('$(cat "$HOME/.orders-upload-key")', "$UPLOAD_KEY")
+        .replace("exec curl", "curl")
+    )
 
     def run(name, text):
         file = write(tmp_path / name, text)
         body = script.replace("orders.csv", str(file))  # the cron script takes the file as its argument, $1
-        return subprocess.run(["sh", "-c", body, "push-orders", str(file)], env={**os.environ, "UPLOAD_KEY": UPLOAD_KEY},
-                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            ["sh", "-c", body, "push-orders", str(file)],
+            env={**os.environ, "UPLOAD_KEY": UPLOAD_KEY},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     done = run("orders.csv", orders_csv(45))
     assert done.returncode == 0 and '"accepted": true' in done.stdout and '"orders": 45' in done.stdout
@@ -149,16 +186,22 @@ def test_a_form_upload_as_documented_is_accepted(shop, tmp_path):
         pytest.skip("curl is not installed")
     assert "curl -F file=@orders.csv" in (ROOT / "docs" / "UPDATING.md").read_text()
     file = write(tmp_path / "orders.csv", orders_csv(46))
-    done = subprocess.run(["curl", "-fsS", "-F", f"file=@{file}", "-H", f"x-upload-key: {UPLOAD_KEY}",
-                           f"{shop.url}/export"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["curl", "-fsS", "-F", f"file=@{file}", "-H", f"x-upload-key: {UPLOAD_KEY}", f"{shop.url}/export"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0 and json.loads(done.stdout)["orders"] == 46
 
 
 def test_an_xlsx_upload_is_read_as_a_workbook(shop, tmp_path):
     from conftest import write_xlsx
 
-    rows = [["Name", "Email", "Fulfillment Status"], *([f"#{n}", f"customer{n}@example.com", "unfulfilled"]
-                                                       for n in range(1, 46))]
+    rows = [
+        ["Name", "Email", "Fulfillment Status"],
+        *([f"#{n}", f"customer{n}@example.com", "unfulfilled"] for n in range(1, 46)),
+    ]
     book = write_xlsx(tmp_path / "orders.xlsx", {"Orders": rows})
     status, answer = send(shop.url, book.read_bytes(), content_type="application/octet-stream")
     assert status == 200 and json.loads(answer)["file"] == "uploaded.xlsx" and json.loads(answer)["orders"] == 45
@@ -199,8 +242,15 @@ def uploads(tmp_path, contexts_file):
 
     export = write(tmp_path / "data" / "orders.csv", orders_csv(40))
     os.utime(export, (time.time() - 5 * 3600,) * 2)
-    service = started(make_settings(export.parent, contexts_file, UPLOAD_KEY=UPLOAD_KEY, STATE_DIR=str(tmp_path / "state"),
-                                    SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET))
+    service = started(
+        make_settings(
+            export.parent,
+            contexts_file,
+            UPLOAD_KEY=UPLOAD_KEY,
+            STATE_DIR=str(tmp_path / "state"),
+            SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
+        )
+    )
     yield service, Client(app.create_app(service)), export
     service.stopped()
 
@@ -215,8 +265,11 @@ def shipped_three_hours_ago(client):
     """A signed Shopify event, 3 hours old: order #7 shipped with tracking, after the export was made."""
     from test_webhooks import deliver, now_iso, shopify_order
 
-    order = dict(shopify_order(7, email="customer7@example.com", shipped=True, updated=now_iso(-3 * 3600)),
-                 name="#7", order_number=7)
+    order = dict(
+        shopify_order(7, email="customer7@example.com", shipped=True, updated=now_iso(-3 * 3600)),
+        name="#7",
+        order_number=7,
+    )
     assert deliver(client, order)[1]["outcome"] == "applied"
     assert "has shipped" in client.lookup("#7", "customer7@example.com").context
 
@@ -232,11 +285,14 @@ def test_an_identical_upload_changes_nothing(uploads):
     assert "has shipped" in client.lookup("#7", "customer7@example.com").context
 
 
-@pytest.mark.parametrize("last_modified, kept", [
-    (None, True),  # dated by the newest day its orders name: older than the event
-    (5 * 3600, True),  # the sender says it was made 5 hours ago
-    (0, False),  # made now: the event is in it, or was undone since
-])
+@pytest.mark.parametrize(
+    "last_modified, kept",
+    [
+        (None, True),  # dated by the newest day its orders name: older than the event
+        (5 * 3600, True),  # the sender says it was made 5 hours ago
+        (0, False),  # made now: the event is in it, or was undone since
+    ],
+)
 def test_an_older_export_sent_again_keeps_the_newer_events(uploads, last_modified, kept):
     from email.utils import formatdate
 

@@ -24,7 +24,19 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import app
-from conftest import KEY, ROOT, Client, Served, lookup_over_http as lookup, free_port, make_settings, orders_csv, started, wait_for, write
+from conftest import (
+    KEY,
+    ROOT,
+    Client,
+    Served,
+    lookup_over_http as lookup,
+    free_port,
+    make_settings,
+    orders_csv,
+    started,
+    wait_for,
+    write,
+)
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SHOPIFY_SECRET = "shpss-Tq7vX2mZp9LrT4wN8cB3hY6"
@@ -38,25 +50,41 @@ def now_iso(delta=0):
 def shopify_order(number=5001, email="new@example.com", shipped=False, updated=None, order_id=None):
     """Shopify's documented orders/create sample, made a fresh order (and shipped, if asked)."""
     order = json.loads((FIXTURES / "shopify_orders_create.json").read_text())
-    order.update(id=order_id or 7000000000 + number, name=f"#{number}", order_number=number, email=email,
-                 contact_email=email, cancelled_at=None, financial_status="paid", test=False,
-                 created_at=now_iso(-3600), updated_at=updated or now_iso())
+    order.update(
+        id=order_id or 7000000000 + number,
+        name=f"#{number}",
+        order_number=number,
+        email=email,
+        contact_email=email,
+        cancelled_at=None,
+        financial_status="paid",
+        test=False,
+        created_at=now_iso(-3600),
+        updated_at=updated or now_iso(),
+    )
     order["line_items"] = order["line_items"][:2]
     if shipped:
         order["fulfillment_status"] = "fulfilled"
-        order["fulfillments"] = [{"id": 1, "status": "success", "created_at": now_iso(), "tracking_company": "UPS",
-                                  "tracking_number": "1Z999AA10123456784", "tracking_numbers": ["1Z999AA10123456784"],
-                                  "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784",
-                                  "tracking_urls": ["https://www.ups.com/track?tracknum=1Z999AA10123456784"],
-                                  "shipment_status": "in_transit"}]
+        order["fulfillments"] = [
+            {
+                "id": 1,
+                "status": "success",
+                "created_at": now_iso(),
+                "tracking_company": "UPS",
+                "tracking_number": "1Z999AA10123456784",
+                "tracking_numbers": ["1Z999AA10123456784"],
+                "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784",
+                "tracking_urls": ["https://www.ups.com/track?tracknum=1Z999AA10123456784"],
+                "shipment_status": "in_transit",
+            }
+        ]
     return order
 
 
 def woo_order(number, email, status, modified=None):
     """WooCommerce's documented REST order (the "Retrieve an order" example), as order number."""
     order = json.loads((FIXTURES / "woocommerce_order.json").read_text())
-    order.update(id=number, number=str(number), status=status,
-                 date_modified_gmt=(modified or now_iso())[:19])
+    order.update(id=number, number=str(number), status=status, date_modified_gmt=(modified or now_iso())[:19])
     order["billing"]["email"] = email
     return order
 
@@ -76,16 +104,32 @@ def post(url, body, headers):
 
 def shopify(base, order, topic="orders/updated", secret=SHOPIFY_SECRET, delivery=None):
     body = json.dumps(order).encode()
-    return post(f"{base}/webhooks/shopify", body, {
-        "Content-Type": "application/json", "X-Shopify-Topic": topic, "X-Shopify-Hmac-Sha256": sign(secret, body),
-        "X-Shopify-Shop-Domain": "shop.myshopify.com", "X-Shopify-Webhook-Id": delivery or os.urandom(8).hex()})
+    return post(
+        f"{base}/webhooks/shopify",
+        body,
+        {
+            "Content-Type": "application/json",
+            "X-Shopify-Topic": topic,
+            "X-Shopify-Hmac-Sha256": sign(secret, body),
+            "X-Shopify-Shop-Domain": "shop.myshopify.com",
+            "X-Shopify-Webhook-Id": delivery or os.urandom(8).hex(),
+        },
+    )
 
 
 def woocommerce(base, order, topic="order.updated", secret=WOO_SECRET, delivery=None):
     body = json.dumps(order).encode()
-    return post(f"{base}/webhooks/woocommerce", body, {
-        "Content-Type": "application/json", "X-WC-Webhook-Topic": topic, "X-WC-Webhook-Signature": sign(secret, body),
-        "X-WC-Webhook-Source": "https://shop.example.com/", "X-WC-Webhook-Delivery-ID": delivery or os.urandom(8).hex()})
+    return post(
+        f"{base}/webhooks/woocommerce",
+        body,
+        {
+            "Content-Type": "application/json",
+            "X-WC-Webhook-Topic": topic,
+            "X-WC-Webhook-Signature": sign(secret, body),
+            "X-WC-Webhook-Source": "https://shop.example.com/",
+            "X-WC-Webhook-Delivery-ID": delivery or os.urandom(8).hex(),
+        },
+    )
 
 
 def healthz(base):
@@ -106,10 +150,17 @@ class Shop:
             write(self.data / "orders.csv", orders_csv(20))
         self.tmp, self.port = tmp_path, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "API_KEY": KEY, "PORT": str(self.port), "ORDERS_FILE": str(self.data),
-                    "CONTEXTS_FILE": str(contexts_file), "STATE_DIR": str(self.state), "SETTLE_SECONDS": "0.1",
-                    "SHOPIFY_WEBHOOK_SECRET": f"old-Wq3xR8vN2mK7pL4tZ9sB,{SHOPIFY_SECRET}",
-                    "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET}
+        self.env = {
+            **os.environ,
+            "API_KEY": KEY,
+            "PORT": str(self.port),
+            "ORDERS_FILE": str(self.data),
+            "CONTEXTS_FILE": str(contexts_file),
+            "STATE_DIR": str(self.state),
+            "SETTLE_SECONDS": "0.1",
+            "SHOPIFY_WEBHOOK_SECRET": f"old-Wq3xR8vN2mK7pL4tZ9sB,{SHOPIFY_SECRET}",
+            "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET,
+        }
 
     def __enter__(self):
         self.served = Served([sys.executable, str(ROOT / "app.py")], self.env, self.tmp).__enter__()
@@ -155,12 +206,30 @@ def test_woocommerce_tracking_and_names_read_as_the_customer_sees_them(shop):
     documented sample), which a customer must not read.
     """
     order = woo_order(3, "customer3@example.com", "completed")
-    order["meta_data"].append({"id": 13107, "key": "_wc_shipment_tracking_items", "value": [
-        {"tracking_provider": "dhl", "custom_tracking_provider": "", "custom_tracking_link": "",
-         "tracking_number": "JJD0099999999", "date_shipped": "1732838400", "tracking_id": "0f8d6d5c3b1a4e2f"},
-        {"tracking_provider": "", "custom_tracking_provider": "Local &amp; Fast Courier",
-         "custom_tracking_link": "https://courier.example/track/LC123", "tracking_number": "LC123",
-         "date_shipped": 1732924800, "tracking_id": "a1b2c3d4e5f60718"}]})
+    order["meta_data"].append(
+        {
+            "id": 13107,
+            "key": "_wc_shipment_tracking_items",
+            "value": [
+                {
+                    "tracking_provider": "dhl",
+                    "custom_tracking_provider": "",
+                    "custom_tracking_link": "",
+                    "tracking_number": "JJD0099999999",
+                    "date_shipped": "1732838400",
+                    "tracking_id": "0f8d6d5c3b1a4e2f",
+                },
+                {
+                    "tracking_provider": "",
+                    "custom_tracking_provider": "Local &amp; Fast Courier",
+                    "custom_tracking_link": "https://courier.example/track/LC123",
+                    "tracking_number": "LC123",
+                    "date_shipped": 1732924800,
+                    "tracking_id": "a1b2c3d4e5f60718",
+                },
+            ],
+        }
+    )
     assert woocommerce(shop.base, order)[0] == 200
     status, body = lookup(shop.base, "3", "customer3@example.com")
     assert status == 200 and "JJD0099999999" in body["context"] and "LC123" in body["context"]
@@ -170,8 +239,9 @@ def test_woocommerce_tracking_and_names_read_as_the_customer_sees_them(shop):
 
 
 def test_the_woocommerce_ping_gets_200_and_stores_nothing(shop):
-    status, body = post(f"{shop.base}/webhooks/woocommerce", b"webhook_id=42",
-                        {"Content-Type": "application/x-www-form-urlencoded"})
+    status, body = post(
+        f"{shop.base}/webhooks/woocommerce", b"webhook_id=42", {"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert status == 200 and json.loads(body) == {"ping": "ok"}
     assert healthz(shop.base)[1]["webhooks"]["woocommerce"]["received"] == 0
 
@@ -216,15 +286,19 @@ def test_two_writes_put_out_of_order_still_leave_the_newer_one(service):
     assert status == 200 and "has shipped" in json.loads(body)["context"]
 
 
-@pytest.mark.parametrize("parcels, wanted", [
-    (["delivered", "delivered"], "has been delivered"),
-    (["delivered", "in_transit"], "has shipped"),  # one parcel delivered is not the order
-    (["delivered", None], "has shipped"),  # a parcel the carrier says nothing of
-])
+@pytest.mark.parametrize(
+    "parcels, wanted",
+    [
+        (["delivered", "delivered"], "has been delivered"),
+        (["delivered", "in_transit"], "has shipped"),  # one parcel delivered is not the order
+        (["delivered", None], "has shipped"),  # a parcel the carrier says nothing of
+    ],
+)
 def test_an_order_is_delivered_only_when_every_parcel_is(shop, parcels, wanted):
     order = shopify_order(5011, shipped=True)
-    order["fulfillments"] = [dict(order["fulfillments"][0], id=n, shipment_status=status)
-                             for n, status in enumerate(parcels)]
+    order["fulfillments"] = [
+        dict(order["fulfillments"][0], id=n, shipment_status=status) for n, status in enumerate(parcels)
+    ]
     shopify(shop.base, order)
     context = lookup(shop.base, "5011", "new@example.com")[1]["context"]
     assert wanted in context and (wanted == "has been delivered" or "delivered" not in context)
@@ -233,9 +307,18 @@ def test_an_order_is_delivered_only_when_every_parcel_is(shop, parcels, wanted):
 def test_parcels_with_two_carriers_name_both_and_guess_no_link(shop):
     order = shopify_order(5012, shipped=True)
     first = order["fulfillments"][0]
-    order["fulfillments"] = [dict(first, id=1, tracking_urls=[], tracking_url=None),
-                             dict(first, id=2, tracking_company="DHL Express", tracking_number="1234567890",
-                                  tracking_numbers=["1234567890"], tracking_urls=[], tracking_url=None)]
+    order["fulfillments"] = [
+        dict(first, id=1, tracking_urls=[], tracking_url=None),
+        dict(
+            first,
+            id=2,
+            tracking_company="DHL Express",
+            tracking_number="1234567890",
+            tracking_numbers=["1234567890"],
+            tracking_urls=[],
+            tracking_url=None,
+        ),
+    ]
     shopify(shop.base, order)
     body = lookup(shop.base, "5012", "new@example.com")[1]
     assert "with UPS / DHL Express (tracking number 1Z999AA10123456784, 1234567890)" in body["context"]
@@ -262,8 +345,10 @@ def test_a_later_export_supersedes_the_events(tmp_path, contexts_file):
         assert "has shipped" in lookup(shop.base, "5", "customer5@example.com")[1]["context"]
         temp = write(shop.data / ".next.csv", orders_csv(20, status="partial"))  # made more than an hour after it
         os.replace(temp, shop.data / "orders.csv")
-        wait_for(lambda: "Part of it has shipped" in lookup(shop.base, "5", "customer5@example.com")[1]["context"],
-                 what="the export's newer state")
+        wait_for(
+            lambda: "Part of it has shipped" in lookup(shop.base, "5", "customer5@example.com")[1]["context"],
+            what="the export's newer state",
+        )
         assert healthz(shop.base)[1]["webhooks"]["woocommerce"]["orders_from_events"] == 0
 
 
@@ -314,20 +399,28 @@ def test_an_unset_secret_makes_its_address_unknown(tmp_path, contexts_file):
             assert r.status == 404 and r.body == client.request("GET", "/nothing-here").body
 
 
-@pytest.mark.parametrize("body, topic, status", [
-    (b"{not json", "orders/create", 400),
-    (b"[1, 2, 3]", "orders/create", 400),
-    (b'{"name": "#1"}', "orders/create", 400),  # no id: not an order
-    (json.dumps({"id": 1, "name": "#77", "email": ""}).encode(), "orders/create", 200),  # no email: stored nothing
-    (b'{"id": 1}', "products/update", 200),  # another topic: ignored
-])
+@pytest.mark.parametrize(
+    "body, topic, status",
+    [
+        (b"{not json", "orders/create", 400),
+        (b"[1, 2, 3]", "orders/create", 400),
+        (b'{"name": "#1"}', "orders/create", 400),  # no id: not an order
+        (json.dumps({"id": 1, "name": "#77", "email": ""}).encode(), "orders/create", 200),  # no email: stored nothing
+        (b'{"id": 1}', "products/update", 200),  # another topic: ignored
+    ],
+)
 def test_signed_bodies_that_are_not_orders_get_a_json_answer(tmp_path, contexts_file, body, topic, status):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
-    settings = make_settings(export.parent, contexts_file, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
-                             STATE_DIR=str(tmp_path / "state"))
+    settings = make_settings(
+        export.parent, contexts_file, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET, STATE_DIR=str(tmp_path / "state")
+    )
     client = Client(app.create_app(started(settings)))
-    r = raw_post(client, "/webhooks/shopify", body, {"x-shopify-topic": topic,
-                                                     "x-shopify-hmac-sha256": sign(SHOPIFY_SECRET, body)})
+    r = raw_post(
+        client,
+        "/webhooks/shopify",
+        body,
+        {"x-shopify-topic": topic, "x-shopify-hmac-sha256": sign(SHOPIFY_SECRET, body)},
+    )
     assert r.status == status and r.headers["Content-Type"] == "application/json"
     json.loads(r.body)
 
@@ -337,14 +430,24 @@ def raw_post(client, path, body, headers):
     import io
     from wsgiref.util import setup_testing_defaults
 
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "", "wsgi.input": io.BytesIO(body),
-               "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1"}
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "wsgi.input": io.BytesIO(body),
+        "CONTENT_LENGTH": str(len(body)),
+        "REMOTE_ADDR": "127.0.0.1",
+    }
     setup_testing_defaults(environ)
     for name, value in headers.items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
     seen = {}
-    answer = b"".join(client.wsgi(environ, lambda status, headers, exc_info=None: seen.update(
-        status=int(status.split()[0]), headers=dict(headers))))
+    answer = b"".join(
+        client.wsgi(
+            environ,
+            lambda status, headers, exc_info=None: seen.update(status=int(status.split()[0]), headers=dict(headers)),
+        )
+    )
     from conftest import Response
 
     return Response(seen["status"], seen["headers"], answer)
@@ -355,27 +458,63 @@ def fuzz_client(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     export = write(root / "data" / "orders.csv", orders_csv(3))
     contexts = write(root / "contexts.toml", (ROOT / "contexts.toml").read_text())
-    settings = make_settings(export.parent, contexts, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
-                             WOOCOMMERCE_WEBHOOK_SECRET=WOO_SECRET, STATE_DIR=str(root / "state"))
+    settings = make_settings(
+        export.parent,
+        contexts,
+        SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
+        WOOCOMMERCE_WEBHOOK_SECRET=WOO_SECRET,
+        STATE_DIR=str(root / "state"),
+    )
     return Client(app.create_app(started(settings)))
 
 
-PAYLOADS = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
-                        lambda children: st.lists(children, max_size=4) | st.dictionaries(
-                            st.sampled_from(["id", "name", "email", "number", "status", "billing", "line_items",
-                                             "fulfillments", "meta_data", "customer", "updated_at", "quantity",
-                                             "tracking_numbers", "key", "value", "date_modified_gmt", "x"]),
-                            children, max_size=6), max_leaves=25)
+PAYLOADS = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "id",
+                    "name",
+                    "email",
+                    "number",
+                    "status",
+                    "billing",
+                    "line_items",
+                    "fulfillments",
+                    "meta_data",
+                    "customer",
+                    "updated_at",
+                    "quantity",
+                    "tracking_numbers",
+                    "key",
+                    "value",
+                    "date_modified_gmt",
+                    "x",
+                ]
+            ),
+            children,
+            max_size=6,
+        )
+    ),
+    max_leaves=25,
+)
 
 
 @hypothesis_settings(max_examples=150, deadline=None)
-@given(payload=PAYLOADS, platform=st.sampled_from(["shopify", "woocommerce"]),
-       topic=st.sampled_from(["orders/create", "orders/delete", "order.updated", "order.deleted", "x"]))
+@given(
+    payload=PAYLOADS,
+    platform=st.sampled_from(["shopify", "woocommerce"]),
+    topic=st.sampled_from(["orders/create", "orders/delete", "order.updated", "order.deleted", "x"]),
+)
 def test_no_signed_body_ever_gets_a_500(fuzz_client, payload, platform, topic):
     body = json.dumps(payload, allow_nan=True).encode()
     secret, prefix = (SHOPIFY_SECRET, "x-shopify") if platform == "shopify" else (WOO_SECRET, "x-wc-webhook")
-    headers = {f"{prefix}-topic": topic, (f"{prefix}-hmac-sha256" if platform == "shopify" else f"{prefix}-signature"):
-               sign(secret, body)}
+    headers = {
+        f"{prefix}-topic": topic,
+        (f"{prefix}-hmac-sha256" if platform == "shopify" else f"{prefix}-signature"): sign(secret, body),
+    }
     r = raw_post(fuzz_client, f"/webhooks/{platform}", body, headers)
     assert r.status in (200, 400) and r.headers["Content-Type"] == "application/json"
 
@@ -384,16 +523,27 @@ def test_no_signed_body_ever_gets_a_500(fuzz_client, payload, platform, topic):
 def in_process(tmp_path, contexts_file):
     """A started Service taking Shopify events, with a cap of 3 orders from events, and its WSGI client."""
     export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
-    service = started(make_settings(export.parent, contexts_file, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
-                                    STATE_DIR=str(tmp_path / "state"), WEBHOOK_MAX_ORDERS="3"))
+    service = started(
+        make_settings(
+            export.parent,
+            contexts_file,
+            SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
+            STATE_DIR=str(tmp_path / "state"),
+            WEBHOOK_MAX_ORDERS="3",
+        )
+    )
     yield service, Client(app.create_app(service))
     service.stopped()
 
 
 def send(client, order):
     body = json.dumps(order).encode()
-    return raw_post(client, "/webhooks/shopify", body, {"x-shopify-topic": "orders/updated",
-                                                        "x-shopify-hmac-sha256": sign(SHOPIFY_SECRET, body)})
+    return raw_post(
+        client,
+        "/webhooks/shopify",
+        body,
+        {"x-shopify-topic": "orders/updated", "x-shopify-hmac-sha256": sign(SHOPIFY_SECRET, body)},
+    )
 
 
 def test_the_cap_on_orders_from_events_holds_between_exports(in_process):
@@ -418,8 +568,10 @@ def test_a_failing_write_is_reported_and_costs_no_other_event(in_process, monkey
 
     monkeypatch.setattr(service.store, "write", failing)
     # Three events that arrive together, written in one round (one transaction).
-    jobs = [app.StoreJob(app.shopify_event(shopify_order(n), "orders/updated"), (str(n), "new@example.com"), "")
-            for n in (6101, 6102, 6103)]
+    jobs = [
+        app.StoreJob(app.shopify_event(shopify_order(n), "orders/updated"), (str(n), "new@example.com"), "")
+        for n in (6101, 6102, 6103)
+    ]
     service.store.pending.extend(jobs)
     service.store.wake.set()
     assert all(job.done.wait(10) for job in jobs)
@@ -437,9 +589,15 @@ def test_a_failing_write_is_reported_and_costs_no_other_event(in_process, monkey
 def test_wrong_signatures_get_429_but_a_signed_event_from_the_same_address_never_does(in_process):
     service, client = in_process
     body = json.dumps(shopify_order(6201)).encode()
-    statuses = [raw_post(client, "/webhooks/shopify", body, {"x-shopify-topic": "orders/updated",
-                                                             "x-shopify-hmac-sha256": sign("wrong", body)}).status
-                for _ in range(12)]
+    statuses = [
+        raw_post(
+            client,
+            "/webhooks/shopify",
+            body,
+            {"x-shopify-topic": "orders/updated", "x-shopify-hmac-sha256": sign("wrong", body)},
+        ).status
+        for _ in range(12)
+    ]
     assert statuses[:10] == [401] * 10 and statuses[10:] == [429, 429]
     assert send(client, shopify_order(6201)).status == 200  # Shopify's addresses send every shop's events
 
@@ -452,9 +610,11 @@ def test_a_body_over_2_mb_gets_413_before_it_is_sent(shop, path, length):
 
     port = int(shop.base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"POST /webhooks/{path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"X-Shopify-Topic: orders/create\r\nX-Shopify-Hmac-Sha256: x\r\n"
-                  f"Content-Length: {length}\r\n\r\n".encode())
+        s.sendall(
+            f"POST /webhooks/{path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"X-Shopify-Topic: orders/create\r\nX-Shopify-Hmac-Sha256: x\r\n"
+            f"Content-Length: {length}\r\n\r\n".encode()
+        )
         head = s.recv(65536)
     assert head.startswith(b"HTTP/1.1 413") and b"Request Entity Too Large" in head
 
@@ -478,8 +638,12 @@ def test_the_store_keeps_no_address_phone_or_payment(shop):
     with sqlite3.connect(shop.state / "webhooks.sqlite3") as db:
         stored = " ".join(row[0] for row in db.execute("SELECT fields FROM orders"))
     order = shopify_order(5009)
-    for private in (order["billing_address"]["address1"], order["shipping_address"]["phone"] or "555",
-                    order["browser_ip"] or "216.191.105.146", "gateway"):
+    for private in (
+        order["billing_address"]["address1"],
+        order["shipping_address"]["phone"] or "555",
+        order["browser_ip"] or "216.191.105.146",
+        "gateway",
+    ):
         assert private not in stored
 
 
@@ -495,8 +659,10 @@ def test_probe_sends_a_signed_test_event(shop, capsys):
 def test_the_status_page_and_lookup_command_show_the_events(shop, capsys):
     shopify(shop.base, shopify_order(5010, shipped=True))
     import base64 as b64
-    request = urllib.request.Request(f"{shop.base}/", headers={
-        "Authorization": "Basic " + b64.b64encode(f"x:{KEY}".encode()).decode()})
+
+    request = urllib.request.Request(
+        f"{shop.base}/", headers={"Authorization": "Basic " + b64.b64encode(f"x:{KEY}".encode()).decode()}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         page = response.read().decode()
     assert '<table id="webhooks">' in page and "<th>shopify</th>" in page
@@ -509,11 +675,12 @@ def test_the_status_page_and_lookup_command_show_the_events(shop, capsys):
         assert app.main(["lookup", "#5010", "new@example.com", "--data", str(shop.data)]) == 0
     finally:
         del os.environ["STATE_DIR"]
-    assert capsys.readouterr().out.startswith("200 OK\n{\"context\": \"Order #5010 was found and has shipped")
+    assert capsys.readouterr().out.startswith('200 OK\n{"context": "Order #5010 was found and has shipped')
     assert (shop.state / "webhooks.sqlite3").stat().st_mtime_ns == stored
 
 
 # What the signature does not cover: the topic, the delivery id, the shop it says it comes from ##################
+
 
 def deliver(client, order, topic="orders/updated", delivery=None, shop_domain=None, body=None):
     """(status, JSON answer) of one signed Shopify delivery through the in-process client."""
@@ -527,10 +694,13 @@ def deliver(client, order, topic="orders/updated", delivery=None, shop_domain=No
     return r.status, (json.loads(r.body) if r.body else None)
 
 
-@pytest.mark.parametrize("topic, body", [
-    ("orders/delete", None),  # a captured order body, sent again as a deletion
-    ("orders/updated", {"id": 7000006301}),  # a captured deletion, sent again as an order
-])
+@pytest.mark.parametrize(
+    "topic, body",
+    [
+        ("orders/delete", None),  # a captured order body, sent again as a deletion
+        ("orders/updated", {"id": 7000006301}),  # a captured deletion, sent again as an order
+    ],
+)
 def test_a_signed_body_sent_again_under_another_topic_is_refused(in_process, topic, body):
     service, client = in_process
     order = shopify_order(6301, updated=now_iso(-60))
@@ -556,18 +726,25 @@ def test_a_deletion_is_undone_only_by_a_later_signed_change(in_process):
 
 
 def test_an_export_made_after_a_deletion_that_still_holds_the_order_wins(tmp_path):
-    contexts = write(tmp_path / "contexts.toml", (ROOT / "contexts.toml").read_text().replace(
-        "export_lag_hours = 1", "export_lag_hours = 0"))
+    contexts = write(
+        tmp_path / "contexts.toml",
+        (ROOT / "contexts.toml").read_text().replace("export_lag_hours = 1", "export_lag_hours = 0"),
+    )
     export = write(tmp_path / "data" / "orders.csv", orders_csv(5))
     os.utime(export, (time.time() - 600,) * 2)
-    service = started(make_settings(export.parent, contexts, WOOCOMMERCE_WEBHOOK_SECRET=WOO_SECRET,
-                                    STATE_DIR=str(tmp_path / "state")))
+    service = started(
+        make_settings(export.parent, contexts, WOOCOMMERCE_WEBHOOK_SECRET=WOO_SECRET, STATE_DIR=str(tmp_path / "state"))
+    )
     client = Client(app.create_app(service))
     order = woo_order(3, "customer3@example.com", "completed", modified=now_iso(-60))
     for topic, body in (("order.updated", order), ("order.deleted", {"id": 3})):
         data = json.dumps(body).encode()
-        r = raw_post(client, "/webhooks/woocommerce", data, {"x-wc-webhook-topic": topic,
-                                                             "x-wc-webhook-signature": sign(WOO_SECRET, data)})
+        r = raw_post(
+            client,
+            "/webhooks/woocommerce",
+            data,
+            {"x-wc-webhook-topic": topic, "x-wc-webhook-signature": sign(WOO_SECRET, data)},
+        )
         assert json.loads(r.body)["outcome"] == "applied"
     assert client.lookup("3", "customer3@example.com").status == 404
     time.sleep(1.1)
@@ -603,17 +780,28 @@ def test_the_remembered_deliveries_are_bounded_and_the_file_shrinks_back(tmp_pat
     store.close()
 
 
-@pytest.mark.parametrize("header, link, status", [
-    ("shop.myshopify.com", "https://shop.myshopify.com/1/orders/abc/authenticate?key=k", 200),
-    ("other.myshopify.com", "https://other.myshopify.com/1/orders/abc/authenticate?key=k", 403),
-    ("shop.myshopify.com", "https://other.myshopify.com/1/orders/abc/authenticate?key=k", 403),  # header forged
-    (None, None, 403),
-])
-def test_a_pinned_shop_refuses_events_of_another_shop_that_shares_its_secret(tmp_path, contexts_file, header, link,
-                                                                            status):
+@pytest.mark.parametrize(
+    "header, link, status",
+    [
+        ("shop.myshopify.com", "https://shop.myshopify.com/1/orders/abc/authenticate?key=k", 200),
+        ("other.myshopify.com", "https://other.myshopify.com/1/orders/abc/authenticate?key=k", 403),
+        ("shop.myshopify.com", "https://other.myshopify.com/1/orders/abc/authenticate?key=k", 403),  # header forged
+        (None, None, 403),
+    ],
+)
+def test_a_pinned_shop_refuses_events_of_another_shop_that_shares_its_secret(
+    tmp_path, contexts_file, header, link, status
+):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
-    service = started(make_settings(export.parent, contexts_file, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
-                                    STATE_DIR=str(tmp_path / "state"), SHOP_DOMAIN="shop.myshopify.com"))
+    service = started(
+        make_settings(
+            export.parent,
+            contexts_file,
+            SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
+            STATE_DIR=str(tmp_path / "state"),
+            SHOP_DOMAIN="shop.myshopify.com",
+        )
+    )
     order = dict(shopify_order(6305), order_status_url=link)
     got, answer = deliver(Client(app.create_app(service)), order, shop_domain=header)
     assert got == status and (status == 200 or "another shop" in answer["context"])
@@ -657,8 +845,15 @@ def test_purge_refuses_what_is_no_address(capsys, monkeypatch, tmp_path):
 
 def test_orders_from_events_are_kept_no_longer_than_webhook_days(tmp_path, contexts_file):
     export = write(tmp_path / "data" / "orders.csv", orders_csv(3))
-    service = started(make_settings(export.parent, contexts_file, SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
-                                    STATE_DIR=str(tmp_path / "state"), WEBHOOK_DAYS="30"))
+    service = started(
+        make_settings(
+            export.parent,
+            contexts_file,
+            SHOPIFY_WEBHOOK_SECRET=SHOPIFY_SECRET,
+            STATE_DIR=str(tmp_path / "state"),
+            WEBHOOK_DAYS="30",
+        )
+    )
     client = Client(app.create_app(service))
     assert send(client, shopify_order(6201)).status == 200
     with sqlite3.connect(service.settings.state / "webhooks.sqlite3") as db:  # received 31 days ago
@@ -675,18 +870,27 @@ def by_hand_examples():
     return re.findall(r"```sh\n(.*?)```", section, re.S)
 
 
-@pytest.mark.parametrize("block, order, says", [
-    (by_hand_examples()[0], "5001", "Order #5001 was found and has shipped"),
-    (by_hand_examples()[1], "5002", "Order 5002 was found"),
-], ids=["shopify", "woocommerce"])
+@pytest.mark.parametrize(
+    "block, order, says",
+    [
+        (by_hand_examples()[0], "5001", "Order #5001 was found and has shipped"),
+        (by_hand_examples()[1], "5002", "Order 5002 was found"),
+    ],
+    ids=["shopify", "woocommerce"],
+)
 def test_the_documented_by_hand_event_is_accepted_and_answered(shop, block, order, says):
     import shutil
     import subprocess
 
     if not (shutil.which("openssl") and shutil.which("curl")):
         pytest.skip("the documented commands need openssl and curl")
-    env = {**os.environ, "URL": shop.base, "KEY": KEY, "SHOPIFY_WEBHOOK_SECRET": SHOPIFY_SECRET,
-           "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET}
+    env = {
+        **os.environ,
+        "URL": shop.base,
+        "KEY": KEY,
+        "SHOPIFY_WEBHOOK_SECRET": SHOPIFY_SECRET,
+        "WOOCOMMERCE_WEBHOOK_SECRET": WOO_SECRET,
+    }
     done = subprocess.run(["sh", "-c", block], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     stored, looked_up = [json.loads(line) for line in done.stdout.replace("}{", "}\n{").splitlines() if line.strip()]
