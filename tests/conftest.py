@@ -460,3 +460,139 @@ def running_caddy(folder, caddyfile, port):
     finally:
         caddy.terminate()
         caddy.wait(10)
+
+
+# PostgreSQL: a throwaway cluster from the system's own binaries ############################################
+
+PG_PASSWORD = "pg-Xq7mV3zK9pL2wT8nB4rD"
+
+
+def postgres_binaries():
+    """The folder of the system's PostgreSQL server programs (initdb, pg_ctl), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]), reverse=True)
+    for candidate in [*found, shutil.which("pg_ctl")]:
+        if candidate and os.access(candidate, os.X_OK) and (Path(candidate).parent / "initdb").exists():
+            return Path(candidate).parent
+    return None
+
+
+class Postgres:
+    """A PostgreSQL cluster in a folder of its own, on a free port, run as a user that is not root (initdb
+    refuses root): password authentication over TCP, as a deployment has it. Databases are made per test."""
+
+    def __init__(self, binaries):
+        import tempfile
+
+        self.bin, self.port, self.user = binaries, free_port(), "orders"
+        self.run_as = None
+        if os.geteuid() == 0:  # as root (a container, CI): the cluster runs as the system's postgres user, or nobody
+            import pwd
+
+            name = next((n for n in ("postgres", "nobody") if _has_user(n)), None)
+            if name is None:
+                pytest.skip("PostgreSQL cannot run as root, and no other user exists to run it")
+            self.run_as = pwd.getpwnam(name)
+        self.folder = Path(tempfile.mkdtemp(prefix="orders-pg-"))
+        self.folder.chmod(0o755)
+        password = self.folder / "password"
+        password.write_text(PG_PASSWORD + "\n")
+        if self.run_as:
+            os.chown(self.folder, self.run_as.pw_uid, self.run_as.pw_gid)
+            os.chown(password, self.run_as.pw_uid, self.run_as.pw_gid)
+        self.data, self.log = self.folder / "data", self.folder / "server.log"
+        self.run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            self.user,
+            "--pwfile",
+            str(password),
+            "-E",
+            "UTF8",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--no-sync",
+        )
+        password.unlink()
+        self.count = 0
+
+    def run(self, program, *args, check=True):
+        """One of the cluster's programs, as the cluster's user."""
+        command = [str(self.bin / program), *args]
+        if self.run_as:
+            command = [
+                "setpriv",
+                f"--reuid={self.run_as.pw_uid}",
+                f"--regid={self.run_as.pw_gid}",
+                "--clear-groups",
+                *command,
+            ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.folder)
+        if check and done.returncode:
+            raise RuntimeError(f"{program} failed: {done.stdout}{done.stderr}")
+        return done
+
+    def start(self):
+        """Start the server (again): it listens on 127.0.0.1 and on a socket in its folder."""
+        self.run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+        )
+
+    def stop(self):
+        """Stop the server at once (connections dropped), as a crash or a failover would."""
+        self.run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
+
+    def url(self, database):
+        """A DATABASE_URL without the password (given apart, as DATABASE_PASSWORD_FILE)."""
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self):
+        """A fresh database for one test: (its DATABASE_URL, a file holding the password)."""
+        import psycopg
+
+        self.count += 1
+        name = f"shop{self.count}"
+        with psycopg.connect(f"{self.url('postgres')}?password={PG_PASSWORD}", autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        password = self.folder.parent / f"{self.folder.name}-password"
+        password.write_text(PG_PASSWORD + "\n")
+        return self.url(name), password
+
+    def remove(self):
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.folder.parent / f"{self.folder.name}-password").unlink()
+
+
+def _has_user(name):
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A running PostgreSQL cluster for the session; skipped with the reason where none is installed."""
+    pytest.importorskip("psycopg", reason="the shared-store tests need psycopg: pip install -r requirements.txt")
+    binaries = postgres_binaries()
+    if binaries is None:
+        pytest.skip("the shared-store tests need PostgreSQL's server programs (apt-get install postgresql)")
+    cluster = Postgres(binaries)
+    cluster.start()
+    yield cluster
+    cluster.remove()
