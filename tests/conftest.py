@@ -546,6 +546,7 @@ class Postgres:
             "60",
             "-o",
             f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
         )
 
     def stop(self):
