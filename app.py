@@ -5,9 +5,34 @@ Turns a shop's nightly orders export (CSV or XLSX) into the order-tracking
 endpoint that a chat agent calls with an order number and an email address.
 The wording of every answer lives in contexts.toml.
 
-The file reads top to bottom in the order data flows: settings,
-configuration, reading exports, building the index, rendering answers,
-serving state, HTTP, status page, watching files, command line.
+The file reads top to bottom in the order data flows; each section uses only
+what stands above it. Contents (the banners below, in order):
+
+   1. Errors
+   2. Settings: the environment and the command line
+   3. Words: text folded to compare it, days written as people read them
+   4. Shipped data: vocabulary, layouts, carriers, earlier releases
+   5. Configuration: contexts.toml
+   6. Reading files: formats, encodings, delimiters, workbooks
+   7. Cells: dates, damaged numbers, field shapes, matching keys
+   8. Columns: header words and cell content
+   9. The plan: the columns chosen, checked against the templates
+  10. Orders from rows: grouping, follow-on rows, what is not an order
+  11. Packing orders into memory
+  12. Rendering answers
+  13. The index: the snapshot, building it, surveying it
+  14. Warnings: what `check` and an upload say about an export
+  15. Guards: the record of accepted exports, refusals of a smaller one
+  16. Webhook events: from a signed body to an event
+  17. Webhook events: the store and the overlay
+  18. Webhook events: receiving deliveries
+  19. Sources: the data folder, a URL, uploads
+  20. Request log, insights, metrics
+  21. Serving state: loads, reloads, freshness
+  22. Status page
+  23. HTTP routes
+  24. The server: waitress and its limits
+  25. Command line
 """
 
 from __future__ import annotations
@@ -45,14 +70,14 @@ from collections import Counter, OrderedDict, deque
 from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from itertools import accumulate, chain, groupby, islice, zip_longest
 from json.encoder import encode_basestring
 from operator import itemgetter
-from typing import NamedTuple
 from pathlib import Path
 from string import Formatter
+from typing import NamedTuple
 from urllib.parse import quote, unquote_plus, unquote_to_bytes, urlsplit
 
 try:
@@ -76,6 +101,9 @@ access_log = logging.getLogger("orders.access")  # one line per request
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
+#
+# One small class per kind of mistake a person can make; its message is what they read,
+# naming the file, the row or key, and the fix. Uses nothing but the imports.
 
 
 class UserError(Exception):
@@ -142,8 +170,11 @@ def printable(text):
 
 
 ###############################################################################
-# Settings (command line and environment) #####################################
+# Settings: the environment and the command line ##############################
 ###############################################################################
+#
+# What the process is told at start (environment variables, flags): Settings, read and
+# checked once, with the reason for each refusal. Uses the errors above.
 
 # Words of the placeholders that people copy from documentation instead of making a key.
 WEAK_KEY_WORDS = (
@@ -331,7 +362,7 @@ def authorization(value):
 
 
 def check_orders_url(url):
-    """ORDERS_URL: https, or plain http to this machine only; a SettingsError that never shows the URL's secret parts."""
+    """ORDERS_URL: https, or plain http to this machine only; the SettingsError never shows the URL's secrets."""
     if not url:
         return ""
     try:
@@ -421,161 +452,22 @@ def shared_key_errors(settings):
                 )
 
 
+def is_loopback(host):
+    """True for an address only this machine can reach."""
+    if host == "localhost":
+        return True
+    with suppress(ValueError):
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    return False
+
+
 ###############################################################################
-# Configuration (contexts.toml) ###############################################
+# Words: text folded to compare it, days written as people read them ##########
 ###############################################################################
-
-# Placeholders computed from an order rather than read from one column.
-DERIVED = {
-    "order_id": "the order number as written in the export, e.g. #1001",
-    "items": "the line items, e.g. 1 x Hat, 2 x Socks (without a count where the export gives none), less what the "
-    "export says was refunded",
-    "refunded_items": "what of the items was refunded, as the lines' refunded quantities say",
-    "refunds": "'all' when every line was refunded in full, 'some' when part of one was, as the lines' refunded "
-    "quantities say; else empty",
-    "no_shipping_items": "the lines that need no shipping (a download, a gift card), beside lines that do",
-    "item_count": "how many items in all, where every line's count is known",
-    "shipped_items": "what of the items has left, as the lines' statuses or shipped quantities say",
-    "unshipped_items": "what of the items has not left and still needs to",
-    "parcels": "each tracking number with the items on its row, where the export ties them",
-    "needs_shipping": "'no' when every line needs no shipping (a download, a gift card), as the export says",
-    "overdue": "'yes' when the order was placed more than [settings] overdue_days before the export",
-    "tracking_number": "the first tracking number",
-    "tracking_numbers": "every tracking number, comma-separated",
-    "tracking_url": "the tracking link (from a column, or built from [carriers])",
-    "records_updated": "until when the records hold orders: the export's time less [settings] export_lag_hours "
-    "(or a later webhook event's), e.g. 27 Nov 2026, 02:15 UTC",
-}
-# Templates the service answers with before or without finding an order.
-MESSAGES = {
-    "not_found": {"order_id", "records_updated"},
-    "missing": {"missing"},
-    "invalid": set(),
-    "not_an_email": set(),
-    "unavailable": set(),
-}
-# Messages added after contexts.toml files were made: a file without one answers with this.
-MESSAGE_DEFAULTS = {
-    "not_an_email": "No order could be looked up: what was given as the e-mail address is not one. Please ask the "
-    "customer again for the e-mail address used for the order.",
-}
-REQUIRED_FIELDS = ("order_id", "email")
-# Fields read per line item; every other field is per order.
-ITEM_FIELDS = (
-    "item_name",
-    "item_quantity",
-    "item_status",
-    "item_shipped_quantity",
-    "item_refunded_quantity",
-    "item_needs_shipping",
-    "item_variant",
-)
-# Fields read from every row of an order: its items and any tracking numbers.
-ROW_FIELDS = (*ITEM_FIELDS, "tracking_number")
-# Fields that derived placeholders are made from: always read when present.
-SOURCE_FIELDS = ("tracking_number", "carrier", "tracking_url")
-SECTIONS = ("settings", "columns", "items", "rules", "templates", "carriers", "layouts", "vocabulary")
-
-
-@dataclass(frozen=True)
-class Template:
-    """One answer text and the placeholders it names.
-
-    A part in [square brackets] is left out when a placeholder in it has no value, so
-    an answer says what the export shows only where it shows it: "has shipped[ on
-    {shipped_at}]". parts holds ((text, placeholders, optional), ...) for such a template.
-    """
-
-    name: str
-    text: str
-    fields: tuple[str, ...]
-    parts: tuple = ()
-    gates: tuple = ()  # the placeholders of the optional parts
-    written: str = dataclass_field(default="", compare=False)  # as contexts.toml writes it, [optional parts] and all
-    # Per answer, which optional parts show is told by whether their placeholders are filled;
-    # the text for each such combination is put together once, then only filled.
-    composed: dict = dataclass_field(default_factory=dict, compare=False, repr=False)
-
-    def fill(self, values):
-        """The text filled from values (placeholder -> text); optional parts only where all of theirs are filled."""
-        if not self.parts:
-            return self.text.format_map(values)
-        filled = tuple(map(bool, map(values.__getitem__, self.gates)))
-        text = self.composed.get(filled)
-        if text is None:
-            text = self.composed[filled] = "".join(
-                part for part, fields, optional in self.parts if not optional or all(map(values.__getitem__, fields))
-            )
-        return text.format_map(values)
-
-    def render(self, values):
-        """The text with each placeholder filled, dates made readable."""
-        return self.fill({f: readable(values[f].strip()) for f in self.fields})
-
-
-@dataclass(frozen=True)
-class Rule:
-    """`when` conditions that, when all hold for an order, pick `template`."""
-
-    number: int
-    conditions: tuple[tuple[str, frozenset | None], ...]
-    template: str
-
-    def allows(self, words):
-        """True when every word condition holds for words (field -> status_word of its value)."""
-        return all(words.get(name, "") in wanted for name, wanted in self.conditions if wanted is not None)
-
-    @property
-    def needs_filled(self):
-        """The fields that the rule wants filled in ("*")."""
-        return tuple(name for name, wanted in self.conditions if wanted is None)
-
-
-@dataclass(frozen=True)
-class Config:
-    """contexts.toml, checked: everything the service needs to word answers."""
-
-    path: Path
-    columns: dict
-    rules: tuple
-    templates: dict
-    carriers: tuple
-    default_template: str
-    item_format: str
-    item_part: str
-    item_separator: str
-    no_items: str
-    shipped_item_statuses: frozenset
-    max_age_hours: float
-    overdue_days: float
-    min_orders_ratio: float
-    max_vanished_ratio: float
-    export_lag_hours: float
-    sheet: str
-    timezone: object  # a zoneinfo.ZoneInfo: the merchant's, for the times answers show
-    layouts: tuple = ()  # Layouts, contexts.toml's first, then the shipped ones
-    headers: dict = None  # field -> exact headers of [vocabulary.headers], looked for after [columns]'
-    meanings: dict = None  # status word in another language -> the word rules use (vocabulary.toml)
-    words: object = None  # HeaderWords: how headers say each field (vocabulary.toml [words], [fields])
-    dates: dict = None  # language -> (format, months) of the dates answers write (vocabulary.toml [dates])
-    relays: dict = None  # a marketplace's relay e-mail domain -> its name (vocabulary.toml [relays])
-    language: str = "en"  # [settings] language: the language of the templates, for their dates
-    retired: tuple = ()  # (field, headers) of [columns] lines that are an earlier release's list, not the merchant's
-    promising: tuple = ()  # (template, what it promises) of templates that are word for word an earlier release's
-    earlier_rules: bool = False  # [[rules]] are word for word an earlier release's list (history.toml [rules])
-    retired_carriers: tuple = ()  # [carriers] names whose page is one the service ships or once shipped
-
-    @property
-    def fields_used(self):
-        """Every placeholder or rule field that some order answer needs."""
-        # Not the email: it is the index's key, so an order keeps it only where an answer shows it.
-        used = {"order_id"} | set(SOURCE_FIELDS) | set(ITEM_FIELDS)
-        for name, template in self.templates.items():
-            if name not in MESSAGES:
-                used.update(template.fields)
-        for rule in self.rules:
-            used.update(name for name, _ in rule.conditions)
-        return used
+#
+# How headers, status words and TOML values are compared (case, accents, separators,
+# camelCase folded), how a TOML value is checked against the type it should have, and how an
+# ISO day is written in a shop's language. Uses the errors above.
 
 
 def status_word(value):
@@ -624,29 +516,6 @@ def header_key(header):
     return " ".join(unaccented(str(header).casefold()).replace("_", " ").replace("-", " ").replace(":", " ").split())
 
 
-LAYOUTS_FILE = HERE / "layouts.toml"  # the export layouts shipped with the service; contexts.toml adds its own
-VOCABULARY_FILE = HERE / "vocabulary.toml"  # header and status words of every language; contexts.toml adds its own
-HISTORY_FILE = HERE / "history.toml"  # what earlier releases shipped in contexts.toml, word for word
-CARRIERS_FILE = HERE / "carriers.toml"  # carriers' tracking pages; contexts.toml's [carriers] adds or changes some
-
-
-def load_config(path):
-    """Read and check contexts.toml (and the shipped data files); raise ConfigError naming file, key and fix."""
-    path = Path(path)
-    shipped = {
-        name: read_toml(file) if file.exists() else {}
-        for name, file in (
-            ("layouts", LAYOUTS_FILE),
-            ("vocabulary", VOCABULARY_FILE),
-            ("history", HISTORY_FILE),
-            ("carriers", CARRIERS_FILE),
-        )
-    }
-    return parse_config(
-        path, read_toml(path), shipped["layouts"], shipped["vocabulary"], shipped["history"], shipped["carriers"]
-    )
-
-
 def read_toml(path):
     """A TOML file as a dict; ConfigError naming the file and the line for any problem."""
     try:
@@ -672,243 +541,7 @@ def read_toml(path):
         ) from None
 
 
-def parse_config(path, doc, shipped=None, words=None, history=None, carriers=None):
-    """Turn a parsed contexts.toml (and the shipped layouts, vocabulary, history and carriers) into a Config,
-    checking every key."""
-    shipped = shipped or {}
-    for key in doc:
-        if key not in SECTIONS:
-            config_error(path, f"[{key}]", "is not a known section.", f"Known sections: {', '.join(SECTIONS)}.")
-    for key in shipped:
-        if key not in ("layouts",):
-            config_error(LAYOUTS_FILE, f"[{key}]", "is not a section this file holds.", "It holds [layouts.*].")
-    for key in carriers or {}:
-        if key != "carriers":
-            config_error(CARRIERS_FILE, f"[{key}]", "is not a section this file holds.", "It holds [carriers].")
-    settings = parse_settings(path, doc.get("settings", {}))
-    vocabulary = parse_vocabulary(path, doc.get("vocabulary", {}), words or {})
-    columns, retired = retired_columns(parse_columns(path, doc.get("columns", {})), (history or {}).get("columns", {}))
-    # A layout in contexts.toml changes the shipped one of its name, key by key (its columns
-    # field by field); the merchant's are tried first.
-    own = table(path, "layouts", doc.get("layouts", {}))
-    ours = table(LAYOUTS_FILE, "layouts", shipped.get("layouts", {}))
-    layouts = {
-        **parse_layouts(LAYOUTS_FILE, ours),
-        **parse_layouts(path, {key: merged_layout(ours.get(key), raw) for key, raw in own.items()}),
-    }
-    items = parse_items(path, doc.get("items", {}))
-    templates = parse_templates(path, doc.get("templates", {}))
-    rules = parse_rules(path, doc.get("rules", []), templates)
-    own_carriers, retired_carriers = own_carrier_lines(
-        path, doc.get("carriers", {}), (carriers or {}).get("carriers", {}), (history or {}).get("carriers", {})
-    )
-    check_meanings(path, table(path, "vocabulary", doc.get("vocabulary", {})).get("statuses", {}), rules)
-    default = settings["default_template"] or ("found" if "found" in templates else "processing")
-    if default not in templates:
-        config_error(
-            path,
-            "[settings] default_template",
-            f"names the template {default!r}, which does not exist.",
-            f"Templates: {', '.join(templates)}.",
-        )
-    return Config(
-        path=path,
-        columns=columns,
-        rules=rules,
-        templates=templates,
-        carriers=merged_carriers(parse_carriers(CARRIERS_FILE, (carriers or {}).get("carriers", {})), own_carriers),
-        retired_carriers=retired_carriers,
-        default_template=default,
-        item_format=items["format"],
-        item_part=items["part"],
-        item_separator=items["separator"],
-        no_items=items["none"],
-        shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
-        max_age_hours=settings["max_age_hours"],
-        overdue_days=settings["overdue_days"],
-        min_orders_ratio=settings["min_orders_ratio"],
-        max_vanished_ratio=settings["max_vanished_ratio"],
-        export_lag_hours=settings["export_lag_hours"],
-        sheet=settings["sheet"],
-        timezone=parse_timezone(path, settings["timezone"]),
-        layouts=tuple(sorted(layouts.values(), key=lambda layout: layout.key not in own)),
-        language=language(path, settings["language"], vocabulary["dates"]),
-        retired=retired,
-        **vocabulary,
-        promising=promising_templates(templates, (history or {}).get("templates", [])),
-        earlier_rules=rules_digest(doc.get("rules", [])) in (history or {}).get("rules", {}).get("earlier", ()),
-    )
-
-
-def rules_digest(rules):
-    """The SHA-256 of a [[rules]] list as TOML reads it (JSON, keys sorted): how history.toml names a release's."""
-    return hashlib.sha256(json.dumps(rules, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-STATUS_MEANINGS = (
-    "shipped",
-    "processing",
-    "delivered",
-    "cancelled",
-    "refunded",
-    "on hold",
-    "returned",
-    "ready for pickup",
-    "pending payment",
-)
-
-
-def check_meanings(path, statuses, rules):
-    """Each meaning [vocabulary.statuses] gives a word must be a word some rule names, else the word changes nothing."""
-    named = {w for rule in rules for _, words in rule.conditions if words for w in words}
-    for meaning in statuses if isinstance(statuses, dict) else ():
-        if status_word(meaning) not in named:
-            config_error(
-                path,
-                f"[vocabulary.statuses] {meaning}",
-                "is no word a rule names, so it would change no answer.",
-                "Put the true meaning in its place, one of: " + ", ".join(STATUS_MEANINGS) + ".",
-            )
-
-
-def promising_templates(templates, shipped):
-    """(name, promise) of each template that is word for word an earlier release's answer promising what no export
-    holds (history.toml [[templates]])."""
-    return tuple(
-        (entry["name"], entry["promises"])
-        for entry in shipped
-        if isinstance(entry, dict)
-        and entry.get("name") in templates
-        and templates[entry["name"]].written == entry.get("text")
-    )
-
-
-def language(path, name, dates):
-    """[settings] language: one that vocabulary.toml [dates] (or contexts.toml's) knows how to write dates in."""
-    if dates and name not in dates:
-        config_error(
-            path,
-            "[settings] language",
-            f"{name!r} is not a language whose dates the service can write.",
-            f"Use one of {', '.join(sorted(dates))}, or add [vocabulary.dates.{name}].",
-        )
-    return name
-
-
-VOCABULARY_SECTIONS = ("headers", "words", "fields", "statuses", "dates", "relays")
-
-
-def parse_vocabulary(path, own, shipped):
-    """[vocabulary] of contexts.toml over the shipped vocabulary.toml: headers, header words, meanings, dates.
-
-    headers: field -> exact headers (contexts.toml's only, looked for like [columns]);
-    words: a HeaderWords (contexts.toml's words added to the shipped groups, its ways of
-    saying a field tried first); meanings: status word -> the word rules use (contexts.toml's
-    win); dates: language -> (format, months); relays: a marketplace's relay domain -> its
-    name. A file's own [columns] and rule words always come first.
-    """
-    sources = ((path, table(path, "vocabulary", own), "vocabulary."), (VOCABULARY_FILE, shipped, ""))
-    for source, doc, prefix in sources:
-        for key in doc:
-            if key not in VOCABULARY_SECTIONS:
-                config_error(
-                    source, f"[{prefix}{key}]", "is not a known section.", f"It holds {', '.join(VOCABULARY_SECTIONS)}."
-                )
-    headers, meanings, groups, sayings, never, dates, relays = {}, {}, {}, {}, {}, {}, {}
-    for source, doc, prefix in reversed(sources):  # the shipped words first, the merchant's added
-        for group, words in table(source, f"{prefix}words", doc.get("words", {})).items():
-            said = texts(source, f"[{prefix}words] {group}", words, '["tracking", "suivi"]')
-            groups[group] = groups.get(group, frozenset()) | frozenset(map(folded_phrase, said))
-    for source, doc, prefix in sources:  # the merchant's ways of saying a field tried first
-        for field_name, spec in table(source, f"{prefix}fields", doc.get("fields", {})).items():
-            where = f"[{prefix}fields.{field_name}]"
-            spec = expect(source, where, spec, dict, '{ says = ["tracking + number"], never = ["url"] }')
-            sayings[field_name] = (
-                *sayings.get(field_name, ()),
-                *(
-                    parse_saying(source, where, text, groups)
-                    for text in texts(source, f"{where} says", spec.get("says", []), '["order + number"]')
-                ),
-            )
-            never[field_name] = never.get(field_name, frozenset()) | frozenset(
-                word
-                for text in texts(source, f"{where} never", spec.get("never", []), '["invoice"]')
-                for word in groups.get(text, {folded_phrase(text)})
-            )
-        for field_name, names in parse_columns(source, doc.get("headers", {}), f"{prefix}headers").items():
-            headers[field_name] = (*headers.get(field_name, ()), *names)
-        for meaning, said in table(source, f"{prefix}statuses", doc.get("statuses", {})).items():
-            for word in texts(source, f"[{prefix}statuses] {meaning}", said, '["versendet", "expediee"]'):
-                meanings.setdefault(status_word(word), status_word(meaning))
-        for language, style in table(source, f"{prefix}dates", doc.get("dates", {})).items():
-            dates.setdefault(language, parse_date_style(source, f"[{prefix}dates.{language}]", style))
-        for domain, marketplace in table(source, f"{prefix}relays", doc.get("relays", {})).items():
-            relays.setdefault(
-                domain.strip().lower().strip("@."),
-                expect(source, f"[{prefix}relays] {domain}", marketplace, str, '"Amazon"'),
-            )
-    return {
-        "headers": headers,
-        "meanings": meanings,
-        "words": HeaderWords(groups, sayings, never),
-        "dates": dates,
-        "relays": relays,
-    }
-
-
-def parse_saying(path, where, text, groups):
-    """One way of saying a field, "tracking + number" or "= status", its groups checked against [words]."""
-    only = text.strip().startswith("=")
-    names = tuple(name.strip() for name in text.strip().lstrip("=").split("+"))
-    for name in names:
-        if name not in groups:
-            config_error(
-                path,
-                f"{where} says",
-                f"{text!r} names {name!r}, which is no group of [words].",
-                f"Groups: {', '.join(sorted(groups))}.",
-            )
-    return Saying(names, only, text.strip())
-
-
-def parse_date_style(path, where, raw):
-    """[dates.LANGUAGE]: (format with {day} {month} {year}, the twelve month names)."""
-    raw = expect(path, where, raw, dict, '{ format = "{day} {month} {year}", months = ["Jan", ...] }')
-    months = texts(path, f"{where} months", raw.get("months", []), '["Jan", "Feb", ...]')
-    if len(months) != 12:
-        config_error(path, f"{where} months", f"holds {len(months)} names.", "Give the twelve months, January first.")
-    style = expect(path, f"{where} format", raw.get("format", "{day} {month} {year}"), str, '"{day} {month} {year}"')
-    placeholders(path, f"{where} format", style, {"day", "month", "year"})
-    return style, tuple(months)
-
-
-def retired_columns(columns, history):
-    """(the [columns] that are the merchant's own, [(field, its list)] that a release once shipped as it is)."""
-    own, retired = {}, []
-    for field_name, names in columns.items():
-        if list(names) in [list(shipped) for shipped in history.get(field_name, ())]:
-            retired.append((field_name, names))
-        else:
-            own[field_name] = names
-    return own, tuple(retired)
-
-
-def parse_timezone(path, name):
-    """[settings] timezone: an IANA name such as Europe/Berlin, for the times that answers show."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        config_error(
-            path,
-            "[settings] timezone",
-            f"{name!r} is not a time zone this machine knows.",
-            'Use an IANA name such as "Europe/Berlin", "America/New_York" or "UTC".',
-        )
-
-
-def expect(path, where, value, kind, example):
+def toml_value(path, where, value, kind, example):
     """Check a value's TOML type; the error shows a correct example."""
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         config_error(path, where, f"should be {example}, not {value!r}.")
@@ -917,95 +550,14 @@ def expect(path, where, value, kind, example):
     return value
 
 
-def table(path, name, value):
+def toml_table(path, name, value):
     """A section must be a table, e.g. [columns]."""
-    return expect(path, f"[{name}]", value, dict, f"a table such as [{name}]")
+    return toml_value(path, f"[{name}]", value, dict, f"a table such as [{name}]")
 
 
-SETTING_DEFAULTS = {
-    "default_template": "",  # "found" where the templates have it, else "processing" (files made before it)
-    "max_age_hours": 26.0,
-    "min_orders_ratio": 0.5,
-    "max_vanished_ratio": 0.2,
-    "export_lag_hours": 1.0,
-    "sheet": "",
-    "timezone": "UTC",
-    "language": "en",  # the templates': how their dates are written (vocabulary.toml [dates])
-    "overdue_days": 30.0,  # an order not shipped this long after it was placed is not worded as if it ships soon
-}
-
-
-def parse_settings(path, raw):
-    """[settings]: default template, freshness, shrink guards, XLSX sheet, time zone."""
-    raw = table(path, "settings", raw)
-    out = dict(SETTING_DEFAULTS)
-    for key, value in raw.items():
-        if key not in SETTING_DEFAULTS:
-            config_error(path, f"[settings] {key}", "is not a known setting.", f"Known: {', '.join(SETTING_DEFAULTS)}.")
-        default = SETTING_DEFAULTS[key]
-        kind = (int, float) if isinstance(default, float) else str
-        out[key] = expect(path, f"[settings] {key}", value, kind, f"like {default!r}")
-    if out["max_age_hours"] <= 0:
-        config_error(path, "[settings] max_age_hours", "must be more than 0.", "A nightly export wants 26.")
-    if not 0 <= out["min_orders_ratio"] <= 1:
-        config_error(
-            path, "[settings] min_orders_ratio", "must be between 0 and 1.", "0.5 refuses an export half the size."
-        )
-    if not 0 <= out["max_vanished_ratio"] <= 1:
-        config_error(
-            path,
-            "[settings] max_vanished_ratio",
-            "must be between 0 and 1.",
-            "0.2 refuses an export that lacks a fifth of the orders being served.",
-        )
-    if not 0 <= out["export_lag_hours"] <= 48:
-        config_error(
-            path,
-            "[settings] export_lag_hours",
-            "must be between 0 and 48.",
-            "1 suits an export that takes up to an hour to make.",
-        )
-    return out
-
-
-def parse_columns(path, raw, section="columns"):
-    """[columns] (or a layout's columns): field -> the headers to look for, the first present wins."""
-    columns = {}
-    for name, headers in table(path, section, raw).items():
-        where = f"[{section}] {name}"
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-            config_error(path, where, "field names are lower case letters, digits and _.", "e.g. tracking_number.")
-        if isinstance(headers, str):
-            headers = [headers]
-        expect(path, where, headers, list, 'a list of headers such as ["Order Number", "Name"]')
-        for header in headers:
-            expect(path, where, header, str, 'a list of headers such as ["Order Number", "Name"]')
-        columns[name] = tuple(headers)
-    return columns
-
-
-ITEM_DEFAULTS = {
-    "format": "{quantity} x {name}",
-    "part": "part of {item}",  # a line the export says left in part, without saying how much
-    "separator": ", ",
-    "none": "the items ordered",
-    "shipped": ["fulfilled", "shipped", "delivered"],
-}
-
-
-def parse_items(path, raw):
-    """[items]: how line items are listed and which item statuses mean shipped."""
-    out = dict(ITEM_DEFAULTS)
-    for key, value in table(path, "items", raw).items():
-        if key not in ITEM_DEFAULTS:
-            config_error(path, f"[items] {key}", "is not a known setting.", f"Known: {', '.join(ITEM_DEFAULTS)}.")
-        kind = list if key == "shipped" else str
-        out[key] = expect(path, f"[items] {key}", value, kind, f"like {ITEM_DEFAULTS[key]!r}")
-        for word in out[key] if kind is list else ():
-            expect(path, f"[items] {key}", word, str, f"a list of words like {ITEM_DEFAULTS[key]!r}")
-    placeholders(path, "[items] format", out["format"], {"quantity", "name"})
-    placeholders(path, "[items] part", out["part"], {"item"})
-    return out
+def braced(names):
+    """Placeholder names as a template writes them: '{order_id}, {email}'."""
+    return ", ".join(f"{{{name}}}" for name in names)
 
 
 def nearest(name, known):
@@ -1041,127 +593,226 @@ def placeholders(path, where, text, allowed=None):
             f"uses the unknown placeholder{'s' if len(unknown) > 1 else ''} "
             + ", ".join(f"{{{n}}}{nearest(n, allowed)}" for n in unknown)
             + ".",
-            f"Available here: {', '.join('{%s}' % a for a in sorted(allowed)) or 'none'}.",
+            f"Available here: {braced(sorted(allowed)) or 'none'}.",
         )
     return tuple(dict.fromkeys(names))
 
 
-def parse_templates(path, raw):
-    """[templates]: name -> text; the message templates must be present."""
-    templates = {}
-    for name, text in table(path, "templates", raw).items():
-        where = f"[templates] {name}"
-        expect(path, where, text, str, 'a text in quotes, e.g. "Order {order_id} was found."')
-        templates[name] = template(path, where, name, text, MESSAGES.get(name))
-    for name, text in MESSAGE_DEFAULTS.items():
-        if name not in templates:
-            templates[name] = template(path, f"[templates] {name}", name, text, MESSAGES[name])
-    for name, allowed in MESSAGES.items():
-        if name not in templates:
-            shown = f" It may use {', '.join('{%s}' % a for a in sorted(allowed))}." if allowed else ""
-            config_error(
-                path,
-                f"[templates] {name}",
-                "is missing; the service needs it to answer.",
-                f'Add {name} = "...".{shown}',
-            )
-    return templates
+def toml_texts(path, where, value, example):
+    """A list of texts (a single text counts as a list of one)."""
+    value = [value] if isinstance(value, str) else value
+    for text in toml_value(path, where, value, list, f"a list of texts such as {example}"):
+        toml_value(path, where, text, str, f"a list of texts such as {example}")
+    return tuple(value)
 
 
-def template(path, where, name, text, allowed):
-    """A Template from its text: placeholders checked, [optional] parts found."""
-    split = optional_parts(path, where, text)
-    parts = tuple((part, placeholders(path, where, part, allowed), optional) for part, optional in split)
-    for part, fields, optional in parts:
-        if optional and not fields:
-            config_error(
-                path,
-                where,
-                f"[{part}] has no placeholder, so it would always show.",
-                "Write [[ and ]] for square brackets that are part of the text.",
-            )
-    fields = tuple(dict.fromkeys(f for _, names, _ in parts for f in names))
-    plain = "".join(part for part, _ in split)
-    if not any(optional for _, optional in split):
-        return Template(name, plain, fields, written=text)
-    gates = tuple(dict.fromkeys(f for _, names, optional in parts if optional for f in names))
-    return Template(name, plain, fields, parts, gates, written=text)
+# Small words a header may hold besides the ones that say its field ("Número de orden").
+FILLER = frozenset(
+    "de del la el los las do da dos das du des le les of the a an di della dell van het der die den "
+    "y e et und and per por para pour zum zur von al au aux in en z w na do by".split()
+)
+CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+NUMBER_SIGN = re.compile(r"#|\bn\s*\.?\s*o\b(?=\s*[^a-z]|\s+de\b|\s+di\b|$)")  # "#", "N°", "Nº", "N.º" (after folding)
+WORD_SPLIT = re.compile(r"[^0-9a-z]+")
 
 
-def optional_parts(path, where, text):
-    """text split at [ and ] into (part, optional) pairs; [[ and ]] stand for the brackets themselves."""
-    parts, current, optional, i = [], "", False, 0
-    while i < len(text):
-        pair, char = text[i : i + 2], text[i]
-        if pair in ("[[", "]]"):
-            current, i = current + char, i + 2
-            continue
-        if char in "[]":
-            if (char == "[") == optional:
-                problem = "has a [ inside another [ ]" if optional else "has a ] without its ["
+def header_words(header):
+    """A header's words as the vocabulary reads them: 'N° de suivi' -> ('number', 'de', 'suivi')."""
+    text = unaccented(CAMEL.sub(" ", str(header))).casefold().replace("_", " ")  # "Order_No" is "Order No"
+    text = NUMBER_SIGN.sub(" number ", text).replace("e-mail", "email").replace("e mail", "email")
+    return tuple(word for word in WORD_SPLIT.split(text) if word)
+
+
+def folded_phrase(text):
+    """A vocabulary entry as header_words reads it, its words joined by one space."""
+    return " ".join(header_words(text))
+
+
+@dataclass(frozen=True)
+class Saying:
+    """One way a header says a field: a word of each group, in any order ("tracking + number"), or, when only,
+    nothing but them (a few small words aside: "= status")."""
+
+    groups: tuple[str, ...]
+    only: bool
+    text: str  # as vocabulary.toml writes it
+
+
+def phrases(words):
+    """(phrase, its word positions) of every run of one to three words, for entries such as "track trace"."""
+    for size in (1, 2, 3):
+        for at in range(len(words) - size + 1):
+            yield " ".join(words[at : at + size]), set(range(at, at + size))
+
+
+ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?\s*(?:Z|[+-]\d{2}:?\d{2}|UTC)?")
+
+
+ENGLISH = ("{day} {month} {year}", ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"))
+
+
+def readable(value, style=ENGLISH):
+    """ISO dates read as people write them: '2026-11-28 10:00 -0400' -> '28 Nov 2026' (style: vocabulary.toml's)."""
+    # The pattern only where a date can start: most values ('#1001', '1 x Hat') skip it.
+    match = ISO_DATE.fullmatch(value) if value[4:5] == "-" and value[:4].isdigit() else None
+    if match is None and " and " in value and value[4:5] == "-":  # the days of an order's parcels (Packer.agreed)
+        return " and ".join(readable(part, style) for part in value.split(" and "))
+    return day_text(value[:10], style) or value if match else value
+
+
+@lru_cache(maxsize=4096)  # a shop's answers show a few hundred days, each many times over
+def day_text(iso_day, style=ENGLISH):
+    """'2026-11-28' -> '28 Nov 2026' as style writes it, or "" when it is no real day."""
+    try:
+        return written_day((int(iso_day[:4]), int(iso_day[5:7]), int(iso_day[8:10])), style)
+    except ValueError:
+        return ""
+
+
+def written_day(parts, style):
+    """(year, month, day) as a language writes it: '28 Nov 2026', '28. Nov. 2026'; ValueError for no real day."""
+    year, month, day = parts
+    date(year, month, day)  # raises for 2026-02-30
+    template, months = style
+    return template.format(day=day, month=months[month - 1], year=year)
+
+
+###############################################################################
+# Shipped data: vocabulary, layouts, carriers, earlier releases ###############
+###############################################################################
+#
+# The files shipped beside app.py that a merchant never needs to edit (vocabulary.toml,
+# layouts.toml, carriers.toml, history.toml), and how a contexts.toml's own tables of the
+# same name add to them. Uses the words and TOML checks above.
+
+LAYOUTS_FILE = HERE / "layouts.toml"  # the export layouts shipped with the service; contexts.toml adds its own
+VOCABULARY_FILE = HERE / "vocabulary.toml"  # header and status words of every language; contexts.toml adds its own
+HISTORY_FILE = HERE / "history.toml"  # what earlier releases shipped in contexts.toml, word for word
+CARRIERS_FILE = HERE / "carriers.toml"  # carriers' tracking pages; contexts.toml's [carriers] adds or changes some
+
+
+VOCABULARY_SECTIONS = ("headers", "words", "fields", "statuses", "dates", "relays")
+
+
+def parse_vocabulary(path, own, shipped):
+    """[vocabulary] of contexts.toml over the shipped vocabulary.toml: headers, header words, meanings, dates.
+
+    headers: field -> exact headers (contexts.toml's only, looked for like [columns]);
+    words: a HeaderWords (contexts.toml's words added to the shipped groups, its ways of
+    saying a field tried first); meanings: status word -> the word rules use (contexts.toml's
+    win); dates: language -> (format, months); relays: a marketplace's relay domain -> its
+    name. A file's own [columns] and rule words always come first.
+    """
+    sources = ((path, toml_table(path, "vocabulary", own), "vocabulary."), (VOCABULARY_FILE, shipped, ""))
+    for source, doc, prefix in sources:
+        for key in doc:
+            if key not in VOCABULARY_SECTIONS:
                 config_error(
-                    path, where, f"{problem}.", "Write [[ and ]] for square brackets that are part of the text."
+                    source, f"[{prefix}{key}]", "is not a known section.", f"It holds {', '.join(VOCABULARY_SECTIONS)}."
                 )
-            parts.append((current, optional))
-            current, optional = "", not optional
-        else:
-            current += char
-        i += 1
-    if optional:
-        config_error(
-            path, where, "has a [ without its ].", "Close the optional part with ], or write [[ for a bracket."
-        )
-    parts.append((current, False))
-    return [(part, optional) for part, optional in parts if part]
-
-
-def parse_rules(path, raw, templates):
-    """[[rules]]: in order; each names a template and the conditions for it."""
-    expect(path, "[[rules]]", raw, list, "a list of [[rules]] tables")
-    rules = []
-    for number, rule in enumerate(raw, 1):
-        where = f"[[rules]] number {number}"
-        expect(path, where, rule, dict, "a table with when and template")
-        unknown = set(rule) - {"when", "template"}
-        if unknown:
-            config_error(
-                path, where, f"has the unknown key {sorted(unknown)[0]!r}.", "A rule has only when and template."
+    headers, meanings, groups, sayings, never, dates, relays = {}, {}, {}, {}, {}, {}, {}
+    for source, doc, prefix in reversed(sources):  # the shipped words first, the merchant's added
+        for group, words in toml_table(source, f"{prefix}words", doc.get("words", {})).items():
+            said = toml_texts(source, f"[{prefix}words] {group}", words, '["tracking", "suivi"]')
+            groups[group] = groups.get(group, frozenset()) | frozenset(map(folded_phrase, said))
+    for source, doc, prefix in sources:  # the merchant's ways of saying a field tried first
+        for field_name, spec in toml_table(source, f"{prefix}fields", doc.get("fields", {})).items():
+            where = f"[{prefix}fields.{field_name}]"
+            spec = toml_value(source, where, spec, dict, '{ says = ["tracking + number"], never = ["url"] }')
+            sayings[field_name] = (
+                *sayings.get(field_name, ()),
+                *(
+                    parse_saying(source, where, text, groups)
+                    for text in toml_texts(source, f"{where} says", spec.get("says", []), '["order + number"]')
+                ),
             )
-        name = expect(path, f"{where} template", rule.get("template"), str, 'a template name, e.g. "shipped"')
-        if name not in templates or name in MESSAGES:
+            never[field_name] = never.get(field_name, frozenset()) | frozenset(
+                word
+                for text in toml_texts(source, f"{where} never", spec.get("never", []), '["invoice"]')
+                for word in groups.get(text, {folded_phrase(text)})
+            )
+        for field_name, names in parse_columns(source, doc.get("headers", {}), f"{prefix}headers").items():
+            headers[field_name] = (*headers.get(field_name, ()), *names)
+        for meaning, said in toml_table(source, f"{prefix}statuses", doc.get("statuses", {})).items():
+            for word in toml_texts(source, f"[{prefix}statuses] {meaning}", said, '["versendet", "expediee"]'):
+                meanings.setdefault(status_word(word), status_word(meaning))
+        for language, style in toml_table(source, f"{prefix}dates", doc.get("dates", {})).items():
+            dates.setdefault(language, parse_date_style(source, f"[{prefix}dates.{language}]", style))
+        for domain, marketplace in toml_table(source, f"{prefix}relays", doc.get("relays", {})).items():
+            relays.setdefault(
+                domain.strip().lower().strip("@."),
+                toml_value(source, f"[{prefix}relays] {domain}", marketplace, str, '"Amazon"'),
+            )
+    return {
+        "headers": headers,
+        "meanings": meanings,
+        "words": HeaderWords(groups, sayings, never),
+        "dates": dates,
+        "relays": relays,
+    }
+
+
+def parse_saying(path, where, text, groups):
+    """One way of saying a field, "tracking + number" or "= status", its groups checked against [words]."""
+    only = text.strip().startswith("=")
+    names = tuple(name.strip() for name in text.strip().lstrip("=").split("+"))
+    for name in names:
+        if name not in groups:
             config_error(
                 path,
-                f"{where} template",
-                f"names the template {name!r}, which does not exist.",
-                f"Templates: {', '.join(t for t in templates if t not in MESSAGES)}.",
+                f"{where} says",
+                f"{text!r} names {name!r}, which is no group of [words].",
+                f"Groups: {', '.join(sorted(groups))}.",
             )
-        conditions = []
-        for field_name, wanted in expect(
-            path, f"{where} when", rule.get("when", {}), dict, 'a table, e.g. { status = "shipped" }'
-        ).items():
-            conditions.append((field_name, condition(path, f"{where} when.{field_name}", wanted)))
-        rules.append(Rule(number, tuple(conditions), name))
-    return tuple(rules)
+    return Saying(names, only, text.strip())
 
 
-def condition(path, where, wanted):
-    """'*' means any non-empty value; a text or a list means one of those words."""
-    if wanted == "*":
-        return None
-    if isinstance(wanted, str):
-        wanted = [wanted]
-    expect(path, where, wanted, list, 'a word, a list of words, or "*" for any value')
-    for word in wanted:
-        expect(path, where, word, str, 'a word, a list of words, or "*" for any value')
-    return frozenset(status_word(w) for w in wanted)
+def parse_date_style(path, where, raw):
+    """[dates.LANGUAGE]: (format with {day} {month} {year}, the twelve month names)."""
+    raw = toml_value(path, where, raw, dict, '{ format = "{day} {month} {year}", months = ["Jan", ...] }')
+    months = toml_texts(path, f"{where} months", raw.get("months", []), '["Jan", "Feb", ...]')
+    if len(months) != 12:
+        config_error(path, f"{where} months", f"holds {len(months)} names.", "Give the twelve months, January first.")
+    style = toml_value(
+        path, f"{where} format", raw.get("format", "{day} {month} {year}"), str, '"{day} {month} {year}"'
+    )
+    placeholders(path, f"{where} format", style, {"day", "month", "year"})
+    return style, tuple(months)
+
+
+def retired_columns(columns, history):
+    """(the [columns] that are the merchant's own, [(field, its list)] that a release once shipped as it is)."""
+    own, retired = {}, []
+    for field_name, names in columns.items():
+        if list(names) in [list(shipped) for shipped in history.get(field_name, ())]:
+            retired.append((field_name, names))
+        else:
+            own[field_name] = names
+    return own, tuple(retired)
+
+
+def parse_columns(path, raw, section="columns"):
+    """[columns] (or a layout's columns): field -> the headers to look for, the first present wins."""
+    columns = {}
+    for name, headers in toml_table(path, section, raw).items():
+        where = f"[{section}] {name}"
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            config_error(path, where, "field names are lower case letters, digits and _.", "e.g. tracking_number.")
+        if isinstance(headers, str):
+            headers = [headers]
+        toml_value(path, where, headers, list, 'a list of headers such as ["Order Number", "Name"]')
+        for header in headers:
+            toml_value(path, where, header, str, 'a list of headers such as ["Order Number", "Name"]')
+        columns[name] = tuple(headers)
+    return columns
 
 
 def parse_carriers(path, raw):
     """[carriers]: carrier name -> tracking page with {tracking_number}; longest name first."""
     carriers = []
-    for name, url in table(path, "carriers", raw).items():
+    for name, url in toml_table(path, "carriers", raw).items():
         where = f"[carriers] {name}"
-        expect(path, where, url, str, 'a URL such as "https://www.ups.com/track?tracknum={tracking_number}"')
+        toml_value(path, where, url, str, 'a URL such as "https://www.ups.com/track?tracknum={tracking_number}"')
         if url:  # "" names a carrier whose page no link from the number alone reaches: no link, not another's
             if not url.startswith("https://"):
                 config_error(path, where, "must start with https://.", "The chat agent only shows secure links.")
@@ -1172,7 +823,7 @@ def parse_carriers(path, raw):
 
 def own_carrier_lines(path, own, shipped, history):
     """(the merchant's [carriers] as parsed, names of lines equal to a page the service ships or once shipped)."""
-    own = table(path, "carriers", own)
+    own = toml_table(path, "carriers", own)
     shipped_pages = {carrier_key(name): {url} for name, url in shipped.items()}
     for name, urls in history.items():
         shipped_pages.setdefault(carrier_key(name), set()).update(urls if isinstance(urls, list) else ())
@@ -1253,22 +904,24 @@ def merged_layout(shipped, raw):
 
 def parse_layouts(path, raw):
     """[layouts.NAME] tables: name -> Layout, each checked as strictly as the rest of the file."""
-    return {key: parse_layout(path, key, value) for key, value in table(path, "layouts", raw).items()}
+    return {key: parse_layout(path, key, value) for key, value in toml_table(path, "layouts", raw).items()}
 
 
 def parse_layout(path, key, raw):
     """One [layouts.NAME] table."""
     where = f"[layouts.{key}]"
-    expect(path, where, raw, dict, "a table with name, detect and columns")
+    toml_value(path, where, raw, dict, "a table with name, detect and columns")
     for name in raw:
         if name not in LAYOUT_KEYS:
             config_error(path, f"{where} {name}", "is not a known key.", f"Known: {', '.join(LAYOUT_KEYS)}.")
-    detect = texts(path, f"{where} detect", raw.get("detect"), '["Name", "Line: Type"]')
+    detect = toml_texts(path, f"{where} detect", raw.get("detect"), '["Name", "Line: Type"]')
     if not detect:
         config_error(path, f"{where} detect", "is empty.", "List the headers that only this kind of export has.")
-    rows = expect(path, f"{where} rows", raw.get("rows", {}), dict, '{ type = "Line: Type", items = ["Line Item"] }')
+    rows = toml_value(
+        path, f"{where} rows", raw.get("rows", {}), dict, '{ type = "Line: Type", items = ["Line Item"] }'
+    )
     words = lambda name: frozenset(
-        map(status_word, texts(path, f"{where} rows.{name}", rows.get(name, []), '["Line Item"]'))
+        map(status_word, toml_texts(path, f"{where} rows.{name}", rows.get(name, []), '["Line Item"]'))
     )
     if set(rows) - {"type", "items", "tracking", "other", "ignore"}:
         config_error(
@@ -1277,7 +930,7 @@ def parse_layout(path, key, raw):
             f"has the unknown key {sorted(set(rows) - {'type', 'items', 'tracking', 'other', 'ignore'})[0]!r}.",
             "It takes type, items, tracking, other and ignore.",
         )
-    ignore = expect(
+    ignore = toml_value(
         path, f"{where} rows.ignore", rows.get("ignore", {}), dict, '{ "Fulfillment: Status" = ["cancelled", "error"] }'
     )
     if set(rows) - {"ignore"} and not isinstance(rows.get("type"), str):
@@ -1287,12 +940,12 @@ def parse_layout(path, key, raw):
             "should name the column that says what each row is.",
             'e.g. type = "Line: Type".',
         )
-    statuses = expect(
+    statuses = toml_value(
         path, f"{where} statuses", raw.get("statuses", {}), dict, '{ status = { pending = "unfulfilled" } }'
     )
     return Layout(
         key=key,
-        name=expect(path, f"{where} name", raw.get("name", key), str, '"Matrixify orders export"'),
+        name=toml_value(path, f"{where} name", raw.get("name", key), str, '"Matrixify orders export"'),
         detect=detect,
         columns=parse_columns(path, raw.get("columns", {}), f"layouts.{key}.columns"),
         row_type=rows.get("type", ""),
@@ -1300,52 +953,47 @@ def parse_layout(path, key, raw):
         tracking_rows=words("tracking"),
         other_rows=words("other"),
         ignore_rows=tuple(
-            (header, frozenset(map(status_word, texts(path, f"{where} rows.ignore.{header}", said, '["cancelled"]'))))
+            (
+                header,
+                frozenset(map(status_word, toml_texts(path, f"{where} rows.ignore.{header}", said, '["cancelled"]'))),
+            )
             for header, said in ignore.items()
         ),
         items=parse_packed(path, f"{where} items", raw.get("items"), PACKED_KEYS["items"]),
         tracking=parse_packed(path, f"{where} tracking", raw.get("tracking"), PACKED_KEYS["tracking"]),
         statuses={
             field: {
-                status_word(k): status_word(expect(path, f"{where} statuses.{field}.{k}", v, str, '"unfulfilled"'))
-                for k, v in expect(path, f"{where} statuses.{field}", words_of, dict, "a table of words").items()
+                status_word(k): status_word(toml_value(path, f"{where} statuses.{field}.{k}", v, str, '"unfulfilled"'))
+                for k, v in toml_value(path, f"{where} statuses.{field}", words_of, dict, "a table of words").items()
             }
             for field, words_of in statuses.items()
         },
-        ignore_leading_zeros=expect(
+        ignore_leading_zeros=toml_value(
             path, f"{where} ignore_leading_zeros", raw.get("ignore_leading_zeros", False), bool, "true or false"
         ),
-        help=expect(path, f"{where} help", raw.get("help", ""), str, "a sentence in quotes"),
-        refuse=expect(path, f"{where} refuse", raw.get("refuse", ""), str, "a sentence in quotes"),
+        help=toml_value(path, f"{where} help", raw.get("help", ""), str, "a sentence in quotes"),
+        refuse=toml_value(path, f"{where} refuse", raw.get("refuse", ""), str, "a sentence in quotes"),
     )
-
-
-def texts(path, where, value, example):
-    """A list of texts (a single text counts as a list of one)."""
-    value = [value] if isinstance(value, str) else value
-    for text in expect(path, where, value, list, f"a list of texts such as {example}"):
-        expect(path, where, text, str, f"a list of texts such as {example}")
-    return tuple(value)
 
 
 def parse_packed(path, where, raw, names):
     """An items or tracking table of a layout: which cells pack entries, and how."""
     if raw is None:
         return None
-    expect(path, where, raw, dict, '{ columns = ["line_item_*"], pairs = "|", key = ":", name = "name" }')
+    toml_value(path, where, raw, dict, '{ columns = ["line_item_*"], pairs = "|", key = ":", name = "name" }')
     known = ("columns", "format", "between", "pairs", "key", "escape", *names)
     for name in raw:
         if name not in known:
             config_error(path, f"{where} {name}", "is not a known key.", f"Known: {', '.join(known)}.")
-    text = lambda name, default: expect(path, f"{where} {name}", raw.get(name, default), str, repr(default))
+    text = lambda name, default: toml_value(path, f"{where} {name}", raw.get(name, default), str, repr(default))
     packed = Packed(
-        columns=texts(path, f"{where} columns", raw.get("columns"), '["line_item_*"]'),
+        columns=toml_texts(path, f"{where} columns", raw.get("columns"), '["line_item_*"]'),
         format=text("format", "pairs"),
         between=text("between", ""),
         pairs=text("pairs", "|"),
         key=text("key", ":"),
         escape=text("escape", ""),
-        keys=tuple((name, texts(path, f"{where} {name}", raw.get(name, name), '"name"')) for name in names),
+        keys=tuple((name, toml_texts(path, f"{where} {name}", raw.get(name, name), '"name"')) for name in names),
     )
     if packed.format not in ("pairs", "count", "json"):
         config_error(path, f"{where} format", f"is {packed.format!r}.", 'Use "pairs", "count" or "json".')
@@ -1354,9 +1002,582 @@ def parse_packed(path, where, raw, names):
     return packed
 
 
+@dataclass(frozen=True)
+class HeaderWords:
+    """vocabulary.toml's header words: groups of words by meaning, and how each field's headers combine them."""
+
+    groups: dict  # group -> frozenset of folded words and phrases
+    sayings: dict  # field -> tuple of Sayings, best first
+    never: dict  # field -> frozenset of folded words and phrases that keep a header away from it
+
+    def reading(self, field_name, words):
+        """(rank, words besides, evidence) of the best way words say the field, or None."""
+        if self.rules_out(field_name, words):
+            return None
+        for rank, saying in enumerate(self.sayings.get(field_name, ())):
+            used = self.covers(saying.groups, words)
+            if used is None:
+                continue
+            rest = [w for at, w in enumerate(words) if at not in used[1] and w not in FILLER]
+            if saying.only and rest:
+                continue
+            return rank, len(rest), "header words: " + " + ".join(f'"{term}"' for term in used[0])
+        return None
+
+    def rules_out(self, field_name, words):
+        """True when the header holds a word (or phrase) that keeps it away from the field."""
+        never = self.never.get(field_name, frozenset())
+        return any(term in never for term, _ in phrases(words))
+
+    def covers(self, groups, words):
+        """(terms, word positions) where a term of each group is in words, or None.
+
+        A word may stand for two groups next to each other in the saying: a German or Dutch
+        compound made of a word of each ("Sendungsnummer", "Betaalstatus").
+        """
+        terms, used, at = [], set(), 0
+        while at < len(groups):
+            group = self.groups.get(groups[at], frozenset())
+            found = next(((term, spot) for term, spot in phrases(words) if term in group and not spot & used), None)
+            if found is None and at + 1 < len(groups):
+                found = self.compound(groups[at], groups[at + 1], words, used)
+                at += found is not None
+            if found is None:
+                return None
+            terms.append(found[0])
+            used |= found[1]
+            at += 1
+        return terms, used
+
+    def compound(self, first, second, words, used):
+        """(word, its position) of a word made of a word of first and one of second ('zahlungs'+'status'), or None."""
+        heads, tails = self.groups.get(first, frozenset()), self.groups.get(second, frozenset())
+        for at, word in enumerate(words):
+            if at in used or len(word) < 6:
+                continue
+            for cut in range(3, len(word) - 1):
+                head, tail = word[:cut], word[cut:]
+                if (head in heads or head.endswith("s") and head[:-1] in heads) and tail in tails:
+                    return word, {at}
+        return None
+
+
 ###############################################################################
-# Reading exports #############################################################
+# Configuration: contexts.toml ################################################
 ###############################################################################
+#
+# The merchant's file: settings, templates, rules, items, their own columns and carriers,
+# parsed into one Config with every key checked and every mistake named at once. Uses the
+# shipped data above.
+
+# Placeholders computed from an order rather than read from one column.
+DERIVED = {
+    "order_id": "the order number as written in the export, e.g. #1001",
+    "items": "the line items, e.g. 1 x Hat, 2 x Socks (without a count where the export gives none), less what the "
+    "export says was refunded",
+    "refunded_items": "what of the items was refunded, as the lines' refunded quantities say",
+    "refunds": "'all' when every line was refunded in full, 'some' when part of one was, as the lines' refunded "
+    "quantities say; else empty",
+    "no_shipping_items": "the lines that need no shipping (a download, a gift card), beside lines that do",
+    "item_count": "how many items in all, where every line's count is known",
+    "shipped_items": "what of the items has left, as the lines' statuses or shipped quantities say",
+    "unshipped_items": "what of the items has not left and still needs to",
+    "parcels": "each tracking number with the items on its row, where the export ties them",
+    "needs_shipping": "'no' when every line needs no shipping (a download, a gift card), as the export says",
+    "overdue": "'yes' when the order was placed more than [settings] overdue_days before the export",
+    "tracking_number": "the first tracking number",
+    "tracking_numbers": "every tracking number, comma-separated",
+    "tracking_url": "the tracking link (from a column, or built from [carriers])",
+    "records_updated": "until when the records hold orders: the export's time less [settings] export_lag_hours "
+    "(or a later webhook event's), e.g. 27 Nov 2026, 02:15 UTC",
+}
+# Templates the service answers with before or without finding an order.
+MESSAGES = {
+    "not_found": {"order_id", "records_updated"},
+    "missing": {"missing"},
+    "invalid": set(),
+    "not_an_email": set(),
+    "unavailable": set(),
+}
+# Messages added after contexts.toml files were made: a file without one answers with this.
+MESSAGE_DEFAULTS = {
+    "not_an_email": "No order could be looked up: what was given as the e-mail address is not one. Please ask the "
+    "customer again for the e-mail address used for the order.",
+}
+REQUIRED_FIELDS = ("order_id", "email")
+# Fields read per line item; every other field is per order.
+ITEM_FIELDS = (
+    "item_name",
+    "item_quantity",
+    "item_status",
+    "item_shipped_quantity",
+    "item_refunded_quantity",
+    "item_needs_shipping",
+    "item_variant",
+)
+# Fields read from every row of an order: its items and any tracking numbers.
+ROW_FIELDS = (*ITEM_FIELDS, "tracking_number")
+# Fields that derived placeholders are made from: always read when present.
+SOURCE_FIELDS = ("tracking_number", "carrier", "tracking_url")
+CONTEXTS_SECTIONS = ("settings", "columns", "items", "rules", "templates", "carriers", "layouts", "vocabulary")
+
+
+@dataclass(frozen=True)
+class Template:
+    """One answer text and the placeholders it names.
+
+    A part in [square brackets] is left out when a placeholder in it has no value, so
+    an answer says what the export shows only where it shows it: "has shipped[ on
+    {shipped_at}]". parts holds ((text, placeholders, optional), ...) for such a template.
+    """
+
+    name: str
+    text: str
+    fields: tuple[str, ...]
+    parts: tuple = ()
+    gates: tuple = ()  # the placeholders of the optional parts
+    written: str = dataclass_field(default="", compare=False)  # as contexts.toml writes it, [optional parts] and all
+    # Per answer, which optional parts show is told by whether their placeholders are filled;
+    # the text for each such combination is put together once, then only filled.
+    composed: dict = dataclass_field(default_factory=dict, compare=False, repr=False)
+
+    def fill(self, values):
+        """The text filled from values (placeholder -> text); optional parts only where all of theirs are filled."""
+        if not self.parts:
+            return self.text.format_map(values)
+        filled = tuple(map(bool, map(values.__getitem__, self.gates)))
+        text = self.composed.get(filled)
+        if text is None:
+            text = self.composed[filled] = "".join(
+                part for part, fields, optional in self.parts if not optional or all(map(values.__getitem__, fields))
+            )
+        return text.format_map(values)
+
+    def render(self, values):
+        """The text with each placeholder filled, dates made readable."""
+        return self.fill({f: readable(values[f].strip()) for f in self.fields})
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`when` conditions that, when all hold for an order, pick `template`."""
+
+    number: int
+    conditions: tuple[tuple[str, frozenset | None], ...]
+    template: str
+
+    def allows(self, words):
+        """True when every word condition holds for words (field -> status_word of its value)."""
+        return all(words.get(name, "") in wanted for name, wanted in self.conditions if wanted is not None)
+
+    @property
+    def needs_filled(self):
+        """The fields that the rule wants filled in ("*")."""
+        return tuple(name for name, wanted in self.conditions if wanted is None)
+
+
+def rule_words(rules, field_name=None):
+    """The words the rules name for a field (for any field when None): what a status column is known by."""
+    return {
+        word
+        for rule in rules
+        for name, words in rule.conditions
+        if words and field_name in (None, name)
+        for word in words
+    }
+
+
+@dataclass(frozen=True)
+class Config:
+    """contexts.toml, checked: everything the service needs to word answers."""
+
+    path: Path
+    columns: dict
+    rules: tuple
+    templates: dict
+    carriers: tuple
+    default_template: str
+    item_format: str
+    item_part: str
+    item_separator: str
+    no_items: str
+    shipped_item_statuses: frozenset
+    max_age_hours: float
+    overdue_days: float
+    min_orders_ratio: float
+    max_vanished_ratio: float
+    export_lag_hours: float
+    sheet: str
+    timezone: object  # a zoneinfo.ZoneInfo: the merchant's, for the times answers show
+    layouts: tuple = ()  # Layouts, contexts.toml's first, then the shipped ones
+    headers: dict = None  # field -> exact headers of [vocabulary.headers], looked for after [columns]'
+    meanings: dict = None  # status word in another language -> the word rules use (vocabulary.toml)
+    words: object = None  # HeaderWords: how headers say each field (vocabulary.toml [words], [fields])
+    dates: dict = None  # language -> (format, months) of the dates answers write (vocabulary.toml [dates])
+    relays: dict = None  # a marketplace's relay e-mail domain -> its name (vocabulary.toml [relays])
+    language: str = "en"  # [settings] language: the language of the templates, for their dates
+    retired: tuple = ()  # (field, headers) of [columns] lines that are an earlier release's list, not the merchant's
+    promising: tuple = ()  # (template, what it promises) of templates that are word for word an earlier release's
+    earlier_rules: bool = False  # [[rules]] are word for word an earlier release's list (history.toml [rules])
+    retired_carriers: tuple = ()  # [carriers] names whose page is one the service ships or once shipped
+
+    @property
+    def fields_used(self):
+        """Every placeholder or rule field that some order answer needs."""
+        # Not the email: it is the index's key, so an order keeps it only where an answer shows it.
+        used = {"order_id"} | set(SOURCE_FIELDS) | set(ITEM_FIELDS)
+        for name, template in self.templates.items():
+            if name not in MESSAGES:
+                used.update(template.fields)
+        for rule in self.rules:
+            used.update(name for name, _ in rule.conditions)
+        return used
+
+
+def load_config(path):
+    """Read and check contexts.toml (and the shipped data files); raise ConfigError naming file, key and fix."""
+    path = Path(path)
+    shipped = {
+        name: read_toml(file) if file.exists() else {}
+        for name, file in (
+            ("layouts", LAYOUTS_FILE),
+            ("vocabulary", VOCABULARY_FILE),
+            ("history", HISTORY_FILE),
+            ("carriers", CARRIERS_FILE),
+        )
+    }
+    return parse_config(
+        path, read_toml(path), shipped["layouts"], shipped["vocabulary"], shipped["history"], shipped["carriers"]
+    )
+
+
+def parse_config(path, doc, shipped=None, words=None, history=None, carriers=None):
+    """Turn a parsed contexts.toml (and the shipped layouts, vocabulary, history and carriers) into a Config,
+    checking every key."""
+    shipped = shipped or {}
+    for key in doc:
+        if key not in CONTEXTS_SECTIONS:
+            config_error(
+                path, f"[{key}]", "is not a known section.", f"Known sections: {', '.join(CONTEXTS_SECTIONS)}."
+            )
+    for key in shipped:
+        if key not in ("layouts",):
+            config_error(LAYOUTS_FILE, f"[{key}]", "is not a section this file holds.", "It holds [layouts.*].")
+    for key in carriers or {}:
+        if key != "carriers":
+            config_error(CARRIERS_FILE, f"[{key}]", "is not a section this file holds.", "It holds [carriers].")
+    settings = parse_settings(path, doc.get("settings", {}))
+    vocabulary = parse_vocabulary(path, doc.get("vocabulary", {}), words or {})
+    columns, retired = retired_columns(parse_columns(path, doc.get("columns", {})), (history or {}).get("columns", {}))
+    # A layout in contexts.toml changes the shipped one of its name, key by key (its columns
+    # field by field); the merchant's are tried first.
+    own = toml_table(path, "layouts", doc.get("layouts", {}))
+    ours = toml_table(LAYOUTS_FILE, "layouts", shipped.get("layouts", {}))
+    layouts = {
+        **parse_layouts(LAYOUTS_FILE, ours),
+        **parse_layouts(path, {key: merged_layout(ours.get(key), raw) for key, raw in own.items()}),
+    }
+    items = parse_items(path, doc.get("items", {}))
+    templates = parse_templates(path, doc.get("templates", {}))
+    rules = parse_rules(path, doc.get("rules", []), templates)
+    own_carriers, retired_carriers = own_carrier_lines(
+        path, doc.get("carriers", {}), (carriers or {}).get("carriers", {}), (history or {}).get("carriers", {})
+    )
+    check_meanings(path, toml_table(path, "vocabulary", doc.get("vocabulary", {})).get("statuses", {}), rules)
+    default = settings["default_template"] or ("found" if "found" in templates else "processing")
+    if default not in templates:
+        config_error(
+            path,
+            "[settings] default_template",
+            f"names the template {default!r}, which does not exist.",
+            f"Templates: {', '.join(templates)}.",
+        )
+    return Config(
+        path=path,
+        columns=columns,
+        rules=rules,
+        templates=templates,
+        carriers=merged_carriers(parse_carriers(CARRIERS_FILE, (carriers or {}).get("carriers", {})), own_carriers),
+        retired_carriers=retired_carriers,
+        default_template=default,
+        item_format=items["format"],
+        item_part=items["part"],
+        item_separator=items["separator"],
+        no_items=items["none"],
+        shipped_item_statuses=frozenset(status_word(s) for s in items["shipped"]),
+        max_age_hours=settings["max_age_hours"],
+        overdue_days=settings["overdue_days"],
+        min_orders_ratio=settings["min_orders_ratio"],
+        max_vanished_ratio=settings["max_vanished_ratio"],
+        export_lag_hours=settings["export_lag_hours"],
+        sheet=settings["sheet"],
+        timezone=parse_timezone(path, settings["timezone"]),
+        layouts=tuple(sorted(layouts.values(), key=lambda layout: layout.key not in own)),
+        language=parse_language(path, settings["language"], vocabulary["dates"]),
+        retired=retired,
+        **vocabulary,
+        promising=promising_templates(templates, (history or {}).get("templates", [])),
+        earlier_rules=rules_digest(doc.get("rules", [])) in (history or {}).get("rules", {}).get("earlier", ()),
+    )
+
+
+def rules_digest(rules):
+    """The SHA-256 of a [[rules]] list as TOML reads it (JSON, keys sorted): how history.toml names a release's."""
+    return hashlib.sha256(json.dumps(rules, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+STATUS_MEANINGS = (
+    "shipped",
+    "processing",
+    "delivered",
+    "cancelled",
+    "refunded",
+    "on hold",
+    "returned",
+    "ready for pickup",
+    "pending payment",
+)
+
+
+def check_meanings(path, statuses, rules):
+    """Each meaning [vocabulary.statuses] gives a word must be a word some rule names, else the word changes nothing."""
+    named = rule_words(rules)
+    for meaning in statuses if isinstance(statuses, dict) else ():
+        if status_word(meaning) not in named:
+            config_error(
+                path,
+                f"[vocabulary.statuses] {meaning}",
+                "is no word a rule names, so it would change no answer.",
+                "Put the true meaning in its place, one of: " + ", ".join(STATUS_MEANINGS) + ".",
+            )
+
+
+def promising_templates(templates, shipped):
+    """(name, promise) of each template that is word for word an earlier release's answer promising what no export
+    holds (history.toml [[templates]])."""
+    return tuple(
+        (entry["name"], entry["promises"])
+        for entry in shipped
+        if isinstance(entry, dict)
+        and entry.get("name") in templates
+        and templates[entry["name"]].written == entry.get("text")
+    )
+
+
+def parse_language(path, name, dates):
+    """[settings] language: one that vocabulary.toml [dates] (or contexts.toml's) knows how to write dates in."""
+    if dates and name not in dates:
+        config_error(
+            path,
+            "[settings] language",
+            f"{name!r} is not a language whose dates the service can write.",
+            f"Use one of {', '.join(sorted(dates))}, or add [vocabulary.dates.{name}].",
+        )
+    return name
+
+
+def parse_timezone(path, name):
+    """[settings] timezone: an IANA name such as Europe/Berlin, for the times that answers show."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        config_error(
+            path,
+            "[settings] timezone",
+            f"{name!r} is not a time zone this machine knows.",
+            'Use an IANA name such as "Europe/Berlin", "America/New_York" or "UTC".',
+        )
+
+
+SETTING_DEFAULTS = {
+    "default_template": "",  # "found" where the templates have it, else "processing" (files made before it)
+    "max_age_hours": 26.0,
+    "min_orders_ratio": 0.5,
+    "max_vanished_ratio": 0.2,
+    "export_lag_hours": 1.0,
+    "sheet": "",
+    "timezone": "UTC",
+    "language": "en",  # the templates': how their dates are written (vocabulary.toml [dates])
+    "overdue_days": 30.0,  # an order not shipped this long after it was placed is not worded as if it ships soon
+}
+
+
+def parse_settings(path, raw):
+    """[settings]: default template, freshness, shrink guards, XLSX sheet, time zone."""
+    raw = toml_table(path, "settings", raw)
+    out = dict(SETTING_DEFAULTS)
+    for key, value in raw.items():
+        if key not in SETTING_DEFAULTS:
+            config_error(path, f"[settings] {key}", "is not a known setting.", f"Known: {', '.join(SETTING_DEFAULTS)}.")
+        default = SETTING_DEFAULTS[key]
+        kind = (int, float) if isinstance(default, float) else str
+        out[key] = toml_value(path, f"[settings] {key}", value, kind, f"like {default!r}")
+    if out["max_age_hours"] <= 0:
+        config_error(path, "[settings] max_age_hours", "must be more than 0.", "A nightly export wants 26.")
+    if not 0 <= out["min_orders_ratio"] <= 1:
+        config_error(
+            path, "[settings] min_orders_ratio", "must be between 0 and 1.", "0.5 refuses an export half the size."
+        )
+    if not 0 <= out["max_vanished_ratio"] <= 1:
+        config_error(
+            path,
+            "[settings] max_vanished_ratio",
+            "must be between 0 and 1.",
+            "0.2 refuses an export that lacks a fifth of the orders being served.",
+        )
+    if not 0 <= out["export_lag_hours"] <= 48:
+        config_error(
+            path,
+            "[settings] export_lag_hours",
+            "must be between 0 and 48.",
+            "1 suits an export that takes up to an hour to make.",
+        )
+    return out
+
+
+ITEM_DEFAULTS = {
+    "format": "{quantity} x {name}",
+    "part": "part of {item}",  # a line the export says left in part, without saying how much
+    "separator": ", ",
+    "none": "the items ordered",
+    "shipped": ["fulfilled", "shipped", "delivered"],
+}
+
+
+def parse_items(path, raw):
+    """[items]: how line items are listed and which item statuses mean shipped."""
+    out = dict(ITEM_DEFAULTS)
+    for key, value in toml_table(path, "items", raw).items():
+        if key not in ITEM_DEFAULTS:
+            config_error(path, f"[items] {key}", "is not a known setting.", f"Known: {', '.join(ITEM_DEFAULTS)}.")
+        kind = list if key == "shipped" else str
+        out[key] = toml_value(path, f"[items] {key}", value, kind, f"like {ITEM_DEFAULTS[key]!r}")
+        for word in out[key] if kind is list else ():
+            toml_value(path, f"[items] {key}", word, str, f"a list of words like {ITEM_DEFAULTS[key]!r}")
+    placeholders(path, "[items] format", out["format"], {"quantity", "name"})
+    placeholders(path, "[items] part", out["part"], {"item"})
+    return out
+
+
+def parse_templates(path, raw):
+    """[templates]: name -> text; the message templates must be present."""
+    templates = {}
+    for name, text in toml_table(path, "templates", raw).items():
+        where = f"[templates] {name}"
+        toml_value(path, where, text, str, 'a text in quotes, e.g. "Order {order_id} was found."')
+        templates[name] = parse_template(path, where, name, text, MESSAGES.get(name))
+    for name, text in MESSAGE_DEFAULTS.items():
+        if name not in templates:
+            templates[name] = parse_template(path, f"[templates] {name}", name, text, MESSAGES[name])
+    for name, allowed in MESSAGES.items():
+        if name not in templates:
+            shown = f" It may use {braced(sorted(allowed))}." if allowed else ""
+            config_error(
+                path,
+                f"[templates] {name}",
+                "is missing; the service needs it to answer.",
+                f'Add {name} = "...".{shown}',
+            )
+    return templates
+
+
+def parse_template(path, where, name, text, allowed):
+    """A Template from its text: placeholders checked, [optional] parts found."""
+    split = optional_parts(path, where, text)
+    parts = tuple((part, placeholders(path, where, part, allowed), optional) for part, optional in split)
+    for part, fields, optional in parts:
+        if optional and not fields:
+            config_error(
+                path,
+                where,
+                f"[{part}] has no placeholder, so it would always show.",
+                "Write [[ and ]] for square brackets that are part of the text.",
+            )
+    fields = tuple(dict.fromkeys(f for _, names, _ in parts for f in names))
+    plain = "".join(part for part, _ in split)
+    if not any(optional for _, optional in split):
+        return Template(name, plain, fields, written=text)
+    gates = tuple(dict.fromkeys(f for _, names, optional in parts if optional for f in names))
+    return Template(name, plain, fields, parts, gates, written=text)
+
+
+def optional_parts(path, where, text):
+    """text split at [ and ] into (part, optional) pairs; [[ and ]] stand for the brackets themselves."""
+    parts, current, optional, i = [], "", False, 0
+    while i < len(text):
+        pair, char = text[i : i + 2], text[i]
+        if pair in ("[[", "]]"):
+            current, i = current + char, i + 2
+            continue
+        if char in "[]":
+            if (char == "[") == optional:
+                problem = "has a [ inside another [ ]" if optional else "has a ] without its ["
+                config_error(
+                    path, where, f"{problem}.", "Write [[ and ]] for square brackets that are part of the text."
+                )
+            parts.append((current, optional))
+            current, optional = "", not optional
+        else:
+            current += char
+        i += 1
+    if optional:
+        config_error(
+            path, where, "has a [ without its ].", "Close the optional part with ], or write [[ for a bracket."
+        )
+    parts.append((current, False))
+    return [(part, optional) for part, optional in parts if part]
+
+
+def parse_rules(path, raw, templates):
+    """[[rules]]: in order; each names a template and the conditions for it."""
+    toml_value(path, "[[rules]]", raw, list, "a list of [[rules]] tables")
+    rules = []
+    for number, rule in enumerate(raw, 1):
+        where = f"[[rules]] number {number}"
+        toml_value(path, where, rule, dict, "a table with when and template")
+        unknown = set(rule) - {"when", "template"}
+        if unknown:
+            config_error(
+                path, where, f"has the unknown key {sorted(unknown)[0]!r}.", "A rule has only when and template."
+            )
+        name = toml_value(path, f"{where} template", rule.get("template"), str, 'a template name, e.g. "shipped"')
+        if name not in templates or name in MESSAGES:
+            config_error(
+                path,
+                f"{where} template",
+                f"names the template {name!r}, which does not exist.",
+                f"Templates: {', '.join(t for t in templates if t not in MESSAGES)}.",
+            )
+        conditions = []
+        for field_name, wanted in toml_value(
+            path, f"{where} when", rule.get("when", {}), dict, 'a table, e.g. { status = "shipped" }'
+        ).items():
+            conditions.append((field_name, condition(path, f"{where} when.{field_name}", wanted)))
+        rules.append(Rule(number, tuple(conditions), name))
+    return tuple(rules)
+
+
+def condition(path, where, wanted):
+    """'*' means any non-empty value; a text or a list means one of those words."""
+    if wanted == "*":
+        return None
+    if isinstance(wanted, str):
+        wanted = [wanted]
+    toml_value(path, where, wanted, list, 'a word, a list of words, or "*" for any value')
+    for word in wanted:
+        toml_value(path, where, word, str, 'a word, a list of words, or "*" for any value')
+    return frozenset(status_word(w) for w in wanted)
+
+
+###############################################################################
+# Reading files: formats, encodings, delimiters, workbooks ####################
+###############################################################################
+#
+# From a file on disk to rows of text: which files are exports (by name and by content),
+# CSV in any encoding and delimiter, XLSX read row by row, title lines, damaged bytes.
+# Uses the settings and configuration above.
 
 # A name that says "export" makes the file the merchant's export, whatever it holds (a
 # failed download named orders.csv is refused, visibly); a .txt or a name without an
@@ -1372,7 +1593,10 @@ SNIFF_BYTES = 65536
 # Spreadsheet files recognised but not read, and what to do instead. Merchants meet .xls
 # and .ods rarely (every platform here writes CSV or XLSX); reading them would take a
 # library each (xlrd, odfpy) for what one "Save as" in Excel or LibreOffice does.
-SAVE_AS = "Open it in Excel or LibreOffice and save it as CSV (UTF-8) or Excel Workbook (.xlsx), or export the orders as CSV or XLSX."
+SAVE_AS = (
+    "Open it in Excel or LibreOffice and save it as CSV (UTF-8) or Excel Workbook (.xlsx), "
+    "or export the orders as CSV or XLSX."
+)
 NOT_READ = {
     "xls": f"is an old Excel workbook (.xls), which is not read here. {SAVE_AS}",
     "ods": f"is an OpenDocument spreadsheet (.ods), which is not read here. {SAVE_AS}",
@@ -1519,7 +1743,7 @@ class Table:
     rows: object
     line: object = lambda: None
     plain: bool = False
-    marked: bool = True  # a cell may hold a spreadsheet's mark or damage (see marks); a workbook's may
+    marked: bool = True  # a cell may hold a spreadsheet's mark or damage (see count_marks); a workbook's may
     cut_off: object = lambda last, width: ""
     lost: list = dataclass_field(default_factory=lambda: [0])  # [count] of a workbook's numbers too long to be exact
 
@@ -1623,7 +1847,9 @@ class Scan:
     plain: bool  # no byte that separates packed cells (see Packer): orders need no check
     long_line: bool  # some line is longer than READ_BUFFER: refused before csv builds it in memory
     ends_open: bool  # the last byte is not a line end: the file may have been cut mid-row
-    marked: bool = True  # bytes of a spreadsheet's mark or damage (="..., E+, .0,): cells are looked at (see marks)
+    marked: bool = (
+        True  # bytes of a spreadsheet's mark or damage (="..., E+, .0,): cells are looked at (see count_marks)
+    )
 
 
 def scan_csv(binary):
@@ -1777,7 +2003,7 @@ def sheet_rows(worksheet, lost=None, path=None, header_score=None):
             return
     if header_score and not header_score(above[-1][1]):
         above = above[:1]  # no row reads as a header: the first is taken, as it always was
-    number, header = above[-1]
+    header_number, header = above[-1]
     width = header_width(header)
     for _, cells in above:
         yield cells[:width]
@@ -1785,7 +2011,8 @@ def sheet_rows(worksheet, lost=None, path=None, header_score=None):
     empty = (None,) * width  # the row openpyxl makes up for every row missing from the file
     # openpyxl makes up every row missing before a row the file numbers: <row r="999999999999">
     # in a 6 KB file would be a day of made-up rows. No sheet has more than EXCEL_ROWS.
-    for number, row in enumerate(worksheet.iter_rows(min_row=number + 1, max_col=width, values_only=True), number + 1):
+    following = worksheet.iter_rows(min_row=header_number + 1, max_col=width, values_only=True)
+    for number, row in enumerate(following, header_number + 1):
         if number > EXCEL_ROWS:
             export_error(
                 path or "the workbook",
@@ -1868,8 +2095,14 @@ def cell_text(value, lost=None):
 
 
 ###############################################################################
-# Dates: every form exports write, read per column ############################
+# Cells: dates, damaged numbers, field shapes, matching keys ##################
 ###############################################################################
+#
+# One cell at a time: the dates exports write and which way round a column writes them,
+# numbers a spreadsheet damaged, the shapes of an email, an order number, a tracking number,
+# and the normalised order number and email that lookups match on.
+
+# Dates: every form exports write, read per column ############################
 #
 # '2026-11-28 10:00 -0400', '7/25/2018 21:06', '2/20/12 4:02 PM', '24/10/2025',
 # '16-05-2018 07:21:32', '05.11.2025', 'Jan-18-16', '18 Jan 2016', an Excel serial day.
@@ -2039,40 +2272,6 @@ def serial_day(text):
     return day.year, day.month, day.day
 
 
-###############################################################################
-# Columns: header words and cell content ######################################
-###############################################################################
-#
-# Which column feeds which field. A layout (layouts.toml) or [columns] of contexts.toml
-# may name the header exactly; every other field is found by the words of the headers
-# (vocabulary.toml [words] and [fields]), then confirmed by what the cells hold. Uses the
-# configuration above: Config.words, its exact columns, layouts; and header_key.
-
-# Fields in the order they take a column: the specific before the general, so that
-# "Item Qty Shipped" is the shipped quantity before any quantity may take it.
-FIELD_ORDER = (
-    "order_id",
-    "email",
-    "item_shipped_quantity",
-    "item_refunded_quantity",
-    "item_quantity",
-    "item_needs_shipping",
-    "item_variant",
-    "tracking_url",
-    "tracking_number",
-    "carrier",
-    "status",
-    "order_state",
-    "financial_status",
-    "shipment_status",
-    "item_status",
-    "cancelled_at",
-    "shipped_at",
-    "estimated_delivery",
-    "order_date",
-    "shipping_method",
-    "item_name",
-)
 # What the cells of each field must look like (see cells_fit).
 FIELD_CONTENT = {
     "order_id": "id",
@@ -2097,106 +2296,9 @@ FIELD_CONTENT = {
     "item_needs_shipping": "flag",
     "item_variant": "text",
 }
-# Small words a header may hold besides the ones that say its field ("Número de orden").
-FILLER = frozenset(
-    "de del la el los las do da dos das du des le les of the a an di della dell van het der die den "
-    "y e et und and per por para pour zum zur von al au aux in en z w na do by".split()
-)
-CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
-NUMBER_SIGN = re.compile(r"#|\bn\s*\.?\s*o\b(?=\s*[^a-z]|\s+de\b|\s+di\b|$)")  # "#", "N°", "Nº", "N.º" (after folding)
-WORD_SPLIT = re.compile(r"[^0-9a-z]+")
 
 
-def header_words(header):
-    """A header's words as the vocabulary reads them: 'N° de suivi' -> ('number', 'de', 'suivi')."""
-    text = unaccented(CAMEL.sub(" ", str(header))).casefold().replace("_", " ")  # "Order_No" is "Order No"
-    text = NUMBER_SIGN.sub(" number ", text).replace("e-mail", "email").replace("e mail", "email")
-    return tuple(word for word in WORD_SPLIT.split(text) if word)
-
-
-def folded_phrase(text):
-    """A vocabulary entry as header_words reads it, its words joined by one space."""
-    return " ".join(header_words(text))
-
-
-@dataclass(frozen=True)
-class Saying:
-    """One way a header says a field: a word of each group, in any order ("tracking + number"), or, when only,
-    nothing but them (a few small words aside: "= status")."""
-
-    groups: tuple[str, ...]
-    only: bool
-    text: str  # as vocabulary.toml writes it
-
-
-@dataclass(frozen=True)
-class HeaderWords:
-    """vocabulary.toml's header words: groups of words by meaning, and how each field's headers combine them."""
-
-    groups: dict  # group -> frozenset of folded words and phrases
-    sayings: dict  # field -> tuple of Sayings, best first
-    never: dict  # field -> frozenset of folded words and phrases that keep a header away from it
-
-    def reading(self, field_name, words):
-        """(rank, words besides, evidence) of the best way words say the field, or None."""
-        if self.rules_out(field_name, words):
-            return None
-        for rank, saying in enumerate(self.sayings.get(field_name, ())):
-            used = self.covers(saying.groups, words)
-            if used is None:
-                continue
-            rest = [w for at, w in enumerate(words) if at not in used[1] and w not in FILLER]
-            if saying.only and rest:
-                continue
-            return rank, len(rest), "header words: " + " + ".join(f'"{term}"' for term in used[0])
-        return None
-
-    def rules_out(self, field_name, words):
-        """True when the header holds a word (or phrase) that keeps it away from the field."""
-        never = self.never.get(field_name, frozenset())
-        return any(term in never for term, _ in phrases(words))
-
-    def covers(self, groups, words):
-        """(terms, word positions) where a term of each group is in words, or None.
-
-        A word may stand for two groups next to each other in the saying: a German or Dutch
-        compound made of a word of each ("Sendungsnummer", "Betaalstatus").
-        """
-        terms, used, at = [], set(), 0
-        while at < len(groups):
-            group = self.groups.get(groups[at], frozenset())
-            found = next(((term, spot) for term, spot in phrases(words) if term in group and not spot & used), None)
-            if found is None and at + 1 < len(groups):
-                found = self.compound(groups[at], groups[at + 1], words, used)
-                at += found is not None
-            if found is None:
-                return None
-            terms.append(found[0])
-            used |= found[1]
-            at += 1
-        return terms, used
-
-    def compound(self, first, second, words, used):
-        """(word, its position) of a word made of a word of first and one of second ('zahlungs'+'status'), or None."""
-        heads, tails = self.groups.get(first, frozenset()), self.groups.get(second, frozenset())
-        for at, word in enumerate(words):
-            if at in used or len(word) < 6:
-                continue
-            for cut in range(3, len(word) - 1):
-                head, tail = word[:cut], word[cut:]
-                if (head in heads or head.endswith("s") and head[:-1] in heads) and tail in tails:
-                    return word, {at}
-        return None
-
-
-def phrases(words):
-    """(phrase, its word positions) of every run of one to three words, for entries such as "track trace"."""
-    for size in (1, 2, 3):
-        for at in range(len(words) - size + 1):
-            yield " ".join(words[at : at + size]), set(range(at, at + size))
-
-
-# Cell content #################################################################
+# Cell content: the shapes of each field ######################################
 
 EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 # Short codes, with at most one inner space ("AB 10023", as some ERPs write them).
@@ -2215,7 +2317,7 @@ def cells_fit(kind, values, known=frozenset()):
     filled = [v for v in (spreadsheet_text(v) for v in values) if v]
     if not filled:
         return None, "no cell filled in the first rows"
-    share = lambda test: sum(1 for v in filled if test(v)) / len(filled)  # noqa: E731
+    share = lambda test: sum(1 for v in filled if test(v)) / len(filled)
     distinct = len(set(filled))
     example = printable(max(filled, key=len))[:24]
     if kind == "email":  # half: a shop's "n/a" or "-" for orders taken by phone does not make it another column
@@ -2267,7 +2369,84 @@ def quantity_value(text):
     return number if 0 <= number <= 1_000_000 else None
 
 
-# Content alone: for a required field no header says ###########################
+def normalise_order_id(value):
+    """'#1001', ' # 1001 ', '1001' and the spreadsheet's '1001.0' are all '1001'."""
+    if value.isalnum():  # the usual case, without a regex: 1001, SO12
+        return value.casefold()
+    if value[1:].isalnum() and value[0] == "#":  # Shopify's #1001
+        return value[1:].casefold()
+    value = value.strip()
+    value = re.sub(r"^(#?\s*\d+)\.0+$", r"\1", value)
+    return re.sub(r"[\W_]+", "", value).casefold()
+
+
+def without_leading_zeros(value):
+    """normalise_order_id, and an all-digit number without its leading zeros: 000000123 is 123."""
+    key = normalise_order_id(value)
+    return key.lstrip("0") or key if key.isdigit() else key
+
+
+def normalise_email(value):
+    """Emails compare trimmed and without case; a space inside is a "+" a caller left unencoded.
+
+    An address has no spaces, but a query string turns an unencoded "+" (jo+shop@example.com,
+    as many shoppers sign up) into one.
+    """
+    return value.strip().casefold().replace(" ", "+")
+
+
+def index_key(order_key, email_key):
+    """The index's key from a normalised order number and email: one probe finds both or neither.
+
+    Bytes, not text: 16 bytes less per order for Python's object header (8 MB at 500,000).
+    """
+    return f"{order_key}\x1f{email_key}".encode()
+
+
+# How exports write yes and no in a column such as "Lineitem requires shipping" or "Producto Físico".
+FLAGS = {
+    **dict.fromkeys(("true", "yes", "y", "1", "si", "sim", "ja", "oui", "wahr", "tak"), True),
+    **dict.fromkeys(("false", "no", "n", "0", "nein", "non", "nao", "nee", "nie", "falsch"), False),
+}
+
+
+SEVERAL = re.compile(r"[,;|\n]+")  # several tracking numbers in one cell
+
+
+###############################################################################
+# Columns: header words and cell content ######################################
+###############################################################################
+#
+# Which column feeds which field. A layout (layouts.toml) or [columns] of contexts.toml may
+# name the header exactly; every other field is found by the words of the headers
+# (vocabulary.toml [words] and [fields]), then confirmed by what the cells hold. Uses the
+# configuration, the words and the cells above.
+
+# Fields in the order they take a column: the specific before the general, so that
+# "Item Qty Shipped" is the shipped quantity before any quantity may take it.
+FIELD_ORDER = (
+    "order_id",
+    "email",
+    "item_shipped_quantity",
+    "item_refunded_quantity",
+    "item_quantity",
+    "item_needs_shipping",
+    "item_variant",
+    "tracking_url",
+    "tracking_number",
+    "carrier",
+    "status",
+    "order_state",
+    "financial_status",
+    "shipment_status",
+    "item_status",
+    "cancelled_at",
+    "shipped_at",
+    "estimated_delivery",
+    "order_date",
+    "shipping_method",
+    "item_name",
+)
 
 
 @dataclass(frozen=True)
@@ -2358,7 +2537,7 @@ def status_fits(config, values, count, layout):
     """Columns whose filled cells are mostly status words the rules or the vocabulary know."""
     # The words the rules read in the status field, and the words that mean one of them: a
     # payment column ("bezahlt") is not taken for the order's state.
-    known = {w for rule in config.rules for name, words in rule.conditions if name == "status" and words for w in words}
+    known = rule_words(config.rules, "status")
     known |= {word for word, meaning in (config.meanings or {}).items() if meaning in known}
     known |= set((layout.statuses if layout else {}).get("status", {}))
     fits = []
@@ -2396,19 +2575,16 @@ def proposal_text(config, header, found):
     return "\n".join(lines)
 
 
-# Choosing ######################################################################
-
-
 def header_positions(header):
     """({loose header key: its first column}, {key: the headers that read alike}) of a file's header."""
-    positions, alike = {}, {}
+    positions, alike_headers = {}, {}
     for index, text in enumerate(header):
         key = header_key(text)
         if key in positions:
-            alike.setdefault(key, [header[positions[key]].strip()]).append(text.strip())
+            alike_headers.setdefault(key, [header[positions[key]].strip()]).append(text.strip())
         else:
             positions[key] = index
-    return positions, alike
+    return positions, alike_headers
 
 
 @dataclass(frozen=True)
@@ -2446,7 +2622,7 @@ def choose_columns(config, layout, header, sample, previous=None, reserved=()):
     """
     positions, _ = header_positions(header)
     sample = data_rows(sample, header)
-    values = lambda column: [row[column] if column < len(row) else "" for row in sample]  # noqa: E731
+    values = lambda column: [row[column] if column < len(row) else "" for row in sample]
     chosen, evidence, others, contradicted, taken = {}, {}, {}, [], set(reserved)
 
     def take(field_name, column, why):
@@ -2552,14 +2728,18 @@ def exact_columns(config, layout):
 
 def known_statuses(config, layout):
     """The status words the rules name, the vocabulary's words for them, and the layout's own."""
-    known = {w for rule in config.rules for _, words in rule.conditions if words for w in words}
+    known = rule_words(config.rules)
     known |= {word for word, meaning in (config.meanings or {}).items() if meaning in known}
     return known | {w for words in ((layout.statuses or {}) if layout else {}).values() for w in words}
 
 
 ###############################################################################
-# Building the index ##########################################################
+# The plan: the columns chosen, checked against the templates #################
 ###############################################################################
+#
+# A Plan says, for one export's header, where each field is read and what the templates may
+# show; refusals name the missing column and the headers the file does have. Uses the
+# columns above.
 
 
 @dataclass(frozen=True)
@@ -2579,7 +2759,7 @@ class Plan:
     item_columns: tuple[int, ...] = ()  # cells that pack items
     tracking_columns: tuple[int, ...] = ()  # cells that pack tracking entries
     competing: tuple = ()  # (field, header chosen, other headers that fit), for check
-    alike: tuple = ()  # (header, header, ...) of columns whose headers read alike, for check
+    headers_alike: tuple = ()  # (header, header, ...) of columns whose headers read alike, for check
     ignore_leading_zeros: bool = False
     ignore_rows: tuple = ()  # (column, status_word()s): rows left out, e.g. a cancelled parcel's
     senses: dict = None  # the layout's statuses: field -> {its word: the word rules use}
@@ -2596,40 +2776,6 @@ class Plan:
         return self.type_column is not None or bool(self.item_columns or self.tracking_columns)
 
 
-def normalise_order_id(value):
-    """'#1001', ' # 1001 ', '1001' and the spreadsheet's '1001.0' are all '1001'."""
-    if value.isalnum():  # the usual case, without a regex: 1001, SO12
-        return value.casefold()
-    if value[1:].isalnum() and value[0] == "#":  # Shopify's #1001
-        return value[1:].casefold()
-    value = value.strip()
-    value = re.sub(r"^(#?\s*\d+)\.0+$", r"\1", value)
-    return re.sub(r"[\W_]+", "", value).casefold()
-
-
-def without_leading_zeros(value):
-    """normalise_order_id, and an all-digit number without its leading zeros: 000000123 is 123."""
-    key = normalise_order_id(value)
-    return key.lstrip("0") or key if key.isdigit() else key
-
-
-def normalise_email(value):
-    """Emails compare trimmed and without case; a space inside is a "+" a caller left unencoded.
-
-    An address has no spaces, but a query string turns an unencoded "+" (jo+shop@example.com,
-    as many shoppers sign up) into one.
-    """
-    return value.strip().casefold().replace(" ", "+")
-
-
-def index_key(order_key, email_key):
-    """The index's key from a normalised order number and email: one probe finds both or neither.
-
-    Bytes, not text: 16 bytes less per order for Python's object header (8 MB at 500,000).
-    """
-    return f"{order_key}\x1f{email_key}".encode()
-
-
 def make_plan(config, header, name, sample=(), layout=None, previous=None):
     """Match the layout's, the mapping's and the vocabulary's words to the file's headers; ExportError names what is
     missing.
@@ -2640,7 +2786,7 @@ def make_plan(config, header, name, sample=(), layout=None, previous=None):
     for this header row last time (see OrderReader): kept, whatever tonight's cells say.
     """
     forced = layout
-    positions, alike = header_positions(header)
+    positions, alike_headers = header_positions(header)
     layout = forced or detect_layout(config.layouts, positions)
     if layout and layout.refuse:
         raise ExportError(f"{name}: this is the {layout.name}, which cannot answer lookups. {layout.refuse}", file=name)
@@ -2698,7 +2844,7 @@ def make_plan(config, header, name, sample=(), layout=None, previous=None):
         item_columns=packed_items,
         tracking_columns=packed_tracking,
         competing=tuple((f, chosen[f], others) for f, others in choice.others.items() if others and f in chosen),
-        alike=tuple(map(tuple, alike.values())),
+        headers_alike=tuple(map(tuple, alike_headers.values())),
         evidence={f: choice.evidence[f] for f in chosen},
         contradicted=choice.contradicted,
         ignore_leading_zeros=bool(layout and layout.ignore_leading_zeros),
@@ -2809,10 +2955,8 @@ def check_placeholders(config, by_snake, name, layout=None):
     known = fields | set(by_snake) | set(layout.columns if layout else ())
     examples = [c for c in by_snake if c not in fields and not PERSONAL & set(c.split("_"))][:3]
     available = (
-        f"Available: {', '.join('{%s}' % a for a in sorted(fields))}, "
-        "or any column of the export in snake_case"
-        + (f", e.g. {', '.join('{%s}' % e for e in examples)}" if examples else "")
-        + "."
+        f"Available: {braced(sorted(fields))}, "
+        "or any column of the export in snake_case" + (f", e.g. {braced(examples)}" if examples else "") + "."
     )
     wanted = [
         (f"[templates] {template}", placeholder)
@@ -2874,17 +3018,6 @@ def detect_layout(layouts, positions):
     return max(found, key=lambda layout: len(layout.detect), default=None)
 
 
-class Irregular(Exception):
-    """Rows of one order lie apart, or a row is shorter than the header: read again, carefully."""
-
-
-def getter(columns):
-    """A C-speed function from a row to the tuple of its cells at columns."""
-    if len(columns) == 1:
-        return lambda row, i=columns[0]: (row[i],)
-    return itemgetter(*columns) if columns else (lambda row: ())
-
-
 def writes_day_first(config, header):
     """True when the header's words are of a language that writes the day first (German, French, ...): a word of
     vocabulary.toml's day_first group, alone or ending a compound ("Bestelldatum", "Besteldatum")."""
@@ -2900,6 +3033,26 @@ def columns_changed(before, now):
     return tuple(
         (f, before.get(f, ""), now.get(f, "")) for f in dict.fromkeys((*before, *now)) if before.get(f) != now.get(f)
     )
+
+
+###############################################################################
+# Orders from rows: grouping, follow-on rows, what is not an order ############
+###############################################################################
+#
+# Rows become orders: an order's rows are grouped by its number (and item rows without one
+# attached to the order above them), footers, totals and repeated headers are skipped, and
+# progress is logged for a large file. Uses the plan and the cells above.
+
+
+class Irregular(Exception):
+    """Rows of one order lie apart, or a row is shorter than the header: read again, carefully."""
+
+
+def getter(columns):
+    """A C-speed function from a row to the tuple of its cells at columns."""
+    if len(columns) == 1:
+        return lambda row, i=columns[0]: (row[i],)
+    return itemgetter(*columns) if columns else (lambda row: ())
 
 
 class OrderReader:
@@ -3241,6 +3394,14 @@ def resident_mb():
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+###############################################################################
+# Packing orders into memory ##################################################
+###############################################################################
+#
+# An order is kept as one string (Packer): its order cells once, its items and parcels after
+# them, with the fields that must agree across rows (status, dates, carrier) reconciled
+# honestly. Half a million orders fit in about 200 MB. Uses the plan above.
+
 # Fields that say what state the whole order is in: where its rows differ (one parcel
 # delivered, one on its way), the answer must not take one row's word for the order's.
 # All are given: "fulfilled / unfulfilled"; dates "on 26 Nov 2026 and 27 Nov 2026".
@@ -3249,7 +3410,7 @@ AGREED_FIELDS = frozenset(
     {"status", "financial_status", "shipment_status", "shipped_at", "estimated_delivery", "carrier"}
 )
 BETWEEN = " / "  # between the words of rows that differ (see Packer.agreed)
-DATES = frozenset({"shipped_at", "estimated_delivery"})
+AGREED_DATES = frozenset({"shipped_at", "estimated_delivery"})
 
 
 class Packer:
@@ -3363,7 +3524,7 @@ class Packer:
             field_name = self.plan.order_fields[place]
             self.disagreed[field_name] += 1
             values = [*values]
-            values[place] = (" and " if field_name in DATES else BETWEEN).join(words.values())
+            values[place] = (" and " if field_name in AGREED_DATES else BETWEEN).join(words.values())
         return values
 
     def read_by_rules(self, rows, values):
@@ -3493,13 +3654,6 @@ class Item(NamedTuple):
     tracking: tuple = ()  # the tracking numbers on its own row: its parcel's
 
 
-# How exports write yes and no in a column such as "Lineitem requires shipping" or "Producto Físico".
-FLAGS = {
-    **dict.fromkeys(("true", "yes", "y", "1", "si", "sim", "ja", "oui", "wahr", "tak"), True),
-    **dict.fromkeys(("false", "no", "n", "0", "nein", "non", "nao", "nee", "nie", "falsch"), False),
-}
-
-
 def tracking_numbers_in(text):
     """The tracking numbers of a cell: several may share it (",", ";", "|", a line break); spreadsheet guards are
     taken off; a number a spreadsheet damaged for good (3,60003E+14) is left out, never shown."""
@@ -3509,7 +3663,6 @@ def tracking_numbers_in(text):
     return tuple(n for n in numbers if n and not damaged_number(n))
 
 
-SEVERAL = re.compile(r"[,;|\n]+")  # several tracking numbers in one cell
 COUNTED = re.compile(r"\s*(?:(\d+)\s*[x×*]\s*(.+?)|(.+?)\s*[x×*]\s*(\d+))\s*$")  # "2x Hat", "Hat x 2"
 
 
@@ -3625,933 +3778,17 @@ def count_text(number):
     return str(int(number)) if number == int(number) else f"{number:g}"
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything one export and one config produce; never changed once built."""
-
-    config: Config
-    index: dict  # "order number key\x1femail" -> the packed order
-    source: Path
-    file_mtime: float
-    file_mtime_ns: int
-    file_size: int
-    rows: int
-    orders: int
-    orders_without_email: int
-    orders_sharing: int  # orders whose number and email read like another's ('A-12', 'A12')
-    rows_without_order: int
-    loaded_at: float
-    seconds: float
-    layout: str
-    columns: dict
-    example_order_id: str
-    packer: Packer
-    renderer: Renderer
-    encoding: str | None = None  # a CSV's, when it is not UTF-8
-    newest_day: float | None = None  # the start of the newest day its orders' dates name (when read dated)
-    normalise: object = normalise_order_id  # how this export's order numbers, and the typed ones, compare
-    made_at: float | None = None  # when an upload was made (upload_time), where its file's time is its arrival
-    reading: dict = None  # rows attached to the order above, rows that are no order, lines before the header
-
-    @property
-    def aliased(self):
-        """True when some order can be found by another number it carries (see build)."""
-        return bool((self.reading or {}).get("aliases"))
-
-    @property
-    def made(self):
-        """When the export was made: an upload's made_at, else its file's modification time."""
-        return self.file_mtime if self.made_at is None else self.made_at
-
-    @property
-    def data_time(self):
-        """When the export was made, never later than its load."""
-        return min(self.made, self.loaded_at)
-
-    @property
-    def covers(self):
-        """The moment before which every change is in the export: its time less the time it takes to make.
-
-        An export is written at its end but read from the shop from its start; a change in
-        between may be missing from it, so an event from then is kept, and no answer claims it.
-        """
-        return math.floor(self.data_time - self.config.export_lag_hours * 3600)
-
-    def describe(self):
-        """What was loaded, for logs and for `check`; no customer data."""
-        return (
-            f"{shown_name(self.source)}: {plural(self.rows, 'row')}, {plural(self.orders, 'order')} "
-            f"({self.layout}) in {self.seconds:.2f}s"
-        )
-
-    def render(self, packed, typed=""):
-        """(template name, JSON body) of a packed order's answer; typed is the number as the caller wrote it."""
-        if packed.__class__ is tuple:
-            return self.render_shared(packed, typed)
-        cells, items, tracking = self.packer.unpack(packed)
-        if self.aliased and self.normalise(cells[0]) != self.normalise(typed) and ALIAS_SHOWN.fullmatch(typed.strip()):
-            # Found by another number it carries (a marketplace's beside the shop's): said as the customer knows it.
-            cells = [typed.strip(), *cells[1:]]
-        return self.renderer.answer(cells, items, tracking)
-
-    def render_shared(self, orders, typed):
-        """One customer's orders whose numbers read alike: the one written as typed, else all of them."""
-        unpacked = [self.packer.unpack(packed) for packed in orders]
-        exact = [order for order in unpacked if as_written(order[0][0]) == as_written(typed)]
-        if len(exact) == 1:
-            return self.renderer.answer(*exact[0])
-        answers = [json.loads(self.renderer.answer(*order)[1]) for order in unpacked]
-        links = {a["tracking_url"] for a in answers} - {None}
-        body = {
-            "context": " ".join(a["context"] for a in answers),
-            "tracking_url": links.pop() if len(links) == 1 else None,
-        }
-        return "several", json.dumps(body, ensure_ascii=False).encode()
-
-
-PAST_DATES = ("order_date", "shipped_at", "cancelled_at")  # dates that lie before the export was made
-
-
-def newest_day(days, zone):
-    """The start of the newest of days (texts such as '2026-11-28'), in the shop's time zone; None when none reads."""
-    readable_days = []
-    for day in filter(ISO_DAY.fullmatch, days):
-        with suppress(ValueError):  # 2026-02-30
-            readable_days.append(date.fromisoformat(day))
-    if not readable_days:
-        return None
-    return datetime.combine(max(readable_days), datetime.min.time(), zone).timestamp()
-
-
-ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-
-ALIAS_SHOWN = re.compile(r"[0-9A-Za-z#][0-9A-Za-z#/_.\-]{0,39}")  # a typed number an answer may repeat
-
-
-def as_written(order_id):
-    """An order number compared nearly as written: 'A-12' is not 'A12', but '#A-12 ' is 'a-12'."""
-    return order_id.strip().lstrip("#").strip().casefold()
-
-
-def build_snapshot(config, path, memory_limit_mb=None, dated=False, previous=None):
-    """Read the export at path into an index of packed orders, ready to serve.
-
-    The fast reading assumes what nearly every export is (UTF-8, an order's rows
-    together, rows as wide as the header); when the file says otherwise, it is
-    read again the way it needs. dated: also find the newest day its orders name
-    (Snapshot.newest_day), for an upload, whose file time says only when it arrived.
-    """
-    careful, encoding, alike = False, None, False
-    while True:
-        try:
-            return build(config, path, careful, encoding, memory_limit_mb, alike, dated, previous)
-        except Alike:
-            alike = True
-        except Irregular as why:
-            if careful:  # a careful read holds every row as it comes: a second time would be the same
-                export_error(path, f"could not be read ({why}, read carefully too). Export the orders again.")
-            log.info("%s: %s; reading it again, holding all orders", shown_name(path), why)
-            careful = True
-        except NotUTF8:
-            encoding = legacy_encoding(path)
-            log.info("%s: not UTF-8; reading it again as %s", shown_name(path), encoding)
-
-
-def build(config, path, careful, encoding, memory_limit_mb=None, alike=False, dated=False, previous=None):
-    """One pass over the export: each order packed and indexed by (order number, email).
-
-    Two orders whose numbers read alike and that share the email ('A-12' and 'A12' of
-    one customer) would take one index entry: the count at the end finds them, and the
-    file is read again with alike=True, where they share the entry as a tuple that
-    Snapshot.render tells apart. Nearly every export has none, and pays nothing.
-    An order with other numbers a customer may hold (a marketplace's beside the shop's)
-    is indexed by each of them too; a row whose e-mail cell holds no address is no order.
-    """
-    started = time.perf_counter()
-    try:
-        stat = path.stat()
-    except OSError as e:
-        export_error(path, f"cannot be read ({e.strerror}).")
-    reader = OrderReader(config, path, encoding, memory_limit_mb, previous)
-    index, without_email, shared, example, count = {}, 0, 0, "", 0
-    packer, pending = None, []  # pending: orders split off a number two customers share, indexed last
-    days, dates_at = set(), ()  # the days the orders' dates name, when dated: a few hundred texts
-    aliases, alias_at, no_address, no_address_rows = {}, (), 0, 0  # index entries of orders' other numbers, added after
-    cells = Counter()  # (what, field) -> cells a spreadsheet marked: guards taken off, damaged values withheld
-    try:
-        for count, (key, rows) in enumerate(chain(reader.orders(careful), pending), 1):
-            if packer is None:  # the first order: the plan is known now
-                packer = Packer(reader.plan, reader.plain)
-                email_at, alias_at, normalise = packer.email_at, reader.plan.other_ids, reader.normalise
-                dating = DayOrder(reader.plan, reader.sample, reader.day_first_language)
-                example = order_number_text(packer.order_cells(rows[0])[0])  # its number as shown, for `check`
-                dates_at = tuple(i for i, f in enumerate(reader.plan.order_fields) if f in PAST_DATES) if dated else ()
-                watching, marked = dating.watched, reader.marked  # locals: this loop runs once an order
-            try:
-                values, packed = packer.pack(rows)
-            except SeveralCustomers:
-                first, *others = by_email(rows, packer.email_of)
-                pending.extend((key, part) for part in others)
-                values, packed = packer.pack(first)
-            if dates_at:
-                days.update(values[at][:10] for at in dates_at)
-            if watching:  # a dict that empties as the columns' day order is told
-                dating.see(values)
-            # A spreadsheet's marks (see marks): only in a file whose bytes hold some, a look at an order's bytes.
-            if marked and (
-                b'="' in packed
-                or b"E+" in packed
-                or b".0\x1f" in packed
-                or b".0\x1e" in packed
-                or packed.endswith(b".0")
-                or b"\x1f'" in packed
-                or b"\x1e'" in packed
-                or packed[:1] == b"'"
-            ):
-                marks(packed, packer, cells)
-            email = (
-                values[email_at].strip().casefold().replace(" ", "+")
-            )  # normalise_email, index_key: inline in the hottest loop
-            if "@" not in email:
-                if email:  # "16:41:35" in a footer's e-mail cell: no order's
-                    reader.not_orders["rows whose e-mail cell holds no address"] += len(rows)
-                    no_address_rows += len(rows)
-                    no_address += 1
-                    continue
-                without_email += 1  # such an order can never be matched
-                continue
-            if alias_at:
-                for at in alias_at:
-                    if (alias := normalise(spreadsheet_text(rows[0][at]))) and alias != key:
-                        aliases.setdefault(index_key(alias, email), packed)
-            if not alike:
-                index[f"{key}\x1f{email}".encode()] = packed
-            elif (kept := index.setdefault(entry := index_key(key, email), packed)) is not packed:
-                index[entry] = (*kept, packed) if kept.__class__ is tuple else (kept, packed)
-                shared += 1
-    except (UserError, Irregular, NotUTF8):
-        raise
-    except IndexError:  # a row too short for a needed cell
-        raise Irregular("a row is shorter than the header") from None
-    except csv.Error as e:  # its message names the problem, never a cell's contents
-        export_error(
-            path,
-            f"line {reader.line()}: not a readable CSV ({e}). "
-            "Re-export the file; it may have been cut off while being written.",
-        )
-    except Exception as e:  # a damaged file can fail in any layer (zip, XML, codec, memory): each means refuse it
-        export_error(
-            path, f"could not be read ({type(e).__name__}). Re-export it; it may have been cut off while being written."
-        )
-    if len(index) + without_email + shared + no_address != count:
-        raise Alike()
-    for entry, packed in aliases.items():  # an order's own number wins over another's alias
-        index.setdefault(entry, packed)
-    plan = reader.plan
-    renderer = Renderer(config, plan, dating.result() if packer else None)
-    snapshot = Snapshot(
-        config=config,
-        index=index,
-        source=path,
-        file_mtime=stat.st_mtime,
-        file_mtime_ns=stat.st_mtime_ns,
-        file_size=stat.st_size,
-        rows=reader.rows - no_address_rows,
-        orders=count - no_address,
-        orders_without_email=without_email,
-        orders_sharing=shared,
-        rows_without_order=reader.skipped,
-        loaded_at=time.time(),
-        seconds=time.perf_counter() - started,
-        layout=plan.layout,
-        columns=plan.chosen,
-        example_order_id=example,
-        packer=packer or Packer(plan),
-        renderer=renderer,
-        encoding=encoding,
-        normalise=reader.normalise,
-        newest_day=newest_day(days, config.timezone),
-        reading={
-            "attached": reader.attached,
-            "not_orders": dict(reader.not_orders),
-            "preamble": reader.preamble,
-            "aliases": len(aliases),
-            "cells": {f"{what} {field}": n for (what, field), n in cells.items()},
-            "columns_changed": reader.changed,
-            "relay": reader.relay,
-            "untied": reader.untied,
-        },
-    )
-    dated_by(snapshot)
-    return snapshot
-
-
-def marks(packed, packer, cells):
-    """Count one order's cells that a spreadsheet marked: Excel's ="..." guard (taken off when shown: nothing lost),
-    and order and tracking numbers it damaged for good (3,60003E+14, a code given a .0): withheld, never shown."""
-    head, *rows = packed.decode().split(RECORD)
-    fields = packer.plan.order_fields
-    for field_name, cell in zip(fields, head.split(FIELD)):
-        if cell[:2] == '="' or cell[:1] == "'" and field_name in GUARDED_FIELDS:
-            cells[("guard", field_name)] += 1
-        if field_name == "order_id" and damaged_number(text := spreadsheet_text(cell)):
-            # A .0 comes off (the number customers know is whole); scientific notation lost digits for good.
-            cells[("guard" if ADDED_ZERO.search(text) else "damaged", field_name)] += 1
-    tracking_at = packer.row_positions[-1]
-    for row in rows:
-        row_cells = row.split(FIELD)
-        for field_name, cell in zip(packer.plan.row_fields, row_cells):
-            if cell[:2] == '="' or cell[:1] == "'" and field_name in GUARDED_FIELDS:
-                cells[("guard", field_name)] += 1
-        if tracking_at is not None and tracking_at < len(row_cells):
-            cell = row_cells[tracking_at]
-            damaged = (
-                1
-                if damaged_number(spreadsheet_text(cell))
-                else sum(damaged_number(spreadsheet_text(n)) for n in SEVERAL.split(cell) if n.strip())
-            )
-            if damaged:
-                cells[("damaged", "tracking_number")] += damaged
-
-
-# Fields whose cells a leading ' may guard (Excel's mark for "keep this number as text"); in names it is text.
-GUARDED_FIELDS = frozenset(
-    (
-        "order_id",
-        "tracking_number",
-        "item_quantity",
-        "item_shipped_quantity",
-        "item_refunded_quantity",
-        "order_date",
-        "shipped_at",
-        "cancelled_at",
-        "estimated_delivery",
-    )
-)
-
-
-def dated_by(snapshot):
-    """Give the snapshot's answers its time: {records_updated}, and the export's day for {overdue}."""
-    renderer, config = snapshot.renderer, snapshot.config
-    renderer.records_text = records_time(snapshot.covers, config)
-    renderer.export_day = datetime.fromtimestamp(snapshot.data_time, config.timezone).date()
-
-
-class Alike(Exception):
-    """Two orders of one customer take one index entry: read again, keeping both."""
-
-
-@dataclass
-class Survey:
-    """What `check` reports beyond the load: answers, status words, numbers that read alike."""
-
-    answers: Counter  # template -> orders with an email that get it
-    values: dict  # rule field -> Counter of its status words
-    alike: Counter  # normalised number -> orders, where more than one order reads as that number
-    by_status: dict  # status word (as rules read it) -> Counter of the templates its orders (with an email) get
-    unread: dict = None  # "items"/"tracking" -> [packed entries that did not read as the layout says, the first]
-    kinds: Counter = None  # kinds of typed rows the layout does not know
-    disagreed: Counter = None  # field -> orders whose rows give it different words
-    lost: int = 0  # workbook numbers too long to be exact, read as empty
-    counted: int = 0  # orders surveyed: all of them, or the first `limit`
-
-
-def survey(snapshot, limit=None):
-    """For `check`: stream the export again as a load does, so a big export fits in memory.
-
-    limit: survey the first so many orders only (an upload's reply: answering it must not take
-    several loads' time); Survey.counted says how many were.
-    """
-    plan = snapshot.packer.plan
-    same_columns = {"header": list(plan.header), "chosen": dict(snapshot.columns)}  # as the load chose them
-    for careful in (False, True):
-        result = Survey(Counter(), {f: Counter() for f in survey_fields(snapshot.config, plan)}, Counter(), {})
-        reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding, previous=same_columns)
-        packer = None
-        try:
-            orders = reader.orders(careful)  # every order, those without an email too
-            for key, rows in orders:
-                if result.counted == limit:
-                    orders.close()  # the file with it
-                    break
-                result.counted += 1
-                packer = packer or Packer(reader.plan, reader.plain)
-                for values, packed in packer.pack_each(rows):
-                    cells, items, tracking = packer.unpack(packed)
-                    order = dict(zip(reader.plan.order_fields, cells))
-                    for name, counter in result.values.items():
-                        counter[status_word(order.get(name, ""))] += 1
-                    if "@" in values[packer.email_at]:
-                        answer_name = snapshot.renderer.template_of(cells, items, tracking)
-                        result.answers[answer_name] += 1
-                        word = snapshot.renderer.word(order.get("status", ""), "status")
-                        result.by_status.setdefault(word, Counter())[answer_name] += 1
-                    result.alike[key] += 1
-            result.alike = Counter({key: n for key, n in result.alike.items() if n > 1})
-            if packer:
-                result.unread, result.kinds, result.disagreed = packer.unread, packer.kinds, packer.disagreed
-            result.lost = reader.lost[0]
-            return result
-        except (Irregular, IndexError):  # as in build(): read again, carefully
-            continue
-
-
-def survey_fields(config, plan):
-    """The fields that rules compare with words (statuses), as `check` reports them."""
-    fields = [name for rule in config.rules for name, wanted in rule.conditions if wanted is not None]
-    return [f for f in dict.fromkeys(fields) if f in plan.order_fields]
-
-
-###############################################################################
-# The webhook store: orders between exports ###################################
-###############################################################################
-
-# The fields an event keeps, as a webhook-built "export" names them: answers use no more.
-EVENT_ORDER_FIELDS = (
-    "order_id",
-    "email",
-    "status",
-    "financial_status",
-    "cancelled_at",
-    "order_date",
-    "shipped_at",
-    "carrier",
-    "tracking_url",
-    "shipment_status",
-)
-EVENT_HEADER = (*EVENT_ORDER_FIELDS, "item_name", "item_quantity", "item_status", "tracking_number")
-EVENT_LAYOUT = Layout(
-    key="webhooks", name="webhook events", detect=("order_id",), columns={name: (name,) for name in EVENT_HEADER}
-)
-GONE = b""  # an order deleted in the shop after the export: not found, whatever the export says
-
-
-@dataclass(frozen=True)
-class Event:
-    """One order as a webhook told it: only what answers use, never an address, a phone or a payment."""
-
-    platform: str  # "shopify" or "woocommerce"
-    platform_id: str  # the shop's own id of the order (deletions name only this)
-    fields: dict  # EVENT_ORDER_FIELDS -> text, items: [[quantity, name, status]], tracking: [[number, carrier, link]]
-    time: float  # when the order last changed, as the shop says
-    deleted: bool = False
-
-
-def shopify_event(order, topic):
-    """An Event from a Shopify order payload (REST Admin API, orders/* topics)."""
-    if topic == "orders/delete":
-        return Event("shopify", str(order["id"]), {}, time.time(), deleted=True)
-    fulfillments = [
-        f
-        for f in order.get("fulfillments") or ()
-        if isinstance(f, dict) and str(f.get("status") or "").lower() not in ("cancelled", "error", "failure")
-    ]
-    tracking = [
-        [number, text(f.get("tracking_company")), link]
-        for f in fulfillments
-        for number, link in zip_longest(
-            strings(f.get("tracking_numbers")) or strings([f.get("tracking_number")]),
-            strings(f.get("tracking_urls")) or strings([f.get("tracking_url")]),
-            fillvalue="",
-        )
-        if number
-    ]
-    customer = order.get("customer") if isinstance(order.get("customer"), dict) else {}
-    fields = {
-        "order_id": text(order.get("name")) or text(order.get("order_number")),
-        "email": text(order.get("email")) or text(order.get("contact_email")) or text(customer.get("email")),
-        # Shopify leaves fulfillment_status empty until something of the order ships.
-        "status": text(order.get("fulfillment_status")) or "unfulfilled",
-        "financial_status": text(order.get("financial_status")),
-        "cancelled_at": text(order.get("cancelled_at")),
-        "order_date": text(order.get("created_at")),
-        "shipped_at": next((text(f.get("created_at")) for f in fulfillments if f.get("created_at")), ""),
-        "carrier": BETWEEN.join(
-            dict.fromkeys(text(f.get("tracking_company")) for f in fulfillments if text(f.get("tracking_company")))
-        ),
-        "tracking_url": next((link for _, _, link in tracking if link), ""),
-        # Each parcel's own: "delivered" only when every parcel is, as with an export's rows.
-        "shipment_status": " / ".join(dict.fromkeys(text(f.get("shipment_status")) or "unknown" for f in fulfillments))
-        if any(f.get("shipment_status") for f in fulfillments)
-        else "",
-        "items": [
-            [
-                text(i.get("quantity")) or "1",
-                text(i.get("name")) or text(i.get("title")),
-                text(i.get("fulfillment_status")),
-            ]
-            for i in order.get("line_items") or ()
-            if isinstance(i, dict)
-        ],
-        "tracking": tracking,
-    }
-    return Event("shopify", str(order["id"]), fields, event_time(order.get("updated_at")))
-
-
-def woocommerce_event(order, topic):
-    """An Event from a WooCommerce order payload (REST API v3; order.* topics)."""
-    if topic == "order.deleted":  # the order went to the trash; order.restored brings it back
-        return Event("woocommerce", str(order["id"]), {}, time.time(), deleted=True)
-    billing = order.get("billing") if isinstance(order.get("billing"), dict) else {}
-    tracking = [
-        [
-            text(t.get("tracking_number")),
-            unescaped(t.get("custom_tracking_provider")) or text(t.get("tracking_provider")),
-            text(t.get("custom_tracking_link")),
-        ]
-        for meta in order.get("meta_data") or ()
-        if isinstance(meta, dict) and meta.get("key") == "_wc_shipment_tracking_items"
-        for t in tracking_items(meta.get("value"))
-        if text(t.get("tracking_number"))
-    ]
-    fields = {
-        "order_id": text(order.get("number")) or text(order.get("id")),
-        "email": text(billing.get("email")),
-        "status": text(order.get("status")),
-        "financial_status": "",
-        "cancelled_at": "",
-        "order_date": text(order.get("date_created")),
-        "shipped_at": text(order.get("date_completed")),
-        "carrier": BETWEEN.join(dict.fromkeys(carrier for _, carrier, _ in tracking if carrier)),
-        "tracking_url": next((link for _, _, link in tracking if link), ""),
-        "shipment_status": "",
-        "items": [
-            [text(i.get("quantity")) or "1", unescaped(i.get("name")), ""]
-            for i in order.get("line_items") or ()
-            if isinstance(i, dict)
-        ],
-        "tracking": tracking,
-    }
-    modified = text(order.get("date_modified_gmt"))
-    return Event("woocommerce", str(order["id"]), fields, event_time(modified + "Z" if modified else ""))
-
-
-def tracking_items(value):
-    """The entries of WooCommerce Shipment Tracking's meta: a list, an object of numbered entries, or JSON text."""
-    if isinstance(value, str):
-        with suppress(ValueError):
-            value = json.loads(value)
-    if isinstance(value, dict):
-        value = list(value.values())
-    return [t for t in value if isinstance(t, dict)] if isinstance(value, list) else []
-
-
-def text(value):
-    """A payload's value as one short line of text ("" for null): payloads are not trusted more than exports."""
-    if value is None or isinstance(value, (dict, list)):
-        return ""
-    return one_line(str(value))
-
-
-def unescaped(value):
-    """text() of a name WooCommerce keeps as HTML ("Ship Your Idea &ndash; Black"), as a customer reads it."""
-    return one_line(html.unescape(text(value)))
-
-
-def strings(values):
-    """A list of texts from a payload's list, empty ones left out."""
-    return [t for t in map(text, values if isinstance(values, list) else []) if t]
-
-
-def event_time(iso):
-    """A payload's ISO 8601 time as a timestamp; now when it has none or no zone, or lies ahead of now.
-
-    A time ahead (a shop's clock running fast, or a forged payload) would make the order's
-    newest change look older than it, and a deletion sent after it would be put aside.
-    """
-    now = time.time()
-    try:
-        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except (ValueError, AttributeError):
-        return now
-    return min(moment.timestamp(), now) if moment.tzinfo else now
-
-
-class WebhookStore:
-    """Webhook events in SQLite (WAL) in STATE_DIR: every accepted event survives a restart.
-
-    One row per order a shop told about; the newest change by the shop's own signed time
-    wins (a late retry of an older change is not applied over a newer one); a delivery id,
-    and a body, is applied once. A deletion carries no time of its own: it keeps the order's
-    newest signed time, so only a later change of the order, or an export made after the
-    deletion arrived that still holds it, undoes it. The deliveries remembered are bounded
-    in age and number, and the file gives freed room back (see upkeep).
-    """
-
-    SCHEMA = """
-        CREATE TABLE IF NOT EXISTS orders (
-            platform TEXT NOT NULL, platform_id TEXT NOT NULL, order_key TEXT NOT NULL, email_key TEXT NOT NULL,
-            fields TEXT NOT NULL, time REAL NOT NULL, received REAL NOT NULL, deleted INTEGER NOT NULL,
-            PRIMARY KEY (platform, platform_id));
-        CREATE TABLE IF NOT EXISTS deliveries (delivery TEXT PRIMARY KEY, received REAL NOT NULL);
-        CREATE INDEX IF NOT EXISTS orders_by_time ON orders (time);
-        CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (received);
-    """
-
-    ROW = "platform, order_key, email_key, fields, deleted, received, time"  # as rows() gives them
-    FAILED_SECONDS = 900  # a failed write shows on /healthz this long, so a monitor polling it sees it
-
-    def __init__(self, path, max_orders=100_000, days=30.0):
-        self.path, self.max_orders, self.days = path, max_orders, days
-        self.lock = threading.Lock()  # one connection, one user at a time
-        self.moved_aside = None  # why a corrupt file was moved aside, for /healthz
-        self.failing, self.failed_at = None, 0.0  # why and when a write last failed, for /healthz
-        self.upkept = time.monotonic()
-        self.db = self.open()
-        self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
-        self.evicted = deque()  # (platform, order_key, email_key) of orders past the cap, for the overlay to drop
-        self.on_change = None  # called (from the writer) when orders went by age or by another process (purge)
-        self.version = None  # PRAGMA data_version when last looked: another connection's commit changes it
-        self.pending, self.wake = deque(), threading.Event()
-        threading.Thread(target=self.writer, name="webhook-store", daemon=True).start()
-
-    def open(self):
-        """Open (or create) the database; a corrupt one is moved aside with one log line, and a new one made."""
-        import sqlite3
-
-        for attempt in (1, 2):
-            try:
-                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
-                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                    raise sqlite3.DatabaseError("quick_check failed")
-                if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-                    # Incremental: pages freed by upkeep() go back to the disk. Set before any table, or
-                    # made so by one VACUUM for a store of an earlier version.
-                    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-                    db.execute("VACUUM")
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")  # 200 means stored: on disk, through a power cut
-                db.execute("PRAGMA secure_delete=ON")  # an order purged or expired leaves no copy in free pages
-                db.executescript(self.SCHEMA)
-                return db
-            except sqlite3.DatabaseError as e:
-                if attempt == 2:
-                    raise StoreError(
-                        f"{shown_name(self.path)}: cannot be used ({e}). Check the disk and STATE_DIR."
-                    ) from None
-                aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
-                for suffix in ("", "-wal", "-shm"):
-                    with suppress(OSError):
-                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-                self.moved_aside = (
-                    f"the webhook store {shown_name(self.path)} could not be read ({e}) and was moved "
-                    f"aside as {shown_name(aside)}: events received before are lost; the export is served"
-                )
-                log.error("%s", self.moved_aside)
-
-    def apply(self, event, key, deliveries):
-        """Store an event; when this returns it is on disk. The StoreJob's outcome: "applied", "replayed" (one of
-        deliveries, its delivery id and its body's hash, was stored before), "stale" (a newer change
-        was) or "unknown" (a deletion of an order no event told of).
-
-        Events that arrive together are committed together by one thread: one sync to disk
-        for all, and each waiting request takes the interpreter back once, not at every step
-        of its own transaction (each costs up to 5 ms while lookups keep the interpreter busy).
-        """
-        job = StoreJob(event, key, deliveries)
-        self.pending.append(job)
-        self.wake.set()
-        if not job.done.wait(STORE_SECONDS):
-            raise StoreError(f"{shown_name(self.path)}: did not store the event within {STORE_SECONDS} s.")
-        if job.error:
-            raise job.error
-        return job
-
-    def writer(self):
-        """The one thread that writes: each round, every event waiting, in one transaction; then the upkeep."""
-        while True:
-            self.wake.wait(UPKEEP_SECONDS)
-            self.wake.clear()
-            jobs = []
-            while self.pending:
-                jobs.append(self.pending.popleft())
-            try:
-                if jobs:
-                    self.write_round(jobs)
-                if time.monotonic() - self.upkept > UPKEEP_SECONDS:
-                    self.upkeep()
-            except Exception as e:  # noqa: BLE001 - this thread must outlive anything one round sets off
-                self.note_failure(e)
-                for job in jobs:
-                    job.error = job.error or StoreError(
-                        f"{shown_name(self.path)}: the event could not be stored ({type(e).__name__})."
-                    )
-            finally:
-                for job in jobs:
-                    job.done.set()
-
-    def write_round(self, jobs):
-        """Write the jobs in one transaction; if that fails, each alone, so one bad event costs no other its place."""
-        with self.lock:
-            if not self.round(jobs) and len(jobs) > 1:
-                for job in jobs:
-                    job.error = None
-                    self.round([job])
-
-    def note_failure(self, error):
-        """Remember a failed write or upkeep for /healthz (see trouble) and log it."""
-        self.failing, self.failed_at = (
-            (f"webhook events cannot be stored: {shown_name(self.path)}: {type(error).__name__}"),
-            time.time(),
-        )
-        log.error("%s (%s)", self.failing, printable(str(error))[:200])
-
-    def round(self, jobs):
-        """Write jobs in one transaction, keeping the cap on orders; False (and each job's error) if it failed."""
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            added = 0
-            for job in jobs:
-                job.before = self.key_of(job.event.platform, job.event.platform_id, locked=True)
-                job.outcome = self.write(job)
-                job.now = self.current(job.event.platform, job.event.platform_id, locked=True)
-                added += job.before is None and job.now is not None
-            evicted = self.evict(self.count + added - self.max_orders)
-            self.db.execute("COMMIT")
-        except Exception as e:  # a full disk, a damaged file: the round's events are refused
-            with suppress(Exception):
-                self.db.execute("ROLLBACK")
-            self.note_failure(e)
-            for job in jobs:
-                job.error = StoreError(f"{shown_name(self.path)}: the event could not be stored ({type(e).__name__}).")
-            return False
-        self.count += added - len(evicted)
-        self.evicted.extend(evicted)
-        return True
-
-    def trouble(self, now):
-        """Why /healthz should be degraded: a write that failed in the last FAILED_SECONDS, a store moved aside."""
-        recent = self.failing if now - self.failed_at < self.FAILED_SECONDS else None
-        return [reason for reason in (recent, self.moved_aside) if reason]
-
-    def evict(self, excess):
-        """Delete the excess oldest orders, inside the round: the cap holds between exports too."""
-        if excess <= 0:
-            return []
-        oldest = self.db.execute(
-            "SELECT rowid, platform, order_key, email_key FROM orders ORDER BY time LIMIT ?", (excess,)
-        ).fetchall()
-        self.db.executemany("DELETE FROM orders WHERE rowid = ?", [(row[0],) for row in oldest])
-        return [row[1:] for row in oldest]
-
-    def write(self, job):
-        """One event inside the round's transaction; its outcome."""
-        db, event, now = self.db, job.event, time.time()
-        for delivery in job.deliveries:
-            if db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (delivery, now)).rowcount == 0:
-                return "replayed"
-        if event.deleted:  # dated by the order's newest signed change, which is no later than now
-            return (
-                "applied"
-                if db.execute(
-                    "UPDATE orders SET deleted = 1, received = ? WHERE platform = ? AND platform_id = ?",
-                    (now, event.platform, event.platform_id),
-                ).rowcount
-                else "unknown"
-            )
-        # A change as new as the one stored replaces it; a deleted order comes back only with a later one.
-        return (
-            "applied"
-            if db.execute(
-                """INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?, 0)
-               ON CONFLICT (platform, platform_id) DO UPDATE SET order_key = excluded.order_key,
-               email_key = excluded.email_key, fields = excluded.fields, time = excluded.time,
-               received = excluded.received, deleted = 0
-               WHERE excluded.time > orders.time OR (excluded.time = orders.time AND NOT orders.deleted)""",
-                (event.platform, event.platform_id, *job.key, json.dumps(event.fields), event.time, now),
-            ).rowcount
-            else "stale"
-        )
-
-    def current(self, platform, platform_id, locked=False):
-        """(order_key, email_key, fields, deleted, time) of a stored order as it stands now, or None."""
-        with nullcontext() if locked else self.lock:
-            return self.db.execute(
-                "SELECT order_key, email_key, fields, deleted, time FROM orders WHERE platform = ? AND platform_id = ?",
-                (platform, platform_id),
-            ).fetchone()
-
-    def key_of(self, platform, platform_id, locked=False):
-        """(order_key, email_key) of a stored order, or None."""
-        with nullcontext() if locked else self.lock:
-            return self.db.execute(
-                "SELECT order_key, email_key FROM orders WHERE platform = ? AND platform_id = ?",
-                (platform, platform_id),
-            ).fetchone()
-
-    def prune(self, older_than):
-        """Forget events an export has caught up with, and orders past the cap; then the upkeep.
-
-        A deletion is caught up with by an export made after it arrived: one that still holds
-        the order shows it was not deleted for good (WooCommerce's restore from the trash).
-        """
-        with self.lock:
-            self.db.execute(
-                "DELETE FROM orders WHERE (deleted = 0 AND time < ?) OR (deleted = 1 AND received < ?)",
-                (older_than, older_than),
-            )
-            self.db.execute(
-                "DELETE FROM orders WHERE rowid IN (SELECT rowid FROM orders ORDER BY time DESC LIMIT -1 OFFSET ?)",
-                (self.max_orders,),
-            )
-            self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
-        self.upkeep()
-
-    def upkeep(self):
-        """Bound what is kept between exports: orders past WEBHOOK_DAYS and delivery ids past their age or number go,
-        and the file shrinks. Orders gone by age, or by another process (`purge`), leave the overlay (on_change)."""
-        with self.lock:
-            expired = self.db.execute(
-                "SELECT rowid, platform, order_key, email_key FROM orders WHERE received < ?",
-                (time.time() - self.days * 86400,),
-            ).fetchall()
-            self.db.executemany("DELETE FROM orders WHERE rowid = ?", [(row[0],) for row in expired])
-            self.count -= len(expired)
-            self.db.execute("DELETE FROM deliveries WHERE received < ?", (time.time() - DELIVERY_DAYS * 86400,))
-            self.db.execute(
-                "DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries "
-                "ORDER BY received DESC LIMIT -1 OFFSET ?)",
-                (MAX_DELIVERIES,),
-            )
-            self.db.executescript("PRAGMA incremental_vacuum;")  # run to its end: each step frees one page
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            version = self.db.execute("PRAGMA data_version").fetchone()[0]
-        elsewhere, self.version = self.version is not None and version != self.version, version
-        self.upkept = time.monotonic()
-        if (expired or elsewhere) and self.on_change:
-            self.on_change()
-
-    @staticmethod
-    def read(path, since):
-        """rows(since) of a store read only, as `lookup` does beside the running service: nothing changes."""
-        import sqlite3
-
-        try:
-            with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-                return db.execute(f"SELECT {WebhookStore.ROW} FROM orders WHERE time >= ?", (since,)).fetchall()
-        except sqlite3.Error as e:
-            log.warning("%s: cannot be read (%s); answering from the export alone", shown_name(path), e)
-            return []
-
-    def rows(self, since=0):
-        """Every stored order that changed since then: (platform, order_key, email_key, fields, deleted, received, time)."""
-        with self.lock:
-            return self.db.execute(f"SELECT {self.ROW} FROM orders WHERE time >= ?", (since,)).fetchall()
-
-    def last_received(self):
-        """{platform: when its newest stored event arrived}: the status page's "last event" after a restart."""
-        with self.lock:
-            return dict(self.db.execute("SELECT platform, MAX(received) FROM orders GROUP BY platform").fetchall())
-
-    def close(self):
-        """Close the database (its WAL is checkpointed into the file)."""
-        with self.lock, suppress(Exception):
-            self.db.close()
-
-
-STORE_SECONDS = 10  # the longest a delivery waits for the store; the shops wait 5 s (Shopify) to 60 s
-UPKEEP_SECONDS = 60  # how often the writer bounds the deliveries remembered and gives the file's room back
-DELIVERY_DAYS = 3  # Shopify retries a failed delivery for 48 hours; a replay older than this is stale anyway
-MAX_DELIVERIES = 200_000  # delivery ids remembered at most (two a delivery: its id and its body's hash)
-
-
-class StoreJob:
-    """An event waiting to be written, and what came of it."""
-
-    def __init__(self, event, key, deliveries):
-        self.event, self.key, self.deliveries = event, key, deliveries
-        self.outcome, self.error, self.done = None, None, threading.Event()
-        self.before = self.now = None  # the order's key before, and its row after (see Webhooks.store)
-
-
-class Overlay:
-    """The orders webhook events tell, newer than the served export: they answer before it.
-
-    index maps the same keys as a Snapshot's to packed orders (GONE for a deleted one),
-    packed and worded by a plan of their own (EVENT_HEADER), from the same contexts.toml.
-    """
-
-    def __init__(self, snapshot):
-        self.plan = make_plan(snapshot.config, EVENT_HEADER, "webhooks", layout=EVENT_LAYOUT)
-        self.packer, self.renderer = Packer(self.plan, plain=False), Renderer(snapshot.config, self.plan)
-        self.renderer.records_text = snapshot.renderer.records_text
-        self.renderer.export_day = datetime.now(snapshot.config.timezone).date()  # events tell of now
-        self.normalise = snapshot.normalise
-        self.index = {}  # key -> packed order; changed one key at a time, or replaced whole
-        self.times = {}  # key -> when its order last changed
-        self.platforms = Counter()  # platform -> orders answered from events
-
-    def fill(self, rows):
-        """Build the index from the store's rows; returns self."""
-        index, times, platforms = {}, {}, Counter()
-        for platform, order_key, email_key, fields, deleted, _, moment in rows:
-            entry = index_key(order_key, email_key)
-            index[entry], times[entry] = GONE if deleted else self.pack(json.loads(fields)), moment
-            platforms[platform] += 1
-        self.index, self.times, self.platforms = index, times, platforms
-        return self
-
-    def put(self, platform, key, fields, moment, before=None):
-        """One event's order (None: deleted) into the index: one assignment, which a lookup sees whole or not.
-
-        moment: when the order changed; an older change, put later by a slower thread, is not
-        put over a newer one. before: the order's key until now, when its number or email
-        changed: that one goes.
-        """
-        entry = index_key(*key)
-        if moment < self.times.get(entry, 0):
-            return
-        if before and tuple(before) != tuple(key) and self.index.pop(index_key(*before), None) is not None:
-            self.platforms[platform] -= 1
-        if entry not in self.index:
-            self.platforms[platform] += 1
-        self.times[entry] = moment
-        self.index[entry] = GONE if fields is None else self.pack(fields)
-
-    def drop(self, platform, key):
-        """An order the store let go past its cap (WEBHOOK_MAX_ORDERS): the export answers for it again."""
-        entry = index_key(*key)
-        if self.index.pop(entry, None) is not None:
-            self.platforms[platform] -= 1
-        self.times.pop(entry, None)
-
-    def pack(self, fields):
-        """An event's fields as one packed order, like an export's."""
-        items, tracking = fields.get("items") or [["", "", ""]], fields.get("tracking") or []
-        head = [str(fields.get(name, "")) for name in EVENT_ORDER_FIELDS]
-        rows = []
-        for position in range(max(len(items), len(tracking), 1)):
-            quantity, name, status = (items[position] + ["", "", ""])[:3] if position < len(items) else ("", "", "")
-            number = tracking[position][0] if position < len(tracking) else ""
-            rows.append([*(head if position == 0 else [""] * len(head)), name, quantity, status, number])
-        return self.packer.pack(rows)[1]
-
-    def render(self, packed, typed=""):
-        """(template name, JSON body) of an event's order."""
-        return self.renderer.answer(*self.packer.unpack(packed))
-
-
 ###############################################################################
 # Rendering answers ###########################################################
 ###############################################################################
-
-ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?\s*(?:Z|[+-]\d{2}:?\d{2}|UTC)?")
-
-
-ENGLISH = ("{day} {month} {year}", ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"))
-
-
-def readable(value, style=ENGLISH):
-    """ISO dates read as people write them: '2026-11-28 10:00 -0400' -> '28 Nov 2026' (style: vocabulary.toml's)."""
-    # The pattern only where a date can start: most values ('#1001', '1 x Hat') skip it.
-    match = ISO_DATE.fullmatch(value) if value[4:5] == "-" and value[:4].isdigit() else None
-    if match is None and " and " in value and value[4:5] == "-":  # the days of an order's parcels (Packer.agreed)
-        return " and ".join(readable(part, style) for part in value.split(" and "))
-    return day_text(value[:10], style) or value if match else value
+#
+# A packed order becomes the JSON the chat agent repeats: the template its rules choose,
+# its placeholders filled only from what the export says (dates in the shop's language,
+# safe tracking links, counts of items). Also the answers given without an order: not
+# found, unavailable. Uses the configuration, the packing and the cells above.
 
 
-def shown(cell, style=ENGLISH):
+def shown_cell(cell, style=ENGLISH):
     """A cell as an answer shows it: without a spreadsheet's guard, one line (see one_line), an ISO date made
     readable; the common case fast."""
     cell = cell.strip()
@@ -4560,23 +3797,6 @@ def shown(cell, style=ENGLISH):
     if cell[:2] == '="':
         cell = spreadsheet_text(cell)
     return readable(cell, style) if cell[4:5] == "-" else cell
-
-
-@lru_cache(maxsize=4096)  # a shop's answers show a few hundred days, each many times over
-def day_text(iso_day, style=ENGLISH):
-    """'2026-11-28' -> '28 Nov 2026' as style writes it, or "" when it is no real day."""
-    try:
-        return written_day((int(iso_day[:4]), int(iso_day[5:7]), int(iso_day[8:10])), style)
-    except ValueError:
-        return ""
-
-
-def written_day(parts, style):
-    """(year, month, day) as a language writes it: '28 Nov 2026', '28. Nov. 2026'; ValueError for no real day."""
-    year, month, day = parts
-    date(year, month, day)  # raises for 2026-02-30
-    template, months = style
-    return template.format(day=day, month=months[month - 1], year=year)
 
 
 @lru_cache(maxsize=8192)
@@ -4666,7 +3886,7 @@ class Renderer:
             None
             if placed_at is None
             # the order's (year, month, day), or None
-            else (lambda cells: date_parts(shown(cells[placed_at]).split(" and ")[0], placed_first))
+            else (lambda cells: date_parts(shown_cell(cells[placed_at]).split(" and ")[0], placed_first))
         )
         self.placed_either = (
             None
@@ -4674,12 +3894,14 @@ class Renderer:
             # both readings of a date such as 01/02/2026
             else (
                 lambda cells: [
-                    p for first in (True, False) if (p := date_parts(shown(cells[placed_at]).split(" and ")[0], first))
+                    p
+                    for first in (True, False)
+                    if (p := date_parts(shown_cell(cells[placed_at]).split(" and ")[0], first))
                 ]
             )
         )
 
-    def answer(self, cells, items, tracking):
+    def render(self, cells, items, tracking):
         """(template name, JSON body) for an order's cells, items and tracking numbers (Packer.unpack's)."""
         url = self.link(cells, tracking)
         template = self.pick(cells, items, tracking, url)
@@ -4687,7 +3909,9 @@ class Renderer:
         style = self.style
         text = template.fill(
             {
-                field: shown(cells[source], style) if source.__class__ is int else source(cells, items, tracking, url)
+                field: shown_cell(cells[source], style)
+                if source.__class__ is int
+                else source(cells, items, tracking, url)
                 for field, source in self.fills[template.name]
             }
         )
@@ -4778,7 +4002,7 @@ class Renderer:
         style = self.style
 
         def date_cell(cells, items, tracking, url):
-            text = shown(cells[at])
+            text = shown_cell(cells[at])
             return date_written(text, day_first, style) if text else ""
 
         return date_cell
@@ -4979,7 +4203,7 @@ def tracking_link(page, number):
     return page.format(tracking_number=number)
 
 
-def message(config, name, **values):
+def message_body(config, name, **values):
     """A JSON body from one of the message templates (not found, missing, ...)."""
     return json.dumps({"context": config.templates[name].render(values)}, ensure_ascii=False).encode()
 
@@ -4997,10 +4221,10 @@ def answer(snapshot, order_id, email, overlay=None):
     """
     config = snapshot.config
     if order_id is None or email is None:  # not valid UTF-8
-        return 400, message(config, "invalid")
+        return 400, message_body(config, "invalid")
     order_id, email = order_id.strip(), email.strip()
     if len(order_id) > MAX_ORDER_ID or len(email) > MAX_EMAIL or CONTROL.search(order_id + email):
-        return 400, message(config, "invalid")
+        return 400, message_body(config, "invalid")
     wanted = snapshot.normalise(order_id)
     if not wanted or not email:
         missing = [
@@ -5008,16 +4232,18 @@ def answer(snapshot, order_id, email, overlay=None):
             for what, given in (("the order number", wanted), ("the email address used for the order", email))
             if not given
         ]
-        return 400, message(config, "missing", missing=" and ".join(missing))
+        return 400, message_body(config, "missing", missing=" and ".join(missing))
     if "@" not in email:  # no order has it: the agent should ask again rather than say the order does not exist
-        return 404, message(config, "not_an_email")
+        return 404, message_body(config, "not_an_email")
     key = index_key(wanted, normalise_email(email))
     if overlay is not None and overlay.index and (packed := overlay.index.get(key)) is not None:
         if packed:  # else deleted in the shop since the export
             return 200, overlay.render(packed)[1]
     elif (packed := snapshot.index.get(key)) is not None:
         return 200, snapshot.render(packed, order_id)[1]
-    return 404, message(config, "not_found", order_id=echoed(wanted), records_updated=snapshot.renderer.records_text)
+    return 404, message_body(
+        config, "not_found", order_id=echoed(wanted), records_updated=snapshot.renderer.records_text
+    )
 
 
 def echoed(wanted):
@@ -5040,20 +4266,756 @@ def mask_email(email):
     return f"{local[:1]}***@{domain}" if local and domain else "***"
 
 
-###############################################################################
-# Serving state: loads, refusals, freshness ###################################
-###############################################################################
+JSON = "application/json"
+COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
 
 
-ACCEPTED = "accepted.json"  # in STATE_DIR, beside the last good copy: what that export held
+# Before any contexts.toml has loaded, a fault is worded as the shipped `unavailable` template.
+UNAVAILABLE = json.dumps(
+    {"context": "The order could not be checked right now. Please try again in a few minutes or contact support."}
+).encode()
+
+
+###############################################################################
+# The index: the snapshot, building it, surveying it ##########################
+###############################################################################
+#
+# A Snapshot is one export made ready to answer from: its index of keys to packed orders,
+# its renderer, what was read and skipped. index_export builds it from a file; survey looks
+# at every answer once, for `check` and uploads. Uses everything above.
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one export and one config produce; never changed once built."""
+
+    config: Config
+    index: dict  # "order number key\x1femail" -> the packed order
+    source: Path
+    file_mtime: float
+    file_mtime_ns: int
+    file_size: int
+    rows: int
+    orders: int
+    orders_without_email: int
+    orders_sharing: int  # orders whose number and email read like another's ('A-12', 'A12')
+    rows_without_order: int
+    loaded_at: float
+    seconds: float
+    layout: str
+    columns: dict
+    example_order_id: str
+    packer: Packer
+    renderer: Renderer
+    encoding: str | None = None  # a CSV's, when it is not UTF-8
+    newest_day: float | None = None  # the start of the newest day its orders' dates name (when read dated)
+    normalise: object = normalise_order_id  # how this export's order numbers, and the typed ones, compare
+    made_at: float | None = None  # when an upload was made (upload_time), where its file's time is its arrival
+    reading: dict = None  # rows attached to the order above, rows that are no order, lines before the header
+
+    @property
+    def aliased(self):
+        """True when some order can be found by another number it carries (see index_export)."""
+        return bool((self.reading or {}).get("aliases"))
+
+    @property
+    def made(self):
+        """When the export was made: an upload's made_at, else its file's modification time."""
+        return self.file_mtime if self.made_at is None else self.made_at
+
+    @property
+    def data_time(self):
+        """When the export was made, never later than its load."""
+        return min(self.made, self.loaded_at)
+
+    @property
+    def covers(self):
+        """The moment before which every change is in the export: its time less the time it takes to make.
+
+        An export is written at its end but read from the shop from its start; a change in
+        between may be missing from it, so an event from then is kept, and no answer claims it.
+        """
+        return math.floor(self.data_time - self.config.export_lag_hours * 3600)
+
+    def describe(self):
+        """What was loaded, for logs and for `check`; no customer data."""
+        return (
+            f"{shown_name(self.source)}: {plural(self.rows, 'row')}, {plural(self.orders, 'order')} "
+            f"({self.layout}) in {self.seconds:.2f}s"
+        )
+
+    def render(self, packed, typed=""):
+        """(template name, JSON body) of a packed order's answer; typed is the number as the caller wrote it."""
+        if packed.__class__ is tuple:
+            return self.render_shared(packed, typed)
+        cells, items, tracking = self.packer.unpack(packed)
+        if self.aliased and self.normalise(cells[0]) != self.normalise(typed) and ALIAS_SHOWN.fullmatch(typed.strip()):
+            # Found by another number it carries (a marketplace's beside the shop's): said as the customer knows it.
+            cells = [typed.strip(), *cells[1:]]
+        return self.renderer.render(cells, items, tracking)
+
+    def render_shared(self, orders, typed):
+        """One customer's orders whose numbers read alike: the one written as typed, else all of them."""
+        unpacked = [self.packer.unpack(packed) for packed in orders]
+        exact = [order for order in unpacked if as_written(order[0][0]) == as_written(typed)]
+        if len(exact) == 1:
+            return self.renderer.render(*exact[0])
+        answers = [json.loads(self.renderer.render(*order)[1]) for order in unpacked]
+        links = {a["tracking_url"] for a in answers} - {None}
+        body = {
+            "context": " ".join(a["context"] for a in answers),
+            "tracking_url": links.pop() if len(links) == 1 else None,
+        }
+        return "several", json.dumps(body, ensure_ascii=False).encode()
+
+
+PAST_DATES = ("order_date", "shipped_at", "cancelled_at")  # dates that lie before the export was made
+
+
+def newest_day_of(days, zone):
+    """The start of the newest of days (texts such as '2026-11-28'), in the shop's time zone; None when none reads."""
+    readable_days = []
+    for day in filter(ISO_DAY.fullmatch, days):
+        with suppress(ValueError):  # 2026-02-30
+            readable_days.append(date.fromisoformat(day))
+    if not readable_days:
+        return None
+    return datetime.combine(max(readable_days), datetime.min.time(), zone).timestamp()
+
+
+ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+ALIAS_SHOWN = re.compile(r"[0-9A-Za-z#][0-9A-Za-z#/_.\-]{0,39}")  # a typed number an answer may repeat
+
+
+def as_written(order_id):
+    """An order number compared nearly as written: 'A-12' is not 'A12', but '#A-12 ' is 'a-12'."""
+    return order_id.strip().lstrip("#").strip().casefold()
+
+
+def build_snapshot(config, path, memory_limit_mb=None, dated=False, previous=None):
+    """Read the export at path into an index of packed orders, ready to serve.
+
+    The fast reading assumes what nearly every export is (UTF-8, an order's rows
+    together, rows as wide as the header); when the file says otherwise, it is
+    read again the way it needs. dated: also find the newest day its orders name
+    (Snapshot.newest_day), for an upload, whose file time says only when it arrived.
+    """
+    careful, encoding, share_entries = False, None, False
+    while True:
+        try:
+            return index_export(config, path, careful, encoding, memory_limit_mb, share_entries, dated, previous)
+        except SharedEntry:
+            share_entries = True
+        except Irregular as why:
+            if careful:  # a careful read holds every row as it comes: a second time would be the same
+                export_error(path, f"could not be read ({why}, read carefully too). Export the orders again.")
+            log.info("%s: %s; reading it again, holding all orders", shown_name(path), why)
+            careful = True
+        except NotUTF8:
+            encoding = legacy_encoding(path)
+            log.info("%s: not UTF-8; reading it again as %s", shown_name(path), encoding)
+
+
+def index_export(
+    config, path, careful, encoding, memory_limit_mb=None, share_entries=False, dated=False, previous=None
+):
+    """One pass over the export: each order packed and indexed by (order number, email).
+
+    Two orders whose numbers read alike and that share the email ('A-12' and 'A12' of
+    one customer) would take one index entry: the count at the end finds them, and the
+    file is read again with share_entries=True, where they share the entry as a tuple that
+    Snapshot.render tells apart. Nearly every export has none, and pays nothing.
+    An order with other numbers a customer may hold (a marketplace's beside the shop's)
+    is indexed by each of them too; a row whose e-mail cell holds no address is no order.
+    """
+    started = time.perf_counter()
+    try:
+        stat = path.stat()
+    except OSError as e:
+        export_error(path, f"cannot be read ({e.strerror}).")
+    reader = OrderReader(config, path, encoding, memory_limit_mb, previous)
+    index, without_email, shared, example, count = {}, 0, 0, "", 0
+    packer, pending = None, []  # pending: orders split off a number two customers share, indexed last
+    days, dates_at = set(), ()  # the days the orders' dates name, when dated: a few hundred texts
+    aliases, alias_at, no_address, no_address_rows = {}, (), 0, 0  # index entries of orders' other numbers, added after
+    cells = Counter()  # (what, field) -> cells a spreadsheet marked: guards taken off, damaged values withheld
+    try:
+        for count, (key, rows) in enumerate(chain(reader.orders(careful), pending), 1):  # noqa: B007 - read after
+            if packer is None:  # the first order: the plan is known now
+                packer = Packer(reader.plan, reader.plain)
+                email_at, alias_at, normalise = packer.email_at, reader.plan.other_ids, reader.normalise
+                dating = DayOrder(reader.plan, reader.sample, reader.day_first_language)
+                example = order_number_text(packer.order_cells(rows[0])[0])  # its number as shown, for `check`
+                dates_at = tuple(i for i, f in enumerate(reader.plan.order_fields) if f in PAST_DATES) if dated else ()
+                watching, marked = dating.watched, reader.marked  # locals: this loop runs once an order
+            try:
+                values, packed = packer.pack(rows)
+            except SeveralCustomers:
+                first, *others = by_email(rows, packer.email_of)
+                pending.extend((key, part) for part in others)
+                values, packed = packer.pack(first)
+            if dates_at:
+                days.update(values[at][:10] for at in dates_at)
+            if watching:  # a dict that empties as the columns' day order is told
+                dating.see(values)
+            # A spreadsheet's marks (see count_marks): only in a file whose bytes hold some, a look at an order's bytes.
+            if marked and (
+                b'="' in packed
+                or b"E+" in packed
+                or b".0\x1f" in packed
+                or b".0\x1e" in packed
+                or packed.endswith(b".0")
+                or b"\x1f'" in packed
+                or b"\x1e'" in packed
+                or packed[:1] == b"'"
+            ):
+                count_marks(packed, packer, cells)
+            email = (
+                values[email_at].strip().casefold().replace(" ", "+")
+            )  # normalise_email, index_key: inline in the hottest loop
+            if "@" not in email:
+                if email:  # "16:41:35" in a footer's e-mail cell: no order's
+                    reader.not_orders["rows whose e-mail cell holds no address"] += len(rows)
+                    no_address_rows += len(rows)
+                    no_address += 1
+                    continue
+                without_email += 1  # such an order can never be matched
+                continue
+            if alias_at:
+                for at in alias_at:
+                    if (alias := normalise(spreadsheet_text(rows[0][at]))) and alias != key:
+                        aliases.setdefault(index_key(alias, email), packed)
+            if not share_entries:
+                index[f"{key}\x1f{email}".encode()] = packed
+            elif (kept := index.setdefault(entry := index_key(key, email), packed)) is not packed:
+                index[entry] = (*kept, packed) if kept.__class__ is tuple else (kept, packed)
+                shared += 1
+    except (UserError, Irregular, NotUTF8):
+        raise
+    except IndexError:  # a row too short for a needed cell
+        raise Irregular("a row is shorter than the header") from None
+    except csv.Error as e:  # its message names the problem, never a cell's contents
+        export_error(
+            path,
+            f"line {reader.line()}: not a readable CSV ({e}). "
+            "Re-export the file; it may have been cut off while being written.",
+        )
+    except Exception as e:  # a damaged file can fail in any layer (zip, XML, codec, memory): each means refuse it
+        export_error(
+            path, f"could not be read ({type(e).__name__}). Re-export it; it may have been cut off while being written."
+        )
+    if len(index) + without_email + shared + no_address != count:
+        raise SharedEntry()
+    for entry, packed in aliases.items():  # an order's own number wins over another's alias
+        index.setdefault(entry, packed)
+    plan = reader.plan
+    renderer = Renderer(config, plan, dating.result() if packer else None)
+    snapshot = Snapshot(
+        config=config,
+        index=index,
+        source=path,
+        file_mtime=stat.st_mtime,
+        file_mtime_ns=stat.st_mtime_ns,
+        file_size=stat.st_size,
+        rows=reader.rows - no_address_rows,
+        orders=count - no_address,
+        orders_without_email=without_email,
+        orders_sharing=shared,
+        rows_without_order=reader.skipped,
+        loaded_at=time.time(),
+        seconds=time.perf_counter() - started,
+        layout=plan.layout,
+        columns=plan.chosen,
+        example_order_id=example,
+        packer=packer or Packer(plan),
+        renderer=renderer,
+        encoding=encoding,
+        normalise=reader.normalise,
+        newest_day=newest_day_of(days, config.timezone),
+        reading={
+            "attached": reader.attached,
+            "not_orders": dict(reader.not_orders),
+            "preamble": reader.preamble,
+            "aliases": len(aliases),
+            "cells": {f"{what} {field}": n for (what, field), n in cells.items()},
+            "columns_changed": reader.changed,
+            "relay": reader.relay,
+            "untied": reader.untied,
+        },
+    )
+    dated_by(snapshot)
+    return snapshot
+
+
+def count_marks(packed, packer, cells):
+    """Count one order's cells that a spreadsheet marked: Excel's ="..." guard (taken off when shown: nothing lost),
+    and order and tracking numbers it damaged for good (3,60003E+14, a code given a .0): withheld, never shown."""
+    head, *rows = packed.decode().split(RECORD)
+    fields = packer.plan.order_fields
+    for field_name, cell in zip(fields, head.split(FIELD)):
+        if cell[:2] == '="' or cell[:1] == "'" and field_name in GUARDED_FIELDS:
+            cells[("guard", field_name)] += 1
+        if field_name == "order_id" and damaged_number(text := spreadsheet_text(cell)):
+            # A .0 comes off (the number customers know is whole); scientific notation lost digits for good.
+            cells[("guard" if ADDED_ZERO.search(text) else "damaged", field_name)] += 1
+    tracking_at = packer.row_positions[-1]
+    for row in rows:
+        row_cells = row.split(FIELD)
+        for field_name, cell in zip(packer.plan.row_fields, row_cells):
+            if cell[:2] == '="' or cell[:1] == "'" and field_name in GUARDED_FIELDS:
+                cells[("guard", field_name)] += 1
+        if tracking_at is not None and tracking_at < len(row_cells):
+            cell = row_cells[tracking_at]
+            damaged = (
+                1
+                if damaged_number(spreadsheet_text(cell))
+                else sum(damaged_number(spreadsheet_text(n)) for n in SEVERAL.split(cell) if n.strip())
+            )
+            if damaged:
+                cells[("damaged", "tracking_number")] += damaged
+
+
+# Fields whose cells a leading ' may guard (Excel's mark for "keep this number as text"); in names it is text.
+GUARDED_FIELDS = frozenset(
+    (
+        "order_id",
+        "tracking_number",
+        "item_quantity",
+        "item_shipped_quantity",
+        "item_refunded_quantity",
+        "order_date",
+        "shipped_at",
+        "cancelled_at",
+        "estimated_delivery",
+    )
+)
+
+
+def dated_by(snapshot):
+    """Give the snapshot's answers its time: {records_updated}, and the export's day for {overdue}."""
+    renderer, config = snapshot.renderer, snapshot.config
+    renderer.records_text = records_time(snapshot.covers, config)
+    renderer.export_day = datetime.fromtimestamp(snapshot.data_time, config.timezone).date()
+
+
+class SharedEntry(Exception):
+    """Two orders of one customer take one index entry: read again, keeping both."""
+
+
+@dataclass
+class Survey:
+    """What `check` reports beyond the load: answers, status words, numbers that read alike."""
+
+    answers: Counter  # template -> orders with an email that get it
+    values: dict  # rule field -> Counter of its status words
+    numbers_alike: Counter  # normalised number -> orders, where more than one order reads as that number
+    by_status: dict  # status word (as rules read it) -> Counter of the templates its orders (with an email) get
+    unread: dict = None  # "items"/"tracking" -> [packed entries that did not read as the layout says, the first]
+    kinds: Counter = None  # kinds of typed rows the layout does not know
+    disagreed: Counter = None  # field -> orders whose rows give it different words
+    lost: int = 0  # workbook numbers too long to be exact, read as empty
+    counted: int = 0  # orders surveyed: all of them, or the first `limit`
+
+
+def survey(snapshot, limit=None):
+    """For `check`: stream the export again as a load does, so a big export fits in memory.
+
+    limit: survey the first so many orders only (an upload's reply: answering it must not take
+    several loads' time); Survey.counted says how many were.
+    """
+    plan = snapshot.packer.plan
+    same_columns = {"header": list(plan.header), "chosen": dict(snapshot.columns)}  # as the load chose them
+    for careful in (False, True):
+        result = Survey(Counter(), {f: Counter() for f in survey_fields(snapshot.config, plan)}, Counter(), {})
+        reader = OrderReader(snapshot.config, snapshot.source, snapshot.encoding, previous=same_columns)
+        packer = None
+        try:
+            orders = reader.orders(careful)  # every order, those without an email too
+            for key, rows in orders:
+                if result.counted == limit:
+                    orders.close()  # the file with it
+                    break
+                result.counted += 1
+                packer = packer or Packer(reader.plan, reader.plain)
+                for values, packed in packer.pack_each(rows):
+                    cells, items, tracking = packer.unpack(packed)
+                    order = dict(zip(reader.plan.order_fields, cells))
+                    for name, counter in result.values.items():
+                        counter[status_word(order.get(name, ""))] += 1
+                    if "@" in values[packer.email_at]:
+                        answer_name = snapshot.renderer.template_of(cells, items, tracking)
+                        result.answers[answer_name] += 1
+                        word = snapshot.renderer.word(order.get("status", ""), "status")
+                        result.by_status.setdefault(word, Counter())[answer_name] += 1
+                    result.numbers_alike[key] += 1
+            result.numbers_alike = Counter({key: n for key, n in result.numbers_alike.items() if n > 1})
+            if packer:
+                result.unread, result.kinds, result.disagreed = packer.unread, packer.kinds, packer.disagreed
+            result.lost = reader.lost[0]
+            return result
+        except (Irregular, IndexError):  # as in index_export(): read again, carefully
+            continue
+
+
+def survey_fields(config, plan):
+    """The fields that rules compare with words (statuses), as `check` reports them."""
+    fields = [name for rule in config.rules for name, wanted in rule.conditions if wanted is not None]
+    return [f for f in dict.fromkeys(fields) if f in plan.order_fields]
+
+
+def records_time(timestamp, config):
+    """{records_updated}: a moment in the shop's time zone, its day as the templates' language writes days."""
+    moment = datetime.fromtimestamp(timestamp, config.timezone)
+    style = (config.dates or {}).get(config.language, ENGLISH)
+    return f"{written_day((moment.year, moment.month, moment.day), style)}, {moment:%H:%M %Z}"
+
+
+def iso_time(timestamp):
+    """A UTC timestamp as ISO 8601."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+###############################################################################
+# Warnings: what `check` and an upload say about an export ####################
+###############################################################################
+#
+# Read from a snapshot and its survey: columns that contradict their field, status words no
+# rule knows, items not tied to a parcel, cells a spreadsheet damaged. Uses the index above.
+
+
+def reading_counts(snapshot):
+    """What reading the export left out, attached or withheld, per reason: for /healthz and /metrics."""
+    reading = snapshot.reading or {}
+    cells = reading.get("cells") or {}
+    return {
+        "attached_to_the_order_above": reading.get("attached", 0),
+        "left_out": {
+            "no order number": snapshot.rows_without_order,
+            **(reading.get("not_orders") or {}),
+            **({"before the header": len(reading["preamble"])} if reading.get("preamble") else {}),
+        },
+        "cells_withheld": {key.split(" ", 1)[1]: n for key, n in cells.items() if key.startswith("damaged ")},
+        "cells_unguarded": sum(n for key, n in cells.items() if key.startswith("guard ")),
+    }
+
+
+def data_notes(snapshot):
+    """What the merchant should know about the export and answers served: for check, /healthz, the status page."""
+    reading = snapshot.reading or {}
+    if snapshot.config.earlier_rules:
+        yield (
+            "[[rules]] are word for word an earlier release's: they lack the rules added since for partly "
+            "refunded and partly shipped orders, refunded lines, lines that need no shipping and orders open for "
+            "long, so such orders get a plainer answer. Copy [[rules]] and [templates] from the shipped "
+            "contexts.toml (docs/UPDATING.md)"
+        )
+    for name, promise in snapshot.config.promising:
+        yield (
+            f"[templates] {name} is word for word an earlier release's answer, which promises {promise}: no export "
+            "holds that. Keep it only if your shop makes that promise; docs/UPDATING.md shows the new wording"
+        )
+    for key, count in (reading.get("cells") or {}).items():
+        what, field_name = key.split(" ", 1)
+        if what == "damaged":
+            yield (
+                f"{plural(count, f'{field_name} cell')} damaged by a spreadsheet (scientific notation such as "
+                "3,60003E+14, lost digits, a .0 added): withheld, never shown"
+                + (" (those orders cannot be found by their number)" if field_name == "order_id" else "")
+                + ". Download the export again without opening it in a spreadsheet, or format the column as text "
+                "before saving it"
+            )
+    if relay := reading.get("relay"):
+        share = "all" if relay["addresses"] == relay["of"] else f"{relay['addresses']} of {relay['of']}"
+        yield (
+            f"{share} of the e-mail addresses looked at are {relay['marketplace']}'s relay addresses, which "
+            f"stand in for the buyer's own: customers do not know them, so lookups by a customer's e-mail will "
+            f"not find these orders. {relay['marketplace']}'s own order pages tell those buyers where their "
+            "order is."
+        )
+    for field_name, was, now in reading.get("columns_changed", ()):
+        yield (
+            f"the header row changed since the last export accepted: {field_name} is now read from "
+            f"{repr(now) if now else 'no column'} (was {repr(was) if was else 'no column'}). Check that it is "
+            f"right; [columns] {field_name} in contexts.toml names the column for good."
+        )
+
+
+def check_summary(snapshot, surveyed):
+    """`check`'s lines on what was read: file, columns, counts, number format, words, answers."""
+    yield f"export   {printable(snapshot.source)} ({snapshot.layout}, modified {iso_time(snapshot.made)})"
+    plan = snapshot.packer.plan
+    if snapshot.config.retired:
+        names = ", ".join(field_name for field_name, _ in snapshot.config.retired)
+        yield (
+            f"columns  [columns] {names}: each is a list an earlier release shipped, read as shipped data: these "
+            "fields are found by their headers' words now, as below (the lines may be deleted)"
+        )
+    if retired := snapshot.config.retired_carriers:
+        yield (
+            f"carriers [carriers] {', '.join(retired[:5])}{' and more' if len(retired) > 5 else ''}: "
+            f"{plural(len(retired), 'line')} equal to a page the service ships (carriers.toml) or once shipped: "
+            "carriers.toml's serves, so its fixes reach you (the lines may be deleted)"
+        )
+    header = plan.header
+    others = {field_name: [header[i] for i in more] for field_name, _, more in plan.competing}
+    for field_name, chosen in snapshot.columns.items():
+        why = [(plan.evidence or {}).get(field_name, "")]
+        if field_name in others:
+            why.append(f"also fits: {', '.join(repr(printable(h)) for h in others[field_name])}")
+        said = "; ".join(filter(None, why))
+        yield f'column   {field_name:<18} <- "{printable(chosen)}"' + (f" ({said})" if said else "")
+    for field_name, columns in (("items", plan.item_columns), ("tracking", plan.tracking_columns)):
+        if columns:
+            yield f"packed   {field_name:<18} <- " + ", ".join(repr(printable(header[i])) for i in columns)
+    if plan.type_column is not None:
+        yield (
+            f'typed    rows by "{printable(header[plan.type_column])}": only {", ".join(sorted(plan.rules.item_rows))} '
+            f"rows are items; tracking from {', '.join(sorted(plan.rules.tracking_rows))} rows"
+        )
+    from_entries = ("carrier", "tracking_url") if plan.tracking_columns else ()
+    missing = [
+        f
+        for f, names in snapshot.config.columns.items()
+        if names and f not in snapshot.columns and f not in plan.row_fields and f not in from_entries
+    ]
+    if missing:
+        yield f"no column for {', '.join(missing)} (their placeholders stay empty)"
+    yield f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s"
+    reading = snapshot.reading or {}
+    if reading.get("attached"):
+        one = reading["attached"] == 1
+        yield (
+            f"rows     {plural(reading['attached'], 'item row')} without an order number "
+            f"{'belongs' if one else 'belong'} to the order above {'it' if one else 'them'} (the export writes an "
+            "order's further lines so)"
+        )
+    guards = sum(n for key, n in (reading.get("cells") or {}).items() if key.startswith("guard "))
+    if guards:
+        yield (
+            f"cells    a spreadsheet's marks taken off {plural(guards, 'cell')} (Excel's =\"...\" guard, a leading ', "
+            "a .0 after a whole order number): nothing of their value is lost"
+        )
+    if reading.get("aliases"):
+        yield (
+            f"rows     {plural(reading['aliases'], 'order')} can also be found by their "
+            f"{', '.join(repr(printable(plan.header[c])) for c in plan.other_ids)}"
+        )
+    yield f"format   order numbers look like {snapshot.example_order_id!r}: give this format to the chat platform"
+    for field_name, counts in surveyed.values.items():
+        yield f"values   {field_name}: " + ", ".join(
+            f"{printable(v)[:40] or '(empty)'} {n}"
+            + (f" (= {meaning})" if (meaning := snapshot.renderer.word(v, field_name)) != v else "")
+            for v, n in counts.most_common(12)
+        )
+    unmatched = (
+        f" ({snapshot.orders_without_email} without an email are not counted)" if snapshot.orders_without_email else ""
+    )
+    yield "answers  " + ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common()) + unmatched
+
+
+def check_warnings(snapshot, surveyed):
+    """What `check` warns about: answers that rest on a missing column or an unknown word, and data problems."""
+    config = snapshot.config
+    layout = snapshot.packer.plan.rules
+    if "status" not in snapshot.columns and any(
+        name == "status" for rule in config.rules for name, _ in rule.conditions
+    ):
+        answers = ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common())
+        looked = (
+            f"the {layout.name} layout reads it from {', '.join(repr(h) for h in layout.columns['status'])}"
+            if layout and "status" in layout.columns
+            else 'no header says the order\'s state, such as "Status", "Fulfillment Status" or "Estado del envío"'
+        )
+        yield (
+            f"no status column ({looked}): every order is answered as no status tells ({answers}). If your export "
+            f"has one, add its header to {columns_key(layout, 'status')}."
+        )
+    for word, answers in unknown_statuses(config, surveyed):
+        yield (
+            f"status {printable(word)[:40]!r} ({plural(sum(answers.values()), 'order')}) is named by no rule: "
+            f"answered with {', '.join(answers)}. If you know what it means, paste the line below into contexts.toml"
+        )
+    for field_name, header, why in snapshot.packer.plan.contradicted:
+        yield (
+            f"[columns] {field_name} names {printable(header)!r}, whose cells do not look like {field_name} ({why}): "
+            "it is read as you chose; check that the line names the right column"
+        )
+    for headers in snapshot.packer.plan.headers_alike:
+        yield (
+            f"columns {' and '.join(repr(printable(h)) for h in headers)} read alike (case, _, -, : and spaces "
+            f"do not count); the first, {printable(headers[0])!r}, is the one read"
+        )
+    for kind, count in (surveyed.kinds or Counter()).most_common():
+        one = count == 1
+        yield (
+            f"{plural(count, 'row')} of the kind {kind!r} {'is' if one else 'are'} neither items nor tracking for this "
+            f"layout and {'was' if one else 'were'} left out; name the kind in its rows (items, tracking or other) "
+            "in contexts.toml if they matter"
+        )
+    for field_name, count in (surveyed.disagreed or Counter()).most_common():
+        if field_name in AGREED_DATES:
+            yield (
+                f"{plural(count, 'order', ('has', 'have'))} rows that give "
+                f"{field_name} different dates (parcels sent on different "
+                "days): their answers give every date"
+            )
+            continue
+        if field_name == "carrier":
+            yield (
+                f"{plural(count, 'order', ('has', 'have'))} parcels with "
+                "different carriers: their answers name every carrier, and "
+                "give a tracking link only where the export has one of its own"
+            )
+            continue
+        yield (
+            f"{plural(count, 'order', ('has', 'have'))} rows that give "
+            f"{field_name} different words (e.g. one parcel delivered, one "
+            "not): their answers name all of them and claim none; if one column holds the order's own "
+            f"state, name it first in [columns] {field_name}"
+        )
+    if surveyed.lost:
+        yield (
+            f"{surveyed.lost} cells held numbers of 16 or more digits, which a spreadsheet keeps to 15 only: they "
+            "are read as empty rather than shown with wrong digits. Format those columns (tracking numbers, "
+            "long order numbers) as text before exporting, or export CSV"
+        )
+    unread = surveyed.unread or {}
+    if "items" in unread:
+        count, example = unread["items"]
+        yield (
+            f"{plural(count, 'packed item')} did not read as the layout "
+            f"says (e.g. {example!r}); each is shown as written, "
+            "with no quantity"
+        )
+    if "tracking" in unread:
+        count, example = unread["tracking"]
+        yield (
+            f"{count:,} packed tracking {'entry' if count == 1 else 'entries'} had "
+            f"no tracking number the layout reads (e.g. {example!r}); they are "
+            "left out of the answers"
+        )
+    if snapshot.orders_without_email:
+        yield f"{plural(snapshot.orders_without_email, 'order', ('has', 'have'))} no email and can never be found"
+    if untied := (snapshot.reading or {}).get("untied"):
+        one = untied == 1
+        yield (
+            f"{plural(untied, 'item row', ('has', 'have'))} no order number and "
+            f"{'follows' if one else 'follow'} no order of {'its' if one else 'their'} customer (another e-mail, "
+            f"or apart from any order), so no order could take {'it' if one else 'them'}: the orders near "
+            f"{'it' if one else 'them'} may be answered with fewer items than they hold. Export the order number "
+            "on every row, if the export can"
+        )
+    if snapshot.rows_without_order:
+        one = snapshot.rows_without_order == 1
+        yield (
+            f"{plural(snapshot.rows_without_order, 'row', ('has', 'have'))} no order number and "
+            f"{'was' if one else 'were'} skipped"
+        )
+    reading = snapshot.reading or {}
+    for why, count in (reading.get("not_orders") or {}).items():
+        yield f"{plural(count, 'row')} left out as {why}"
+    if reading.get("preamble"):
+        yield (
+            f"{plural(len(reading['preamble']), 'line')} before the header left out: "
+            + ", ".join(repr(line) for line in reading["preamble"][:3])
+        )
+    if surveyed.numbers_alike:
+        number, count = surveyed.numbers_alike.most_common(1)[0]
+        yield (
+            f"{plural(len(surveyed.numbers_alike), 'order number')} are "
+            f"written in ways that read alike (e.g. {count} orders read "
+            f"as {number!r}, such as '#{number}' and '{number}'): orders with different emails are kept apart; "
+            f"{snapshot.orders_sharing} share an email with another, and a lookup of those answers with the one "
+            "written as typed, else with all of them"
+        )
+    for template, field_name in free_text_fields(config, snapshot.columns):
+        yield (
+            f"[templates] {template} uses {{{field_name}}}, text that customers or staff type freely: it reaches "
+            "the AI as fact, instructions included. Keep it out of answers."
+        )
+    yield from data_notes(snapshot)
+
+
+def unknown_statuses(config, surveyed):
+    """(status word, Counter of the answers its orders get) of the words no rule names, the commonest first."""
+    named = rule_words(config.rules, "status")
+    for word, answers in sorted(surveyed.by_status.items(), key=lambda item: -sum(item[1].values())):
+        if word and word not in named:
+            yield word, answers
+
+
+def status_paste(config, surveyed):
+    """The [vocabulary.statuses] lines `check` prints for status words no rule names, one per word to complete."""
+    unknown = [word for word, _ in unknown_statuses(config, surveyed)]
+    if not unknown:
+        return ""
+    lines = [
+        "",
+        "Status words no rule names. To say what each means, put its word in the list of the meaning that "
+        "is true, under [vocabulary.statuses] in contexts.toml (a table to add once; meanings: "
+        + ", ".join(STATUS_MEANINGS)
+        + "):",
+        "[vocabulary.statuses]",
+    ]
+    lines += [f'"MEANING" = [{json.dumps(word, ensure_ascii=False)}]' for word in unknown[:20]]
+    return "\n".join(lines)
+
+
+FREE_TEXT = (
+    "note",
+    "comment",
+    "instruction",
+    "message",
+    "remark",
+    "memo",
+    "request",
+    "gift",
+    "bemerkung",
+    "kommentar",
+    "notiz",
+    "hinweis",
+    "commentaire",
+    "remarque",
+    "nota",
+    "opmerking",
+    "comentario",
+    "observacion",
+)
+
+
+def free_text_fields(config, columns=None):
+    """(template, placeholder) pairs where a template shows a free-text column such as notes.
+
+    Both the placeholder's name and the header it reads (columns: field -> header) count:
+    delivery_info = ["Customer Note"] is a note too.
+    """
+    columns = columns or {}
+    for name, template in config.templates.items():
+        for field_name in template.fields:
+            read = f"{field_name} {snake_case(columns.get(field_name, ''))}"
+            if any(word in read for word in FREE_TEXT):
+                yield name, field_name
+
+
+###############################################################################
+# Guards: the record of accepted exports, refusals of a smaller one ###########
+###############################################################################
+#
+# The service never trades good data for a broken export: an export much smaller than the
+# ones accepted before, or holding other orders, is refused, and the refusal is named.
+# The record lives in STATE_DIR. Uses the index above.
+
+ACCEPTED_FILE = "accepted.json"  # in STATE_DIR, beside the last good copy: what that export held
 RECORD_SAMPLE = 8000  # keys kept of the accepted export: a vanished share to within a percent or two
-HISTORY = 7  # accepted exports whose order counts set the floor: a week of nightly ones
+ACCEPTED_HISTORY = 7  # accepted exports whose order counts set the floor: a week of nightly ones
 
 
 def write_record(path, snapshot, history):
     """Note what an accepted export held, so that a restart can tell a cut-off export from it.
 
-    history: the order counts of the last HISTORY exports accepted, this one's last (see history_floor).
+    history: the order counts of the last ACCEPTED_HISTORY exports accepted, this one's last (see refuse_below_floor).
     """
     step = max(1, len(snapshot.index) // RECORD_SAMPLE)
     record = {
@@ -5074,9 +5036,9 @@ def read_history(path):
     """(file size, mtime, orders) of the last exports accepted, as the record keeps them; none without a record."""
     try:
         history = json.loads(path.read_text(encoding="utf-8")).get("history") or []
-        return deque((tuple(map(int, entry)) for entry in history), maxlen=HISTORY)
+        return deque((tuple(map(int, entry)) for entry in history), maxlen=ACCEPTED_HISTORY)
     except (OSError, ValueError, AttributeError, TypeError):
-        return deque(maxlen=HISTORY)
+        return deque(maxlen=ACCEPTED_HISTORY)
 
 
 def choice_of(snapshot):
@@ -5148,7 +5110,8 @@ def refuse_shrunk(snapshot, orders, keys, whose, exact=True):
     name, config = shown_name(snapshot.source), snapshot.config
     if snapshot.orders < orders * config.min_orders_ratio:
         raise ExportError(
-            f"{name}: holds {plural(snapshot.orders, 'order')}, fewer than {config.min_orders_ratio:.0%} of the {orders} {whose}, "
+            f"{name}: holds {plural(snapshot.orders, 'order')}, fewer than "
+            f"{config.min_orders_ratio:.0%} of the {orders} {whose}, "
             "so it looks cut off. If the shrink is real, lower [settings] min_orders_ratio in contexts.toml: the edit "
             "is picked up at once.",
             file=name,
@@ -5222,1172 +5185,602 @@ def refusal_kind(error):
     return next((kind for words, kind in REFUSAL_KINDS if words in text), "unreadable")
 
 
-class Service:
-    """Holds the Snapshot being served and replaces it only with a good one."""
+###############################################################################
+# Webhook events: from a signed body to an event ##############################
+###############################################################################
+#
+# The shops' order events between exports: the signature (HMAC-SHA256, base64), the shop a
+# body names, and a Shopify or WooCommerce order mapped to the fields an export would hold,
+# dated by the shop's own signed time. Uses the plan's layouts above.
 
-    def __init__(self, settings):
-        self.settings = settings
-        self.snapshot = None  # replaced by one assignment; readers never see a mix
-        self.refused = None  # {"at", "source", "file", "reason"} of the last refused export (see note_refusal)
-        self.config_error = None  # why the last contexts.toml edit was refused
-        self.copy_error = None  # why the last accepted export could not be copied to the state folder
-        self.from_last_good = False
-        self.tried = None  # files_state() when a load last began, good or refused
-        self._lock = threading.Lock()  # one load at a time
-        self._copy_lock = threading.Lock()  # one copy to the state folder at a time
-        self.copying = None  # the thread copying the first export after start
-        self.store = None  # the WebhookStore, opened on the first load when a webhook secret is set
-        self.store_error = None  # why it could not be opened
-        self.overlay = None  # orders from webhook events, newer than the export
-        self.events_lock = threading.Lock()  # an event is stored and put into the overlay as one step
-        self.history = deque(maxlen=HISTORY)  # the last exports accepted (see refuse_below_floor), read at start
-        self.choice = None  # the columns of the export accepted last (see choice_of): kept while the header is
-        self.background = []  # the Jobs of the threads that feed it (watcher, fetcher, store upkeep), for /healthz
-        self.webhooks = Webhooks(self) if settings.webhook_secrets else None
-        self.fetcher = Fetcher(self) if settings.orders_url else None
-        self.uploading = threading.Lock()  # one upload checked at a time
-        self.loads = Counter()  # "accepted", or the kind of a refusal (refusal_kind): for /metrics
-        self.insights = Insights() if settings.metrics else None  # lookups counted off the request path
+# The fields an event keeps, as a webhook-built "export" names them: answers use no more.
+EVENT_ORDER_FIELDS = (
+    "order_id",
+    "email",
+    "status",
+    "financial_status",
+    "cancelled_at",
+    "order_date",
+    "shipped_at",
+    "carrier",
+    "tracking_url",
+    "shipment_status",
+)
+EVENT_HEADER = (*EVENT_ORDER_FIELDS, "item_name", "item_quantity", "item_status", "tracking_number")
+EVENT_LAYOUT = Layout(
+    key="webhooks", name="webhook events", detect=("order_id",), columns={name: (name,) for name in EVENT_HEADER}
+)
+GONE = b""  # an order deleted in the shop after the export: not found, whatever the export says
 
-    def files_state(self):
-        """The config and the export a load would read now, with sizes and times."""
-        try:
-            export = find_export(self.settings.data, self.settings.follow_symlinks)
-        except (UserError, OSError):
-            export = None
-        return file_state(self.settings.contexts), file_state(export)
 
-    def build(self, starting=False):
-        """A new Snapshot from the configured files, checked by guard(); raises UserError."""
-        # Taken before reading: a file that changes while it is read differs from this,
-        # so the watcher reads it again.
-        self.tried = self.files_state()
-        config = load_config(self.settings.contexts)
-        path = find_export(self.settings.data, self.settings.follow_symlinks)
-        with self.loading(path, starting):
-            snapshot = dated_upload(
-                build_snapshot(config, path, self.settings.memory_limit_mb, previous=self.choice),
-                self.settings.state / UPLOADED,
-            )
-        self.guard(snapshot)
-        return snapshot
+@dataclass(frozen=True)
+class Event:
+    """One order as a webhook told it: only what answers use, never an address, a phone or a payment."""
 
-    @contextmanager
-    def loading(self, path, starting):
-        """Mark path as being loaded, in the state folder, until the load ends either way.
+    platform: str  # "shopify" or "woocommerce"
+    platform_id: str  # the shop's own id of the order (deletions name only this)
+    fields: dict  # EVENT_ORDER_FIELDS -> text, items: [[quantity, name, status]], tracking: [[number, carrier, link]]
+    time: float  # when the order last changed, as the shop says
+    deleted: bool = False
 
-        A mark left behind means the process died while loading it (the kernel kills a
-        process over its memory limit): at the next start that file is skipped, so one
-        bad file cannot keep the service in a crash loop.
-        """
-        mark, state = self.settings.state / "loading.json", file_state(path)
-        if starting and mark.exists():
-            with suppress(OSError, ValueError):
-                if tuple(json.loads(mark.read_text())) == state:
-                    export_error(
-                        path,
-                        "was being loaded when the service stopped last time (killed, perhaps for "
-                        "memory), so it is skipped. Replace the export, or delete "
-                        f"{printable(mark)} to have it read again.",
-                    )
-        try:
-            self.settings.state.mkdir(parents=True, exist_ok=True)
-            mark.write_text(json.dumps(state))
-        except OSError as e:
-            log.warning(
-                "could not mark the load in %s (%s); a file that kills the service would be read again at every start",
-                printable(self.settings.state),
-                e.strerror,
-            )
-        try:
-            yield
-        finally:
-            with suppress(OSError):
-                mark.unlink()
 
-    def stopped(self):
-        """A clean stop (SIGTERM, Ctrl-C) in the middle of a load: that file did not kill the service."""
-        with suppress(OSError):
-            (self.settings.state / "loading.json").unlink()
-
-    def start(self):
-        """First load: the export, else the last good copy, else the export's error.
-
-        The copy of an accepted export is made after it is served (in copying, a thread):
-        a large export is served that much sooner.
-        """
-        self.history = read_history(self.settings.state / ACCEPTED)
-        self.choice = read_choice(self.settings.state / ACCEPTED)
-        try:
-            snapshot = self.build(starting=True)
-            guard_against_record(snapshot, self.settings.state / ACCEPTED)
-            self.install(snapshot, keep_copy=False)
-            self.copying = threading.Thread(target=self.keep_copy, args=(self.snapshot,), name="copy", daemon=True)
-            self.copying.start()
-        except ExportError as error:
-            fallback = self.last_good_copy()
-            if fallback is None:
-                raise
-            self.install(build_snapshot(load_config(self.settings.contexts), fallback), keep_copy=False)
-            self.from_last_good = True
-            self.note_refusal(error)
-            log.error(
-                "SERVING THE LAST GOOD COPY of the export (%s, modified %s): %s",
-                printable(fallback),
-                iso_time(self.snapshot.file_mtime),
-                error,
-            )
-        return self.snapshot
-
-    def reload(self):
-        """Rebuild from the files; keep serving the current Snapshot if the new one is bad."""
-        with self._lock, yielding():
-            try:
-                snapshot = self.build()
-            except UserError as error:
-                self.refuse(error)
-                return False
-            except Exception as error:  # whatever went wrong, the thread that reloads must live on
-                self.refuse(
-                    ExportError(
-                        f"the export could not be loaded ({type(error).__name__}); the data being served stays served."
-                    )
-                )
-                return False
-            self.install(snapshot)
-            return True
-
-    def accept(self, path, stated=None):
-        """Load an uploaded file as a reload would: on success it is renamed into the data folder and served.
-
-        stated: the time the sender gives the file (its Last-Modified), if any. The file is
-        dated by upload_time(), never by its arrival: an old export sent again must not look
-        newer than the webhook events since. Returns (snapshot, its file); raises UserError
-        (the data served unchanged) otherwise.
-        """
-        data = self.settings.data
-        target = data / f"uploaded{path.suffix}" if data.is_dir() else data
-        with self._lock, yielding():
-            snapshot = build_snapshot(
-                load_config(self.settings.contexts),
-                path,
-                self.settings.memory_limit_mb,
-                dated=stated is None,
-                previous=self.choice,
-            )
-            snapshot = made_at(snapshot, upload_time(stated, snapshot.newest_day, self.snapshot))
-            self.guard(snapshot)
-            os.replace(path, target)
-            for other in data.glob("uploaded.*") if data.is_dir() else ():
-                if other != target:
-                    with suppress(OSError):
-                        other.unlink()
-            snapshot = replace(snapshot, source=target)
-            self.tried = self.files_state()  # the watcher will find nothing new to load
-            self.install(snapshot)
-            write_upload_record(self.settings.state / UPLOADED, snapshot)
-        return snapshot, target
-
-    def guard(self, snapshot):
-        """Refuse an export with no orders, far fewer than the one being served, or than the last ones accepted."""
-        name = shown_name(snapshot.source)
-        if not snapshot.orders:
-            export_error(
-                snapshot.source,
-                "holds no orders (only a header?). Re-export the orders; the last good data stays served.",
-            )
-        current = self.snapshot
-        if current:
-            # The same file read anew (a contexts.toml edit) was whole before; keys read another way cannot be compared.
-            comparable = current.index and not same_file(current, snapshot) and same_keys(current, snapshot)
-            refuse_shrunk(snapshot, current.orders, current.index if comparable else (), "being served")
-        if not (current and same_file(current, snapshot)):
-            refuse_below_floor(snapshot, self.history)
-        if snapshot.file_mtime > time.time() + FUTURE_SLACK:
-            log.warning(
-                "%s: its modification time, %s, is in the future: its age cannot be told, and a newer "
-                "export will be served as soon as one arrives. Check the clock of the machine that "
-                "wrote it.",
-                name,
-                iso_time(snapshot.file_mtime),
-            )
-
-    def refuse(self, error):
-        """Keep what is served; remember and log why the new files were refused."""
-        if isinstance(error, ConfigError):
-            self.loads[refusal_kind(error)] += 1
-            self.config_error = str(error)
-        else:  # the config loaded before the export failed, so it is fine now
-            self.config_error = None
-            self.note_refusal(error)
-        log.error(
-            "refused, still serving %s: %s", shown_name(self.snapshot.source) if self.snapshot else "nothing", error
+def shopify_event(order, topic):
+    """An Event from a Shopify order payload (REST Admin API, orders/* topics)."""
+    if topic == "orders/delete":
+        return Event("shopify", str(order["id"]), {}, time.time(), deleted=True)
+    fulfillments = [
+        f
+        for f in order.get("fulfillments") or ()
+        if isinstance(f, dict) and str(f.get("status") or "").lower() not in ("cancelled", "error", "failure")
+    ]
+    tracking = [
+        [number, payload_text(f.get("tracking_company")), link]
+        for f in fulfillments
+        for number, link in zip_longest(
+            strings(f.get("tracking_numbers")) or strings([f.get("tracking_number")]),
+            strings(f.get("tracking_urls")) or strings([f.get("tracking_url")]),
+            fillvalue="",
         )
-
-    def note_refusal(self, error, source="folder", reason=None):
-        """Remember a refused export until a good one is served, for /healthz, the status page and /metrics.
-
-        source: how it came: "folder" (dropped or written there), "upload" or "fetch" (ORDERS_URL).
-        """
-        self.loads[refusal_kind(error)] += 1
-        self.refused = {
-            "at": iso_time(time.time()),
-            "source": source,
-            "file": getattr(error, "file", ""),
-            "reason": reason or str(error),
-        }
-
-    def install(self, snapshot, keep_copy=True):
-        """Serve snapshot from now on (one assignment) and keep a copy of its file."""
-        before, self.snapshot = self.snapshot, snapshot
-        remember_accepted(self.history, snapshot)
-        self.choice = choice_of(snapshot)
-        for field_name, was, now in (snapshot.reading or {}).get("columns_changed", ()):
-            log.warning(
-                "%s: the header row changed, and %s is now read from %s (was %s)",
-                shown_name(snapshot.source),
-                field_name,
-                repr(now) if now else "no column",
-                repr(was) if was else "no column",
+        if number
+    ]
+    customer = order.get("customer") if isinstance(order.get("customer"), dict) else {}
+    fields = {
+        "order_id": payload_text(order.get("name")) or payload_text(order.get("order_number")),
+        "email": payload_text(order.get("email"))
+        or payload_text(order.get("contact_email"))
+        or payload_text(customer.get("email")),
+        # Shopify leaves fulfillment_status empty until something of the order ships.
+        "status": payload_text(order.get("fulfillment_status")) or "unfulfilled",
+        "financial_status": payload_text(order.get("financial_status")),
+        "cancelled_at": payload_text(order.get("cancelled_at")),
+        "order_date": payload_text(order.get("created_at")),
+        "shipped_at": next((payload_text(f.get("created_at")) for f in fulfillments if f.get("created_at")), ""),
+        "carrier": BETWEEN.join(
+            dict.fromkeys(
+                payload_text(f.get("tracking_company")) for f in fulfillments if payload_text(f.get("tracking_company"))
             )
-        self.loads["accepted"] += 1
-        fixed = self.config_error is not None  # a refused contexts.toml edit was put right: say it is applied
-        self.refused = None
-        self.config_error = None
-        self.from_last_good = False
-        log.info("loaded %s", snapshot.describe())
-        for field_name, header, evidence in snapshot.packer.plan.detected:
-            log.warning(
-                "%s: column %r read as %s because of its content (%s), not its header; name it in "
-                "[columns] %s of contexts.toml to make it sure",
-                shown_name(snapshot.source),
-                printable(header),
-                field_name,
-                evidence,
-                field_name,
-            )
-        self.events(snapshot, caught_up=before is not None and not same_file(before, snapshot))
-        if before and (before.config != snapshot.config or fixed):  # what it says changed, not only its time
-            log.info(
-                "applied %s: %d templates, %d rules",
-                shown_name(snapshot.config.path),
-                len(snapshot.config.templates),
-                len(snapshot.config.rules),
-            )
-        if keep_copy:
-            self.keep_copy(snapshot)
-
-    def events(self, snapshot, caught_up=False):
-        """Answer from webhook events newer than snapshot: open the store on first use, forget what it caught up with.
-
-        caught_up: a new export was accepted, so a store moved aside earlier no longer costs data.
-        """
-        if not self.settings.webhook_secrets:
-            return
-        with self.events_lock:
-            if self.store is None:
-                try:
-                    self.settings.state.mkdir(parents=True, exist_ok=True)
-                    self.store = WebhookStore(
-                        self.settings.state / "webhooks.sqlite3",
-                        self.settings.webhook_max_orders,
-                        self.settings.webhook_days,
-                    )
-                    self.store.on_change = lambda: self.events(self.snapshot)  # the overlay as the store now is
-                    self.store_error = None
-                    for platform, moment in self.store.last_received().items() if self.webhooks else ():
-                        self.webhooks.last.setdefault(platform, moment)
-                except (StoreError, OSError) as e:
-                    self.store_error = f"webhook events cannot be stored: {e}"
-                    log.error("%s", self.store_error)
-                    return
-            elif caught_up:
-                self.store.moved_aside = None
-            try:
-                self.store.prune(snapshot.covers)
-                self.store.evicted.clear()  # the overlay is built afresh from what the store keeps
-                rows = self.store.rows()
-            except Exception as e:  # noqa: BLE001 - a damaged or full store: the export is served, the events wait
-                self.store.note_failure(e)
-                return
-            self.overlay = Overlay(snapshot).fill(rows)
-            self.note_fresher(max((received for *_, received, _ in rows), default=0))
-
-    def note_fresher(self, moment):
-        """An event brought the records up to moment: {records_updated} says so, if it is newer than the export."""
-        snapshot, overlay = self.snapshot, self.overlay
-        text = records_time(max(moment, snapshot.covers), snapshot.config)
-        snapshot.renderer.records_text = text
-        if overlay:
-            overlay.renderer.records_text = text
-
-    def keep_copy(self, snapshot):
-        """Copy an accepted export to the state folder, for a restart after a bad night."""
-        with self._copy_lock:
-            self.copy(snapshot)
-
-    def copy(self, snapshot):
-        """keep_copy's work: the copy written aside, then renamed into place."""
-        source, state = snapshot.source, self.settings.state
-        target = state / ("last-good" + source.suffix.lower())
-        partial = state / (".partial" + source.suffix.lower())
-        try:
-            if same_file_state(target, snapshot):
-                self.copy_error = None
-                return  # only contexts.toml changed
-            state.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, partial)
-            # The export's mtime, so the data's age stays honest after a restart from the copy;
-            # not its mode, which may be read-only and would block the next copy.
-            os.utime(partial, ns=(snapshot.file_mtime_ns, snapshot.file_mtime_ns))
-            if not same_file_state(partial, snapshot):
-                partial.unlink()  # the export changed while it was read; the next reload copies it
-                return
-            os.replace(partial, target)
-            for other in state.glob("last-good.*"):
-                if other != target:
-                    other.unlink()
-            write_record(state / ACCEPTED, snapshot, self.history)
-            self.copy_error = None
-        except OSError as e:
-            with suppress(OSError):
-                partial.unlink()  # a full disk must not keep half a copy
-            self.copy_error = f"could not keep a copy of the export in {printable(state)} ({e.strerror})"
-            log.warning(
-                "%s; a restart after a bad export would fall back to an older copy, if any; tried again at every poll",
-                self.copy_error,
-            )
-
-    def last_good_copy(self):
-        """The copy of the last accepted export, if there is one."""
-        state = self.settings.state
-        copies = sorted(state.glob("last-good.*")) if state.is_dir() else []
-        return copies[0] if copies else None
-
-    def unavailable(self):
-        """The JSON body of a fault: contexts.toml's `unavailable`, or the shipped wording before any load."""
-        snapshot = self.snapshot
-        return UNAVAILABLE if snapshot is None else message(snapshot.config, "unavailable")
-
-    def health(self, now=None):
-        """(healthy, reasons, age in seconds) of the data being served."""
-        now = time.time() if now is None else now
-        snapshot = self.snapshot
-        if snapshot is None:
-            return False, ["no data loaded"], None
-        age = max(0.0, now - snapshot.made)
-        reasons = []
-        if snapshot.made > now + FUTURE_SLACK:
-            reasons.append(
-                f"the export's modification time ({iso_time(snapshot.made)}) is in the future, "
-                "so its age is unknown: check the clock of the machine that wrote it"
-            )
-        elif age > snapshot.config.max_age_hours * 3600:
-            reasons.append(
-                f"the data is older than {snapshot.config.max_age_hours:g} hours: the nightly export did not "
-                "arrive. Check the job that "
-                + ("ORDERS_URL fetches it from (see the last fetch)" if self.fetcher else "writes or uploads it")
-            )
-        if self.from_last_good:
-            reasons.append(
-                f"serving the last good copy after a refused export: {self.refused['reason']}"
-                if self.refused
-                else "serving the last good copy after a refused export"
-            )
-        elif self.refused and self.refused["source"] != "fetch":  # a fetch's failures count in its job's trouble
-            reasons.append(
-                f"the last {'upload' if self.refused['source'] == 'upload' else 'export'} was refused: "
-                f"{self.refused['reason']}"
-            )
-        if self.config_error:
-            reasons.append(
-                f"the last contexts.toml edit was refused, and the wording before it is served: {self.config_error}"
-            )
-        if self.copy_error:
-            reasons.append(self.copy_error)
-        for job in self.background:
-            if trouble := job.trouble(now, snapshot.config.max_age_hours * 3600):
-                reasons.append(trouble)
-        if self.store_error:
-            reasons.append(self.store_error)
-        elif self.store:
-            reasons.extend(self.store.trouble(now))
-        return not reasons, reasons, age
-
-    def status(self, now=None):
-        """The details shown to a key holder: files, counts, timings, refusals; no customer data."""
-        healthy, reasons, age = self.health(now)
-        out = {
-            "status": "ok" if healthy else "degraded",
-            "reasons": reasons,
-            "data_age_seconds": None if age is None else round(age),
-        }
-        snapshot = self.snapshot
-        if snapshot:
-            out.update(
-                file=shown_name(snapshot.source),
-                file_modified=iso_time(snapshot.made),
-                from_last_good_copy=self.from_last_good,
-                layout=snapshot.layout,
-                orders=snapshot.orders,
-                rows=snapshot.rows,
-                loaded_at=iso_time(snapshot.loaded_at),
-                load_seconds=round(snapshot.seconds, 3),
-                max_age_hours=snapshot.config.max_age_hours,
-            )
-            if snapshot.packer.plan.detected:  # read because of their content, not a header: check them
-                out["columns_found_by_content"] = {field: header for field, header, _ in snapshot.packer.plan.detected}
-            out["rows_read"] = reading_counts(snapshot)
-            if changed := (snapshot.reading or {}).get(
-                "columns_changed"
-            ):  # the header row changed: check the new choice
-                out["columns_changed"] = [{"field": f, "was": was, "now": now} for f, was, now in changed]
-            if relay := (snapshot.reading or {}).get("relay"):
-                out["relay_addresses"] = relay
-            out["notes"] = list(data_notes(snapshot))
-        out["last_refused"] = self.refused
-        out["config"] = "ok" if not self.config_error else self.config_error
-        if self.webhooks:
-            out["webhooks"] = self.webhooks.status()
-        if self.fetcher:
-            out["fetch"] = self.fetcher.status()
-        return out
-
-
-RELOAD_SWITCH_INTERVAL = 0.0005
-
-
-@contextmanager
-def yielding():
-    """While a reload runs, hand the GIL to request threads after 0.5 ms instead of 5 ms.
-
-    A reload is seconds of pure Python; each request needs the GIL several times, and
-    waiting the default 5 ms for it each time adds up to hundreds of milliseconds.
-    """
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
-
-
-def upload_time(stated, newest_day, served, now=None):
-    """When an uploaded export was made, as well as it can be told, and never after its arrival.
-
-    The sender's Last-Modified first; else the newest day its orders name (a file sent
-    again shows its age); else no newer than the export it replaces.
-    """
-    now = time.time() if now is None else now
-    for moment in (stated, newest_day, served.data_time if served else None):
-        if moment is not None:
-            return min(moment, now)
-    return now
-
-
-def made_at(snapshot, moment):
-    """snapshot of an upload, dated when it was made (its file's own time is its arrival)."""
-    snapshot = replace(snapshot, made_at=moment)
-    dated_by(snapshot)
-    return snapshot
-
-
-UPLOADED = "uploaded.json"  # in STATE_DIR: when the upload being served was made, for a restart
-
-
-def write_upload_record(path, snapshot):
-    """Note when an accepted upload was made, so that a restart dates it the same (see dated_upload)."""
-    with suppress(OSError):
-        path.write_text(
-            json.dumps(
-                {"file_size": snapshot.file_size, "file_mtime_ns": snapshot.file_mtime_ns, "made_at": snapshot.made_at}
-            )
+        ),
+        "tracking_url": next((link for _, _, link in tracking if link), ""),
+        # Each parcel's own: "delivered" only when every parcel is, as with an export's rows.
+        "shipment_status": " / ".join(
+            dict.fromkeys(payload_text(f.get("shipment_status")) or "unknown" for f in fulfillments)
         )
-
-
-def dated_upload(snapshot, path):
-    """snapshot dated as its upload was, when it reads the file that upload_record noted; else as it is."""
-    try:
-        record = json.loads(path.read_text())
-        if (record["file_size"], record["file_mtime_ns"]) == (snapshot.file_size, snapshot.file_mtime_ns):
-            return made_at(snapshot, float(record["made_at"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return snapshot
-
-
-def reading_counts(snapshot):
-    """What reading the export left out, attached or withheld, per reason: for /healthz and /metrics."""
-    reading = snapshot.reading or {}
-    cells = reading.get("cells") or {}
-    return {
-        "attached_to_the_order_above": reading.get("attached", 0),
-        "left_out": {
-            "no order number": snapshot.rows_without_order,
-            **(reading.get("not_orders") or {}),
-            **({"before the header": len(reading["preamble"])} if reading.get("preamble") else {}),
-        },
-        "cells_withheld": {key.split(" ", 1)[1]: n for key, n in cells.items() if key.startswith("damaged ")},
-        "cells_unguarded": sum(n for key, n in cells.items() if key.startswith("guard ")),
+        if any(f.get("shipment_status") for f in fulfillments)
+        else "",
+        "items": [
+            [
+                payload_text(i.get("quantity")) or "1",
+                payload_text(i.get("name")) or payload_text(i.get("title")),
+                payload_text(i.get("fulfillment_status")),
+            ]
+            for i in order.get("line_items") or ()
+            if isinstance(i, dict)
+        ],
+        "tracking": tracking,
     }
+    return Event("shopify", str(order["id"]), fields, event_time(order.get("updated_at")))
 
 
-def data_notes(snapshot):
-    """What the merchant should know about the export and answers served: for check, /healthz, the status page."""
-    reading = snapshot.reading or {}
-    if snapshot.config.earlier_rules:
-        yield (
-            "[[rules]] are word for word an earlier release's: they lack the rules added since for partly "
-            "refunded and partly shipped orders, refunded lines, lines that need no shipping and orders open for "
-            "long, so such orders get a plainer answer. Copy [[rules]] and [templates] from the shipped "
-            "contexts.toml (docs/UPDATING.md)"
-        )
-    for name, promise in snapshot.config.promising:
-        yield (
-            f"[templates] {name} is word for word an earlier release's answer, which promises {promise}: no export "
-            "holds that. Keep it only if your shop makes that promise; docs/UPDATING.md shows the new wording"
-        )
-    for key, count in (reading.get("cells") or {}).items():
-        what, field_name = key.split(" ", 1)
-        if what == "damaged":
-            yield (
-                f"{plural(count, f'{field_name} cell')} damaged by a spreadsheet (scientific notation such as "
-                "3,60003E+14, lost digits, a .0 added): withheld, never shown"
-                + (" (those orders cannot be found by their number)" if field_name == "order_id" else "")
-                + ". Download the export again without opening it in a spreadsheet, or format the column as text "
-                "before saving it"
-            )
-    if relay := reading.get("relay"):
-        share = "all" if relay["addresses"] == relay["of"] else f"{relay['addresses']} of {relay['of']}"
-        yield (
-            f"{share} of the e-mail addresses looked at are {relay['marketplace']}'s relay addresses, which "
-            f"stand in for the buyer's own: customers do not know them, so lookups by a customer's e-mail will "
-            f"not find these orders. {relay['marketplace']}'s own order pages tell those buyers where their "
-            "order is."
-        )
-    for field_name, was, now in reading.get("columns_changed", ()):
-        yield (
-            f"the header row changed since the last export accepted: {field_name} is now read from "
-            f"{repr(now) if now else 'no column'} (was {repr(was) if was else 'no column'}). Check that it is "
-            f"right; [columns] {field_name} in contexts.toml names the column for good."
-        )
+def woocommerce_event(order, topic):
+    """An Event from a WooCommerce order payload (REST API v3; order.* topics)."""
+    if topic == "order.deleted":  # the order went to the trash; order.restored brings it back
+        return Event("woocommerce", str(order["id"]), {}, time.time(), deleted=True)
+    billing = order.get("billing") if isinstance(order.get("billing"), dict) else {}
+    tracking = [
+        [
+            payload_text(t.get("tracking_number")),
+            unescaped(t.get("custom_tracking_provider")) or payload_text(t.get("tracking_provider")),
+            payload_text(t.get("custom_tracking_link")),
+        ]
+        for meta in order.get("meta_data") or ()
+        if isinstance(meta, dict) and meta.get("key") == "_wc_shipment_tracking_items"
+        for t in tracking_items(meta.get("value"))
+        if payload_text(t.get("tracking_number"))
+    ]
+    fields = {
+        "order_id": payload_text(order.get("number")) or payload_text(order.get("id")),
+        "email": payload_text(billing.get("email")),
+        "status": payload_text(order.get("status")),
+        "financial_status": "",
+        "cancelled_at": "",
+        "order_date": payload_text(order.get("date_created")),
+        "shipped_at": payload_text(order.get("date_completed")),
+        "carrier": BETWEEN.join(dict.fromkeys(carrier for _, carrier, _ in tracking if carrier)),
+        "tracking_url": next((link for _, _, link in tracking if link), ""),
+        "shipment_status": "",
+        "items": [
+            [payload_text(i.get("quantity")) or "1", unescaped(i.get("name")), ""]
+            for i in order.get("line_items") or ()
+            if isinstance(i, dict)
+        ],
+        "tracking": tracking,
+    }
+    modified = payload_text(order.get("date_modified_gmt"))
+    return Event("woocommerce", str(order["id"]), fields, event_time(modified + "Z" if modified else ""))
 
 
-def same_file_state(path, snapshot):
-    """True when path has the size and mtime the snapshot was read from."""
-    return file_state(path)[1:] == (snapshot.file_size, snapshot.file_mtime_ns)
+def tracking_items(value):
+    """The entries of WooCommerce Shipment Tracking's meta: a list, an object of numbered entries, or JSON text."""
+    if isinstance(value, str):
+        with suppress(ValueError):
+            value = json.loads(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for t in value if isinstance(t, dict)] if isinstance(value, list) else []
 
 
-def records_time(timestamp, config):
-    """{records_updated}: a moment in the shop's time zone, its day as the templates' language writes days."""
-    moment = datetime.fromtimestamp(timestamp, config.timezone)
-    style = (config.dates or {}).get(config.language, ENGLISH)
-    return f"{written_day((moment.year, moment.month, moment.day), style)}, {moment:%H:%M %Z}"
+def payload_text(value):
+    """A payload's value as one short line of text ("" for null): payloads are not trusted more than exports."""
+    if value is None or isinstance(value, (dict, list)):
+        return ""
+    return one_line(str(value))
 
 
-def iso_time(timestamp):
-    """A UTC timestamp as ISO 8601."""
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+def unescaped(value):
+    """payload_text() of a name WooCommerce keeps as HTML ("Ship Your Idea &ndash; Black"), as a customer reads it."""
+    return one_line(html.unescape(payload_text(value)))
 
 
-JOB_RETRY = (30, 60, 120, 300, 600)  # seconds before the next try after 1, 2, 3... failures in a row
+def strings(values):
+    """A list of texts from a payload's list, empty ones left out."""
+    return [t for t in map(payload_text, values if isinstance(values, list) else []) if t]
 
 
-class Job:
-    """How a background job (fetching, watching the folder, the webhook store's upkeep) is faring.
+def event_time(iso):
+    """A payload's ISO 8601 time as a timestamp; now when it has none or no zone, or lies ahead of now.
 
-    Its thread never dies of an exception: each one is a failure counted here, with its reason
-    for /healthz, and the job tries again after a wait that grows with the failures in a row.
+    A time ahead (a shop's clock running fast, or a forged payload) would make the order's
+    newest change look older than it, and a deletion sent after it would be put aside.
+    """
+    now = time.time()
+    try:
+        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return now
+    return min(moment.timestamp(), now) if moment.tzinfo else now
+
+
+def from_shop(platform, order, shop, domains):
+    """True when a delivery names one of the shop's domains, in its header and in the body's own links.
+
+    The header is not signed; the body's links are (Shopify's order_status_url, WooCommerce's
+    _links), so a body of another shop that shares the secret names that shop there.
+    """
+    header_host = (urlsplit(shop).hostname or "") if "//" in shop else shop.strip().lower()
+    if header_host not in domains:
+        return False
+    described = order.get("_links") if isinstance(order.get("_links"), dict) else {}
+    links = (
+        [order.get("order_status_url")]
+        if platform == "shopify"
+        else [
+            link.get("href")
+            for links in described.values()
+            if isinstance(links, list)
+            for link in links
+            if isinstance(link, dict)
+        ]
+    )
+    hosts = {urlsplit(link).hostname for link in links if isinstance(link, str) and "//" in link}
+    return hosts <= domains
+
+
+def signature_of(secret, body):
+    """How Shopify and WooCommerce sign a webhook: base64 of the body's HMAC-SHA256 under the secret."""
+    import base64
+
+    return base64.b64encode(hmac.new(secret.encode(), body, "sha256").digest())
+
+
+def signed(secrets_, body, signature):
+    """True when signature is signature_of(body) under one of the secrets; compared in constant time."""
+    given = signature.strip().encode("latin-1", "replace")
+    ok = False
+    for secret in secrets_:  # every one, no early exit: the time taken does not tell which matched
+        ok |= bool(given) and hmac.compare_digest(given, signature_of(secret, body))
+    return ok
+
+
+###############################################################################
+# Webhook events: the store and the overlay ###################################
+###############################################################################
+#
+# Events kept in SQLite in STATE_DIR (WebhookStore), applied once, the newest change of an
+# order winning; and the Overlay, the in-memory orders they tell, answered before the
+# export's. Uses the events above and the rendering.
+
+
+class WebhookStore:
+    """Webhook events in SQLite (WAL) in STATE_DIR: every accepted event survives a restart.
+
+    One row per order a shop told about; the newest change by the shop's own signed time
+    wins (a late retry of an older change is not applied over a newer one); a delivery id,
+    and a body, is applied once. A deletion carries no time of its own: it keeps the order's
+    newest signed time, so only a later change of the order, or an export made after the
+    deletion arrived that still holds it, undoes it. The deliveries remembered are bounded
+    in age and number, and the file gives freed room back (see upkeep).
     """
 
-    def __init__(self, name):
-        self.name = name  # what the job does, as /healthz says it: "fetching the export"
-        self.failures = 0  # in a row
-        self.failed_total = 0
-        self.failing_since = self.last_error = self.last_success = self.last_attempt = None
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS orders (
+            platform TEXT NOT NULL, platform_id TEXT NOT NULL, order_key TEXT NOT NULL, email_key TEXT NOT NULL,
+            fields TEXT NOT NULL, time REAL NOT NULL, received REAL NOT NULL, deleted INTEGER NOT NULL,
+            PRIMARY KEY (platform, platform_id));
+        CREATE TABLE IF NOT EXISTS deliveries (delivery TEXT PRIMARY KEY, received REAL NOT NULL);
+        CREATE INDEX IF NOT EXISTS orders_by_time ON orders (time);
+        CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (received);
+    """
 
-    def run(self, work, *args):
-        """work(*args) as one attempt: its result, or None after counting whatever it raised as a failure."""
-        self.last_attempt = time.time()
+    ROW = "platform, order_key, email_key, fields, deleted, received, time"  # as rows() gives them
+    FAILED_SECONDS = 900  # a failed write shows on /healthz this long, so a monitor polling it sees it
+
+    def __init__(self, path, max_orders=100_000, days=30.0):
+        self.path, self.max_orders, self.days = path, max_orders, days
+        self.lock = threading.Lock()  # one connection, one user at a time
+        self.moved_aside = None  # why a corrupt file was moved aside, for /healthz
+        self.failing, self.failed_at = None, 0.0  # why and when a write last failed, for /healthz
+        self.upkept = time.monotonic()
+        self.db = self.open()
+        self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
+        self.evicted = deque()  # (platform, order_key, email_key) of orders past the cap, for the overlay to drop
+        self.on_change = None  # called (from the writer) when orders went by age or by another process (purge)
+        self.version = None  # PRAGMA data_version when last looked: another connection's commit changes it
+        self.pending, self.wake = deque(), threading.Event()
+        threading.Thread(target=self.writer, name="webhook-store", daemon=True).start()
+
+    def open(self):
+        """Open (or create) the database; a corrupt one is moved aside with one log line, and a new one made."""
+        import sqlite3
+
+        for attempt in (1, 2):
+            try:
+                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
+                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise sqlite3.DatabaseError("quick_check failed")
+                if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                    # Incremental: pages freed by upkeep() go back to the disk. Set before any table, or
+                    # made so by one VACUUM for a store of an earlier version.
+                    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                    db.execute("VACUUM")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")  # 200 means stored: on disk, through a power cut
+                db.execute("PRAGMA secure_delete=ON")  # an order purged or expired leaves no copy in free pages
+                db.executescript(self.SCHEMA)
+                return db
+            except sqlite3.DatabaseError as e:
+                if attempt == 2:
+                    raise StoreError(
+                        f"{shown_name(self.path)}: cannot be used ({e}). Check the disk and STATE_DIR."
+                    ) from None
+                aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+                for suffix in ("", "-wal", "-shm"):
+                    with suppress(OSError):
+                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+                self.moved_aside = (
+                    f"the webhook store {shown_name(self.path)} could not be read ({e}) and was moved "
+                    f"aside as {shown_name(aside)}: events received before are lost; the export is served"
+                )
+                log.error("%s", self.moved_aside)
+
+    def apply(self, event, key, deliveries):
+        """Store an event; when this returns it is on disk. The StoreJob's outcome: "applied", "replayed" (one of
+        deliveries, its delivery id and its body's hash, was stored before), "stale" (a newer change
+        was) or "unknown" (a deletion of an order no event told of).
+
+        Events that arrive together are committed together by one thread: one sync to disk
+        for all, and each waiting request takes the interpreter back once, not at every step
+        of its own transaction (each costs up to 5 ms while lookups keep the interpreter busy).
+        """
+        job = StoreJob(event, key, deliveries)
+        self.pending.append(job)
+        self.wake.set()
+        if not job.done.wait(STORE_SECONDS):
+            raise StoreError(f"{shown_name(self.path)}: did not store the event within {STORE_SECONDS} s.")
+        if job.error:
+            raise job.error
+        return job
+
+    def writer(self):
+        """The one thread that writes: each round, every event waiting, in one transaction; then the upkeep."""
+        while True:
+            self.wake.wait(UPKEEP_SECONDS)
+            self.wake.clear()
+            jobs = []
+            while self.pending:
+                jobs.append(self.pending.popleft())
+            try:
+                if jobs:
+                    self.write_round(jobs)
+                if time.monotonic() - self.upkept > UPKEEP_SECONDS:
+                    self.upkeep()
+            except Exception as e:
+                self.note_failure(e)
+                for job in jobs:
+                    job.error = job.error or StoreError(
+                        f"{shown_name(self.path)}: the event could not be stored ({type(e).__name__})."
+                    )
+            finally:
+                for job in jobs:
+                    job.done.set()
+
+    def write_round(self, jobs):
+        """Write the jobs in one transaction; if that fails, each alone, so one bad event costs no other its place."""
+        with self.lock:
+            if not self.round(jobs) and len(jobs) > 1:
+                for job in jobs:
+                    job.error = None
+                    self.round([job])
+
+    def note_failure(self, error):
+        """Remember a failed write or upkeep for /healthz (see trouble) and log it."""
+        self.failing, self.failed_at = (
+            (f"webhook events cannot be stored: {shown_name(self.path)}: {type(error).__name__}"),
+            time.time(),
+        )
+        log.error("%s (%s)", self.failing, printable(str(error))[:200])
+
+    def round(self, jobs):
+        """Write jobs in one transaction, keeping the cap on orders; False (and each job's error) if it failed."""
         try:
-            return work(*args)
-        except UserError as error:
-            self.failed(str(error))
-        except Exception as error:  # a bug or a surprise: counted and shown, and the job lives on
-            log.exception("%s failed", self.name)
-            self.failed(f"an unexpected {type(error).__name__}; the log has the details")
-        return None
-
-    def failed(self, reason):
-        """Count one failure and keep its reason."""
-        self.failures += 1
-        self.failed_total += 1
-        self.failing_since = self.failing_since or time.time()
-        self.last_error = reason
-
-    def succeeded(self):
-        """The job worked: the failures in a row are over."""
-        self.failures, self.failing_since, self.last_error, self.last_success = 0, None, None, time.time()
-
-    def backoff(self):
-        """Seconds to wait after the failures in a row: 30 s, 1, 2, 5, then 10 min."""
-        return JOB_RETRY[min(self.failures, len(JOB_RETRY)) - 1] if self.failures else 0
-
-    def wait(self, normal):
-        """Seconds before the next run of a job that runs every normal seconds: sooner while it fails."""
-        return min(self.backoff(), normal) if self.failures else normal
-
-    def trouble(self, now, stale_after):
-        """Why /healthz is degraded by this job: failing for longer than the data may age, else None."""
-        if self.failing_since and now - self.failing_since > stale_after:
-            return f"{self.name} has failed for more than {stale_after / 3600:g} hours: {self.last_error}"
-        return None
-
-    def status(self):
-        """For /healthz with the key: the last success and attempt, the failures, the last reason."""
-        return {
-            "last_success": iso_time(self.last_success) if self.last_success else None,
-            "last_attempt": iso_time(self.last_attempt) if self.last_attempt else None,
-            "last_error": self.last_error,
-            "failures_in_a_row": self.failures,
-            "failing_since": iso_time(self.failing_since) if self.failing_since else None,
-        }
-
-
-###############################################################################
-# Sources: watching the data folder ###########################################
-###############################################################################
-
-
-class Watcher:
-    """Reloads when the export or contexts.toml changes and has stopped changing."""
-
-    def __init__(self, service):
-        self.service = service
-        self.settings = service.settings
-        self.changed = threading.Event()
-        self.stopping = threading.Event()
-        self.observer = None
-        self.thread = None
-        self.job = Job("watching the data folder")
-        service.background.append(self.job)
-
-    def paths(self):
-        """The folders to watch: the export's folder (or itself) and the config's."""
-        data = self.settings.data
-        folders = {data if data.is_dir() else data.parent, self.settings.contexts.parent}
-        return sorted(f for f in folders if f.is_dir())
-
-    def start(self, events=True):
-        """Start the observer (unless only polling) and the thread that debounces and reloads."""
-        if events:
-            from watchdog.observers import Observer
-
-            handler = event_handler(self)
-            self.observer = Observer()
-            for folder in self.paths():
-                self.observer.schedule(handler, str(folder), recursive=False)
-            self.observer.daemon = True
-            self.observer.start()
-        self.thread = threading.Thread(target=self.run, name="reloader", daemon=True)
-        self.thread.start()
-        return self
-
-    def stop(self):
-        """Stop watching."""
-        self.stopping.set()
-        self.changed.set()
-        if self.observer:
-            self.observer.stop()
-            self.observer.join(5)
-        if self.thread:
-            self.thread.join(5)
-
-    def relevant(self, path):
-        """Events about exports and contexts.toml matter; the state folder's do not."""
-        path = Path(path).absolute()
-        data = self.settings.data
-        if path == self.settings.contexts or path == data:
-            return True
-        return data.is_dir() and path.parent == data and is_export_name(path.name)
-
-    def run(self):
-        """Wait for a change (or poll), let the files settle, reload once; a failure waits its backoff first."""
-        self.changed.set()  # look once at the start: a change made before watching began counts
-        while not self.stopping.is_set():
-            self.changed.wait(self.settings.poll_seconds)
-            self.changed.clear()
-            if self.stopping.is_set():
-                return
-            # reload() refuses what it can name; anything else is the job's failure, and this thread lives on.
-            if self.job.run(self.look) is None and self.stopping.wait(self.job.backoff()):
-                return
-
-    def look(self):
-        """Reload when the files changed since the last load was tried; True when that went through."""
-        # Against what the service last tried to load, not what it serves: a refused
-        # file is not read again until it changes.
-        if self.settle() != self.service.tried:
-            self.service.reload()
-        elif self.service.copy_error and self.service.snapshot:  # the disk may have room again
-            self.service.keep_copy(self.service.snapshot)
-        self.job.succeeded()
+            self.db.execute("BEGIN IMMEDIATE")
+            added = 0
+            for job in jobs:
+                job.before = self.key_of(job.event.platform, job.event.platform_id, locked=True)
+                job.outcome = self.write(job)
+                job.now = self.current(job.event.platform, job.event.platform_id, locked=True)
+                added += job.before is None and job.now is not None
+            evicted = self.evict(self.count + added - self.max_orders)
+            self.db.execute("COMMIT")
+        except Exception as e:  # a full disk, a damaged file: the round's events are refused
+            with suppress(Exception):
+                self.db.execute("ROLLBACK")
+            self.note_failure(e)
+            for job in jobs:
+                job.error = StoreError(f"{shown_name(self.path)}: the event could not be stored ({type(e).__name__}).")
+            return False
+        self.count += added - len(evicted)
+        self.evicted.extend(evicted)
         return True
 
-    def settle(self):
-        """The files' state once size and mtime have held still for settle_seconds."""
-        current = self.service.files_state()
-        while not self.stopping.is_set():
-            time.sleep(self.settings.settle_seconds)
-            self.changed.clear()
-            again = self.service.files_state()
-            if again == current:
-                return current
-            current = again
-        return current
+    def trouble(self, now):
+        """Why /healthz should be degraded: a write that failed in the last FAILED_SECONDS, a store moved aside."""
+        recent = self.failing if now - self.failed_at < self.FAILED_SECONDS else None
+        return [reason for reason in (recent, self.moved_aside) if reason]
+
+    def evict(self, excess):
+        """Delete the excess oldest orders, inside the round: the cap holds between exports too."""
+        if excess <= 0:
+            return []
+        oldest = self.db.execute(
+            "SELECT rowid, platform, order_key, email_key FROM orders ORDER BY time LIMIT ?", (excess,)
+        ).fetchall()
+        self.db.executemany("DELETE FROM orders WHERE rowid = ?", [(row[0],) for row in oldest])
+        return [row[1:] for row in oldest]
+
+    def write(self, job):
+        """One event inside the round's transaction; its outcome."""
+        db, event, now = self.db, job.event, time.time()
+        for delivery in job.deliveries:
+            if db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (delivery, now)).rowcount == 0:
+                return "replayed"
+        if event.deleted:  # dated by the order's newest signed change, which is no later than now
+            return (
+                "applied"
+                if db.execute(
+                    "UPDATE orders SET deleted = 1, received = ? WHERE platform = ? AND platform_id = ?",
+                    (now, event.platform, event.platform_id),
+                ).rowcount
+                else "unknown"
+            )
+        # A change as new as the one stored replaces it; a deleted order comes back only with a later one.
+        return (
+            "applied"
+            if db.execute(
+                """INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?, 0)
+               ON CONFLICT (platform, platform_id) DO UPDATE SET order_key = excluded.order_key,
+               email_key = excluded.email_key, fields = excluded.fields, time = excluded.time,
+               received = excluded.received, deleted = 0
+               WHERE excluded.time > orders.time OR (excluded.time = orders.time AND NOT orders.deleted)""",
+                (event.platform, event.platform_id, *job.key, json.dumps(event.fields), event.time, now),
+            ).rowcount
+            else "stale"
+        )
+
+    def current(self, platform, platform_id, locked=False):
+        """(order_key, email_key, fields, deleted, time) of a stored order as it stands now, or None."""
+        with nullcontext() if locked else self.lock:
+            return self.db.execute(
+                "SELECT order_key, email_key, fields, deleted, time FROM orders WHERE platform = ? AND platform_id = ?",
+                (platform, platform_id),
+            ).fetchone()
+
+    def key_of(self, platform, platform_id, locked=False):
+        """(order_key, email_key) of a stored order, or None."""
+        with nullcontext() if locked else self.lock:
+            return self.db.execute(
+                "SELECT order_key, email_key FROM orders WHERE platform = ? AND platform_id = ?",
+                (platform, platform_id),
+            ).fetchone()
+
+    def prune(self, older_than):
+        """Forget events an export has caught up with, and orders past the cap; then the upkeep.
+
+        A deletion is caught up with by an export made after it arrived: one that still holds
+        the order shows it was not deleted for good (WooCommerce's restore from the trash).
+        """
+        with self.lock:
+            self.db.execute(
+                "DELETE FROM orders WHERE (deleted = 0 AND time < ?) OR (deleted = 1 AND received < ?)",
+                (older_than, older_than),
+            )
+            self.db.execute(
+                "DELETE FROM orders WHERE rowid IN (SELECT rowid FROM orders ORDER BY time DESC LIMIT -1 OFFSET ?)",
+                (self.max_orders,),
+            )
+            self.count = self.db.execute("SELECT count(*) FROM orders").fetchone()[0]
+        self.upkeep()
+
+    def upkeep(self):
+        """Bound what is kept between exports: orders past WEBHOOK_DAYS and delivery ids past their age or number go,
+        and the file shrinks. Orders gone by age, or by another process (`purge`), leave the overlay (on_change)."""
+        with self.lock:
+            expired = self.db.execute(
+                "SELECT rowid, platform, order_key, email_key FROM orders WHERE received < ?",
+                (time.time() - self.days * 86400,),
+            ).fetchall()
+            self.db.executemany("DELETE FROM orders WHERE rowid = ?", [(row[0],) for row in expired])
+            self.count -= len(expired)
+            self.db.execute("DELETE FROM deliveries WHERE received < ?", (time.time() - DELIVERY_DAYS * 86400,))
+            self.db.execute(
+                "DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries "
+                "ORDER BY received DESC LIMIT -1 OFFSET ?)",
+                (MAX_DELIVERIES,),
+            )
+            self.db.executescript("PRAGMA incremental_vacuum;")  # run to its end: each step frees one page
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        elsewhere, self.version = self.version is not None and version != self.version, version
+        self.upkept = time.monotonic()
+        if (expired or elsewhere) and self.on_change:
+            self.on_change()
+
+    @staticmethod
+    def read(path, since):
+        """rows(since) of a store read only, as `lookup` does beside the running service: nothing changes."""
+        import sqlite3
+
+        try:
+            with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                return db.execute(f"SELECT {WebhookStore.ROW} FROM orders WHERE time >= ?", (since,)).fetchall()
+        except sqlite3.Error as e:
+            log.warning("%s: cannot be read (%s); answering from the export alone", shown_name(path), e)
+            return []
+
+    def rows(self, since=0):
+        """Every stored order that changed since then, as WebhookStore.ROW names its fields."""
+        with self.lock:
+            return self.db.execute(f"SELECT {self.ROW} FROM orders WHERE time >= ?", (since,)).fetchall()
+
+    def last_received(self):
+        """{platform: when its newest stored event arrived}: the status page's "last event" after a restart."""
+        with self.lock:
+            return dict(self.db.execute("SELECT platform, MAX(received) FROM orders GROUP BY platform").fetchall())
+
+    def close(self):
+        """Close the database (its WAL is checkpointed into the file)."""
+        with self.lock, suppress(Exception):
+            self.db.close()
 
 
-def file_state(path):
-    """(path, size, mtime_ns), as the watcher compares files; the sizes are None if it is gone."""
-    try:
-        stat = path.stat()
-    except (OSError, AttributeError):  # gone, or no export at all (None)
-        return str(path), None, None
-    return str(path), stat.st_size, stat.st_mtime_ns
+STORE_SECONDS = 10  # the longest a delivery waits for the store; the shops wait 5 s (Shopify) to 60 s
+UPKEEP_SECONDS = 60  # how often the writer bounds the deliveries remembered and gives the file's room back
+DELIVERY_DAYS = 3  # Shopify retries a failed delivery for 48 hours; a replay older than this is stale anyway
+MAX_DELIVERIES = 200_000  # delivery ids remembered at most (two a delivery: its id and its body's hash)
 
 
-def event_handler(watcher):
-    """A watchdog handler that wakes the watcher for changes to the files it serves."""
-    from watchdog.events import FileSystemEventHandler
+class StoreJob:
+    """An event waiting to be written, and what came of it."""
 
-    class Handler(FileSystemEventHandler):
-        def on_any_event(self, event):
-            # Our own reads open and close the export: those events are not changes.
-            if event.is_directory or event.event_type in ("opened", "closed_no_write"):
-                return
-            paths = (event.src_path, getattr(event, "dest_path", "") or "")
-            if any(p and watcher.relevant(os.fsdecode(p)) for p in paths):
-                watcher.changed.set()
-
-    return Handler()
+    def __init__(self, event, key, deliveries):
+        self.event, self.key, self.deliveries = event, key, deliveries
+        self.outcome, self.error, self.done = None, None, threading.Event()
+        self.before = self.now = None  # the order's key before, and its row after (see Webhooks.store)
 
 
-###############################################################################
-# Sources: fetching the export from a URL #####################################
-###############################################################################
+class Overlay:
+    """The orders webhook events tell, newer than the served export: they answer before it.
 
-FETCH_TIMEOUT = 30  # seconds to connect, and at most between two reads of the body
-FETCH_REDIRECTS = 5  # Dropbox and Google send one or two
-FETCH_DEADLINE = 1800  # seconds for a whole body: a server dripping a byte at a time must not hold the fetcher
-
-
-class Fetcher:
-    """Fetches ORDERS_URL into the data folder at start and every FETCH_SECONDS.
-
-    The body streams to a hidden file, renamed into place when whole: then the watcher
-    and every guard decide, as for a file dropped in. Requests are conditional (ETag,
-    Last-Modified), so an unchanged export costs a 304. A failure keeps what is served,
-    is logged in one line without the URL's secret parts, and is tried again sooner.
+    index maps the same keys as a Snapshot's to packed orders (GONE for a deleted one),
+    packed and worded by a plan of their own (EVENT_HEADER), from the same contexts.toml.
     """
 
-    def __init__(self, service):
-        self.service, self.settings = service, service.settings
-        self.folder = service.settings.data
-        self.memo = service.settings.state / "fetch.json"  # the validators of the last body fetched
-        self.outcomes = Counter()  # fetched, not_modified, failed
-        self.job = Job("fetching the export")  # tried again sooner after a failure (Job.wait)
-        service.background.append(self.job)
-        self.stopping = threading.Event()
-        self.thread = None
+    def __init__(self, snapshot):
+        self.plan = make_plan(snapshot.config, EVENT_HEADER, "webhooks", layout=EVENT_LAYOUT)
+        self.packer, self.renderer = Packer(self.plan, plain=False), Renderer(snapshot.config, self.plan)
+        self.renderer.records_text = snapshot.renderer.records_text
+        self.renderer.export_day = datetime.now(snapshot.config.timezone).date()  # events tell of now
+        self.normalise = snapshot.normalise
+        self.index = {}  # key -> packed order; changed one key at a time, or replaced whole
+        self.times = {}  # key -> when its order last changed
+        self.platforms = Counter()  # platform -> orders answered from events
 
-    def start(self):
-        """Fetch in a thread of its own, from now on; returns self."""
-        self.thread = threading.Thread(target=self.run, name="fetcher", daemon=True)
-        self.thread.start()
+    def fill(self, rows):
+        """Build the index from the store's rows; returns self."""
+        index, times, platforms = {}, {}, Counter()
+        for platform, order_key, email_key, fields, deleted, _, moment in rows:
+            entry = index_key(order_key, email_key)
+            index[entry], times[entry] = GONE if deleted else self.pack(json.loads(fields)), moment
+            platforms[platform] += 1
+        self.index, self.times, self.platforms = index, times, platforms
         return self
 
-    def stop(self):
-        """Stop fetching."""
-        self.stopping.set()
-        if self.thread:
-            self.thread.join(5)
+    def put(self, platform, key, fields, moment, before=None):
+        """One event's order (None: deleted) into the index: one assignment, which a lookup sees whole or not.
 
-    def run(self):
-        """Wait, fetch, wait again: every FETCH_SECONDS, sooner after a failure (`serve` fetched once at start)."""
-        while not self.stopping.wait(self.job.wait(self.settings.fetch_seconds)):
-            self.fetch()
+        moment: when the order changed; an older change, put later by a slower thread, is not
+        put over a newer one. before: the order's key until now, when its number or email
+        changed: that one goes.
+        """
+        entry = index_key(*key)
+        if moment < self.times.get(entry, 0):
+            return
+        if before and tuple(before) != tuple(key) and self.index.pop(index_key(*before), None) is not None:
+            self.platforms[platform] -= 1
+        if entry not in self.index:
+            self.platforms[platform] += 1
+        self.times[entry] = moment
+        self.index[entry] = GONE if fields is None else self.pack(fields)
 
-    def fetch(self):
-        """One fetch; True when the export was fetched or had not changed. Never raises: a failure is counted."""
-        job = self.job
-        job.last_attempt = time.time()
-        try:
-            outcome = self.download()
-        except FetchError as error:
-            reason = str(error)
-        except Exception as error:  # whatever else a server's odd answer sets off: a failure like any other
-            log.exception("fetching %s failed unexpectedly", shown_url(self.settings.orders_url))
-            reason = f"the server's answer could not be read ({type(error).__name__})."
-        else:
-            self.outcomes[outcome] += 1
-            job.succeeded()
-            if (self.service.refused or {}).get("source") == "fetch":  # the link works again
-                self.service.refused = None
-            return True
-        self.outcomes["failed"] += 1
-        job.failed(reason)
-        self.service.note_refusal(FetchError(reason), "fetch", f"fetching ORDERS_URL failed: {reason}")
-        log.error(
-            "fetching %s failed (%d in a row), %s: %s",
-            shown_url(self.settings.orders_url),
-            job.failures,
-            self.serving_instead(),
-            reason,
-        )
-        return False
+    def drop(self, platform, key):
+        """An order the store let go past its cap (WEBHOOK_MAX_ORDERS): the export answers for it again."""
+        entry = index_key(*key)
+        if self.index.pop(entry, None) is not None:
+            self.platforms[platform] -= 1
+        self.times.pop(entry, None)
 
-    def serving_instead(self):
-        """What is served while a fetch fails, as the log line says it."""
-        if self.service.snapshot:
-            return f"still serving {shown_name(self.service.snapshot.source)}"
-        if self.folder.is_dir() and any(is_export_name(p.name) for p in self.folder.iterdir()):
-            return "the export already in the data folder will be served"
-        return "nothing loaded yet"
+    def pack(self, fields):
+        """An event's fields as one packed order, like an export's."""
+        items, tracking = fields.get("items") or [["", "", ""]], fields.get("tracking") or []
+        head = [str(fields.get(name, "")) for name in EVENT_ORDER_FIELDS]
+        rows = []
+        for position in range(max(len(items), len(tracking), 1)):
+            quantity, name, status = (items[position] + ["", "", ""])[:3] if position < len(items) else ("", "", "")
+            number = tracking[position][0] if position < len(tracking) else ""
+            rows.append([*(head if position == 0 else [""] * len(head)), name, quantity, status, number])
+        return self.packer.pack(rows)[1]
 
-    def download(self):
-        """Fetch the URL: "fetched" (a new body renamed into the folder) or "not_modified"; else FetchError."""
-        memo = self.validators()
-        headers = {"User-Agent": f"order-lookup/{__version__}"}
-        if memo.get("etag"):
-            headers["If-None-Match"] = memo["etag"]
-        if memo.get("last_modified"):
-            headers["If-Modified-Since"] = memo["last_modified"]
-        host = urlsplit(self.settings.orders_url).hostname
-        opener = urllib.request.build_opener(SafeRedirects(host), GuardedHTTP(host), GuardedHTTPS(host))
-        request = urllib.request.Request(self.settings.orders_url, headers=headers)
-        if self.settings.orders_url_auth:  # unredirected: a redirect to another host never carries it
-            request.add_unredirected_header("Authorization", self.settings.orders_url_auth)
-        try:
-            with opener.open(request, timeout=FETCH_TIMEOUT) as response:
-                return self.save(response)
-        except urllib.error.HTTPError as e:
-            if e.code == 304:
-                return "not_modified"
-            if 300 <= e.code < 400:
-                raise FetchError(f"the link redirected more than {FETCH_REDIRECTS} times, or in a loop.") from None
-            raise FetchError(f"the server answered {e.code} {printable(e.reason)[:60]}.") from None
-        except urllib.error.URLError as e:
-            raise FetchError(f"could not reach {host}: {printable(getattr(e, 'reason', e))[:120]}.") from None
-        except (TimeoutError, OSError, http.client.HTTPException) as e:
-            raise FetchError(f"the download from {host} broke off ({type(e).__name__}).") from None
-        except ValueError:  # a header urllib cannot read, such as a redirect to "http://[::1"
-            raise FetchError(
-                f"the answer from {host} has a header that cannot be read (a malformed redirect "
-                "or length); ask whoever runs that server, or use another link."
-            ) from None
-
-    def save(self, response):
-        """Stream the body into a hidden file, check its size and kind, rename it into the data folder."""
-        limit = int(self.settings.max_export_mb * 1e6)
-        declared = declared_length(response.headers)
-        if declared > limit:
-            raise FetchError(f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB).")
-        if "html" in (response.headers.get_content_type() or ""):
-            raise FetchError(
-                "the link answered with a web page, not an export: a shared link that needs "
-                "signing in, or that points to a preview? Use its direct download link."
-            )
-        started = time.monotonic()
-        first = response.read1(READ_BUFFER)  # read1: at most one read from the socket, so the deadline is checked
-        suffix = ".xlsx" if first.startswith(b"PK\x03\x04") else ".csv"  # the name only: content decides (file_kind)
-        hidden, target = self.folder / f".fetching-{os.getpid()}{suffix}", self.folder / f"fetched{suffix}"
-        size = 0
-        try:
-            with open(hidden, "wb") as out:
-                chunk = first
-                while chunk:
-                    size += len(chunk)
-                    if size > limit:
-                        raise FetchError(
-                            f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB); "
-                            "the download was stopped."
-                        )
-                    out.write(chunk)
-                    if time.monotonic() - started > FETCH_DEADLINE:
-                        raise FetchError(
-                            f"the download took longer than {FETCH_DEADLINE // 60} minutes "
-                            f"({size:,} bytes so far) and was stopped."
-                        )
-                    chunk = response.read1(READ_BUFFER)
-            if declared and size < declared:  # http.client ends a cut body quietly
-                raise FetchError(f"the download broke off after {size:,} of {declared:,} bytes.")
-            stamp = http_time(response.headers.get("Last-Modified"))
-            if stamp:  # the export's own age, so /healthz and {records_updated} stay honest
-                os.utime(hidden, (stamp, stamp))
-            os.replace(hidden, target)
-        except BaseException:
-            with suppress(OSError):
-                hidden.unlink()
-            raise
-        for other in self.folder.glob("fetched.*"):
-            if other != target:  # the other kind, from an earlier fetch
-                with suppress(OSError):
-                    other.unlink()
-        self.remember(response.headers.get("ETag"), response.headers.get("Last-Modified"))
-        log.info("fetched %s: %d bytes into %s", shown_url(self.settings.orders_url), size, target.name)
-        return "fetched"
-
-    def validators(self):
-        """The ETag and Last-Modified of the body fetched last, while its file is still there."""
-        if not list(self.folder.glob("fetched.*")):
-            return {}
-        try:
-            return json.loads(self.memo.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def remember(self, etag, last_modified):
-        """Keep the validators of a fetched body, for the next conditional request (also after a restart)."""
-        with suppress(OSError):
-            self.memo.parent.mkdir(parents=True, exist_ok=True)
-            self.memo.write_text(json.dumps({"etag": etag, "last_modified": last_modified}))
-
-    def status(self):
-        """For /healthz with the key: where from (host only), the last success, the last error."""
-        return {
-            "source": shown_url(self.settings.orders_url),
-            "every_seconds": self.settings.fetch_seconds,
-            **self.job.status(),
-            "outcomes": dict(self.outcomes),
-        }
-
-
-def declared_length(headers):
-    """A response's Content-Length as a number (0 when it has none); FetchError when it is not one."""
-    text = (headers.get("Content-Length") or "").strip()
-    if not text:
-        return 0
-    if not text.isdigit():
-        raise FetchError(
-            f"the server announced a length that is not a number ({printable(text)[:20]!r}); "
-            "ask whoever runs that server, or use another link."
-        )
-    return int(text)
-
-
-def http_time(text):
-    """A Last-Modified header as a timestamp, or None (also for one in the future)."""
-    from email.utils import parsedate_to_datetime
-
-    try:
-        stamp = parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
-    return stamp if stamp <= time.time() + FUTURE_SLACK else None
-
-
-class SafeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows at most FETCH_REDIRECTS redirects: never from https to plain http, never to another host that is
-    this machine or a private network (see guarded() for the same check on the address connected to)."""
-
-    max_redirections = FETCH_REDIRECTS
-
-    def __init__(self, allowed_host):
-        super().__init__()
-        self.allowed_host = allowed_host
-
-    def redirect_request(self, request, fp, code, message, headers, new_url):
-        old, new = urlsplit(request.full_url), urlsplit(new_url)
-        if old.scheme == "https" and new.scheme != "https" and not is_loopback(new.hostname or ""):
-            raise FetchError(f"the link redirected from https to plain http ({new.hostname}); refused.")
-        if new.hostname != self.allowed_host and not all(map(is_public, addresses_of(new.hostname or ""))):
-            raise private_hop(new.hostname)
-        return super().redirect_request(request, fp, code, message, headers, new_url)
-
-
-def addresses_of(host):
-    """The addresses a host name resolves to now; none when it does not resolve (connecting then fails anyway)."""
-    import socket
-
-    try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
-    except (OSError, UnicodeError):
-        return set()
-
-
-def private_hop(host):
-    """The FetchError of a hop to this machine or a private network."""
-    return FetchError(
-        f"the link led on to {printable(host)[:60]}, an address on this machine or a private network; "
-        "refused. Only ORDERS_URL's own host may be such an address."
-    )
-
-
-def is_public(address):
-    """True for an address on the internet: not this machine, a private network, link-local or a cloud's metadata."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    ip = (ip.ipv4_mapped or ip) if ip.version == 6 else ip
-    return ip.is_global and not ip.is_multicast
-
-
-def guarded(connection_class, allowed_host):
-    """An http.client connection class that refuses, once connected, a peer that is not public.
-
-    Checked on the address really connected to, on every hop, so a name that resolves anew
-    (DNS rebinding) cannot slip past. allowed_host: ORDERS_URL's own host, which may be such an
-    address (an export on this machine or the shop's network), and is the only one that may.
-    """
-
-    class Guarded(connection_class):
-        def connect(self):
-            super().connect()
-            if self._tunnel_host or self.host == allowed_host:  # through a proxy, or ORDERS_URL's own host
-                return
-            if not is_public(self.sock.getpeername()[0]):
-                self.sock.close()
-                raise private_hop(self.host)
-
-    return Guarded
-
-
-class GuardedHTTP(urllib.request.HTTPHandler):
-    """urllib's http handler with guarded() connections."""
-
-    def __init__(self, allowed_host):
-        super().__init__()
-        self.connection = guarded(http.client.HTTPConnection, allowed_host)
-
-    def http_open(self, request):
-        return self.do_open(self.connection, request)
-
-
-class GuardedHTTPS(urllib.request.HTTPSHandler):
-    """urllib's https handler with guarded() connections (the certificate is checked as usual)."""
-
-    def __init__(self, allowed_host):
-        super().__init__()
-        self.connection = guarded(http.client.HTTPSConnection, allowed_host)
-
-    def https_open(self, request):
-        return self.do_open(self.connection, request, context=self._context)
+    def render(self, packed, typed=""):
+        """(template name, JSON body) of an event's order."""
+        return self.renderer.render(*self.packer.unpack(packed))
 
 
 ###############################################################################
-# Sources: uploads (PUT /export) ##############################################
+# Webhook events: receiving deliveries ########################################
 ###############################################################################
-
-
-# The upload's reply counts the answers of the first orders only: all of them would take several
-# loads' time (every answer's rule worked out); `check` counts them all.
-UPLOAD_SURVEY_ORDERS = 20_000
-
-
-def receive_upload(service, environ):
-    """(HTTP status, JSON body) for an uploaded export: streamed aside, checked as `check` does, then served.
-
-    The data being served changes only when the upload passes every guard; a second
-    upload while one is being checked gets 409.
-    """
-    size = int(environ.get("CONTENT_LENGTH") or 0)  # as announced; as received once it is
-    if not service.uploading.acquire(blocking=False):
-        log.warning("upload: %d bytes: refused, another upload is being checked", size)
-        return 409, json.dumps(
-            {"accepted": False, "reason": "Another upload is being checked; send it again in a minute."}
-        ).encode()
-    hidden = None
-    try:
-        folder = service.settings.data if service.settings.data.is_dir() else service.settings.data.parent
-        hidden, size, digest = upload_body(environ, folder, int(service.settings.max_export_mb * 1e6))
-        if (served := service.snapshot) and served.file_size == size and file_digest(served.source) == digest:
-            log.info("upload: %d bytes: the export being served, unchanged", size)
-            return 200, json.dumps(
-                {
-                    "accepted": True,
-                    "unchanged": True,
-                    "file": served.source.name,
-                    "layout": served.layout,
-                    "orders": served.orders,
-                    "rows": served.rows,
-                }
-            ).encode()
-        snapshot, target = service.accept(hidden, http_time(environ.get("HTTP_LAST_MODIFIED")))
-        hidden = None  # renamed into place
-        surveyed = survey(snapshot, UPLOAD_SURVEY_ORDERS)
-        log.info("upload: %d bytes: accepted as %s (%d orders)", size, target.name, snapshot.orders)
-        return 200, json.dumps(
-            {
-                "accepted": True,
-                "file": target.name,
-                "layout": snapshot.layout,
-                "orders": snapshot.orders,
-                "rows": snapshot.rows,
-                "answers": dict(surveyed.answers.most_common()),
-                "answers_of": surveyed.counted,
-                "warnings": list(check_warnings(snapshot, surveyed)),
-            }
-        ).encode()
-    except UploadRefused as error:
-        log.warning("upload: %d bytes: refused: %s", size, error)
-        service.note_refusal(error, "upload")
-        return 413, json.dumps({"accepted": False, "reason": str(error)}).encode()
-    except UserError as error:
-        # The sender knows no hidden file's name: "the upload" looks cut off.
-        reason = str(error).replace(hidden.name, "the upload") if hidden else str(error)
-        service.note_refusal(error, "upload", reason)
-        log.warning(
-            "upload: %d bytes: refused, still serving %s: %s",
-            size,
-            shown_name(service.snapshot.source) if service.snapshot else "nothing",
-            reason,
-        )
-        return 422, json.dumps({"accepted": False, "reason": reason}).encode()
-    finally:
-        if hidden:
-            with suppress(OSError):
-                hidden.unlink()
-        service.uploading.release()
-
-
-def upload_body(environ, folder, limit):
-    """(hidden file, bytes, digest) of the upload: the raw body, or the first file of a multipart form."""
-    source, length = environ["wsgi.input"], int(environ.get("CONTENT_LENGTH") or 0)
-    if length > limit:
-        raise UploadRefused(f"the upload is larger than MAX_EXPORT_MB ({limit / 1e6:g} MB).")
-    if environ.get("CONTENT_TYPE", "").startswith("multipart/form-data"):
-        files = bottle.request.files  # bottle spools a large part to a temporary file
-        upload = next(iter(files.values()), None)
-        if upload is None:
-            raise ExportError("the form holds no file: send the export as the body, or as a form's file field.")
-        source, length = upload.file, limit + 1
-    hidden = folder / f".uploading-{os.getpid()}-{threading.get_ident()}"
-    size, digest = 0, hashlib.sha256()
-    with open(hidden, "wb") as out:
-        while chunk := source.read(min(READ_BUFFER, max(length - size, 0))):
-            size += len(chunk)
-            if size > limit:
-                out.close()
-                hidden.unlink()
-                raise UploadRefused(f"the upload is larger than MAX_EXPORT_MB ({limit / 1e6:g} MB).")
-            out.write(chunk)
-            digest.update(chunk)
-    # The name only: content decides how it is read (file_kind); one a folder's reading recognises.
-    named = hidden.with_name(hidden.name + (".xlsx" if file_kind(hidden) == "xlsx" else ".csv"))
-    os.replace(hidden, named)
-    return named, size, digest.digest()
-
-
-def file_digest(path):
-    """The SHA-256 of a file's bytes, or None when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").digest()
-    except OSError:
-        return None
-
-
-###############################################################################
-# Sources: webhooks from the shop #############################################
-###############################################################################
+#
+# POST /webhooks/<platform>: a delivery checked (signature, topic, body, shop), stored, and
+# answered from at once; counted per platform for /healthz and /metrics. Uses the stores
+# above.
 
 WEBHOOK_MAX_BYTES = 2 << 20  # Shopify's largest orders are a few hundred KB
 WEBHOOK_HEADERS = {  # platform -> (signature, topic, delivery id, the shop it comes from), as WSGI names them
@@ -6587,53 +5980,1938 @@ class Webhooks:
         }
 
 
-def from_shop(platform, order, shop, domains):
-    """True when a delivery names one of the shop's domains, in its header and in the body's own links.
+###############################################################################
+# Sources: the data folder, a URL, uploads ####################################
+###############################################################################
+#
+# How an export reaches the service by itself: a background Job (retried with backoff, its
+# failure a reason on /healthz, never a dead thread) watches the data folder or fetches
+# ORDERS_URL; PUT /export receives an upload, streamed to a hidden file and renamed. Uses
+# the index and the guards above.
 
-    The header is not signed; the body's links are (Shopify's order_status_url, WooCommerce's
-    _links), so a body of another shop that shares the secret names that shop there.
+
+def stream_to_file(hidden, chunks, limit, too_large):
+    """Write a download or an upload to a hidden file, to be renamed into place once checked: (bytes, SHA-256).
+
+    Past limit bytes, too_large is raised; on any failure the partial file goes.
     """
-    header_host = (urlsplit(shop).hostname or "") if "//" in shop else shop.strip().lower()
-    if header_host not in domains:
+    size, digest = 0, hashlib.sha256()
+    try:
+        with open(hidden, "wb") as out:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                out.write(chunk)
+                digest.update(chunk)
+    except BaseException:
+        with suppress(OSError):
+            hidden.unlink()
+        raise
+    return size, digest
+
+
+JOB_RETRY = (30, 60, 120, 300, 600)  # seconds before the next try after 1, 2, 3... failures in a row
+
+
+class Job:
+    """How a background job (fetching, watching the folder, the webhook store's upkeep) is faring.
+
+    Its thread never dies of an exception: each one is a failure counted here, with its reason
+    for /healthz, and the job tries again after a wait that grows with the failures in a row.
+    """
+
+    def __init__(self, name):
+        self.name = name  # what the job does, as /healthz says it: "fetching the export"
+        self.failures = 0  # in a row
+        self.failed_total = 0
+        self.failing_since = self.last_error = self.last_success = self.last_attempt = None
+
+    def run(self, work, *args):
+        """work(*args) as one attempt: its result, or None after counting whatever it raised as a failure."""
+        self.last_attempt = time.time()
+        try:
+            return work(*args)
+        except UserError as error:
+            self.failed(str(error))
+        except Exception as error:  # a bug or a surprise: counted and shown, and the job lives on
+            log.exception("%s failed", self.name)
+            self.failed(f"an unexpected {type(error).__name__}; the log has the details")
+        return None
+
+    def failed(self, reason):
+        """Count one failure and keep its reason."""
+        self.failures += 1
+        self.failed_total += 1
+        self.failing_since = self.failing_since or time.time()
+        self.last_error = reason
+
+    def succeeded(self):
+        """The job worked: the failures in a row are over."""
+        self.failures, self.failing_since, self.last_error, self.last_success = 0, None, None, time.time()
+
+    def backoff(self):
+        """Seconds to wait after the failures in a row: 30 s, 1, 2, 5, then 10 min."""
+        return JOB_RETRY[min(self.failures, len(JOB_RETRY)) - 1] if self.failures else 0
+
+    def wait(self, normal):
+        """Seconds before the next run of a job that runs every normal seconds: sooner while it fails."""
+        return min(self.backoff(), normal) if self.failures else normal
+
+    def trouble(self, now, stale_after):
+        """Why /healthz is degraded by this job: failing for longer than the data may age, else None."""
+        if self.failing_since and now - self.failing_since > stale_after:
+            return f"{self.name} has failed for more than {stale_after / 3600:g} hours: {self.last_error}"
+        return None
+
+    def status(self):
+        """For /healthz with the key: the last success and attempt, the failures, the last reason."""
+        return {
+            "last_success": iso_time(self.last_success) if self.last_success else None,
+            "last_attempt": iso_time(self.last_attempt) if self.last_attempt else None,
+            "last_error": self.last_error,
+            "failures_in_a_row": self.failures,
+            "failing_since": iso_time(self.failing_since) if self.failing_since else None,
+        }
+
+
+# The data folder #############################################################
+
+
+class Watcher:
+    """Reloads when the export or contexts.toml changes and has stopped changing."""
+
+    def __init__(self, service):
+        self.service = service
+        self.settings = service.settings
+        self.changed = threading.Event()
+        self.stopping = threading.Event()
+        self.observer = None
+        self.thread = None
+        self.job = Job("watching the data folder")
+        service.background.append(self.job)
+
+    def paths(self):
+        """The folders to watch: the export's folder (or itself) and the config's."""
+        data = self.settings.data
+        folders = {data if data.is_dir() else data.parent, self.settings.contexts.parent}
+        return sorted(f for f in folders if f.is_dir())
+
+    def start(self, events=True):
+        """Start the observer (unless only polling) and the thread that debounces and reloads."""
+        if events:
+            from watchdog.observers import Observer
+
+            handler = event_handler(self)
+            self.observer = Observer()
+            for folder in self.paths():
+                self.observer.schedule(handler, str(folder), recursive=False)
+            self.observer.daemon = True
+            self.observer.start()
+        self.thread = threading.Thread(target=self.run, name="reloader", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        """Stop watching."""
+        self.stopping.set()
+        self.changed.set()
+        if self.observer:
+            self.observer.stop()
+            self.observer.join(5)
+        if self.thread:
+            self.thread.join(5)
+
+    def relevant(self, path):
+        """Events about exports and contexts.toml matter; the state folder's do not."""
+        path = Path(path).absolute()
+        data = self.settings.data
+        if path == self.settings.contexts or path == data:
+            return True
+        return data.is_dir() and path.parent == data and is_export_name(path.name)
+
+    def run(self):
+        """Wait for a change (or poll), let the files settle, reload once; a failure waits its backoff first."""
+        self.changed.set()  # look once at the start: a change made before watching began counts
+        while not self.stopping.is_set():
+            self.changed.wait(self.settings.poll_seconds)
+            self.changed.clear()
+            if self.stopping.is_set():
+                return
+            # reload() refuses what it can name; anything else is the job's failure, and this thread lives on.
+            if self.job.run(self.look) is None and self.stopping.wait(self.job.backoff()):
+                return
+
+    def look(self):
+        """Reload when the files changed since the last load was tried; True when that went through."""
+        # Against what the service last tried to load, not what it serves: a refused
+        # file is not read again until it changes.
+        if self.settle() != self.service.tried:
+            self.service.reload()
+        elif self.service.copy_error and self.service.snapshot:  # the disk may have room again
+            self.service.keep_copy(self.service.snapshot)
+        self.job.succeeded()
+        return True
+
+    def settle(self):
+        """The files' state once size and mtime have held still for settle_seconds."""
+        current = self.service.files_state()
+        while not self.stopping.is_set():
+            time.sleep(self.settings.settle_seconds)
+            self.changed.clear()
+            again = self.service.files_state()
+            if again == current:
+                return current
+            current = again
+        return current
+
+
+def file_state(path):
+    """(path, size, mtime_ns), as the watcher compares files; the sizes are None if it is gone."""
+    try:
+        stat = path.stat()
+    except (OSError, AttributeError):  # gone, or no export at all (None)
+        return str(path), None, None
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def event_handler(watcher):
+    """A watchdog handler that wakes the watcher for changes to the files it serves."""
+    from watchdog.events import FileSystemEventHandler
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event):
+            # Our own reads open and close the export: those events are not changes.
+            if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+                return
+            paths = (event.src_path, getattr(event, "dest_path", "") or "")
+            if any(p and watcher.relevant(os.fsdecode(p)) for p in paths):
+                watcher.changed.set()
+
+    return Handler()
+
+
+# A URL (ORDERS_URL) ##########################################################
+
+FETCH_TIMEOUT = 30  # seconds to connect, and at most between two reads of the body
+FETCH_REDIRECTS = 5  # Dropbox and Google send one or two
+FETCH_DEADLINE = 1800  # seconds for a whole body: a server dripping a byte at a time must not hold the fetcher
+
+
+class Fetcher:
+    """Fetches ORDERS_URL into the data folder at start and every FETCH_SECONDS.
+
+    The body streams to a hidden file, renamed into place when whole: then the watcher
+    and every guard decide, as for a file dropped in. Requests are conditional (ETag,
+    Last-Modified), so an unchanged export costs a 304. A failure keeps what is served,
+    is logged in one line without the URL's secret parts, and is tried again sooner.
+    """
+
+    def __init__(self, service):
+        self.service, self.settings = service, service.settings
+        self.folder = service.settings.data
+        self.memo = service.settings.state / "fetch.json"  # the validators of the last body fetched
+        self.outcomes = Counter()  # fetched, not_modified, failed
+        self.job = Job("fetching the export")  # tried again sooner after a failure (Job.wait)
+        service.background.append(self.job)
+        self.stopping = threading.Event()
+        self.thread = None
+
+    def start(self):
+        """Fetch in a thread of its own, from now on; returns self."""
+        self.thread = threading.Thread(target=self.run, name="fetcher", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        """Stop fetching."""
+        self.stopping.set()
+        if self.thread:
+            self.thread.join(5)
+
+    def run(self):
+        """Wait, fetch, wait again: every FETCH_SECONDS, sooner after a failure (`serve` fetched once at start)."""
+        while not self.stopping.wait(self.job.wait(self.settings.fetch_seconds)):
+            self.fetch()
+
+    def fetch(self):
+        """One fetch; True when the export was fetched or had not changed. Never raises: a failure is counted."""
+        job = self.job
+        job.last_attempt = time.time()
+        try:
+            outcome = self.download()
+        except FetchError as error:
+            reason = str(error)
+        except Exception as error:  # whatever else a server's odd answer sets off: a failure like any other
+            log.exception("fetching %s failed unexpectedly", shown_url(self.settings.orders_url))
+            reason = f"the server's answer could not be read ({type(error).__name__})."
+        else:
+            self.outcomes[outcome] += 1
+            job.succeeded()
+            if (self.service.refused or {}).get("source") == "fetch":  # the link works again
+                self.service.refused = None
+            return True
+        self.outcomes["failed"] += 1
+        job.failed(reason)
+        self.service.note_refusal(FetchError(reason), "fetch", f"fetching ORDERS_URL failed: {reason}")
+        log.error(
+            "fetching %s failed (%d in a row), %s: %s",
+            shown_url(self.settings.orders_url),
+            job.failures,
+            self.serving_instead(),
+            reason,
+        )
         return False
-    described = order.get("_links") if isinstance(order.get("_links"), dict) else {}
-    links = (
-        [order.get("order_status_url")]
-        if platform == "shopify"
-        else [
-            link.get("href")
-            for links in described.values()
-            if isinstance(links, list)
-            for link in links
-            if isinstance(link, dict)
-        ]
+
+    def serving_instead(self):
+        """What is served while a fetch fails, as the log line says it."""
+        if self.service.snapshot:
+            return f"still serving {shown_name(self.service.snapshot.source)}"
+        if self.folder.is_dir() and any(is_export_name(p.name) for p in self.folder.iterdir()):
+            return "the export already in the data folder will be served"
+        return "nothing loaded yet"
+
+    def download(self):
+        """Fetch the URL: "fetched" (a new body renamed into the folder) or "not_modified"; else FetchError."""
+        memo = self.validators()
+        headers = {"User-Agent": f"order-lookup/{__version__}"}
+        if memo.get("etag"):
+            headers["If-None-Match"] = memo["etag"]
+        if memo.get("last_modified"):
+            headers["If-Modified-Since"] = memo["last_modified"]
+        host = urlsplit(self.settings.orders_url).hostname
+        opener = urllib.request.build_opener(SafeRedirects(host), GuardedHTTP(host), GuardedHTTPS(host))
+        request = urllib.request.Request(self.settings.orders_url, headers=headers)
+        if self.settings.orders_url_auth:  # unredirected: a redirect to another host never carries it
+            request.add_unredirected_header("Authorization", self.settings.orders_url_auth)
+        try:
+            with opener.open(request, timeout=FETCH_TIMEOUT) as response:
+                return self.save(response)
+        except urllib.error.HTTPError as e:
+            if e.code == 304:
+                return "not_modified"
+            if 300 <= e.code < 400:
+                raise FetchError(f"the link redirected more than {FETCH_REDIRECTS} times, or in a loop.") from None
+            raise FetchError(f"the server answered {e.code} {printable(e.reason)[:60]}.") from None
+        except urllib.error.URLError as e:
+            raise FetchError(f"could not reach {host}: {printable(getattr(e, 'reason', e))[:120]}.") from None
+        except (TimeoutError, OSError, http.client.HTTPException) as e:
+            raise FetchError(f"the download from {host} broke off ({type(e).__name__}).") from None
+        except ValueError:  # a header urllib cannot read, such as a redirect to "http://[::1"
+            raise FetchError(
+                f"the answer from {host} has a header that cannot be read (a malformed redirect "
+                "or length); ask whoever runs that server, or use another link."
+            ) from None
+
+    def save(self, response):
+        """Stream the body into a hidden file, check its size and kind, rename it into the data folder."""
+        limit = int(self.settings.max_export_mb * 1e6)
+        declared = declared_length(response.headers)
+        if declared > limit:
+            raise FetchError(f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB).")
+        if "html" in (response.headers.get_content_type() or ""):
+            raise FetchError(
+                "the link answered with a web page, not an export: a shared link that needs "
+                "signing in, or that points to a preview? Use its direct download link."
+            )
+        started = time.monotonic()
+        first = response.read1(READ_BUFFER)  # read1: at most one read from the socket, so the deadline is checked
+        suffix = ".xlsx" if first.startswith(b"PK\x03\x04") else ".csv"  # the name only: content decides (file_kind)
+        hidden, target = self.folder / f".fetching-{os.getpid()}{suffix}", self.folder / f"fetched{suffix}"
+        too_large = FetchError(
+            f"the export is larger than MAX_EXPORT_MB ({self.settings.max_export_mb:g} MB); the download was stopped."
+        )
+        size, _ = stream_to_file(hidden, in_time(first, response, started), limit, too_large)
+        try:
+            if declared and size < declared:  # http.client ends a cut body quietly
+                raise FetchError(f"the download broke off after {size:,} of {declared:,} bytes.")
+            stamp = http_time(response.headers.get("Last-Modified"))
+            if stamp:  # the export's own age, so /healthz and {records_updated} stay honest
+                os.utime(hidden, (stamp, stamp))
+            os.replace(hidden, target)
+        except BaseException:
+            with suppress(OSError):
+                hidden.unlink()
+            raise
+        for other in self.folder.glob("fetched.*"):
+            if other != target:  # the other kind, from an earlier fetch
+                with suppress(OSError):
+                    other.unlink()
+        self.remember(response.headers.get("ETag"), response.headers.get("Last-Modified"))
+        log.info("fetched %s: %d bytes into %s", shown_url(self.settings.orders_url), size, target.name)
+        return "fetched"
+
+    def validators(self):
+        """The ETag and Last-Modified of the body fetched last, while its file is still there."""
+        if not list(self.folder.glob("fetched.*")):
+            return {}
+        try:
+            return json.loads(self.memo.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def remember(self, etag, last_modified):
+        """Keep the validators of a fetched body, for the next conditional request (also after a restart)."""
+        with suppress(OSError):
+            self.memo.parent.mkdir(parents=True, exist_ok=True)
+            self.memo.write_text(json.dumps({"etag": etag, "last_modified": last_modified}))
+
+    def status(self):
+        """For /healthz with the key: where from (host only), the last success, the last error."""
+        return {
+            "source": shown_url(self.settings.orders_url),
+            "every_seconds": self.settings.fetch_seconds,
+            **self.job.status(),
+            "outcomes": dict(self.outcomes),
+        }
+
+
+def in_time(first, response, started):
+    """The body's chunks, first the one already read, until FETCH_DEADLINE after started (then FetchError)."""
+    chunk, size = first, 0
+    while chunk:
+        size += len(chunk)
+        yield chunk
+        if time.monotonic() - started > FETCH_DEADLINE:
+            raise FetchError(
+                f"the download took longer than {FETCH_DEADLINE // 60} minutes ({size:,} bytes so far) and was stopped."
+            )
+        chunk = response.read1(READ_BUFFER)  # read1: at most one read from the socket, so the deadline is checked
+
+
+def declared_length(headers):
+    """A response's Content-Length as a number (0 when it has none); FetchError when it is not one."""
+    text = (headers.get("Content-Length") or "").strip()
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise FetchError(
+            f"the server announced a length that is not a number ({printable(text)[:20]!r}); "
+            "ask whoever runs that server, or use another link."
+        )
+    return int(text)
+
+
+def http_time(text):
+    """A Last-Modified header as a timestamp, or None (also for one in the future)."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        stamp = parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return stamp if stamp <= time.time() + FUTURE_SLACK else None
+
+
+class SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows at most FETCH_REDIRECTS redirects: never from https to plain http, never to another host that is
+    this machine or a private network (see guarded() for the same check on the address connected to)."""
+
+    max_redirections = FETCH_REDIRECTS
+
+    def __init__(self, allowed_host):
+        super().__init__()
+        self.allowed_host = allowed_host
+
+    def redirect_request(self, request, fp, code, message, headers, new_url):
+        old, new = urlsplit(request.full_url), urlsplit(new_url)
+        if old.scheme == "https" and new.scheme != "https" and not is_loopback(new.hostname or ""):
+            raise FetchError(f"the link redirected from https to plain http ({new.hostname}); refused.")
+        if new.hostname != self.allowed_host and not all(map(is_public, addresses_of(new.hostname or ""))):
+            raise private_hop(new.hostname)
+        return super().redirect_request(request, fp, code, message, headers, new_url)
+
+
+def addresses_of(host):
+    """The addresses a host name resolves to now; none when it does not resolve (connecting then fails anyway)."""
+    import socket
+
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return set()
+
+
+def private_hop(host):
+    """The FetchError of a hop to this machine or a private network."""
+    return FetchError(
+        f"the link led on to {printable(host)[:60]}, an address on this machine or a private network; "
+        "refused. Only ORDERS_URL's own host may be such an address."
     )
-    hosts = {urlsplit(link).hostname for link in links if isinstance(link, str) and "//" in link}
-    return hosts <= domains
 
 
-def signature_of(secret, body):
-    """How Shopify and WooCommerce sign a webhook: base64 of the body's HMAC-SHA256 under the secret."""
-    import base64
+def is_public(address):
+    """True for an address on the internet: not this machine, a private network, link-local or a cloud's metadata."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    ip = (ip.ipv4_mapped or ip) if ip.version == 6 else ip
+    return ip.is_global and not ip.is_multicast
 
-    return base64.b64encode(hmac.new(secret.encode(), body, "sha256").digest())
+
+def guarded(connection_class, allowed_host):
+    """An http.client connection class that refuses, once connected, a peer that is not public.
+
+    Checked on the address really connected to, on every hop, so a name that resolves anew
+    (DNS rebinding) cannot slip past. allowed_host: ORDERS_URL's own host, which may be such an
+    address (an export on this machine or the shop's network), and is the only one that may.
+    """
+
+    class Guarded(connection_class):
+        def connect(self):
+            super().connect()
+            if self._tunnel_host or self.host == allowed_host:  # through a proxy, or ORDERS_URL's own host
+                return
+            if not is_public(self.sock.getpeername()[0]):
+                self.sock.close()
+                raise private_hop(self.host)
+
+    return Guarded
 
 
-def signed(secrets_, body, signature):
-    """True when signature is signature_of(body) under one of the secrets; compared in constant time."""
-    given = signature.strip().encode("latin-1", "replace")
-    ok = False
-    for secret in secrets_:  # every one, no early exit: the time taken does not tell which matched
-        ok |= bool(given) and hmac.compare_digest(given, signature_of(secret, body))
-    return ok
+class GuardedHTTP(urllib.request.HTTPHandler):
+    """urllib's http handler with guarded() connections."""
+
+    def __init__(self, allowed_host):
+        super().__init__()
+        self.connection = guarded(http.client.HTTPConnection, allowed_host)
+
+    def http_open(self, request):
+        return self.do_open(self.connection, request)
+
+
+class GuardedHTTPS(urllib.request.HTTPSHandler):
+    """urllib's https handler with guarded() connections (the certificate is checked as usual)."""
+
+    def __init__(self, allowed_host):
+        super().__init__()
+        self.connection = guarded(http.client.HTTPSConnection, allowed_host)
+
+    def https_open(self, request):
+        return self.do_open(self.connection, request, context=self._context)
+
+
+# Uploads (PUT /export) #######################################################
+
+# The upload's reply counts the answers of the first orders only: all of them would take several
+# loads' time (every answer's rule worked out); `check` counts them all.
+UPLOAD_SURVEY_ORDERS = 20_000
+
+
+def receive_upload(service, environ):
+    """(HTTP status, JSON body) for an uploaded export: streamed aside, checked as `check` does, then served.
+
+    The data being served changes only when the upload passes every guard; a second
+    upload while one is being checked gets 409.
+    """
+    size = int(environ.get("CONTENT_LENGTH") or 0)  # as announced; as received once it is
+    if not service.uploading.acquire(blocking=False):
+        log.warning("upload: %d bytes: refused, another upload is being checked", size)
+        return 409, json.dumps(
+            {"accepted": False, "reason": "Another upload is being checked; send it again in a minute."}
+        ).encode()
+    hidden = None
+    try:
+        folder = service.settings.data if service.settings.data.is_dir() else service.settings.data.parent
+        hidden, size, digest = upload_body(environ, folder, int(service.settings.max_export_mb * 1e6))
+        if (served := service.snapshot) and served.file_size == size and file_digest(served.source) == digest:
+            log.info("upload: %d bytes: the export being served, unchanged", size)
+            return 200, json.dumps(
+                {
+                    "accepted": True,
+                    "unchanged": True,
+                    "file": served.source.name,
+                    "layout": served.layout,
+                    "orders": served.orders,
+                    "rows": served.rows,
+                }
+            ).encode()
+        snapshot, target = service.accept(hidden, http_time(environ.get("HTTP_LAST_MODIFIED")))
+        hidden = None  # renamed into place
+        surveyed = survey(snapshot, UPLOAD_SURVEY_ORDERS)
+        log.info("upload: %d bytes: accepted as %s (%d orders)", size, target.name, snapshot.orders)
+        return 200, json.dumps(
+            {
+                "accepted": True,
+                "file": target.name,
+                "layout": snapshot.layout,
+                "orders": snapshot.orders,
+                "rows": snapshot.rows,
+                "answers": dict(surveyed.answers.most_common()),
+                "answers_of": surveyed.counted,
+                "warnings": list(check_warnings(snapshot, surveyed)),
+            }
+        ).encode()
+    except UploadRefused as error:
+        log.warning("upload: %d bytes: refused: %s", size, error)
+        service.note_refusal(error, "upload")
+        return 413, json.dumps({"accepted": False, "reason": str(error)}).encode()
+    except UserError as error:
+        # The sender knows no hidden file's name: "the upload" looks cut off.
+        reason = str(error).replace(hidden.name, "the upload") if hidden else str(error)
+        service.note_refusal(error, "upload", reason)
+        log.warning(
+            "upload: %d bytes: refused, still serving %s: %s",
+            size,
+            shown_name(service.snapshot.source) if service.snapshot else "nothing",
+            reason,
+        )
+        return 422, json.dumps({"accepted": False, "reason": reason}).encode()
+    finally:
+        if hidden:
+            with suppress(OSError):
+                hidden.unlink()
+        service.uploading.release()
+
+
+def upload_body(environ, folder, limit):
+    """(hidden file, bytes, digest) of the upload: the raw body, or the first file of a multipart form."""
+    source, length = environ["wsgi.input"], int(environ.get("CONTENT_LENGTH") or 0)
+    if length > limit:
+        raise UploadRefused(f"the upload is larger than MAX_EXPORT_MB ({limit / 1e6:g} MB).")
+    if environ.get("CONTENT_TYPE", "").startswith("multipart/form-data"):
+        files = bottle.request.files  # bottle spools a large part to a temporary file
+        upload = next(iter(files.values()), None)
+        if upload is None:
+            raise ExportError("the form holds no file: send the export as the body, or as a form's file field.")
+        source, length = upload.file, limit + 1
+    hidden = folder / f".uploading-{os.getpid()}-{threading.get_ident()}"
+    too_large = UploadRefused(f"the upload is larger than MAX_EXPORT_MB ({limit / 1e6:g} MB).")
+    size, digest = stream_to_file(hidden, body_chunks(source, length), limit, too_large)
+    # The name only: content decides how it is read (file_kind); one a folder's reading recognises.
+    named = hidden.with_name(hidden.name + (".xlsx" if file_kind(hidden) == "xlsx" else ".csv"))
+    os.replace(hidden, named)
+    return named, size, digest.digest()
+
+
+def body_chunks(source, length):
+    """A request body's chunks: at most length bytes (a form's file part: until its end)."""
+    read = 0
+    while chunk := source.read(min(READ_BUFFER, max(length - read, 0))):
+        read += len(chunk)
+        yield chunk
+
+
+def file_digest(path):
+    """The SHA-256 of a file's bytes, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").digest()
+    except OSError:
+        return None
 
 
 ###############################################################################
-# HTTP ########################################################################
+# Request log, insights, metrics ##############################################
 ###############################################################################
+#
+# One log line per request with the email masked; lookup insights (what customers asked
+# that was not found, without keeping who asked); and /metrics for Prometheus. Uses the
+# rendering and the warnings above.
 
-JSON = "application/json"
-COMMON_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+LOOKUP_OUTCOMES = ("found", "not_found", "missing", "invalid", "unauthorized", "throttled", "error")
+# Upper bounds in milliseconds: for /metrics' histogram and the status page's p50 and p99.
+LATENCY_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 250, 500, 1000, 2500, 5000)
+# The status page's headings for them: short, so that a phone shows every column.
+OUTCOME_HEADINGS = {
+    "found": "found",
+    "not_found": "not found",
+    "missing": "left out",
+    "invalid": "unreadable",
+    "unauthorized": "wrong key",
+    "throttled": "throttled",
+    "error": "error",
+}
+INSIGHT_HOURS = 24
+RECENT_NOT_FOUND = 20
+
+
+def lookup_outcome(entry):
+    """The outcome of a request to /lookup, from its request-log tuple; None for any other request."""
+    _, _, _, path, status, _, lookup = entry
+    if path != "/lookup":
+        return None
+    code = status[:3]
+    if code in ("200", "404", "401", "429"):
+        return {"200": "found", "404": "not_found", "401": "unauthorized", "429": "throttled"}[code]
+    if code == "400" and lookup and is_missing(*lookup):
+        return "missing"
+    return "error" if code.startswith("5") else "invalid"
+
+
+def is_missing(order_id, email):
+    """True when a 400 was for a number or email left out, not for one that could not be read (as answer() decides)."""
+    if order_id is None or email is None:
+        return False
+    order_id, email = order_id.strip(), email.strip()
+    if len(order_id) > MAX_ORDER_ID or len(email) > MAX_EMAIL or CONTROL.search(order_id + email):
+        return False
+    return not normalise_order_id(order_id) or not email
+
+
+class Insights:
+    """Lookups as the request log sees them, for /metrics and the status page: in memory only, gone on restart.
+
+    Fed by the log's thread in batches (serve), so counting costs a request nothing.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()  # the log's thread writes, a scrape or the page reads
+        self.outcomes = Counter()  # since start
+        self.latency = [0] * (len(LATENCY_MS) + 1)  # since start, per LATENCY_MS bucket (the last: slower)
+        self.latency_sum = 0.0  # seconds
+        self.hours = OrderedDict()  # hour number -> (Counter of outcomes, latency buckets)
+        self.not_found = deque(maxlen=RECENT_NOT_FOUND)  # (time, number as compared, masked email)
+
+    def observe(self, entries):
+        """Count a batch of request-log tuples; requests other than lookups are left out."""
+        with self.lock:
+            for entry in entries:
+                if (outcome := lookup_outcome(entry)) is not None:
+                    self.count(entry, outcome)
+
+    def count(self, entry, outcome):
+        """One lookup into the totals, its hour and, when not found, the recent list."""
+        moment, milliseconds, lookup = entry[0], entry[5], entry[6]
+        bucket = bisect.bisect_left(LATENCY_MS, milliseconds)
+        self.outcomes[outcome] += 1
+        self.latency[bucket] += 1
+        self.latency_sum += milliseconds / 1000
+        hour = int(moment // 3600)
+        if hour not in self.hours:
+            self.hours[hour] = (Counter(), [0] * (len(LATENCY_MS) + 1))
+            while len(self.hours) > INSIGHT_HOURS:
+                self.hours.popitem(last=False)
+        outcomes, buckets = self.hours[hour]
+        outcomes[outcome] += 1
+        buckets[bucket] += 1
+        if outcome == "not_found" and lookup:
+            order_id, email = lookup
+            # As typed, reduced to letters and digits: "SO-1001" shows as SO1001, beside the export's 1001.
+            number = "(an-email)" if "@" in order_id else re.sub(r"[\W_]+", "", order_id)[:NOT_FOUND_ID_LENGTH]
+            self.not_found.append((moment, number, mask_email(email)))
+
+    def day(self, now=None):
+        """The last 24 hours: lookups and outcomes per hour; the not-found share; p50, p99; the recent not-found."""
+        now = time.time() if now is None else now
+        first = int(now // 3600) - INSIGHT_HOURS + 1
+        with self.lock:
+            hours = [
+                (hour, Counter(outcomes), list(buckets))
+                for hour, (outcomes, buckets) in self.hours.items()
+                if hour >= first
+            ]
+            recent = list(reversed(self.not_found))
+        total, buckets = Counter(), [0] * (len(LATENCY_MS) + 1)
+        for _, outcomes, counts in hours:
+            total.update(outcomes)
+            buckets = [a + b for a, b in zip(buckets, counts)]
+        answered = total["found"] + total["not_found"]
+        return {
+            "hours": [(iso_time(hour * 3600)[11:16], outcomes) for hour, outcomes, _ in hours],
+            # found and not found always; the other outcomes only where the day had any
+            "columns": [(o, OUTCOME_HEADINGS[o]) for o in LOOKUP_OUTCOMES if o in ("found", "not_found") or total[o]],
+            "total": total,
+            "lookups": sum(total.values()),
+            "not_found_share": total["not_found"] / answered if answered else None,
+            "p50_ms": percentile(buckets, 0.50),
+            "p99_ms": percentile(buckets, 0.99),
+            "recent_not_found": [(iso_time(moment), number, email) for moment, number, email in recent],
+        }
+
+
+def percentile(buckets, share):
+    """The bucket bound (ms) under which share of the counted lookups fall; None when none were counted."""
+    total = sum(buckets)
+    if not total:
+        return None
+    seen = 0
+    for bound, count in zip((*LATENCY_MS, math.inf), buckets):
+        seen += count
+        if seen >= share * total:
+            return bound
+    return math.inf
+
+
+class MetricsCollector:
+    """The service's state as Prometheus metrics, read when scraped: nothing is counted for them on a request."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def collect(self):
+        """The metric families (prometheus_client's collector protocol)."""
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        service, insights = self.service, self.service.insights
+        with insights.lock:
+            outcomes, latency, latency_sum = Counter(insights.outcomes), list(insights.latency), insights.latency_sum
+        lookups = CounterMetricFamily("orders_lookups", "Lookups on /lookup by outcome.", labels=["outcome"])
+        for outcome in LOOKUP_OUTCOMES:
+            lookups.add_metric([outcome], outcomes[outcome])
+        yield lookups
+        cumulative = list(accumulate(latency))
+        yield HistogramMetricFamily(
+            "orders_lookup_duration_seconds",
+            "Time to answer a lookup.",
+            buckets=[(f"{bound / 1000:g}", n) for bound, n in zip(LATENCY_MS, cumulative)] + [("+Inf", cumulative[-1])],
+            sum_value=latency_sum,
+        )
+        yield from self.data(service)
+        loads = CounterMetricFamily(
+            "orders_loads_refused", "Exports or contexts.toml edits refused, by reason.", labels=["reason"]
+        )
+        for kind, count in sorted(service.loads.items()):
+            if kind != "accepted":
+                loads.add_metric([kind], count)
+        yield loads
+        yield CounterMetricFamily(
+            "orders_loads_accepted", "Exports loaded and served.", value=service.loads["accepted"]
+        )
+        yield from self.sources(service)
+
+    @staticmethod
+    def data(service):
+        """Gauges of the data being served."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        snapshot, (_, _, age) = service.snapshot, service.health()
+        for name, doc, value in (
+            ("orders_served_orders", "Orders in the export being served.", snapshot.orders if snapshot else 0),
+            ("orders_served_rows", "Rows in the export being served.", snapshot.rows if snapshot else 0),
+            ("orders_data_age_seconds", "Age of the export being served.", age if age is not None else math.nan),
+            (
+                "orders_max_age_seconds",
+                "[settings] max_age_hours: older data is stale.",
+                snapshot.config.max_age_hours * 3600 if snapshot else math.nan,
+            ),
+            (
+                "orders_last_load_duration_seconds",
+                "How long the last accepted load took.",
+                snapshot.seconds if snapshot else math.nan,
+            ),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        refused = GaugeMetricFamily(
+            "orders_export_refused",
+            "1 while the last export that came (dropped in the "
+            "folder, uploaded or fetched) stands refused, until a good one is served.",
+            labels=["source"],
+        )
+        for source in ("folder", "upload", "fetch"):
+            refused.add_metric([source], 1 if (service.refused or {}).get("source") == source else 0)
+        yield refused
+        if snapshot is None:
+            return
+        counts = reading_counts(snapshot)
+        left_out = GaugeMetricFamily(
+            "orders_rows_left_out", "Rows of the export served that are no order, by reason.", labels=["reason"]
+        )
+        for reason, count in counts["left_out"].items():
+            left_out.add_metric([reason], count)
+        yield left_out
+        yield GaugeMetricFamily(
+            "orders_rows_attached",
+            "Item rows without an order number taken as the order above's.",
+            value=counts["attached_to_the_order_above"],
+        )
+        withheld = GaugeMetricFamily(
+            "orders_cells_withheld", "Cells a spreadsheet damaged, withheld, by field.", labels=["field"]
+        )
+        for field_name, count in counts["cells_withheld"].items():
+            withheld.add_metric([field_name], count)
+        yield withheld
+
+    @staticmethod
+    def sources(service):
+        """Counters of webhook deliveries and fetches, where those are set up."""
+        from prometheus_client.core import CounterMetricFamily
+
+        if service.webhooks:
+            events = CounterMetricFamily(
+                "orders_webhook_events", "Webhook deliveries by platform and outcome.", labels=["platform", "outcome"]
+            )
+            for platform, outcomes in service.webhooks.outcomes.items():
+                for outcome, count in sorted(outcomes.items()):
+                    events.add_metric([platform, outcome], count)
+            yield events
+        if service.fetcher:
+            fetches = CounterMetricFamily("orders_fetches", "Fetches of ORDERS_URL by outcome.", labels=["outcome"])
+            for outcome, count in sorted(service.fetcher.outcomes.items()):
+                fetches.add_metric([outcome], count)
+            yield fetches
+
+
+def metrics_registry(service):
+    """A registry of the service's metrics and the process's own (memory, CPU, open files)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MetricsCollector(service))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class RequestLog:
+    """WSGI middleware: common headers, one log line per request, a JSON 500 whatever happens.
+
+    The 500's body is unavailable(): contexts.toml's `unavailable` answer.
+
+    Each request leaves a bare tuple, (time, address, method, path, status, milliseconds,
+    (order number, email) or None), for write_request; request_line() makes the text.
+    By default the line goes through logging at once. `serve` hands LogHandler.queue_request
+    instead, whose flush thread makes the lines off the request's path.
+    """
+
+    def __init__(self, app, write_request=None, unavailable=lambda: UNAVAILABLE):
+        self.app = app
+        self.write_request = write_request or self.log_request
+        self.unavailable = unavailable  # the body of a fault
+
+    @staticmethod
+    def log_request(entry):
+        """A request line through logging."""
+        access_log.info("%s", request_line(entry))
+
+    def __call__(self, environ, start_response):
+        started = time.perf_counter()
+        seen = []
+
+        def respond(status, headers, exc_info=None):
+            seen.append(status)
+            return start_response(status, headers + COMMON_HEADERS, exc_info)
+
+        try:
+            body = self.app(environ, respond)
+        except Exception:
+            log.exception("request failed")
+            seen.append("500 Internal Server Error")
+            try:
+                fault = self.unavailable()
+            except Exception:  # the fault's own wording must not be a second fault
+                fault = UNAVAILABLE
+            start_response(
+                seen[-1], [("Content-Type", JSON), ("Content-Length", str(len(fault)))] + COMMON_HEADERS, sys.exc_info()
+            )
+            body = [fault]
+        self.write_request(
+            (
+                time.time(),
+                environ.get("REMOTE_ADDR", "-"),
+                environ.get("REQUEST_METHOD", "-"),
+                environ.get("PATH_INFO", ""),
+                seen[-1] if seen else "-",
+                (time.perf_counter() - started) * 1000,
+                environ.get("orders.lookup"),
+            )
+        )
+        return body
+
+
+def request_line(entry):
+    """A request's log line (without time and level): never a query, a full email or a control character."""
+    _, address, method, path, status, milliseconds, lookup = entry
+    line = f"{address} {method} {sanitise_path(path)} {status.split(' ', 1)[0]} {milliseconds:.1f}ms"
+    if lookup is None:
+        return line
+    order_id, email = lookup
+    # Normalised, so it cannot forge a line; an email typed as the number is not written out.
+    order = "(an-email)" if "@" in (order_id or "") else normalise_order_id(order_id or "")[:NOT_FOUND_ID_LENGTH] or "-"
+    return f"{line} order={order} email={mask_email(email) if email else '-'}"
+
+
+def sanitise_path(path):
+    """The path for a log line: printable, short, never the query."""
+    if path.isascii() and path.isprintable() and " " not in path:
+        return path[:100] or "/"
+    return re.sub(r"[^\x21-\x7e]", "?", path)[:100] or "/"
+
+
+class JsonLines(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, for log collectors."""
+
+    def format(self, record):
+        return self.line(record.created, record.levelname, record.name, record.getMessage())
+
+    def line(self, created, level, logger, message):
+        """One log line from its parts."""
+        return json.dumps({"time": iso_time(created), "level": level.lower(), "logger": logger, "message": message})
+
+
+class TextLines(logging.Formatter):
+    """'2026-11-28 21:29:04,599 INFO message', the time text made once a second, not per line."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self.cached = (None, "")  # (second, its text), replaced as one: threads share it
+
+    def formatTime(self, record, datefmt=None):
+        return self.stamp(record.created)
+
+    def stamp(self, created):
+        """The time text of a line."""
+        second = int(created)
+        cached_second, text = self.cached
+        if second != cached_second:
+            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self.cached = (second, text)
+        return f"{text},{int(created % 1 * 1000):03d}"
+
+    def line(self, created, level, logger, message):
+        """One log line from its parts, as format() writes a record."""
+        return f"{self.stamp(created)} {level} {message}"
+
+
+class LogHandler(logging.StreamHandler):
+    """Writes to stderr; request lines are queued and written together every half second.
+
+    A write per request is a system call each, and taking the handler's lock on every
+    request makes eight request threads queue behind whichever one the GIL paused
+    while holding it: together a third of the throughput. Building a LogRecord and
+    formatting it cost another fifth. So request lines arrive as bare tuples
+    (queue_request) in a deque, which needs no lock to append to, and one thread
+    formats and writes them. Every other line (loads, refusals, warnings) is written
+    at once, after the queued ones.
+    """
+
+    def __init__(self, interval=0.5):
+        super().__init__(sys.stderr)
+        self.pending = deque()
+        self.queue_request = self.pending.append  # RequestLog's tuples
+        self.observers = []  # functions given each batch of request tuples too (Insights.observe)
+        self.timer = threading.Thread(target=self.flush_every, args=(interval,), name="log-flush", daemon=True)
+        self.timer.start()
+
+    def emit(self, record):
+        self.write_pending()
+        super().emit(record)
+
+    def write_pending(self):
+        """Write the queued request lines in one go."""
+        line, lines, entries = self.formatter.line, [], []
+        while self.pending:
+            entry = self.pending.popleft()
+            entries.append(entry)
+            try:
+                text = request_line(entry)
+            except Exception:  # one odd request must not stop every later line: this thread writes them all
+                text = "a request whose log line could not be made"
+            lines.append(line(entry[0], "INFO", access_log.name, text))
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        for observe in self.observers:
+            try:
+                observe(entries)
+            except Exception:  # counting must never stop the log
+                log.exception("request counting failed")
+
+    def flush_now(self):
+        """Write out what is queued."""
+        with self.lock:
+            try:
+                self.write_pending()
+            except (OSError, ValueError):
+                pass  # stderr closed: nothing to tell anyone
+
+    def flush_every(self, interval):
+        """The queue's clock; it outlives any failure, or request lines would pile up unwritten."""
+        while True:
+            time.sleep(interval)
+            try:
+                self.flush_now()
+            except Exception:
+                self.pending.clear()
+
+
+def request_writer(insights=None):
+    """LogHandler.queue_request when serve's handler writes every line and request lines are wanted; else None.
+
+    insights: counts each batch of requests in the handler's thread too.
+    """
+    handlers = logging.getLogger().handlers
+    if access_log.isEnabledFor(logging.INFO) and len(handlers) == 1 and isinstance(handlers[0], LogHandler):
+        if insights is not None:
+            handlers[0].observers.append(insights.observe)
+        return handlers[0].queue_request
+    return None
+
+
+def setup_logging(log_format, quiet=False):
+    """Log to stderr; keep waitress's per-request queue warnings out of the log."""
+    handler = LogHandler()
+    atexit.register(handler.flush_now)
+    handler.setFormatter(JsonLines() if log_format == "json" else TextLines())
+    # The logging docs' own advice for speed: skip what our lines never show (caller, thread,
+    # process), worth a few microseconds on every request.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    # Under load waitress warns "Task queue depth is N" for every request: not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+###############################################################################
+# Serving state: loads, reloads, freshness ####################################
+###############################################################################
+#
+# The Service holds what is served: the snapshot, the overlay, the sources and their jobs.
+# A reload is built beside the snapshot being served and swapped in one assignment; a
+# refused export leaves it in place. /healthz is made here. Uses everything above.
+
+
+class Service:
+    """Holds the Snapshot being served and replaces it only with a good one."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.snapshot = None  # replaced by one assignment; readers never see a mix
+        self.refused = None  # {"at", "source", "file", "reason"} of the last refused export (see note_refusal)
+        self.config_error = None  # why the last contexts.toml edit was refused
+        self.copy_error = None  # why the last accepted export could not be copied to the state folder
+        self.from_last_good = False
+        self.tried = None  # files_state() when a load last began, good or refused
+        self._lock = threading.Lock()  # one load at a time
+        self._copy_lock = threading.Lock()  # one copy to the state folder at a time
+        self.copying = None  # the thread copying the first export after start
+        self.store = None  # the WebhookStore, opened on the first load when a webhook secret is set
+        self.store_error = None  # why it could not be opened
+        self.overlay = None  # orders from webhook events, newer than the export
+        self.events_lock = threading.Lock()  # an event is stored and put into the overlay as one step
+        self.history = deque(
+            maxlen=ACCEPTED_HISTORY
+        )  # the last exports accepted (see refuse_below_floor), read at start
+        self.choice = None  # the columns of the export accepted last (see choice_of): kept while the header is
+        self.background = []  # the Jobs of the threads that feed it (watcher, fetcher, store upkeep), for /healthz
+        self.webhooks = Webhooks(self) if settings.webhook_secrets else None
+        self.fetcher = Fetcher(self) if settings.orders_url else None
+        self.uploading = threading.Lock()  # one upload checked at a time
+        self.loads = Counter()  # "accepted", or the kind of a refusal (refusal_kind): for /metrics
+        self.insights = Insights() if settings.metrics else None  # lookups counted off the request path
+
+    def files_state(self):
+        """The config and the export a load would read now, with sizes and times."""
+        try:
+            export = find_export(self.settings.data, self.settings.follow_symlinks)
+        except (UserError, OSError):
+            export = None
+        return file_state(self.settings.contexts), file_state(export)
+
+    def build(self, starting=False):
+        """A new Snapshot from the configured files, checked by guard(); raises UserError."""
+        # Taken before reading: a file that changes while it is read differs from this,
+        # so the watcher reads it again.
+        self.tried = self.files_state()
+        config = load_config(self.settings.contexts)
+        path = find_export(self.settings.data, self.settings.follow_symlinks)
+        with self.loading(path, starting):
+            snapshot = dated_upload(
+                build_snapshot(config, path, self.settings.memory_limit_mb, previous=self.choice),
+                self.settings.state / UPLOADED_FILE,
+            )
+        self.guard(snapshot)
+        return snapshot
+
+    @contextmanager
+    def loading(self, path, starting):
+        """Mark path as being loaded, in the state folder, until the load ends either way.
+
+        A mark left behind means the process died while loading it (the kernel kills a
+        process over its memory limit): at the next start that file is skipped, so one
+        bad file cannot keep the service in a crash loop.
+        """
+        mark, state = self.settings.state / "loading.json", file_state(path)
+        if starting and mark.exists():
+            with suppress(OSError, ValueError):
+                if tuple(json.loads(mark.read_text())) == state:
+                    export_error(
+                        path,
+                        "was being loaded when the service stopped last time (killed, perhaps for "
+                        "memory), so it is skipped. Replace the export, or delete "
+                        f"{printable(mark)} to have it read again.",
+                    )
+        try:
+            self.settings.state.mkdir(parents=True, exist_ok=True)
+            mark.write_text(json.dumps(state))
+        except OSError as e:
+            log.warning(
+                "could not mark the load in %s (%s); a file that kills the service would be read again at every start",
+                printable(self.settings.state),
+                e.strerror,
+            )
+        try:
+            yield
+        finally:
+            with suppress(OSError):
+                mark.unlink()
+
+    def stopped(self):
+        """A clean stop (SIGTERM, Ctrl-C) in the middle of a load: that file did not kill the service."""
+        with suppress(OSError):
+            (self.settings.state / "loading.json").unlink()
+
+    def start(self):
+        """First load: the export, else the last good copy, else the export's error.
+
+        The copy of an accepted export is made after it is served (in copying, a thread):
+        a large export is served that much sooner.
+        """
+        self.history = read_history(self.settings.state / ACCEPTED_FILE)
+        self.choice = read_choice(self.settings.state / ACCEPTED_FILE)
+        try:
+            snapshot = self.build(starting=True)
+            guard_against_record(snapshot, self.settings.state / ACCEPTED_FILE)
+            self.install(snapshot, keep_copy=False)
+            self.copying = threading.Thread(target=self.keep_copy, args=(self.snapshot,), name="copy", daemon=True)
+            self.copying.start()
+        except ExportError as error:
+            fallback = self.last_good_copy()
+            if fallback is None:
+                raise
+            self.install(build_snapshot(load_config(self.settings.contexts), fallback), keep_copy=False)
+            self.from_last_good = True
+            self.note_refusal(error)
+            log.error(
+                "SERVING THE LAST GOOD COPY of the export (%s, modified %s): %s",
+                printable(fallback),
+                iso_time(self.snapshot.file_mtime),
+                error,
+            )
+        return self.snapshot
+
+    def reload(self):
+        """Rebuild from the files; keep serving the current Snapshot if the new one is bad."""
+        with self._lock, yielding():
+            try:
+                snapshot = self.build()
+            except UserError as error:
+                self.refuse(error)
+                return False
+            except Exception as error:  # whatever went wrong, the thread that reloads must live on
+                self.refuse(
+                    ExportError(
+                        f"the export could not be loaded ({type(error).__name__}); the data being served stays served."
+                    )
+                )
+                return False
+            self.install(snapshot)
+            return True
+
+    def accept(self, path, stated=None):
+        """Load an uploaded file as a reload would: on success it is renamed into the data folder and served.
+
+        stated: the time the sender gives the file (its Last-Modified), if any. The file is
+        dated by upload_time(), never by its arrival: an old export sent again must not look
+        newer than the webhook events since. Returns (snapshot, its file); raises UserError
+        (the data served unchanged) otherwise.
+        """
+        data = self.settings.data
+        target = data / f"uploaded{path.suffix}" if data.is_dir() else data
+        with self._lock, yielding():
+            snapshot = build_snapshot(
+                load_config(self.settings.contexts),
+                path,
+                self.settings.memory_limit_mb,
+                dated=stated is None,
+                previous=self.choice,
+            )
+            snapshot = with_made_at(snapshot, upload_time(stated, snapshot.newest_day, self.snapshot))
+            self.guard(snapshot)
+            os.replace(path, target)
+            for other in data.glob("uploaded.*") if data.is_dir() else ():
+                if other != target:
+                    with suppress(OSError):
+                        other.unlink()
+            snapshot = replace(snapshot, source=target)
+            self.tried = self.files_state()  # the watcher will find nothing new to load
+            self.install(snapshot)
+            write_upload_record(self.settings.state / UPLOADED_FILE, snapshot)
+        return snapshot, target
+
+    def guard(self, snapshot):
+        """Refuse an export with no orders, far fewer than the one being served, or than the last ones accepted."""
+        name = shown_name(snapshot.source)
+        if not snapshot.orders:
+            export_error(
+                snapshot.source,
+                "holds no orders (only a header?). Re-export the orders; the last good data stays served.",
+            )
+        current = self.snapshot
+        if current:
+            # The same file read anew (a contexts.toml edit) was whole before; keys read another way cannot be compared.
+            comparable = current.index and not same_file(current, snapshot) and same_keys(current, snapshot)
+            refuse_shrunk(snapshot, current.orders, current.index if comparable else (), "being served")
+        if not (current and same_file(current, snapshot)):
+            refuse_below_floor(snapshot, self.history)
+        if snapshot.file_mtime > time.time() + FUTURE_SLACK:
+            log.warning(
+                "%s: its modification time, %s, is in the future: its age cannot be told, and a newer "
+                "export will be served as soon as one arrives. Check the clock of the machine that "
+                "wrote it.",
+                name,
+                iso_time(snapshot.file_mtime),
+            )
+
+    def refuse(self, error):
+        """Keep what is served; remember and log why the new files were refused."""
+        if isinstance(error, ConfigError):
+            self.loads[refusal_kind(error)] += 1
+            self.config_error = str(error)
+        else:  # the config loaded before the export failed, so it is fine now
+            self.config_error = None
+            self.note_refusal(error)
+        log.error(
+            "refused, still serving %s: %s", shown_name(self.snapshot.source) if self.snapshot else "nothing", error
+        )
+
+    def note_refusal(self, error, source="folder", reason=None):
+        """Remember a refused export until a good one is served, for /healthz, the status page and /metrics.
+
+        source: how it came: "folder" (dropped or written there), "upload" or "fetch" (ORDERS_URL).
+        """
+        self.loads[refusal_kind(error)] += 1
+        self.refused = {
+            "at": iso_time(time.time()),
+            "source": source,
+            "file": getattr(error, "file", ""),
+            "reason": reason or str(error),
+        }
+
+    def install(self, snapshot, keep_copy=True):
+        """Serve snapshot from now on (one assignment) and keep a copy of its file."""
+        before, self.snapshot = self.snapshot, snapshot
+        remember_accepted(self.history, snapshot)
+        self.choice = choice_of(snapshot)
+        for field_name, was, now in (snapshot.reading or {}).get("columns_changed", ()):
+            log.warning(
+                "%s: the header row changed, and %s is now read from %s (was %s)",
+                shown_name(snapshot.source),
+                field_name,
+                repr(now) if now else "no column",
+                repr(was) if was else "no column",
+            )
+        self.loads["accepted"] += 1
+        fixed = self.config_error is not None  # a refused contexts.toml edit was put right: say it is applied
+        self.refused = None
+        self.config_error = None
+        self.from_last_good = False
+        log.info("loaded %s", snapshot.describe())
+        for field_name, header, evidence in snapshot.packer.plan.detected:
+            log.warning(
+                "%s: column %r read as %s because of its content (%s), not its header; name it in "
+                "[columns] %s of contexts.toml to make it sure",
+                shown_name(snapshot.source),
+                printable(header),
+                field_name,
+                evidence,
+                field_name,
+            )
+        self.events(snapshot, caught_up=before is not None and not same_file(before, snapshot))
+        if before and (before.config != snapshot.config or fixed):  # what it says changed, not only its time
+            log.info(
+                "applied %s: %d templates, %d rules",
+                shown_name(snapshot.config.path),
+                len(snapshot.config.templates),
+                len(snapshot.config.rules),
+            )
+        if keep_copy:
+            self.keep_copy(snapshot)
+
+    def events(self, snapshot, caught_up=False):
+        """Answer from webhook events newer than snapshot: open the store on first use, forget what it caught up with.
+
+        caught_up: a new export was accepted, so a store moved aside earlier no longer costs data.
+        """
+        if not self.settings.webhook_secrets:
+            return
+        with self.events_lock:
+            if self.store is None:
+                try:
+                    self.settings.state.mkdir(parents=True, exist_ok=True)
+                    self.store = WebhookStore(
+                        self.settings.state / "webhooks.sqlite3",
+                        self.settings.webhook_max_orders,
+                        self.settings.webhook_days,
+                    )
+                    self.store.on_change = lambda: self.events(self.snapshot)  # the overlay as the store now is
+                    self.store_error = None
+                    for platform, moment in self.store.last_received().items() if self.webhooks else ():
+                        self.webhooks.last.setdefault(platform, moment)
+                except (StoreError, OSError) as e:
+                    self.store_error = f"webhook events cannot be stored: {e}"
+                    log.error("%s", self.store_error)
+                    return
+            elif caught_up:
+                self.store.moved_aside = None
+            try:
+                self.store.prune(snapshot.covers)
+                self.store.evicted.clear()  # the overlay is built afresh from what the store keeps
+                rows = self.store.rows()
+            except Exception as e:
+                self.store.note_failure(e)
+                return
+            self.overlay = Overlay(snapshot).fill(rows)
+            self.note_fresher(max((received for *_, received, _ in rows), default=0))
+
+    def note_fresher(self, moment):
+        """An event brought the records up to moment: {records_updated} says so, if it is newer than the export."""
+        snapshot, overlay = self.snapshot, self.overlay
+        text = records_time(max(moment, snapshot.covers), snapshot.config)
+        snapshot.renderer.records_text = text
+        if overlay:
+            overlay.renderer.records_text = text
+
+    def keep_copy(self, snapshot):
+        """Copy an accepted export to the state folder, for a restart after a bad night."""
+        with self._copy_lock:
+            self.copy(snapshot)
+
+    def copy(self, snapshot):
+        """keep_copy's work: the copy written aside, then renamed into place."""
+        source, state = snapshot.source, self.settings.state
+        target = state / ("last-good" + source.suffix.lower())
+        partial = state / (".partial" + source.suffix.lower())
+        try:
+            if same_file_state(target, snapshot):
+                self.copy_error = None
+                return  # only contexts.toml changed
+            state.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, partial)
+            # The export's mtime, so the data's age stays honest after a restart from the copy;
+            # not its mode, which may be read-only and would block the next copy.
+            os.utime(partial, ns=(snapshot.file_mtime_ns, snapshot.file_mtime_ns))
+            if not same_file_state(partial, snapshot):
+                partial.unlink()  # the export changed while it was read; the next reload copies it
+                return
+            os.replace(partial, target)
+            for other in state.glob("last-good.*"):
+                if other != target:
+                    other.unlink()
+            write_record(state / ACCEPTED_FILE, snapshot, self.history)
+            self.copy_error = None
+        except OSError as e:
+            with suppress(OSError):
+                partial.unlink()  # a full disk must not keep half a copy
+            self.copy_error = f"could not keep a copy of the export in {printable(state)} ({e.strerror})"
+            log.warning(
+                "%s; a restart after a bad export would fall back to an older copy, if any; tried again at every poll",
+                self.copy_error,
+            )
+
+    def last_good_copy(self):
+        """The copy of the last accepted export, if there is one."""
+        state = self.settings.state
+        copies = sorted(state.glob("last-good.*")) if state.is_dir() else []
+        return copies[0] if copies else None
+
+    def unavailable(self):
+        """The JSON body of a fault: contexts.toml's `unavailable`, or the shipped wording before any load."""
+        snapshot = self.snapshot
+        return UNAVAILABLE if snapshot is None else message_body(snapshot.config, "unavailable")
+
+    def health(self, now=None):
+        """(healthy, reasons, age in seconds) of the data being served."""
+        now = time.time() if now is None else now
+        snapshot = self.snapshot
+        if snapshot is None:
+            return False, ["no data loaded"], None
+        age = max(0.0, now - snapshot.made)
+        reasons = []
+        if snapshot.made > now + FUTURE_SLACK:
+            reasons.append(
+                f"the export's modification time ({iso_time(snapshot.made)}) is in the future, "
+                "so its age is unknown: check the clock of the machine that wrote it"
+            )
+        elif age > snapshot.config.max_age_hours * 3600:
+            reasons.append(
+                f"the data is older than {snapshot.config.max_age_hours:g} hours: the nightly export did not "
+                "arrive. Check the job that "
+                + ("ORDERS_URL fetches it from (see the last fetch)" if self.fetcher else "writes or uploads it")
+            )
+        if self.from_last_good:
+            reasons.append(
+                f"serving the last good copy after a refused export: {self.refused['reason']}"
+                if self.refused
+                else "serving the last good copy after a refused export"
+            )
+        elif self.refused and self.refused["source"] != "fetch":  # a fetch's failures count in its job's trouble
+            reasons.append(
+                f"the last {'upload' if self.refused['source'] == 'upload' else 'export'} was refused: "
+                f"{self.refused['reason']}"
+            )
+        if self.config_error:
+            reasons.append(
+                f"the last contexts.toml edit was refused, and the wording before it is served: {self.config_error}"
+            )
+        if self.copy_error:
+            reasons.append(self.copy_error)
+        for job in self.background:
+            if trouble := job.trouble(now, snapshot.config.max_age_hours * 3600):
+                reasons.append(trouble)
+        if self.store_error:
+            reasons.append(self.store_error)
+        elif self.store:
+            reasons.extend(self.store.trouble(now))
+        return not reasons, reasons, age
+
+    def status(self, now=None):
+        """The details shown to a key holder: files, counts, timings, refusals; no customer data."""
+        healthy, reasons, age = self.health(now)
+        out = {
+            "status": "ok" if healthy else "degraded",
+            "reasons": reasons,
+            "data_age_seconds": None if age is None else round(age),
+        }
+        snapshot = self.snapshot
+        if snapshot:
+            out.update(
+                file=shown_name(snapshot.source),
+                file_modified=iso_time(snapshot.made),
+                from_last_good_copy=self.from_last_good,
+                layout=snapshot.layout,
+                orders=snapshot.orders,
+                rows=snapshot.rows,
+                loaded_at=iso_time(snapshot.loaded_at),
+                load_seconds=round(snapshot.seconds, 3),
+                max_age_hours=snapshot.config.max_age_hours,
+            )
+            if snapshot.packer.plan.detected:  # read because of their content, not a header: check them
+                out["columns_found_by_content"] = {field: header for field, header, _ in snapshot.packer.plan.detected}
+            out["rows_read"] = reading_counts(snapshot)
+            if changed := (snapshot.reading or {}).get(
+                "columns_changed"
+            ):  # the header row changed: check the new choice
+                out["columns_changed"] = [{"field": f, "was": was, "now": now} for f, was, now in changed]
+            if relay := (snapshot.reading or {}).get("relay"):
+                out["relay_addresses"] = relay
+            out["notes"] = list(data_notes(snapshot))
+        out["last_refused"] = self.refused
+        out["config"] = "ok" if not self.config_error else self.config_error
+        if self.webhooks:
+            out["webhooks"] = self.webhooks.status()
+        if self.fetcher:
+            out["fetch"] = self.fetcher.status()
+        return out
+
+
+RELOAD_SWITCH_INTERVAL = 0.0005
+
+
+@contextmanager
+def yielding():
+    """While a reload runs, hand the GIL to request threads after 0.5 ms instead of 5 ms.
+
+    A reload is seconds of pure Python; each request needs the GIL several times, and
+    waiting the default 5 ms for it each time adds up to hundreds of milliseconds.
+    """
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+def upload_time(stated, newest_day, served, now=None):
+    """When an uploaded export was made, as well as it can be told, and never after its arrival.
+
+    The sender's Last-Modified first; else the newest day its orders name (a file sent
+    again shows its age); else no newer than the export it replaces.
+    """
+    now = time.time() if now is None else now
+    for moment in (stated, newest_day, served.data_time if served else None):
+        if moment is not None:
+            return min(moment, now)
+    return now
+
+
+def with_made_at(snapshot, moment):
+    """snapshot of an upload, dated when it was made (its file's own time is its arrival)."""
+    snapshot = replace(snapshot, made_at=moment)
+    dated_by(snapshot)
+    return snapshot
+
+
+UPLOADED_FILE = "uploaded.json"  # in STATE_DIR: when the upload being served was made, for a restart
+
+
+def write_upload_record(path, snapshot):
+    """Note when an accepted upload was made, so that a restart dates it the same (see dated_upload)."""
+    with suppress(OSError):
+        path.write_text(
+            json.dumps(
+                {"file_size": snapshot.file_size, "file_mtime_ns": snapshot.file_mtime_ns, "made_at": snapshot.made_at}
+            )
+        )
+
+
+def dated_upload(snapshot, path):
+    """snapshot dated as its upload was, when it reads the file that write_upload_record noted; else as it is."""
+    try:
+        record = json.loads(path.read_text())
+        if (record["file_size"], record["file_mtime_ns"]) == (snapshot.file_size, snapshot.file_mtime_ns):
+            return with_made_at(snapshot, float(record["made_at"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return snapshot
+
+
+def same_file_state(path, snapshot):
+    """True when path has the size and mtime the snapshot was read from."""
+    return file_state(path)[1:] == (snapshot.file_size, snapshot.file_mtime_ns)
+
+
+###############################################################################
+# Status page #################################################################
+###############################################################################
+#
+# /status: the state of the service in plain words for the merchant, the reason of a
+# degraded state first, with what to do; a lookup form. Uses the serving state above.
+
+PAGE_HEADERS = [
+    ("Content-Type", "text/html; charset=utf-8"),
+    # One page, no external assets: nothing may load, frame it, or be sent elsewhere.
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" with the form's
+    # own POST, and over plain HTTP no Sec-Fetch-Site either, so same_origin() could not tell.
+    ("Referrer-Policy", "same-origin"),
+]
+
+# Made-up values to show each template the way the chat agent would read it.
+SAMPLE_VALUES = {
+    "order_id": "#1001",
+    "items": "2 x Merino Wool Socks, 1 x Beanie",
+    "item_count": "3",
+    "shipped_items": "2 x Merino Wool Socks",
+    "unshipped_items": "1 x Beanie",
+    "tracking_number": "1Z999AA10123456784",
+    "tracking_numbers": "1Z999AA10123456784",
+    "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784",
+    "carrier": "UPS",
+    "estimated_delivery": "2026-12-02",
+    "order_date": "2026-11-27",
+    "shipped_at": "2026-11-28",
+    "status": "fulfilled",
+    "financial_status": "paid",
+    "missing": "the email address used for the order",
+    "records_updated": "28 Nov 2026, 02:15 UTC",
+}
+
+
+FRESHNESS_WORDS = {"green": "healthy", "amber": "degraded", "red": "stale"}
+
+
+def freshness(service):
+    """(green, amber or red; why; the data's age) for the page's badge."""
+    healthy, reasons, age = service.health()
+    if service.snapshot is None:
+        return "red", ["no data loaded"], age
+    limit = service.snapshot.config.max_age_hours * 3600
+    if age > limit:
+        return "red", reasons, age
+    if not healthy:
+        return "amber", reasons, age
+    if age > limit * 0.75:
+        return "amber", ["the data will be stale soon: is tonight's export on its way?"], age
+    return "green", ["data loaded and fresh"], age
+
+
+def public_view(service):
+    """What anyone may see: healthy or not, and the data's age."""
+    color, _, age = freshness(service)
+    return {"color": color, "word": FRESHNESS_WORDS[color], "age": describe_age(age)}
+
+
+def status_view(service, tried):
+    """Everything a key holder sees; customer data only in the lookup they asked for."""
+    color, reasons, age = freshness(service)
+    config = service.snapshot.config if service.snapshot else None
+    status, snapshot = service.status(), service.snapshot
+    view = {
+        "color": color,
+        "word": FRESHNESS_WORDS[color],
+        "reasons": reasons,
+        "status": status,
+        "age": describe_age(age),
+        "tried": tried,
+        "rules": [],
+        "templates": [],
+        "day": service.insights.day() if service.insights else None,
+        "times": {},
+    }
+    refused = status["last_refused"]
+    view["times"] = {
+        "exported": plain_time(snapshot.made) if snapshot else "",
+        "records": snapshot.renderer.records_text if snapshot else "",
+        "loaded": plain_time(snapshot.loaded_at) if snapshot else "",
+        "refused": plain_time(moment_of(refused["at"])) if refused else "",
+        "fetched": plain_time(moment_of(status["fetch"]["last_success"])) if status.get("fetch") else "",
+        "lag": f" (the file's time less export_lag_hours = {config.export_lag_hours:g})"
+        if config and config.export_lag_hours
+        else "",
+        "events": {
+            platform: plain_time(moment_of(counts["last_event"])) if counts["last_event"] else "none yet"
+            for platform, counts in (status.get("webhooks") or {}).items()
+        },
+    }
+    view["rules_said"] = f"{plural(len(config.rules), 'rule')}, then the default" if config else ""
+    if config:
+        view["rules"] = [(rule.number, describe_when(rule), rule.template) for rule in config.rules]
+        view["rules"].append(("", "no rule matches: the default answer", config.default_template))
+        view["templates"] = [(name, sample_text(template)) for name, template in config.templates.items()]
+    return view
+
+
+def describe_when(rule):
+    """A rule's conditions in words: status is shipped or delivered, tracking_url is filled."""
+    if not rule.conditions:
+        return "always"
+    parts = [
+        f"{name} is filled" if wanted is None else f"{name} is {' or '.join(sorted(wanted))}"
+        for name, wanted in rule.conditions
+    ]
+    return ", and ".join(parts)
+
+
+def sample_text(template):
+    """A template rendered on made-up values (any other column shows as its name)."""
+    return template.render({f: SAMPLE_VALUES.get(f, f"[{f}]") for f in template.fields})
+
+
+def describe_age(age):
+    """'3 min', '5 h 12 min', '3 days': an age in seconds as a person says it."""
+    if age is None:
+        return "no data"
+    minutes = int(age // 60)
+    if minutes < 1:
+        return "less than a minute"
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 48 * 60:
+        return f"{minutes // 60} h {minutes % 60} min" if minutes % 60 else f"{minutes // 60} h"
+    return f"{minutes // 1440} days"
+
+
+def plain_time(timestamp, now=None):
+    """'3 Dec, 03:35 UTC (3 min ago)': a moment as a person reads it; the year only when it is not this one."""
+    if timestamp is None:
+        return "never"
+    now = time.time() if now is None else now
+    moment, today = datetime.fromtimestamp(timestamp, UTC), datetime.fromtimestamp(now, UTC)
+    day = f"{moment.day} {moment:%b}" + (f" {moment.year}" if moment.year != today.year else "")
+    away = now - timestamp
+    when = f"in {describe_age(-away)}" if away < -60 else "just now" if away < 60 else f"{describe_age(away)} ago"
+    return f"{day}, {moment:%H:%M} UTC ({when})"
+
+
+def moment_of(iso):
+    """The timestamp of an ISO 8601 time that status() gave, or None."""
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+def try_lookup(service, order_id, email):
+    """The status and JSON the chat platform would get for this lookup."""
+    from http import HTTPStatus
+
+    if service.snapshot is None:
+        return {"status": "503 Service Unavailable", "body": service.unavailable().decode()}
+    status, body = answer(service.snapshot, order_id, email, service.overlay)
+    return {
+        "status": f"{status} {HTTPStatus(status).phrase}",
+        "body": body.decode(),
+        "order_id": order_id,
+        "email": email,
+    }
+
+
+PAGE_STYLE = """<style>
+body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
+.badge{display:inline-block;padding:.2rem .7rem;border-radius:1rem;color:#fff;font-weight:600}
+.green{background:#1a7f37}.amber{background:#b35900}.red{background:#c62828}
+table{border-collapse:collapse;width:100%}td,th{text-align:left;vertical-align:top;padding:.35rem;border-bottom:1px solid #ddd}
+td,th,li,code{overflow-wrap:break-word}
+#data td,#templates td,#webhooks td,#not-found td:not(:first-child),#not-found code{overflow-wrap:anywhere}
+#tried{scroll-margin-top:1rem}
+@media (max-width:40rem){
+#webhooks,#hours,#not-found{font-size:.85rem}
+#webhooks :is(td,th),#hours :is(td,th),#not-found :is(td,th){padding:.35rem .2rem}
+.wide{overflow-x:auto}
+#rules tr:first-child{display:none}
+#data tr{display:block;border-bottom:1px solid #ddd;padding:.35rem 0}
+#data th,#data td{display:block;border:0;padding:.1rem .35rem}
+#data th{font-weight:600;color:#555;font-size:.9rem}
+#rules tr,#templates tr{display:block;border-bottom:1px solid #ddd;padding:.35rem 0}
+#rules td,#templates th,#templates td{display:block;border:0;padding:.1rem .35rem}
+#rules td:first-child,#rules td:nth-child(2){display:inline}
+#rules td:last-child::before{content:"answer: "}
+}
+pre{background:#f4f4f4;padding:.7rem;white-space:pre-wrap;overflow-wrap:anywhere}
+input{font:inherit;padding:.4rem;width:100%;box-sizing:border-box;margin:.2rem 0 .6rem}
+button{font:inherit;padding:.5rem 1rem}code{background:#f4f4f4;padding:0 .2rem}
+summary{cursor:pointer;font-weight:600;margin-top:1.5rem}
+</style>"""  # noqa: E501 - CSS rules kept one to a line
+
+
+def html_page(title, body):
+    """An HTML page: the doctype first (else browsers render in quirks mode), then the head, then body."""
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
+        f"{PAGE_STYLE}</head><body>{body}</body></html>\n"
+    )
+
+
+PUBLIC_PAGE = bottle.SimpleTemplate(
+    html_page(
+        "Order lookup",
+        """
+<h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
+<p>Data age: {{age}}.</p>
+<p>Details are for the shop's staff: <a href="/?login">sign in</a> with any user name and the
+API key as the password.</p>
+""",
+    )
+)
+
+# Freshness, its problem and the lookup form first: what a merchant checks on a phone. The
+# form posts to #tried, so the browser lands on the result; rules and answers are folded.
+STATUS_PAGE = bottle.SimpleTemplate(
+    html_page(
+        "Order lookup status",
+        """
+<h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
+<ul id="reasons">
+% for reason in reasons:
+<li>{{reason}}</li>
+% end
+</ul>
+% if status.get("notes"):
+<ul id="notes">
+% for note in status["notes"]:
+<li>{{note}}</li>
+% end
+</ul>
+% end
+<h2 id="try">Try a lookup</h2>
+<form method="post" action="/#tried" autocomplete="off">
+<label>Order number <input name="order_id" value="{{tried["order_id"] if tried and "order_id" in tried else ""}}"></label>
+<label>Email <input name="customer_email" type="email" value="{{tried["email"] if tried and "email" in tried else ""}}"></label>
+<button>Look up</button></form>
+% if tried:
+<div id="tried">
+<p>The chat platform would get <strong id="tried-status">{{tried["status"]}}</strong> and:</p>
+<pre id="tried-body">{{tried["body"]}}</pre>
+</div>
+% end
+<h2>Data</h2>
+<table id="data">
+<tr><th>File served</th><td>{{status.get("file", "none")}}{{" (the last good copy)" if status.get("from_last_good_copy") else ""}}</td></tr>
+<tr><th>Kind of export</th><td>{{status.get("layout", "")}}</td></tr>
+<tr><th>Exported (the file's time)</th><td id="exported">{{times["exported"]}}</td></tr>
+<tr><th>Records hold orders until about (said when not found)</th><td id="records">{{times["records"]}}{{times["lag"]}}</td></tr>
+<tr><th>Orders / rows</th><td>{{status.get("orders", 0)}} / {{status.get("rows", 0)}}</td></tr>
+<tr><th>Last load</th><td id="loaded">{{times["loaded"]}}, took {{status.get("load_seconds", "")}} s</td></tr>
+% if status.get("fetch"):
+<tr><th>Last fetch from ORDERS_URL</th><td id="fetched">{{times["fetched"]}}{{"; failing: " + status["fetch"]["last_error"] if status["fetch"]["failures_in_a_row"] else ""}}</td></tr>
+% end
+<tr><th>Last refused</th><td id="refused">{{(times["refused"] + (", for the reason at the top" if any(status["last_refused"]["reason"] in r for r in reasons) else ": " + status["last_refused"]["reason"])) if status["last_refused"] else "none since the last export was served"}}</td></tr>
+<tr><th>contexts.toml</th><td>{{status["config"]}}</td></tr>
+</table>
+% if status.get("webhooks"):
+<h2>Webhook events</h2>
+<table id="webhooks"><tr><th>shop</th>
+% for platform in status["webhooks"]:
+<th>{{platform}}</th>
+% end
+</tr>
+% for label, key in (("received since the service started", "received"), ("applied since the service started", "applied"), ("rejected since the service started", "rejected"), ("last event (stored)", "last_event"), ("orders answered from stored events", "orders_from_events")):
+<tr><th>{{label}}</th>
+% for platform, counts in status["webhooks"].items():
+<td>{{counts[key] if key != "last_event" else times["events"][platform]}}</td>
+% end
+</tr>
+% end
+</table>
+% end
+% if day:
+<h2>Lookups, last 24 hours</h2>
+<p id="day-summary">{{day["lookups"]}} lookups{{"" if day["not_found_share"] is None else f"; {day['not_found_share']:.0%} of those answered were not found"}}{{"" if day["p50_ms"] is None else f"; answered in {day['p50_ms']:g} ms or less at the median, {day['p99_ms']:g} ms or less at the 99th percentile"}}. Counted since the service started, at most a day back.</p>
+% if day["hours"]:
+<div class="wide"><table id="hours"><tr><th>UTC</th>{{!"".join(f"<th>{heading}</th>" for _, heading in day["columns"])}}</tr>
+% for hour, counts in day["hours"]:
+<tr><td>{{hour}}</td>{{!"".join(f"<td>{counts[o]}</td>" for o, _ in day["columns"])}}</tr>
+% end
+</table></div>
+% end
+% if day["recent_not_found"]:
+<details id="not-found-fold" open><summary>The last {{len(day["recent_not_found"])}} not found: the number as typed (letters and digits only), and the email</summary>
+<p>A number customers type otherwise than the export writes it (SO-1001 for 1001) shows here: fix [columns] or the order format given to the chat platform.</p>
+<table id="not-found"><tr><th>time (UTC)</th><th>number</th><th>email</th></tr>
+% for moment, number, email in day["recent_not_found"]:
+<tr><td>{{moment[:19].replace("T", " ")}}</td><td><code>{{number or "-"}}</code></td><td>{{email}}</td></tr>
+% end
+</table>
+</details>
+% end
+% end
+<details id="rules-fold"><summary>Rules: the first that matches picks the answer ({{rules_said}})</summary>
+<table id="rules"><tr><th>#</th><th>when</th><th>answer</th></tr>
+% for number, when, template in rules:
+<tr><td>{{number}}</td><td>{{when}}</td><td><code>{{template}}</code></td></tr>
+% end
+</table>
+</details>
+<details id="templates-fold"><summary>Answers, shown on a made-up order ({{len(templates)}})</summary>
+<table id="templates">
+% for name, text in templates:
+<tr><th><code>{{name}}</code></th><td>{{text}}</td></tr>
+% end
+</table>
+</details>
+""",  # noqa: E501 - the template's HTML kept one element to a line
+    )
+)
+
+
+FORBIDDEN_PAGE = html_page(
+    "Order lookup",
+    """
+<h1>Not sent from this page</h1><p>The lookup form works only from the status page itself.
+<a href="/">Open it</a> and try again.</p>
+""",
+)
+
+
+ERROR_TEXTS = {
+    404: "There is nothing at this address. Orders are looked up at /lookup.",
+    429: "Too many wrong API keys from this address. Try again later with the right key.",
+}
+
+
+def json_error(error, service):
+    """Bottle's errors (404, 405, 500, ...) as JSON, never an HTML page or a traceback."""
+    bottle.response.content_type = JSON
+    if error.status_code >= 500:
+        return service.unavailable()
+    text = ERROR_TEXTS.get(error.status_code, "The request could not be handled.")
+    if error.status_code == 405:  # the methods the address does answer, as its Allow header says
+        allowed = [m for m in error.headers.get("Allow", "GET").split(",") if m.strip() not in ("HEAD", "")]
+        text = f"This address only answers {' or '.join(m.strip() for m in allowed)} requests."
+    return json.dumps({"context": text})
+
+
+###############################################################################
+# HTTP routes #################################################################
+###############################################################################
+#
+# The app factory: Bottle routes for /lookup, /healthz, /metrics, /export, /webhooks and the
+# status page, API keys compared in constant time, throttling of guessing clients, every
+# error as JSON. Uses everything above.
 
 
 def key_ok(keys, given):
@@ -7097,801 +8375,11 @@ def same_origin(environ):
 
 
 ###############################################################################
-# Status page #################################################################
+# The server: waitress and its limits #########################################
 ###############################################################################
-
-PAGE_HEADERS = [
-    ("Content-Type", "text/html; charset=utf-8"),
-    # One page, no external assets: nothing may load, frame it, or be sent elsewhere.
-    (
-        "Content-Security-Policy",
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
-    ("X-Frame-Options", "DENY"),
-    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" with the form's
-    # own POST, and over plain HTTP no Sec-Fetch-Site either, so same_origin() could not tell.
-    ("Referrer-Policy", "same-origin"),
-]
-
-# Made-up values to show each template the way the chat agent would read it.
-SAMPLE = {
-    "order_id": "#1001",
-    "items": "2 x Merino Wool Socks, 1 x Beanie",
-    "item_count": "3",
-    "shipped_items": "2 x Merino Wool Socks",
-    "unshipped_items": "1 x Beanie",
-    "tracking_number": "1Z999AA10123456784",
-    "tracking_numbers": "1Z999AA10123456784",
-    "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784",
-    "carrier": "UPS",
-    "estimated_delivery": "2026-12-02",
-    "order_date": "2026-11-27",
-    "shipped_at": "2026-11-28",
-    "status": "fulfilled",
-    "financial_status": "paid",
-    "missing": "the email address used for the order",
-    "records_updated": "28 Nov 2026, 02:15 UTC",
-}
-
-
-FRESHNESS_WORDS = {"green": "healthy", "amber": "degraded", "red": "stale"}
-
-
-def freshness(service):
-    """(green, amber or red; why; the data's age) for the page's badge."""
-    healthy, reasons, age = service.health()
-    if service.snapshot is None:
-        return "red", ["no data loaded"], age
-    limit = service.snapshot.config.max_age_hours * 3600
-    if age > limit:
-        return "red", reasons, age
-    if not healthy:
-        return "amber", reasons, age
-    if age > limit * 0.75:
-        return "amber", ["the data will be stale soon: is tonight's export on its way?"], age
-    return "green", ["data loaded and fresh"], age
-
-
-def public_view(service):
-    """What anyone may see: healthy or not, and the data's age."""
-    color, _, age = freshness(service)
-    return {"color": color, "word": FRESHNESS_WORDS[color], "age": describe_age(age)}
-
-
-def status_view(service, tried):
-    """Everything a key holder sees; customer data only in the lookup they asked for."""
-    color, reasons, age = freshness(service)
-    config = service.snapshot.config if service.snapshot else None
-    status, snapshot = service.status(), service.snapshot
-    view = {
-        "color": color,
-        "word": FRESHNESS_WORDS[color],
-        "reasons": reasons,
-        "status": status,
-        "age": describe_age(age),
-        "tried": tried,
-        "rules": [],
-        "templates": [],
-        "day": service.insights.day() if service.insights else None,
-        "times": {},
-    }
-    refused = status["last_refused"]
-    view["times"] = {
-        "exported": plain_time(snapshot.made) if snapshot else "",
-        "records": snapshot.renderer.records_text if snapshot else "",
-        "loaded": plain_time(snapshot.loaded_at) if snapshot else "",
-        "refused": plain_time(moment_of(refused["at"])) if refused else "",
-        "fetched": plain_time(moment_of(status["fetch"]["last_success"])) if status.get("fetch") else "",
-        "lag": f" (the file's time less export_lag_hours = {config.export_lag_hours:g})"
-        if config and config.export_lag_hours
-        else "",
-        "events": {
-            platform: plain_time(moment_of(counts["last_event"])) if counts["last_event"] else "none yet"
-            for platform, counts in (status.get("webhooks") or {}).items()
-        },
-    }
-    view["rules_said"] = f"{plural(len(config.rules), 'rule')}, then the default" if config else ""
-    if config:
-        view["rules"] = [(rule.number, describe_when(rule), rule.template) for rule in config.rules]
-        view["rules"].append(("", "no rule matches: the default answer", config.default_template))
-        view["templates"] = [(name, sample_text(template)) for name, template in config.templates.items()]
-    return view
-
-
-def describe_when(rule):
-    """A rule's conditions in words: status is shipped or delivered, tracking_url is filled."""
-    if not rule.conditions:
-        return "always"
-    parts = [
-        f"{name} is filled" if wanted is None else f"{name} is {' or '.join(sorted(wanted))}"
-        for name, wanted in rule.conditions
-    ]
-    return ", and ".join(parts)
-
-
-def sample_text(template):
-    """A template rendered on made-up values (any other column shows as its name)."""
-    return template.render({f: SAMPLE.get(f, f"[{f}]") for f in template.fields})
-
-
-def describe_age(age):
-    """'3 min', '5 h 12 min', '3 days': an age in seconds as a person says it."""
-    if age is None:
-        return "no data"
-    minutes = int(age // 60)
-    if minutes < 1:
-        return "less than a minute"
-    if minutes < 60:
-        return f"{minutes} min"
-    if minutes < 48 * 60:
-        return f"{minutes // 60} h {minutes % 60} min" if minutes % 60 else f"{minutes // 60} h"
-    return f"{minutes // 1440} days"
-
-
-def plain_time(timestamp, now=None):
-    """'3 Dec, 03:35 UTC (3 min ago)': a moment as a person reads it; the year only when it is not this one."""
-    if timestamp is None:
-        return "never"
-    now = time.time() if now is None else now
-    moment, today = datetime.fromtimestamp(timestamp, timezone.utc), datetime.fromtimestamp(now, timezone.utc)
-    day = f"{moment.day} {moment:%b}" + (f" {moment.year}" if moment.year != today.year else "")
-    away = now - timestamp
-    when = f"in {describe_age(-away)}" if away < -60 else "just now" if away < 60 else f"{describe_age(away)} ago"
-    return f"{day}, {moment:%H:%M} UTC ({when})"
-
-
-def moment_of(iso):
-    """The timestamp of an ISO 8601 time that status() gave, or None."""
-    return datetime.fromisoformat(iso).timestamp() if iso else None
-
-
-def try_lookup(service, order_id, email):
-    """The status and JSON the chat platform would get for this lookup."""
-    from http import HTTPStatus
-
-    if service.snapshot is None:
-        return {"status": "503 Service Unavailable", "body": service.unavailable().decode()}
-    status, body = answer(service.snapshot, order_id, email, service.overlay)
-    return {
-        "status": f"{status} {HTTPStatus(status).phrase}",
-        "body": body.decode(),
-        "order_id": order_id,
-        "email": email,
-    }
-
-
-PAGE_STYLE = """<style>
-body{font:16px/1.5 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1rem;color:#222}
-h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
-.badge{display:inline-block;padding:.2rem .7rem;border-radius:1rem;color:#fff;font-weight:600}
-.green{background:#1a7f37}.amber{background:#b35900}.red{background:#c62828}
-table{border-collapse:collapse;width:100%}td,th{text-align:left;vertical-align:top;padding:.35rem;border-bottom:1px solid #ddd}
-td,th,li,code{overflow-wrap:break-word}
-#data td,#templates td,#webhooks td,#not-found td:not(:first-child),#not-found code{overflow-wrap:anywhere}
-#tried{scroll-margin-top:1rem}
-@media (max-width:40rem){
-#webhooks,#hours,#not-found{font-size:.85rem}
-#webhooks :is(td,th),#hours :is(td,th),#not-found :is(td,th){padding:.35rem .2rem}
-.wide{overflow-x:auto}
-#rules tr:first-child{display:none}
-#data tr{display:block;border-bottom:1px solid #ddd;padding:.35rem 0}
-#data th,#data td{display:block;border:0;padding:.1rem .35rem}
-#data th{font-weight:600;color:#555;font-size:.9rem}
-#rules tr,#templates tr{display:block;border-bottom:1px solid #ddd;padding:.35rem 0}
-#rules td,#templates th,#templates td{display:block;border:0;padding:.1rem .35rem}
-#rules td:first-child,#rules td:nth-child(2){display:inline}
-#rules td:last-child::before{content:"answer: "}
-}
-pre{background:#f4f4f4;padding:.7rem;white-space:pre-wrap;overflow-wrap:anywhere}
-input{font:inherit;padding:.4rem;width:100%;box-sizing:border-box;margin:.2rem 0 .6rem}
-button{font:inherit;padding:.5rem 1rem}code{background:#f4f4f4;padding:0 .2rem}
-summary{cursor:pointer;font-weight:600;margin-top:1.5rem}
-</style>"""
-
-
-def page(title, body):
-    """An HTML page: the doctype first (else browsers render in quirks mode), then the head, then body."""
-    return (
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
-        f"{PAGE_STYLE}</head><body>{body}</body></html>\n"
-    )
-
-
-PUBLIC_PAGE = bottle.SimpleTemplate(
-    page(
-        "Order lookup",
-        """
-<h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
-<p>Data age: {{age}}.</p>
-<p>Details are for the shop's staff: <a href="/?login">sign in</a> with any user name and the
-API key as the password.</p>
-""",
-    )
-)
-
-# Freshness, its problem and the lookup form first: what a merchant checks on a phone. The
-# form posts to #tried, so the browser lands on the result; rules and answers are folded.
-STATUS_PAGE = bottle.SimpleTemplate(
-    page(
-        "Order lookup status",
-        """
-<h1>Order lookup <span class="badge {{color}}" id="freshness">{{word}}</span></h1>
-<ul id="reasons">
-% for reason in reasons:
-<li>{{reason}}</li>
-% end
-</ul>
-% if status.get("notes"):
-<ul id="notes">
-% for note in status["notes"]:
-<li>{{note}}</li>
-% end
-</ul>
-% end
-<h2 id="try">Try a lookup</h2>
-<form method="post" action="/#tried" autocomplete="off">
-<label>Order number <input name="order_id" value="{{tried["order_id"] if tried and "order_id" in tried else ""}}"></label>
-<label>Email <input name="customer_email" type="email" value="{{tried["email"] if tried and "email" in tried else ""}}"></label>
-<button>Look up</button></form>
-% if tried:
-<div id="tried">
-<p>The chat platform would get <strong id="tried-status">{{tried["status"]}}</strong> and:</p>
-<pre id="tried-body">{{tried["body"]}}</pre>
-</div>
-% end
-<h2>Data</h2>
-<table id="data">
-<tr><th>File served</th><td>{{status.get("file", "none")}}{{" (the last good copy)" if status.get("from_last_good_copy") else ""}}</td></tr>
-<tr><th>Kind of export</th><td>{{status.get("layout", "")}}</td></tr>
-<tr><th>Exported (the file's time)</th><td id="exported">{{times["exported"]}}</td></tr>
-<tr><th>Records hold orders until about (said when not found)</th><td id="records">{{times["records"]}}{{times["lag"]}}</td></tr>
-<tr><th>Orders / rows</th><td>{{status.get("orders", 0)}} / {{status.get("rows", 0)}}</td></tr>
-<tr><th>Last load</th><td id="loaded">{{times["loaded"]}}, took {{status.get("load_seconds", "")}} s</td></tr>
-% if status.get("fetch"):
-<tr><th>Last fetch from ORDERS_URL</th><td id="fetched">{{times["fetched"]}}{{"; failing: " + status["fetch"]["last_error"] if status["fetch"]["failures_in_a_row"] else ""}}</td></tr>
-% end
-<tr><th>Last refused</th><td id="refused">{{(times["refused"] + (", for the reason at the top" if any(status["last_refused"]["reason"] in r for r in reasons) else ": " + status["last_refused"]["reason"])) if status["last_refused"] else "none since the last export was served"}}</td></tr>
-<tr><th>contexts.toml</th><td>{{status["config"]}}</td></tr>
-</table>
-% if status.get("webhooks"):
-<h2>Webhook events</h2>
-<table id="webhooks"><tr><th>shop</th>
-% for platform in status["webhooks"]:
-<th>{{platform}}</th>
-% end
-</tr>
-% for label, key in (("received since the service started", "received"), ("applied since the service started", "applied"), ("rejected since the service started", "rejected"), ("last event (stored)", "last_event"), ("orders answered from stored events", "orders_from_events")):
-<tr><th>{{label}}</th>
-% for platform, counts in status["webhooks"].items():
-<td>{{counts[key] if key != "last_event" else times["events"][platform]}}</td>
-% end
-</tr>
-% end
-</table>
-% end
-% if day:
-<h2>Lookups, last 24 hours</h2>
-<p id="day-summary">{{day["lookups"]}} lookups{{"" if day["not_found_share"] is None else f"; {day['not_found_share']:.0%} of those answered were not found"}}{{"" if day["p50_ms"] is None else f"; answered in {day['p50_ms']:g} ms or less at the median, {day['p99_ms']:g} ms or less at the 99th percentile"}}. Counted since the service started, at most a day back.</p>
-% if day["hours"]:
-<div class="wide"><table id="hours"><tr><th>UTC</th>{{!"".join(f"<th>{heading}</th>" for _, heading in day["columns"])}}</tr>
-% for hour, counts in day["hours"]:
-<tr><td>{{hour}}</td>{{!"".join(f"<td>{counts[o]}</td>" for o, _ in day["columns"])}}</tr>
-% end
-</table></div>
-% end
-% if day["recent_not_found"]:
-<details id="not-found-fold" open><summary>The last {{len(day["recent_not_found"])}} not found: the number as typed (letters and digits only), and the email</summary>
-<p>A number customers type otherwise than the export writes it (SO-1001 for 1001) shows here: fix [columns] or the order format given to the chat platform.</p>
-<table id="not-found"><tr><th>time (UTC)</th><th>number</th><th>email</th></tr>
-% for moment, number, email in day["recent_not_found"]:
-<tr><td>{{moment[:19].replace("T", " ")}}</td><td><code>{{number or "-"}}</code></td><td>{{email}}</td></tr>
-% end
-</table>
-</details>
-% end
-% end
-<details id="rules-fold"><summary>Rules: the first that matches picks the answer ({{rules_said}})</summary>
-<table id="rules"><tr><th>#</th><th>when</th><th>answer</th></tr>
-% for number, when, template in rules:
-<tr><td>{{number}}</td><td>{{when}}</td><td><code>{{template}}</code></td></tr>
-% end
-</table>
-</details>
-<details id="templates-fold"><summary>Answers, shown on a made-up order ({{len(templates)}})</summary>
-<table id="templates">
-% for name, text in templates:
-<tr><th><code>{{name}}</code></th><td>{{text}}</td></tr>
-% end
-</table>
-</details>
-""",
-    )
-)
-
-
-FORBIDDEN_PAGE = page(
-    "Order lookup",
-    """
-<h1>Not sent from this page</h1><p>The lookup form works only from the status page itself.
-<a href="/">Open it</a> and try again.</p>
-""",
-)
-
-# Before any contexts.toml has loaded, a fault is worded as the shipped `unavailable` template.
-UNAVAILABLE = json.dumps(
-    {"context": "The order could not be checked right now. Please try again in a few minutes or contact support."}
-).encode()
-
-ERROR_TEXTS = {
-    404: "There is nothing at this address. Orders are looked up at /lookup.",
-    429: "Too many wrong API keys from this address. Try again later with the right key.",
-}
-
-
-def json_error(error, service):
-    """Bottle's errors (404, 405, 500, ...) as JSON, never an HTML page or a traceback."""
-    bottle.response.content_type = JSON
-    if error.status_code >= 500:
-        return service.unavailable()
-    text = ERROR_TEXTS.get(error.status_code, "The request could not be handled.")
-    if error.status_code == 405:  # the methods the address does answer, as its Allow header says
-        allowed = [m for m in error.headers.get("Allow", "GET").split(",") if m.strip() not in ("HEAD", "")]
-        text = f"This address only answers {' or '.join(m.strip() for m in allowed)} requests."
-    return json.dumps({"context": text})
-
-
-###############################################################################
-# Request log, lookup insights, metrics #######################################
-###############################################################################
-
-LOOKUP_OUTCOMES = ("found", "not_found", "missing", "invalid", "unauthorized", "throttled", "error")
-# Upper bounds in milliseconds: for /metrics' histogram and the status page's p50 and p99.
-LATENCY_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 250, 500, 1000, 2500, 5000)
-# The status page's headings for them: short, so that a phone shows every column.
-OUTCOME_HEADINGS = {
-    "found": "found",
-    "not_found": "not found",
-    "missing": "left out",
-    "invalid": "unreadable",
-    "unauthorized": "wrong key",
-    "throttled": "throttled",
-    "error": "error",
-}
-INSIGHT_HOURS = 24
-RECENT_NOT_FOUND = 20
-
-
-def lookup_outcome(entry):
-    """The outcome of a request to /lookup, from its request-log tuple; None for any other request."""
-    _, _, _, path, status, _, lookup = entry
-    if path != "/lookup":
-        return None
-    code = status[:3]
-    if code in ("200", "404", "401", "429"):
-        return {"200": "found", "404": "not_found", "401": "unauthorized", "429": "throttled"}[code]
-    if code == "400" and lookup and is_missing(*lookup):
-        return "missing"
-    return "error" if code.startswith("5") else "invalid"
-
-
-def is_missing(order_id, email):
-    """True when a 400 was for a number or email left out, not for one that could not be read (as answer() decides)."""
-    if order_id is None or email is None:
-        return False
-    order_id, email = order_id.strip(), email.strip()
-    if len(order_id) > MAX_ORDER_ID or len(email) > MAX_EMAIL or CONTROL.search(order_id + email):
-        return False
-    return not normalise_order_id(order_id) or not email
-
-
-class Insights:
-    """Lookups as the request log sees them, for /metrics and the status page: in memory only, gone on restart.
-
-    Fed by the log's thread in batches (serve), so counting costs a request nothing.
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()  # the log's thread writes, a scrape or the page reads
-        self.outcomes = Counter()  # since start
-        self.latency = [0] * (len(LATENCY_MS) + 1)  # since start, per LATENCY_MS bucket (the last: slower)
-        self.latency_sum = 0.0  # seconds
-        self.hours = OrderedDict()  # hour number -> (Counter of outcomes, latency buckets)
-        self.not_found = deque(maxlen=RECENT_NOT_FOUND)  # (time, number as compared, masked email)
-
-    def observe(self, entries):
-        """Count a batch of request-log tuples; requests other than lookups are left out."""
-        with self.lock:
-            for entry in entries:
-                if (outcome := lookup_outcome(entry)) is not None:
-                    self.count(entry, outcome)
-
-    def count(self, entry, outcome):
-        """One lookup into the totals, its hour and, when not found, the recent list."""
-        moment, milliseconds, lookup = entry[0], entry[5], entry[6]
-        bucket = bisect.bisect_left(LATENCY_MS, milliseconds)
-        self.outcomes[outcome] += 1
-        self.latency[bucket] += 1
-        self.latency_sum += milliseconds / 1000
-        hour = int(moment // 3600)
-        if hour not in self.hours:
-            self.hours[hour] = (Counter(), [0] * (len(LATENCY_MS) + 1))
-            while len(self.hours) > INSIGHT_HOURS:
-                self.hours.popitem(last=False)
-        outcomes, buckets = self.hours[hour]
-        outcomes[outcome] += 1
-        buckets[bucket] += 1
-        if outcome == "not_found" and lookup:
-            order_id, email = lookup
-            # As typed, reduced to letters and digits: "SO-1001" shows as SO1001, beside the export's 1001.
-            number = "(an-email)" if "@" in order_id else re.sub(r"[\W_]+", "", order_id)[:NOT_FOUND_ID_LENGTH]
-            self.not_found.append((moment, number, mask_email(email)))
-
-    def day(self, now=None):
-        """The last 24 hours: per hour with lookups, its outcomes; the not-found share; p50 and p99; recent not-found."""
-        now = time.time() if now is None else now
-        first = int(now // 3600) - INSIGHT_HOURS + 1
-        with self.lock:
-            hours = [
-                (hour, Counter(outcomes), list(buckets))
-                for hour, (outcomes, buckets) in self.hours.items()
-                if hour >= first
-            ]
-            recent = list(reversed(self.not_found))
-        total, buckets = Counter(), [0] * (len(LATENCY_MS) + 1)
-        for _, outcomes, counts in hours:
-            total.update(outcomes)
-            buckets = [a + b for a, b in zip(buckets, counts)]
-        answered = total["found"] + total["not_found"]
-        return {
-            "hours": [(iso_time(hour * 3600)[11:16], outcomes) for hour, outcomes, _ in hours],
-            # found and not found always; the other outcomes only where the day had any
-            "columns": [(o, OUTCOME_HEADINGS[o]) for o in LOOKUP_OUTCOMES if o in ("found", "not_found") or total[o]],
-            "total": total,
-            "lookups": sum(total.values()),
-            "not_found_share": total["not_found"] / answered if answered else None,
-            "p50_ms": percentile(buckets, 0.50),
-            "p99_ms": percentile(buckets, 0.99),
-            "recent_not_found": [(iso_time(moment), number, email) for moment, number, email in recent],
-        }
-
-
-def percentile(buckets, share):
-    """The bucket bound (ms) under which share of the counted lookups fall; None when none were counted."""
-    total = sum(buckets)
-    if not total:
-        return None
-    seen = 0
-    for bound, count in zip((*LATENCY_MS, math.inf), buckets):
-        seen += count
-        if seen >= share * total:
-            return bound
-    return math.inf
-
-
-class MetricsCollector:
-    """The service's state as Prometheus metrics, read when scraped: nothing is counted for them on a request."""
-
-    def __init__(self, service):
-        self.service = service
-
-    def collect(self):
-        """The metric families (prometheus_client's collector protocol)."""
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-
-        service, insights = self.service, self.service.insights
-        with insights.lock:
-            outcomes, latency, latency_sum = Counter(insights.outcomes), list(insights.latency), insights.latency_sum
-        lookups = CounterMetricFamily("orders_lookups", "Lookups on /lookup by outcome.", labels=["outcome"])
-        for outcome in LOOKUP_OUTCOMES:
-            lookups.add_metric([outcome], outcomes[outcome])
-        yield lookups
-        cumulative = list(accumulate(latency))
-        yield HistogramMetricFamily(
-            "orders_lookup_duration_seconds",
-            "Time to answer a lookup.",
-            buckets=[(f"{bound / 1000:g}", n) for bound, n in zip(LATENCY_MS, cumulative)] + [("+Inf", cumulative[-1])],
-            sum_value=latency_sum,
-        )
-        yield from self.data(service)
-        loads = CounterMetricFamily(
-            "orders_loads_refused", "Exports or contexts.toml edits refused, by reason.", labels=["reason"]
-        )
-        for kind, count in sorted(service.loads.items()):
-            if kind != "accepted":
-                loads.add_metric([kind], count)
-        yield loads
-        yield CounterMetricFamily(
-            "orders_loads_accepted", "Exports loaded and served.", value=service.loads["accepted"]
-        )
-        yield from self.sources(service)
-
-    @staticmethod
-    def data(service):
-        """Gauges of the data being served."""
-        from prometheus_client.core import GaugeMetricFamily
-
-        snapshot, (_, _, age) = service.snapshot, service.health()
-        for name, doc, value in (
-            ("orders_served_orders", "Orders in the export being served.", snapshot.orders if snapshot else 0),
-            ("orders_served_rows", "Rows in the export being served.", snapshot.rows if snapshot else 0),
-            ("orders_data_age_seconds", "Age of the export being served.", age if age is not None else math.nan),
-            (
-                "orders_max_age_seconds",
-                "[settings] max_age_hours: older data is stale.",
-                snapshot.config.max_age_hours * 3600 if snapshot else math.nan,
-            ),
-            (
-                "orders_last_load_duration_seconds",
-                "How long the last accepted load took.",
-                snapshot.seconds if snapshot else math.nan,
-            ),
-        ):
-            yield GaugeMetricFamily(name, doc, value=value)
-        refused = GaugeMetricFamily(
-            "orders_export_refused",
-            "1 while the last export that came (dropped in the "
-            "folder, uploaded or fetched) stands refused, until a good one is served.",
-            labels=["source"],
-        )
-        for source in ("folder", "upload", "fetch"):
-            refused.add_metric([source], 1 if (service.refused or {}).get("source") == source else 0)
-        yield refused
-        if snapshot is None:
-            return
-        counts = reading_counts(snapshot)
-        left_out = GaugeMetricFamily(
-            "orders_rows_left_out", "Rows of the export served that are no order, by reason.", labels=["reason"]
-        )
-        for reason, count in counts["left_out"].items():
-            left_out.add_metric([reason], count)
-        yield left_out
-        yield GaugeMetricFamily(
-            "orders_rows_attached",
-            "Item rows without an order number taken as the order above's.",
-            value=counts["attached_to_the_order_above"],
-        )
-        withheld = GaugeMetricFamily(
-            "orders_cells_withheld", "Cells a spreadsheet damaged, withheld, by field.", labels=["field"]
-        )
-        for field_name, count in counts["cells_withheld"].items():
-            withheld.add_metric([field_name], count)
-        yield withheld
-
-    @staticmethod
-    def sources(service):
-        """Counters of webhook deliveries and fetches, where those are set up."""
-        from prometheus_client.core import CounterMetricFamily
-
-        if service.webhooks:
-            events = CounterMetricFamily(
-                "orders_webhook_events", "Webhook deliveries by platform and outcome.", labels=["platform", "outcome"]
-            )
-            for platform, outcomes in service.webhooks.outcomes.items():
-                for outcome, count in sorted(outcomes.items()):
-                    events.add_metric([platform, outcome], count)
-            yield events
-        if service.fetcher:
-            fetches = CounterMetricFamily("orders_fetches", "Fetches of ORDERS_URL by outcome.", labels=["outcome"])
-            for outcome, count in sorted(service.fetcher.outcomes.items()):
-                fetches.add_metric([outcome], count)
-            yield fetches
-
-
-def metrics_registry(service):
-    """A registry of the service's metrics and the process's own (memory, CPU, open files)."""
-    from prometheus_client import CollectorRegistry, ProcessCollector
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(MetricsCollector(service))
-    ProcessCollector(registry=registry)
-    return registry
-
-
-class RequestLog:
-    """WSGI middleware: common headers, one log line per request, a JSON 500 whatever happens.
-
-    The 500's body is unavailable(): contexts.toml's `unavailable` answer.
-
-    Each request leaves a bare tuple, (time, address, method, path, status, milliseconds,
-    (order number, email) or None), for write_request; request_line() makes the text.
-    By default the line goes through logging at once. `serve` hands LogHandler.queue_request
-    instead, whose flush thread makes the lines off the request's path.
-    """
-
-    def __init__(self, app, write_request=None, unavailable=lambda: UNAVAILABLE):
-        self.app = app
-        self.write_request = write_request or self.log_request
-        self.unavailable = unavailable  # the body of a fault
-
-    @staticmethod
-    def log_request(entry):
-        """A request line through logging."""
-        access_log.info("%s", request_line(entry))
-
-    def __call__(self, environ, start_response):
-        started = time.perf_counter()
-        seen = []
-
-        def respond(status, headers, exc_info=None):
-            seen.append(status)
-            return start_response(status, headers + COMMON_HEADERS, exc_info)
-
-        try:
-            body = self.app(environ, respond)
-        except Exception:
-            log.exception("request failed")
-            seen.append("500 Internal Server Error")
-            try:
-                fault = self.unavailable()
-            except Exception:  # the fault's own wording must not be a second fault
-                fault = UNAVAILABLE
-            start_response(
-                seen[-1], [("Content-Type", JSON), ("Content-Length", str(len(fault)))] + COMMON_HEADERS, sys.exc_info()
-            )
-            body = [fault]
-        self.write_request(
-            (
-                time.time(),
-                environ.get("REMOTE_ADDR", "-"),
-                environ.get("REQUEST_METHOD", "-"),
-                environ.get("PATH_INFO", ""),
-                seen[-1] if seen else "-",
-                (time.perf_counter() - started) * 1000,
-                environ.get("orders.lookup"),
-            )
-        )
-        return body
-
-
-def request_line(entry):
-    """A request's log line (without time and level): never a query, a full email or a control character."""
-    _, address, method, path, status, milliseconds, lookup = entry
-    line = f"{address} {method} {sanitise_path(path)} {status.split(' ', 1)[0]} {milliseconds:.1f}ms"
-    if lookup is None:
-        return line
-    order_id, email = lookup
-    # Normalised, so it cannot forge a line; an email typed as the number is not written out.
-    order = "(an-email)" if "@" in (order_id or "") else normalise_order_id(order_id or "")[:NOT_FOUND_ID_LENGTH] or "-"
-    return f"{line} order={order} email={mask_email(email) if email else '-'}"
-
-
-def sanitise_path(path):
-    """The path for a log line: printable, short, never the query."""
-    if path.isascii() and path.isprintable() and " " not in path:
-        return path[:100] or "/"
-    return re.sub(r"[^\x21-\x7e]", "?", path)[:100] or "/"
-
-
-class JsonLines(logging.Formatter):
-    """LOG_FORMAT=json: one JSON object per line, for log collectors."""
-
-    def format(self, record):
-        return self.line(record.created, record.levelname, record.name, record.getMessage())
-
-    def line(self, created, level, logger, message):
-        """One log line from its parts."""
-        return json.dumps({"time": iso_time(created), "level": level.lower(), "logger": logger, "message": message})
-
-
-class TextLines(logging.Formatter):
-    """'2026-11-28 21:29:04,599 INFO message', the time text made once a second, not per line."""
-
-    def __init__(self):
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
-        self.cached = (None, "")  # (second, its text), replaced as one: threads share it
-
-    def formatTime(self, record, datefmt=None):
-        return self.stamp(record.created)
-
-    def stamp(self, created):
-        """The time text of a line."""
-        second = int(created)
-        cached_second, text = self.cached
-        if second != cached_second:
-            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self.cached = (second, text)
-        return f"{text},{int(created % 1 * 1000):03d}"
-
-    def line(self, created, level, logger, message):
-        """One log line from its parts, as format() writes a record."""
-        return f"{self.stamp(created)} {level} {message}"
-
-
-class LogHandler(logging.StreamHandler):
-    """Writes to stderr; request lines are queued and written together every half second.
-
-    A write per request is a system call each, and taking the handler's lock on every
-    request makes eight request threads queue behind whichever one the GIL paused
-    while holding it: together a third of the throughput. Building a LogRecord and
-    formatting it cost another fifth. So request lines arrive as bare tuples
-    (queue_request) in a deque, which needs no lock to append to, and one thread
-    formats and writes them. Every other line (loads, refusals, warnings) is written
-    at once, after the queued ones.
-    """
-
-    def __init__(self, interval=0.5):
-        super().__init__(sys.stderr)
-        self.pending = deque()
-        self.queue_request = self.pending.append  # RequestLog's tuples
-        self.observers = []  # functions given each batch of request tuples too (Insights.observe)
-        self.timer = threading.Thread(target=self.flush_every, args=(interval,), name="log-flush", daemon=True)
-        self.timer.start()
-
-    def emit(self, record):
-        self.write_pending()
-        super().emit(record)
-
-    def write_pending(self):
-        """Write the queued request lines in one go."""
-        line, lines, entries = self.formatter.line, [], []
-        while self.pending:
-            entry = self.pending.popleft()
-            entries.append(entry)
-            try:
-                text = request_line(entry)
-            except Exception:  # one odd request must not stop every later line: this thread writes them all
-                text = "a request whose log line could not be made"
-            lines.append(line(entry[0], "INFO", access_log.name, text))
-        if lines:
-            self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
-        for observe in self.observers:
-            try:
-                observe(entries)
-            except Exception:  # counting must never stop the log
-                log.exception("request counting failed")
-
-    def flush_now(self):
-        """Write out what is queued."""
-        with self.lock:
-            try:
-                self.write_pending()
-            except (OSError, ValueError):
-                pass  # stderr closed: nothing to tell anyone
-
-    def flush_every(self, interval):
-        """The queue's clock; it outlives any failure, or request lines would pile up unwritten."""
-        while True:
-            time.sleep(interval)
-            try:
-                self.flush_now()
-            except Exception:  # noqa: BLE001 - nowhere to report it but the stream that failed
-                self.pending.clear()
-
-
-def request_writer(insights=None):
-    """LogHandler.queue_request when serve's handler writes every line and request lines are wanted; else None.
-
-    insights: counts each batch of requests in the handler's thread too.
-    """
-    handlers = logging.getLogger().handlers
-    if access_log.isEnabledFor(logging.INFO) and len(handlers) == 1 and isinstance(handlers[0], LogHandler):
-        if insights is not None:
-            handlers[0].observers.append(insights.observe)
-        return handlers[0].queue_request
-    return None
-
-
-def setup_logging(log_format, quiet=False):
-    """Log to stderr; keep waitress's per-request queue warnings out of the log."""
-    handler = LogHandler()
-    atexit.register(handler.flush_now)
-    handler.setFormatter(JsonLines() if log_format == "json" else TextLines())
-    # The logging docs' own advice for speed: skip what our lines never show (caller, thread,
-    # process), worth a few microseconds on every request.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    # Under load waitress warns "Task queue depth is N" for every request: not news.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-
-
-###############################################################################
-# The server: waitress, its limits, one CPU ###################################
-###############################################################################
+#
+# Serving the app with waitress: threads, request and header limits, the real client
+# address behind a proxy, a clean stop on SIGTERM.
 
 
 def keep_to_one_cpu(chosen=None, port=0):
@@ -7900,8 +8388,9 @@ def keep_to_one_cpu(chosen=None, port=0):
     Returns that CPU, or None when there is no choice (or no way) to make.
     """
     # Only one thread runs Python at a time, so a second CPU adds little but the cost of
-    # waking threads across CPUs for every request. On a 2-CPU virtual machine, kept on one
-    # CPU, the service answered 60% more lookups a second, and twice as many behind nginx.
+    # waking threads across CPUs for every request. Measured by bench/run.py (ONE_CPU=yes and
+    # no in turn, 2-CPU virtual machine, 2026-12-03): 3,474 lookups a second against 2,519
+    # (1.38x), p99 13 ms against 18; behind nginx, by hand, about twice as many.
     if not hasattr(os, "sched_getaffinity"):  # not Linux: leave it to the system
         return None
     allowed = sorted(os.sched_getaffinity(0))
@@ -7928,7 +8417,7 @@ def keep_to_one_cpu(chosen=None, port=0):
 
 
 def other_instances_cpus():
-    """The CPU each other running instance of this service keeps to (read from /proc); those free to move are left out."""
+    """The CPU each other running instance of this service keeps to (from /proc); those free to move left out."""
     ours = os.path.realpath(__file__)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -8010,9 +8499,9 @@ def listen_port(server):
 def guarded_channel(settings):
     """Waitress's channel, timing each request's arrival and answering what it rejects itself in JSON.
 
-    Bodies are limited to 64 KB, but for webhooks of a platform whose secret is set (2 MB) and an upload that carries the
-    upload key (MAX_EXPORT_MB, and all the time it needs to arrive): an unknown client
-    cannot make the server take in a large body.
+    Bodies are limited to 64 KB, but for webhooks of a platform whose secret is set (2 MB) and an
+    upload that carries the upload key (MAX_EXPORT_MB, and all the time it needs to arrive): an
+    unknown client cannot make the server take in a large body.
     """
     upload_keys = tuple(key.encode("utf-8") for key in settings.upload_keys)
     webhook_paths = frozenset(settings.webhook_secrets or ())
@@ -8031,7 +8520,7 @@ def guarded_channel(settings):
             self.write(body)
 
     class TimedParser(HTTPRequestParser):
-        """Remembers when a request's first byte arrived (see close_slow_requests); lets webhooks and uploads be larger."""
+        """Remembers when a request's first byte arrived (see close_slow_requests); lets webhooks, uploads be larger."""
 
         patient = False  # an upload with the right key: no deadline for its body to arrive
 
@@ -8106,6 +8595,9 @@ def waitress_options(settings):
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
+#
+# python app.py serve | check | lookup | probe | purge: each a small function over Settings
+# and the sections above; every start-up failure is one line that says what to do.
 
 
 def build_parser():
@@ -8177,7 +8669,9 @@ def run_check(settings, args):
     config = load_config(settings.contexts)
     path = find_export(settings.data, settings.follow_symlinks)
     # As the service reads it: the columns of the export it accepted last are kept while the header row is the same.
-    snapshot = build_snapshot(config, path, settings.memory_limit_mb, previous=read_choice(settings.state / ACCEPTED))
+    snapshot = build_snapshot(
+        config, path, settings.memory_limit_mb, previous=read_choice(settings.state / ACCEPTED_FILE)
+    )
     surveyed = survey(snapshot)
     # Said only now: a placeholder or rule field is checked against the export's columns.
     print(
@@ -8201,257 +8695,6 @@ def run_check(settings, args):
         return 1
     print("OK")
     return 0
-
-
-def check_summary(snapshot, surveyed):
-    """`check`'s lines on what was read: file, columns, counts, number format, words, answers."""
-    yield f"export   {printable(snapshot.source)} ({snapshot.layout}, modified {iso_time(snapshot.made)})"
-    plan = snapshot.packer.plan
-    if snapshot.config.retired:
-        names = ", ".join(field_name for field_name, _ in snapshot.config.retired)
-        yield (
-            f"columns  [columns] {names}: each is a list an earlier release shipped, read as shipped data: these "
-            "fields are found by their headers' words now, as below (the lines may be deleted)"
-        )
-    if retired := snapshot.config.retired_carriers:
-        yield (
-            f"carriers [carriers] {', '.join(retired[:5])}{' and more' if len(retired) > 5 else ''}: "
-            f"{plural(len(retired), 'line')} equal to a page the service ships (carriers.toml) or once shipped: "
-            "carriers.toml's serves, so its fixes reach you (the lines may be deleted)"
-        )
-    header = plan.header
-    others = {field_name: [header[i] for i in more] for field_name, _, more in plan.competing}
-    for field_name, chosen in snapshot.columns.items():
-        why = [(plan.evidence or {}).get(field_name, "")]
-        if field_name in others:
-            why.append(f"also fits: {', '.join(repr(printable(h)) for h in others[field_name])}")
-        said = "; ".join(filter(None, why))
-        yield f'column   {field_name:<18} <- "{printable(chosen)}"' + (f" ({said})" if said else "")
-    for field_name, columns in (("items", plan.item_columns), ("tracking", plan.tracking_columns)):
-        if columns:
-            yield f"packed   {field_name:<18} <- " + ", ".join(repr(printable(header[i])) for i in columns)
-    if plan.type_column is not None:
-        yield (
-            f'typed    rows by "{printable(header[plan.type_column])}": only {", ".join(sorted(plan.rules.item_rows))} '
-            f"rows are items; tracking from {', '.join(sorted(plan.rules.tracking_rows))} rows"
-        )
-    from_entries = ("carrier", "tracking_url") if plan.tracking_columns else ()
-    missing = [
-        f
-        for f, names in snapshot.config.columns.items()
-        if names and f not in snapshot.columns and f not in plan.row_fields and f not in from_entries
-    ]
-    if missing:
-        yield f"no column for {', '.join(missing)} (their placeholders stay empty)"
-    yield f"rows     {snapshot.rows}; orders {snapshot.orders}; read in {snapshot.seconds:.2f}s"
-    reading = snapshot.reading or {}
-    if reading.get("attached"):
-        one = reading["attached"] == 1
-        yield (
-            f"rows     {plural(reading['attached'], 'item row')} without an order number "
-            f"{'belongs' if one else 'belong'} to the order above {'it' if one else 'them'} (the export writes an "
-            "order's further lines so)"
-        )
-    guards = sum(n for key, n in (reading.get("cells") or {}).items() if key.startswith("guard "))
-    if guards:
-        yield (
-            f"cells    a spreadsheet's marks taken off {plural(guards, 'cell')} (Excel's =\"...\" guard, a leading ', "
-            "a .0 after a whole order number): nothing of their value is lost"
-        )
-    if reading.get("aliases"):
-        yield (
-            f"rows     {plural(reading['aliases'], 'order')} can also be found by their "
-            f"{', '.join(repr(printable(plan.header[c])) for c in plan.other_ids)}"
-        )
-    yield f"format   order numbers look like {snapshot.example_order_id!r}: give this format to the chat platform"
-    for field_name, counts in surveyed.values.items():
-        yield f"values   {field_name}: " + ", ".join(
-            f"{printable(v)[:40] or '(empty)'} {n}"
-            + (f" (= {meaning})" if (meaning := snapshot.renderer.word(v, field_name)) != v else "")
-            for v, n in counts.most_common(12)
-        )
-    unmatched = (
-        f" ({snapshot.orders_without_email} without an email are not counted)" if snapshot.orders_without_email else ""
-    )
-    yield "answers  " + ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common()) + unmatched
-
-
-def check_warnings(snapshot, surveyed):
-    """What `check` warns about: answers that rest on a missing column or an unknown word, and data problems."""
-    config = snapshot.config
-    layout = snapshot.packer.plan.rules
-    if "status" not in snapshot.columns and any(
-        name == "status" for rule in config.rules for name, _ in rule.conditions
-    ):
-        answers = ", ".join(f"{t} {n}" for t, n in surveyed.answers.most_common())
-        looked = (
-            f"the {layout.name} layout reads it from {', '.join(repr(h) for h in layout.columns['status'])}"
-            if layout and "status" in layout.columns
-            else 'no header says the order\'s state, such as "Status", "Fulfillment Status" or "Estado del envío"'
-        )
-        yield (
-            f"no status column ({looked}): every order is answered as no status tells ({answers}). If your export "
-            f"has one, add its header to {columns_key(layout, 'status')}."
-        )
-    for word, answers in unknown_statuses(config, surveyed):
-        yield (
-            f"status {printable(word)[:40]!r} ({plural(sum(answers.values()), 'order')}) is named by no rule: "
-            f"answered with {', '.join(answers)}. If you know what it means, paste the line below into contexts.toml"
-        )
-    for field_name, header, why in snapshot.packer.plan.contradicted:
-        yield (
-            f"[columns] {field_name} names {printable(header)!r}, whose cells do not look like {field_name} ({why}): "
-            "it is read as you chose; check that the line names the right column"
-        )
-    for headers in snapshot.packer.plan.alike:
-        yield (
-            f"columns {' and '.join(repr(printable(h)) for h in headers)} read alike (case, _, -, : and spaces "
-            f"do not count); the first, {printable(headers[0])!r}, is the one read"
-        )
-    for kind, count in (surveyed.kinds or Counter()).most_common():
-        one = count == 1
-        yield (
-            f"{plural(count, 'row')} of the kind {kind!r} {'is' if one else 'are'} neither items nor tracking for this "
-            f"layout and {'was' if one else 'were'} left out; name the kind in its rows (items, tracking or other) "
-            "in contexts.toml if they matter"
-        )
-    for field_name, count in (surveyed.disagreed or Counter()).most_common():
-        if field_name in DATES:
-            yield (
-                f"{plural(count, 'order', ('has', 'have'))} rows that give {field_name} different dates (parcels sent on different "
-                "days): their answers give every date"
-            )
-            continue
-        if field_name == "carrier":
-            yield (
-                f"{plural(count, 'order', ('has', 'have'))} parcels with different carriers: their answers name every carrier, and "
-                "give a tracking link only where the export has one of its own"
-            )
-            continue
-        yield (
-            f"{plural(count, 'order', ('has', 'have'))} rows that give {field_name} different words (e.g. one parcel delivered, one "
-            "not): their answers name all of them and claim none; if one column holds the order's own "
-            f"state, name it first in [columns] {field_name}"
-        )
-    if surveyed.lost:
-        yield (
-            f"{surveyed.lost} cells held numbers of 16 or more digits, which a spreadsheet keeps to 15 only: they "
-            "are read as empty rather than shown with wrong digits. Format those columns (tracking numbers, "
-            "long order numbers) as text before exporting, or export CSV"
-        )
-    unread = surveyed.unread or {}
-    if "items" in unread:
-        count, example = unread["items"]
-        yield (
-            f"{plural(count, 'packed item')} did not read as the layout says (e.g. {example!r}); each is shown as written, "
-            "with no quantity"
-        )
-    if "tracking" in unread:
-        count, example = unread["tracking"]
-        yield (
-            f"{count:,} packed tracking {'entry' if count == 1 else 'entries'} had no tracking number the layout reads (e.g. {example!r}); they are "
-            "left out of the answers"
-        )
-    if snapshot.orders_without_email:
-        yield f"{plural(snapshot.orders_without_email, 'order', ('has', 'have'))} no email and can never be found"
-    if untied := (snapshot.reading or {}).get("untied"):
-        one = untied == 1
-        yield (
-            f"{plural(untied, 'item row', ('has', 'have'))} no order number and "
-            f"{'follows' if one else 'follow'} no order of {'its' if one else 'their'} customer (another e-mail, "
-            f"or apart from any order), so no order could take {'it' if one else 'them'}: the orders near "
-            f"{'it' if one else 'them'} may be answered with fewer items than they hold. Export the order number "
-            "on every row, if the export can"
-        )
-    if snapshot.rows_without_order:
-        one = snapshot.rows_without_order == 1
-        yield (
-            f"{plural(snapshot.rows_without_order, 'row', ('has', 'have'))} no order number and "
-            f"{'was' if one else 'were'} skipped"
-        )
-    reading = snapshot.reading or {}
-    for why, count in (reading.get("not_orders") or {}).items():
-        yield f"{plural(count, 'row')} left out as {why}"
-    if reading.get("preamble"):
-        yield (
-            f"{plural(len(reading['preamble']), 'line')} before the header left out: "
-            + ", ".join(repr(line) for line in reading["preamble"][:3])
-        )
-    if surveyed.alike:
-        number, count = surveyed.alike.most_common(1)[0]
-        yield (
-            f"{plural(len(surveyed.alike), 'order number')} are written in ways that read alike (e.g. {count} orders read "
-            f"as {number!r}, such as '#{number}' and '{number}'): orders with different emails are kept apart; "
-            f"{snapshot.orders_sharing} share an email with another, and a lookup of those answers with the one "
-            "written as typed, else with all of them"
-        )
-    for template, field_name in free_text_fields(config, snapshot.columns):
-        yield (
-            f"[templates] {template} uses {{{field_name}}}, text that customers or staff type freely: it reaches "
-            "the AI as fact, instructions included. Keep it out of answers."
-        )
-    yield from data_notes(snapshot)
-
-
-def unknown_statuses(config, surveyed):
-    """(status word, Counter of the answers its orders get) of the words no rule names, the commonest first."""
-    named = {w for rule in config.rules for name, words in rule.conditions if name == "status" and words for w in words}
-    for word, answers in sorted(surveyed.by_status.items(), key=lambda item: -sum(item[1].values())):
-        if word and word not in named:
-            yield word, answers
-
-
-def status_paste(config, surveyed):
-    """The [vocabulary.statuses] lines `check` prints for status words no rule names, one per word to complete."""
-    unknown = [word for word, _ in unknown_statuses(config, surveyed)]
-    if not unknown:
-        return ""
-    lines = [
-        "",
-        "Status words no rule names. To say what each means, put its word in the list of the meaning that "
-        "is true, under [vocabulary.statuses] in contexts.toml (a table to add once; meanings: "
-        + ", ".join(STATUS_MEANINGS)
-        + "):",
-        "[vocabulary.statuses]",
-    ]
-    lines += [f'"MEANING" = [{json.dumps(word, ensure_ascii=False)}]' for word in unknown[:20]]
-    return "\n".join(lines)
-
-
-FREE_TEXT = (
-    "note",
-    "comment",
-    "instruction",
-    "message",
-    "remark",
-    "memo",
-    "request",
-    "gift",
-    "bemerkung",
-    "kommentar",
-    "notiz",
-    "hinweis",
-    "commentaire",
-    "remarque",
-    "nota",
-    "opmerking",
-    "comentario",
-    "observacion",
-)
-
-
-def free_text_fields(config, columns=None):
-    """(template, placeholder) pairs where a template shows a free-text column such as notes.
-
-    Both the placeholder's name and the header it reads (columns: field -> header) count:
-    delivery_info = ["Customer Note"] is a note too.
-    """
-    columns = columns or {}
-    for name, template in config.templates.items():
-        for field_name in template.fields:
-            read = f"{field_name} {snake_case(columns.get(field_name, ''))}"
-            if any(word in read for word in FREE_TEXT):
-                yield name, field_name
 
 
 def run_lookup(settings, args):
@@ -8707,14 +8950,17 @@ def prepare_fetching(settings):
 MAKE_KEY = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
+# Why a secret may sign more than one shop's events, where the platform makes that likely.
+SHARED_SECRET_NOTE = {"shopify": " (a Shopify app's client secret is shared by every shop that installs the app)"}
+
+
 def unpinned_warnings(settings):
     """Webhook secrets set with no SHOP_DOMAIN: another shop whose events that secret signs would be believed."""
     for platform in (settings.webhook_secrets or {}) if not settings.shop_domains else ():
         yield (
             f"{WEBHOOK_SECRETS[platform]} is set but SHOP_DOMAIN is not: if that secret also signs another "
-            f"shop's {PLATFORM_NAMES[platform]} webhooks (a Shopify app's client secret is shared by every shop "
-            "that installs the app), that shop's events would change the answers here. Set SHOP_DOMAIN to this "
-            "shop's domain(s)"
+            f"shop's {PLATFORM_NAMES[platform]} webhooks{SHARED_SECRET_NOTE.get(platform, '')}, that shop's events "
+            "would change the answers here. Set SHOP_DOMAIN to this shop's domain(s)"
         )
 
 
@@ -8763,15 +9009,6 @@ def run_purge(settings, args):
         "remove the customer there, and the next export no longer holds them"
     )
     return 0
-
-
-def is_loopback(host):
-    """True for an address only this machine can reach."""
-    if host == "localhost":
-        return True
-    with suppress(ValueError):
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    return False
 
 
 COMMANDS = {"serve": run_serve, "check": run_check, "lookup": run_lookup, "probe": run_probe, "purge": run_purge}

@@ -592,7 +592,7 @@ def lookups_in_turn(service_port, args):
             rounds[which].append({**measured, "cpus": bare.cpus()} if which == "bare" else measured)
     finally:
         bare.stop()
-    median = lambda results: sorted(results, key=lambda r: r["rps"])[len(results) // 2]  # noqa: E731
+    median = lambda results: sorted(results, key=lambda r: r["rps"])[len(results) // 2]
     return median(rounds["bare"]), median(rounds["service"]), {k: [r["rps"] for r in v] for k, v in rounds.items()}
 
 
@@ -676,9 +676,9 @@ def webhooks_under_load(server, args):
     samples, lookups = [], {}
     seconds = math.ceil(args.events / args.event_rate) + 1
     if shutil.which("wrk"):
-        run = lambda: lookups.update(wrk(server.port, seconds, args.connections, args.orders))  # noqa: E731
+        run = lambda: lookups.update(wrk(server.port, seconds, args.connections, args.orders))
     else:
-        run = lambda: lookups.update(python_load(server.port, seconds + 3, args.connections, args.orders, samples))  # noqa: E731
+        run = lambda: lookups.update(python_load(server.port, seconds + 3, args.connections, args.orders, samples))
     loader = threading.Thread(target=run)
     loader.start()
     started = time.perf_counter()
@@ -788,7 +788,7 @@ def measure_fetch(path, args):
     shutil.rmtree(site, ignore_errors=True)
     site.mkdir()
     shutil.copyfile(path, site / "orders.csv")
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(site), **k)  # noqa: E731
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(site), **k)
     http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
     origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=origin.serve_forever, daemon=True).start()
@@ -905,7 +905,7 @@ def measure_metrics(args, rounds=4):
         for setting in ("yes", "no", "no", "yes") * (rounds // 2):
             port, stop = servers[setting].port, threading.Event()
 
-            def scrape():
+            def scrape(port=port, stop=stop):
                 while not stop.wait(0.5):
                     started = time.perf_counter()
                     status, _ = get(port, "/metrics")
@@ -932,6 +932,51 @@ def measure_metrics(args, rounds=4):
         "all_rps": rps,
         "scrapes": len(scrapes),
         "scrape_ms": statistics.median(scrapes) if scrapes else math.nan,
+    }
+
+
+def measure_one_cpu(args, rounds=4):
+    """Lookups with ONE_CPU=yes (the default: every thread on one CPU) and ONE_CPU=no, in turn, on a small export.
+
+    What keeping to one CPU buys, the figure behind keep_to_one_cpu: both servers stay up and
+    take the same load in turn, yes-no-no-yes, and their medians are compared.
+    """
+    orders = min(args.orders, 20_000)
+    folder = OUT / "one_cpu"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "orders.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(HEADER)
+        writer.writerows(export_rows(orders, args.seed))
+    rps, servers = {"yes": [], "no": []}, {}
+    try:
+        for setting in ("yes", "no"):
+            port = free_port()
+            env = {
+                "ORDERS_FILE": str(folder / "orders.csv"),
+                "API_KEY": KEY,
+                "PORT": str(port),
+                "STATE_DIR": str(folder / f"state-{setting}"),
+                "ONE_CPU": setting,
+                **({"CPU": our_cpu()} if setting == "yes" else {}),
+            }
+            servers[setting] = Process([sys.executable, str(ROOT / "app.py")], env, port)
+            servers[setting].wait_ready()
+        for setting in ("yes", "no", "no", "yes") * (rounds // 2):
+            result = load(servers[setting].port, args.seconds, args.connections, orders)
+            rps[setting].append((result["rps"], result["p99_ms"]))
+    finally:
+        for server in servers.values():
+            server.stop()
+    yes, no = (statistics.median(r for r, _ in rps[k]) for k in ("yes", "no"))
+    return {
+        "yes_rps": yes,
+        "no_rps": no,
+        "ratio": yes / no,
+        "yes_p99_ms": statistics.median(p for _, p in rps["yes"]),
+        "no_p99_ms": statistics.median(p for _, p in rps["no"]),
+        "rounds": rounds,
+        "all_rps": rps,
     }
 
 
@@ -1000,6 +1045,8 @@ def run(args):
     results["fetch"] = measure_fetch(csv_path, args)
     print("service with metrics on and off, in turn ...", flush=True)
     results["metrics"] = measure_metrics(args)
+    print("service with ONE_CPU=yes and no, in turn ...", flush=True)
+    results["one_cpu"] = measure_one_cpu(args)
     print("service on XLSX ...", flush=True)
     results["service_xlsx"] = measure_service(xlsx_path, args, "xlsx")
     results["checks"] = checks(results)
@@ -1083,8 +1130,10 @@ def table(r):
         "",
         "| measured in this run | seconds | peak MB | req/s | p50 ms | p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
-        f"| csv.reader pass (fastest of {STARTS}) | {r['csv_pass']['seconds']:.2f} | {r['csv_pass']['peak_mb']:.0f} | | | |",
-        f"| naive load (DictReader, dicts per order) | {r['naive']['seconds']:.2f} | {r['naive']['peak_mb']:.0f} | | | |",
+        f"| csv.reader pass (fastest of {STARTS}) | {r['csv_pass']['seconds']:.2f} | "
+        f"{r['csv_pass']['peak_mb']:.0f} | | | |",
+        f"| naive load (DictReader, dicts per order) | {r['naive']['seconds']:.2f} | "
+        f"{r['naive']['peak_mb']:.0f} | | | |",
         f"| needed columns as interned tuples | {r['tuples']['seconds']:.2f} | {r['tuples']['peak_mb']:.0f} | | | |",
         f"| openpyxl read_only pass (XLSX) | {r['openpyxl']['seconds']:.2f} | {r['openpyxl']['peak_mb']:.0f} | | | |",
         f"| bare Bottle/waitress, constant JSON (median of {ROUNDS} rounds, in turn with the service's) | | | "
@@ -1094,7 +1143,8 @@ def table(r):
         *(
             [
                 f"| the same, plus {r['bare_spin']['spin_us']:g} µs of Python per request "
-                f"({r['bare_spin']['rps'] / r['bare']['rps']:.2f}x of the bare app's {r['bare']['rps']:,.0f} just before) | | | "
+                f"({r['bare_spin']['rps'] / r['bare']['rps']:.2f}x of the bare app's "
+                f"{r['bare']['rps']:,.0f} just before) | | | "
                 f"{r['bare_spin']['rps']:,.0f} | "
                 f"{r['bare_spin']['p50_ms']:.1f} | {r['bare_spin']['p99_ms']:.1f} |"
             ]
@@ -1121,7 +1171,11 @@ def table(r):
         f"| service: lookups with metrics on, /metrics scraped every 0.5 s ({r['metrics']['scrape_ms']:.1f} ms a "
         f"scrape), vs off; median of {r['metrics']['rounds']} rounds each | | | {r['metrics']['on_rps']:,.0f} vs "
         f"{r['metrics']['off_rps']:,.0f} | | |",
-        f"| service: XLSX load | {r['service_xlsx']['load_s']:.2f} | {r['service_xlsx']['peak_after_load_mb']:.0f} | | | |",
+        f"| service: lookups kept on one CPU (ONE_CPU=yes) vs free to move (no), {r['one_cpu']['ratio']:.2f}x; "
+        f"median of {r['one_cpu']['rounds']} rounds each | | | {r['one_cpu']['yes_rps']:,.0f} vs "
+        f"{r['one_cpu']['no_rps']:,.0f} | | {r['one_cpu']['yes_p99_ms']:.1f} vs {r['one_cpu']['no_p99_ms']:.1f} |",
+        f"| service: XLSX load | {r['service_xlsx']['load_s']:.2f} | "
+        f"{r['service_xlsx']['peak_after_load_mb']:.0f} | | | |",
         "",
         f"In-process, per lookup through the WSGI app (no server): bare {r['in_process']['bare_us']:.1f} µs, "
         f"service {r['in_process']['service_us']:.1f} µs, plus {r['in_process']['log_line_us']:.1f} µs to make "

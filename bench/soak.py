@@ -153,8 +153,9 @@ class Traffic:
                 )
                 self.outcomes[f"upload {status}"] += 1
 
-    def upload_body(self, which, made={}):
+    def upload_body(self, which):
         """One of two exports that differ from the dropped ones (an identical upload would change nothing)."""
+        made = self.__dict__.setdefault("uploads_made", {})
         if which not in made:
             path = self.folder.parent / f"upload-{which}.csv"
             write_export(path, self.args.orders, 3 + which)

@@ -7,9 +7,9 @@ import sys
 import urllib.request
 
 import pytest
+from conftest import ROOT, Served, free_port, write
 
 import app
-from conftest import ROOT, Served, free_port, write
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "shopify_orders_export.csv"
 

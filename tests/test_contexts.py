@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import ROOT, write
 
 import app
-from conftest import ROOT, write
 
 
 def edit(contexts_file, old, new):
@@ -196,7 +196,7 @@ def test_a_rule_on_an_unknown_field_is_reported(tmp_path, contexts_file):
 @pytest.mark.parametrize("name", ["not_found", "missing", "invalid", "unavailable"])
 def test_message_templates_are_required(contexts_file, name):
     text = contexts_file.read_text()
-    contexts_file.write_text("\n".join(l for l in text.splitlines() if not l.startswith(f"{name} =")))
+    contexts_file.write_text("\n".join(line for line in text.splitlines() if not line.startswith(f"{name} =")))
     with pytest.raises(app.ConfigError, match=f"\\[templates\\] {name}: is missing"):
         app.load_config(contexts_file)
 

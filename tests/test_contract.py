@@ -5,9 +5,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import KEY, OTHER_KEY, ROOT, SHOPIFY_CSV, Client, make_settings, started, write
 
 import app
-from conftest import KEY, OTHER_KEY, ROOT, SHOPIFY_CSV, Client, make_settings, started, write
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,7 @@ def test_a_404_does_not_reveal_whether_the_order_number_exists(client, tmp_path,
     # The same request against an export with #1001 (wrong email) and one without #1001 at all.
     without = write(
         tmp_path / "other" / "orders.csv",
-        "\n".join(l for l in SHOPIFY_CSV.splitlines() if not l.startswith("#1001")) + "\n",
+        "\n".join(line for line in SHOPIFY_CSV.splitlines() if not line.startswith("#1001")) + "\n",
     )
     other = app.Service(make_settings(without.parent, contexts_file))
     other.start()

@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import (
     CADDY,
     KEY,
@@ -145,9 +144,9 @@ def test_lookups_answer_while_the_export_reloads(deployed):
     os.replace(deployed.data / ".next.csv", deployed.data / "orders.csv")
     statuses = []
     deadline = time.monotonic() + 60
-    while "40000 orders" not in deployed.service.output and time.monotonic() < deadline:
+    while "40,000 orders" not in deployed.service.output and time.monotonic() < deadline:
         statuses.append(lookup(deployed, 5)[0])
-    assert "40000 orders" in deployed.service.output, deployed.service.output[-2000:]
+    assert "40,000 orders" in deployed.service.output, deployed.service.output[-2000:]
     assert statuses and set(statuses) == {200}
     assert b"has shipped" in lookup(deployed, 5)[2]
 
@@ -178,6 +177,7 @@ def secret_bearing_requests(port, context):
     Returns every secret and email they carried, none of which may reach the proxy's log.
     """
     from base64 import b64encode
+
     from test_webhooks import shopify_order, sign, woo_order
 
     def send(method, path, body=b"", headers=None):

@@ -11,9 +11,11 @@ import json
 from datetime import datetime
 
 import pytest
+from conftest import ROOT, write, write_xlsx
+from conftest import answered as ask
+from conftest import checked as check
 
 import app
-from conftest import ROOT, answered as ask, checked as check, write, write_xlsx
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CONTEXTS = ROOT / "contexts.toml"
@@ -323,7 +325,7 @@ def test_prestashop_reads_the_same_when_the_sql_manager_writes_iso_8859_1(tmp_pa
     text = (FIXTURES / "prestashop_sql_orders.csv").read_text(encoding="utf-8")
     snapshot = served(write(tmp_path / "request_sql_1.csv", text.encode("iso-8859-1")))
     assert snapshot.layout == "PrestaShop orders (SQL Manager query)"
-    for name, order_id, email, text, url in (case for case in LOOKUPS if case[0] == "prestashop_sql_orders.csv"):
+    for _name, order_id, email, text, url in (case for case in LOOKUPS if case[0] == "prestashop_sql_orders.csv"):
         assert ask(snapshot, order_id, email) == (200, text, url)
 
 
@@ -424,7 +426,7 @@ def test_odoo_reads_the_same_from_its_workbook(tmp_path):
     path = write_xlsx(tmp_path / "Sales Order (sale.order).xlsx", {"Sheet1": odoo_rows()})
     snapshot = served(path)
     assert snapshot.layout == "Odoo sales orders export"
-    for name, order_id, email, text, url in (case for case in LOOKUPS if case[0] == "odoo_sale_orders.csv"):
+    for _name, order_id, email, text, url in (case for case in LOOKUPS if case[0] == "odoo_sale_orders.csv"):
         assert ask(snapshot, order_id, email) == (200, text, url)
 
 
@@ -464,7 +466,7 @@ def test_odoo_without_the_customer_email_says_how_to_export_it(tmp_path):
         ("3", f"Order 48213 was found. It contains 1 x Bürostuhl Ergo, 2 x Schreibtischlampe Lumen. {UNPAID}"),
         ("8.1", f"Order 48213 {CANCELLED}"),
         ("Storniert durch Kunden", f"Order 48213 {CANCELLED}"),
-        ("Freigabe Versand", f"Order 48213 was found. It was placed on 27 Nov 2026."),
+        ("Freigabe Versand", "Order 48213 was found. It was placed on 27 Nov 2026."),
         # A status of the shop's own, by ID or name, claims nothing.
         (
             "6",

@@ -5,9 +5,9 @@ import datetime
 import os
 
 import pytest
+from conftest import checked, write, write_xlsx
 
 import app
-from conftest import checked, write, write_xlsx
 
 
 def snapshot_of(path, contexts):

@@ -8,7 +8,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -17,9 +16,9 @@ import time
 import urllib.request
 
 import pytest
+from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, wait_for, write
 
 import app
-from conftest import KEY, ROOT, Client, Served, free_port, make_settings, orders_csv, started, wait_for, write
 
 TOKEN = "tok_9f8e7d6c5b4a39281706"
 

@@ -9,9 +9,9 @@ import base64
 import json
 
 import pytest
+from conftest import KEY, Client, make_settings, started, write
 
 import app
-from conftest import KEY, Client, make_settings, started, write
 
 # Finnish headers: Tilaus (order), Sähköposti (email), Tila (state), Tuote (item), Määrä (quantity), Hinta (price).
 FINNISH = (

@@ -3,11 +3,11 @@
 import json
 from urllib.parse import quote, urlencode
 
+from conftest import KEY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import app
-from conftest import KEY
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -7,18 +7,18 @@ stops at a row boundary, a rolling "last 90 days" export, a sheet without a stat
 
 import datetime
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
-
-import pytest
 from zoneinfo import ZoneInfo
 
-import app
+import pytest
 from conftest import ROOT, Client, make_settings, orders_csv, started, write
+
+import app
 
 CONTEXTS = ROOT / "contexts.toml"
 

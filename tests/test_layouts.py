@@ -9,9 +9,11 @@ import json
 import shutil
 
 import pytest
+from conftest import ROOT, write, write_xlsx
+from conftest import answered as ask
+from conftest import checked as check
 
 import app
-from conftest import ROOT, answered as ask, checked as check, write, write_xlsx
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CONTEXTS = ROOT / "contexts.toml"

@@ -3,9 +3,9 @@
 import logging
 
 import pytest
+from conftest import KEY, started
 
 import app
-from conftest import KEY, started
 
 
 def lines(logs):
@@ -44,7 +44,7 @@ def test_a_load_logs_file_rows_orders_and_seconds(export, contexts_file, logs):
     from conftest import make_settings
 
     started(make_settings(export.parent, contexts_file))
-    assert any(l.startswith("loaded orders.csv: 8 rows, 6 orders") and l.endswith("s") for l in lines(logs))
+    assert any(line.startswith("loaded orders.csv: 8 rows, 6 orders") and line.endswith("s") for line in lines(logs))
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import KEY, ROOT, Client, make_settings, started, write
 
 import app
-from conftest import KEY, ROOT, Client, make_settings, started, write
 
 
 @pytest.mark.parametrize("typed", ["#1001", "1001", " # 1001 ", "1001.0", "#1001.00", "1-0-0-1"])

@@ -5,9 +5,9 @@ import time
 
 import jsonschema
 import pytest
+from conftest import KEY, Client, make_settings, orders_csv, write
 
 import app
-from conftest import KEY, Client, make_settings, orders_csv, write
 
 WRONG = "wrong-key-0123456789abcdef"
 

@@ -3,9 +3,9 @@
 import shutil
 
 import pytest
+from conftest import KEY
 
 import app
-from conftest import KEY
 
 
 def probe(capsys, *argv):
@@ -17,7 +17,7 @@ def test_a_working_endpoint_passes_every_check(capsys, live_server):
     code, out = probe(capsys, live_server + "/lookup", "--key", KEY, "--order", "#1002", "--email", "sam@example.com")
     assert code == 0
     lines = out.splitlines()
-    assert [l.split()[0] for l in lines[:4]] == ["PASS"] * 4
+    assert [line.split()[0] for line in lines[:4]] == ["PASS"] * 4
     assert "401" in lines[0] and "400" in lines[1] and "404" in lines[2] and "200" in lines[3]
     assert lines[4].startswith("SKIP  TLS") and lines[-1].startswith("all checks passed")
 

@@ -10,9 +10,9 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from conftest import Client, LookupLoop, make_settings, orders_csv, started, wait_for, write, write_xlsx
 
 import app
-from conftest import Client, LookupLoop, make_settings, orders_csv, started, wait_for, write, write_xlsx
 
 ORDERS = 100
 

@@ -13,8 +13,6 @@ import tracemalloc
 import zipfile
 
 import pytest
-
-import app
 from conftest import (
     KEY,
     ROOT,
@@ -28,6 +26,8 @@ from conftest import (
     write,
     write_xlsx,
 )
+
+import app
 
 CONTEXTS = ROOT / "contexts.toml"
 

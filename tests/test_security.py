@@ -11,9 +11,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import KEY, Client, free_port, make_settings, serving, write
 
 import app
-from conftest import KEY, Client, free_port, make_settings, serving, write
 
 WRONG = "wrong-key-0123456789abcdef"
 
@@ -126,10 +126,11 @@ def test_weak_keys_are_warned_about_without_showing_them(keys, warned):
 
 @pytest.mark.parametrize("key", ["changeme", "paste-a-long-random-key-here"])
 def test_start_up_refuses_a_weak_key_unless_allowed_for_trying_out(tmp_path, export, contexts_file, key):
-    from conftest import Served, free_port
     import os
     import subprocess
     import sys
+
+    from conftest import Served, free_port
 
     env = {
         **os.environ,
@@ -344,9 +345,10 @@ def test_byte_dribbling_clients_cannot_hold_every_connection(export, contexts_fi
 
 
 def test_start_up_warns_when_exposed_without_a_proxy(tmp_path, export, contexts_file):
-    from conftest import Served, free_port
     import os
     import sys
+
+    from conftest import Served, free_port
 
     env = {
         **os.environ,

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, Served, free_port, orders_csv, wait_for, write
 
 DEPLOY = ROOT / "deploy"
@@ -278,7 +277,7 @@ def test_two_shops_served_as_their_units_say_answer_only_their_own_orders(two_sh
         # Each keeps its copy of the last good export in its own state folder.
         for shop in ("shop-a", "shop-b"):
             wait_for(
-                lambda: (root / "srv" / "orders" / shop / "state" / "last-good.csv").exists(),
+                lambda shop=shop: (root / "srv" / "orders" / shop / "state" / "last-good.csv").exists(),
                 what=f"{shop}'s last good copy",
             )
 

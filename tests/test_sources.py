@@ -10,9 +10,9 @@ import re
 import zipfile
 
 import pytest
+from conftest import ROOT, write, write_xlsx
 
 import app
-from conftest import ROOT, write, write_xlsx
 
 CONTEXTS = ROOT / "contexts.toml"
 

@@ -10,9 +10,9 @@ from html.parser import HTMLParser
 from urllib.parse import urlencode
 
 import pytest
+from conftest import KEY, Client, make_settings, orders_csv, wait_for, write
 
 import app
-from conftest import KEY, Client, make_settings, orders_csv, wait_for, write
 
 
 class Page(HTMLParser):

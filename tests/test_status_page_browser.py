@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-
 from conftest import KEY, ROOT, Served, free_port, orders_csv, wait_for, write
 
 sync_api = pytest.importorskip(

@@ -12,20 +12,22 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-import app
 from conftest import (
     KEY,
     ROOT,
     Client,
     Served,
-    lookup_over_http as lookup,
     free_port,
     make_settings,
     orders_csv,
     started,
     write,
 )
+from conftest import (
+    lookup_over_http as lookup,
+)
+
+import app
 
 UPLOAD_KEY = "upl-Wq4zV8nX2rT6mK9pL3sB"
 

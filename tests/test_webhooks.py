@@ -7,7 +7,6 @@ changes: a new number, a fulfillment with tracking, a new status. Deliveries go 
 """
 
 import base64
-import copy
 import hashlib
 import hmac
 import json
@@ -18,18 +17,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
-
-import app
 from conftest import (
     KEY,
     ROOT,
     Client,
     Served,
-    lookup_over_http as lookup,
     free_port,
     make_settings,
     orders_csv,
@@ -37,6 +32,14 @@ from conftest import (
     wait_for,
     write,
 )
+from conftest import (
+    lookup_over_http as lookup,
+)
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+import app
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SHOPIFY_SECRET = "shpss-Tq7vX2mZp9LrT4wN8cB3hY6"
@@ -44,7 +47,7 @@ WOO_SECRET = "wc-Kd8sJ3nQ7xV2pL9mR4tB6"
 
 
 def now_iso(delta=0):
-    return (datetime.now(timezone.utc) + timedelta(seconds=delta)).isoformat(timespec="seconds")
+    return (datetime.now(UTC) + timedelta(seconds=delta)).isoformat(timespec="seconds")
 
 
 def shopify_order(number=5001, email="new@example.com", shipped=False, updated=None, order_id=None):
@@ -356,7 +359,7 @@ def test_a_later_export_supersedes_the_events(tmp_path, contexts_file):
 def test_an_event_from_while_the_export_was_made_is_kept(shop, minutes_before, kept):
     # The export is read from the shop over its last hour (export_lag_hours = 1) and may lack what changed then.
     mtime = shop.data.joinpath("orders.csv").stat().st_mtime
-    moment = datetime.fromtimestamp(mtime - minutes_before * 60, timezone.utc).isoformat(timespec="seconds")
+    moment = datetime.fromtimestamp(mtime - minutes_before * 60, UTC).isoformat(timespec="seconds")
     answer = json.loads(woocommerce(shop.base, woo_order(6, "customer6@example.com", "completed", moment))[1])
     assert answer["stored"] is kept
     assert ("has shipped" in lookup(shop.base, "6", "customer6@example.com")[1]["context"]) is kept
