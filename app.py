@@ -25,14 +25,15 @@ what stands above it. Contents (the banners below, in order):
   15. Guards: the record of accepted exports, refusals of a smaller one
   16. Webhook events: from a signed body to an event
   17. Webhook events: the store and the overlay
-  18. Webhook events: receiving deliveries
-  19. Sources: the data folder, a URL, uploads
-  20. Request log, insights, metrics
-  21. Serving state: loads, reloads, freshness
-  22. Status page
-  23. HTTP routes
-  24. The server: waitress and its limits
-  25. Command line
+  18. Webhook events: shared by replicas in PostgreSQL
+  19. Webhook events: receiving deliveries
+  20. Sources: the data folder, a URL, uploads
+  21. Request log, insights, metrics
+  22. Serving state: loads, reloads, freshness
+  23. Status page
+  24. HTTP routes
+  25. The server: waitress and its limits
+  26. Command line
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
+from importlib.util import find_spec
 from itertools import accumulate, chain, groupby, islice, zip_longest
 from json.encoder import encode_basestring
 from operator import itemgetter
@@ -231,6 +233,8 @@ class Settings:
     upload_keys: tuple = ()  # x-upload-key for PUT /export; none: 404
     shop_domains: frozenset = frozenset()  # the shop's own host names: webhook events of any other are refused
     orders_url_auth: str = ""  # the Authorization header sent to ORDERS_URL's own host
+    database_url: str = ""  # PostgreSQL shared by a shop's replicas (see SharedStore); "": SQLite in STATE_DIR
+    database_password: str = ""  # read from DATABASE_PASSWORD_FILE, never from the URL
 
     @property
     def state(self):
@@ -299,7 +303,7 @@ def settings_from(options=None, env=None):
     log_format = env.get("LOG_FORMAT", "text").strip().lower() or "text"
     if log_format not in ("text", "json"):
         raise SettingsError(f"LOG_FORMAT={log_format!r}: use text or json.")
-    return Settings(
+    settings = Settings(
         data=Path(options.get("data") or env.get("ORDERS_FILE") or HERE / "data").absolute(),
         contexts=Path(options.get("contexts") or env.get("CONTEXTS_FILE") or HERE / "contexts.toml").absolute(),
         host=options.get("host") or env.get("HOST") or "127.0.0.1",
@@ -339,7 +343,50 @@ def settings_from(options=None, env=None):
         upload_keys=parse_keys(env.get("UPLOAD_KEY")),
         shop_domains=frozenset(host_of(name) for name in parse_keys(env.get("SHOP_DOMAIN"))),
         orders_url_auth=authorization(env.get("ORDERS_URL_AUTH", "").strip()),
+        database_url=check_database_url(env.get("DATABASE_URL", "").strip()),
+        database_password=read_password_file(env.get("DATABASE_PASSWORD_FILE", "").strip()),
     )
+    if settings.database_url and not settings.shop_domains:
+        raise SettingsError(
+            "DATABASE_URL needs SHOP_DOMAIN: the database belongs to one shop, known by its domain "
+            "(shop.example.com), so that an instance of another shop never shares it."
+        )
+    return settings
+
+
+def check_database_url(url):
+    """DATABASE_URL: a postgresql:// URL with no password in it (logs, `ps` and shell history would show it)."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise SettingsError(
+            "DATABASE_URL: give a PostgreSQL URL such as postgresql://orders@db.example.com/shop?sslmode=verify-full."
+        )
+    if parts.password is not None or "password=" in parts.query.lower():
+        raise SettingsError(
+            "DATABASE_URL holds a password, which logs, `ps` and shell history can show: take it out of the URL "
+            "and put it in a file only the service can read (chmod 600), named by DATABASE_PASSWORD_FILE."
+        )
+    if find_spec("psycopg") is None:
+        raise SettingsError(
+            "DATABASE_URL needs the psycopg package: .venv/bin/pip install -r requirements.txt, then start again."
+        )
+    return url
+
+
+def read_password_file(name):
+    """DATABASE_PASSWORD_FILE's first line: the database password, kept out of the URL and the environment."""
+    if not name:
+        return ""
+    try:
+        return Path(name).read_text(encoding="utf-8").splitlines()[0].strip()
+    except (OSError, UnicodeDecodeError, IndexError) as e:
+        raise SettingsError(
+            f"DATABASE_PASSWORD_FILE={printable(name)}: cannot be read "
+            f"({getattr(e, 'strerror', None) or 'it is empty or not text'}). Give a file holding the password "
+            "on its first line, readable by the service's user."
+        ) from None
 
 
 def host_of(name):
@@ -5775,6 +5822,568 @@ class Overlay:
 
 
 ###############################################################################
+# Webhook events: shared by replicas in PostgreSQL ############################
+###############################################################################
+#
+# DATABASE_URL set: every instance of a shop keeps its webhook events, its accepted uploads
+# and the shrink floor in one PostgreSQL database, and follows what the others write there
+# (LISTEN/NOTIFY, and a read by sequence after any gap). Each instance still answers from
+# memory; while the database cannot be reached, events wait in a spool (a WebhookStore in
+# STATE_DIR). Uses the events, the store and the overlay above.
+
+SHARED_SCHEMA = (  # version -> the statements that bring a database from the version before to it
+    (
+        1,
+        """
+        CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+        CREATE TABLE orders (
+            platform text NOT NULL, platform_id text NOT NULL, order_key text NOT NULL, email_key text NOT NULL,
+            fields text NOT NULL, time double precision NOT NULL, received double precision NOT NULL,
+            deleted boolean NOT NULL, PRIMARY KEY (platform, platform_id));
+        CREATE INDEX orders_by_time ON orders (time);
+        CREATE INDEX orders_by_email ON orders (email_key);
+        CREATE TABLE deliveries (delivery text PRIMARY KEY, received double precision NOT NULL);
+        CREATE INDEX deliveries_by_time ON deliveries (received);
+        -- Every change, in the order it was committed: what other instances follow (LISTEN orders_changed).
+        CREATE TABLE changes (
+            seq bigserial PRIMARY KEY, kind text NOT NULL, platform text NOT NULL, order_key text NOT NULL,
+            email_key text NOT NULL, fields text, time double precision NOT NULL, received double precision NOT NULL,
+            before_order_key text, before_email_key text);
+        CREATE TABLE exports (
+            seq bigserial PRIMARY KEY, sha256 text NOT NULL, name text NOT NULL, size bigint NOT NULL,
+            made_at double precision NOT NULL, stored_at double precision NOT NULL);
+        CREATE TABLE export_chunks (export bigint NOT NULL REFERENCES exports ON DELETE CASCADE, n integer NOT NULL,
+            data bytea NOT NULL, PRIMARY KEY (export, n));
+        CREATE TABLE instances (id text PRIMARY KEY, covers double precision NOT NULL, seen double precision NOT NULL);
+        """,
+    ),
+)
+CHANGES_DAYS = 2  # changes kept for instances to follow; one away longer reads the store afresh
+EXPORT_CHUNK = 8 << 20  # bytes of an upload a row holds: an export of 150 MB is 19 rows, streamed both ways
+FOLLOW_SECONDS = 5  # a follower's longest wait for a notification before it reads changes anyway
+
+
+class SharedStore:
+    """Webhook events, uploads and the shrink floor in PostgreSQL (DATABASE_URL), shared by a shop's instances.
+
+    The same contract as WebhookStore (apply, rows, prune, upkeep, trouble, evicted, on_change),
+    and: follow(), a thread per instance that LISTENs and reads every change after the last it
+    saw (after a restart or a reconnect too), so that each instance's in-memory view holds
+    every event whichever instance received it; while the database cannot be reached, events
+    go to a spool in STATE_DIR (a WebhookStore) and are forwarded in order when it can.
+    """
+
+    ROW = "platform, order_key, email_key, fields, deleted, received, time"  # as WebhookStore.rows gives them
+
+    def __init__(self, url, password, identity, spool, max_orders=100_000, days=30.0, instance=""):
+        self.url, self.password, self.identity = url, password, identity
+        self.spool, self.max_orders, self.days = spool, max_orders, days
+        self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
+        self.lock = threading.Lock()  # the writer's connection, one user at a time
+        self.db = None  # made on first use, and again after the database was lost
+        self.lost_since, self.lost_why = None, ""  # when and why the database could not be reached
+        self.refused = None  # why this database is not this shop's: nothing is written to it
+        self.moved_aside = self.failing = None  # WebhookStore's, for /healthz: a store moved aside, a failed write
+        self.failed_at = 0.0
+        self.count = 0
+        self.evicted = deque()
+        self.on_change = None  # set by the service: rebuild the overlay (after a gap in the changes followed)
+        self.seen = 0  # the last change this instance's overlay holds
+        self.export_seen = 0  # the last upload this instance has loaded or stored
+        self.upkept = time.monotonic()
+        self.tried = 0.0  # when a connection was last tried (monotonic)
+        self.connect()  # at start: a database of another shop refuses here (StoreError); an unreachable one waits
+
+    # Connections
+
+    def connect(self, now=False):
+        """The writer's connection, made (and the schema brought up to date, the shop checked) when there is none.
+
+        After a failed attempt the next waits FOLLOW_RETRY_SECONDS (now: the follower reached the
+        database), so that a database that answers no more costs each delivery no connect timeout.
+        """
+        import psycopg
+
+        if self.db is not None and not self.db.closed:
+            return self.db
+        if not now and self.lost_since is not None and time.monotonic() - self.tried < FOLLOW_RETRY_SECONDS:
+            return None
+        self.tried = time.monotonic()
+        try:
+            db = self.open_connection("order-lookup")
+        except psycopg.Error as e:
+            self.lose(e)
+            return None
+        try:
+            migrate(db)
+            self.check_shop(db)
+        except (StoreError, SettingsError):
+            db.close()
+            raise
+        self.db = db
+        if self.lost_since is not None:
+            log.info("the shared database %s can be reached again", shown_database(self.url))
+        self.lost_since, self.lost_why = None, ""
+        self.count = db.execute("SELECT count(*) FROM orders").fetchone()[0]
+        self.forward_spool()
+        return db
+
+    def open_connection(self, name):
+        """A new connection to the shared database (see pg_connect)."""
+        return pg_connect(self.url, self.password, name)
+
+    def check_shop(self, db):
+        """This database belongs to this shop (SHOP_DOMAIN): the first instance names it; another shop's instance
+        is refused (SettingsError: it does not start). A domain added later joins the ones recorded."""
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            found = db.execute("SELECT value FROM meta WHERE key = 'shop'").fetchone()
+            owner = set(json.loads(found[0])) if found else set()
+            if owner and not owner & self.identity:
+                self.refused = (
+                    f"DATABASE_URL ({shown_database(self.url)}) holds the events of another shop "
+                    f"({', '.join(sorted(owner))}), not of SHOP_DOMAIN {', '.join(sorted(self.identity))}. "
+                    "Give each shop a database of its own."
+                )
+                raise SettingsError(self.refused)
+            db.execute(
+                "INSERT INTO meta VALUES ('shop', %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (json.dumps(sorted(owner | self.identity)),),
+            )
+
+    def lose(self, error):
+        """The database cannot be reached: say so once, answer from memory and the spool meanwhile."""
+        if self.lost_since is None:
+            self.lost_since = time.time()
+            log.error(
+                "the shared database %s cannot be reached (%s): events are kept in %s until it can",
+                shown_database(self.url),
+                printable(str(error).splitlines()[0] if str(error) else type(error).__name__)[:200],
+                shown_name(self.spool.path),
+            )
+        self.lost_why = type(error).__name__
+        if self.db is not None:
+            with suppress(Exception):
+                self.db.close()
+        self.db = None
+
+    def using(self, work, now=False):
+        """work(connection) under the writer's lock; None when the database cannot be reached (lost, not raised)."""
+        import psycopg
+
+        with self.lock:
+            db = self.connect(now)
+            if db is None:
+                return None
+            try:
+                return work(db)
+            except psycopg.OperationalError as e:
+                self.lose(e)
+                return None
+
+    # Events
+
+    def apply(self, event, key, deliveries):
+        """Store an event; when this returns it is durable: committed in the database, or in the spool."""
+        job = StoreJob(event, key, deliveries)
+        if self.refused is None and self.using(lambda db: self.write(db, job)) is not None:
+            job.done.set()
+            return job
+        return self.spool.apply(event, key, deliveries)  # the spool's own answer: durable on this disk
+
+    def write(self, db, job):
+        """One event in one transaction: applied once, never over a newer change; followers told. Returns job."""
+        event, now = job.event, time.time()
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))  # changes commit in the order of their seq
+            for delivery in job.deliveries:
+                if (
+                    db.execute(
+                        "INSERT INTO deliveries VALUES (%s, %s) ON CONFLICT DO NOTHING", (delivery, now)
+                    ).rowcount
+                    == 0
+                ):
+                    job.outcome = "replayed"
+                    return job
+            job.before = db.execute(
+                "SELECT order_key, email_key FROM orders WHERE platform = %s AND platform_id = %s FOR UPDATE",
+                (event.platform, event.platform_id),
+            ).fetchone()
+            if event.deleted:
+                row = db.execute(
+                    "UPDATE orders SET deleted = true, received = %s WHERE platform = %s AND platform_id = %s "
+                    "RETURNING order_key, email_key, fields, deleted, time",
+                    (now, event.platform, event.platform_id),
+                ).fetchone()
+                job.outcome = "applied" if row else "unknown"
+            else:
+                row = db.execute(
+                    """INSERT INTO orders VALUES (%s, %s, %s, %s, %s, %s, %s, false)
+                       ON CONFLICT (platform, platform_id) DO UPDATE SET order_key = excluded.order_key,
+                       email_key = excluded.email_key, fields = excluded.fields, time = excluded.time,
+                       received = excluded.received, deleted = false
+                       WHERE excluded.time > orders.time OR (excluded.time = orders.time AND NOT orders.deleted)
+                       RETURNING order_key, email_key, fields, deleted, time""",
+                    (event.platform, event.platform_id, *job.key, json.dumps(event.fields), event.time, now),
+                ).fetchone()
+                job.outcome = "applied" if row else "stale"
+            job.now = row
+            if row:
+                log_change(db, "gone" if row[3] else "put", event.platform, row, now, job.before)
+                if job.before is None:
+                    self.count += 1
+                    self.evict(db, self.count - self.max_orders)
+        return job
+
+    def evict(self, db, excess):
+        """Delete the excess oldest orders (WEBHOOK_MAX_ORDERS), telling the followers to drop them."""
+        if excess <= 0:
+            return
+        gone = db.execute(
+            "DELETE FROM orders WHERE (platform, platform_id) IN (SELECT platform, platform_id FROM "
+            "orders ORDER BY time LIMIT %s) RETURNING platform, order_key, email_key, fields, deleted, "
+            "time",
+            (excess,),
+        ).fetchall()
+        for platform, *row in gone:
+            log_change(db, "drop", platform, row, time.time())
+            self.evicted.append((platform, row[0], row[1]))
+        self.count -= len(gone)
+
+    def rows(self, since=0):
+        """Every stored order that changed since then (see WebhookStore.rows), the spool's after the database's.
+
+        The changes followed from here on start after the last one these rows hold. StoreError
+        when the database cannot be reached: the service then keeps the view it has.
+        """
+
+        def read(db):
+            with db.transaction():
+                self.seen = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+                return db.execute(f"SELECT {self.ROW} FROM orders WHERE time >= %s", (since,)).fetchall()
+
+        rows = self.using(read) if self.refused is None else None
+        if rows is None:  # the database is away: the spool's events now, the whole view once it is back (follow)
+            self.seen = None
+            return self.spool.rows(since)
+        return [*rows, *self.spool.rows(since)]
+
+    def forward_spool(self):
+        """Events kept while the database could not be reached, into it, in the order they came; then let go."""
+        import sqlite3
+
+        with self.spool.lock:
+            waiting = self.spool.db.execute(
+                "SELECT rowid, platform, platform_id, order_key, email_key, fields, time, "
+                "received, deleted FROM orders ORDER BY received"
+            ).fetchall()
+        if not waiting:
+            return
+        for rowid, platform, platform_id, order_key, email_key, fields, moment, _, deleted in waiting:
+            event = Event(platform, platform_id, json.loads(fields), moment, deleted=bool(deleted))
+            self.write(self.db, StoreJob(event, (order_key, email_key), ()))
+            with self.spool.lock, suppress(sqlite3.Error):
+                self.spool.db.execute("DELETE FROM orders WHERE rowid = ?", (rowid,))
+        self.spool.count = 0
+        log.info("%d events kept while the shared database could not be reached are in it now", len(waiting))
+
+    def prune(self, older_than):
+        """Forget what every instance's export has caught up with: this instance's export says older_than; the
+        others' say theirs (table instances), and the oldest of those seen in the last day counts."""
+
+        def work(db):
+            now = time.time()
+            with db.transaction():
+                db.execute(
+                    "INSERT INTO instances VALUES (%s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                    "covers = excluded.covers, seen = excluded.seen",
+                    (self.instance, older_than, now),
+                )
+                floor = db.execute("SELECT min(covers) FROM instances WHERE seen > %s", (now - 86400,)).fetchone()[0]
+                db.execute(
+                    "DELETE FROM orders WHERE (NOT deleted AND time < %s) OR (deleted AND received < %s)",
+                    (floor, floor),
+                )
+                self.count = db.execute("SELECT count(*) FROM orders").fetchone()[0]
+            return True
+
+        if self.refused is None:
+            self.using(work)
+        self.spool.prune(older_than)
+        self.upkeep()
+
+    def upkeep(self):
+        """What WebhookStore.upkeep bounds, in the database: orders past WEBHOOK_DAYS (followers drop them),
+        delivery ids past their age or number, changes past CHANGES_DAYS; this instance is still alive."""
+
+        def work(db):
+            now = time.time()
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                expired = db.execute(
+                    "DELETE FROM orders WHERE received < %s RETURNING platform, order_key, "
+                    "email_key, fields, deleted, time",
+                    (now - self.days * 86400,),
+                ).fetchall()
+                for platform, *row in expired:
+                    log_change(db, "drop", platform, row, now)
+                db.execute("DELETE FROM deliveries WHERE received < %s", (now - DELIVERY_DAYS * 86400,))
+                db.execute(
+                    "DELETE FROM deliveries WHERE delivery IN (SELECT delivery FROM deliveries ORDER BY "
+                    "received DESC OFFSET %s)",
+                    (MAX_DELIVERIES,),
+                )
+                db.execute("DELETE FROM changes WHERE received < %s", (now - CHANGES_DAYS * 86400,))
+                db.execute("UPDATE instances SET seen = %s WHERE id = %s", (now, self.instance))
+            self.count -= len(expired)
+            return True
+
+        if self.refused is None:
+            self.using(work)
+        self.upkept = time.monotonic()
+
+    def note_failure(self, error):
+        """A read or write that failed for another reason than a lost connection: for /healthz, and logged."""
+        self.failing, self.failed_at = f"the shared database failed: {type(error).__name__}", time.time()
+        log.error("%s (%s)", self.failing, printable(str(error))[:200])
+
+    def trouble(self, now):
+        """Why /healthz should be degraded: the database lost (events spooled), another shop's, a failed write."""
+        reasons = [self.failing] if self.failing and now - self.failed_at < WebhookStore.FAILED_SECONDS else []
+        if self.refused:
+            reasons.append(self.refused)
+        elif self.lost_since is not None:
+            reasons.append(
+                f"the shared database {shown_database(self.url)} cannot be reached since "
+                f"{iso_time(self.lost_since)} ({self.lost_why}): answers come from the export and the "
+                f"events held; new events are kept in {shown_name(self.spool.path)} "
+                f"({self.spool.count} so far) and go to the database when it returns"
+            )
+        return reasons + self.spool.trouble(now)
+
+    def last_received(self):
+        """{platform: when its newest stored event arrived}, from the database (else the spool)."""
+        found = (
+            self.using(
+                lambda db: dict(db.execute("SELECT platform, max(received) FROM orders GROUP BY platform").fetchall())
+            )
+            if self.refused is None
+            else None
+        )
+        return found or self.spool.last_received()
+
+    def purge(self, email_key):
+        """Delete every stored event of an address (see purge_shared); how many went, None if not reachable."""
+        return self.using(lambda db: purge_shared(db, email_key))
+
+    def close(self):
+        """Close the connections and the spool."""
+        with self.lock, suppress(Exception):
+            if self.db is not None:
+                self.db.close()
+        self.spool.close()
+
+    # Following the other instances
+
+    def follow(self, changed, exported, stopping):
+        """Until stopping is set: LISTEN, then read every change (and upload) after the last seen; again after
+        each notification, and every FOLLOW_SECONDS anyway. A lost connection is made again, and the reading
+        starts where it stopped: a notification missed meanwhile costs nothing.
+
+        changed(rows of changes), or changed(None) when the changes needed are gone (away longer than
+        CHANGES_DAYS): the view is then read afresh. exported(fetch, sha256, made_at, name, stored_at): a newer upload.
+        """
+        import psycopg
+
+        while not stopping.is_set():
+            try:
+                with self.open_connection("order-lookup follower") as conn:
+                    conn.execute("LISTEN orders_changed")
+                    conn.execute("LISTEN exports_changed")
+                    self.using(lambda db: True, now=True)  # the writer's connection too: the spool goes in first
+                    while not stopping.is_set():
+                        self.read_changes(conn, changed)
+                        self.read_exports(conn, exported)
+                        if time.monotonic() - self.upkept > UPKEEP_SECONDS:
+                            self.upkeep()
+                        for _ in conn.notifies(timeout=FOLLOW_SECONDS, stop_after=1):
+                            pass
+            except psycopg.Error as e:
+                if self.lost_since is None:
+                    with self.lock:
+                        self.lose(e)
+                stopping.wait(FOLLOW_RETRY_SECONDS)
+
+    def read_changes(self, conn, changed):
+        """The changes after the last seen, in order, to changed(); changed(None) after a gap."""
+        while True:
+            if self.seen is None:  # the view was read while the database was away: read it whole now
+                changed(None)  # (rows() moves seen on)
+                if self.seen is None:
+                    return
+            with conn.transaction():
+                first = conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
+                gap = bool(self.seen and first is not None and first > self.seen + 1)
+                rows = (
+                    ()
+                    if gap
+                    else conn.execute(
+                        "SELECT seq, kind, platform, order_key, email_key, fields, time, before_order_key, "
+                        "before_email_key FROM changes WHERE seq > %s ORDER BY seq LIMIT 5000",
+                        (self.seen,),
+                    ).fetchall()
+                )
+            if gap:  # the changes since this instance last looked are gone (CHANGES_DAYS): the view read afresh
+                self.seen = None
+                continue
+            if not rows:
+                return
+            changed(rows)
+            self.seen = rows[-1][0]
+
+    def read_exports(self, conn, exported):
+        """A newer upload than the last this instance loaded or stored, to exported()."""
+        row = conn.execute(
+            "SELECT seq, sha256, made_at, name, stored_at FROM exports ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        if row and row[0] > self.export_seen:
+            self.export_seen = row[0]
+            exported(lambda path: self.fetch_export(conn, row[0], path), *row[1:])
+
+    # Uploads
+
+    def store_export(self, path, sha256, made_at, name):
+        """An accepted upload, for the other instances to load; the one before it goes. False if not stored."""
+
+        def work(db):
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                seq = db.execute(
+                    "INSERT INTO exports (sha256, name, size, made_at, stored_at) VALUES "
+                    "(%s, %s, %s, %s, %s) RETURNING seq",
+                    (sha256, name, path.stat().st_size, made_at, time.time()),
+                ).fetchone()[0]
+                with open(path, "rb") as f:
+                    for n, chunk in enumerate(iter(lambda: f.read(EXPORT_CHUNK), b"")):
+                        db.execute("INSERT INTO export_chunks VALUES (%s, %s, %s)", (seq, n, chunk))
+                db.execute("DELETE FROM exports WHERE seq < %s", (seq,))
+                db.execute("SELECT pg_notify('exports_changed', '')")
+            self.export_seen = seq
+            return True
+
+        return bool(self.refused is None and self.using(work))
+
+    @staticmethod
+    def fetch_export(conn, seq, path):
+        """Write a stored upload to path, chunk by chunk."""
+        with open(path, "wb") as out, conn.transaction():
+            for (data,) in conn.execute("SELECT data FROM export_chunks WHERE export = %s ORDER BY n", (seq,)):
+                out.write(data)
+
+    # The shrink floor, the same on every instance
+
+    def history(self):
+        """The last exports accepted by any instance (see refuse_below_floor), or None when not reachable."""
+        found = self.using(lambda db: db.execute("SELECT value FROM meta WHERE key = 'history'").fetchone())
+        if found is None:
+            return None
+        with suppress(ValueError, TypeError):
+            return deque((tuple(map(int, entry)) for entry in json.loads(found[0])), maxlen=ACCEPTED_HISTORY)
+        return deque(maxlen=ACCEPTED_HISTORY)
+
+    def remember(self, history):
+        """Store the history of accepted exports for every instance."""
+        self.using(
+            lambda db: db.execute(
+                "INSERT INTO meta VALUES ('history', %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (json.dumps(list(history)),),
+            )
+        )
+
+
+WRITE_LOCK = 0x6F72646572  # pg_advisory_xact_lock key: writes commit one at a time, so followers read them in order
+FOLLOW_RETRY_SECONDS = 2  # a follower's wait before it connects again
+
+
+def log_change(db, kind, platform, row, now, before=None):
+    """One change for the other instances to follow, in commit order; NOTIFY wakes them.
+
+    kind: "put" (the order as it stands), "gone" (deleted in the shop: not found) or "drop"
+    (let go by the store: the export answers for it again).
+    """
+    order_key, email_key, fields, _, moment = row
+    moved = tuple(before) if before and tuple(before) != (order_key, email_key) else (None, None)
+    db.execute(
+        "INSERT INTO changes (kind, platform, order_key, email_key, fields, time, received, "
+        "before_order_key, before_email_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (kind, platform, order_key, email_key, fields if kind == "put" else None, moment, now, *moved),
+    )
+    db.execute("SELECT pg_notify('orders_changed', '')")
+
+
+def purge_shared(db, email_key):
+    """Delete every stored event of an address, the followers told to drop them; how many went."""
+    now = time.time()
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        gone = db.execute(
+            "DELETE FROM orders WHERE email_key = %s RETURNING platform, order_key, email_key, fields, deleted, time",
+            (email_key,),
+        ).fetchall()
+        for platform, *row in gone:
+            log_change(db, "drop", platform, row, now)
+        # The change log's copies of those orders go too: it holds their fields.
+        db.execute("DELETE FROM changes WHERE email_key = %s AND kind = 'put'", (email_key,))
+    return len(gone)
+
+
+def pg_connect(url, password, name):
+    """A new connection to DATABASE_URL (autocommit: each transaction is explicit), named for pg_stat_activity."""
+    import psycopg
+
+    given = {"password": password} if password else {}  # else ~/.pgpass or PGPASSFILE, as libpq reads them
+    return psycopg.connect(url, autocommit=True, connect_timeout=5, application_name=name, **given)
+
+
+def shared_rows(settings, since):
+    """rows(since) of the shared database, only read, as `lookup` does beside the running service."""
+    import psycopg
+
+    try:
+        with pg_connect(settings.database_url, settings.database_password, "order-lookup lookup") as db:
+            return db.execute(f"SELECT {SharedStore.ROW} FROM orders WHERE time >= %s", (since,)).fetchall()
+    except psycopg.Error as e:
+        log.warning(
+            "%s: cannot be read (%s); answering from the export alone", shown_database(settings.database_url), e
+        )
+        return []
+
+
+def migrate(db):
+    """Bring the database's schema up to SHARED_SCHEMA's last version, once, whichever instance starts first."""
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))  # two instances starting at once: one migrates
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        version = row[0] or 0
+        for number, statements in SHARED_SCHEMA:
+            if number > version:
+                db.execute(statements)
+                db.execute("INSERT INTO schema_version VALUES (%s)", (number,))
+    if version > SHARED_SCHEMA[-1][0]:
+        raise StoreError(
+            f"the shared database's schema is version {version}, newer than this service knows "
+            f"({SHARED_SCHEMA[-1][0]}): update the service on this machine too."
+        )
+
+
+def shown_database(url):
+    """A DATABASE_URL as logs and pages show it: host, port and database, never a user or a password."""
+    parts = urlsplit(url)
+    return f"postgresql://{parts.hostname or 'localhost'}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+###############################################################################
 # Webhook events: receiving deliveries ########################################
 ###############################################################################
 #
@@ -6526,6 +7135,7 @@ def receive_upload(service, environ):
             ).encode()
         snapshot, target = service.accept(hidden, http_time(environ.get("HTTP_LAST_MODIFIED")))
         hidden = None  # renamed into place
+        service.share_export(target, digest, snapshot)
         surveyed = survey(snapshot, UPLOAD_SURVEY_ORDERS)
         log.info("upload: %d bytes: accepted as %s (%d orders)", size, target.name, snapshot.orders)
         return 200, json.dumps(
@@ -7088,6 +7698,8 @@ class Service:
         self.uploading = threading.Lock()  # one upload checked at a time
         self.loads = Counter()  # "accepted", or the kind of a refusal (refusal_kind): for /metrics
         self.insights = Insights() if settings.metrics else None  # lookups counted off the request path
+        self.following = None  # the Job of the thread following the shared database (DATABASE_URL)
+        self.stopping = threading.Event()  # set when the service stops: its own threads end
 
     def files_state(self):
         """The config and the export a load would read now, with sizes and times."""
@@ -7242,6 +7854,8 @@ class Service:
             comparable = current.index and not same_file(current, snapshot) and same_keys(current, snapshot)
             refuse_shrunk(snapshot, current.orders, current.index if comparable else (), "being served")
         if not (current and same_file(current, snapshot)):
+            if isinstance(self.store, SharedStore) and (shared := self.store.history()):
+                self.history = shared  # as every instance has it: they refuse alike
             refuse_below_floor(snapshot, self.history)
         if snapshot.file_mtime > time.time() + FUTURE_SLACK:
             log.warning(
@@ -7281,6 +7895,8 @@ class Service:
         """Serve snapshot from now on (one assignment) and keep a copy of its file."""
         before, self.snapshot = self.snapshot, snapshot
         remember_accepted(self.history, snapshot)
+        if isinstance(self.store, SharedStore):
+            self.store.remember(self.history)
         self.choice = choice_of(snapshot)
         for field_name, was, now in (snapshot.reading or {}).get("columns_changed", ()):
             log.warning(
@@ -7322,17 +7938,12 @@ class Service:
 
         caught_up: a new export was accepted, so a store moved aside earlier no longer costs data.
         """
-        if not self.settings.webhook_secrets:
+        if not (self.settings.webhook_secrets or self.settings.database_url):
             return
         with self.events_lock:
             if self.store is None:
                 try:
-                    self.settings.state.mkdir(parents=True, exist_ok=True)
-                    self.store = WebhookStore(
-                        self.settings.state / "webhooks.sqlite3",
-                        self.settings.webhook_max_orders,
-                        self.settings.webhook_days,
-                    )
+                    self.store = self.open_store()
                     self.store.on_change = lambda: self.events(self.snapshot)  # the overlay as the store now is
                     self.store_error = None
                     for platform, moment in self.store.last_received().items() if self.webhooks else ():
@@ -7352,6 +7963,99 @@ class Service:
                 return
             self.overlay = Overlay(snapshot).fill(rows)
             self.note_fresher(max((received for *_, received, _ in rows), default=0))
+
+    def open_store(self):
+        """The webhook store: SQLite in STATE_DIR, or with DATABASE_URL the database shared by the shop's instances,
+        with the SQLite store as its spool (whose events, from before the switch too, go into the database)."""
+        settings = self.settings
+        settings.state.mkdir(parents=True, exist_ok=True)
+        local = WebhookStore(settings.state / "webhooks.sqlite3", settings.webhook_max_orders, settings.webhook_days)
+        if not settings.database_url:
+            return local
+        shared = SharedStore(
+            settings.database_url,
+            settings.database_password,
+            settings.shop_domains,
+            local,
+            settings.webhook_max_orders,
+            settings.webhook_days,
+            instance=f"{socket.gethostname()}:{settings.port}",
+        )
+        if (history := shared.history()) is not None:  # the floor every instance refuses below
+            if history:
+                self.history = history
+            else:
+                shared.remember(self.history)
+        self.following = Job("following the shared database")
+        self.background.append(self.following)
+        threading.Thread(target=self.follow, args=(shared,), name="follower", daemon=True).start()
+        return shared
+
+    def follow(self, shared):
+        """The follower's thread: every change in the shared database into the overlay, every upload loaded here;
+        it never dies (a failure is counted on /healthz and it starts again)."""
+        while not self.stopping.is_set():
+            self.following.run(shared.follow, self.apply_changes, self.load_shared_export, self.stopping)
+            self.stopping.wait(self.following.backoff() or FOLLOW_RETRY_SECONDS)
+
+    def apply_changes(self, rows):
+        """Changes committed to the shared database (by any instance), into the overlay in their order.
+
+        None: the changes needed are gone or were never read; the overlay is built afresh.
+        """
+        if rows is None:
+            self.events(self.snapshot)
+            return
+        with self.events_lock:
+            overlay = self.overlay
+            if overlay is None:
+                return
+            for _, kind, platform, order_key, email_key, fields, moment, before_order, before_email in rows:
+                key, before = (order_key, email_key), (before_order, before_email) if before_order else None
+                if kind == "drop":
+                    overlay.drop(platform, key)
+                else:
+                    overlay.put(platform, key, json.loads(fields) if kind == "put" else None, moment, before)
+            self.following.succeeded()
+            self.note_fresher(time.time())
+
+    def load_shared_export(self, fetch, sha256, made_at, name, stored_at):
+        """An upload another instance accepted (stored in the shared database): loaded and guarded here alike.
+
+        The same bytes, or an export served here that arrived after the upload was stored (a
+        newer nightly one, after a restart), change nothing.
+        """
+        served = self.snapshot
+        if served and (served.file_mtime >= stored_at or (file_digest(served.source) or b"").hex() == sha256):
+            return
+        data = self.settings.data
+        hidden = (data if data.is_dir() else data.parent) / f".shared-{os.getpid()}"
+        try:
+            fetch(hidden)
+            named = hidden.with_name(hidden.name + (".xlsx" if file_kind(hidden) == "xlsx" else ".csv"))
+            os.replace(hidden, named)
+            hidden = named
+            snapshot, _ = self.accept(hidden, made_at)
+            hidden = None  # renamed into place
+            log.info("loaded the upload %s another instance accepted: %d orders", printable(name), snapshot.orders)
+        except UserError as error:
+            self.note_refusal(error, "upload")
+            log.warning("the upload %s another instance accepted is refused here: %s", printable(name), error)
+        finally:
+            if hidden:
+                with suppress(OSError):
+                    hidden.unlink()
+
+    def share_export(self, path, digest, snapshot):
+        """An accepted upload, into the shared database for the other instances (nothing to do without one)."""
+        if isinstance(self.store, SharedStore) and not self.store.store_export(
+            path, digest.hex(), snapshot.made, path.name
+        ):
+            log.warning(
+                "upload: served here, but not stored in the shared database (%s): the other instances "
+                "keep the export they have until it is uploaded again",
+                "; ".join(self.store.trouble(time.time())) or "it could not be reached",
+            )
 
     def note_fresher(self, moment):
         """An event brought the records up to moment: {records_updated} says so, if it is newer than the export."""
@@ -8704,8 +9408,13 @@ def run_lookup(settings, args):
     config = load_config(settings.contexts)
     snapshot = build_snapshot(config, find_export(settings.data, settings.follow_symlinks), settings.memory_limit_mb)
     overlay, path = None, settings.state / "webhooks.sqlite3"
-    if path.exists():  # as served: events newer than the export answer first (without the secrets in this shell)
-        overlay = Overlay(snapshot).fill(WebhookStore.read(path, snapshot.covers))
+    # As served: events newer than the export answer first (without the secrets in this shell).
+    rows = [
+        *(shared_rows(settings, snapshot.covers) if settings.database_url else ()),
+        *(WebhookStore.read(path, snapshot.covers) if path.exists() else ()),  # the store, or the shared one's spool
+    ]
+    if rows:
+        overlay = Overlay(snapshot).fill(rows)
     status, body = answer(snapshot, args.order_id, args.email, overlay)
     print(f"{status} {HTTPStatus(status).phrase}")
     print(body.decode())
@@ -8988,10 +9697,12 @@ def run_purge(settings, args):
     email = normalise_email(args.email)
     if "@" not in email:
         raise SettingsError(f"{args.email!r} is not an e-mail address. Give the address the customer ordered with.")
+    if settings.database_url:
+        purge_database(settings, email)
     path = settings.state / "webhooks.sqlite3"
     if not path.exists():
         print(
-            f"purge    no webhook events are stored ({printable(path)} does not exist): nothing of "
+            f"purge    no webhook events are stored here ({printable(path)} does not exist): nothing of "
             f"{mask_email(email)} is kept"
         )
         return 0
@@ -9009,6 +9720,25 @@ def run_purge(settings, args):
         "remove the customer there, and the next export no longer holds them"
     )
     return 0
+
+
+def purge_database(settings, email):
+    """`purge` in the shared database (DATABASE_URL): every instance forgets the address's events at once."""
+    import psycopg
+
+    where = shown_database(settings.database_url)
+    try:
+        with pg_connect(settings.database_url, settings.database_password, "order-lookup purge") as db:
+            gone = purge_shared(db, email)
+    except psycopg.Error as e:
+        raise StoreError(
+            f"{where}: cannot be changed ({printable(str(e).splitlines()[0] if str(e) else type(e).__name__)}). "
+            "Check DATABASE_URL and that the database is up, then run purge again."
+        ) from None
+    print(
+        f"purge    {plural(gone, 'stored order')} of {mask_email(email)} deleted from {where}; every instance forgets "
+        f"{'it' if gone == 1 else 'them'} at once"
+    )
 
 
 COMMANDS = {"serve": run_serve, "check": run_check, "lookup": run_lookup, "probe": run_probe, "purge": run_purge}
