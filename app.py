@@ -5892,6 +5892,8 @@ class SharedStore:
         self.export_seen = 0  # the last upload this instance has loaded or stored
         self.upkept = time.monotonic()
         self.tried = 0.0  # when a connection was last tried (monotonic)
+        self.pending, self.wake = deque(), threading.Event()
+        threading.Thread(target=self.writer, name="shared-store", daemon=True).start()
         self.connect()  # at start: a database of another shop refuses here (StoreError); an unreachable one waits
 
     # Connections
@@ -5984,55 +5986,99 @@ class SharedStore:
     # Events
 
     def apply(self, event, key, deliveries):
-        """Store an event; when this returns it is durable: committed in the database, or in the spool."""
+        """Store an event; when this returns it is durable: committed in the database, or in the spool.
+
+        Events that arrive together are committed together by one thread (see writer): one
+        sync to disk for all, as WebhookStore does.
+        """
         job = StoreJob(event, key, deliveries)
-        if self.refused is None and self.using(lambda db: self.write(db, job)) is not None:
-            job.done.set()
-            return job
+        if self.refused is None:
+            self.pending.append(job)
+            self.wake.set()
+            if not job.done.wait(STORE_SECONDS):
+                raise StoreError(f"{shown_database(self.url)}: did not store the event within {STORE_SECONDS} s.")
+            if job.error:
+                raise job.error
+            if job.outcome is not None:
+                return job
         return self.spool.apply(event, key, deliveries)  # the spool's own answer: durable on this disk
 
-    def write(self, db, job):
-        """One event in one transaction: applied once, never over a newer change; followers told. Returns job."""
-        event, now = job.event, time.time()
+    def writer(self):
+        """The one thread that writes events: each round, every event waiting, in one transaction."""
+        import psycopg
+
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            jobs = []
+            while self.pending:
+                jobs.append(self.pending.popleft())
+            try:
+                if jobs and self.using(lambda db, jobs=jobs: self.write_round(db, jobs)) is None:
+                    for job in jobs:  # not committed (the database is away): the spool takes them
+                        job.outcome = None
+            except psycopg.Error as e:  # one event the database refuses: each alone, so no other loses its place
+                self.note_failure(e)
+                for job in jobs:
+                    job.outcome = None
+                    try:
+                        self.using(lambda db, job=job: self.write_round(db, [job]))
+                    except psycopg.Error:
+                        job.error = StoreError(f"{shown_database(self.url)}: the event could not be stored.")
+            except Exception as e:  # this thread must outlive anything one round sets off
+                self.note_failure(e)
+                for job in jobs:
+                    job.error = StoreError(f"{shown_database(self.url)}: the event could not be stored.")
+            finally:
+                for job in jobs:
+                    job.done.set()
+
+    def write_round(self, db, jobs):
+        """Jobs in one transaction, committed in the order of their changes' seq; True."""
         with db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))  # changes commit in the order of their seq
-            for delivery in job.deliveries:
-                if (
-                    db.execute(
-                        "INSERT INTO deliveries VALUES (%s, %s) ON CONFLICT DO NOTHING", (delivery, now)
-                    ).rowcount
-                    == 0
-                ):
-                    job.outcome = "replayed"
-                    return job
-            job.before = db.execute(
-                "SELECT order_key, email_key FROM orders WHERE platform = %s AND platform_id = %s FOR UPDATE",
-                (event.platform, event.platform_id),
+            for job in jobs:
+                self.write(db, job)
+        return True
+
+    def write(self, db, job):
+        """One event, inside the round's transaction: applied once, never over a newer change; followers told."""
+        event, now = job.event, time.time()
+        for delivery in job.deliveries:
+            if (
+                db.execute("INSERT INTO deliveries VALUES (%s, %s) ON CONFLICT DO NOTHING", (delivery, now)).rowcount
+                == 0
+            ):
+                job.outcome = "replayed"
+                return job
+        job.before = db.execute(
+            "SELECT order_key, email_key FROM orders WHERE platform = %s AND platform_id = %s FOR UPDATE",
+            (event.platform, event.platform_id),
+        ).fetchone()
+        if event.deleted:
+            row = db.execute(
+                "UPDATE orders SET deleted = true, received = %s WHERE platform = %s AND platform_id = %s "
+                "RETURNING order_key, email_key, fields, deleted, time",
+                (now, event.platform, event.platform_id),
             ).fetchone()
-            if event.deleted:
-                row = db.execute(
-                    "UPDATE orders SET deleted = true, received = %s WHERE platform = %s AND platform_id = %s "
-                    "RETURNING order_key, email_key, fields, deleted, time",
-                    (now, event.platform, event.platform_id),
-                ).fetchone()
-                job.outcome = "applied" if row else "unknown"
-            else:
-                row = db.execute(
-                    """INSERT INTO orders VALUES (%s, %s, %s, %s, %s, %s, %s, false)
-                       ON CONFLICT (platform, platform_id) DO UPDATE SET order_key = excluded.order_key,
-                       email_key = excluded.email_key, fields = excluded.fields, time = excluded.time,
-                       received = excluded.received, deleted = false
-                       WHERE excluded.time > orders.time OR (excluded.time = orders.time AND NOT orders.deleted)
-                       RETURNING order_key, email_key, fields, deleted, time""",
-                    (event.platform, event.platform_id, *job.key, json.dumps(event.fields), event.time, now),
-                ).fetchone()
-                job.outcome = "applied" if row else "stale"
-            job.now = row
-            if row:
-                log_change(db, "gone" if row[3] else "put", event.platform, row, now, job.before)
-                if job.before is None:
-                    self.count += 1
-                    self.evict(db, self.count - self.max_orders)
+            job.outcome = "applied" if row else "unknown"
+        else:
+            row = db.execute(
+                """INSERT INTO orders VALUES (%s, %s, %s, %s, %s, %s, %s, false)
+                   ON CONFLICT (platform, platform_id) DO UPDATE SET order_key = excluded.order_key,
+                   email_key = excluded.email_key, fields = excluded.fields, time = excluded.time,
+                   received = excluded.received, deleted = false
+                   WHERE excluded.time > orders.time OR (excluded.time = orders.time AND NOT orders.deleted)
+                   RETURNING order_key, email_key, fields, deleted, time""",
+                (event.platform, event.platform_id, *job.key, json.dumps(event.fields), event.time, now),
+            ).fetchone()
+            job.outcome = "applied" if row else "stale"
+        job.now = row
+        if row:
+            log_change(db, "gone" if row[3] else "put", event.platform, row, now, job.before)
+            if job.before is None:
+                self.count += 1
+                self.evict(db, self.count - self.max_orders)
         return job
 
     def evict(self, db, excess):
@@ -6081,7 +6127,7 @@ class SharedStore:
             return
         for rowid, platform, platform_id, order_key, email_key, fields, moment, _, deleted in waiting:
             event = Event(platform, platform_id, json.loads(fields), moment, deleted=bool(deleted))
-            self.write(self.db, StoreJob(event, (order_key, email_key), ()))
+            self.write_round(self.db, [StoreJob(event, (order_key, email_key), ())])
             with self.spool.lock, suppress(sqlite3.Error):
                 self.spool.db.execute("DELETE FROM orders WHERE rowid = ?", (rowid,))
         self.spool.count = 0

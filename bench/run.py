@@ -857,6 +857,7 @@ def post_events_child(port, events, rate):
                     "X-Shopify-Topic": "orders/create",
                     "X-Shopify-Hmac-Sha256": signature,
                     "X-Shopify-Webhook-Id": signature[:24].decode(),
+                    "X-Shopify-Shop-Domain": BENCH_SHOP,
                 },
             )
             response = connection.getresponse()
@@ -980,6 +981,130 @@ def measure_one_cpu(args, rounds=4):
     }
 
 
+BENCH_SHOP = "jsmith.myshopify.com"  # the shop the webhook fixture's order_status_url names
+
+
+def measure_shared(args, rounds=4, deliveries=100):
+    """DATABASE_URL: lookups with it and without (in turn, as the other ratios), events a second into PostgreSQL,
+    and the time from a delivery's 200 at one instance to the other instance answering it.
+
+    The cluster is a throwaway one started from the system's PostgreSQL programs, as the tests
+    start theirs (tests/conftest.py). None when those programs or psycopg are missing.
+    """
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import psycopg  # noqa: F401 - only whether it is installed
+        from conftest import Postgres, postgres_binaries
+    except ImportError as missing:
+        print(f"  skipped: {missing}", flush=True)
+        return None
+    if postgres_binaries() is None:
+        print("  skipped: PostgreSQL's server programs are not installed (apt-get install postgresql)", flush=True)
+        return None
+    orders = min(args.orders, 20_000)
+    folder = OUT / "shared"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "orders.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(HEADER)
+        writer.writerows(export_rows(orders, args.seed))
+    cluster = Postgres(postgres_binaries())
+    cluster.durable = True  # every commit synced to disk, as a real database does
+    cluster.start()
+    servers = {}
+    try:
+        url, password_file = cluster.new_database()
+        shared = {"DATABASE_URL": url, "DATABASE_PASSWORD_FILE": str(password_file), "SHOP_DOMAIN": BENCH_SHOP}
+        for name in ("with", "without", "other"):
+            port = free_port()
+            env = {
+                "ORDERS_FILE": str(folder / "orders.csv"),
+                "API_KEY": KEY,
+                "PORT": str(port),
+                "STATE_DIR": str(folder / f"state-{name}"),
+                "SHOPIFY_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                "CPU": our_cpu(),
+                **(shared if name != "without" else {}),
+            }
+            servers[name] = Process([sys.executable, str(ROOT / "app.py")], env, port)
+            servers[name].wait_ready()
+        rps = {"with": [], "without": []}
+        for name in ("with", "without", "without", "with") * (rounds // 2):
+            rps[name].append(load(servers[name].port, args.seconds, args.connections, orders)["rps"])
+        posted = post_events(servers["with"].port, args.events, args.event_rate)
+        seen = delivery_to_other(servers["with"].port, servers["other"].port, deliveries)
+    finally:
+        for server in servers.values():
+            server.stop()
+        cluster.remove()
+    with_, without = statistics.median(rps["with"]), statistics.median(rps["without"])
+    return {
+        "with_rps": with_,
+        "without_rps": without,
+        "ratio": with_ / without,
+        "rounds": rounds,
+        "all_rps": rps,
+        "events": args.events,
+        "events_per_s": posted["applied"] / posted["seconds"],
+        "failed": args.events - posted["applied"],
+        "deliveries": deliveries,
+        "other_p50_ms": percentile(seen, 50),
+        "other_p99_ms": percentile(seen, 99),
+    }
+
+
+def post_events(port, events, rate):
+    """{"applied", "seconds"} of signed events posted by the child process (see post_events_child)."""
+    child = subprocess.run(
+        [sys.executable, __file__, "--post-events", str(port), "--events", str(events), "--event-rate", str(rate)],
+        capture_output=True,
+        text=True,
+    )
+    if child.returncode:
+        raise SystemExit(f"posting the webhook events failed:\n{child.stderr}")
+    return json.loads(child.stdout.splitlines()[-1])
+
+
+def delivery_to_other(port, other, deliveries):
+    """Milliseconds from each delivery's 200 at port to the instance at other answering its order, one at a time."""
+    import base64
+    import hashlib
+    import hmac
+
+    sample = json.loads((ROOT / "tests" / "fixtures" / "shopify_orders_create.json").read_text())
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() + 60))  # newer than the export
+    times = []
+    for n in range(deliveries):
+        sample.update(id=9_500_000 + n, name=f"#D{n}", email=f"other{n}@example.com", updated_at=stamp)
+        body = json.dumps(sample).encode()
+        signature = base64.b64encode(hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).digest()).decode()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request(
+            "POST",
+            "/webhooks/shopify",
+            body,
+            {
+                "X-Shopify-Topic": "orders/updated",
+                "X-Shopify-Hmac-Sha256": signature,
+                "X-Shopify-Shop-Domain": BENCH_SHOP,
+                "X-Shopify-Webhook-Id": f"bench-{n}",
+            },
+        )
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        stored = time.perf_counter()
+        if response.status != 200:
+            raise SystemExit(f"a delivery was answered {response.status}")
+        path = f"/lookup?order_id=%23D{n}&customer_email=other{n}%40example.com"
+        while get(other, path)[0] != 200:
+            if time.perf_counter() - stored > 30:
+                raise SystemExit("the other instance did not answer a delivery within 30 s")
+            time.sleep(0.002)
+        times.append((time.perf_counter() - stored) * 1000)
+    return sorted(times)
+
+
 def measure_bare(args, spin_us=0.0):
     """The bare Bottle/waitress app, same settings, same load."""
     port = free_port()
@@ -993,6 +1118,18 @@ def measure_bare(args, spin_us=0.0):
         return {**load(port, args.seconds, args.connections, args.orders), "cpus": server.cpus()}
     finally:
         server.stop()
+
+
+def shared_rows(shared):
+    """The table's lines for replicas sharing PostgreSQL (see measure_shared)."""
+    return [
+        f"| service: lookups with DATABASE_URL vs without, {shared['ratio']:.2f}x; median of {shared['rounds']} rounds "
+        f"each | | | {shared['with_rps']:,.0f} vs {shared['without_rps']:,.0f} | | |",
+        f"| service: {shared['events']:,} signed events into PostgreSQL, {shared['events_per_s']:,.0f}/s applied "
+        f"({shared['failed']} not) | | | | | |",
+        f"| service: a delivery's 200 at one instance to the other answering it ({shared['deliveries']} in turn) "
+        f"| | | | {shared['other_p50_ms']:.1f} | {shared['other_p99_ms']:.1f} |",
+    ]
 
 
 def measure_bare_defaults(args):
@@ -1047,6 +1184,8 @@ def run(args):
     results["metrics"] = measure_metrics(args)
     print("service with ONE_CPU=yes and no, in turn ...", flush=True)
     results["one_cpu"] = measure_one_cpu(args)
+    print("replicas sharing PostgreSQL (DATABASE_URL) ...", flush=True)
+    results["shared"] = measure_shared(args)
     print("service on XLSX ...", flush=True)
     results["service_xlsx"] = measure_service(xlsx_path, args, "xlsx")
     results["checks"] = checks(results)
@@ -1103,6 +1242,14 @@ def checks(r):
             "<=",
         ),
         ("lookups with metrics on (scraped twice a second) vs off", r["metrics"]["ratio"], "x", 0.98, 1.0, ">="),
+        *(
+            [
+                ("lookups with DATABASE_URL vs without", r["shared"]["ratio"], "x", 0.95, 1.0, ">="),
+                ("webhook events into PostgreSQL", r["shared"]["events_per_s"], "/s", 200, 400, ">="),
+            ]
+            if r.get("shared")
+            else []
+        ),
     ]
     ok = lambda v, limit, op: {"<=": v <= limit, "<": v < limit, ">=": v >= limit, ">": v > limit}[op]
     return [
@@ -1174,6 +1321,7 @@ def table(r):
         f"| service: lookups kept on one CPU (ONE_CPU=yes) vs free to move (no), {r['one_cpu']['ratio']:.2f}x; "
         f"median of {r['one_cpu']['rounds']} rounds each | | | {r['one_cpu']['yes_rps']:,.0f} vs "
         f"{r['one_cpu']['no_rps']:,.0f} | | {r['one_cpu']['yes_p99_ms']:.1f} vs {r['one_cpu']['no_p99_ms']:.1f} |",
+        *(shared_rows(r["shared"]) if r.get("shared") else []),
         f"| service: XLSX load | {r['service_xlsx']['load_s']:.2f} | "
         f"{r['service_xlsx']['peak_after_load_mb']:.0f} | | | |",
         "",

@@ -484,6 +484,7 @@ class Postgres:
         import tempfile
 
         self.bin, self.port, self.user = binaries, free_port(), "orders"
+        self.durable = False  # fsync off: tests need no durability; the benchmark turns it on, as deployed
         self.run_as = None
         if os.geteuid() == 0:  # as root (a container, CI): the cluster runs as the system's postgres user, or nobody
             import pwd
@@ -545,7 +546,7 @@ class Postgres:
             "-t",
             "60",
             "-o",
-            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync={'on' if self.durable else 'off'}",
             "start",
         )
 
