@@ -6321,10 +6321,14 @@ class SharedStore:
 
     @staticmethod
     def fetch_export(conn, seq, path):
-        """Write a stored upload to path, chunk by chunk."""
+        """Write a stored upload to path, one chunk in memory at a time."""
         with open(path, "wb") as out, conn.transaction():
-            for (data,) in conn.execute("SELECT data FROM export_chunks WHERE export = %s ORDER BY n", (seq,)):
-                out.write(data)
+            n = 0
+            while found := conn.execute(
+                "SELECT data FROM export_chunks WHERE export = %s AND n = %s", (seq, n)
+            ).fetchone():
+                out.write(found[0])
+                n += 1
 
     # The shrink floor, the same on every instance
 
@@ -6376,10 +6380,11 @@ def purge_shared(db, email_key):
             "DELETE FROM orders WHERE email_key = %s RETURNING platform, order_key, email_key, fields, deleted, time",
             (email_key,),
         ).fetchall()
+        # The change log's rows of the address go too; only the notices that every instance drop its orders
+        # stay, until CHANGES_DAYS have passed (an instance away longer reads the whole store afresh).
+        db.execute("DELETE FROM changes WHERE email_key = %s", (email_key,))
         for platform, *row in gone:
             log_change(db, "drop", platform, row, now)
-        # The change log's copies of those orders go too: it holds their fields.
-        db.execute("DELETE FROM changes WHERE email_key = %s AND kind = 'put'", (email_key,))
     return len(gone)
 
 
@@ -6388,7 +6393,21 @@ def pg_connect(url, password, name):
     import psycopg
 
     given = {"password": password} if password else {}  # else ~/.pgpass or PGPASSFILE, as libpq reads them
-    return psycopg.connect(url, autocommit=True, connect_timeout=5, application_name=name, **given)
+    # A database that stops answering (a network cut, not a refusal) is given up on within seconds, so that a
+    # delivery waiting on it is spooled before its STORE_SECONDS run out, rather than hanging on TCP.
+    return psycopg.connect(
+        url,
+        autocommit=True,
+        connect_timeout=5,
+        application_name=name,
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=2,
+        tcp_user_timeout=5000,
+        options="-c statement_timeout=8000",
+        **given,
+    )
 
 
 def shared_rows(settings, since):
