@@ -5483,6 +5483,7 @@ class WebhookStore:
 
     def __init__(self, path, max_orders=100_000, days=30.0):
         self.path, self.max_orders, self.days = path, max_orders, days
+        self.keeps_unknown = False  # as the shared store's spool: a deletion of an order it does not hold is kept
         self.lock = threading.Lock()  # one connection, one user at a time
         self.moved_aside = None  # why a corrupt file was moved aside, for /healthz
         self.failing, self.failed_at = None, 0.0  # why and when a write last failed, for /healthz
@@ -5631,14 +5632,20 @@ class WebhookStore:
             if db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)", (delivery, now)).rowcount == 0:
                 return "replayed"
         if event.deleted:  # dated by the order's newest signed change, which is no later than now
-            return (
-                "applied"
-                if db.execute(
-                    "UPDATE orders SET deleted = 1, received = ? WHERE platform = ? AND platform_id = ?",
-                    (now, event.platform, event.platform_id),
-                ).rowcount
-                else "unknown"
+            if db.execute(
+                "UPDATE orders SET deleted = 1, received = ? WHERE platform = ? AND platform_id = ?",
+                (now, event.platform, event.platform_id),
+            ).rowcount:
+                return "applied"
+            if not self.keeps_unknown:
+                return "unknown"
+            # The shared database, away now, may hold the order: the deletion waits for it, by the shop's id
+            # alone (no key, no time: answers are unchanged until it is forwarded; see SharedStore.forward_spool).
+            db.execute(
+                "INSERT OR IGNORE INTO orders VALUES (?, ?, '', '', '{}', 0, ?, 1)",
+                (event.platform, event.platform_id, now),
             )
+            return "spooled"
         # A change as new as the one stored replaces it; a deleted order comes back only with a later one.
         return (
             "applied"
@@ -5775,6 +5782,8 @@ class Overlay:
         """Build the index from the store's rows; returns self."""
         index, times, platforms = {}, {}, Counter()
         for platform, order_key, email_key, fields, deleted, _, moment in rows:
+            if not order_key:  # a deletion waiting in the spool for the shared database: it names no key
+                continue
             entry = index_key(order_key, email_key)
             index[entry], times[entry] = GONE if deleted else self.pack(json.loads(fields)), moment
             platforms[platform] += 1
@@ -5901,19 +5910,19 @@ class SharedStore:
     def connect(self, now=False):
         """The writer's connection, made (and the schema brought up to date, the shop checked) when there is none.
 
-        After a failed attempt the next waits FOLLOW_RETRY_SECONDS (now: the follower reached the
+        After a failed attempt the next waits RECONNECT_SECONDS (now: the follower reached the
         database), so that a database that answers no more costs each delivery no connect timeout.
         """
         import psycopg
 
         if self.db is not None and not self.db.closed:
             return self.db
-        if not now and self.lost_since is not None and time.monotonic() - self.tried < FOLLOW_RETRY_SECONDS:
+        if not now and self.lost_since is not None and time.monotonic() - self.tried < RECONNECT_SECONDS:
             return None
-        self.tried = time.monotonic()
         try:
             db = self.open_connection("order-lookup")
         except psycopg.Error as e:
+            self.tried = time.monotonic()  # after the attempt, which may have waited its whole timeout
             self.lose(e)
             return None
         try:
@@ -6123,6 +6132,12 @@ class SharedStore:
                 "SELECT rowid, platform, platform_id, order_key, email_key, fields, time, "
                 "received, deleted FROM orders ORDER BY received"
             ).fetchall()
+            seen = self.spool.db.execute("SELECT delivery, received FROM deliveries").fetchall()
+        if seen:  # the deliveries the spool took: a retry of one sent to another instance is a replay there too
+            with self.db.transaction(), self.db.cursor() as cursor:
+                cursor.executemany("INSERT INTO deliveries VALUES (%s, %s) ON CONFLICT DO NOTHING", seen)
+            with self.spool.lock, suppress(sqlite3.Error):
+                self.spool.db.execute("DELETE FROM deliveries WHERE received <= ?", (max(r for _, r in seen),))
         if not waiting:
             return
         for rowid, platform, platform_id, order_key, email_key, fields, moment, _, deleted in waiting:
@@ -6299,11 +6314,18 @@ class SharedStore:
     # Uploads
 
     def store_export(self, path, sha256, made_at, name):
-        """An accepted upload, for the other instances to load; the one before it goes. False if not stored."""
+        """An accepted upload, for the other instances to load; the one before it goes. False if not stored.
 
-        def work(db):
-            with db.transaction():
-                db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        On a connection of its own, without the writers' lock: events go on being stored
+        while a large upload is copied in.
+        """
+        import psycopg
+
+        if self.refused is not None:
+            return False
+        try:
+            with self.open_connection("order-lookup upload") as db, db.transaction():
+                db.execute("SET LOCAL statement_timeout = 0")  # a large upload: as long as its chunks take
                 seq = db.execute(
                     "INSERT INTO exports (sha256, name, size, made_at, stored_at) VALUES "
                     "(%s, %s, %s, %s, %s) RETURNING seq",
@@ -6314,15 +6336,17 @@ class SharedStore:
                         db.execute("INSERT INTO export_chunks VALUES (%s, %s, %s)", (seq, n, chunk))
                 db.execute("DELETE FROM exports WHERE seq < %s", (seq,))
                 db.execute("SELECT pg_notify('exports_changed', '')")
-            self.export_seen = seq
-            return True
-
-        return bool(self.refused is None and self.using(work))
+        except psycopg.Error as e:
+            log.warning("the upload could not be stored in %s (%s)", shown_database(self.url), type(e).__name__)
+            return False
+        self.export_seen = max(self.export_seen, seq)
+        return True
 
     @staticmethod
     def fetch_export(conn, seq, path):
         """Write a stored upload to path, one chunk in memory at a time."""
         with open(path, "wb") as out, conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = 0")  # chunk by chunk, as long as a large upload takes
             n = 0
             while found := conn.execute(
                 "SELECT data FROM export_chunks WHERE export = %s AND n = %s", (seq, n)
@@ -6353,6 +6377,7 @@ class SharedStore:
 
 WRITE_LOCK = 0x6F72646572  # pg_advisory_xact_lock key: writes commit one at a time, so followers read them in order
 FOLLOW_RETRY_SECONDS = 2  # a follower's wait before it connects again
+RECONNECT_SECONDS = 30  # the writer's: deliveries go to the spool meanwhile, and the follower reconnects it sooner
 
 
 def log_change(db, kind, platform, row, now, before=None):
@@ -6398,7 +6423,7 @@ def pg_connect(url, password, name):
     return psycopg.connect(
         url,
         autocommit=True,
-        connect_timeout=5,
+        connect_timeout=3,
         application_name=name,
         keepalives=1,
         keepalives_idle=5,
@@ -6635,9 +6660,8 @@ class Webhooks:
             counts["applied"] += 1
             self.last[platform] = time.time()
         log.info("webhook %s %s order=%s: %s", platform, topic, printable((job.now or key or ("?",))[0])[:20], outcome)
-        return self.told(
-            platform, outcome, 200, json.dumps({"stored": outcome == "applied", "outcome": outcome}).encode()
-        )
+        stored = outcome in ("applied", "spooled")  # spooled: a deletion kept until the shared database returns
+        return self.told(platform, outcome, 200, json.dumps({"stored": stored, "outcome": outcome}).encode())
 
     def status(self):
         """Per platform: events received, applied, rejected; the last one's time; orders answered from events."""
@@ -8037,6 +8061,7 @@ class Service:
         local = WebhookStore(settings.state / "webhooks.sqlite3", settings.webhook_max_orders, settings.webhook_days)
         if not settings.database_url:
             return local
+        local.keeps_unknown = True
         shared = SharedStore(
             settings.database_url,
             settings.database_password,
@@ -8051,6 +8076,10 @@ class Service:
                 self.history = history
             else:
                 shared.remember(self.history)
+        log.info(
+            "webhook events and uploads are shared with this shop's other instances in %s",
+            shown_database(settings.database_url),
+        )
         self.following = Job("following the shared database")
         self.background.append(self.following)
         threading.Thread(target=self.follow, args=(shared,), name="follower", daemon=True).start()
@@ -8258,6 +8287,11 @@ class Service:
         out["config"] = "ok" if not self.config_error else self.config_error
         if self.webhooks:
             out["webhooks"] = self.webhooks.status()
+        if self.settings.database_url:  # where the events and uploads are shared; never the user or password
+            out["shared_database"] = {
+                "url": shown_database(self.settings.database_url),
+                "reachable": isinstance(self.store, SharedStore) and self.store.lost_since is None,
+            }
         if self.fetcher:
             out["fetch"] = self.fetcher.status()
         return out

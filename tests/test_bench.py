@@ -34,7 +34,10 @@ def test_the_benchmark_runs_and_reports_every_bar(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["service_csv"]["orders"] == 300
     assert results["service_csv"]["reload"]["failures"] == 0
-    assert len(results["checks"]) == 14
+    assert len(results["checks"]) == 14 + (2 if results["shared"] else 0)  # the shared store's, with PostgreSQL
+    assert results["one_cpu"]["yes_rps"] > 0 and "kept on one CPU (ONE_CPU=yes) vs free to move" in run.stdout
+    if results["shared"]:
+        assert results["shared"]["failed"] == 0 and "a delivery's 200 at one instance to the other" in run.stdout
     assert results["metrics"]["scrapes"] > 0 and "with metrics on" in run.stdout
     assert results["service_csv"]["upload"]["accepted"] is True and "uploaded (PUT /export)" in run.stdout
     assert results["fetch"]["change_to_served_s"] > 0 and "ORDERS_URL fetched every" in run.stdout
