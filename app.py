@@ -2404,6 +2404,7 @@ def cells_fit(kind, values, known=frozenset()):
     return codes <= 0.5, f"texts such as {example!r}"
 
 
+@lru_cache(maxsize=1024)  # an export holds few distinct quantities ("1", "2", "3.0000"), read at every lookup
 def quantity_value(text):
     """A quantity as a number: '3', '3.0000', '3,0' and '3.00' are 3; None when it is no small count."""
     text = spreadsheet_text(text)
@@ -3704,6 +3705,8 @@ class Item(NamedTuple):
 def tracking_numbers_in(text):
     """The tracking numbers of a cell: several may share it (",", ";", "|", a line break); spreadsheet guards are
     taken off; a number a spreadsheet damaged for good (3,60003E+14) is left out, never shown."""
+    if text.isalnum() and len(text) <= MAX_VALUE:  # nearly every cell: one number, nothing a spreadsheet could mark
+        return (text,)
     if damaged_number(spreadsheet_text(text)):  # the whole cell first: "3,60003E+14" is one number, not "3" and more
         return ()
     numbers = (one_line(spreadsheet_text(n)) for n in SEVERAL.split(text))
