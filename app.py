@@ -7,7 +7,6 @@ The wording of every answer lives in contexts.toml.
 
 The file reads top to bottom in the order data flows; each section uses only
 what stands above it. Contents (the banners below, in order):
-
    1. Errors
    2. Settings: the environment and the command line
    3. Words: text folded to compare it, days written as people read them
@@ -25,15 +24,16 @@ what stands above it. Contents (the banners below, in order):
   15. Guards: the record of accepted exports, refusals of a smaller one
   16. Webhook events: from a signed body to an event
   17. Webhook events: the store and the overlay
-  18. Webhook events: shared by replicas in PostgreSQL
-  19. Webhook events: receiving deliveries
-  20. Sources: the data folder, a URL, uploads
-  21. Request log, insights, metrics
-  22. Serving state: loads, reloads, freshness
-  23. Status page
-  24. HTTP routes
-  25. The server: waitress and its limits
-  26. Command line
+  18. Webhook events: the shared database, its schema and connections
+  19. Webhook events: shared by replicas in PostgreSQL
+  20. Webhook events: receiving deliveries
+  21. Sources: the data folder, a URL, uploads
+  22. Request log, insights, metrics
+  23. Serving state: loads, reloads, freshness
+  24. Status page
+  25. HTTP routes
+  26. The server: waitress and its limits
+  27. Command line
 """
 
 from __future__ import annotations
@@ -363,7 +363,7 @@ def check_database_url(url):
         raise SettingsError(
             "DATABASE_URL: give a PostgreSQL URL such as postgresql://orders@db.example.com/shop?sslmode=verify-full."
         )
-    if parts.password is not None or "password=" in parts.query.lower():
+    if parts.password is not None or "password" in conninfo_keys(url):
         raise SettingsError(
             "DATABASE_URL holds a password, which logs, `ps` and shell history can show: take it out of the URL "
             "and put it in a file only the service can read (chmod 600), named by DATABASE_PASSWORD_FILE."
@@ -373,6 +373,18 @@ def check_database_url(url):
             "DATABASE_URL needs the psycopg package: .venv/bin/pip install -r requirements.txt, then start again."
         )
     return url
+
+
+def conninfo_keys(url):
+    """The parameters libpq reads from a URL (a percent-encoded name too); nothing when psycopg is missing."""
+    if find_spec("psycopg") is None:
+        return {}
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return conninfo_to_dict(url)
+    except Exception as e:  # psycopg.ProgrammingError: a URL libpq cannot read
+        raise SettingsError(f"DATABASE_URL cannot be read as a PostgreSQL URL ({type(e).__name__}).") from None
 
 
 def read_password_file(name):
@@ -5834,14 +5846,13 @@ class Overlay:
 
 
 ###############################################################################
-# Webhook events: shared by replicas in PostgreSQL ############################
+# Webhook events: the shared database, its schema and connections #############
 ###############################################################################
 #
-# DATABASE_URL set: every instance of a shop keeps its webhook events, its accepted uploads
-# and the shrink floor in one PostgreSQL database, and follows what the others write there
-# (LISTEN/NOTIFY, and a read by sequence after any gap). Each instance still answers from
-# memory; while the database cannot be reached, events wait in a spool (a WebhookStore in
-# STATE_DIR). Uses the events, the store and the overlay above.
+# DATABASE_URL: one PostgreSQL database per shop (SHOP_DOMAIN), its schema migrated by
+# whichever instance starts first, connections that give up on a database that stops
+# answering, and what the commands (`lookup`, `purge`) do in it. Uses the errors, the
+# settings and the store above.
 
 SHARED_SCHEMA = (  # version -> the statements that bring a database from the version before to it
     (
@@ -5875,6 +5886,162 @@ EXPORT_CHUNK = 8 << 20  # bytes of an upload a row holds: an export of 150 MB is
 FOLLOW_SECONDS = 5  # a follower's longest wait for a notification before it reads changes anyway
 
 
+WRITE_LOCK = 0x6F72646572  # pg_advisory_xact_lock key: writes commit one at a time, so followers read them in order
+FOLLOW_RETRY_SECONDS = 2  # a follower's wait before it connects again
+SHARED_WAIT_SECONDS = 3  # the longest a delivery waits for the shared database before the spool takes it
+RECONNECT_SECONDS = 30  # the writer's: deliveries go to the spool meanwhile, and the follower reconnects it sooner
+
+
+def log_change(db, kind, platform, row, now, before=None):
+    """One change for the other instances to follow, in commit order; NOTIFY wakes them.
+
+    kind: "put" (the order as it stands), "gone" (deleted in the shop: not found) or "drop"
+    (let go by the store: the export answers for it again).
+    """
+    order_key, email_key, fields, _, moment = row
+    moved = tuple(before) if before and tuple(before) != (order_key, email_key) else (None, None)
+    db.execute(
+        "INSERT INTO changes (kind, platform, order_key, email_key, fields, time, received, "
+        "before_order_key, before_email_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (kind, platform, order_key, email_key, fields if kind == "put" else None, moment, now, *moved),
+    )
+    db.execute("SELECT pg_notify('orders_changed', '')")
+
+
+def purge_shared(db, email_key):
+    """Delete every stored event of an address, the followers told to drop them; how many went."""
+    now = time.time()
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        gone = db.execute(
+            "DELETE FROM orders WHERE email_key = %s RETURNING platform, order_key, email_key, fields, deleted, time",
+            (email_key,),
+        ).fetchall()
+        # The change log's rows of the address go too; only the notices that every instance drop its orders
+        # stay, until CHANGES_DAYS have passed (an instance away longer reads the whole store afresh).
+        db.execute("DELETE FROM changes WHERE email_key = %s OR before_email_key = %s", (email_key, email_key))
+        for platform, *row in gone:
+            log_change(db, "drop", platform, row, now)
+    return len(gone)
+
+
+def pg_connect(url, password, name):
+    """A new connection to DATABASE_URL (autocommit: each transaction is explicit), named for pg_stat_activity."""
+    import psycopg
+
+    given = {"password": password} if password else {}  # else ~/.pgpass or PGPASSFILE, as libpq reads them
+    # A database that stops answering (a network cut, not a refusal) is given up on within seconds, so that a
+    # delivery waiting on it is spooled before its STORE_SECONDS run out, rather than hanging on TCP.
+    return psycopg.connect(
+        url,
+        autocommit=True,
+        connect_timeout=3,
+        application_name=name,
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=2,
+        tcp_user_timeout=5000,
+        options="-c statement_timeout=3000 -c lock_timeout=2000 -c idle_in_transaction_session_timeout=10000",
+        **given,
+    )
+
+
+def database_shops(db):
+    """The shops (SHOP_DOMAIN) a shared database belongs to; empty for a new one."""
+    found = db.execute("SELECT value FROM meta WHERE key = 'shop'").fetchone()
+    return set(json.loads(found[0])) if found else set()
+
+
+def other_shop_message(url, owner, domains):
+    """Why an instance, or a command, of one shop must not use another shop's database."""
+    return (
+        f"DATABASE_URL ({shown_database(url)}) holds the events of another shop ({', '.join(sorted(owner))}), "
+        f"not of SHOP_DOMAIN {', '.join(sorted(domains))}. Give each shop a database of its own."
+    )
+
+
+def shop_database(settings, purpose):
+    """A connection to DATABASE_URL for a command (`lookup`, `purge`), once it is known to be this shop's."""
+    db = pg_connect(settings.database_url, settings.database_password, f"order-lookup {purpose}")
+    try:
+        migrate(db)
+        owner = database_shops(db)
+    except BaseException:
+        db.close()
+        raise
+    if owner and not owner & settings.shop_domains:
+        db.close()
+        raise SettingsError(other_shop_message(settings.database_url, owner, settings.shop_domains))
+    return db
+
+
+def shared_rows(settings, since):
+    """rows(since) of the shared database, only read, as `lookup` does beside the running service."""
+    import psycopg
+
+    try:
+        with shop_database(settings, "lookup") as db:
+            return db.execute(f"SELECT {WebhookStore.ROW} FROM orders WHERE time >= %s", (since,)).fetchall()
+    except psycopg.Error as e:
+        log.warning(
+            "%s: cannot be read (%s); answering from the export alone",
+            shown_database(settings.database_url),
+            database_error(e),
+        )
+        return []
+
+
+def unusable_errors():
+    """psycopg's errors that mean "not now" (the spool takes the events), never a bug: unreachable, a timeout
+    (statement_timeout, lock_timeout), a read-only standby after a failover, missing rights."""
+    import psycopg
+
+    return (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege)
+
+
+def database_error(error):
+    """A database error as a log line or a message shows it: its first line, the role name taken out."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return printable(re.sub(r'(?i)\b(user|role) "[^"]*"', r'\1 "…"', text))[:200]
+
+
+def migrate(db):
+    """Bring the database's schema up to SHARED_SCHEMA's last version, once, whichever instance starts first."""
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))  # two instances starting at once: one migrates
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        version = row[0] or 0
+        for number, statements in SHARED_SCHEMA:
+            if number > version:
+                db.execute(statements)
+                db.execute("INSERT INTO schema_version VALUES (%s)", (number,))
+    if version > SHARED_SCHEMA[-1][0]:
+        raise StoreError(
+            f"the shared database's schema is version {version}, newer than this service knows "
+            f"({SHARED_SCHEMA[-1][0]}): update the service on this machine too."
+        )
+
+
+def shown_database(url):
+    """A DATABASE_URL as logs and pages show it: host, port and database, never a user or a password."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2] or "localhost"  # host:port, or several (failover), never the user
+    return f"postgresql://{printable(hosts)}{printable(parts.path)}"
+
+
+###############################################################################
+# Webhook events: shared by replicas in PostgreSQL ############################
+###############################################################################
+#
+# DATABASE_URL set: every instance of a shop keeps its webhook events, its accepted uploads
+# and the shrink floor in one PostgreSQL database, and follows what the others write there
+# (LISTEN/NOTIFY, and a read by sequence after any gap). Each instance still answers from
+# memory; while the database cannot be reached, events wait in a spool (a WebhookStore in
+# STATE_DIR). Uses the events, the store, the overlay and the shared database above.
+
+
 class SharedStore:
     """Webhook events, uploads and the shrink floor in PostgreSQL (DATABASE_URL), shared by a shop's instances.
 
@@ -5906,7 +6073,7 @@ class SharedStore:
         self.tried = 0.0  # when a connection was last tried (monotonic)
         self.pending, self.wake = deque(), threading.Event()
         threading.Thread(target=self.writer, name="shared-store", daemon=True).start()
-        self.connect()  # at start: a database of another shop refuses here (StoreError); an unreachable one waits
+        self.using(lambda db: True)  # at start: another shop's database refuses here; an unreachable one waits
 
     # Connections
 
@@ -5951,14 +6118,9 @@ class SharedStore:
         is refused (SettingsError: it does not start). A domain added later joins the ones recorded."""
         with db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            found = db.execute("SELECT value FROM meta WHERE key = 'shop'").fetchone()
-            owner = set(json.loads(found[0])) if found else set()
+            owner = database_shops(db)
             if owner and not owner & self.identity:
-                self.refused = (
-                    f"DATABASE_URL ({shown_database(self.url)}) holds the events of another shop "
-                    f"({', '.join(sorted(owner))}), not of SHOP_DOMAIN {', '.join(sorted(self.identity))}. "
-                    "Give each shop a database of its own."
-                )
+                self.refused = other_shop_message(self.url, owner, self.identity)
                 raise SettingsError(self.refused)
             db.execute(
                 "INSERT INTO meta VALUES ('shop', %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -5970,9 +6132,9 @@ class SharedStore:
         if self.lost_since is None:
             self.lost_since = time.time()
             log.error(
-                "the shared database %s cannot be reached (%s): events are kept in %s until it can",
+                "the shared database %s cannot be used (%s): events are kept in %s until it can",
                 shown_database(self.url),
-                printable(str(error).splitlines()[0] if str(error) else type(error).__name__)[:200],
+                database_error(error),
                 shown_name(self.spool.path),
             )
         self.lost_why = type(error).__name__
@@ -5982,16 +6144,14 @@ class SharedStore:
         self.db = None
 
     def using(self, work, now=False):
-        """work(connection) under the writer's lock; None when the database cannot be reached (lost, not raised)."""
-        import psycopg
-
+        """work(connection) under the writer's lock; None when the database cannot be used now (lost, not raised):
+        unreachable, too slow (a timeout), read-only (a standby after a failover) or without the rights."""
+        unusable = unusable_errors()
         with self.lock:
-            db = self.connect(now)
-            if db is None:
-                return None
             try:
-                return work(db)
-            except psycopg.OperationalError as e:
+                db = self.connect(now)
+                return None if db is None else work(db)
+            except unusable as e:
                 self.lose(e)
                 return None
 
@@ -6007,11 +6167,9 @@ class SharedStore:
         if self.refused is None:
             self.pending.append(job)
             self.wake.set()
-            if not job.done.wait(STORE_SECONDS):
-                raise StoreError(f"{shown_database(self.url)}: did not store the event within {STORE_SECONDS} s.")
-            if job.error:
-                raise job.error
-            if job.outcome is not None:
+            # A slow database must not make the shop wait past its own deadline (Shopify's is 5 s): the spool
+            # takes the event instead. Should the database commit it too, the second copy is a replay.
+            if job.done.wait(SHARED_WAIT_SECONDS) and job.error is None and job.outcome is not None:
                 return job
         return self.spool.apply(event, key, deliveries)  # the spool's own answer: durable on this disk
 
@@ -6035,12 +6193,12 @@ class SharedStore:
                     job.outcome = None
                     try:
                         self.using(lambda db, job=job: self.write_round(db, [job]))
-                    except psycopg.Error:
-                        job.error = StoreError(f"{shown_database(self.url)}: the event could not be stored.")
+                    except Exception:  # this event alone: the spool takes it (see apply)
+                        job.outcome = None
             except Exception as e:  # this thread must outlive anything one round sets off
                 self.note_failure(e)
                 for job in jobs:
-                    job.error = StoreError(f"{shown_database(self.url)}: the event could not be stored.")
+                    job.outcome = None  # the spool takes them
             finally:
                 for job in jobs:
                     job.done.set()
@@ -6117,6 +6275,7 @@ class SharedStore:
 
         def read(db):
             with db.transaction():
+                db.execute("SET LOCAL statement_timeout = 60000")  # the whole table, read once
                 self.seen = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
                 return db.execute(f"SELECT {self.ROW} FROM orders WHERE time >= %s", (since,)).fetchall()
 
@@ -6158,6 +6317,7 @@ class SharedStore:
         def work(db):
             now = time.time()
             with db.transaction():
+                db.execute("SET LOCAL statement_timeout = 60000")  # a whole table read or trimmed at once
                 db.execute(
                     "INSERT INTO instances VALUES (%s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
                     "covers = excluded.covers, seen = excluded.seen",
@@ -6183,6 +6343,7 @@ class SharedStore:
         def work(db):
             now = time.time()
             with db.transaction():
+                db.execute("SET LOCAL statement_timeout = 60000")  # a whole table read or trimmed at once
                 db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                 expired = db.execute(
                     "DELETE FROM orders WHERE received < %s RETURNING platform, order_key, "
@@ -6199,7 +6360,8 @@ class SharedStore:
                 )
                 db.execute("DELETE FROM changes WHERE received < %s", (now - CHANGES_DAYS * 86400,))
                 db.execute("UPDATE instances SET seen = %s WHERE id = %s", (now, self.instance))
-            self.count -= len(expired)
+                # Every instance's orders, not only this one's: the cap (WEBHOOK_MAX_ORDERS) is the database's.
+                self.count = db.execute("SELECT count(*) FROM orders").fetchone()[0]
             return True
 
         if self.refused is None:
@@ -6270,6 +6432,8 @@ class SharedStore:
                         self.read_exports(conn, exported)
                         if time.monotonic() - self.upkept > UPKEEP_SECONDS:
                             self.upkeep()
+                        if self.lost_since is not None:  # the follower reads, so the writer may write again
+                            self.using(lambda db: True, now=True)
                         for _ in conn.notifies(timeout=FOLLOW_SECONDS, stop_after=1):
                             pass
             except psycopg.Error as e:
@@ -6311,8 +6475,8 @@ class SharedStore:
             "SELECT seq, sha256, made_at, name, stored_at FROM exports ORDER BY seq DESC LIMIT 1"
         ).fetchone()
         if row and row[0] > self.export_seen:
-            self.export_seen = row[0]
-            exported(lambda path: self.fetch_export(conn, row[0], path), *row[1:])
+            if exported(lambda path: self.fetch_export(conn, row[0], path), *row[1:]) is not False:
+                self.export_seen = row[0]  # loaded, refused or not needed; False: read whole, try again
 
     # Uploads
 
@@ -6349,6 +6513,7 @@ class SharedStore:
     def fetch_export(conn, seq, path):
         """Write a stored upload to path, one chunk in memory at a time."""
         with open(path, "wb") as out, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # a newer upload cannot cut this one
             conn.execute("SET LOCAL statement_timeout = 0")  # chunk by chunk, as long as a large upload takes
             n = 0
             while found := conn.execute(
@@ -6376,104 +6541,6 @@ class SharedStore:
                 (json.dumps(list(history)),),
             )
         )
-
-
-WRITE_LOCK = 0x6F72646572  # pg_advisory_xact_lock key: writes commit one at a time, so followers read them in order
-FOLLOW_RETRY_SECONDS = 2  # a follower's wait before it connects again
-RECONNECT_SECONDS = 30  # the writer's: deliveries go to the spool meanwhile, and the follower reconnects it sooner
-
-
-def log_change(db, kind, platform, row, now, before=None):
-    """One change for the other instances to follow, in commit order; NOTIFY wakes them.
-
-    kind: "put" (the order as it stands), "gone" (deleted in the shop: not found) or "drop"
-    (let go by the store: the export answers for it again).
-    """
-    order_key, email_key, fields, _, moment = row
-    moved = tuple(before) if before and tuple(before) != (order_key, email_key) else (None, None)
-    db.execute(
-        "INSERT INTO changes (kind, platform, order_key, email_key, fields, time, received, "
-        "before_order_key, before_email_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (kind, platform, order_key, email_key, fields if kind == "put" else None, moment, now, *moved),
-    )
-    db.execute("SELECT pg_notify('orders_changed', '')")
-
-
-def purge_shared(db, email_key):
-    """Delete every stored event of an address, the followers told to drop them; how many went."""
-    now = time.time()
-    with db.transaction():
-        db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-        gone = db.execute(
-            "DELETE FROM orders WHERE email_key = %s RETURNING platform, order_key, email_key, fields, deleted, time",
-            (email_key,),
-        ).fetchall()
-        # The change log's rows of the address go too; only the notices that every instance drop its orders
-        # stay, until CHANGES_DAYS have passed (an instance away longer reads the whole store afresh).
-        db.execute("DELETE FROM changes WHERE email_key = %s", (email_key,))
-        for platform, *row in gone:
-            log_change(db, "drop", platform, row, now)
-    return len(gone)
-
-
-def pg_connect(url, password, name):
-    """A new connection to DATABASE_URL (autocommit: each transaction is explicit), named for pg_stat_activity."""
-    import psycopg
-
-    given = {"password": password} if password else {}  # else ~/.pgpass or PGPASSFILE, as libpq reads them
-    # A database that stops answering (a network cut, not a refusal) is given up on within seconds, so that a
-    # delivery waiting on it is spooled before its STORE_SECONDS run out, rather than hanging on TCP.
-    return psycopg.connect(
-        url,
-        autocommit=True,
-        connect_timeout=3,
-        application_name=name,
-        keepalives=1,
-        keepalives_idle=5,
-        keepalives_interval=2,
-        keepalives_count=2,
-        tcp_user_timeout=5000,
-        options="-c statement_timeout=8000",
-        **given,
-    )
-
-
-def shared_rows(settings, since):
-    """rows(since) of the shared database, only read, as `lookup` does beside the running service."""
-    import psycopg
-
-    try:
-        with pg_connect(settings.database_url, settings.database_password, "order-lookup lookup") as db:
-            return db.execute(f"SELECT {SharedStore.ROW} FROM orders WHERE time >= %s", (since,)).fetchall()
-    except psycopg.Error as e:
-        log.warning(
-            "%s: cannot be read (%s); answering from the export alone", shown_database(settings.database_url), e
-        )
-        return []
-
-
-def migrate(db):
-    """Bring the database's schema up to SHARED_SCHEMA's last version, once, whichever instance starts first."""
-    with db.transaction():
-        db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))  # two instances starting at once: one migrates
-        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
-        row = db.execute("SELECT max(version) FROM schema_version").fetchone()
-        version = row[0] or 0
-        for number, statements in SHARED_SCHEMA:
-            if number > version:
-                db.execute(statements)
-                db.execute("INSERT INTO schema_version VALUES (%s)", (number,))
-    if version > SHARED_SCHEMA[-1][0]:
-        raise StoreError(
-            f"the shared database's schema is version {version}, newer than this service knows "
-            f"({SHARED_SCHEMA[-1][0]}): update the service on this machine too."
-        )
-
-
-def shown_database(url):
-    """A DATABASE_URL as logs and pages show it: host, port and database, never a user or a password."""
-    parts = urlsplit(url)
-    return f"postgresql://{parts.hostname or 'localhost'}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 ###############################################################################
@@ -6762,7 +6829,8 @@ class Job:
     def trouble(self, now, stale_after):
         """Why /healthz is degraded by this job: failing for longer than the data may age, else None."""
         if self.failing_since and now - self.failing_since > stale_after:
-            return f"{self.name} has failed for more than {stale_after / 3600:g} hours: {self.last_error}"
+            span = f"{stale_after / 3600:g} hours" if stale_after >= 3600 else f"{stale_after / 60:g} minutes"
+            return f"{self.name} has failed for more than {span}: {self.last_error}"
         return None
 
     def status(self):
@@ -8107,13 +8175,22 @@ class Service:
             overlay = self.overlay
             if overlay is None:
                 return
-            for _, kind, platform, order_key, email_key, fields, moment, before_order, before_email in rows:
+            passed = 0
+            for seq, kind, platform, order_key, email_key, fields, moment, before_order, before_email in rows:
                 key, before = (order_key, email_key), (before_order, before_email) if before_order else None
-                if kind == "drop":
-                    overlay.drop(platform, key)
-                else:
-                    overlay.put(platform, key, json.loads(fields) if kind == "put" else None, moment, before)
-            self.following.succeeded()
+                try:
+                    if kind == "drop":
+                        overlay.drop(platform, key)
+                    elif kind in ("put", "gone"):
+                        overlay.put(platform, key, json.loads(fields) if kind == "put" else None, moment, before)
+                    else:
+                        raise ValueError(f"a change of an unknown kind {kind!r}")
+                except (ValueError, TypeError, AttributeError) as e:  # one bad row must not stop the ones after it
+                    passed += 1
+                    self.following.failed(f"change {seq} in the shared database could not be read and was passed")
+                    log.error("change %s in the shared database could not be read (%s): passed", seq, e)
+            if not passed:
+                self.following.succeeded()
             self.note_fresher(time.time())
 
     def load_shared_export(self, fetch, sha256, made_at, name, stored_at):
@@ -8129,6 +8206,9 @@ class Service:
         hidden = (data if data.is_dir() else data.parent) / f".shared-{os.getpid()}"
         try:
             fetch(hidden)
+            if (file_digest(hidden) or b"").hex() != sha256:  # read short or changed: tried again at the next look
+                log.warning("the upload %s in the shared database was not read whole; trying again", printable(name))
+                return False
             named = hidden.with_name(hidden.name + (".xlsx" if file_kind(hidden) == "xlsx" else ".csv"))
             os.replace(hidden, named)
             hidden = named
@@ -8247,7 +8327,9 @@ class Service:
         if self.copy_error:
             reasons.append(self.copy_error)
         for job in self.background:
-            if trouble := job.trouble(now, snapshot.config.max_age_hours * 3600):
+            # Following the shared database is behind the other instances at once: a minute, not the data's age.
+            stale_after = FOLLOWER_STALE_SECONDS if job is self.following else snapshot.config.max_age_hours * 3600
+            if trouble := job.trouble(now, stale_after):
                 reasons.append(trouble)
         if self.store_error:
             reasons.append(self.store_error)
@@ -8299,6 +8381,8 @@ class Service:
             out["fetch"] = self.fetcher.status()
         return out
 
+
+FOLLOWER_STALE_SECONDS = 60  # a follower failing this long makes /healthz degraded: this instance answers behind
 
 RELOAD_SWITCH_INTERVAL = 0.0005
 
@@ -9830,11 +9914,11 @@ def purge_database(settings, email):
 
     where = shown_database(settings.database_url)
     try:
-        with pg_connect(settings.database_url, settings.database_password, "order-lookup purge") as db:
+        with shop_database(settings, "purge") as db:
             gone = purge_shared(db, email)
     except psycopg.Error as e:
         raise StoreError(
-            f"{where}: cannot be changed ({printable(str(e).splitlines()[0] if str(e) else type(e).__name__)}). "
+            f"{where}: cannot be changed ({database_error(e)}). "
             "Check DATABASE_URL and that the database is up, then run purge again."
         ) from None
     print(

@@ -30,10 +30,12 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from conftest import (
     KEY,
+    PG_PASSWORD,
     ROOT,
     Served,
     free_port,
@@ -210,6 +212,49 @@ def test_with_the_database_stopped_no_lookup_and_no_event_is_lost(pair, postgres
         assert statuses and set(statuses) == {200}
 
 
+def connect_as_owner(database):
+    """A connection of our own to the test database, as its owner: to hold a lock or damage a row."""
+    import psycopg
+
+    url, _ = database
+    return psycopg.connect(url, password=PG_PASSWORD, autocommit=True)
+
+
+def test_a_database_that_keeps_a_delivery_waiting_costs_the_shop_no_timeout(pair, database):
+    first, second = pair
+    with connect_as_owner(database) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (app.WRITE_LOCK,))  # as a stuck instance mid-write would
+        started = time.monotonic()
+        status, body = first.deliver(shopify_order(5701), "delivery-5701")
+        assert (status, body["stored"]) == (200, True)
+        assert time.monotonic() - started < 5  # Shopify's own deadline: past it, it counts a failure
+        assert first.answer(5701)[0] == 200
+    wait_for(lambda: second.answer(5701)[0] == 200, 60, "the spooled event to reach the other instance")
+
+
+def test_a_change_that_cannot_be_read_is_passed_and_the_next_ones_still_arrive(pair, database):
+    first, second = pair
+    with connect_as_owner(database) as db:
+        db.execute(
+            "INSERT INTO changes (kind, platform, order_key, email_key, fields, time, received) "
+            "VALUES ('put', 'shopify', 'bad', 'bad@example.com', 'not json', 0, 0)"
+        )
+    assert first.deliver(shopify_order(5801), "delivery-5801")[0] == 200
+    wait_for(lambda: second.answer(5801)[0] == 200, FOLLOWED, "the change after the bad one")
+
+
+def test_commands_of_another_shop_are_refused_on_the_database(tmp_path, database, pair):
+    first, _ = pair
+    assert first.deliver(shopify_order(5901), "delivery-5901")[0] == 200
+    other = SharedInstance(tmp_path, "other", database, shop="other-shop.myshopify.com")
+    for command in (["purge", "new@example.com"], ["lookup", "#5901", "new@example.com"]):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "app.py"), *command], env=other.env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1 and "holds the events of another shop" in done.stderr, done.stdout + done.stderr
+    assert first.answer(5901)[0] == 200
+
+
 def test_purge_forgets_an_address_on_every_instance(pair):
     first, second = pair
     assert first.deliver(shopify_order(5601, email="forget.me@example.com"), "delivery-5601")[0] == 200
@@ -290,6 +335,7 @@ def test_events_held_in_sqlite_move_into_the_database(tmp_path, database):
     [
         ({"DATABASE_URL": "postgresql://orders:secret@db/shop", "SHOP_DOMAIN": SHOP}, "holds a password"),
         ({"DATABASE_URL": "postgresql://orders@db/shop?password=secret", "SHOP_DOMAIN": SHOP}, "holds a password"),
+        ({"DATABASE_URL": "postgresql://orders@db/shop?pass%77ord=secret", "SHOP_DOMAIN": SHOP}, "holds a password"),
         ({"DATABASE_URL": "mysql://orders@db/shop", "SHOP_DOMAIN": SHOP}, "give a PostgreSQL URL"),
         ({"DATABASE_URL": "postgresql://orders@db/shop"}, "needs SHOP_DOMAIN"),
         (
@@ -450,3 +496,10 @@ def test_shared_conf_keeps_the_protections_of_replicas_conf():
         if re.match(r"\s*(log_format|'|ssl_|access_log|client_|large_|proxy_set_header|listen|location /\.well)", line)
     ]
     assert kept and [line for line in kept if line not in shared] == []
+
+
+def test_a_database_url_is_shown_without_its_user_also_with_several_hosts():
+    assert app.shown_database("postgresql://orders@h1:5432,h2:5433/shop") == "postgresql://h1:5432,h2:5433/shop"
+    assert app.shown_database("postgresql://orders@db.internal/shop?sslmode=verify-full") == (
+        "postgresql://db.internal/shop"
+    )
