@@ -875,6 +875,39 @@ def post_events_child(port, events, rate):
     print(json.dumps({"applied": outcomes["applied"], "seconds": time.perf_counter() - started, "outcomes": outcomes}))
 
 
+def small_export(args, name):
+    """The export of the lines that compare two settings of the service: at most 20,000 orders, in OUT/name.
+
+    Returns (its path, how many orders it holds).
+    """
+    orders = min(args.orders, 20_000)
+    folder = OUT / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "orders.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(HEADER)
+        writer.writerows(export_rows(orders, args.seed))
+    return folder / "orders.csv", orders
+
+
+def started_service(export, name, **env):
+    """python app.py serving export with a STATE_DIR of its own (name) and env's settings, once it answers."""
+    port = free_port()
+    settings = {
+        "ORDERS_FILE": str(export),
+        "API_KEY": KEY,
+        "PORT": str(port),
+        "STATE_DIR": str(export.parent / f"state-{name}"),
+    }
+    server = Process([sys.executable, str(ROOT / "app.py")], {**settings, **env}, port)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def measure_metrics(args, rounds=4):
     """Lookups with METRICS on and off, in turn, on a small export; while on, /metrics is scraped twice a second.
 
@@ -882,27 +915,11 @@ def measure_metrics(args, rounds=4):
     on the same CPU and take the load in turn, on-off-off-on, so that the machine's drift
     falls on both alike; their medians are compared.
     """
-    orders = min(args.orders, 20_000)
-    folder = OUT / "metrics"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "orders.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(HEADER)
-        writer.writerows(export_rows(orders, args.seed))
+    export, orders = small_export(args, "metrics")
     rps, scrapes, servers = {"yes": [], "no": []}, [], {}
     try:
         for setting in ("yes", "no"):
-            port = free_port()
-            env = {
-                "ORDERS_FILE": str(folder / "orders.csv"),
-                "API_KEY": KEY,
-                "PORT": str(port),
-                "STATE_DIR": str(folder / f"state-{setting}"),
-                "METRICS": setting,
-                "CPU": our_cpu(),
-            }
-            servers[setting] = Process([sys.executable, str(ROOT / "app.py")], env, port)
-            servers[setting].wait_ready()
+            servers[setting] = started_service(export, setting, METRICS=setting, CPU=our_cpu())
         for setting in ("yes", "no", "no", "yes") * (rounds // 2):
             port, stop = servers[setting].port, threading.Event()
 
@@ -942,27 +959,13 @@ def measure_one_cpu(args, rounds=4):
     What keeping to one CPU buys, the figure behind keep_to_one_cpu: both servers stay up and
     take the same load in turn, yes-no-no-yes, and their medians are compared.
     """
-    orders = min(args.orders, 20_000)
-    folder = OUT / "one_cpu"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "orders.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(HEADER)
-        writer.writerows(export_rows(orders, args.seed))
+    export, orders = small_export(args, "one_cpu")
     rps, servers = {"yes": [], "no": []}, {}
     try:
         for setting in ("yes", "no"):
-            port = free_port()
-            env = {
-                "ORDERS_FILE": str(folder / "orders.csv"),
-                "API_KEY": KEY,
-                "PORT": str(port),
-                "STATE_DIR": str(folder / f"state-{setting}"),
-                "ONE_CPU": setting,
-                **({"CPU": our_cpu()} if setting == "yes" else {}),
-            }
-            servers[setting] = Process([sys.executable, str(ROOT / "app.py")], env, port)
-            servers[setting].wait_ready()
+            servers[setting] = started_service(
+                export, setting, ONE_CPU=setting, **({"CPU": our_cpu()} if setting == "yes" else {})
+            )
         for setting in ("yes", "no", "no", "yes") * (rounds // 2):
             result = load(servers[setting].port, args.seconds, args.connections, orders)
             rps[setting].append((result["rps"], result["p99_ms"]))
@@ -1001,13 +1004,7 @@ def measure_shared(args, rounds=4, deliveries=100):
     if postgres_binaries() is None:
         print("  skipped: PostgreSQL's server programs are not installed (apt-get install postgresql)", flush=True)
         return None
-    orders = min(args.orders, 20_000)
-    folder = OUT / "shared"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "orders.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(HEADER)
-        writer.writerows(export_rows(orders, args.seed))
+    export, orders = small_export(args, "shared")
     cluster = Postgres(postgres_binaries())
     cluster.durable = True  # every commit synced to disk, as a real database does
     cluster.start()
@@ -1016,18 +1013,13 @@ def measure_shared(args, rounds=4, deliveries=100):
         url, password_file = cluster.new_database()
         shared = {"DATABASE_URL": url, "DATABASE_PASSWORD_FILE": str(password_file), "SHOP_DOMAIN": BENCH_SHOP}
         for name in ("with", "without", "other"):
-            port = free_port()
-            env = {
-                "ORDERS_FILE": str(folder / "orders.csv"),
-                "API_KEY": KEY,
-                "PORT": str(port),
-                "STATE_DIR": str(folder / f"state-{name}"),
-                "SHOPIFY_WEBHOOK_SECRET": WEBHOOK_SECRET,
-                "CPU": our_cpu(),
+            servers[name] = started_service(
+                export,
+                name,
+                SHOPIFY_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                CPU=our_cpu(),
                 **(shared if name != "without" else {}),
-            }
-            servers[name] = Process([sys.executable, str(ROOT / "app.py")], env, port)
-            servers[name].wait_ready()
+            )
         rps = {"with": [], "without": []}
         for name in ("with", "without", "without", "with") * (rounds // 2):
             rps[name].append(load(servers[name].port, args.seconds, args.connections, orders)["rps"])
