@@ -134,6 +134,24 @@ def test_head_answers_like_get_without_a_body(client):
     assert r.body == b""
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "order_id=1001&customer_email=jane@example.com",  # found
+        "order_id=9999&customer_email=jane@example.com",  # not found
+        "order_id=1001",  # missing
+        "order_id=1001&customer_email=jane",  # not an address
+    ],
+)
+def test_a_lookup_answered_before_bottle_is_the_one_bottles_route_gives(service, query):
+    wsgi = app.create_app(service)
+    direct = Client(wsgi).request("GET", "/lookup", query, {"x-api-key": KEY})
+    wsgi.lookup = None  # every lookup through Bottle's route
+    routed = Client(wsgi).request("GET", "/lookup", query, {"x-api-key": KEY})
+    assert (direct.status, direct.headers, direct.body) == (routed.status, routed.headers, routed.body)
+    assert int(direct.headers["Content-Length"]) == len(direct.body)
+
+
 def explode(*args):
     raise RuntimeError("secret internals /srv/app.py line 42")
 
@@ -144,8 +162,9 @@ def fail_in_route(monkeypatch, wsgi):
 
 
 def fail_around_routes(monkeypatch, wsgi):
-    """A fault outside Bottle: the request log catches it."""
+    """A fault outside Bottle, in the request log's own answer to a lookup or in Bottle as a whole: caught."""
     monkeypatch.setattr(wsgi, "app", explode)
+    monkeypatch.setattr(wsgi, "lookup", explode)
 
 
 @pytest.mark.parametrize("fail", [fail_in_route, fail_around_routes])

@@ -315,6 +315,14 @@ def test_a_spreadsheet_s_guard_on_an_order_number_is_taken_off(tmp_path, cell):
     assert status == 200 and text.startswith("Order 00123 was found and has shipped."), text
 
 
+@pytest.mark.parametrize("cell", ['"="""""', "'"])
+def test_a_guard_around_nothing_is_an_empty_cell_to_the_rules(tmp_path, cell):
+    # A cancellation date of ="" is no cancellation: the order is answered as shipped, not as cancelled.
+    text = "Order ID,Email,Status,Item,Cancelled at\n" + f"1,a@example.com,shipped,Hat,{cell}\n"
+    status, said, _ = answered(snapshot(write(tmp_path / "orders.csv", text)), "1", "a@example.com")
+    assert status == 200 and said.startswith("Order 1 was found and has shipped."), said
+
+
 def test_guards_taken_off_are_counted_in_check_and_healthz(tmp_path, capsys):
     text = (
         TRACKED + '"=""1001""",a@example.com,shipped,Hat,"=""1Z999AA10123456784""",UPS\n'
