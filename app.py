@@ -1943,7 +1943,13 @@ def has_marks(chunk, size):
     """True when a CSV's bytes hold a spreadsheet's mark or damage: Excel's ="..." guard, a number in
     scientific notation, a code given a .0, a cell guarded by a leading '. Each looked for the fast way:
     needles with a rare first byte, never a search that stops at every comma."""
-    if chunk.find(b'="', 0, size) >= 0 or chunk.find(b"E+", 0, size) >= 0 or ZERO_ADDED.search(chunk, 0, size):
+    # A two-byte needle is searched byte by byte (1 ms a MB); one byte with memchr (0.02 ms): most exports
+    # hold no "=" or "+" at all, and then the two-byte search is not needed.
+    if chunk.find(b"=", 0, size) >= 0 and chunk.find(b'="', 0, size) >= 0:
+        return True
+    if chunk.find(b"+", 0, size) >= 0 and chunk.find(b"E+", 0, size) >= 0:
+        return True
+    if ZERO_ADDED.search(chunk, 0, size):
         return True
     at = chunk.find(b"'", 0, size)
     while at >= 0:  # an apostrophe is rare, and most are inside names ("Women's"): one with a cell's start before it
@@ -3545,7 +3551,7 @@ class Packer:
                         raise SeveralCustomers()
                     email = email or theirs
                 if "" in values:
-                    values = [v or o for v, o in zip(values, other)]
+                    values = filled_from(values, other)
                 if (state := agreeing(other)) != unsaid and state != said:  # one compare where rows agree
                     differ = True
             if differ:
@@ -3701,6 +3707,16 @@ class Packer:
                     )
                 )
         return head.split(FIELD), items, tracking
+
+
+def filled_from(values, other):
+    """values with each empty one taken from other: found by C-speed count and index, as an order's first row
+    leaves one or two of its cells empty and a list walked cell by cell cost 3% of a load."""
+    values, at = list(values), -1
+    for _ in range(values.count("")):
+        at = values.index("", at + 1)
+        values[at] = other[at]
+    return values
 
 
 class Item(NamedTuple):
