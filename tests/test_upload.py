@@ -230,6 +230,16 @@ def test_concurrent_uploads_stay_consistent(shop):
     assert served[0] == 200 or any(c > accepted[-1] for c in accepted)
 
 
+def test_a_body_larger_than_the_server_keeps_in_memory_arrives_whole(shop):
+    # Over 512 KB, waitress holds the body in a temporary file, which the kernel copies into the data folder.
+    body = orders_csv(9000).encode()
+    assert len(body) > 2 * 524288
+    status, answer = send(shop.url, body)
+    assert status == 200 and json.loads(answer)["orders"] == 9000
+    assert (shop.data / "uploaded.csv").read_bytes() == body
+    assert lookup(shop.url, "#9000", "customer9000@example.com")[0] == 200
+
+
 def test_without_an_upload_key_the_address_does_not_exist(export, contexts_file):
     client = Client(app.create_app(started(make_settings(export.parent, contexts_file))))
     for method in ("PUT", "POST", "GET"):
