@@ -920,7 +920,7 @@ def started_service(export, name, **env):
     return server
 
 
-def measure_metrics(args, rounds=4):
+def measure_metrics(args, rounds=6):
     """Lookups with METRICS on and off, in turn, on a small export; while on, /metrics is scraped twice a second.
 
     Counting is done by the log's thread, so the two should be alike. Both servers stay up
