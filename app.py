@@ -4530,6 +4530,41 @@ def build_snapshot(config, path, memory_limit_mb=None, dated=False, previous=Non
             log.info("%s: not UTF-8; reading it again as %s", shown_name(path), encoding)
 
 
+RELOAD_SWITCH_INTERVAL = 0.0005
+
+
+class Yielding:
+    """While a load (or an upload's survey) runs, hand the GIL to request threads after 0.5 ms instead of 5 ms.
+
+    A load is seconds of pure Python; each request needs the GIL several times, and
+    waiting the default 5 ms for it each time adds up to hundreds of milliseconds.
+    Counted: a reload and an upload's survey may overlap, and the first to end must not
+    put 5 ms back under the other, nor the last leave 0.5 ms behind for good.
+    """
+
+    def __init__(self):
+        self.lock, self.running, self.before = threading.Lock(), 0, None
+
+    @contextmanager
+    def __call__(self):
+        """The shorter switch interval for the with block; the one before when the last such block ends."""
+        with self.lock:
+            if not self.running:
+                self.before = sys.getswitchinterval()
+                sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running -= 1
+                if not self.running:
+                    sys.setswitchinterval(self.before)
+
+
+yielding = Yielding()
+
+
 def index_export(
     config, path, careful, encoding, memory_limit_mb=None, share_entries=False, dated=False, previous=None
 ):
@@ -7376,7 +7411,8 @@ def receive_upload(service, environ):
         snapshot, target = service.accept(hidden, http_time(environ.get("HTTP_LAST_MODIFIED")))
         hidden = None  # renamed into place
         service.share_export(target, snapshot)
-        surveyed = survey(snapshot, UPLOAD_SURVEY_ORDERS)
+        with yielding():  # seconds of pure Python, as a load is: lookups get the GIL back after 0.5 ms
+            surveyed = survey(snapshot, UPLOAD_SURVEY_ORDERS)
         log.info("upload: %d bytes: accepted as %s (%d orders)", size, target.name, snapshot.orders)
         return 200, json.dumps(
             {
@@ -8480,23 +8516,6 @@ class Service:
 
 
 FOLLOWER_STALE_SECONDS = 60  # a follower failing this long makes /healthz degraded: this instance answers behind
-
-RELOAD_SWITCH_INTERVAL = 0.0005
-
-
-@contextmanager
-def yielding():
-    """While a reload runs, hand the GIL to request threads after 0.5 ms instead of 5 ms.
-
-    A reload is seconds of pure Python; each request needs the GIL several times, and
-    waiting the default 5 ms for it each time adds up to hundreds of milliseconds.
-    """
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 def upload_time(stated, newest_day, served, now=None):

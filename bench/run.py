@@ -548,7 +548,7 @@ WEBHOOK_SECRET = "bench-shpss-Tq7vX2mZp9LrT4wN8cB3"
 UPLOAD_KEY = "bench-upl-Wq4zV8nX2rT6mK9pL3sB"
 
 
-STARTS = 3  # start-to-serving (CSV) or load (XLSX) and the pass it is measured against: each timed this often
+STARTS = 5  # start-to-serving (CSV) or load (XLSX) and the pass it is measured against: each timed this often
 ROUNDS = 3  # lookups of the bare app and of the service: rounds in turn, the median of each compared
 
 
@@ -1181,7 +1181,8 @@ def run(args):
     print("service on CSV: load, lookups, reload under load ...", flush=True)
     results["service_csv"] = measure_service(csv_path, args, "csv")
     # The floor the CSV load is measured against, timed as often as the load and beside it: the fastest of each.
-    results["csv_pass"] = min([results["csv_pass"], *results["service_csv"].pop("passes")], key=lambda r: r["seconds"])
+    passes = [results["csv_pass"], *results["service_csv"].pop("passes")]
+    results["csv_pass"] = {**min(passes, key=lambda r: r["seconds"]), "all_s": [r["seconds"] for r in passes]}
     print("service fetching ORDERS_URL ...", flush=True)
     results["fetch"] = measure_fetch(csv_path, args)
     print("service with metrics on and off, in turn ...", flush=True)
@@ -1192,7 +1193,8 @@ def run(args):
     results["shared"] = measure_shared(args)
     print("service on XLSX ...", flush=True)
     results["service_xlsx"] = measure_service(xlsx_path, args, "xlsx")
-    results["openpyxl"] = min([results["openpyxl"], *results["service_xlsx"].pop("passes")], key=lambda r: r["seconds"])
+    passes = [results["openpyxl"], *results["service_xlsx"].pop("passes")]
+    results["openpyxl"] = {**min(passes, key=lambda r: r["seconds"]), "all_s": [r["seconds"] for r in passes]}
     results["checks"] = checks(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print()

@@ -6,6 +6,7 @@ along never saw a failure.
 """
 
 import os
+import sys
 import time
 from types import SimpleNamespace
 
@@ -335,3 +336,16 @@ def test_a_contexts_file_nested_thousands_deep_is_refused(live):
     wait_for(lambda: live.service.config_error is not None, what="the refused edit")
     assert "nested too deeply" in live.service.config_error
     assert live.watcher.thread.is_alive() and health(live)[0] == 503
+
+
+def test_overlapping_loads_put_the_switch_interval_back_as_it_was():
+    # A reload and an upload's survey may overlap: the first to end must not give the other 5 ms slices,
+    # and the last must not leave 0.5 ms behind for good (every lookup would pay for it).
+    before, yielding = sys.getswitchinterval(), app.Yielding()
+    first, second = yielding(), yielding()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() == app.RELOAD_SWITCH_INTERVAL
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before
