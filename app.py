@@ -7492,9 +7492,10 @@ def file_digest(path):
 # Request log, insights, metrics ##############################################
 ###############################################################################
 #
-# One log line per request with the email masked; lookup insights (what customers asked
-# that was not found, without keeping who asked); and /metrics for Prometheus. Uses the
-# rendering and the warnings above.
+# One log line per request with the email masked (and, in the same middleware, a lookup
+# with a valid key answered before Bottle); lookup insights (what customers asked that was
+# not found, without keeping who asked); and /metrics for Prometheus. Uses the rendering
+# and the warnings above.
 
 LOOKUP_OUTCOMES = ("found", "not_found", "missing", "invalid", "unauthorized", "throttled", "error")
 # Upper bounds in milliseconds: for /metrics' histogram and the status page's p50 and p99.
@@ -7740,7 +7741,8 @@ def metrics_registry(service):
 
 
 class RequestLog:
-    """WSGI middleware: common headers, one log line per request, a JSON 500 whatever happens.
+    """WSGI middleware: common headers, one log line per request, a JSON 500 whatever happens; lookup answers
+    GET /lookup before Bottle when given (see create_app).
 
     The 500's body is unavailable(): contexts.toml's `unavailable` answer.
 
