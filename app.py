@@ -4094,7 +4094,11 @@ class Renderer:
             text = cells[at].strip()
             # An ISO time differs in every order, its day in few: written from the day, which date_written
             # remembers (the same text as from the whole time, whatever follows the day).
-            if (day := ISO_DAY_FIRST.match(text)) and (written := date_written(day[0], day_first, style)) != day[0]:
+            if (
+                " and " not in text  # the days of an order's parcels (Packer.agreed): each written below
+                and (day := ISO_DAY_FIRST.match(text))
+                and (written := date_written(day[0], day_first, style)) != day[0]
+            ):
                 return written
             text = shown_cell(text)
             return date_written(text, day_first, style) if text else ""

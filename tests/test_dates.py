@@ -72,6 +72,21 @@ def test_each_form_of_ship_date_is_written_as_the_template_writes_dates(tmp_path
 
 
 @pytest.mark.parametrize(
+    "first, second",
+    [
+        ("2026-11-26 10:00:00 +0000", "2026-11-27 11:00:00 +0000"),  # Shopify's times
+        ("2026-11-26T10:00:00Z", "2026-11-27T11:00:00Z"),
+        ("2026-11-26", "2026-11-27"),
+    ],
+)
+def test_each_parcel_s_ship_day_is_written(tmp_path, first, second):
+    # Two rows of one order shipped on two days: the answer names both, never the first alone.
+    text = f"Order ID,Email,Status,Ship Date,Item\n1,a@example.com,shipped,{first},Hat\n1,a@example.com,shipped,{second},Scarf\n"
+    said = context(snapshot(tmp_path, text))
+    assert said.startswith("Order 1 was found and has shipped on 26 Nov 2026 and 27 Nov 2026."), said
+
+
+@pytest.mark.parametrize(
     "cell",
     [
         datetime.datetime(2025, 11, 5, 14, 3),  # a date cell with a time
