@@ -45,7 +45,7 @@ from conftest import (
     wait_for,
     write,
 )
-from test_webhooks import SHOPIFY_SECRET, shopify_order, sign
+from test_webhooks import SHOPIFY_SECRET, shopify_headers, shopify_order
 
 SHIPPED = ROOT / "deploy" / "nginx" / "replicas.conf"
 ORDERS = 200  # orders in the shared export: #1 ... #200, customerN@example.com
@@ -251,13 +251,7 @@ def post_event(replicas, order, delivery):
             "POST",
             "/webhooks/shopify",
             body=body,
-            headers={
-                "Content-Type": "application/json",
-                "X-Shopify-Topic": "orders/create",
-                "X-Shopify-Hmac-Sha256": sign(SHOPIFY_SECRET, body),
-                "X-Shopify-Shop-Domain": "shop.myshopify.com",
-                "X-Shopify-Webhook-Id": delivery,
-            },
+            headers=shopify_headers(body, delivery, "orders/create"),
         )
         response = connection.getresponse()
         return response.status, response.read()

@@ -96,6 +96,17 @@ def sign(secret, body):
     return base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
 
 
+def shopify_headers(body, delivery, topic="orders/updated", secret=SHOPIFY_SECRET, shop="shop.myshopify.com"):
+    """The headers Shopify sends with a delivery of body, signed with secret."""
+    return {
+        "Content-Type": "application/json",
+        "X-Shopify-Topic": topic,
+        "X-Shopify-Hmac-Sha256": sign(secret, body),
+        "X-Shopify-Shop-Domain": shop,
+        "X-Shopify-Webhook-Id": delivery,
+    }
+
+
 def post(url, body, headers):
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
@@ -107,17 +118,7 @@ def post(url, body, headers):
 
 def shopify(base, order, topic="orders/updated", secret=SHOPIFY_SECRET, delivery=None):
     body = json.dumps(order).encode()
-    return post(
-        f"{base}/webhooks/shopify",
-        body,
-        {
-            "Content-Type": "application/json",
-            "X-Shopify-Topic": topic,
-            "X-Shopify-Hmac-Sha256": sign(secret, body),
-            "X-Shopify-Shop-Domain": "shop.myshopify.com",
-            "X-Shopify-Webhook-Id": delivery or os.urandom(8).hex(),
-        },
-    )
+    return post(f"{base}/webhooks/shopify", body, shopify_headers(body, delivery or os.urandom(8).hex(), topic, secret))
 
 
 def woocommerce(base, order, topic="order.updated", secret=WOO_SECRET, delivery=None):
