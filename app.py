@@ -3147,6 +3147,7 @@ class OrderReader:
         self.preamble = []  # lines before the header (a title, a line of separators), for check
         self.attached = 0  # item rows without an order number, taken as the order above's (see follow_on)
         self.untied = 0  # item rows without an order number that follow no order of theirs: left out, check warns
+        self.item_at = None  # the column of an item's name, once the plan is made (see unnumbered)
         self.not_orders = Counter()  # rows that are no order (a footer, a totals line), by why
 
     def header_score(self, cells):
@@ -3200,30 +3201,8 @@ class OrderReader:
             self.normalise = without_leading_zeros if self.plan.ignore_leading_zeros else normalise_order_id
             self.follows = follow_on(self.plan)
             fields = self.plan.row_fields[: len(self.plan.row_columns)]
-            item_at = self.plan.row_columns[fields.index("item_name")] if "item_name" in fields else None
-            groups = self.gathered(rows) if careful else self.adjacent(rows)
-            # One loop, no layers: this runs for every order of a file of hundreds of thousands.
-            progress, next_tick, not_orders = self.progress, PROGRESS_ROWS, self.not_orders
-            order_at, read = self.plan.order_columns[0], 0
-            for key, group in groups:
-                if not key:
-                    self.skipped += self.let_go(group)
-                    if item_at is not None:  # an item with no order: the order it belongs to may look whole without it
-                        self.untied += sum(1 for row in group if item_at < len(row) and row[item_at].strip())
-                    continue
-                value = group[0][order_at]
-                # A quick look first: "1001" and "#1001" are orders (normalised, "#1001" loses its "#" only).
-                if (
-                    not (value.isalnum() or value[:1] == "#" and len(value) - len(key) == 1) or key in NOT_ORDER_WORDS
-                ) and (why := not_an_order(value, key)):
-                    not_orders[why] += self.let_go(group)
-                    continue
-                read += len(group)
-                if read >= next_tick:
-                    progress.tick(read)
-                    next_tick += PROGRESS_ROWS
-                yield key, group
-            self.rows = read
+            self.item_at = self.plan.row_columns[fields.index("item_name")] if "item_name" in fields else None
+            yield from self.admitted(self.gathered(rows)) if careful else self.adjacent(rows)
             if why := table.cut_off(self.last_row, len(header)):
                 export_error(
                     self.path,
@@ -3240,9 +3219,41 @@ class OrderReader:
                 self.last_row = row
         return count
 
-    def adjacent(self, rows):
-        """Groups of adjacent rows with the same order number: (key, rows) at C speed.
+    def unnumbered(self, rows):
+        """Count and let go rows without an order number; an item among them is one no order took (check warns)."""
+        self.skipped += self.let_go(rows)
+        if (item_at := self.item_at) is not None:  # an item with no order: the order it belongs to may look whole
+            self.untied += sum(1 for row in rows if item_at < len(row) and row[item_at].strip())
 
+    def admitted(self, groups):
+        """The orders among groups of (key, rows) read carefully: the others are counted and let go, as in adjacent.
+
+        A group's rows without a number are item rows gathered below its first (see gathered): an order's
+        are attached to it; below a line that is no order (a totals line), they are no order's either.
+        """
+        at = self.plan.order_columns[0]
+        for key, group in groups:
+            if not key:
+                self.unnumbered(group)
+                continue
+            own_rows = [row for row in group if row[at].strip()]
+            if why := not_an_order(group[0][at], key):
+                self.not_orders[why] += self.let_go(own_rows)
+                if len(own_rows) < len(group):
+                    self.unnumbered([row for row in group if not row[at].strip()])
+            else:
+                self.attached += len(group) - len(own_rows)
+                self.rows += len(group)
+                yield key, group
+
+    def adjacent(self, rows):
+        """(key, rows) of each order whose rows are adjacent, as most exports write them: grouped at C speed.
+
+        Rows with no order number (blank ones among them) are counted and let go, but for
+        item rows right after an order's, which belong to it (see follow_on); rows that are
+        no order at all (a footer, a totals line, a repeated header) are counted in
+        not_orders and let go. Memory holds one order, and one loop does it all: it runs for
+        every order of a file of hundreds of thousands.
         A row too short for a needed cell makes itemgetter raise IndexError, here or when
         the order is packed: both mean Irregular. An order number seen again after others
         is found at the end, by one set() over all of them rather than a check per order.
@@ -3253,22 +3264,36 @@ class OrderReader:
         # The numbers seen, as hashes in one flat array: a list of the numbers' own strings would
         # keep 500,000 small objects alive among the orders being packed, and leave that many
         # holes when freed. Two numbers of one hash (1 in 10^8 at 500,000) only cost a careful read.
-        written, key, normalise, follows = array("q"), "", self.normalise, self.follows
+        written, key, normalise, follows, not_orders = array("q"), "", self.normalise, self.follows, self.not_orders
+        progress, next_tick, read = self.progress, PROGRESS_ROWS, 0
         held = None  # the order before, until the rows after it show whether item rows follow it
         for value, group in groupby(filter(None, rows), itemgetter(self.plan.order_columns[0])):
             key = normalise(value)
             written.append(hash(value))
             if len(group := list(islice(group, MAX_ORDER_ROWS + 1))) > MAX_ORDER_ROWS and key:
                 too_many_rows(self.path, value)
-            if not key and follows and held is not None:
-                group = self.attach(held, group)
             if held is not None:
+                if not key and follows:
+                    group = self.attach(held, group)
                 yield held
-            held = (key, group) if key else None
-            if not key and group:
-                yield key, group
+                held = None
+            if not key:
+                if group:
+                    self.unnumbered(group)
+            # A quick look first: "1001" and "#1001" are orders (normalised, "#1001" loses its "#" only).
+            elif (
+                (value.isalnum() or value[:1] == "#" and len(value) - len(key) == 1) and key not in NOT_ORDER_WORDS
+            ) or not (why := not_an_order(value, key)):
+                held = key, group
+                read += len(group)
+                if read >= next_tick:
+                    progress.tick(read)
+                    next_tick += PROGRESS_ROWS
+            else:
+                not_orders[why] += self.let_go(group)
         if held is not None:
             yield held
+        self.rows = read + self.attached  # an order's item rows below it count as it takes them (see attach)
         if key:  # else the last rows had no number, and let_go() saw them
             self.last_row = group[-1]
         if len(set(written)) != len(written):
@@ -3312,8 +3337,7 @@ class OrderReader:
                 row = row + [""] * (width - len(row)) if len(row) < width else row
                 value = row[at].strip()
                 if not value and follows and last is not None and follows(row, last[0]):
-                    last[1].append(take(row))  # an item row of the order right above
-                    self.attached += 1
+                    last[1].append(take(row))  # an item row of the order right above (counted in admitted)
                     continue
                 groups.setdefault(value, []).append(take(row))
                 last = (row, groups[value]) if value else None

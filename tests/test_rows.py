@@ -250,6 +250,23 @@ def test_an_item_row_with_another_customer_s_email_is_not_attached(tmp_path, cap
     ) in out
 
 
+@pytest.mark.parametrize("careful", [False, True], ids=["rows together", "rows apart"])
+def test_item_rows_below_a_totals_line_join_no_order(tmp_path, capsys, careful):
+    # A totals line is no order, so the item rows under it are no order's either: never counted as an order's rows.
+    later = "S00013,b@example.com,shipped,Shelf,1\n" if careful else ""  # S00013 again: read the careful way
+    path = write(
+        tmp_path / "orders.csv",
+        "Order Reference,Customer Email,Status,Product,Quantity\n"
+        "S00013,b@example.com,shipped,Shelf,1\nTotal,,,,2\n,,,Lamp,2\n" + later,
+    )
+    snap = snapshot(path)
+    assert "Lamp" not in answered(snap, "S00013", "b@example.com")[1]
+    assert (snap.orders, snap.reading["attached"]) == (1, 0)
+    assert snap.reading["not_orders"] == {"totals lines": 1}
+    _, out = checked(capsys, path)
+    assert "warning  1 item row has no order number and follows no order of its customer" in out
+
+
 def test_follow_on_rows_are_attached_when_an_order_s_rows_are_apart(tmp_path):
     # S00012 comes back after S00013: the file is read the careful way, and follow-on rows still join.
     snap = snapshot(
