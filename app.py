@@ -2438,10 +2438,11 @@ def quantity_value(text):
 
 def normalise_order_id(value):
     """'#1001', ' # 1001 ', '1001' and the spreadsheet's '1001.0' are all '1001'."""
-    if value.isalnum():  # the usual case, without a regex: 1001, SO12
-        return value.casefold()
-    if value[1:].isalnum() and value[0] == "#":  # Shopify's #1001
-        return value[1:].casefold()
+    key = value.lstrip("#")  # Shopify's #1001; then the usual cases, without a regex (run once an order):
+    if key.isdigit():  # 1001
+        return key
+    if key.isalnum():  # SO12
+        return key.casefold()
     value = value.strip()
     value = re.sub(r"^(#?\s*\d+)\.0+$", r"\1", value)
     return re.sub(r"[\W_]+", "", value).casefold()
