@@ -3175,10 +3175,10 @@ class OrderReader:
             self.line, self.plain, self.lost, self.marked = table.line, table.plain, table.lost, table.marked
             rows = iter(table.rows)
             header, self.preamble, read_past = header_row(rows, self.header_score)
-            rows = chain(read_past, rows)
             if header is None:
                 export_error(self.path, "is empty. Re-export the orders; the last good data stays served.")
-            sample = self.sample = list(islice(rows, SAMPLE_ROWS))
+            # The rows read past the header all go into the sample: every further row passes one chain, not two.
+            sample = self.sample = list(islice(chain(read_past, rows), max(SAMPLE_ROWS, len(read_past))))
             rows = chain(sample, rows)
             self.day_first_language = writes_day_first(self.config, header)
             same_header = bool(self.previous) and self.previous["header"] == [h.strip() for h in header]
