@@ -4630,8 +4630,8 @@ def index_export(
                 first, *others = by_email(rows, packer.email_of)
                 pending.extend((key, part) for part in others)
                 values, packed = packer.pack(first)
-            if dates_at:
-                days.update(values[at][:10] for at in dates_at)
+            for at in dates_at:  # a loop, not a generator made for every order of an upload
+                days.add(values[at][:10])
             if watching:  # a dict that empties as the columns' day order is told
                 dating.see(values)
             # A spreadsheet's marks (see count_marks), each a look at an order's bytes: a guard or scientific
